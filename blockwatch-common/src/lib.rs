@@ -1,0 +1,214 @@
+//! Types shared by the kernel programs and user space.
+//!
+//! Every type here is `#[repr(C)]`, `Copy`, and laid out without implicit
+//! padding so that the bytes the kernel writes are the bytes user space
+//! decodes. Layout changes must be made on both sides at once; the size
+//! assertions at the bottom catch the accidental ones.
+#![no_std]
+
+/// Frames kept per user stack (the kernel's default `perf_event_max_stack`).
+pub const MAX_FRAMES: usize = 127;
+/// Length of a task's `comm`.
+pub const COMM_LEN: usize = 16;
+/// Bytes of user stack copied for a futex probe (see [`ProbeEvent`]).
+pub const PROBE_STACK_BYTES: usize = 512;
+/// How many futex probes a thread may send before the kernel stops asking.
+pub const PROBE_BUDGET: u8 = 8;
+
+/// Thread is watched but not (yet) known to run an event loop: nothing it
+/// does is reported, but the kernel watches for its first idle wait.
+pub const TAG_CANDIDATE: u8 = 1;
+/// Thread runs an event loop: blocking waits are reported.
+pub const TAG_LOOP: u8 = 2;
+
+/// `--threads loop`: tag threads once they idle in their runtime's wait.
+pub const THREADS_LOOP: u8 = 0;
+/// `--threads main`: tag only each process's main thread.
+pub const THREADS_MAIN: u8 = 1;
+/// `--threads all`: tag every thread.
+pub const THREADS_ALL: u8 = 2;
+
+/// Off-CPU state of a blocking wait.
+pub const STATE_SLEEPING: u8 = 0;
+pub const STATE_DISK: u8 = 1;
+pub const STATE_PREEMPTED: u8 = 2;
+
+/// Record kinds in the event ring buffer (first `u32` of every record).
+pub const KIND_BLOCK: u32 = 1;
+pub const KIND_PROBE: u32 = 2;
+pub const KIND_EXEC: u32 = 3;
+pub const KIND_EXIT: u32 = 4;
+
+/// Indexes into the `COUNTERS` per-CPU array.
+pub const COUNTER_LOST_EVENTS: u32 = 0;
+pub const COUNTER_LOST_PROBES: u32 = 1;
+pub const COUNTER_LOST_STACKS: u32 = 2;
+pub const COUNTER_LOST_TAGS: u32 = 3;
+pub const COUNTER_EVENTS: u32 = 4;
+pub const NUM_COUNTERS: u32 = 8;
+
+/// Per-thread state, kept by the kernel in `THREADS` (key: TID).
+///
+/// User space inserts entries for threads that existed before it attached
+/// (with `BPF_NOEXIST`, never overwriting the kernel's) and otherwise only
+/// reads them; everything it learns goes through `PARKS` instead, so the two
+/// sides never race on one value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadTag {
+    /// Switch-out time of a pending blocking wait; 0 when none is pending.
+    pub out_ns: u64,
+    /// Syscall number of the pending wait, or -1 when not in a syscall.
+    pub syscall: i64,
+    /// First syscall arguments of the pending wait (rdi, rsi, rdx).
+    pub args: [u64; 3],
+    /// Last futex address sent to user space as a probe.
+    pub probed_futex: u64,
+    pub tgid: u32,
+    /// The loop's own epoll fd, learned from its first idle wait; -1 unknown.
+    pub loop_epfd: i32,
+    pub tag: u8,
+    /// `STATE_*` of the pending wait.
+    pub off_state: u8,
+    pub probe_budget: u8,
+    pub _pad: [u8; 5],
+}
+
+impl ThreadTag {
+    pub const fn new(tgid: u32, tag: u8) -> Self {
+        Self {
+            out_ns: 0,
+            syscall: -1,
+            args: [0; 3],
+            probed_futex: 0,
+            tgid,
+            loop_epfd: -1,
+            tag,
+            off_state: 0,
+            probe_budget: PROBE_BUDGET,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// A watched process (key: TGID in `WATCHED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchRule {
+    /// `THREADS_*`.
+    pub threads: u8,
+    /// Children forked by the process are watched with the same rule.
+    pub follow_children: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Runtime settings, `CONFIG[0]`; user space may change them while attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Off-CPU time at or above which a wait becomes an event.
+    pub threshold_ns: u64,
+    /// Send `KIND_EXEC` for every exec on the host (process-name rules).
+    pub notify_all_execs: u8,
+    pub _pad: [u8; 7],
+}
+
+/// A user stack captured at switch-out, kept per TID in `STACKS` until the
+/// thread runs again.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StackBuf {
+    /// Bytes written by `bpf_get_stack` (a multiple of 8), or 0.
+    pub len: u64,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+/// A blocking wait that ended (`KIND_BLOCK`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// `STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Switch-out time, `CLOCK_MONOTONIC` nanoseconds.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Number of valid entries in `ips`.
+    pub frames: u32,
+    pub _pad2: u32,
+    pub ips: [u64; MAX_FRAMES],
+}
+
+/// A futex wait of a watched thread whose meaning user space must decide
+/// (`KIND_PROBE`): is this the runtime's park (idle) or a lock (blocking)?
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProbeEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub uaddr: u64,
+    pub ip: u64,
+    pub sp: u64,
+    /// Bytes of `stack` that were read, from `sp` up.
+    pub stack_len: u64,
+    pub stack: [u8; PROBE_STACK_BYTES],
+}
+
+/// A process image was replaced (`KIND_EXEC`) or a task exited (`KIND_EXIT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// For exec: the TID that called exec; for exit: 1 when the whole
+    /// thread group is gone.
+    pub aux: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Kernel structure offsets read from the running kernel's BTF by user
+/// space, handed to the programs as read-only globals before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_stack: u32,
+    pub pt_regs_orig_ax: u32,
+    pub pt_regs_ip: u32,
+    pub pt_regs_sp: u32,
+    pub pt_regs_di: u32,
+    pub pt_regs_si: u32,
+    pub pt_regs_dx: u32,
+    pub pt_regs_size: u32,
+    pub thread_size: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are plain-old-data `#[repr(C)]` types.
+    unsafe impl aya::Pod for ThreadTag {}
+    unsafe impl aya::Pod for WatchRule {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for StackBuf {}
+    unsafe impl aya::Pod for KernelOffsets {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ThreadTag>() == 64);
+    assert!(core::mem::size_of::<WatchRule>() == 8);
+    assert!(core::mem::size_of::<BlockEvent>() == 88 + 8 * MAX_FRAMES);
+    assert!(core::mem::size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
+    assert!(core::mem::size_of::<TaskEvent>() == 32);
+};

@@ -1,0 +1,122 @@
+//! The user-space model of a blocking event: what the outputs (terminal,
+//! JSON, later metrics) consume. Its JSON form is the documented schema of
+//! `--output json` (see README), so field names here are a public contract.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+
+/// What kind of wait blocked the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    File,
+    Stat,
+    Sleep,
+    Lock,
+    Gil,
+    Net,
+    Process,
+    Other,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::File => "file",
+            Class::Stat => "stat",
+            Class::Sleep => "sleep",
+            Class::Lock => "lock",
+            Class::Gil => "gil",
+            Class::Net => "net",
+            Class::Process => "process",
+            Class::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the thread was off the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffState {
+    /// Interruptible sleep: a timer, a lock, a socket.
+    Sleeping,
+    /// Uninterruptible sleep (D state): disk I/O, page faults on files.
+    Disk,
+    /// Runnable but descheduled: the loop wanted the CPU and did not get it.
+    Preempted,
+}
+
+impl OffState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffState::Sleeping => "sleeping",
+            OffState::Disk => "disk",
+            OffState::Preempted => "preempted",
+        }
+    }
+}
+
+/// One stack frame, innermost first in [`Event::stack`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Frame {
+    /// Instruction address in the process.
+    #[serde(serialize_with = "hex")]
+    pub address: u64,
+    /// Demangled function name, when known.
+    pub function: Option<String>,
+    /// Path of the binary or library the address lies in.
+    pub module: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    /// Set on frames that were inlined into the next (outer) frame.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+}
+
+fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{v:#x}"))
+}
+
+/// A wait that blocked a tagged event-loop thread.
+#[derive(Clone, Debug, Serialize)]
+pub struct Event {
+    /// When the wait began (wall clock), RFC 3339 with microseconds.
+    #[serde(serialize_with = "rfc3339")]
+    pub ts: SystemTime,
+    pub pid: u32,
+    pub tid: u32,
+    /// Process name.
+    pub comm: String,
+    /// Name of the blocked thread.
+    pub thread: String,
+    /// Syscall name, or null when the thread was not in a syscall
+    /// (preempted, or a page fault).
+    pub syscall: Option<&'static str>,
+    /// Raw syscall number (x86-64), -1 when not in a syscall.
+    pub syscall_nr: i64,
+    pub class: Class,
+    pub duration_ns: u64,
+    pub state: OffState,
+    pub stack: Vec<Frame>,
+    /// The innermost frame that belongs to the application, or null.
+    pub culprit: Option<Frame>,
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_rfc3339(*t))
+}
+
+/// `2026-11-25T06:12:00.123456Z`.
+pub fn format_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    humantime::format_rfc3339_micros(UNIX_EPOCH + d).to_string()
+}
