@@ -25,7 +25,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::info;
 use blockwatch_common::*;
 
 // ---- maps -----------------------------------------------------------------
@@ -234,7 +234,7 @@ fn switch_out<C: EbpfContext>(
             if tag.loop_epfd == epfd {
                 if tag.tag == TAG_CANDIDATE {
                     tag.tag = TAG_LOOP;
-                    debug!(ctx, "tid {} is an event loop (epoll fd {})", tid, epfd);
+                    info!(ctx, "tid {} is an event loop (epoll fd {})", tid, epfd);
                 }
                 return;
             }
@@ -250,7 +250,7 @@ fn switch_out<C: EbpfContext>(
                 {
                     if tag.tag == TAG_CANDIDATE {
                         tag.tag = TAG_LOOP;
-                        debug!(ctx, "tid {} is an event loop (parks on futex)", tid);
+                        info!(ctx, "tid {} is an event loop (parks on futex)", tid);
                     }
                     return;
                 }

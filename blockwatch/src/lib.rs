@@ -2,11 +2,21 @@
 //!
 //! Data flows one way: kernel programs → ring buffer → [`decode`] →
 //! [`symbolize`] → [`report`] (terminal, JSON). [`loader`] loads and attaches
-//! the programs, [`targets`] decides which threads are watched.
+//! the programs, [`targets`] decides which threads are watched, [`runtime`]
+//! knows the runtimes' idle waits, [`trace`] runs a session.
 
+pub mod btf;
+// pub mod cli;
 pub mod culprit;
+pub mod decode;
 pub mod duration;
 pub mod event;
+pub mod loader;
 pub mod report;
+// pub mod runtime;
+#[cfg(test)]
+mod kernel_tests;
 pub mod symbolize;
 pub mod syscalls;
+pub mod targets;
+// pub mod trace;

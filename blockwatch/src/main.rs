@@ -1,3 +1,47 @@
-fn main() {
-    let _ = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
+use std::process::ExitCode;
+
+use blockwatch::cli::{Cli, Command};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        _ => log::LevelFilter::Debug,
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .format_target(false)
+        .parse_env("BLOCKWATCH_LOG")
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blockwatch: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Trace(args) => blockwatch::trace::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            // One line: the error and its causes, outermost first.
+            let msg = e
+                .chain()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("blockwatch: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
 }

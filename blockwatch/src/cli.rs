@@ -1,0 +1,157 @@
+//! Command-line interface.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::duration::clap_duration;
+use crate::report::OutputFormat;
+use crate::targets::ThreadsMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blockwatch",
+    version,
+    about = "Finds the calls that block async runtimes' event loops (asyncio, tokio, Node/libuv)",
+    long_about = "Finds the calls that block async runtimes' event loops.\n\n\
+An event loop (Python asyncio, tokio workers, libuv/Node) must never wait on \
+disk, sleep, locks or blocking sockets: while one call blocks, every task on \
+that loop waits. blockwatch watches the event-loop threads of the processes you \
+name with eBPF, and reports each wait longer than a threshold with its stack.\n\n\
+Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE) and a kernel with BTF."
+)]
+pub struct Cli {
+    /// More diagnostics on stderr (-v: what is attached and tagged,
+    /// including the kernel programs' own log; -vv: debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch processes until Ctrl-C, --duration, or the command's end, then
+    /// print a summary.
+    #[command(after_help = TRACE_EXAMPLES)]
+    Trace(TraceArgs),
+}
+
+const TRACE_EXAMPLES: &str = "Examples:
+  sudo blockwatch trace -- python3 app.py         run app.py and watch its event loop
+  sudo blockwatch trace --pid 1234                 watch a running process
+  sudo blockwatch trace --comm 'python3*' -d 60s   every python3 process, for a minute
+  sudo blockwatch trace -p 1234 -o json | jq .     one JSON object per event
+
+Threads (--threads loop, the default): a thread is an event loop once it idles
+in its runtime's wait (epoll for asyncio, uvloop, libuv and tokio's I/O driver;
+the park of a tokio worker). Executor threads (run_in_executor, spawn_blocking,
+libuv's pool) never idle there and are never reported; nor is anything a
+thread does before its loop first idles.";
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Watch this process (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Watch this thread as an event loop whatever it does (repeatable).
+    #[arg(short, long = "tid", value_name = "TID")]
+    pub tids: Vec<u32>,
+
+    /// Which threads of the watched processes to report.
+    #[arg(long, value_enum, default_value_t = ThreadsMode::Loop)]
+    pub threads: ThreadsMode,
+
+    /// Watch processes whose name matches this glob, including ones that
+    /// start later (repeatable; e.g. 'python3*').
+    #[arg(short, long = "comm", value_name = "GLOB")]
+    pub comms: Vec<String>,
+
+    /// Report waits at least this long (e.g. 5ms, 100us, 1s).
+    #[arg(long, value_name = "DURATION", value_parser = clap_duration, default_value = "10ms")]
+    pub threshold: Duration,
+
+    /// Stop after this long (default: until Ctrl-C or the command ends).
+    #[arg(short, long, value_name = "DURATION", value_parser = clap_duration)]
+    pub duration: Option<Duration>,
+
+    /// text: events with stacks as they happen and a summary; json: one
+    /// event per line on stdout, diagnostics and the summary on stderr.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// Start this command and watch it and its children; blockwatch exits
+    /// with its exit code. Runs as the invoking user under sudo.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+impl TraceArgs {
+    pub fn has_targets(&self) -> bool {
+        !(self.pids.is_empty()
+            && self.tids.is_empty()
+            && self.comms.is_empty()
+            && self.command.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("blockwatch").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn trace_defaults() {
+        let Command::Trace(t) = parse(&["trace", "--pid", "1"]).unwrap().command;
+        assert_eq!(t.pids, vec![1]);
+        assert_eq!(t.threads, ThreadsMode::Loop);
+        assert_eq!(t.threshold, Duration::from_millis(10));
+        assert_eq!(t.output, OutputFormat::Text);
+        assert!(t.duration.is_none() && t.command.is_empty());
+    }
+
+    #[test]
+    fn command_after_double_dash_keeps_its_flags() {
+        let Command::Trace(t) =
+            parse(&["trace", "--threshold", "80ms", "--", "python3", "-X", "dev", "app.py"])
+                .unwrap()
+                .command;
+        assert_eq!(t.threshold, Duration::from_millis(80));
+        assert_eq!(t.command, ["python3", "-X", "dev", "app.py"]);
+        assert!(t.has_targets());
+    }
+
+    #[test]
+    fn durations_need_units() {
+        let err = parse(&["trace", "--threshold", "80", "--pid", "1"]).unwrap_err();
+        assert!(err.to_string().contains("80ms"), "{err}");
+    }
+
+    #[test]
+    fn repeatable_targets_and_modes() {
+        let Command::Trace(t) = parse(&[
+            "trace", "-p", "1", "-p", "2", "--tid", "3", "--threads", "all", "-c", "py*", "-o",
+            "json", "-d", "2s",
+        ])
+        .unwrap()
+        .command;
+        assert_eq!(t.pids, vec![1, 2]);
+        assert_eq!(t.tids, vec![3]);
+        assert_eq!(t.threads, ThreadsMode::All);
+        assert_eq!(t.comms, vec!["py*"]);
+        assert_eq!(t.output, OutputFormat::Json);
+        assert_eq!(t.duration, Some(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn no_targets_is_detectable() {
+        let Command::Trace(t) = parse(&["trace"]).unwrap().command;
+        assert!(!t.has_targets());
+    }
+}

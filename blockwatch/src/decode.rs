@@ -1,0 +1,301 @@
+//! Decoding of ring-buffer records written by the kernel programs.
+//!
+//! The kernel is trusted to write the layouts in `blockwatch-common`, but a
+//! short or unknown record (a version mismatch, a truncated read) must
+//! become an error, never a panic or an out-of-bounds read.
+
+use blockwatch_common::{
+    BlockEvent, COMM_LEN, KIND_BLOCK, KIND_EXEC, KIND_EXIT, KIND_PROBE, MAX_FRAMES,
+    PROBE_STACK_BYTES, ProbeEvent, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TaskEvent,
+};
+
+use crate::event::OffState;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is too short to hold a kind")]
+    Empty(usize),
+    #[error("record kind {kind} needs {need} bytes, got {got}")]
+    Short { kind: u32, need: usize, got: usize },
+    #[error("unknown record kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown off-CPU state {0}")]
+    UnknownState(u8),
+}
+
+/// A blocking wait of a tagged thread, as the kernel saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub state: OffState,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// `CLOCK_MONOTONIC` nanoseconds at switch-out.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// Thread name.
+    pub thread: String,
+    /// User stack, innermost first.
+    pub ips: Vec<u64>,
+}
+
+/// A futex wait user space must classify (runtime park or lock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub uaddr: u64,
+    pub ip: u64,
+    pub sp: u64,
+    /// User stack bytes from `sp` up.
+    pub stack: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Block(BlockRecord),
+    Probe(ProbeRecord),
+    /// Process `pid` exec'd (from thread `tid`).
+    Exec {
+        pid: u32,
+        tid: u32,
+        comm: String,
+    },
+    /// Task `tid` of `pid` exited; `group_dead` when the whole process is gone.
+    Exit {
+        pid: u32,
+        tid: u32,
+        group_dead: bool,
+    },
+}
+
+fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
+    let need = std::mem::size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            kind,
+            need,
+            got: bytes.len(),
+        });
+    }
+    // SAFETY: length checked above; every T here is a plain-old-data
+    // repr(C) type valid for any bit pattern; read_unaligned has no
+    // alignment requirement.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+}
+
+pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let kind = u32::from_ne_bytes(
+        bytes
+            .get(..4)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(DecodeError::Empty(bytes.len()))?,
+    );
+    match kind {
+        KIND_BLOCK => {
+            let ev: BlockEvent = read(bytes, kind)?;
+            let state = match ev.state {
+                STATE_SLEEPING => OffState::Sleeping,
+                STATE_DISK => OffState::Disk,
+                STATE_PREEMPTED => OffState::Preempted,
+                s => return Err(DecodeError::UnknownState(s)),
+            };
+            let frames = (ev.frames as usize).min(MAX_FRAMES);
+            Ok(Record::Block(BlockRecord {
+                pid: ev.pid,
+                tid: ev.tid,
+                state,
+                syscall: ev.syscall,
+                args: ev.args,
+                start_ns: ev.start_ns,
+                duration_ns: ev.duration_ns,
+                thread: comm_str(&ev.comm),
+                ips: ev.ips[..frames]
+                    .iter()
+                    .copied()
+                    .take_while(|&ip| ip != 0)
+                    .collect(),
+            }))
+        }
+        KIND_PROBE => {
+            let ev: ProbeEvent = read(bytes, kind)?;
+            let len = (ev.stack_len as usize).min(PROBE_STACK_BYTES);
+            Ok(Record::Probe(ProbeRecord {
+                pid: ev.pid,
+                tid: ev.tid,
+                uaddr: ev.uaddr,
+                ip: ev.ip,
+                sp: ev.sp,
+                stack: ev.stack[..len].to_vec(),
+            }))
+        }
+        KIND_EXEC | KIND_EXIT => {
+            let ev: TaskEvent = read(bytes, kind)?;
+            Ok(if kind == KIND_EXEC {
+                Record::Exec {
+                    pid: ev.pid,
+                    tid: ev.tid,
+                    comm: comm_str(&ev.comm),
+                }
+            } else {
+                Record::Exit {
+                    pid: ev.pid,
+                    tid: ev.tid,
+                    group_dead: ev.aux != 0,
+                }
+            })
+        }
+        other => Err(DecodeError::UnknownKind(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a repr(C) POD value.
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn block() -> BlockEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        let mut ips = [0u64; MAX_FRAMES];
+        ips[0] = 0x7f00_0000_1000;
+        ips[1] = 0x5500_0000_2000;
+        BlockEvent {
+            kind: KIND_BLOCK,
+            pid: 10,
+            tid: 11,
+            state: STATE_SLEEPING,
+            _pad: [0; 3],
+            syscall: 230,
+            args: [1, 0, 0x7ffd_0000],
+            start_ns: 5_000,
+            duration_ns: 80_000_000,
+            comm,
+            frames: 2,
+            _pad2: 0,
+            ips,
+        }
+    }
+
+    #[test]
+    fn block_event_round_trips() {
+        let Record::Block(b) = decode(&bytes_of(&block())).unwrap() else {
+            panic!("not a block record");
+        };
+        assert_eq!((b.pid, b.tid, b.syscall), (10, 11, 230));
+        assert_eq!(b.state, OffState::Sleeping);
+        assert_eq!(b.duration_ns, 80_000_000);
+        assert_eq!(b.thread, "python3");
+        assert_eq!(b.ips, vec![0x7f00_0000_1000, 0x5500_0000_2000]);
+    }
+
+    #[test]
+    fn frame_count_is_clamped_and_zero_terminated() {
+        let mut ev = block();
+        ev.frames = 10_000;
+        let Record::Block(b) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(b.ips.len(), 2);
+    }
+
+    #[test]
+    fn states_map_to_names() {
+        for (raw, want) in [
+            (STATE_DISK, OffState::Disk),
+            (STATE_PREEMPTED, OffState::Preempted),
+        ] {
+            let mut ev = block();
+            ev.state = raw;
+            let Record::Block(b) = decode(&bytes_of(&ev)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(b.state, want);
+        }
+        let mut ev = block();
+        ev.state = 9;
+        assert_eq!(decode(&bytes_of(&ev)), Err(DecodeError::UnknownState(9)));
+    }
+
+    #[test]
+    fn short_and_unknown_records_are_errors() {
+        assert_eq!(decode(&[]), Err(DecodeError::Empty(0)));
+        assert_eq!(decode(&[1, 0]), Err(DecodeError::Empty(2)));
+        let full = bytes_of(&block());
+        assert!(matches!(
+            decode(&full[..100]),
+            Err(DecodeError::Short {
+                kind: KIND_BLOCK,
+                ..
+            })
+        ));
+        assert_eq!(
+            decode(&77u32.to_ne_bytes()),
+            Err(DecodeError::UnknownKind(77))
+        );
+    }
+
+    #[test]
+    fn probe_stack_length_is_bounded() {
+        let ev = ProbeEvent {
+            kind: KIND_PROBE,
+            pid: 1,
+            tid: 2,
+            _pad: 0,
+            uaddr: 0xdead,
+            ip: 3,
+            sp: 4,
+            stack_len: u64::MAX,
+            stack: [7; PROBE_STACK_BYTES],
+        };
+        let Record::Probe(p) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.stack.len(), PROBE_STACK_BYTES);
+        assert_eq!(p.uaddr, 0xdead);
+    }
+
+    #[test]
+    fn task_events_decode() {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"node");
+        let ev = TaskEvent {
+            kind: KIND_EXIT,
+            pid: 5,
+            tid: 6,
+            aux: 1,
+            comm,
+        };
+        assert_eq!(
+            decode(&bytes_of(&ev)).unwrap(),
+            Record::Exit {
+                pid: 5,
+                tid: 6,
+                group_dead: true
+            }
+        );
+        let ev = TaskEvent {
+            kind: KIND_EXEC,
+            ..ev
+        };
+        assert_eq!(
+            decode(&bytes_of(&ev)).unwrap(),
+            Record::Exec {
+                pid: 5,
+                tid: 6,
+                comm: "node".into()
+            }
+        );
+    }
+}

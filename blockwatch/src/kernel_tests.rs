@@ -1,0 +1,189 @@
+//! Privileged tests of the kernel programs alone: real programs in the real
+//! kernel, real processes, the raw records they produce. They run as root
+//! under `cargo xtask test`; a failure to load BPF fails them.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockwatch_common::{TAG_CANDIDATE, TAG_LOOP};
+
+use crate::decode::{self, BlockRecord, Record};
+use crate::loader::{self, Loaded};
+use crate::targets::{TagMaps, ThreadsMode};
+
+const NR_CLOCK_NANOSLEEP: i64 = 230;
+
+fn python(script: &str) -> Child {
+    Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("python3")
+}
+
+/// Collects records until `done` says so or the deadline passes.
+fn collect(
+    loaded: &mut Loaded,
+    deadline: Duration,
+    mut done: impl FnMut(&[Record]) -> bool,
+) -> Vec<Record> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() < deadline && !done(&out) {
+        while let Some(item) = loaded.events.next() {
+            out.push(decode::decode(&item).expect("decodable record"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
+fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Block(b) => Some(b),
+            _ => None,
+        })
+        .collect()
+}
+
+fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
+    TagMaps {
+        threads: &mut loaded.threads,
+        watched: &mut loaded.watched,
+    }
+    .watch_process(pid, mode.rule(false))
+    .expect("watch");
+}
+
+const ASYNCIO_SUBJECT: &str = r#"
+import asyncio, time
+time.sleep(0.6)            # before the loop: not a loop thread yet
+async def main():
+    await asyncio.sleep(0.3)   # idle in epoll: the thread becomes a loop
+    time.sleep(0.08)           # blocks the loop
+    await asyncio.sleep(0.2)
+asyncio.run(main())
+"#;
+
+#[test]
+fn asyncio_sleep_is_reported_and_idle_is_not() {
+    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut child = python(ASYNCIO_SUBJECT);
+    let pid = child.id();
+    watch(&mut loaded, pid, ThreadsMode::Loop);
+    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
+    });
+    child.wait().unwrap();
+    let b = blocks(&records);
+    assert_eq!(
+        b.len(),
+        1,
+        "exactly the time.sleep(0.08) in the loop: {b:#?}"
+    );
+    assert_eq!((b[0].pid, b[0].tid), (pid, pid));
+    assert_eq!(b[0].syscall, NR_CLOCK_NANOSLEEP);
+    let ms = b[0].duration_ns / 1_000_000;
+    assert!((75..200).contains(&ms), "duration {ms} ms");
+    assert!(!b[0].ips.is_empty(), "a user stack was captured");
+}
+
+#[test]
+fn threads_main_reports_blocking_before_the_loop_too() {
+    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut child = python("import time; time.sleep(0.3); time.sleep(0.05)");
+    let pid = child.id();
+    watch(&mut loaded, pid, ThreadsMode::Main);
+    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
+    });
+    child.wait().unwrap();
+    let sleeps: Vec<_> = blocks(&records)
+        .into_iter()
+        .filter(|b| b.syscall == NR_CLOCK_NANOSLEEP)
+        .collect();
+    // The first sleep may have begun before the tag was set.
+    assert!(!sleeps.is_empty(), "{records:#?}");
+    assert!(sleeps.iter().all(|b| b.tid == pid));
+}
+
+#[test]
+fn new_threads_are_tagged_and_exited_ones_forgotten() {
+    let mut loaded = loader::load(1_000_000_000, false).expect("load (run as root)");
+    // The process waits for a line on stdin, then starts and joins threads.
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, threading, time\n\
+             sys.stdin.readline()\n\
+             ts = [threading.Thread(target=time.sleep, args=(0.3,)) for _ in range(20)]\n\
+             [t.start() for t in ts]\n\
+             sys.stdout.write('started\\n'); sys.stdout.flush()\n\
+             [t.join() for t in ts]\n\
+             sys.stdin.readline()\n",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    watch(&mut loaded, pid, ThreadsMode::Loop);
+    use std::io::{BufRead, Write};
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let tids: Vec<u32> = crate::targets::threads_of(pid);
+    assert!(tids.len() > 20, "threads running: {tids:?}");
+    for tid in &tids {
+        let tag = loaded.threads.get(tid, 0).expect("every thread is tagged");
+        assert_eq!(tag.tgid, pid);
+        assert!(tag.tag == TAG_CANDIDATE || tag.tag == TAG_LOOP);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let alive = crate::targets::threads_of(pid);
+    for tid in tids.iter().filter(|t| !alive.contains(t)) {
+        assert!(
+            loaded.threads.get(tid, 0).is_err(),
+            "exited thread {tid} is still tagged"
+        );
+    }
+    writeln!(stdin).unwrap();
+    child.wait().unwrap();
+    assert!(
+        loaded.threads.get(&pid, 0).is_err(),
+        "exited process still tagged"
+    );
+    assert!(
+        loaded.watched.get(&pid, 0).is_err(),
+        "exited process still watched"
+    );
+}
+
+#[test]
+fn only_watched_processes_produce_events() {
+    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let script = "import time\ntime.sleep(0.2)\nfor _ in range(5): time.sleep(0.05)";
+    let mut watched = python(script);
+    let mut unwatched = python(script);
+    watch(&mut loaded, watched.id(), ThreadsMode::All);
+    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
+        r.iter().any(
+            |r| matches!(r, Record::Exit { pid, group_dead: true, .. } if *pid == watched.id()),
+        )
+    });
+    watched.wait().unwrap();
+    unwatched.wait().unwrap();
+    let b = blocks(&records);
+    assert!(
+        b.iter().filter(|b| b.pid == watched.id()).count() >= 4,
+        "{b:#?}"
+    );
+    assert!(b.iter().all(|b| b.pid == watched.id()), "{b:#?}");
+}

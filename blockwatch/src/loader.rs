@@ -1,0 +1,340 @@
+//! Loads the kernel programs and attaches them.
+//!
+//! Everything that can be checked before touching the kernel is checked
+//! first (privileges, BTF, mounts), so the user gets one line naming the
+//! problem and its fix rather than a verifier log.
+
+use std::path::Path;
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, RawTracePoint},
+};
+use blockwatch_common::{Config, KernelOffsets, NUM_COUNTERS, ThreadTag, WatchRule};
+use log::{debug, info, warn};
+
+use crate::btf::{self, BtfError};
+
+/// The kernel programs, built from `blockwatch-ebpf` by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
+
+/// Set to force the raw-tracepoint programs (as on kernels without tp_btf).
+pub const FORCE_RAW_ENV: &str = "BLOCKWATCH_FORCE_RAW_TRACEPOINTS";
+
+/// (tp_btf program, raw_tracepoint twin, tracepoint name)
+const ATTACHMENTS: &[(&str, &str, &str)] = &[
+    // Task lifecycle first, so no thread created while attaching is missed.
+    ("task_newtask", "task_newtask_raw", "task_newtask"),
+    (
+        "sched_process_exec",
+        "sched_process_exec_raw",
+        "sched_process_exec",
+    ),
+    (
+        "sched_process_exit",
+        "sched_process_exit_raw",
+        "sched_process_exit",
+    ),
+    ("sched_switch", "sched_switch_raw", "sched_switch"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "blockwatch needs root (or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE) to load its kernel programs: run it with sudo"
+    )]
+    NotPrivileged,
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "cannot mount {what} at {path}: {err} (mount it by hand: mount -t {fstype} none {path})"
+    )]
+    Mount {
+        what: &'static str,
+        path: &'static str,
+        fstype: &'static str,
+        err: std::io::Error,
+    },
+    #[error("the kernel refused blockwatch's programs: {0} (run with -v for the verifier log)")]
+    Load(String),
+    #[error("cannot attach to tracepoint {tracepoint}: {err}")]
+    Attach { tracepoint: String, err: String },
+    #[error(
+        "kernel program or map {0} is missing from the build (rebuild with `cargo xtask build`)"
+    )]
+    Missing(&'static str),
+    #[error("kernel map update failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// Whether the environment asks for the raw-tracepoint programs.
+pub fn force_raw_from_env() -> bool {
+    std::env::var_os(FORCE_RAW_ENV).is_some_and(|v| v != "0")
+}
+
+/// How the programs were attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    BtfTracepoints,
+    RawTracepoints,
+}
+
+/// The loaded programs and the maps user space talks to.
+pub struct Loaded {
+    /// Keeps the programs attached; dropping it detaches everything.
+    _ebpf: Ebpf,
+    pub mode: AttachMode,
+    pub threads: HashMap<MapData, u32, ThreadTag>,
+    pub watched: HashMap<MapData, u32, WatchRule>,
+    pub parks: HashMap<MapData, u32, u64>,
+    pub config: Array<MapData, Config>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub events: RingBuf<MapData>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// Checks root or the capabilities loading needs.
+pub fn check_privileges() -> Result<(), LoadError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    const CAP_SYS_RESOURCE: u32 = 24;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let eff = effective_caps().unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    if has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_SYS_RESOURCE) {
+        Ok(())
+    } else {
+        Err(LoadError::NotPrivileged)
+    }
+}
+
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+fn is_mounted(path: &str, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| {
+            m.lines().any(|l| {
+                let mut f = l.split_whitespace();
+                let (_, mnt, ty) = (f.next(), f.next(), f.next());
+                mnt == Some(path) && ty == Some(fstype)
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn ensure_mounted(
+    what: &'static str,
+    path: &'static str,
+    fstype: &'static str,
+) -> Result<(), LoadError> {
+    if is_mounted(path, fstype) {
+        return Ok(());
+    }
+    let c = |s: &str| std::ffi::CString::new(s).expect("static string");
+    let (src, target, ty) = (c("none"), c(path), c(fstype));
+    // SAFETY: valid NUL-terminated strings, no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            ty.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(LoadError::Mount {
+            what,
+            path,
+            fstype,
+            err: std::io::Error::last_os_error(),
+        });
+    }
+    info!("mounted {what} at {path}");
+    Ok(())
+}
+
+/// Loads and attaches the programs with the given off-CPU threshold.
+/// `force_raw` uses the raw-tracepoint twins even where tp_btf works.
+pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
+    check_privileges()?;
+    let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+    debug!("kernel offsets: {offsets:?}");
+    // Tracepoint attachment by name goes through tracefs on some kernels;
+    // bpffs is where a future daemon pins. Both are cheap to ensure.
+    ensure_mounted("tracefs", "/sys/kernel/tracing", "tracefs")?;
+    if let Err(e) = ensure_mounted("bpffs", "/sys/fs/bpf", "bpf") {
+        warn!("{e}");
+    }
+
+    // Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("raising RLIMIT_MEMLOCK failed; fine on kernels since 5.11");
+    }
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global("OFFSETS", &offsets, true)
+        .load(PROGRAMS)
+        .map_err(|e| LoadError::Load(e.to_string()))?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            debug!("kernel log channel unavailable: {e}");
+            None
+        }
+    };
+
+    let btf = if force_raw {
+        None
+    } else {
+        Btf::from_sys_fs().ok()
+    };
+    let mut mode = if btf.is_some() {
+        AttachMode::BtfTracepoints
+    } else {
+        AttachMode::RawTracepoints
+    };
+    // Map updates must precede attachment: the threshold is read by the
+    // first context switch.
+    let mut config: Array<MapData, Config> = take(&mut ebpf, "CONFIG")?;
+    config.set(
+        0,
+        Config {
+            threshold_ns,
+            ..Default::default()
+        },
+        0,
+    )?;
+
+    for &(btf_name, raw_name, tracepoint) in ATTACHMENTS {
+        if mode == AttachMode::BtfTracepoints {
+            match attach_btf(&mut ebpf, btf_name, tracepoint, btf.as_ref().expect("btf")) {
+                Ok(()) => continue,
+                Err(e) if tracepoint == ATTACHMENTS[0].2 => {
+                    // Nothing attached yet: fall back wholesale.
+                    warn!("BTF tracepoints unavailable ({e}); using raw tracepoints");
+                    mode = AttachMode::RawTracepoints;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        attach_raw(&mut ebpf, raw_name, tracepoint)?;
+    }
+    info!("attached kernel programs ({mode:?})");
+
+    Ok(Loaded {
+        mode,
+        threads: take(&mut ebpf, "THREADS")?,
+        watched: take(&mut ebpf, "WATCHED")?,
+        parks: take(&mut ebpf, "PARKS")?,
+        counters: take(&mut ebpf, "COUNTERS")?,
+        events: take(&mut ebpf, "EVENTS")?,
+        config,
+        logger,
+        _ebpf: ebpf,
+    })
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    Ok(T::try_from(map)?)
+}
+
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<(), LoadError> {
+    let err = |e: &dyn std::fmt::Display| LoadError::Attach {
+        tracepoint: tracepoint.to_string(),
+        err: e.to_string(),
+    };
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::Missing(program))?
+        .try_into()
+        .map_err(|e| err(&e))?;
+    prog.load(tracepoint, btf)
+        .map_err(|e| load_error(program, e))?;
+    prog.attach().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &'static str, tracepoint: &str) -> Result<(), LoadError> {
+    let err = |e: &dyn std::fmt::Display| LoadError::Attach {
+        tracepoint: tracepoint.to_string(),
+        err: e.to_string(),
+    };
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or(LoadError::Missing(program))?
+        .try_into()
+        .map_err(|e| err(&e))?;
+    prog.load().map_err(|e| load_error(program, e))?;
+    prog.attach(tracepoint).map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn load_error(program: &str, e: aya::programs::ProgramError) -> LoadError {
+    // The verifier log is long; show it only at -v.
+    if let aya::programs::ProgramError::LoadError { verifier_log, .. } = &e {
+        debug!("verifier log for {program}:\n{verifier_log}");
+    }
+    LoadError::Load(format!("{program}: {e}"))
+}
+
+impl Loaded {
+    /// Sum of one `COUNTERS` slot over all CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        debug_assert!(index < NUM_COUNTERS);
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    pub fn set_config(&mut self, config: Config) -> Result<(), LoadError> {
+        self.config.set(0, config, 0)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Privileged: the suite runs as root (cargo xtask test); failing here
+    // when BPF cannot load is the point, never a skip.
+    #[test]
+    fn programs_load_and_attach() {
+        let loaded = load(10_000_000, false).expect("loading the kernel programs (run as root)");
+        assert_eq!(loaded.mode, AttachMode::BtfTracepoints);
+        assert_eq!(loaded.config.get(&0, 0).unwrap().threshold_ns, 10_000_000);
+    }
+
+    #[test]
+    fn raw_tracepoint_fallback_loads() {
+        let loaded = load(10_000_000, true);
+        assert_eq!(
+            loaded.expect("raw tracepoints").mode,
+            AttachMode::RawTracepoints
+        );
+    }
+}

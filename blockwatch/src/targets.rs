@@ -1,0 +1,405 @@
+//! Which threads are watched: explicit PIDs and TIDs, processes matched by
+//! name, and a command blockwatch starts itself.
+//!
+//! User space only seeds the kernel maps for what already exists; threads
+//! and children created later are tagged by the kernel programs before they
+//! first run.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, MapData};
+use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, ThreadTag, WatchRule};
+use clap::ValueEnum;
+use log::debug;
+
+/// bpf(2) map update flag: fail if the key exists.
+const BPF_NOEXIST: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with PID {0} (check it with `ps -p {0}`)")]
+    NoSuchPid(u32),
+    #[error("{0} is a thread of process {1}, not a process: use --tid {0}, or --pid {1}")]
+    NotAProcess(u32, u32),
+    #[error("no thread with TID {0} (list threads with `ps -T -p PID`)")]
+    NoSuchTid(u32),
+    #[error("invalid --comm pattern {0:?}: {1}")]
+    BadGlob(String, String),
+    #[error("cannot start `{0}`: no such command (check the name, or give its full path)")]
+    CommandNotFound(String),
+    #[error("cannot start `{0}`: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("kernel map update failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// Which threads of a watched process are tagged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ThreadsMode {
+    /// Event-loop threads: those seen idling in their runtime's wait
+    /// (epoll for asyncio/uvloop/libuv/tokio's driver, tokio's worker park).
+    #[default]
+    Loop,
+    /// The main thread of each process.
+    Main,
+    /// Every thread.
+    All,
+}
+
+impl ThreadsMode {
+    pub fn rule(self, follow_children: bool) -> WatchRule {
+        WatchRule {
+            threads: match self {
+                ThreadsMode::Loop => THREADS_LOOP,
+                ThreadsMode::Main => THREADS_MAIN,
+                ThreadsMode::All => THREADS_ALL,
+            },
+            follow_children: follow_children as u8,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// The tag a thread gets under `rule` (0: none); mirrors the kernel's.
+pub fn tag_for(rule: &WatchRule, main_thread: bool) -> u8 {
+    match rule.threads {
+        THREADS_ALL => TAG_LOOP,
+        THREADS_MAIN if main_thread => TAG_LOOP,
+        THREADS_MAIN => 0,
+        _ => blockwatch_common::TAG_CANDIDATE,
+    }
+}
+
+fn status_field(tid: u32, field: &str) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The process a thread belongs to.
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    status_field(tid, "Tgid:")
+}
+
+/// Checks that `pid` names a live process (not a thread).
+pub fn validate_pid(pid: u32) -> Result<(), TargetError> {
+    match tgid_of(pid) {
+        None => Err(TargetError::NoSuchPid(pid)),
+        Some(tgid) if tgid != pid => Err(TargetError::NotAProcess(pid, tgid)),
+        Some(_) => Ok(()),
+    }
+}
+
+pub fn threads_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn process_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_string())
+}
+
+/// Every live process on the host.
+pub fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Process-name patterns (`--comm`).
+pub struct CommRules(globset::GlobSet);
+
+impl CommRules {
+    pub fn new(patterns: &[String]) -> Result<Self, TargetError> {
+        let mut b = globset::GlobSetBuilder::new();
+        for p in patterns {
+            let g = globset::Glob::new(p)
+                .map_err(|e| TargetError::BadGlob(p.clone(), e.to_string()))?;
+            b.add(g);
+        }
+        b.build()
+            .map(CommRules)
+            .map_err(|e| TargetError::BadGlob(patterns.join(","), e.to_string()))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, comm: &str) -> bool {
+        self.0.is_match(comm)
+    }
+}
+
+/// The kernel maps that hold the tags.
+pub struct TagMaps<'a> {
+    pub threads: &'a mut HashMap<MapData, u32, ThreadTag>,
+    pub watched: &'a mut HashMap<MapData, u32, WatchRule>,
+}
+
+impl TagMaps<'_> {
+    /// Watches process `pid` under `rule`: registers it for the kernel's
+    /// new-thread tagging first, then tags the threads it already has, so a
+    /// thread created in between is tagged by one side or the other.
+    /// Returns the number of threads tagged now.
+    pub fn watch_process(&mut self, pid: u32, rule: WatchRule) -> Result<usize, TargetError> {
+        self.watched.insert(pid, rule, 0)?;
+        let mut n = 0;
+        for tid in threads_of(pid) {
+            let tag = tag_for(&rule, tid == pid);
+            if tag == 0 {
+                continue;
+            }
+            // BPF_NOEXIST: never overwrite what the kernel already learned.
+            match self
+                .threads
+                .insert(tid, ThreadTag::new(pid, tag), BPF_NOEXIST)
+            {
+                Ok(()) => n += 1,
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        debug!("watching pid {pid}: {n} threads tagged");
+        Ok(n)
+    }
+
+    /// Tags one thread as an event loop, whatever it does (`--tid`).
+    pub fn tag_thread(&mut self, tid: u32) -> Result<u32, TargetError> {
+        let tgid = tgid_of(tid).ok_or(TargetError::NoSuchTid(tid))?;
+        self.threads
+            .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
+        Ok(tgid)
+    }
+}
+
+/// A command started by blockwatch, held before exec until it is watched.
+pub struct HeldCommand {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    release: Option<OwnedFd>,
+    pub display: String,
+}
+
+impl HeldCommand {
+    /// Lets the command exec. Call once its PID is in the watch maps, so
+    /// even its first thread creation is seen.
+    pub fn release(&mut self) {
+        if let Some(fd) = self.release.take() {
+            // SAFETY: writing one byte from a valid buffer to an owned fd.
+            unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        }
+    }
+}
+
+/// Who to run the command as: the user who invoked sudo, when there is one.
+struct RunAs {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    home: Option<PathBuf>,
+    name: String,
+}
+
+fn sudo_user() -> Option<RunAs> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let uid: libc::uid_t = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let gid: libc::gid_t = std::env::var("SUDO_GID").ok()?.parse().ok()?;
+    if uid == 0 {
+        return None;
+    }
+    let name = std::env::var("SUDO_USER").ok()?;
+    let cname = CString::new(name.clone()).ok()?;
+    // Supplementary groups are resolved here, in the parent: the child
+    // between fork and exec may only make async-signal-safe calls.
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut n = groups.len() as libc::c_int;
+    // SAFETY: buffer of n gids; n is updated to the count.
+    let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+    groups.truncate(if rc < 0 { 0 } else { n as usize });
+    if groups.is_empty() {
+        groups.push(gid);
+    }
+    // SAFETY: getpwnam returns a pointer to static storage or null.
+    let home = unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        (!pw.is_null()).then(|| {
+            PathBuf::from(
+                std::ffi::CStr::from_ptr((*pw).pw_dir)
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
+    };
+    Some(RunAs {
+        uid,
+        gid,
+        groups,
+        home,
+        name,
+    })
+}
+
+fn resolve_command(program: &OsString) -> Result<PathBuf, TargetError> {
+    let shown = program.to_string_lossy().into_owned();
+    let p = Path::new(program);
+    if p.components().count() > 1 {
+        return if p.exists() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(TargetError::CommandNotFound(shown))
+        };
+    }
+    which::which(program).map_err(|_| TargetError::CommandNotFound(shown))
+}
+
+/// Starts `argv`, stopped before exec until [`HeldCommand::release`].
+pub fn spawn_held(argv: &[OsString]) -> Result<HeldCommand, TargetError> {
+    let display = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let program = argv
+        .first()
+        .ok_or_else(|| TargetError::CommandNotFound(String::new()))?;
+    let path = resolve_command(program)?;
+    let run_as = sudo_user();
+
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(TargetError::Spawn(display, std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these two fresh descriptors.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (rd_raw, wr_raw) = (rd.as_raw_fd(), wr.as_raw_fd());
+
+    let mut cmd = tokio::process::Command::new(&path);
+    cmd.arg0(program).args(&argv[1..]).kill_on_drop(false);
+    if let Some(u) = &run_as {
+        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
+        if let Some(home) = &u.home {
+            cmd.env("HOME", home);
+        }
+    }
+    let ids = run_as.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
+    // SAFETY: the closure only makes async-signal-safe calls (close, read,
+    // setgroups, setgid, setuid, _exit) on data prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::close(wr_raw);
+            let mut b = 0u8;
+            // Wait until the parent has put our PID in the watch maps.
+            if libc::read(rd_raw, (&mut b as *mut u8).cast(), 1) != 1 {
+                libc::_exit(126);
+            }
+            if let Some((uid, gid, groups)) = &ids {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| TargetError::Spawn(display.clone(), e))?;
+    drop(rd);
+    let pid = child.id().unwrap_or(0);
+    Ok(HeldCommand {
+        child,
+        pid,
+        release: Some(wr),
+        display,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_tag_the_right_threads() {
+        let l = ThreadsMode::Loop.rule(false);
+        let m = ThreadsMode::Main.rule(true);
+        let a = ThreadsMode::All.rule(false);
+        assert_eq!(tag_for(&l, true), blockwatch_common::TAG_CANDIDATE);
+        assert_eq!(tag_for(&l, false), blockwatch_common::TAG_CANDIDATE);
+        assert_eq!(tag_for(&m, true), TAG_LOOP);
+        assert_eq!(tag_for(&m, false), 0);
+        assert_eq!(tag_for(&a, false), TAG_LOOP);
+        assert_eq!(m.follow_children, 1);
+    }
+
+    #[test]
+    fn own_process_validates_and_its_threads_are_listed() {
+        let me = std::process::id();
+        validate_pid(me).unwrap();
+        assert!(threads_of(me).contains(&me));
+        assert_eq!(tgid_of(me), Some(me));
+    }
+
+    #[test]
+    fn a_thread_is_not_a_process() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let h = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        let err = validate_pid(tid).unwrap_err().to_string();
+        assert!(err.contains(&format!("--tid {tid}")), "{err}");
+        done_tx.send(()).unwrap();
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn missing_pid_is_reported() {
+        let err = validate_pid(999_999_999).unwrap_err().to_string();
+        assert!(err.contains("999999999"), "{err}");
+    }
+
+    #[test]
+    fn comm_globs() {
+        let r = CommRules::new(&["python3*".into(), "node".into()]).unwrap();
+        assert!(r.matches("python3.11"));
+        assert!(r.matches("node"));
+        assert!(!r.matches("nodejs"));
+        assert!(CommRules::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn unknown_command_is_named() {
+        let err = resolve_command(&OsString::from("/nonexistent/cmd"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/cmd"), "{err}");
+        let err = resolve_command(&OsString::from("no-such-command-xyz"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-command-xyz"), "{err}");
+    }
+}
