@@ -13,7 +13,7 @@ pub const COMM_LEN: usize = 16;
 /// Bytes of user stack copied for a futex probe (see [`ProbeEvent`]).
 pub const PROBE_STACK_BYTES: usize = 512;
 /// How many futex probes a thread may send before the kernel stops asking.
-pub const PROBE_BUDGET: u8 = 8;
+pub const PROBE_BUDGET: u8 = 16;
 
 /// Thread is watched but not (yet) known to run an event loop: nothing it
 /// does is reported, but the kernel watches for its first idle wait.

@@ -254,7 +254,10 @@ fn switch_out<C: EbpfContext>(
                     }
                     return;
                 }
-                if tag.probe_budget > 0 && tag.probed_futex != arg0 {
+                // Not deduplicated by address: with parking_lot, a thread's
+                // locks and its park share one futex, so a first probe
+                // that caught a lock must not stop the park being learned.
+                if tag.probe_budget > 0 {
                     tag.probe_budget -= 1;
                     tag.probed_futex = arg0;
                     send_probe(tid, tag.tgid, arg0, regs);
