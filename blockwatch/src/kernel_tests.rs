@@ -187,3 +187,41 @@ fn only_watched_processes_produce_events() {
     );
     assert!(b.iter().all(|b| b.pid == watched.id()), "{b:#?}");
 }
+
+const FOREIGN_WAITS_SUBJECT: &str = r#"
+import asyncio, select, socket
+async def main():
+    await asyncio.sleep(0.3)              # the loop's own epoll: idle
+    ep = select.epoll()
+    ep.poll(0.08)                         # another epoll instance: blocks
+    a, b = socket.socketpair()
+    a.settimeout(0.09)
+    try:
+        a.recv(1)                         # CPython waits in poll(): blocks
+    except socket.timeout:
+        pass
+    await asyncio.sleep(0.2)
+asyncio.run(main())
+"#;
+
+#[test]
+fn foreign_epoll_and_socket_timeouts_block_the_loop() {
+    const NR_POLL: i64 = 7;
+    const NR_EPOLL_WAIT: i64 = 232;
+    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut child = python(FOREIGN_WAITS_SUBJECT);
+    let pid = child.id();
+    watch(&mut loaded, pid, ThreadsMode::Loop);
+    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
+    });
+    child.wait().unwrap();
+    let b = blocks(&records);
+    let by_nr = |nr| b.iter().find(|b| b.syscall == nr);
+    let ep = by_nr(NR_EPOLL_WAIT).unwrap_or_else(|| panic!("foreign epoll wait: {b:#?}"));
+    assert!((75..200).contains(&(ep.duration_ns / 1_000_000)));
+    let poll = by_nr(NR_POLL).unwrap_or_else(|| panic!("socket poll: {b:#?}"));
+    assert!((85..200).contains(&(poll.duration_ns / 1_000_000)));
+    assert_eq!(b.len(), 2, "nothing else: {b:#?}");
+}
