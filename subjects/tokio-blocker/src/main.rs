@@ -1,1 +1,127 @@
-fn main() {}
+//! Test subject: a tokio program that blocks its runtime's workers.
+//!
+//! `tokio-blocker [SCENARIO]` runs one scenario, or all of them in this order
+//! (about 2.5 s in all, plus the fsync):
+//!
+//! | scenario         | what it does                                        | reported?            |
+//! |------------------|-----------------------------------------------------|----------------------|
+//! | `idle`           | nothing scheduled for 0.4 s                         | no                   |
+//! | `timer`          | a task awaits `tokio::time::sleep(350ms)`           | no                   |
+//! | `spawn-blocking` | `spawn_blocking(|| thread::sleep(340ms)).await`     | no (blocking pool)   |
+//! | `sleep`          | a task calls `std::thread::sleep(80ms)` 3 times,    | yes: 3 × sleep, on a |
+//! |                  | awaiting `tokio::time::sleep(50ms)` between         | worker thread        |
+//! | `fsync`          | a task writes 64 MiB with `std::fs` and `sync_all`s | yes: class file      |
+//!
+//! Waits that must not be reported last ≥ 340 ms; the sleeps last 80 ms; the
+//! fsync takes as long as the disk does. The file goes to
+//! `$TOKIO_BLOCKER_DIR`, else `/var/tmp` (a disk, where `/tmp` may be tmpfs
+//! and make fsync free), and is deleted afterwards. Prints nothing.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const SCENARIOS: [&str; 5] = ["idle", "timer", "spawn-blocking", "sleep", "fsync"];
+const FILE_SIZE: usize = 64 << 20;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let arg = std::env::args().nth(1);
+    let selected: Vec<&str> = match arg.as_deref() {
+        None | Some("all") => SCENARIOS.to_vec(),
+        Some(name) if SCENARIOS.contains(&name) => vec![name],
+        Some(other) => {
+            eprintln!(
+                "tokio-blocker: unknown scenario {other:?}; expected one of: all, {}",
+                SCENARIOS.join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    for (i, name) in selected.iter().enumerate() {
+        if i > 0 {
+            // A short idle gap keeps scenarios apart in a trace.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Err(e) = run(name).await {
+            eprintln!("tokio-blocker: {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(name: &str) -> std::io::Result<()> {
+    match name {
+        "idle" => idle().await,
+        "timer" => tokio::spawn(timer_in_task()).await?,
+        "spawn-blocking" => tokio::task::spawn_blocking(sleep_in_blocking_pool).await?,
+        "sleep" => tokio::spawn(sleeps_in_task()).await?,
+        "fsync" => tokio::spawn(fsync_in_task()).await??,
+        _ => unreachable!("checked in main"),
+    }
+    Ok(())
+}
+
+/// Nothing to do: the workers park.
+async fn idle() {
+    tokio::time::sleep(Duration::from_millis(400)).await;
+}
+
+/// A correct timer wait on a worker.
+async fn timer_in_task() {
+    tokio::time::sleep(Duration::from_millis(350)).await;
+}
+
+/// Blocking where blocking belongs: a thread of the blocking pool.
+#[inline(never)]
+fn sleep_in_blocking_pool() {
+    std::thread::sleep(Duration::from_millis(340));
+}
+
+async fn sleeps_in_task() {
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        blocking_sleep_in_task();
+    }
+}
+
+/// The bug: a synchronous sleep on a runtime worker.
+#[inline(never)]
+fn blocking_sleep_in_task() {
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(80)));
+}
+
+async fn fsync_in_task() -> std::io::Result<()> {
+    let dir = scratch_dir();
+    std::fs::create_dir_all(&dir)?;
+    let result = blocking_fsync_in_task(&dir.join("data.bin"));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The bug: synchronous file I/O, and an fsync, on a runtime worker.
+#[inline(never)]
+fn blocking_fsync_in_task(path: &Path) -> std::io::Result<()> {
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let mut file = File::create(path)?;
+    for _ in 0..FILE_SIZE / chunk.len() {
+        file.write_all(&chunk)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    std::fs::remove_file(path)
+}
+
+fn scratch_dir() -> PathBuf {
+    let base = std::env::var_os("TOKIO_BLOCKER_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .or_else(|| Some(PathBuf::from("/var/tmp")).filter(|p| p.is_dir()))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join(format!("tokio-blocker-{}", std::process::id()))
+}
