@@ -1,1 +1,144 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's setup, build, demo and test
+//! entry points (the alias lives in `.cargo/config.toml`).
+
+mod run;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use crate::run::{cargo, root_dir, status_code};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "blockwatch's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (nightly rust-src, bpf-linker,
+    /// tracefs/bpffs mounts, apt packages); fast when all is present.
+    Setup,
+    /// Set up, then build target/release/blockwatch.
+    Build,
+    /// Build, then trace examples/asyncio-demo.py with blockwatch (as root).
+    Demo,
+    /// Build, then run the unit tests and, one at a time, the integration
+    /// tests against the real kernel (as root).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    run::put_cargo_bin_on_path();
+    let result = match cli.command {
+        Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Command::Build => build().map(|path| {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }),
+        Command::Demo => demo(),
+        Command::Test => test(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = e
+                .chain()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("xtask: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Setup, then `cargo build --release -p blockwatch`; returns the binary.
+fn build() -> anyhow::Result<PathBuf> {
+    setup::run()?;
+    cargo(&["build", "--release", "-p", "blockwatch"])?;
+    let bin = root_dir().join("target/release/blockwatch");
+    if !bin.is_file() {
+        bail!("cargo built blockwatch but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+fn build_subjects() -> anyhow::Result<()> {
+    cargo(&["build", "--release", "-p", "tokio-blocker"])
+}
+
+fn require_root(task: &str, why: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{why}: run as root, e.g. sudo -E cargo xtask {task}");
+    }
+    Ok(())
+}
+
+const DEMO_INTRO: &str = "\
+You are about to see blockwatch trace examples/asyncio-demo.py, a small asyncio
+service that runs for about 3 seconds. Three of its handlers block the event
+loop by mistake: a time.sleep(0.15) in a rate limiter, an os.fsync() of a
+freshly written report, and a subprocess.run([\"sleep\", \"0.1\"]). Each shows up
+as an event with the process, thread, syscall, how long the loop was blocked
+and the stack; its correct `await asyncio.sleep(...)` calls do not. A summary
+follows when the script exits.
+";
+
+fn demo() -> anyhow::Result<ExitCode> {
+    require_root("demo", "the demo loads BPF programs")?;
+    let bin = build()?;
+    build_subjects()?;
+    let root = root_dir();
+    let script = Path::new("examples/asyncio-demo.py");
+    println!("\n{DEMO_INTRO}");
+    println!(
+        "$ {} trace -- python3 {}\n",
+        bin.strip_prefix(&root).unwrap_or(&bin).display(),
+        script.display()
+    );
+    let status = std::process::Command::new(&bin)
+        .args(["trace", "--", "python3"])
+        .arg(script)
+        .current_dir(&root)
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    Ok(status_code(status))
+}
+
+fn test() -> anyhow::Result<ExitCode> {
+    require_root("test", "the tests load BPF programs")?;
+    build()?;
+    build_subjects()?;
+    // Unit tests in parallel; the eBPF crate only builds for the BPF target.
+    cargo(&[
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "blockwatch-ebpf",
+        "--lib",
+        "--bins",
+    ])?;
+    // Integration tests one at a time: they share the kernel and the CPUs,
+    // and measure durations.
+    cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "blockwatch",
+        "--test",
+        "*",
+        "--",
+        "--test-threads=1",
+    ])?;
+    println!("xtask: all tests passed");
+    Ok(ExitCode::SUCCESS)
+}
