@@ -69,7 +69,13 @@ pub fn check(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Run a command and capture its stdout; `None` when it cannot run or fails.
 pub fn output_of<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok()?;
+    stdout_of(Command::new(program).args(args))
+}
+
+/// Run a prepared command and capture its stdout; `None` when it cannot run
+/// or fails.
+pub fn stdout_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(std::process::Stdio::null()).output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::anyhow;
 
-use crate::run::{self, cargo_path, check, output_of};
+use crate::run::{self, cargo_path, check, output_of, stdout_of};
 
 /// The bpf-linker release that builds against the nightly toolchain's LLVM
 /// (see /work/shared/TOOLCHAIN.md, step 2).
@@ -105,9 +105,15 @@ fn announce(what: &str) {
 static ANNOUNCED: AtomicBool = AtomicBool::new(false);
 
 fn nightly_sysroot() -> Option<PathBuf> {
-    output_of("rustc", &["+nightly", "--print", "sysroot"])
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
+    // A probe must not make rustup download a missing toolchain (with the
+    // default profile) behind our back: setup installs it deliberately.
+    stdout_of(
+        Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .env("RUSTUP_AUTO_INSTALL", "0"),
+    )
+    .filter(|s| !s.is_empty())
+    .map(PathBuf::from)
 }
 
 const RUSTUP_HINT: &str = "check that rustup is installed (https://rustup.rs) and can reach \
