@@ -12,8 +12,8 @@ use anyhow::anyhow;
 
 use crate::run::{self, cargo_path, check, output_of, stdout_of};
 
-/// The bpf-linker release that builds against the nightly toolchain's LLVM
-/// (see /work/shared/TOOLCHAIN.md, step 2).
+/// The bpf-linker release seen to build against the nightly toolchain's own
+/// LLVM (22) with the crates this workspace pins.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// A Debian package the tests or the demo need. Adding one is one line in
