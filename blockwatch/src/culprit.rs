@@ -1,1 +1,330 @@
-//! TODO
+//! Who is to blame for a blocking call: the innermost frame of the stack
+//! that is the application's own code rather than the C library, an
+//! interpreter, or a runtime the application builds on. Those are where
+//! every blocking call ends up, so naming them would say nothing.
+
+use crate::event::Frame;
+
+/// Something a frame is recognised by as not being the application.
+#[derive(Clone, Copy, Debug)]
+enum Rule {
+    /// A shared library by the stem of its file name: `libc` matches
+    /// `libc.so.6`, `libc-2.31.so` and `libc.musl-x86_64.so.1`, not
+    /// `libcrypto.so.3`.
+    Library(&'static str),
+    /// A module whose file name starts with this (`python3` matches
+    /// `python3.11`).
+    ModulePrefix(&'static str),
+    /// A module whose file name is exactly this.
+    ModuleName(&'static str),
+    /// A module whose path contains this.
+    ModulePath(&'static str),
+    /// A function whose demangled name starts with this.
+    FunctionPrefix(&'static str),
+    /// A C API prefix: followed by `_` or an upper-case letter, so `Py`
+    /// matches `PyObject_Call` and `Py_Main` but not `PythonBridge`.
+    ApiPrefix(&'static str),
+    /// Functions of a Rust crate, and its trait impls (`<crate::Type as
+    /// Trait>::f`, and v0-demangled inherent impls `<crate::Type>::f`).
+    RustCrate(&'static str),
+}
+
+/// Not the application. Add to it when a runtime's frames show up as
+/// culprits.
+const NOT_APPLICATION: &[Rule] = &[
+    // C runtime.
+    Rule::Library("libc"),
+    // `ld` covers ld-linux-x86-64.so.2, ld-2.31.so and ld-musl-*.so.1.
+    Rule::Library("ld"),
+    Rule::Library("libpthread"),
+    Rule::Library("libm"),
+    Rule::Library("libdl"),
+    Rule::Library("librt"),
+    Rule::Library("libgcc_s"),
+    Rule::Library("libstdc++"),
+    Rule::FunctionPrefix("_start"),
+    Rule::FunctionPrefix("__libc_start"),
+    Rule::FunctionPrefix("start_thread"),
+    Rule::FunctionPrefix("clone3"),
+    // CPython: the interpreter, linked in or shared, and its own extension
+    // modules (`_socket`, `select`, ... in lib-dynload).
+    Rule::ModulePrefix("python3"),
+    Rule::ModulePrefix("libpython"),
+    Rule::ModulePath("/lib-dynload/"),
+    Rule::ApiPrefix("_Py"),
+    Rule::ApiPrefix("Py"),
+    // Node: V8, libuv and Node's own C++, in the node binary or, as Debian
+    // builds it, in libnode.
+    Rule::ModuleName("node"),
+    Rule::Library("libnode"),
+    Rule::Library("libuv"),
+    Rule::FunctionPrefix("uv_"),
+    Rule::FunctionPrefix("uv__"),
+    Rule::FunctionPrefix("v8::"),
+    Rule::FunctionPrefix("node::"),
+    Rule::FunctionPrefix("Builtins_"),
+    // Rust: the standard library and the async runtime stack.
+    Rule::RustCrate("std"),
+    Rule::RustCrate("core"),
+    Rule::RustCrate("alloc"),
+    Rule::RustCrate("tokio"),
+    Rule::RustCrate("futures"),
+    Rule::RustCrate("futures_util"),
+    Rule::RustCrate("futures_core"),
+    Rule::RustCrate("futures_executor"),
+    Rule::RustCrate("mio"),
+    Rule::RustCrate("parking_lot"),
+    Rule::RustCrate("parking_lot_core"),
+    Rule::FunctionPrefix("__rust"),
+    Rule::FunctionPrefix("rust_begin_unwind"),
+];
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+impl Rule {
+    fn matches(self, function: &str, module: Option<&str>) -> bool {
+        match self {
+            Rule::Library(stem) => module.is_some_and(|m| {
+                basename(m)
+                    .strip_prefix(stem)
+                    .is_some_and(|rest| rest.starts_with(['.', '-']))
+            }),
+            Rule::ModulePrefix(prefix) => module.is_some_and(|m| basename(m).starts_with(prefix)),
+            Rule::ModuleName(name) => module.is_some_and(|m| basename(m) == name),
+            Rule::ModulePath(part) => module.is_some_and(|m| m.contains(part)),
+            Rule::FunctionPrefix(prefix) => function.starts_with(prefix),
+            Rule::ApiPrefix(prefix) => function
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.chars().next())
+                .is_some_and(|c| c == '_' || c.is_ascii_uppercase()),
+            Rule::RustCrate(krate) => function
+                .strip_prefix('<')
+                .unwrap_or(function)
+                .strip_prefix(krate)
+                .is_some_and(|rest| rest.starts_with("::")),
+        }
+    }
+}
+
+/// Whether `frame` is the application's code. Frames without a function
+/// name are not: nothing useful can be said of them.
+pub fn is_application(frame: &Frame) -> bool {
+    let Some(function) = frame.function.as_deref() else {
+        return false;
+    };
+    let module = frame.module.as_deref();
+    !NOT_APPLICATION.iter().any(|r| r.matches(function, module))
+}
+
+/// The innermost frame (frames are innermost first) that belongs to the
+/// application.
+pub fn culprit(frames: &[Frame]) -> Option<Frame> {
+    frames.iter().find(|f| is_application(f)).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(function: Option<&str>, module: Option<&str>) -> Frame {
+        Frame {
+            function: function.map(str::to_string),
+            module: module.map(str::to_string),
+            ..Frame::default()
+        }
+    }
+
+    fn app(function: &str, module: &str) -> bool {
+        is_application(&frame(Some(function), Some(module)))
+    }
+
+    #[test]
+    fn c_runtime_libraries_by_file_name() {
+        for m in [
+            "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/x86_64-linux-gnu/libc-2.31.so",
+            "/lib/ld-musl-x86_64.so.1",
+            "/usr/lib/libc.musl-x86_64.so.1",
+            "/lib64/ld-linux-x86-64.so.2",
+            "/lib/x86_64-linux-gnu/ld-2.31.so",
+            "/lib/x86_64-linux-gnu/libpthread.so.0",
+            "/lib/x86_64-linux-gnu/libpthread-2.31.so",
+            "/lib/x86_64-linux-gnu/libm.so.6",
+            "/lib/x86_64-linux-gnu/libdl.so.2",
+            "/lib/x86_64-linux-gnu/librt.so.1",
+            "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+            "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+        ] {
+            assert!(!app("some_function", m), "{m}");
+        }
+        // Same prefix, other libraries: the application's dependencies.
+        for m in [
+            "/usr/lib/x86_64-linux-gnu/libcrypto.so.3",
+            "/usr/lib/libmagic.so.1",
+            "/usr/lib/libldap.so.2",
+            "/usr/lib/librtmp.so.1",
+            "/opt/app/bin/server",
+        ] {
+            assert!(app("some_function", m), "{m}");
+        }
+    }
+
+    #[test]
+    fn process_and_thread_entry_points() {
+        for f in [
+            "_start",
+            "__libc_start_main",
+            "__libc_start_call_main",
+            "start_thread",
+            "clone3",
+        ] {
+            assert!(!app(f, "/opt/app/bin/server"), "{f}");
+        }
+    }
+
+    #[test]
+    fn cpython() {
+        for m in [
+            "/usr/bin/python3.11",
+            "/usr/local/bin/python3",
+            "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+            "/usr/lib/python3.11/lib-dynload/_socket.cpython-311-x86_64-linux-gnu.so",
+        ] {
+            assert!(!app("sock_recv_guts", m), "{m}");
+        }
+        for f in [
+            "_PyEval_EvalFrameDefault",
+            "PyObject_Vectorcall",
+            "_Py_read",
+            "Py_RunMain",
+            "_PyObject_MakeTpCall",
+        ] {
+            assert!(!app(f, "/opt/embedder/bin/app"), "{f}");
+        }
+        assert!(app("PythonBridge::call()", "/opt/embedder/bin/app"));
+        assert!(app("Pyramid_build", "/opt/embedder/bin/app"));
+        // A third-party extension module is the application's.
+        assert!(app(
+            "compress_block",
+            "/venv/lib/python3.11/site-packages/zstd.cpython-311-x86_64-linux-gnu.so"
+        ));
+    }
+
+    #[test]
+    fn node() {
+        for m in [
+            "/usr/bin/node",
+            "/opt/node-v20/bin/node",
+            "/usr/lib/x86_64-linux-gnu/libnode.so.108",
+            "/usr/lib/x86_64-linux-gnu/libuv.so.1",
+        ] {
+            assert!(!app("node_function", m), "{m}");
+        }
+        for f in [
+            "uv_fs_read",
+            "uv__fs_work",
+            "v8::internal::Execution::Call(v8::internal::Isolate*)",
+            "node::fs::Read(v8::FunctionCallbackInfo<v8::Value> const&)",
+            "Builtins_JSEntryTrampoline",
+        ] {
+            assert!(!app(f, "/opt/embedder/bin/app"), "{f}");
+        }
+        // A native addon.
+        assert!(app("addon::Work(int)", "/app/build/Release/addon.node"));
+    }
+
+    #[test]
+    fn rust_runtime_and_libraries() {
+        let bin = "/opt/app/bin/server";
+        for f in [
+            "std::fs::read_to_string",
+            "std::thread::sleep",
+            "core::ops::function::FnOnce::call_once",
+            "alloc::vec::Vec<T,A>::push",
+            "tokio::runtime::park::CachedParkThread::block_on",
+            "futures::executor::block_on",
+            "futures_util::future::future::FutureExt::poll_unpin",
+            "mio::poll::Poll::poll",
+            "parking_lot::raw_mutex::RawMutex::lock_slow",
+            "parking_lot_core::parking_lot::park",
+            "<std::fs::File as std::io::Read>::read",
+            "<core::pin::Pin<P> as core::future::future::Future>::poll",
+            "<alloc::boxed::Box<F,A> as core::ops::function::FnOnce<Args>>::call_once",
+            "<tokio::runtime::blocking::task::BlockingTask<T> as core::future::future::Future>::poll",
+            "<std::sys::pal::unix::fs::File>::open",
+            "__rust_try",
+            "__rust_begin_short_backtrace",
+            "rust_begin_unwind",
+        ] {
+            assert!(!app(f, bin), "{f}");
+        }
+        for f in [
+            "tokio_blocker::main::{{closure}}",
+            "tokio_blocker::handler",
+            "<tokio_blocker::Handler as tower::Service<Req>>::call",
+            "<myapp::Store>::load",
+            "stdlib_wrapper::read",
+            "coredump::write",
+        ] {
+            assert!(app(f, bin), "{f}");
+        }
+    }
+
+    #[test]
+    fn frames_without_a_name_are_skipped() {
+        assert!(!is_application(&frame(None, Some("/opt/app/bin/server"))));
+        assert!(!is_application(&frame(None, None)));
+        let stack = [frame(None, Some("[anon]")), frame(Some("app::work"), None)];
+        assert_eq!(culprit(&stack), Some(stack[1].clone()));
+    }
+
+    #[test]
+    fn innermost_application_frame_wins() {
+        let stack = [
+            frame(Some("read"), Some("/usr/lib/x86_64-linux-gnu/libc.so.6")),
+            frame(Some("std::fs::read_to_string::inner"), Some("/app/server")),
+            frame(Some("app::config::load"), Some("/app/server")),
+            frame(Some("app::main::{{closure}}"), Some("/app/server")),
+            frame(
+                Some("tokio::runtime::task::harness::poll"),
+                Some("/app/server"),
+            ),
+            frame(Some("app::main"), Some("/app/server")),
+        ];
+        assert_eq!(
+            culprit(&stack).and_then(|f| f.function).as_deref(),
+            Some("app::config::load")
+        );
+    }
+
+    #[test]
+    fn no_application_frame() {
+        let stack = [
+            frame(
+                Some("__GI___libc_read"),
+                Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ),
+            frame(
+                Some("_PyEval_EvalFrameDefault"),
+                Some("/usr/bin/python3.11"),
+            ),
+            frame(Some("main"), Some("/usr/bin/python3.11")),
+        ];
+        assert_eq!(culprit(&stack), None);
+        assert_eq!(culprit(&[]), None);
+    }
+
+    #[test]
+    fn inlined_frames_count_like_others() {
+        let mut inlined = frame(Some("app::parse"), Some("/app/server"));
+        inlined.inlined = true;
+        let stack = [
+            frame(Some("std::io::default_read_to_end"), Some("/app/server")),
+            inlined.clone(),
+            frame(Some("app::load"), Some("/app/server")),
+        ];
+        assert_eq!(culprit(&stack), Some(inlined));
+    }
+}

@@ -1,1 +1,1181 @@
-//! TODO
+//! Native stack symbolization: user stacks captured by `bpf_get_stack` in
+//! other processes, turned into [`Frame`]s.
+//!
+//! Events arrive at a high rate and stacks repeat, so the steady state must
+//! not touch `/proc`: each process's `/proc/PID/maps` is parsed once into a
+//! snapshot that answers "which mapping is this address in" by binary
+//! search, and every resolved (binary, file offset) is remembered. Addresses
+//! are translated to offsets in the mapped file and symbolized with
+//! blazesym's ELF source, so one parsed copy of a binary (its symbol tables
+//! and DWARF) serves every process that maps it, whatever address the
+//! process loaded it at.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use blazesym::symbolize::source::{Elf, Process, Source};
+use blazesym::symbolize::{self as bz, Input, Symbolized};
+use blazesym::{ErrorKind, Pid};
+use log::debug;
+
+use crate::event::Frame;
+
+/// A process's maps are re-read when an address falls outside all of its
+/// known mappings (it loaded a library since), but at most this often:
+/// scanning raw stack words for return addresses looks up many values that
+/// are no address at all, and each one would otherwise cost a re-read.
+const MAPS_REFRESH: Duration = Duration::from_secs(1);
+
+/// A binary that could not be opened is not tried again for this long, so
+/// that a process whose binaries we may not read costs nothing per event.
+const OPEN_RETRY: Duration = Duration::from_secs(10);
+
+/// Processes whose maps are kept. Exited processes are never announced to
+/// the symbolizer, so the least recently used snapshot goes when full.
+const MAX_PROCESSES: usize = 1024;
+
+/// Resolved addresses kept per cache generation (so at most twice this).
+const FRAME_CACHE_GENERATION: usize = 16 * 1024;
+
+/// Identity of a mapped file, as `/proc/PID/maps` reports it. Paths are no
+/// identity: the same library has different paths in different mount
+/// namespaces, and an upgraded library has the same path as the old one
+/// that running processes still map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FileId {
+    dev: u64,
+    inode: u64,
+}
+
+/// What a frame cache entry was resolved in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Binary {
+    File(FileId),
+    /// The vDSO is the same kernel image in every (64-bit) process.
+    Vdso,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    File {
+        id: FileId,
+        /// The path as the process sees it, without ` (deleted)`.
+        path: Rc<str>,
+        deleted: bool,
+    },
+    Vdso,
+    /// Anonymous memory (JIT code, heap, stack), with its name if the
+    /// kernel gives one (`[heap]`, `[anon:name]`).
+    Anon(Option<Rc<str>>),
+}
+
+#[derive(Clone, Debug)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    /// Offset in the file of `start`.
+    offset: u64,
+    exec: bool,
+    kind: Kind,
+}
+
+impl Mapping {
+    fn module(&self) -> String {
+        match &self.kind {
+            Kind::File { path, .. } => path.to_string(),
+            Kind::Vdso => "[vdso]".to_string(),
+            Kind::Anon(Some(name)) => name.to_string(),
+            Kind::Anon(None) => "[anon]".to_string(),
+        }
+    }
+}
+
+/// Splits off the next space-separated field.
+fn field<'a>(rest: &mut &'a str) -> Option<&'a str> {
+    let s = rest.trim_start_matches(' ');
+    if s.is_empty() {
+        return None;
+    }
+    let end = s.find(' ').unwrap_or(s.len());
+    let (f, r) = s.split_at(end);
+    *rest = r;
+    Some(f)
+}
+
+/// One line of `/proc/PID/maps`:
+/// `start-end perms offset major:minor inode   pathname`.
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut rest = line;
+    let (start, end) = field(&mut rest)?.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let exec = field(&mut rest)?.as_bytes().get(2) == Some(&b'x');
+    let offset = u64::from_str_radix(field(&mut rest)?, 16).ok()?;
+    let (major, minor) = field(&mut rest)?.split_once(':')?;
+    let dev = (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?;
+    let inode: u64 = field(&mut rest)?.parse().ok()?;
+    // The pathname may itself contain spaces: it is the rest of the line.
+    let name = rest.trim_start_matches(' ');
+    let kind = if name == "[vdso]" {
+        Kind::Vdso
+    } else if name.starts_with('/') && inode != 0 {
+        let (path, deleted) = match name.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
+            None => (name, false),
+        };
+        Kind::File {
+            id: FileId { dev, inode },
+            path: path.into(),
+            deleted,
+        }
+    } else if name.is_empty() {
+        Kind::Anon(None)
+    } else {
+        Kind::Anon(Some(name.into()))
+    };
+    Some(Mapping {
+        start,
+        end,
+        offset,
+        exec,
+        kind,
+    })
+}
+
+fn parse_maps(text: &str) -> Vec<Mapping> {
+    // Consecutive mappings of one file share its path.
+    let mut last_path: Option<Rc<str>> = None;
+    let mut maps: Vec<Mapping> = text
+        .lines()
+        .filter_map(parse_maps_line)
+        .map(|mut m| {
+            if let Kind::File { path, .. } = &mut m.kind {
+                match &last_path {
+                    Some(p) if **p == **path => *path = Rc::clone(p),
+                    _ => last_path = Some(Rc::clone(path)),
+                }
+            }
+            m
+        })
+        .collect();
+    maps.sort_by_key(|m| m.start);
+    maps
+}
+
+/// A snapshot of one process's address space.
+struct ProcMaps {
+    maps: Vec<Mapping>,
+    read_at: Instant,
+    last_used: u64,
+}
+
+impl ProcMaps {
+    fn find(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.maps.partition_point(|m| m.start <= addr);
+        let m = self.maps.get(i.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+}
+
+/// How a binary is opened for blazesym.
+#[derive(Default)]
+struct BinState {
+    /// The path blazesym knows this binary by; it keeps the file open and
+    /// never looks at the path again (auto-reload is off).
+    path: Option<PathBuf>,
+    failed_at: Option<Instant>,
+}
+
+/// Resolved frames of a (binary, offset): functions, files and lines, with
+/// neither address nor module (those depend on the process). Empty when the
+/// binary has no symbol there.
+type Resolved = Rc<[Frame]>;
+
+/// Bounded memory of resolved addresses. Two generations: when the current
+/// one is full it becomes the old one and the previous old one is dropped;
+/// an old entry that is used again moves back to the current one. This
+/// keeps the stacks in use at the cost of a hash lookup, without the
+/// bookkeeping of an exact LRU.
+struct FrameCache {
+    current: HashMap<(Binary, u64), Resolved>,
+    old: HashMap<(Binary, u64), Resolved>,
+    generation: usize,
+}
+
+impl FrameCache {
+    fn new(generation: usize) -> Self {
+        Self {
+            current: HashMap::new(),
+            old: HashMap::new(),
+            generation,
+        }
+    }
+
+    fn get(&mut self, key: (Binary, u64)) -> Option<Resolved> {
+        if let Some(r) = self.current.get(&key) {
+            return Some(Rc::clone(r));
+        }
+        let r = self.old.remove(&key)?;
+        self.insert(key, Rc::clone(&r));
+        Some(r)
+    }
+
+    fn insert(&mut self, key: (Binary, u64), value: Resolved) {
+        if self.current.len() >= self.generation {
+            self.old = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, value);
+    }
+
+    fn forget(&mut self, binary: Binary) {
+        self.current.retain(|k, _| k.0 != binary);
+        self.old.retain(|k, _| k.0 != binary);
+    }
+}
+
+/// Our own vDSO, which resolves addresses in every other process's vDSO.
+enum Vdso {
+    Unknown,
+    Ready { start: u64, len: u64 },
+    Unavailable,
+}
+
+/// Symbolizes user stacks of any process. Not `Send`: blazesym's caches are
+/// single-threaded; keep it on the thread that consumes events.
+pub struct Symbolizer {
+    blaze: bz::Symbolizer,
+    procs: HashMap<u32, ProcMaps>,
+    bins: HashMap<FileId, BinState>,
+    /// Which binary each path handed to blazesym stands for. A path can come
+    /// back naming another file (a PID reused, a library replaced), and
+    /// blazesym, which never re-checks a known path, would then answer from
+    /// the old file.
+    path_owner: HashMap<PathBuf, FileId>,
+    frames: FrameCache,
+    vdso: Vdso,
+    /// Set once opening through `map_files` was refused, so later binaries
+    /// go straight to the fallback.
+    map_files_denied: bool,
+    maps_refresh: Duration,
+    /// Logical clock for picking the least recently used process.
+    tick: u64,
+    failures: u64,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Converts a blazesym symbol to frames, innermost first: the inlined
+/// callees (blazesym lists them outermost first), then the function itself.
+fn frames_of(sym: &bz::Sym<'_>) -> Vec<Frame> {
+    fn location(info: Option<&bz::CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
+        match info {
+            Some(info) => (
+                Some(info.to_path().to_string_lossy().into_owned()),
+                info.line,
+            ),
+            None => (None, None),
+        }
+    }
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    for f in sym.inlined.iter().rev() {
+        let (file, line) = location(f.code_info.as_ref());
+        frames.push(Frame {
+            function: Some(f.name.to_string()),
+            file,
+            line,
+            inlined: true,
+            ..Frame::default()
+        });
+    }
+    let (file, line) = location(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: Some(sym.name.to_string()),
+        file,
+        line,
+        ..Frame::default()
+    });
+    frames
+}
+
+fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
+    match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(text) => Some(parse_maps(&text)),
+        Err(e) => {
+            debug!("cannot read the maps of process {pid}: {e}");
+            None
+        }
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        let blaze = bz::Symbolizer::builder()
+            // Paths we hand over are pinned to one file (see `path_owner`),
+            // so the per-lookup stat() that auto-reload costs buys nothing.
+            .enable_auto_reload(false)
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .enable_demangling(true)
+            .build();
+        Self {
+            blaze,
+            procs: HashMap::new(),
+            bins: HashMap::new(),
+            path_owner: HashMap::new(),
+            frames: FrameCache::new(FRAME_CACHE_GENERATION),
+            vdso: Vdso::Unknown,
+            map_files_denied: false,
+            maps_refresh: MAPS_REFRESH,
+            tick: 0,
+            failures: 0,
+        }
+    }
+
+    /// Symbolize a user stack of process `pid` captured by bpf_get_stack:
+    /// ips[0] is the exact instruction pointer, ips[1..] are return
+    /// addresses (looked up at addr-1 so a call at the end of a function
+    /// resolves to the caller). One Frame per input address at least:
+    /// inlined frames, when DWARF says so, are extra frames marked
+    /// `inlined: true` placed before their outer frame. Unknown addresses
+    /// give a Frame with function None and the module if known. Frames keep
+    /// the address as captured.
+    pub fn symbolize(&mut self, pid: u32, ips: &[u64]) -> Vec<Frame> {
+        let mut out = Vec::with_capacity(ips.len());
+        for (i, &ip) in ips.iter().enumerate() {
+            let at = if i == 0 { ip } else { ip.wrapping_sub(1) };
+            let (module, resolved) = self.resolve(pid, at);
+            match resolved.filter(|r| !r.is_empty()) {
+                Some(frames) => out.extend(frames.iter().map(|f| Frame {
+                    address: ip,
+                    module: module.clone(),
+                    ..f.clone()
+                })),
+                None => {
+                    self.failures += 1;
+                    out.push(Frame {
+                        address: ip,
+                        module,
+                        ..Frame::default()
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The function containing `addr` (exact address, no adjustment),
+    /// demangled. That is the symbol, not a callee inlined at `addr`: a
+    /// return address in a runtime's park loop is in the park function even
+    /// when the call it follows sits in inlined library code.
+    pub fn function_at(&mut self, pid: u32, addr: u64) -> Option<String> {
+        let name = self
+            .resolve(pid, addr)
+            .1
+            .and_then(|frames| frames.iter().rev().find(|f| !f.inlined)?.function.clone());
+        if name.is_none() {
+            self.failures += 1;
+        }
+        name
+    }
+
+    /// Whether `addr` lies in an executable file-backed mapping of `pid`
+    /// (used to scan raw stack words for return addresses). Answered from
+    /// the maps snapshot.
+    pub fn is_code(&mut self, pid: u32, addr: u64) -> bool {
+        self.mapping(pid, addr)
+            .is_some_and(|m| m.exec && matches!(m.kind, Kind::File { .. }))
+    }
+
+    /// The process exec'd: drop its maps snapshot.
+    pub fn invalidate(&mut self, pid: u32) {
+        self.procs.remove(&pid);
+    }
+
+    /// Count of addresses that could not be symbolized so far (by
+    /// [`Self::symbolize`] and [`Self::function_at`]).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
+    /// The mapping `addr` lies in, from the snapshot; the snapshot is taken
+    /// at first sight of `pid` and refreshed, rate-limited, on a miss.
+    fn mapping(&mut self, pid: u32, addr: u64) -> Option<Mapping> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.procs.contains_key(&pid) {
+            self.load_maps(pid);
+        }
+        let snapshot = self.procs.get_mut(&pid)?;
+        snapshot.last_used = tick;
+        if let Some(m) = snapshot.find(addr) {
+            return Some(m.clone());
+        }
+        if snapshot.read_at.elapsed() < self.maps_refresh {
+            return None;
+        }
+        self.load_maps(pid);
+        self.procs.get(&pid)?.find(addr).cloned()
+    }
+
+    fn load_maps(&mut self, pid: u32) {
+        let now = Instant::now();
+        let fresh = read_maps(pid);
+        if let Some(snapshot) = self.procs.get_mut(&pid) {
+            // A process that exited keeps its last snapshot: its events may
+            // still be queued, and the files it mapped may still be open here.
+            if let Some(maps) = fresh {
+                snapshot.maps = maps;
+            }
+            snapshot.read_at = now;
+            return;
+        }
+        if self.procs.len() >= MAX_PROCESSES
+            && let Some(&lru) = self
+                .procs
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(p, _)| p)
+        {
+            self.procs.remove(&lru);
+        }
+        // An unreadable process gets an empty snapshot, so that it is not
+        // retried more often than a live one.
+        self.procs.insert(
+            pid,
+            ProcMaps {
+                maps: fresh.unwrap_or_default(),
+                read_at: now,
+                last_used: self.tick,
+            },
+        );
+    }
+
+    /// The module of `addr` and its frames (empty when there is no symbol),
+    /// or None frames when its binary could not be read at all.
+    fn resolve(&mut self, pid: u32, addr: u64) -> (Option<String>, Option<Resolved>) {
+        let Some(m) = self.mapping(pid, addr) else {
+            return (None, None);
+        };
+        let module = Some(m.module());
+        let resolved = match &m.kind {
+            Kind::File { id, path, deleted } => {
+                let offset = addr - m.start + m.offset;
+                let key = (Binary::File(*id), offset);
+                match self.frames.get(key) {
+                    Some(r) => Some(r),
+                    None => self
+                        .resolve_file(pid, &m, *id, path, *deleted, offset)
+                        .inspect(|r| {
+                            self.frames.insert(key, Rc::clone(r));
+                        }),
+                }
+            }
+            Kind::Vdso => {
+                let offset = addr - m.start;
+                let key = (Binary::Vdso, offset);
+                match self.frames.get(key) {
+                    Some(r) => Some(r),
+                    None => self.resolve_vdso(m.end - m.start, offset).inspect(|r| {
+                        self.frames.insert(key, Rc::clone(r));
+                    }),
+                }
+            }
+            // JIT code: nothing to read symbols from.
+            Kind::Anon(_) => None,
+        };
+        (module, resolved)
+    }
+
+    fn resolve_file(
+        &mut self,
+        pid: u32,
+        m: &Mapping,
+        id: FileId,
+        path: &str,
+        deleted: bool,
+        offset: u64,
+    ) -> Option<Resolved> {
+        let state = self.bins.entry(id).or_default();
+        if let Some(known) = state.path.clone() {
+            if let Some(r) = self.lookup(&known, offset) {
+                return Some(r);
+            }
+            self.forget_path(&known);
+        }
+        let state = self.bins.entry(id).or_default();
+        if state.failed_at.is_some_and(|t| t.elapsed() < OPEN_RETRY) {
+            return None;
+        }
+        // The file is opened through /proc/PID/map_files/<range>: that is
+        // the very file the process mapped, reached through the process, so
+        // it works for processes in other mount namespaces (containers) and
+        // for files deleted or replaced on disk since (upgrades, `cargo
+        // build` over a running binary), where the path would give the new
+        // file's symbols or nothing. It needs CAP_SYS_ADMIN (or, since 5.9,
+        // CAP_CHECKPOINT_RESTORE), which a tracer loading eBPF usually has;
+        // without it, /proc/PID/root/<path> still resolves the path in the
+        // process's mount namespace, but only while the file is unchanged.
+        let mut candidates = Vec::with_capacity(2);
+        if !self.map_files_denied {
+            candidates.push((
+                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+                true,
+            ));
+        }
+        if !deleted {
+            candidates.push((PathBuf::from(format!("/proc/{pid}/root{path}")), false));
+        }
+        for (candidate, via_map_files) in candidates {
+            if let Some(&owner) = self.path_owner.get(&candidate)
+                && owner != id
+            {
+                self.forget_path(&candidate);
+            }
+            match self.blaze.symbolize(
+                &Source::Elf(Elf::new(&candidate)),
+                Input::FileOffset(&[offset]),
+            ) {
+                Ok(syms) => {
+                    let r = resolved(syms.first());
+                    self.path_owner.insert(candidate.clone(), id);
+                    let state = self.bins.entry(id).or_default();
+                    state.path = Some(candidate);
+                    state.failed_at = None;
+                    return Some(r);
+                }
+                Err(e) => {
+                    debug!(
+                        "cannot read {path} of process {pid} through {}: {e}",
+                        candidate.display()
+                    );
+                    if via_map_files && e.kind() == ErrorKind::PermissionDenied {
+                        self.map_files_denied = true;
+                    }
+                    self.forget_path(&candidate);
+                }
+            }
+        }
+        self.bins.entry(id).or_default().failed_at = Some(Instant::now());
+        None
+    }
+
+    /// Symbolizes `offset` in a binary blazesym already has open.
+    fn lookup(&mut self, path: &Path, offset: u64) -> Option<Resolved> {
+        match self
+            .blaze
+            .symbolize(&Source::Elf(Elf::new(path)), Input::FileOffset(&[offset]))
+        {
+            Ok(syms) => Some(resolved(syms.first())),
+            Err(e) => {
+                debug!("cannot symbolize in {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// Drops what blazesym keeps for `path`, and the binary that path stood
+    /// for forgets it (it will be reopened through a live process).
+    fn forget_path(&mut self, path: &Path) {
+        if let Err(e) = self
+            .blaze
+            .evict(&bz::evict::Evict::Elf(bz::evict::Elf::new(path)))
+        {
+            debug!("cannot evict {}: {e}", path.display());
+        }
+        if let Some(owner) = self.path_owner.remove(path) {
+            if let Some(state) = self.bins.get_mut(&owner) {
+                state.path = None;
+            }
+            // With the file closed its inode number may be reused by
+            // another file, which would then hit these entries.
+            self.frames.forget(Binary::File(owner));
+        }
+    }
+
+    /// Symbolizes `offset` in a process's vDSO of `len` bytes, using our own
+    /// vDSO: the kernel maps one image into every 64-bit process.
+    fn resolve_vdso(&mut self, len: u64, offset: u64) -> Option<Resolved> {
+        if let Vdso::Unknown = self.vdso {
+            self.vdso = self.find_own_vdso();
+        }
+        let Vdso::Ready {
+            start,
+            len: own_len,
+        } = self.vdso
+        else {
+            return None;
+        };
+        // A different size means another image (a 32-bit process).
+        if len != own_len {
+            return None;
+        }
+        let mut src = Process::new(Pid::Slf);
+        src.debug_syms = false;
+        src.perf_map = false;
+        src.map_files = false;
+        src.vdso = true;
+        match self
+            .blaze
+            .symbolize(&Source::Process(src), Input::AbsAddr(&[start + offset]))
+        {
+            Ok(syms) => Some(resolved(syms.first())),
+            Err(e) => {
+                debug!("cannot symbolize in the vDSO: {e}");
+                None
+            }
+        }
+    }
+
+    fn find_own_vdso(&mut self) -> Vdso {
+        let Some(maps) = read_maps(std::process::id()) else {
+            return Vdso::Unavailable;
+        };
+        let Some(m) = maps.iter().find(|m| matches!(m.kind, Kind::Vdso)) else {
+            return Vdso::Unavailable;
+        };
+        // blazesym would otherwise read /proc/self/maps on each lookup.
+        let mut cache = bz::cache::Process::new(Pid::Slf);
+        cache.cache_vmas = true;
+        cache.cache_perf_map = false;
+        if let Err(e) = self.blaze.cache(&bz::cache::Cache::Process(cache)) {
+            debug!("cannot cache our own maps: {e}");
+            return Vdso::Unavailable;
+        }
+        Vdso::Ready {
+            start: m.start,
+            len: m.end - m.start,
+        }
+    }
+}
+
+fn resolved(sym: Option<&Symbolized<'_>>) -> Resolved {
+    match sym.and_then(Symbolized::as_sym) {
+        Some(sym) => frames_of(sym).into(),
+        None => Rc::from([]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+
+    #[inline(never)]
+    fn marker_function(x: u64) -> u64 {
+        std::hint::black_box(x.wrapping_mul(0x5eed_f00d).rotate_left(7))
+    }
+
+    fn marker_addr() -> u64 {
+        let f: fn(u64) -> u64 = marker_function;
+        f as usize as u64
+    }
+
+    const MARKER: &str = "blockwatch::symbolize::tests::marker_function";
+
+    fn me() -> u32 {
+        std::process::id()
+    }
+
+    fn exe() -> String {
+        std::env::current_exe()
+            .unwrap()
+            .canonicalize()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The frame of each input address (inlined callees left out).
+    fn outer(frames: &[Frame]) -> Vec<&Frame> {
+        frames.iter().filter(|f| !f.inlined).collect()
+    }
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "\
+55d0c0a00000-55d0c0a21000 r--p 00000000 fd:01 1234                       /usr/bin/python3.11
+55d0c0a21000-55d0c0b00000 r-xp 00021000 fd:01 1234                       /usr/bin/python3.11
+7f0000000000-7f0000001000 r-xp 00001000 00:05 99 /memfd:jit code (deleted)
+7f0000002000-7f0000003000 rwxp 00000000 00:00 0 
+7f0000004000-7f0000005000 rw-p 00000000 00:00 0                          [heap]
+7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]
+garbage line
+";
+        let maps = parse_maps(text);
+        assert_eq!(maps.len(), 6);
+        assert_eq!(maps[0].start, 0x7ffd1000, "sorted by address");
+        assert!(matches!(maps[0].kind, Kind::Vdso));
+        let m = &maps[2];
+        assert_eq!(
+            (m.start, m.end, m.offset, m.exec),
+            (0x55d0c0a21000, 0x55d0c0b00000, 0x21000, true)
+        );
+        match &m.kind {
+            Kind::File { id, path, deleted } => {
+                assert_eq!(
+                    *id,
+                    FileId {
+                        dev: (0xfd << 32) | 1,
+                        inode: 1234
+                    }
+                );
+                assert_eq!(&**path, "/usr/bin/python3.11");
+                assert!(!deleted);
+            }
+            k => panic!("{k:?}"),
+        }
+        assert!(!maps[1].exec);
+        match &maps[3].kind {
+            Kind::File { path, deleted, .. } => {
+                assert_eq!(&**path, "/memfd:jit code");
+                assert!(deleted);
+            }
+            k => panic!("{k:?}"),
+        }
+        assert!(matches!(maps[4].kind, Kind::Anon(None)));
+        assert_eq!(maps[4].module(), "[anon]");
+        assert_eq!(maps[5].module(), "[heap]");
+    }
+
+    #[test]
+    fn frame_cache_is_bounded_and_keeps_what_is_used() {
+        let mut cache = FrameCache::new(2);
+        let r: Resolved = Rc::from([]);
+        let k = |o| (Binary::Vdso, o);
+        cache.insert(k(1), Rc::clone(&r));
+        cache.insert(k(2), Rc::clone(&r));
+        cache.insert(k(3), Rc::clone(&r)); // 1 and 2 become old
+        assert!(cache.get(k(1)).is_some()); // 1 is used: current again
+        cache.insert(k(4), Rc::clone(&r)); // current {3, 1} full: old
+        cache.insert(k(5), Rc::clone(&r));
+        assert!(cache.get(k(2)).is_none(), "dropped with its generation");
+        assert!(cache.get(k(1)).is_some());
+        assert!(cache.current.len() + cache.old.len() <= 4);
+    }
+
+    #[test]
+    fn own_function_and_module() {
+        let mut s = Symbolizer::new();
+        let frames = s.symbolize(me(), &[marker_addr()]);
+        let f = outer(&frames)[0];
+        assert_eq!(f.function.as_deref(), Some(MARKER), "{frames:?}");
+        assert_eq!(f.module.as_deref(), Some(exe().as_str()));
+        assert_eq!(f.address, marker_addr());
+        assert_eq!(s.failures(), 0);
+    }
+
+    #[test]
+    fn libc_function() {
+        // SAFETY: a NUL-terminated name; dlsym has no other precondition.
+        let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
+        assert_ne!(addr, 0);
+        let mut s = Symbolizer::new();
+        let frames = s.symbolize(me(), &[addr]);
+        let f = outer(&frames)[0];
+        // glibc's getpid has aliases (__getpid, and __GI_getpid in its
+        // debug info when that is installed).
+        assert!(
+            f.function
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with("getpid"),
+            "{frames:?}"
+        );
+        let module = f.module.as_deref().unwrap();
+        let base = module.rsplit('/').next().unwrap();
+        assert!(
+            base.starts_with("libc.") || base.starts_with("libc-"),
+            "{module}"
+        );
+        assert_eq!(
+            s.function_at(me(), addr + 1).as_deref(),
+            f.function.as_deref()
+        );
+    }
+
+    #[test]
+    fn function_at_exact_address() {
+        let mut s = Symbolizer::new();
+        assert_eq!(s.function_at(me(), marker_addr()).as_deref(), Some(MARKER));
+        assert_eq!(
+            s.function_at(me(), marker_addr() + 2).as_deref(),
+            Some(MARKER)
+        );
+        assert_eq!(s.failures(), 0);
+        assert_eq!(s.function_at(me(), 8), None);
+        assert_eq!(s.failures(), 1);
+    }
+
+    #[test]
+    fn return_addresses_are_looked_up_one_byte_earlier() {
+        let mut s = Symbolizer::new();
+        let a = marker_addr();
+        // #0 is exact; #1 and #2 are return addresses: a+1 is a call ending
+        // at a, in the marker; a is a call ending before the marker.
+        let frames = s.symbolize(me(), &[a, a + 1, a]);
+        let o = outer(&frames);
+        assert_eq!(o.len(), 3, "{frames:?}");
+        assert_eq!(o[0].function.as_deref(), Some(MARKER));
+        assert_eq!(o[1].function.as_deref(), Some(MARKER));
+        assert_ne!(o[2].function.as_deref(), Some(MARKER));
+        assert_eq!(
+            o.iter().map(|f| f.address).collect::<Vec<_>>(),
+            [a, a + 1, a],
+            "addresses are reported as captured"
+        );
+    }
+
+    #[test]
+    fn code_or_not() {
+        let mut s = Symbolizer::new();
+        let heap = Box::new(42u64);
+        let local = 7u64;
+        assert!(s.is_code(me(), marker_addr()));
+        assert!(!s.is_code(me(), &*heap as *const u64 as u64));
+        assert!(!s.is_code(me(), &local as *const u64 as u64));
+        assert!(!s.is_code(me(), 0));
+        // SAFETY: a vDSO-provided value with no preconditions.
+        let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+        if vdso != 0 {
+            assert!(!s.is_code(me(), vdso), "the vDSO is not file-backed");
+        }
+    }
+
+    /// Our vDSO's base and its clock_gettime, when the libc exposes them.
+    fn own_vdso_clock() -> Option<(u64, u64)> {
+        // SAFETY: getauxval has no preconditions; dlopen and dlsym get
+        // NUL-terminated names, and glibc registers the vDSO as a loaded
+        // object that RTLD_NOLOAD finds without loading anything.
+        unsafe {
+            let base = libc::getauxval(libc::AT_SYSINFO_EHDR);
+            let handle = libc::dlopen(
+                c"linux-vdso.so.1".as_ptr(),
+                libc::RTLD_LAZY | libc::RTLD_NOLOAD,
+            );
+            if base == 0 || handle.is_null() {
+                return None;
+            }
+            let clock = libc::dlsym(handle, c"__vdso_clock_gettime".as_ptr()) as u64;
+            (clock != 0).then_some((base, clock))
+        }
+    }
+
+    #[test]
+    fn vdso_addresses() {
+        let Some((base, clock)) = own_vdso_clock() else {
+            eprintln!("no vDSO symbols from the libc: skipped");
+            return;
+        };
+        let mut s = Symbolizer::new();
+        // #1 is a return address: looked up at clock.
+        let frames = s.symbolize(me(), &[base + 1, clock + 1]);
+        assert_eq!(frames[0].module.as_deref(), Some("[vdso]"));
+        assert_eq!(frames[1].module.as_deref(), Some("[vdso]"));
+        let name = frames[1].function.as_deref().unwrap_or_default();
+        assert!(name.ends_with("clock_gettime"), "{frames:?}");
+    }
+
+    #[test]
+    fn missing_process_gives_unknown_frames() {
+        let mut s = Symbolizer::new();
+        // Above any pid_max (at most 2^22).
+        let pid = u32::MAX - 1;
+        let ips = [marker_addr(), 0x1000, 0x7fff_0000_0000];
+        let frames = s.symbolize(pid, &ips);
+        assert_eq!(frames.len(), ips.len());
+        for (f, ip) in frames.iter().zip(ips) {
+            assert_eq!(f.address, ip);
+            assert_eq!(f.function, None);
+            assert_eq!(f.module, None);
+        }
+        assert_eq!(s.failures(), 3);
+        assert!(!s.is_code(pid, marker_addr()));
+        assert_eq!(s.function_at(pid, marker_addr()), None);
+    }
+
+    /// Maps this test binary a second time, whole, at an address of the
+    /// kernel's choosing: resolution goes by file offset, and a mapping made
+    /// after the snapshot is seen after a refresh or an invalidation.
+    #[test]
+    fn new_mappings_and_file_offsets() {
+        let file = std::fs::File::open(exe()).unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        let mut lazy = Symbolizer::new();
+        lazy.maps_refresh = Duration::from_secs(3600);
+        let mut eager = Symbolizer::new();
+        eager.maps_refresh = Duration::ZERO;
+        let m = lazy.mapping(me(), marker_addr()).unwrap();
+        let offset = marker_addr() - m.start + m.offset;
+        assert!(eager.is_code(me(), marker_addr()));
+        // SAFETY: a fresh private read-only mapping of a file we opened,
+        // unmapped below and never dereferenced.
+        let base = unsafe {
+            use std::os::fd::AsRawFd as _;
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let copy = base as u64 + offset;
+
+        assert!(!lazy.is_code(me(), copy), "the snapshot is not re-read yet");
+        assert!(
+            eager.is_code(me(), copy),
+            "re-read on a miss once old enough"
+        );
+        lazy.invalidate(me());
+        assert!(lazy.is_code(me(), copy));
+        let frames = lazy.symbolize(me(), &[copy]);
+        assert_eq!(outer(&frames)[0].function.as_deref(), Some(MARKER));
+        assert_eq!(outer(&frames)[0].module.as_deref(), Some(exe().as_str()));
+        // SAFETY: unmapping exactly what was mapped above.
+        unsafe { libc::munmap(base, len) };
+    }
+
+    /// A fixture process built and started by a test, killed on drop.
+    struct Fixture {
+        child: Child,
+        /// The addresses it printed.
+        addrs: Vec<u64>,
+        dir: tempfile::TempDir,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Fixture {
+        /// Compiles `source` with `compiler args`, runs it and reads the
+        /// hex addresses it prints on its first line. None when the
+        /// compiler is not installed.
+        fn start(compiler: &str, args: &[&str], file: &str, source: &str) -> Option<Fixture> {
+            let dir = tempfile::tempdir().unwrap();
+            let src = dir.path().join(file);
+            std::fs::write(&src, source).unwrap();
+            let bin = dir.path().join("fixture");
+            let out = match Command::new(compiler)
+                .args(args)
+                .arg(&src)
+                .arg("-o")
+                .arg(&bin)
+                .output()
+            {
+                Ok(out) => out,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!("{compiler} not installed: skipped");
+                    return None;
+                }
+                Err(e) => panic!("{compiler}: {e}"),
+            };
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut child = Command::new(&bin)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            // The pipe stays open: a fixture that prints more must not die
+            // of EPIPE before it is symbolized.
+            BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let addrs = line
+                .split_whitespace()
+                .map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).unwrap())
+                .collect();
+            Some(Fixture { child, addrs, dir })
+        }
+
+        fn pid(&self) -> u32 {
+            self.child.id()
+        }
+
+        fn path(&self) -> PathBuf {
+            self.dir.path().canonicalize().unwrap().join("fixture")
+        }
+    }
+
+    const CPP_FIXTURE: &str = r#"#include <cstdio>
+#include <sys/auxv.h>
+namespace fixture {
+__attribute__((noinline)) void *probe(int x) {
+    void *r = __builtin_return_address(0);
+    __asm__ volatile("" : : "r"(x) : "memory");
+    return r;
+}
+inline __attribute__((always_inline)) void *inner(int x) {
+    void *r = probe(x + 1); // INNER
+    __asm__ volatile("" : : "r"(r) : "memory");
+    return r;
+}
+__attribute__((noinline)) void *outer(int x) {
+    void *r = inner(x * 2); // OUTER
+    __asm__ volatile("" : : "r"(r) : "memory");
+    return r;
+}
+}
+int main(int argc, char **) {
+    void *ret = fixture::outer(argc);
+    std::printf("%p %p %lx\n", (void *)&fixture::probe, ret, getauxval(AT_SYSINFO_EHDR));
+    std::fflush(stdout);
+    std::getchar();
+    return 0;
+}
+"#;
+
+    fn line_of(source: &str, marker: &str) -> u32 {
+        source.lines().position(|l| l.contains(marker)).unwrap() as u32 + 1
+    }
+
+    /// Another process, C++ with DWARF: demangled names, file:line, and the
+    /// inlined callee as an extra frame before its caller.
+    #[test]
+    fn cpp_process_with_dwarf_and_inlining() {
+        let Some(fx) = Fixture::start(
+            "c++",
+            &["-g", "-O1", "-fno-optimize-sibling-calls"],
+            "fixture.cpp",
+            CPP_FIXTURE,
+        ) else {
+            return;
+        };
+        let (probe, ret) = (fx.addrs[0], fx.addrs[1]);
+        let mut s = Symbolizer::new();
+        let frames = s.symbolize(fx.pid(), &[probe, ret]);
+        let names: Vec<_> = frames
+            .iter()
+            .map(|f| (f.function.as_deref().unwrap_or("??"), f.inlined))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("fixture::probe(int)", false),
+                ("fixture::inner(int)", true),
+                ("fixture::outer(int)", false)
+            ],
+            "{frames:#?}"
+        );
+        let module = fx.path().to_string_lossy().into_owned();
+        for f in &frames {
+            assert_eq!(f.module.as_deref(), Some(module.as_str()));
+            assert!(f.file.as_deref().unwrap().ends_with("fixture.cpp"), "{f:?}");
+        }
+        assert_eq!(frames[1].line, Some(line_of(CPP_FIXTURE, "// INNER")));
+        assert_eq!(frames[2].line, Some(line_of(CPP_FIXTURE, "// OUTER")));
+        assert_eq!(
+            (frames[0].address, frames[1].address, frames[2].address),
+            (probe, ret, ret)
+        );
+        assert_eq!(
+            s.function_at(fx.pid(), ret - 1).as_deref(),
+            Some("fixture::outer(int)")
+        );
+        assert_eq!(s.failures(), 0);
+
+        // Its vDSO, through ours.
+        if let Some((base, clock)) = own_vdso_clock() {
+            let at = fx.addrs[2] + (clock - base);
+            let frames = s.symbolize(fx.pid(), &[at]);
+            assert_eq!(frames[0].module.as_deref(), Some("[vdso]"));
+            let name = frames[0].function.as_deref().unwrap_or_default();
+            assert!(name.ends_with("clock_gettime"), "{frames:?}");
+        }
+    }
+
+    const RUST_FIXTURE: &str = r#"
+pub mod deep {
+    pub struct Thing(pub u64);
+    impl Thing {
+        #[inline(never)]
+        pub fn work(&self) -> u64 { std::hint::black_box(self.0.wrapping_mul(31)) }
+    }
+}
+fn main() {
+    let f: fn(&deep::Thing) -> u64 = deep::Thing::work;
+    println!("{:p}", f as *const ());
+    std::hint::black_box(f(&deep::Thing(std::env::args().count() as u64)));
+    let mut s = String::new();
+    let _ = std::io::stdin().read_line(&mut s);
+}
+"#;
+
+    fn map_files_readable() -> bool {
+        let maps = read_maps(me()).unwrap();
+        let m = maps
+            .iter()
+            .find(|m| matches!(m.kind, Kind::File { .. }))
+            .unwrap();
+        std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", m.start, m.end)).is_ok()
+    }
+
+    /// Another process, Rust with v0 mangling, whose binary is deleted
+    /// before it is symbolized, and which then exits.
+    #[test]
+    fn rust_v0_process_deleted_binary_and_exit() {
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+        let Some(mut fx) = Fixture::start(
+            &rustc,
+            &[
+                "-C",
+                "symbol-mangling-version=v0",
+                "-C",
+                "opt-level=1",
+                "--edition",
+                "2021",
+            ],
+            "fixture.rs",
+            RUST_FIXTURE,
+        ) else {
+            return;
+        };
+        let work = fx.addrs[0];
+        let path = fx.path();
+        let mut s = Symbolizer::new();
+        if map_files_readable() {
+            std::fs::remove_file(&path).unwrap();
+        }
+        let frames = s.symbolize(fx.pid(), &[work]);
+        assert_eq!(frames[0].module.as_deref(), Some(path.to_str().unwrap()));
+        assert_eq!(
+            frames[0].function.as_deref(),
+            Some("<fixture::deep::Thing>::work"),
+            "{frames:?}"
+        );
+
+        // The process exits: what was seen stays answerable, a fresh
+        // symbolizer knows nothing and says so.
+        fx.child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        fx.child.wait().unwrap();
+        let again = s.symbolize(fx.pid(), &[work]);
+        assert_eq!(again[0].function, frames[0].function);
+        let mut fresh = Symbolizer::new();
+        let gone = fresh.symbolize(fx.pid(), &[work]);
+        assert_eq!(
+            gone,
+            [Frame {
+                address: work,
+                ..Frame::default()
+            }]
+        );
+    }
+}
