@@ -85,6 +85,9 @@ fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
+/// Addresses at or above this are not user space (x86-64, 47-bit).
+const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
+
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&comm[..end]).into_owned()
@@ -119,7 +122,9 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 ips: ev.ips[..frames]
                     .iter()
                     .copied()
-                    .take_while(|&ip| ip != 0)
+                    // A frame-pointer walk through code built without them
+                    // ends in garbage: stop at the first impossible address.
+                    .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
                     .collect(),
             }))
         }

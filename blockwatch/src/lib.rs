@@ -6,17 +6,17 @@
 //! knows the runtimes' idle waits, [`trace`] runs a session.
 
 pub mod btf;
-// pub mod cli;
+pub mod cli;
 pub mod culprit;
 pub mod decode;
 pub mod duration;
 pub mod event;
-pub mod loader;
-pub mod report;
-// pub mod runtime;
 #[cfg(test)]
 mod kernel_tests;
+pub mod loader;
+pub mod report;
+pub mod runtime;
 pub mod symbolize;
 pub mod syscalls;
 pub mod targets;
-// pub mod trace;
+pub mod trace;

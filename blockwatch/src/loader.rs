@@ -83,7 +83,7 @@ pub enum AttachMode {
 /// The loaded programs and the maps user space talks to.
 pub struct Loaded {
     /// Keeps the programs attached; dropping it detaches everything.
-    _ebpf: Ebpf,
+    pub ebpf: Ebpf,
     pub mode: AttachMode,
     pub threads: HashMap<MapData, u32, ThreadTag>,
     pub watched: HashMap<MapData, u32, WatchRule>,
@@ -244,7 +244,7 @@ pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
         events: take(&mut ebpf, "EVENTS")?,
         config,
         logger,
-        _ebpf: ebpf,
+        ebpf,
     })
 }
 

@@ -187,23 +187,12 @@ impl TagMaps<'_> {
     }
 }
 
-/// A command started by blockwatch, held before exec until it is watched.
-pub struct HeldCommand {
+/// A command started by blockwatch.
+pub struct Command {
     pub child: tokio::process::Child,
     pub pid: u32,
-    release: Option<OwnedFd>,
+    /// The command line, for messages.
     pub display: String,
-}
-
-impl HeldCommand {
-    /// Lets the command exec. Call once its PID is in the watch maps, so
-    /// even its first thread creation is seen.
-    pub fn release(&mut self) {
-        if let Some(fd) = self.release.take() {
-            // SAFETY: writing one byte from a valid buffer to an owned fd.
-            unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
-        }
-    }
 }
 
 /// Who to run the command as: the user who invoked sudo, when there is one.
@@ -270,8 +259,26 @@ fn resolve_command(program: &OsString) -> Result<PathBuf, TargetError> {
     which::which(program).map_err(|_| TargetError::CommandNotFound(shown))
 }
 
-/// Starts `argv`, stopped before exec until [`HeldCommand::release`].
-pub fn spawn_held(argv: &[OsString]) -> Result<HeldCommand, TargetError> {
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Starts `argv` and calls `watch` with its PID before it execs, so the
+/// command is watched from its first instruction (and its first thread).
+///
+/// `Command::spawn` itself waits for the exec, so the child cannot simply
+/// be held until spawn returns: it reports its PID over a pipe and waits on
+/// another, while spawn runs on a blocking thread.
+pub async fn spawn_watched(
+    argv: &[OsString],
+    watch: impl FnOnce(u32) -> Result<(), TargetError>,
+) -> Result<Command, TargetError> {
     let display = argv
         .iter()
         .map(|a| a.to_string_lossy())
@@ -282,15 +289,11 @@ pub fn spawn_held(argv: &[OsString]) -> Result<HeldCommand, TargetError> {
         .ok_or_else(|| TargetError::CommandNotFound(String::new()))?;
     let path = resolve_command(program)?;
     let run_as = sudo_user();
+    let spawn_err = |e| TargetError::Spawn(display.clone(), e);
 
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(TargetError::Spawn(display, std::io::Error::last_os_error()));
-    }
-    // SAFETY: pipe2 just returned these two fresh descriptors.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let (rd_raw, wr_raw) = (rd.as_raw_fd(), wr.as_raw_fd());
+    let (pid_r, pid_w) = pipe().map_err(spawn_err)?;
+    let (release_r, release_w) = pipe().map_err(spawn_err)?;
+    let fds = [pid_w.as_raw_fd(), release_r.as_raw_fd()];
 
     let mut cmd = tokio::process::Command::new(&path);
     cmd.arg0(program).args(&argv[1..]).kill_on_drop(false);
@@ -301,36 +304,62 @@ pub fn spawn_held(argv: &[OsString]) -> Result<HeldCommand, TargetError> {
         }
     }
     let ids = run_as.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
-    // SAFETY: the closure only makes async-signal-safe calls (close, read,
-    // setgroups, setgid, setuid, _exit) on data prepared before fork.
+    // SAFETY: the closure only makes async-signal-safe calls (getpid,
+    // write, read, setgroups, setgid, setuid, _exit) on data prepared
+    // before fork.
     unsafe {
         cmd.pre_exec(move || {
-            libc::close(wr_raw);
+            let pid = libc::getpid().to_ne_bytes();
             let mut b = 0u8;
-            // Wait until the parent has put our PID in the watch maps.
-            if libc::read(rd_raw, (&mut b as *mut u8).cast(), 1) != 1 {
+            // Tell the parent who we are, then wait until it watches us.
+            if libc::write(fds[0], pid.as_ptr().cast(), 4) != 4
+                || libc::read(fds[1], (&mut b as *mut u8).cast(), 1) != 1
+            {
                 libc::_exit(126);
             }
-            if let Some((uid, gid, groups)) = &ids {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            if let Some((uid, gid, groups)) = &ids
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .map_err(|e| TargetError::Spawn(display.clone(), e))?;
-    drop(rd);
-    let pid = child.id().unwrap_or(0);
-    Ok(HeldCommand {
+    let spawner = tokio::task::spawn_blocking(move || {
+        let child = cmd.spawn();
+        // Our copies: the child's end of each pipe is all that remains, so
+        // a child that dies early gives the reader end-of-file.
+        drop((pid_w, release_r));
+        child
+    });
+    let pid = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 4];
+        // SAFETY: reading 4 bytes into a 4-byte buffer from an owned fd.
+        let n = unsafe { libc::read(pid_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+        (n == 4).then(|| i32::from_ne_bytes(buf) as u32)
+    })
+    .await
+    .ok()
+    .flatten();
+    let watched = match pid {
+        Some(pid) => watch(pid),
+        None => Ok(()),
+    };
+    if watched.is_ok() && pid.is_some() {
+        // SAFETY: writing one byte from a valid buffer to an owned fd.
+        unsafe { libc::write(release_w.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+    }
+    drop(release_w);
+    let child = spawner
+        .await
+        .map_err(|e| spawn_err(std::io::Error::other(e)))?
+        .map_err(spawn_err)?;
+    watched?;
+    Ok(Command {
+        pid: child.id().or(pid).unwrap_or(0),
         child,
-        pid,
-        release: Some(wr),
         display,
     })
 }

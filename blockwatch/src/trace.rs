@@ -4,8 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
-use blockwatch_common::{COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS, Config, TAG_LOOP};
+use blockwatch_common::{
+    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS, Config,
+};
 use log::{debug, info, warn};
+use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::cli::TraceArgs;
@@ -15,7 +18,7 @@ use crate::loader::{self, Loaded};
 use crate::report::{OutputFormat, Reporter};
 use crate::symbolize::Symbolizer;
 use crate::syscalls::{self, FdKind};
-use crate::targets::{self, CommRules, HeldCommand, TagMaps};
+use crate::targets::{self, CommRules, TagMaps};
 use crate::{culprit, runtime};
 
 const NR_FUTEX: i64 = 202;
@@ -101,7 +104,12 @@ impl Pipeline {
         }
     }
 
-    fn handle(&mut self, bytes: &[u8], loaded_parks: &mut aya::maps::HashMap<aya::maps::MapData, u32, u64>, ctx: &mut Watch) -> anyhow::Result<()> {
+    fn handle(
+        &mut self,
+        bytes: &[u8],
+        loaded_parks: &mut aya::maps::HashMap<aya::maps::MapData, u32, u64>,
+        ctx: &mut Watch,
+    ) -> anyhow::Result<()> {
         let record = match decode::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -122,7 +130,10 @@ impl Pipeline {
             }
             Record::Probe(p) => {
                 if runtime::probe_is_park(&mut self.sym, &p) {
-                    info!("tid {} parks on futex {:#x}: an event-loop worker", p.tid, p.uaddr);
+                    info!(
+                        "tid {} parks on futex {:#x}: an event-loop worker",
+                        p.tid, p.uaddr
+                    );
                     self.parks.insert(p.tid, p.uaddr);
                     if let Err(e) = loaded_parks.insert(p.tid, p.uaddr, 0) {
                         warn!("cannot record the park of tid {}: {e}", p.tid);
@@ -136,7 +147,11 @@ impl Pipeline {
                 self.parks.remove(&pid);
                 ctx.on_exec(pid, &comm);
             }
-            Record::Exit { pid, tid, group_dead } => {
+            Record::Exit {
+                pid,
+                tid,
+                group_dead,
+            } => {
                 self.parks.remove(&tid);
                 if group_dead {
                     ctx.on_process_exit(pid);
@@ -202,11 +217,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         counters,
         events,
         logger,
-        _ebpf,
+        ebpf: _ebpf,
     } = loader::load(threshold_ns, loader::force_raw_from_env())?;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
-        let mut logger = AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)?;
+        // SAFETY: the logger owns its ring buffer fd for its whole life.
+        let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         tokio::spawn(async move {
             while let Ok(mut guard) = logger.readable_mut().await {
                 guard.get_inner_mut().flush();
@@ -244,12 +261,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let mut command: Option<HeldCommand> = None;
+    let mut command: Option<targets::Command> = None;
     if !args.command.is_empty() {
-        let mut held = targets::spawn_held(&args.command)?;
-        maps.watch_process(held.pid, args.threads.rule(true))?;
-        held.release();
-        command = Some(held);
+        let rule = args.threads.rule(true);
+        let started =
+            targets::spawn_watched(&args.command, |pid| maps.watch_process(pid, rule).map(drop))
+                .await?;
+        command = Some(started);
     }
 
     let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
@@ -279,7 +297,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     }
 
     let started = Instant::now();
-    let mut ring = AsyncFd::with_interest(events, tokio::io::Interest::READABLE)?;
+    // SAFETY: the ring buffer owns its map fd for its whole life.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -330,12 +350,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         pipeline.handle(&bytes, &mut parks, &mut watch)?;
     }
 
-    let counter = |i: u32| -> u64 {
-        counters
-            .get(&i, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    };
+    let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let lost = counter(COUNTER_LOST_EVENTS);
     if lost > 0 {
         pipeline.reporter.diag(&format!(
@@ -349,7 +364,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     ] {
         let n = counter(i);
         if n > 0 {
-            pipeline.reporter.diag(&format!("blockwatch: warning: {n} {what} were lost"));
+            pipeline
+                .reporter
+                .diag(&format!("blockwatch: warning: {n} {what} were lost"));
         }
     }
     if pipeline.decode_errors > 0 {
@@ -358,11 +375,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             pipeline.decode_errors
         ));
     }
-    let loop_threads = threads
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, t)| t.tag == TAG_LOOP)
-        .count();
 
     let exit_code = match &stop {
         Stop::CommandExited(status) => exit_code(status),
@@ -379,12 +391,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         ),
     };
     let header = format!(
-        "blockwatch: {} blocking calls over {} in {:.1}s on {} threads ({} event-loop threads watched at the end); {why}",
+        "blockwatch: {} blocking calls over {} in {:.1}s on {} threads; {why}",
         pipeline.events,
         crate::duration::format_duration(args.threshold),
         started.elapsed().as_secs_f64(),
         pipeline.threads_seen.len(),
-        loop_threads,
     );
     pipeline.reporter.finish(&header)?;
     if args.output == OutputFormat::Json {
@@ -393,7 +404,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     Ok(exit_code)
 }
 
-fn describe_targets(args: &TraceArgs, command: Option<&HeldCommand>) -> String {
+fn describe_targets(args: &TraceArgs, command: Option<&targets::Command>) -> String {
     let mut parts = Vec::new();
     if let Some(c) = command {
         parts.push(format!("`{}` (pid {})", c.display, c.pid));
@@ -401,13 +412,21 @@ fn describe_targets(args: &TraceArgs, command: Option<&HeldCommand>) -> String {
     if !args.pids.is_empty() {
         parts.push(format!(
             "pid {}",
-            args.pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            args.pids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if !args.tids.is_empty() {
         parts.push(format!(
             "tid {}",
-            args.tids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+            args.tids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if !args.comms.is_empty() {
