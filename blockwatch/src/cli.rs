@@ -118,10 +118,18 @@ mod tests {
 
     #[test]
     fn command_after_double_dash_keeps_its_flags() {
-        let Command::Trace(t) =
-            parse(&["trace", "--threshold", "80ms", "--", "python3", "-X", "dev", "app.py"])
-                .unwrap()
-                .command;
+        let Command::Trace(t) = parse(&[
+            "trace",
+            "--threshold",
+            "80ms",
+            "--",
+            "python3",
+            "-X",
+            "dev",
+            "app.py",
+        ])
+        .unwrap()
+        .command;
         assert_eq!(t.threshold, Duration::from_millis(80));
         assert_eq!(t.command, ["python3", "-X", "dev", "app.py"]);
         assert!(t.has_targets());
@@ -136,8 +144,21 @@ mod tests {
     #[test]
     fn repeatable_targets_and_modes() {
         let Command::Trace(t) = parse(&[
-            "trace", "-p", "1", "-p", "2", "--tid", "3", "--threads", "all", "-c", "py*", "-o",
-            "json", "-d", "2s",
+            "trace",
+            "-p",
+            "1",
+            "-p",
+            "2",
+            "--tid",
+            "3",
+            "--threads",
+            "all",
+            "-c",
+            "py*",
+            "-o",
+            "json",
+            "-d",
+            "2s",
         ])
         .unwrap()
         .command;
