@@ -69,7 +69,18 @@ asyncio.run(main())
 
 #[test]
 fn asyncio_sleep_is_reported_and_idle_is_not() {
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    asyncio_sleep_is_reported(false);
+}
+
+/// The raw-tracepoint twins find the user registers through the task's
+/// kernel stack instead of the BTF helper: the same subject, the same result.
+#[test]
+fn raw_tracepoints_detect_the_same() {
+    asyncio_sleep_is_reported(true);
+}
+
+fn asyncio_sleep_is_reported(force_raw: bool) {
+    let mut loaded = loader::load(20_000_000, force_raw).expect("load (run as root)");
     let mut child = python(ASYNCIO_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
