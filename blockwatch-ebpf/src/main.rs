@@ -173,7 +173,14 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
-    on_switch(&ctx, preempt & 1 != 0, prev_state, prev, next, Regs::StackTop);
+    on_switch(
+        &ctx,
+        preempt & 1 != 0,
+        prev_state,
+        prev,
+        next,
+        Regs::StackTop,
+    );
     0
 }
 
@@ -192,7 +199,15 @@ fn on_switch<C: EbpfContext>(
         && let Some(tag) = THREADS.get_ptr_mut(prev_tid)
     {
         // SAFETY: map value pointer, valid for this program run.
-        switch_out(ctx, unsafe { &mut *tag }, prev_tid, preempt, prev_state, prev, how);
+        switch_out(
+            ctx,
+            unsafe { &mut *tag },
+            prev_tid,
+            preempt,
+            prev_state,
+            prev,
+            how,
+        );
     }
     let next_tid: u32 = kread(next, off().task_pid);
     if next_tid != 0
@@ -485,7 +500,10 @@ fn on_exec(old_pid: u32) {
             let _ = THREADS.remove(tgid);
         }
     }
-    let notify_all = CONFIG.get(0).map(|c| c.notify_all_execs != 0).unwrap_or(false);
+    let notify_all = CONFIG
+        .get(0)
+        .map(|c| c.notify_all_execs != 0)
+        .unwrap_or(false);
     if rule.is_some() || notify_all {
         send_task_event(KIND_EXEC, tgid, old_pid, 0);
     }

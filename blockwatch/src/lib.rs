@@ -14,6 +14,7 @@ pub mod event;
 #[cfg(test)]
 mod kernel_tests;
 pub mod loader;
+pub mod pipeline;
 pub mod report;
 pub mod runtime;
 pub mod symbolize;

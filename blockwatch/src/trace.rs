@@ -1,7 +1,7 @@
 //! `blockwatch trace`: one session from attach to summary.
 
-use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant, SystemTime};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use blockwatch_common::{
@@ -12,16 +12,10 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 use crate::cli::TraceArgs;
-use crate::decode::{self, BlockRecord, Record};
-use crate::event::Event;
 use crate::loader::{self, Loaded};
+use crate::pipeline::{Output, Pipeline};
 use crate::report::{OutputFormat, Reporter};
-use crate::symbolize::Symbolizer;
-use crate::syscalls::{self, FdKind};
 use crate::targets::{self, CommRules, TagMaps};
-use crate::{culprit, runtime};
-
-const NR_FUTEX: i64 = 202;
 
 /// Why the session ended.
 enum Stop {
@@ -31,134 +25,36 @@ enum Stop {
     TargetsGone,
 }
 
-/// Turns kernel records into events and keeps what was learned.
-struct Pipeline {
-    sym: Symbolizer,
+/// Where the pipeline's outputs go in a trace session.
+struct Sink {
     reporter: Reporter,
-    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
-    wall_offset: Duration,
-    process_names: HashMap<u32, String>,
-    /// Futex parks learned per thread, to drop waits that raced the map update.
-    parks: HashMap<u32, u64>,
-    events: u64,
+    watch: Watch,
     threads_seen: HashSet<u32>,
-    decode_errors: u64,
+    /// First output error (stdout closed): ends the session.
+    error: Option<std::io::Error>,
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and timespec pointer.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-impl Pipeline {
-    fn new(reporter: Reporter) -> Self {
-        let wall = clock_ns(libc::CLOCK_REALTIME);
-        let mono = clock_ns(libc::CLOCK_MONOTONIC);
-        Self {
-            sym: Symbolizer::new(),
-            reporter,
-            wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
-            process_names: HashMap::new(),
-            parks: HashMap::new(),
-            events: 0,
-            threads_seen: HashSet::new(),
-            decode_errors: 0,
+impl Sink {
+    fn take(&mut self, output: Output) {
+        match output {
+            Output::Event(ev) => {
+                self.threads_seen.insert(ev.tid);
+                if self.error.is_none()
+                    && let Err(e) = self.reporter.event(&ev)
+                {
+                    self.error = Some(e);
+                }
+            }
+            Output::Exec { pid, comm } => self.watch.on_exec(pid, &comm),
+            Output::ProcessExit { pid } => self.watch.on_process_exit(pid),
         }
     }
 
-    fn process_name(&mut self, pid: u32, fallback: &str) -> String {
-        self.process_names
-            .entry(pid)
-            .or_insert_with(|| targets::process_name(pid).unwrap_or_else(|| fallback.to_string()))
-            .clone()
-    }
-
-    fn to_event(&mut self, b: BlockRecord) -> Event {
-        let stack = self.sym.symbolize(b.pid, &b.ips);
-        // Only read/write-style calls need the fd's kind (a socket read is
-        // network, a file read is disk); they are few, as events are.
-        let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
-            std::fs::read_link(format!("/proc/{}/fd/{fd}", b.pid))
-                .ok()
-                .map(|l| FdKind::from_link(&l.to_string_lossy()))
-        });
-        let culprit = culprit::culprit(&stack);
-        Event {
-            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(b.start_ns),
-            pid: b.pid,
-            tid: b.tid,
-            comm: self.process_name(b.pid, &b.thread),
-            thread: b.thread,
-            syscall: syscalls::name(b.syscall),
-            syscall_nr: b.syscall,
-            class: syscalls::classify(b.syscall, &b.args, fd_kind),
-            duration_ns: b.duration_ns,
-            state: b.state,
-            stack,
-            culprit,
+    fn check(&mut self) -> anyhow::Result<()> {
+        match self.error.take() {
+            Some(e) => Err(e).context("writing an event"),
+            None => Ok(()),
         }
-    }
-
-    fn handle(
-        &mut self,
-        bytes: &[u8],
-        loaded_parks: &mut aya::maps::HashMap<aya::maps::MapData, u32, u64>,
-        ctx: &mut Watch,
-    ) -> anyhow::Result<()> {
-        let record = match decode::decode(bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.decode_errors += 1;
-                debug!("undecodable record: {e}");
-                return Ok(());
-            }
-        };
-        match record {
-            Record::Block(b) => {
-                if b.syscall == NR_FUTEX && self.parks.get(&b.tid) == Some(&b.args[0]) {
-                    return Ok(());
-                }
-                self.threads_seen.insert(b.tid);
-                let ev = self.to_event(b);
-                self.events += 1;
-                self.reporter.event(&ev).context("writing an event")?;
-            }
-            Record::Probe(p) => {
-                if runtime::probe_is_park(&mut self.sym, &p) {
-                    info!(
-                        "tid {} parks on futex {:#x}: an event-loop worker",
-                        p.tid, p.uaddr
-                    );
-                    self.parks.insert(p.tid, p.uaddr);
-                    if let Err(e) = loaded_parks.insert(p.tid, p.uaddr, 0) {
-                        warn!("cannot record the park of tid {}: {e}", p.tid);
-                    }
-                }
-            }
-            Record::Exec { pid, tid, comm } => {
-                self.sym.invalidate(pid);
-                self.process_names.insert(pid, comm.clone());
-                self.parks.remove(&tid);
-                self.parks.remove(&pid);
-                ctx.on_exec(pid, &comm);
-            }
-            Record::Exit {
-                pid,
-                tid,
-                group_dead,
-            } => {
-                self.parks.remove(&tid);
-                if group_dead {
-                    ctx.on_process_exit(pid);
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -283,17 +179,22 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             "Ctrl-C to stop"
         }
     ));
-    let mut pipeline = Pipeline::new(reporter);
-    let mut watch = Watch {
-        explicit_pids: args.pids.iter().copied().collect(),
-        comm_rules,
-        rule,
-        to_watch: Vec::new(),
-        has_command: command.is_some(),
+    let mut pipeline = Pipeline::new();
+    let mut sink = Sink {
+        reporter,
+        watch: Watch {
+            explicit_pids: args.pids.iter().copied().collect(),
+            comm_rules,
+            rule,
+            to_watch: Vec::new(),
+            has_command: command.is_some(),
+        },
+        threads_seen: HashSet::new(),
+        error: None,
     };
     if args.pids.is_empty() && !args.tids.is_empty() {
         // Explicit threads keep the session open until interrupted.
-        watch.has_command = true;
+        sink.watch.has_command = true;
     }
 
     let started = Instant::now();
@@ -315,15 +216,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                while let Some(item) = guard.get_inner_mut().next() {
-                    let bytes = item.to_vec();
-                    drop(item);
-                    pipeline.handle(&bytes, &mut parks, &mut watch)?;
-                }
+                pipeline.drain(guard.get_inner_mut(), &mut parks, |o| sink.take(o));
                 guard.clear_ready();
-                for pid in std::mem::take(&mut watch.to_watch) {
+                sink.check()?;
+                for pid in std::mem::take(&mut sink.watch.to_watch) {
                     let mut maps = TagMaps { threads: &mut threads, watched: &mut watched };
-                    if let Err(e) = maps.watch_process(pid, watch.rule) {
+                    if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }
                 }
@@ -335,7 +233,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
                 break Stop::CommandExited(status.context("waiting for the command")?);
             }
             _ = tick.tick() => {
-                if watch.all_gone() {
+                if sink.watch.all_gone() {
                     break Stop::TargetsGone;
                 }
             }
@@ -344,16 +242,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
 
     // Events of the last moments (a command's final blocking call) are
     // already in the ring buffer: report them before the summary.
-    while let Some(item) = ring.get_mut().next() {
-        let bytes = item.to_vec();
-        drop(item);
-        pipeline.handle(&bytes, &mut parks, &mut watch)?;
-    }
+    pipeline.drain(ring.get_mut(), &mut parks, |o| sink.take(o));
+    sink.check()?;
+    let mut reporter = sink.reporter;
 
     let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let lost = counter(COUNTER_LOST_EVENTS);
     if lost > 0 {
-        pipeline.reporter.diag(&format!(
+        reporter.diag(&format!(
             "blockwatch: warning: {lost} events were lost (ring buffer full); raise --threshold to report fewer"
         ));
     }
@@ -364,15 +260,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     ] {
         let n = counter(i);
         if n > 0 {
-            pipeline
-                .reporter
-                .diag(&format!("blockwatch: warning: {n} {what} were lost"));
+            reporter.diag(&format!("blockwatch: warning: {n} {what} were lost"));
         }
     }
-    if pipeline.decode_errors > 0 {
-        pipeline.reporter.diag(&format!(
+    if pipeline.stats.decode_errors > 0 {
+        reporter.diag(&format!(
             "blockwatch: warning: {} kernel records could not be decoded",
-            pipeline.decode_errors
+            pipeline.stats.decode_errors
         ));
     }
 
@@ -392,12 +286,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     };
     let header = format!(
         "blockwatch: {} blocking calls over {} in {:.1}s on {} threads; {why}",
-        pipeline.events,
+        pipeline.stats.events,
         crate::duration::format_duration(args.threshold),
         started.elapsed().as_secs_f64(),
-        pipeline.threads_seen.len(),
+        sink.threads_seen.len(),
     );
-    pipeline.reporter.finish(&header)?;
+    reporter.finish(&header)?;
     if args.output == OutputFormat::Json {
         debug!("json output finished");
     }

@@ -1,0 +1,197 @@
+//! Kernel records in, events out: decode, learn runtime parks, symbolize,
+//! classify. Shared by every front end (trace today); it owns nothing that
+//! is specific to one output.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use log::{debug, info, warn};
+
+use crate::decode::{self, BlockRecord, Record};
+use crate::event::Event;
+use crate::symbolize::Symbolizer;
+use crate::syscalls::{self, FdKind};
+use crate::{culprit, runtime, targets};
+
+const NR_FUTEX: i64 = 202;
+
+/// What a record means to the front end.
+#[derive(Debug)]
+pub enum Output {
+    Event(Box<Event>),
+    /// Process `pid` now runs a program named `comm`.
+    Exec {
+        pid: u32,
+        comm: String,
+    },
+    /// Process `pid` is gone.
+    ProcessExit {
+        pid: u32,
+    },
+}
+
+/// Counters a front end may report.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub parks_learned: u64,
+    pub decode_errors: u64,
+}
+
+pub struct Pipeline {
+    sym: Symbolizer,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
+    wall_offset: Duration,
+    process_names: HashMap<u32, String>,
+    /// Futex parks learned per thread, to drop waits that raced the
+    /// kernel map update.
+    parks: HashMap<u32, u64>,
+    pub stats: Stats,
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and timespec pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pipeline {
+    pub fn new() -> Self {
+        let wall = clock_ns(libc::CLOCK_REALTIME);
+        let mono = clock_ns(libc::CLOCK_MONOTONIC);
+        Self {
+            sym: Symbolizer::new(),
+            wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
+            process_names: HashMap::new(),
+            parks: HashMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Symbolization failures so far.
+    pub fn symbol_failures(&self) -> u64 {
+        self.sym.failures()
+    }
+
+    /// Drains every record the kernel has written, handing each output to
+    /// `out`. Learned parks are written to `parks_map`.
+    pub fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        parks_map: &mut BpfHashMap<MapData, u32, u64>,
+        mut out: impl FnMut(Output),
+    ) {
+        while let Some(item) = ring.next() {
+            let output = self.process(&item, parks_map);
+            // Release the ring-buffer slot before the (slow) output.
+            drop(item);
+            if let Some(o) = output {
+                out(o);
+            }
+        }
+    }
+
+    /// Handles one record.
+    pub fn process(
+        &mut self,
+        bytes: &[u8],
+        parks_map: &mut BpfHashMap<MapData, u32, u64>,
+    ) -> Option<Output> {
+        let record = match decode::decode(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.decode_errors += 1;
+                debug!("undecodable record: {e}");
+                return None;
+            }
+        };
+        match record {
+            Record::Block(b) => {
+                if b.syscall == NR_FUTEX && self.parks.get(&b.tid) == Some(&b.args[0]) {
+                    return None;
+                }
+                self.stats.events += 1;
+                Some(Output::Event(Box::new(self.enrich(b))))
+            }
+            Record::Probe(p) => {
+                if runtime::probe_is_park(&mut self.sym, &p) {
+                    info!(
+                        "tid {} parks on futex {:#x}: an event-loop worker",
+                        p.tid, p.uaddr
+                    );
+                    self.stats.parks_learned += 1;
+                    self.parks.insert(p.tid, p.uaddr);
+                    if let Err(e) = parks_map.insert(p.tid, p.uaddr, 0) {
+                        warn!("cannot record the park of tid {}: {e}", p.tid);
+                    }
+                }
+                None
+            }
+            Record::Exec { pid, tid, comm } => {
+                self.sym.invalidate(pid);
+                self.process_names.insert(pid, comm.clone());
+                self.parks.remove(&tid);
+                self.parks.remove(&pid);
+                Some(Output::Exec { pid, comm })
+            }
+            Record::Exit {
+                pid,
+                tid,
+                group_dead,
+            } => {
+                self.parks.remove(&tid);
+                if group_dead {
+                    // Kept until here so late events still carry the name.
+                    self.process_names.remove(&pid);
+                    Some(Output::ProcessExit { pid })
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    fn process_name(&mut self, pid: u32, fallback: &str) -> String {
+        self.process_names
+            .entry(pid)
+            .or_insert_with(|| targets::process_name(pid).unwrap_or_else(|| fallback.to_string()))
+            .clone()
+    }
+
+    fn enrich(&mut self, b: BlockRecord) -> Event {
+        let stack = self.sym.symbolize(b.pid, &b.ips);
+        // Only read/write-style calls need the fd's kind (a socket read is
+        // network, a file read is disk); they are few, as events are.
+        let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", b.pid))
+                .ok()
+                .map(|l| FdKind::from_link(&l.to_string_lossy()))
+        });
+        let culprit = culprit::culprit(&stack);
+        Event {
+            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(b.start_ns),
+            pid: b.pid,
+            tid: b.tid,
+            comm: self.process_name(b.pid, &b.thread),
+            thread: b.thread,
+            syscall: syscalls::name(b.syscall),
+            syscall_nr: b.syscall,
+            class: syscalls::classify(b.syscall, &b.args, fd_kind),
+            duration_ns: b.duration_ns,
+            state: b.state,
+            stack,
+            culprit,
+        }
+    }
+}
