@@ -15,6 +15,7 @@ pub mod event;
 mod kernel_tests;
 pub mod loader;
 pub mod pipeline;
+pub mod python;
 pub mod report;
 pub mod runtime;
 pub mod symbolize;

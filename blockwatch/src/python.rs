@@ -1,0 +1,1 @@
+//! CPython interpreter frames (being written).
