@@ -62,8 +62,8 @@ pub struct ThreadTag {
     pub syscall: i64,
     /// First syscall arguments of the pending wait (rdi, rsi, rdx).
     pub args: [u64; 3],
-    /// Last futex address sent to user space as a probe.
-    pub probed_futex: u64,
+    /// The thread's CPython `PyThreadState`, once found; 0 unknown.
+    pub py_tstate: u64,
     pub tgid: u32,
     /// The loop's own epoll fd, learned from its first idle wait; -1 unknown.
     pub loop_epfd: i32,
@@ -80,7 +80,7 @@ impl ThreadTag {
             out_ns: 0,
             syscall: -1,
             args: [0; 3],
-            probed_futex: 0,
+            py_tstate: 0,
             tgid,
             loop_epfd: -1,
             tag,
@@ -121,6 +121,9 @@ pub struct StackBuf {
     /// Bytes written by `bpf_get_stack` (a multiple of 8), or 0.
     pub len: u64,
     pub ips: [u64; MAX_FRAMES],
+    /// Interpreter frames found, innermost first.
+    pub py_len: u64,
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
 }
 
 /// A blocking wait that ended (`KIND_BLOCK`).
@@ -141,8 +144,10 @@ pub struct BlockEvent {
     pub comm: [u8; COMM_LEN],
     /// Number of valid entries in `ips`.
     pub frames: u32,
-    pub _pad2: u32,
+    /// Number of valid entries in `py`.
+    pub py_frames: u32,
     pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
 }
 
 /// A futex wait of a watched thread whose meaning user space must decide
@@ -192,6 +197,9 @@ pub struct KernelOffsets {
     pub pt_regs_dx: u32,
     pub pt_regs_size: u32,
     pub thread_size: u32,
+    /// `task_struct.thread.fsbase`: the thread pointer, i.e. its pthread_t.
+    pub task_fsbase: u32,
+    pub _pad: u32,
 }
 
 /// Interpreter frames recorded per blocking event (CPython).
@@ -262,7 +270,7 @@ mod user {
 const _: () = {
     assert!(core::mem::size_of::<ThreadTag>() == 64);
     assert!(core::mem::size_of::<WatchRule>() == 8);
-    assert!(core::mem::size_of::<BlockEvent>() == 88 + 8 * MAX_FRAMES);
+    assert!(core::mem::size_of::<BlockEvent>() == 88 + 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES);
     assert!(core::mem::size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
     assert!(core::mem::size_of::<TaskEvent>() == 32);
 };

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::bpf_task_pt_regs,
+        bpf_probe_read_user, generated::bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -39,6 +39,9 @@ static WATCHED: HashMap<u32, WatchRule> = HashMap::with_max_entries(16384, 0);
 static PARKS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
 #[map]
 static STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(4096, 0);
+/// CPython processes and their layout, from user space.
+#[map]
+static PYPROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
@@ -63,6 +66,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     pt_regs_dx: 0,
     pt_regs_size: 0,
     thread_size: 0,
+    task_fsbase: 0,
+    _pad: 0,
 };
 
 // ---- x86-64 syscall numbers and kernel constants ---------------------------
@@ -79,6 +84,8 @@ const FUTEX_WAIT: u64 = 0;
 const FUTEX_WAIT_BITSET: u64 = 9;
 
 const CLONE_THREAD: u64 = 0x0001_0000;
+/// CPython 3.12+: a frame pushed by C code (a shim), not Python code.
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
 const TASK_UNINTERRUPTIBLE: u64 = 2;
 
 // ---- small helpers ---------------------------------------------------------
@@ -274,7 +281,6 @@ fn switch_out<C: EbpfContext>(
                 // that caught a lock must not stop the park being learned.
                 if tag.probe_budget > 0 {
                     tag.probe_budget -= 1;
-                    tag.probed_futex = arg0;
                     send_probe(tid, tag.tgid, arg0, regs);
                 }
             }
@@ -297,11 +303,11 @@ fn switch_out<C: EbpfContext>(
     } else {
         STATE_SLEEPING
     };
-    capture_stack(ctx, tid);
+    capture_stack(ctx, tag, tid, prev);
 }
 
 #[inline(always)]
-fn capture_stack<C: EbpfContext>(ctx: &C, tid: u32) {
+fn capture_stack<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, tid: u32, task: *const u8) {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -317,9 +323,92 @@ fn capture_stack<C: EbpfContext>(ctx: &C, tid: u32) {
         )
     };
     buf.len = if n > 0 { n as u64 } else { 0 };
+    buf.py_len = 0;
+    // SAFETY: map value read, copied out at once.
+    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
+        let fsbase: u64 = kread(task, off().task_fsbase);
+        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
+    }
     if STACKS.insert(tid, &*buf, 0).is_err() {
         count(COUNTER_LOST_STACKS);
     }
+}
+
+#[inline(always)]
+fn uread<T: Copy + Default>(addr: u64) -> T {
+    let mut v = T::default();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `v` and
+    // zeroes it on a fault. Its result is ignored on purpose: a branch per
+    // read would multiply the verifier's paths through the frame walk.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            &mut v as *mut T as *mut _,
+            core::mem::size_of::<T>() as u32,
+            addr as *const _,
+        )
+    };
+    v
+}
+
+/// Walks the blocked thread's CPython frames (it is `current`, so its
+/// memory is readable) into `buf.py`; returns how many were found.
+#[inline(always)]
+fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) -> usize {
+    let o = &py.offsets;
+    // The thread's PyThreadState is found once by its pthread_t and then
+    // only re-checked: a thread keeps its tstate for life.
+    let mut ts = tag.py_tstate;
+    if ts != 0 && uread::<u64>(ts + o.tstate_thread_id as u64) != fsbase {
+        ts = 0;
+    }
+    if ts == 0 {
+        let interp: u64 = uread(py.runtime + o.runtime_interpreters_head as u64);
+        if interp == 0 {
+            return 0;
+        }
+        let mut cur: u64 = uread(interp + o.interp_threads_head as u64);
+        for _ in 0..64 {
+            if cur == 0 {
+                break;
+            }
+            if uread::<u64>(cur + o.tstate_thread_id as u64) == fsbase {
+                ts = cur;
+                break;
+            }
+            cur = uread(cur + o.tstate_next as u64);
+        }
+        if ts == 0 {
+            return 0;
+        }
+        tag.py_tstate = ts;
+    }
+    let mut frame: u64 = uread(ts + o.tstate_frame as u64);
+    if o.cframe_current_frame != u32::MAX && frame != 0 {
+        frame = uread(frame + o.cframe_current_frame as u64);
+    }
+    // One slot per frame, shims included (as code 0, skipped by user
+    // space): a count that diverged per path would defeat state pruning.
+    let mut n = 0usize;
+    for slot in buf.py.iter_mut() {
+        if frame == 0 {
+            break;
+        }
+        let shim = o.frame_owner != u32::MAX
+            && uread::<u8>(frame + o.frame_owner as u64) == FRAME_OWNED_BY_CSTACK;
+        let code: u64 = uread(frame + o.frame_code as u64);
+        let instr: u64 = if o.frame_instr_size == 4 {
+            uread::<u32>(frame + o.frame_instr as u64) as u64
+        } else {
+            uread(frame + o.frame_instr as u64)
+        };
+        *slot = PyFrameRef {
+            code: if shim { 0 } else { code },
+            instr,
+        };
+        n += 1;
+        frame = uread(frame + o.frame_previous as u64);
+    }
+    n
 }
 
 #[inline(always)]
@@ -350,13 +439,18 @@ fn switch_in(tag: &mut ThreadTag, tid: u32, next: *const u8) {
         (*ev).start_ns = start;
         (*ev).duration_ns = duration;
         (*ev).comm = kread(next, off().task_comm);
-        (*ev)._pad2 = 0;
         (*ev).frames = 0;
+        (*ev).py_frames = 0;
         if let Some(stack) = STACKS.get_ptr(tid) {
             let len = (*stack).len;
             if len > 0 && len <= (MAX_FRAMES * 8) as u64 {
                 (*ev).frames = (len / 8) as u32;
                 (*ev).ips = (*stack).ips;
+            }
+            let py = (*stack).py_len;
+            if py > 0 && py <= MAX_PY_FRAMES as u64 {
+                (*ev).py_frames = py as u32;
+                (*ev).py = (*stack).py;
             }
         }
     }

@@ -5,8 +5,9 @@
 //! become an error, never a panic or an out-of-bounds read.
 
 use blockwatch_common::{
-    BlockEvent, COMM_LEN, KIND_BLOCK, KIND_EXEC, KIND_EXIT, KIND_PROBE, MAX_FRAMES,
-    PROBE_STACK_BYTES, ProbeEvent, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TaskEvent,
+    BlockEvent, COMM_LEN, KIND_BLOCK, KIND_EXEC, KIND_EXIT, KIND_PROBE, MAX_FRAMES, MAX_PY_FRAMES,
+    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
+    TaskEvent,
 };
 
 use crate::event::OffState;
@@ -38,6 +39,8 @@ pub struct BlockRecord {
     pub thread: String,
     /// User stack, innermost first.
     pub ips: Vec<u64>,
+    /// Interpreter frames (CPython), innermost first.
+    pub py: Vec<PyFrameRef>,
 }
 
 /// A futex wait user space must classify (runtime park or lock).
@@ -126,6 +129,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                     // ends in garbage: stop at the first impossible address.
                     .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
                     .collect(),
+                py: ev.py[..(ev.py_frames as usize).min(MAX_PY_FRAMES)].to_vec(),
             }))
         }
         KIND_PROBE => {
@@ -188,8 +192,12 @@ mod tests {
             duration_ns: 80_000_000,
             comm,
             frames: 2,
-            _pad2: 0,
+            py_frames: 1,
             ips,
+            py: [PyFrameRef {
+                code: 0x1234,
+                instr: 0x5678,
+            }; MAX_PY_FRAMES],
         }
     }
 
@@ -203,6 +211,13 @@ mod tests {
         assert_eq!(b.duration_ns, 80_000_000);
         assert_eq!(b.thread, "python3");
         assert_eq!(b.ips, vec![0x7f00_0000_1000, 0x5500_0000_2000]);
+        assert_eq!(
+            b.py,
+            vec![PyFrameRef {
+                code: 0x1234,
+                instr: 0x5678
+            }]
+        );
     }
 
     #[test]
