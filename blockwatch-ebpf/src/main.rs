@@ -584,6 +584,7 @@ fn on_exec(old_pid: u32) {
         let _ = STACKS.remove(old_pid);
     }
     let _ = PARKS.remove(tgid);
+    let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
     let rule = unsafe { WATCHED.get(tgid) }.copied();
     if let Some(rule) = rule {
@@ -626,6 +627,9 @@ fn on_exit(group_dead: bool) {
     if was_tagged {
         let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);
+    }
+    if group_dead {
+        let _ = PYPROCS.remove(tgid);
     }
     let watched = group_dead && WATCHED.remove(tgid).is_ok();
     if was_tagged || watched {

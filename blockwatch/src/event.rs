@@ -63,6 +63,24 @@ impl OffState {
     }
 }
 
+/// What produced a frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    /// Machine code: `function` is a symbol, `module` the binary.
+    #[default]
+    Native,
+    /// A CPython interpreter frame: `function` is the qualified name,
+    /// `module` and `file` the source file.
+    Python,
+}
+
+impl FrameKind {
+    fn is_native(&self) -> bool {
+        *self == FrameKind::Native
+    }
+}
+
 /// One stack frame, innermost first in [`Event::stack`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Frame {
@@ -80,6 +98,9 @@ pub struct Frame {
     /// Set on frames that were inlined into the next (outer) frame.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub inlined: bool,
+    /// Omitted for native frames; `"python"` for interpreter frames.
+    #[serde(skip_serializing_if = "FrameKind::is_native")]
+    pub kind: FrameKind,
 }
 
 fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {

@@ -11,7 +11,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint},
 };
-use blockwatch_common::{Config, KernelOffsets, NUM_COUNTERS, ThreadTag, WatchRule};
+use blockwatch_common::{Config, KernelOffsets, NUM_COUNTERS, PyProc, ThreadTag, WatchRule};
 use log::{debug, info, warn};
 
 use crate::btf::{self, BtfError};
@@ -88,6 +88,7 @@ pub struct Loaded {
     pub threads: HashMap<MapData, u32, ThreadTag>,
     pub watched: HashMap<MapData, u32, WatchRule>,
     pub parks: HashMap<MapData, u32, u64>,
+    pub pyprocs: HashMap<MapData, u32, PyProc>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
     pub events: RingBuf<MapData>,
@@ -240,6 +241,7 @@ pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
         threads: take(&mut ebpf, "THREADS")?,
         watched: take(&mut ebpf, "WATCHED")?,
         parks: take(&mut ebpf, "PARKS")?,
+        pyprocs: take(&mut ebpf, "PYPROCS")?,
         counters: take(&mut ebpf, "COUNTERS")?,
         events: take(&mut ebpf, "EVENTS")?,
         config,
