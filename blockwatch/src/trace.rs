@@ -109,6 +109,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         mut threads,
         mut watched,
         mut parks,
+        pyprocs: _,
         mut config,
         counters,
         events,
