@@ -38,6 +38,14 @@ fn collect(
     out
 }
 
+/// Records until process `pid` has exited (or 10 s).
+fn until_exit(loaded: &mut Loaded, pid: u32) -> Vec<Record> {
+    collect(loaded, Duration::from_secs(10), |r| {
+        r.iter()
+            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
+    })
+}
+
 fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
     records
         .iter()
@@ -84,10 +92,7 @@ fn asyncio_sleep_is_reported(force_raw: bool) {
     let mut child = python(ASYNCIO_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
-    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
-        r.iter()
-            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
-    });
+    let records = until_exit(&mut loaded, pid);
     child.wait().unwrap();
     let b = blocks(&records);
     assert_eq!(
@@ -108,10 +113,7 @@ fn threads_main_reports_blocking_before_the_loop_too() {
     let mut child = python("import time; time.sleep(0.3); time.sleep(0.05)");
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Main);
-    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
-        r.iter()
-            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
-    });
+    let records = until_exit(&mut loaded, pid);
     child.wait().unwrap();
     let sleeps: Vec<_> = blocks(&records)
         .into_iter()
@@ -184,11 +186,7 @@ fn only_watched_processes_produce_events() {
     let mut watched = python(script);
     let mut unwatched = python(script);
     watch(&mut loaded, watched.id(), ThreadsMode::All);
-    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
-        r.iter().any(
-            |r| matches!(r, Record::Exit { pid, group_dead: true, .. } if *pid == watched.id()),
-        )
-    });
+    let records = until_exit(&mut loaded, watched.id());
     watched.wait().unwrap();
     unwatched.wait().unwrap();
     let b = blocks(&records);
@@ -223,10 +221,7 @@ fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     let mut child = python(FOREIGN_WAITS_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
-    let records = collect(&mut loaded, Duration::from_secs(10), |r| {
-        r.iter()
-            .any(|r| matches!(r, Record::Exit { pid: p, group_dead: true, .. } if *p == pid))
-    });
+    let records = until_exit(&mut loaded, pid);
     child.wait().unwrap();
     let b = blocks(&records);
     let by_nr = |nr| b.iter().find(|b| b.syscall == nr);

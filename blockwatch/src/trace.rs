@@ -300,29 +300,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
 }
 
 fn describe_targets(args: &TraceArgs, command: Option<&targets::Command>) -> String {
+    let ids = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
     let mut parts = Vec::new();
     if let Some(c) = command {
         parts.push(format!("`{}` (pid {})", c.display, c.pid));
     }
     if !args.pids.is_empty() {
-        parts.push(format!(
-            "pid {}",
-            args.pids
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        parts.push(format!("pid {}", ids(&args.pids)));
     }
     if !args.tids.is_empty() {
-        parts.push(format!(
-            "tid {}",
-            args.tids
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        parts.push(format!("tid {}", ids(&args.tids)));
     }
     if !args.comms.is_empty() {
         parts.push(format!("processes named {}", args.comms.join(", ")));
