@@ -24,6 +24,11 @@ enum Rule {
     /// A C API prefix: followed by `_` or an upper-case letter, so `Py`
     /// matches `PyObject_Call` and `Py_Main` but not `PythonBridge`.
     ApiPrefix(&'static str),
+    /// Python source in the interpreter's standard library
+    /// (`…/lib/python3.X/…` outside site-packages/dist-packages) or frozen
+    /// into it (`<frozen importlib._bootstrap>`): asyncio's own frames are
+    /// where every coroutine's call passes, never what a user fixes.
+    PythonStdlib,
     /// Functions of a Rust crate, and its trait impls (`<crate::Type as
     /// Trait>::f`, and v0-demangled inherent impls `<crate::Type>::f`).
     RustCrate(&'static str),
@@ -53,6 +58,7 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::ModulePath("/lib-dynload/"),
     Rule::ApiPrefix("_Py"),
     Rule::ApiPrefix("Py"),
+    Rule::PythonStdlib,
     // Node: V8, libuv and Node's own C++, in the node binary or, as Debian
     // builds it, in libnode.
     Rule::ModuleName("node"),
@@ -99,6 +105,7 @@ impl Rule {
                 .strip_prefix(prefix)
                 .and_then(|rest| rest.chars().next())
                 .is_some_and(|c| c == '_' || c.is_ascii_uppercase()),
+            Rule::PythonStdlib => module.is_some_and(is_python_stdlib),
             Rule::RustCrate(krate) => function
                 .strip_prefix('<')
                 .unwrap_or(function)
@@ -106,6 +113,17 @@ impl Rule {
                 .is_some_and(|rest| rest.starts_with("::")),
         }
     }
+}
+
+fn is_python_stdlib(path: &str) -> bool {
+    if path.starts_with("<frozen ") {
+        return true;
+    }
+    let Some(at) = path.find("/lib/python3") else {
+        return false;
+    };
+    let rest = &path[at..];
+    !(rest.contains("/site-packages/") || rest.contains("/dist-packages/"))
 }
 
 /// Whether `frame` is the application's code. Frames without a function
@@ -127,6 +145,24 @@ pub fn culprit(frames: &[Frame]) -> Option<Frame> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_stdlib_is_not_the_application() {
+        for path in [
+            "/usr/lib/python3.11/asyncio/events.py",
+            "/root/.pyenv/versions/3.12.1/lib/python3.12/subprocess.py",
+            "<frozen importlib._bootstrap>",
+        ] {
+            assert!(!is_application(&frame(Some("run"), Some(path))), "{path}");
+        }
+        for path in [
+            "/srv/app/handlers.py",
+            "/usr/lib/python3/dist-packages/requests/api.py",
+            "/root/.pyenv/versions/3.12.1/lib/python3.12/site-packages/aiohttp/web.py",
+        ] {
+            assert!(is_application(&frame(Some("get"), Some(path))), "{path}");
+        }
+    }
 
     fn frame(function: Option<&str>, module: Option<&str>) -> Frame {
         Frame {
