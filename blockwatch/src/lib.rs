@@ -14,6 +14,7 @@ pub mod event;
 #[cfg(test)]
 mod kernel_tests;
 pub mod loader;
+pub mod perfmap;
 pub mod pipeline;
 pub mod python;
 pub mod report;

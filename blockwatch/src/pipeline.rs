@@ -10,6 +10,7 @@ use log::{debug, info, warn};
 
 use crate::decode::{self, BlockRecord, Record};
 use crate::event::Event;
+use crate::perfmap::PerfMaps;
 use crate::symbolize::Symbolizer;
 use crate::syscalls::{self, FdKind};
 use crate::{culprit, runtime, targets};
@@ -47,6 +48,7 @@ pub struct Pipeline {
     /// Futex parks learned per thread, to drop waits that raced the
     /// kernel map update.
     parks: HashMap<u32, u64>,
+    perf_maps: PerfMaps,
     pub stats: Stats,
 }
 
@@ -75,6 +77,7 @@ impl Pipeline {
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
             parks: HashMap::new(),
+            perf_maps: PerfMaps::new(),
             stats: Stats::default(),
         }
     }
@@ -140,6 +143,7 @@ impl Pipeline {
             }
             Record::Exec { pid, tid, comm } => {
                 self.sym.invalidate(pid);
+                self.perf_maps.forget(pid);
                 self.process_names.insert(pid, comm.clone());
                 self.parks.remove(&tid);
                 self.parks.remove(&pid);
@@ -154,6 +158,7 @@ impl Pipeline {
                 if group_dead {
                     // Kept until here so late events still carry the name.
                     self.process_names.remove(&pid);
+                    self.perf_maps.forget(pid);
                     Some(Output::ProcessExit { pid })
                 } else {
                     None
@@ -170,7 +175,14 @@ impl Pipeline {
     }
 
     fn enrich(&mut self, b: BlockRecord) -> Event {
-        let stack = self.sym.symbolize(b.pid, &b.ips);
+        let mut stack = self.sym.symbolize(b.pid, &b.ips);
+        // JIT code has no ELF symbols: its perf map, if it writes one.
+        for (i, f) in stack.iter_mut().enumerate() {
+            if f.function.is_none() && !f.inlined {
+                let addr = if i == 0 { f.address } else { f.address - 1 };
+                f.function = self.perf_maps.lookup(b.pid, addr);
+            }
+        }
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
