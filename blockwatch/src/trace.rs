@@ -65,7 +65,9 @@ struct Watch {
     rule: blockwatch_common::WatchRule,
     /// Processes matched by name that exec'd since the last drain.
     to_watch: Vec<u32>,
-    has_command: bool,
+    /// The session ends otherwise (the command's exit, Ctrl-C for explicit
+    /// threads), not when the explicit processes are gone.
+    keep_open: bool,
 }
 
 impl Watch {
@@ -83,7 +85,7 @@ impl Watch {
 
     /// Nothing left that could ever produce an event.
     fn all_gone(&self) -> bool {
-        !self.has_command && self.comm_rules.is_empty() && self.explicit_pids.is_empty()
+        !self.keep_open && self.comm_rules.is_empty() && self.explicit_pids.is_empty()
     }
 }
 
@@ -188,15 +190,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             comm_rules,
             rule,
             to_watch: Vec::new(),
-            has_command: command.is_some(),
+            keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
         },
         threads_seen: HashSet::new(),
         error: None,
     };
-    if args.pids.is_empty() && !args.tids.is_empty() {
-        // Explicit threads keep the session open until interrupted.
-        sink.watch.has_command = true;
-    }
 
     let started = Instant::now();
     // SAFETY: the ring buffer owns its map fd for its whole life.
