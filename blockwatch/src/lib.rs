@@ -23,3 +23,4 @@ pub mod symbolize;
 pub mod syscalls;
 pub mod targets;
 pub mod trace;
+pub mod verdict;

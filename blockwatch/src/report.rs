@@ -31,6 +31,8 @@ pub struct Reporter {
     out: Box<dyn Write + Send>,
     diag: Box<dyn Write + Send>,
     summary: Summary,
+    /// Stacks already announced with a verdict line.
+    seen: std::collections::HashSet<u64>,
 }
 
 impl Reporter {
@@ -45,6 +47,7 @@ impl Reporter {
             out,
             diag,
             summary: Summary::new(),
+            seen: Default::default(),
         }
     }
 
@@ -64,7 +67,14 @@ impl Reporter {
         // Rendered whole before writing, so an error never leaves half a
         // line (or half a JSON object) behind.
         let bytes = match self.format {
-            OutputFormat::Text => text_event(ev).into_bytes(),
+            OutputFormat::Text => {
+                let mut text = String::new();
+                if self.seen.insert(crate::verdict::stack_key(ev)) {
+                    text = format!("{}\n", clean(&crate::verdict::verdict(ev)));
+                }
+                text.push_str(&text_event(ev));
+                text.into_bytes()
+            }
             OutputFormat::Json => {
                 let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
                 line.push(b'\n');
@@ -567,9 +577,11 @@ mod tests {
         r.event(&read_event(80)).unwrap();
         assert_eq!(out.unflushed(), 0, "event not flushed");
         let text = out.text();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 5, "{text}");
-
+        let all: Vec<&str> = text.lines().collect();
+        assert_eq!(all.len(), 6, "{text}");
+        // A new stack is announced with its verdict first.
+        assert!(all[0].starts_with("blocking file (read, 80.0ms) on the event loop of python3[1234] in handle_request()"), "{text}");
+        let lines = &all[1..];
         let head = lines[0];
         let (time, rest) = head.split_once(' ').unwrap();
         assert_eq!(time.len(), 12, "{time}");
@@ -603,6 +615,15 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_is_announced_once() {
+        let (mut r, out, _) = reporter(OutputFormat::Text);
+        r.event(&read_event(80)).unwrap();
+        r.event(&read_event(30)).unwrap();
+        let text = out.text();
+        assert_eq!(text.matches("on the event loop of").count(), 1, "{text}");
+    }
+
+    #[test]
     fn text_mode_unknown_culprit_and_syscall() {
         let (mut r, out, _) = reporter(OutputFormat::Text);
         let mut ev = event(None, None, -1, Class::Other, 15);
@@ -610,7 +631,7 @@ mod tests {
         ev.stack.clear();
         r.event(&ev).unwrap();
         let text = out.text();
-        let mut lines = text.lines();
+        let mut lines = text.lines().skip(1);
         let head = lines.next().unwrap();
         assert!(
             head.ends_with(
@@ -629,7 +650,7 @@ mod tests {
         );
         r.event(&ev).unwrap();
         let text = out.text();
-        let head = text.lines().nth(2).unwrap();
+        let head = text.lines().nth(4).unwrap();
         assert!(head.contains(" syscall_470 other "), "{head}");
         assert!(head.ends_with(" in ?? (libz.so)"), "{head}");
     }
@@ -642,7 +663,7 @@ mod tests {
         ev.stack[0].function = Some("f\r\ng".into());
         r.event(&ev).unwrap();
         let text = out.text();
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(text.lines().count(), 6, "{text}");
         assert!(text.contains("evil?thread?[31m/1240"), "{text}");
         assert!(text.contains("f??g"), "{text}");
         assert!(!text.contains('\x1b'));
