@@ -37,7 +37,19 @@ pub enum Command {
     /// print a summary.
     #[command(after_help = TRACE_EXAMPLES)]
     Trace(TraceArgs),
+    /// Run as a service: export Prometheus metrics of blocking calls on
+    /// /metrics, log each new blocking stack once, until SIGTERM.
+    #[command(after_help = DAEMON_EXAMPLES)]
+    Daemon(DaemonArgs),
 }
+
+const DAEMON_EXAMPLES: &str = "Examples:
+  sudo blockwatch daemon --comm 'python3*'                 metrics on 127.0.0.1:9747
+  sudo blockwatch daemon --auto --listen 127.0.0.1:9800    every event loop on the host
+  sudo blockwatch daemon --config /etc/blockwatch/blockwatch.toml
+
+Endpoints: /metrics (Prometheus), /healthz, /stacks (folded stacks, microseconds).
+Flags override the config file; SIGHUP reloads the file, keeping counters.";
 
 const TRACE_EXAMPLES: &str = "Examples:
   sudo blockwatch trace -- python3 app.py         run app.py and watch its event loop
@@ -89,6 +101,39 @@ pub struct TraceArgs {
     pub command: Vec<OsString>,
 }
 
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// TOML configuration file (see README); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// Serve /metrics, /healthz and /stacks here [default: 127.0.0.1:9747].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+
+    /// Watch this process (repeatable).
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Watch processes whose name matches this glob, including ones that
+    /// start later (repeatable).
+    #[arg(short, long = "comm", value_name = "GLOB")]
+    pub comms: Vec<String>,
+
+    /// Which threads of the watched processes to report [default: loop].
+    #[arg(long, value_enum)]
+    pub threads: Option<ThreadsMode>,
+
+    /// Report waits at least this long [default: 10ms].
+    #[arg(long, value_name = "DURATION", value_parser = clap_duration)]
+    pub threshold: Option<Duration>,
+
+    /// Watch every process on the host (but the config's exclude_comms and
+    /// blockwatch itself) and report the threads that run event loops.
+    #[arg(long)]
+    pub auto: bool,
+}
+
 impl TraceArgs {
     pub fn has_targets(&self) -> bool {
         !(self.pids.is_empty()
@@ -108,7 +153,9 @@ mod tests {
 
     #[test]
     fn trace_defaults() {
-        let Command::Trace(t) = parse(&["trace", "--pid", "1"]).unwrap().command;
+        let Command::Trace(t) = parse(&["trace", "--pid", "1"]).unwrap().command else {
+            panic!("not trace")
+        };
         assert_eq!(t.pids, vec![1]);
         assert_eq!(t.threads, ThreadsMode::Loop);
         assert_eq!(t.threshold, Duration::from_millis(10));
@@ -129,7 +176,10 @@ mod tests {
             "app.py",
         ])
         .unwrap()
-        .command;
+        .command
+        else {
+            panic!("not trace")
+        };
         assert_eq!(t.threshold, Duration::from_millis(80));
         assert_eq!(t.command, ["python3", "-X", "dev", "app.py"]);
         assert!(t.has_targets());
@@ -161,7 +211,10 @@ mod tests {
             "2s",
         ])
         .unwrap()
-        .command;
+        .command
+        else {
+            panic!("not trace")
+        };
         assert_eq!(t.pids, vec![1, 2]);
         assert_eq!(t.tids, vec![3]);
         assert_eq!(t.threads, ThreadsMode::All);
@@ -171,8 +224,34 @@ mod tests {
     }
 
     #[test]
+    fn daemon_flags() {
+        let Command::Daemon(d) = parse(&[
+            "daemon",
+            "--listen",
+            "127.0.0.1:9999",
+            "--comm",
+            "py*",
+            "--threshold",
+            "5ms",
+            "--auto",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not daemon")
+        };
+        assert_eq!(d.listen.unwrap().port(), 9999);
+        assert_eq!(d.comms, ["py*"]);
+        assert_eq!(d.threshold, Some(Duration::from_millis(5)));
+        assert!(d.auto && d.config.is_none() && d.threads.is_none());
+        assert!(parse(&["daemon", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
     fn no_targets_is_detectable() {
-        let Command::Trace(t) = parse(&["trace"]).unwrap().command;
+        let Command::Trace(t) = parse(&["trace"]).unwrap().command else {
+            panic!("not trace")
+        };
         assert!(!t.has_targets());
     }
 }

@@ -7,13 +7,17 @@
 
 pub mod btf;
 pub mod cli;
+pub mod config;
 pub mod culprit;
+pub mod daemon;
 pub mod decode;
 pub mod duration;
 pub mod event;
+pub mod http;
 #[cfg(test)]
 mod kernel_tests;
 pub mod loader;
+pub mod metrics;
 pub mod perfmap;
 pub mod pipeline;
 pub mod python;

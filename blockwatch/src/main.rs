@@ -29,6 +29,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Trace(args) => blockwatch::trace::run(args).await,
+            Command::Daemon(args) => blockwatch::daemon::run(args).await,
         }
     });
     match result {

@@ -1,0 +1,386 @@
+//! The daemon's configuration: a TOML file, validated whole at start (and
+//! at each reload), with command-line flags on top.
+//!
+//! Every error names the file, the line and the key, so a typo in a unit
+//! file's config is found from the journal alone. Unknown keys are errors:
+//! a misspelt `treshold` silently ignored would watch with the default.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum as _;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::duration::{format_duration, parse_duration};
+use crate::targets::{CommRules, ThreadsMode};
+
+/// localhost only: metrics name processes and functions of the host.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9747";
+pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
+pub const DEFAULT_TOP_CULPRITS: usize = 20;
+pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(600);
+pub const DEFAULT_LOG_PER_MINUTE: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {err}", path.display())]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config {}, line {line}{}: {msg}", path.display(), key.as_ref().map(|k| format!(", key `{k}`")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: Option<String>,
+        msg: String,
+    },
+    #[error("{0}")]
+    Flag(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<Spanned<String>>,
+    threshold: Option<Spanned<String>>,
+    threads: Option<Spanned<String>>,
+    auto: Option<bool>,
+    #[serde(default)]
+    targets: Targets,
+    #[serde(default)]
+    metrics: Metrics,
+    #[serde(default)]
+    log: Log,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Targets {
+    #[serde(default)]
+    comms: Vec<Spanned<String>>,
+    #[serde(default)]
+    pids: Vec<u32>,
+    #[serde(default)]
+    exclude_comms: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metrics {
+    top_culprits: Option<Spanned<i64>>,
+    expire_after: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Log {
+    new_stacks_per_minute: Option<Spanned<i64>>,
+}
+
+/// Everything the daemon runs with, after file and flags are merged.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub threshold: Duration,
+    pub threads: ThreadsMode,
+    pub auto: bool,
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+    /// Process-name globs `auto` never watches.
+    pub exclude_comms: Vec<String>,
+    /// Culprits kept as labels per process; the rest are `other`.
+    pub top_culprits: usize,
+    /// How long the series of a process outlive its last exit.
+    pub expire_after: Duration,
+    /// New blocking stacks logged per minute at most.
+    pub log_per_minute: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("a valid constant"),
+            threshold: DEFAULT_THRESHOLD,
+            threads: ThreadsMode::Loop,
+            auto: false,
+            comms: Vec::new(),
+            pids: Vec::new(),
+            exclude_comms: Vec::new(),
+            top_culprits: DEFAULT_TOP_CULPRITS,
+            expire_after: DEFAULT_EXPIRE_AFTER,
+            log_per_minute: DEFAULT_LOG_PER_MINUTE,
+        }
+    }
+}
+
+/// Command-line values that override the file (None/empty: not given).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub threshold: Option<Duration>,
+    pub threads: Option<ThreadsMode>,
+    pub auto: bool,
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+}
+
+impl Settings {
+    pub fn has_targets(&self) -> bool {
+        self.auto || !self.comms.is_empty() || !self.pids.is_empty()
+    }
+
+    /// Flags win over the file; list flags replace the file's lists.
+    pub fn apply(&mut self, o: &Overrides) -> Result<(), ConfigError> {
+        if let Some(l) = o.listen {
+            self.listen = l;
+        }
+        if let Some(t) = o.threshold {
+            self.threshold = t;
+        }
+        if let Some(t) = o.threads {
+            self.threads = t;
+        }
+        if o.auto {
+            self.auto = true;
+        }
+        if !o.comms.is_empty() {
+            CommRules::new(&o.comms).map_err(|e| ConfigError::Flag(e.to_string()))?;
+            self.comms = o.comms.clone();
+        }
+        if !o.pids.is_empty() {
+            self.pids = o.pids.clone();
+        }
+        Ok(())
+    }
+
+    /// One line for the journal at start and after a reload.
+    pub fn describe(&self) -> String {
+        let mut what = Vec::new();
+        if self.auto {
+            what.push("every process (auto)".to_string());
+        }
+        if !self.comms.is_empty() {
+            what.push(format!("processes named {}", self.comms.join(", ")));
+        }
+        if !self.pids.is_empty() {
+            let ids: Vec<_> = self.pids.iter().map(u32::to_string).collect();
+            what.push(format!("pid {}", ids.join(", ")));
+        }
+        format!(
+            "watching {} for event-loop waits ≥ {}; metrics on http://{}/metrics",
+            what.join(" and "),
+            format_duration(self.threshold),
+            self.listen
+        )
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+        path: path.to_path_buf(),
+        err,
+    })?;
+    parse(path, &text)
+}
+
+/// Validates `text` (the contents of `path`, named in errors).
+pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
+    let invalid = |span: Option<Range<usize>>, key: Option<&str>, msg: String| {
+        let start = span.map(|s| s.start).unwrap_or(0).min(text.len());
+        let line = text[..start].matches('\n').count() + 1;
+        let key = key.map(str::to_string).or_else(|| key_on_line(text, line));
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line,
+            key,
+            msg,
+        }
+    };
+    let file: File = toml::from_str(text).map_err(|e| {
+        // toml's message may quote the line; keep the first sentence.
+        let msg = e.message().trim().replace('\n', " ");
+        invalid(e.span(), None, msg)
+    })?;
+
+    let mut s = Settings::default();
+    if let Some(l) = &file.listen {
+        s.listen = l.get_ref().parse().map_err(|_| {
+            invalid(
+                Some(l.span()),
+                Some("listen"),
+                format!(
+                    "{:?} is not an address: write IP:PORT, e.g. {DEFAULT_LISTEN}",
+                    l.get_ref()
+                ),
+            )
+        })?;
+    }
+    let duration = |v: &Spanned<String>, key: &str| {
+        parse_duration(v.get_ref()).map_err(|e| invalid(Some(v.span()), Some(key), e.to_string()))
+    };
+    if let Some(t) = &file.threshold {
+        s.threshold = duration(t, "threshold")?;
+    }
+    if let Some(t) = &file.threads {
+        s.threads = ThreadsMode::from_str(t.get_ref(), true).map_err(|_| {
+            invalid(
+                Some(t.span()),
+                Some("threads"),
+                format!("{:?} is not a mode: use loop, main or all", t.get_ref()),
+            )
+        })?;
+    }
+    s.auto = file.auto.unwrap_or(false);
+    let globs = |v: &[Spanned<String>], key: &str| -> Result<Vec<String>, ConfigError> {
+        v.iter()
+            .map(|g| {
+                CommRules::new(std::slice::from_ref(g.get_ref()))
+                    .map(|_| g.get_ref().clone())
+                    .map_err(|e| invalid(Some(g.span()), Some(key), e.to_string()))
+            })
+            .collect()
+    };
+    s.comms = globs(&file.targets.comms, "targets.comms")?;
+    s.exclude_comms = globs(&file.targets.exclude_comms, "targets.exclude_comms")?;
+    s.pids = file.targets.pids;
+    if let Some(n) = &file.metrics.top_culprits {
+        let v = *n.get_ref();
+        if !(1..=1000).contains(&v) {
+            return Err(invalid(
+                Some(n.span()),
+                Some("metrics.top_culprits"),
+                format!("{v} is out of range: use 1 to 1000"),
+            ));
+        }
+        s.top_culprits = v as usize;
+    }
+    if let Some(e) = &file.metrics.expire_after {
+        s.expire_after = duration(e, "metrics.expire_after")?;
+    }
+    if let Some(n) = &file.log.new_stacks_per_minute {
+        let v = *n.get_ref();
+        if !(0..=10_000).contains(&v) {
+            return Err(invalid(
+                Some(n.span()),
+                Some("log.new_stacks_per_minute"),
+                format!("{v} is out of range: use 0 (log none) to 10000"),
+            ));
+        }
+        s.log_per_minute = v as u32;
+    }
+    Ok(s)
+}
+
+/// The key assigned on line `line` (1-based), for errors whose message
+/// does not name it (a wrong type).
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line - 1)?;
+    let (k, _) = l.split_once('=')?;
+    let k = k.trim();
+    (!k.is_empty() && !k.starts_with('#')).then(|| k.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Settings, ConfigError> {
+        parse(Path::new("/etc/blockwatch.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(p("").unwrap(), Settings::default());
+        assert_eq!(Settings::default().listen.to_string(), "127.0.0.1:9747");
+    }
+
+    #[test]
+    fn full_file() {
+        let s = p(r#"
+listen = "127.0.0.1:9999"
+threshold = "25ms"
+threads = "main"
+auto = true
+
+[targets]
+comms = ["python3*", "node"]
+pids = [1]
+exclude_comms = ["systemd*"]
+
+[metrics]
+top_culprits = 5
+expire_after = "1m"
+
+[log]
+new_stacks_per_minute = 3
+"#)
+        .unwrap();
+        assert_eq!(s.listen.port(), 9999);
+        assert_eq!(s.threshold, Duration::from_millis(25));
+        assert_eq!(s.threads, ThreadsMode::Main);
+        assert!(s.auto);
+        assert_eq!(s.comms, ["python3*", "node"]);
+        assert_eq!(s.pids, [1]);
+        assert_eq!(s.exclude_comms, ["systemd*"]);
+        assert_eq!(s.top_culprits, 5);
+        assert_eq!(s.expire_after, Duration::from_secs(60));
+        assert_eq!(s.log_per_minute, 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = p("threshold = \"5ms\"\ntreshold = \"5ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("treshold"), "{e}");
+        let e = p("[metrics]\n\ntop = 1\n").unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("top"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let e = p("\nthreshold = \"80\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("`threshold`"), "{e}");
+        assert!(e.contains("80ms"), "{e}");
+        let e = p("[metrics]\nexpire_after = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("metrics.expire_after"),
+            "{e}"
+        );
+        let e = p("listen = \"localhost\"\n").unwrap_err().to_string();
+        assert!(e.contains("`listen`") && e.contains("IP:PORT"), "{e}");
+        let e = p("[targets]\ncomms = [\"[\"]\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("targets.comms"), "{e}");
+        let e = p("threads = \"every\"\n").unwrap_err().to_string();
+        assert!(e.contains("loop, main or all"), "{e}");
+        let e = p("[metrics]\ntop_culprits = 0\n").unwrap_err().to_string();
+        assert!(e.contains("metrics.top_culprits"), "{e}");
+        let e = p("auto = \"yes\"\n").unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("`auto`"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = p("a = 1\n[metrics\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut s = p("threshold = \"5ms\"\n[targets]\ncomms = [\"a\"]\n").unwrap();
+        s.apply(&Overrides {
+            threshold: Some(Duration::from_millis(50)),
+            comms: vec!["b*".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.threshold, Duration::from_millis(50));
+        assert_eq!(s.comms, ["b*"]);
+        assert!(s.has_targets());
+    }
+}
