@@ -1,0 +1,507 @@
+//! End-to-end tests of `blockwatch daemon`: the real binary, as root,
+//! watching real Python processes, scraped over HTTP and by a real
+//! Prometheus server (Debian's `prometheus`, installed by
+//! `cargo xtask setup`). Every wait has a deadline.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{PYTHON, repo_root, subject};
+
+/// A port nobody listens on (bound then released; the race with another
+/// program taking it in between is acceptable in a test).
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// `GET path` over HTTP/1.0 (the server closes after the reply).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+fn until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?}: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A symlink to the real interpreter under a unique name, so the process
+/// name (comm) is ours alone.
+struct Alias {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn python_alias(name: &str) -> Alias {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Command::new(PYTHON)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 on PATH");
+    let python = String::from_utf8(exe.stdout).unwrap().trim().to_string();
+    let path = dir.path().join(name);
+    std::os::unix::fs::symlink(&python, &path).unwrap();
+    Alias { _dir: dir, path }
+}
+
+fn run_blocker(alias: &Alias) {
+    let status = Command::new(&alias.path)
+        .arg(subject("asyncio_blocker.py"))
+        .current_dir(repo_root())
+        .status()
+        .expect("run the subject");
+    assert!(status.success());
+}
+
+/// A running daemon; killed (SIGTERM, then SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let addr = free_addr();
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("stderr");
+        let listen = addr.to_string();
+        let mut full = vec!["daemon", "--listen", listen.as_str()];
+        full.extend(args);
+        let child = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
+            .args(&full)
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start blockwatch daemon");
+        let mut d = Daemon {
+            child,
+            addr,
+            stderr,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((200, _)) = http_get(addr, "/healthz") {
+                // Serving starts before the initial scan ends: wait for
+                // the startup line, printed once everything is watched.
+                if d.stderr().contains("blockwatch: watching") {
+                    return d;
+                }
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("daemon exited with {status}: {}", d.stderr());
+            }
+            assert!(
+                Instant::now() < end,
+                "daemon not serving after 30 s: {}",
+                d.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        match http_get(self.addr, "/metrics") {
+            Some((200, body)) => body,
+            other => panic!("/metrics: {other:?}\n{}", self.stderr()),
+        }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// SIGTERM and the exit status (None: still running after 10 s).
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of the sample `name{labels…}` whose labels include all of
+/// `want` (text exposition format).
+fn sample(metrics: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+        let (labels, value) = rest.rsplit_once("} ")?;
+        want.iter()
+            .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+fn events_of(d: &Daemon, process: &str) -> f64 {
+    sample(
+        &d.metrics(),
+        "blockwatch_blocking_events_total",
+        &[("process", process), ("class", "sleep")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_count_a_python_subjects_blocking_calls() {
+    let _serial = common::setup();
+    let alias = python_alias("bwdmetrics");
+    let mut d = Daemon::start(&["--comm", "bwdmetric*"]);
+    run_blocker(&alias);
+    until(
+        Duration::from_secs(20),
+        "3 sleep events in /metrics",
+        || (events_of(&d, "bwdmetrics") >= 3.0).then_some(()),
+    );
+    let m = d.metrics();
+    let secs = sample(
+        &m,
+        "blockwatch_blocking_seconds_total",
+        &[("process", "bwdmetrics"), ("class", "sleep")],
+    )
+    .unwrap_or(0.0);
+    assert!((0.2..1.0).contains(&secs), "3 × 80 ms, got {secs}\n{m}");
+    assert!(
+        sample(
+            &m,
+            "blockwatch_blocking_duration_seconds_count",
+            &[("process", "bwdmetrics"), ("class", "sleep")]
+        ) >= Some(3.0),
+        "{m}"
+    );
+    assert!(m.contains("blockwatch_build_info{version="), "{m}");
+    assert!(m.contains("blockwatch_events_lost_total "), "{m}");
+    assert!(!m.contains("pid=") && !m.contains("tid="), "{m}");
+    assert_eq!(http_get(d.addr, "/healthz").map(|r| r.0), Some(200));
+    let (code, stacks) = http_get(d.addr, "/stacks").unwrap();
+    assert_eq!(code, 200);
+    let line = stacks
+        .lines()
+        .find(|l| l.starts_with("bwdmetrics;"))
+        .unwrap_or_else(|| panic!("no folded stack of the subject:\n{stacks}"));
+    let us: u64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+    assert!(us >= 200_000, "{line}");
+    assert_eq!(http_get(d.addr, "/nope").map(|r| r.0), Some(404));
+
+    let status = d.terminate().expect("daemon stops on SIGTERM");
+    assert!(status.success(), "{status}: {}", d.stderr());
+    let log = d.stderr();
+    let verdicts: Vec<_> = log
+        .lines()
+        .filter(|l| l.starts_with("blocking sleep (clock_nanosleep"))
+        .collect();
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "one line per new blocking stack, not per event:\n{log}"
+    );
+    assert!(
+        verdicts[0].contains("on the event loop of bwdmetrics["),
+        "{log}"
+    );
+}
+
+fn daemon_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
+        .arg("daemon")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run blockwatch");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should fail: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_line() {
+    let _serial = common::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blockwatch.toml");
+    let f = file.to_str().unwrap();
+
+    std::fs::write(&file, "[targets]\ncomms = [\"x\"]\n\nthresold = \"5ms\"\n").unwrap();
+    let e = daemon_fails(&["--config", f]);
+    assert!(e.contains("line 4") && e.contains("thresold"), "{e}");
+    assert!(e.contains(f), "names the file: {e}");
+
+    std::fs::write(&file, "threshold = \"80\"\n[targets]\ncomms = [\"x\"]\n").unwrap();
+    let e = daemon_fails(&["--config", f]);
+    assert!(e.contains("line 1") && e.contains("`threshold`"), "{e}");
+    assert!(e.contains("80ms"), "says what to write: {e}");
+
+    std::fs::write(&file, "[metrics]\nexpire_after = \"a while\"\n").unwrap();
+    let e = daemon_fails(&["--config", f]);
+    assert!(
+        e.contains("line 2") && e.contains("metrics.expire_after"),
+        "{e}"
+    );
+
+    let e = daemon_fails(&["--config", "/nonexistent/blockwatch.toml"]);
+    assert!(e.contains("/nonexistent/blockwatch.toml"), "{e}");
+    let e = daemon_fails(&[]);
+    assert!(e.contains("nothing to watch"), "{e}");
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_line() {
+    let _serial = common::setup();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let e = daemon_fails(&["--listen", &addr, "--comm", "x"]);
+    assert!(e.contains(&addr) && e.contains("in use"), "{e}");
+    assert!(e.contains("--listen"), "names the fix: {e}");
+}
+
+#[test]
+fn sighup_reloads_the_config_and_keeps_counters() {
+    let _serial = common::setup();
+    let alias = python_alias("bwdreload");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("blockwatch.toml");
+    std::fs::write(&file, "[targets]\ncomms = [\"bwdrel*\"]\n").unwrap();
+    let d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    run_blocker(&alias);
+    until(Duration::from_secs(20), "3 events before reload", || {
+        (events_of(&d, "bwdreload") >= 3.0).then_some(())
+    });
+
+    // A broken file is refused and the daemon goes on as before.
+    std::fs::write(&file, "[targets]\ncomms = [\"bwdrel*\"]\nbogus = 1\n").unwrap();
+    d.signal(libc::SIGHUP);
+    until(Duration::from_secs(10), "reload refused", || {
+        d.stderr().contains("reload refused").then_some(())
+    });
+    assert!(d.stderr().contains("bogus"), "{}", d.stderr());
+
+    std::fs::write(
+        &file,
+        "threshold = \"20ms\"\n[targets]\ncomms = [\"bwdrel*\", \"nothing-else\"]\n",
+    )
+    .unwrap();
+    d.signal(libc::SIGHUP);
+    until(Duration::from_secs(10), "configuration reloaded", || {
+        d.stderr().contains("configuration reloaded").then_some(())
+    });
+    assert!(d.stderr().contains("20.0ms"), "{}", d.stderr());
+    assert!(events_of(&d, "bwdreload") >= 3.0, "counters survive");
+    run_blocker(&alias);
+    until(Duration::from_secs(20), "6 events after reload", || {
+        (events_of(&d, "bwdreload") >= 6.0).then_some(())
+    });
+}
+
+/// The dashboard's PromQL expressions, with Grafana's variables replaced
+/// by what Grafana would send.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let path = repo_root().join("dashboards/blockwatch.json");
+    let text = std::fs::read_to_string(&path).expect("dashboards/blockwatch.json");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or("?").to_string();
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let Some(expr) = t["expr"].as_str() else {
+                continue;
+            };
+            let expr = expr
+                .replace("$__rate_interval", "30s")
+                .replace("$__interval", "15s")
+                .replace("$__range", "5m")
+                .replace("${process}", ".*")
+                .replace("$process", ".*");
+            assert!(!expr.contains('$'), "unsubstituted variable in {expr}");
+            out.push((title.clone(), expr));
+        }
+    }
+    assert!(out.len() >= 8, "the dashboard has its panels: {out:?}");
+    out
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Results of an instant query (empty on any error).
+fn promql(prom: SocketAddr, expr: &str) -> Vec<serde_json::Value> {
+    let Some((200, body)) = http_get(prom, &format!("/api/v1/query?query={}", urlencode(expr)))
+    else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_prometheus(target: SocketAddr) -> Prometheus {
+    let bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("prometheus is installed (cargo xtask setup: apt-get install prometheus)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: blockwatch\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let p = Prometheus {
+        child,
+        addr,
+        _dir: dir,
+    };
+    until(Duration::from_secs(30), "prometheus ready", || {
+        matches!(http_get(addr, "/-/ready"), Some((200, _))).then_some(())
+    });
+    p
+}
+
+/// Every query of the Grafana dashboard returns data from a real
+/// Prometheus scraping a daemon that watches a blocking asyncio loop.
+#[test]
+fn prometheus_answers_every_dashboard_query() {
+    let _serial = common::setup();
+    let queries = dashboard_queries();
+    let alias = python_alias("bwdprom");
+    let d = Daemon::start(&["--comm", "bwdprom*"]);
+    let prom = start_prometheus(d.addr);
+    // 20 ms of time.sleep every 70 ms: events all along the test.
+    let mut subject = Command::new(&alias.path)
+        .arg(subject("asyncio_ticker.py"))
+        .args(["--block", "0.02", "--seconds", "90"])
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the ticker");
+    let up = until(
+        Duration::from_secs(30),
+        "prometheus scrapes the daemon",
+        || {
+            let r = promql(prom.addr, "up{job=\"blockwatch\"} == 1");
+            (!r.is_empty()).then_some(r)
+        },
+    );
+    assert_eq!(up.len(), 1);
+    // Rates need two scrapes that hold the series.
+    let end = Instant::now() + Duration::from_secs(45);
+    let mut missing: Vec<(String, String)>;
+    loop {
+        missing = queries
+            .iter()
+            .filter(|(_, q)| promql(prom.addr, q).is_empty())
+            .cloned()
+            .collect();
+        if missing.is_empty() || Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _ = subject.kill();
+    let _ = subject.wait();
+    assert!(
+        missing.is_empty(),
+        "dashboard queries without data:\n{}\n/metrics:\n{}",
+        missing
+            .iter()
+            .map(|(t, q)| format!("  {t}: {q}"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        d.metrics()
+    );
+    // And the data is the subject's.
+    let per_process = promql(
+        prom.addr,
+        "sum by (process, class) (rate(blockwatch_blocking_seconds_total[30s]))",
+    );
+    assert!(
+        per_process
+            .iter()
+            .any(|r| r["metric"]["process"] == "bwdprom" && r["metric"]["class"] == "sleep"),
+        "{per_process:?}"
+    );
+    let tagged = promql(prom.addr, "blockwatch_tagged_threads{process=\"bwdprom\"}");
+    assert!(
+        tagged
+            .iter()
+            .any(|r| r["metric"]["runtime"] == "python" && r["value"][1] == "1"),
+        "the ticker's loop thread is tagged: {tagged:?}"
+    );
+}
