@@ -37,6 +37,11 @@ const PACKAGES: &[Package] = &[
         name: "nodejs",
         command: Some("node"),
     },
+    // The daemon's end-to-end test scrapes it with a real Prometheus.
+    Package {
+        name: "prometheus",
+        command: Some("prometheus"),
+    },
 ];
 
 enum Outcome {
