@@ -371,6 +371,14 @@ new_stacks_per_minute = 3
     }
 
     #[test]
+    fn the_packaged_example_is_valid() {
+        let text = include_str!("../../packaging/blockwatch.toml");
+        let s = p(text).unwrap();
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert!(s.has_targets());
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let mut s = p("threshold = \"5ms\"\n[targets]\ncomms = [\"a\"]\n").unwrap();
         s.apply(&Overrides {

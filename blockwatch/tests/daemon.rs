@@ -83,14 +83,26 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &[&str]) -> Daemon {
+        Daemon::start_with(&[], &[], args)
+    }
+
+    /// Runs the daemon under `prefix` (e.g. setpriv …) with `env` added.
+    fn start_with(prefix: &[&str], env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let addr = free_addr();
         let dir = tempfile::tempdir().unwrap();
         let stderr = dir.path().join("stderr");
         let listen = addr.to_string();
-        let mut full = vec!["daemon", "--listen", listen.as_str()];
+        let mut full: Vec<&str> = prefix.to_vec();
+        full.extend([
+            env!("CARGO_BIN_EXE_blockwatch"),
+            "daemon",
+            "--listen",
+            listen.as_str(),
+        ]);
         full.extend(args);
-        let child = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
-            .args(&full)
+        let child = Command::new(full[0])
+            .args(&full[1..])
+            .envs(env.iter().copied())
             .current_dir(repo_root())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -503,5 +515,61 @@ fn prometheus_answers_every_dashboard_query() {
             .iter()
             .any(|r| r["metric"]["runtime"] == "python" && r["value"][1] == "1"),
         "the ticker's loop thread is tagged: {tagged:?}"
+    );
+}
+
+/// What systemd sees: READY=1 once attached, WATCHDOG=1 pings when
+/// WATCHDOG_USEC is set; and the capability set of
+/// packaging/blockwatch.service (root without CAP_SYS_ADMIN, no new
+/// privileges) is enough to load, watch and symbolize.
+#[test]
+fn systemd_notify_and_the_units_capabilities() {
+    let _serial = common::setup();
+    let unit = std::fs::read_to_string(repo_root().join("packaging/blockwatch.service"))
+        .expect("packaging/blockwatch.service");
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds capabilities");
+    let bounding: Vec<String> = caps
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let bounding = format!("--bounding-set=-all,{}", bounding.join(","));
+
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let alias = python_alias("bwdnotify");
+    let d = Daemon::start_with(
+        &["setpriv", "--no-new-privs", &bounding, "--"],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+        &["--comm", "bwdnotif*"],
+    );
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end
+        && !(got.iter().any(|m: &String| m.contains("READY=1"))
+            && got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let mut buf = [0u8; 512];
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(got[0].contains("READY=1"), "READY first: {got:?}");
+    assert!(
+        got.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "watchdog pings every WATCHDOG_USEC/2: {got:?}"
+    );
+    run_blocker(&alias);
+    until(
+        Duration::from_secs(20),
+        "events under the unit's capabilities",
+        || (events_of(&d, "bwdnotify") >= 3.0).then_some(()),
     );
 }
