@@ -18,8 +18,6 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::DaemonArgs;
 use crate::config::{self, Overrides, Settings};
-use crate::duration::format_duration;
-use crate::event::Event;
 use crate::loader::{self, Loaded};
 use crate::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
@@ -151,44 +149,6 @@ impl RateLimit {
     }
 }
 
-/// `blocking sleep (clock_nanosleep, 80.1ms) on the event loop of
-/// python3[123] in handler() (app.py:22)`.
-pub fn verdict(ev: &Event) -> String {
-    let syscall = crate::metrics::syscall_label(ev);
-    let culprit = match &ev.culprit {
-        Some(f) => {
-            let name = f.function.as_deref().unwrap_or("?");
-            let place = match (&f.file, f.line, &f.module) {
-                (Some(file), Some(line), _) => format!(" ({}:{line})", basename(file)),
-                (Some(file), None, _) => format!(" ({})", basename(file)),
-                (None, _, Some(m)) => format!(" ({})", basename(m)),
-                _ => String::new(),
-            };
-            format!("in {name}(){place}")
-        }
-        None => "in no application function (runtime or library code)".to_string(),
-    };
-    let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect()
-    };
-    clean(&format!(
-        "blocking {} ({syscall}, {}) on the event loop of {}[{}] {culprit}",
-        ev.class,
-        format_duration(Duration::from_nanos(ev.duration_ns)),
-        ev.comm,
-        ev.pid,
-    ))
-}
-
-fn basename(p: &str) -> &str {
-    Path::new(p)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(p)
-}
-
 /// Which processes the daemon watches.
 struct Rules {
     comms: CommRules,
@@ -285,7 +245,7 @@ impl State {
                     }
                     self.seen.insert(key);
                     if self.limit.take(Instant::now()) {
-                        eprintln!("{}", verdict(&ev));
+                        eprintln!("{}", crate::verdict::verdict(&ev));
                     }
                 }
             }
@@ -615,7 +575,6 @@ fn apply_reload(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Class, Frame, OffState};
 
     #[test]
     fn token_bucket_limits_and_reports_suppressed() {
@@ -632,34 +591,6 @@ mod tests {
         assert!(l.take(t0 + Duration::from_secs(12)));
         let mut none = RateLimit::new(0, t0);
         assert!(!none.take(t0 + Duration::from_secs(600)));
-    }
-
-    #[test]
-    fn verdict_reads_as_a_sentence() {
-        let f = Frame {
-            function: Some("handler".into()),
-            file: Some("/srv/app/main.py".into()),
-            line: Some(22),
-            ..Default::default()
-        };
-        let ev = Event {
-            ts: std::time::SystemTime::now(),
-            pid: 123,
-            tid: 123,
-            comm: "python3".into(),
-            thread: "python3".into(),
-            syscall: Some("clock_nanosleep"),
-            syscall_nr: 230,
-            class: Class::Sleep,
-            duration_ns: 80_000_000,
-            state: OffState::Sleeping,
-            stack: vec![f.clone()],
-            culprit: Some(f),
-        };
-        assert_eq!(
-            verdict(&ev),
-            "blocking sleep (clock_nanosleep, 80.0ms) on the event loop of python3[123] in handler() (main.py:22)"
-        );
     }
 
     #[test]

@@ -25,13 +25,20 @@ fn place(f: &Frame) -> String {
     } else {
         format!("{name}()")
     };
-    match (&f.file, f.line) {
-        (Some(file), Some(line)) => format!("{call} at {file}:{line}"),
-        (Some(file), None) => format!("{call} in {file}"),
+    match (&f.file, f.line, &f.module) {
+        (Some(file), Some(line), _) => format!("{call} at {file}:{line}"),
+        (Some(file), None, _) => format!("{call} in {file}"),
+        (None, _, Some(module)) => format!("{call} in {}", basename(module)),
         _ => call,
     }
 }
 
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The verdict line; names and paths come from the watched process, so
+/// control characters are replaced to keep it one line.
 pub fn verdict(ev: &Event) -> String {
     let what = ev.syscall.unwrap_or(match ev.state {
         crate::event::OffState::Preempted => "preempted",
@@ -48,6 +55,9 @@ pub fn verdict(ev: &Event) -> String {
         ev.comm,
         ev.pid,
     )
+    .chars()
+    .map(|c| if c.is_control() { '?' } else { c })
+    .collect()
 }
 
 #[cfg(test)]
@@ -97,6 +107,21 @@ mod tests {
         assert_eq!(
             verdict(&ev),
             "blocking sleep (preempted, 80.2ms) on the event loop of python3[123]"
+        );
+    }
+
+    #[test]
+    fn native_culprits_name_their_binary_and_control_characters_go() {
+        let f = Frame {
+            function: Some("tokio_blocker::blocking_sleep_in_task".into()),
+            module: Some("/srv/bin/tokio-blocker".into()),
+            ..Frame::default()
+        };
+        let mut ev = event(Some(f));
+        ev.comm = "evil\nname".into();
+        assert_eq!(
+            verdict(&ev),
+            "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of evil?name[123] in tokio_blocker::blocking_sleep_in_task() in tokio-blocker"
         );
     }
 
