@@ -8,14 +8,27 @@ use std::time::{Duration, SystemTime};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
+use blockwatch_common::PyProc;
+
 use crate::decode::{self, BlockRecord, Record};
-use crate::event::Event;
+use crate::event::{Event, Frame, FrameKind};
 use crate::perfmap::PerfMaps;
+use crate::python::{self, CodeReader, PyProcess};
 use crate::symbolize::Symbolizer;
 use crate::syscalls::{self, FdKind};
 use crate::{culprit, runtime, targets};
 
 const NR_FUTEX: i64 = 202;
+
+/// How often a watched process that is not (yet) recognisably CPython is
+/// looked at again: a shared libpython is mapped only after exec, by the
+/// dynamic loader, and a launcher (pyenv's shim) may exec the interpreter.
+const PY_INSPECT_TRIES: u8 = 20;
+
+enum Interp {
+    Python(Box<PyProcess>),
+    Unknown { tries: u8 },
+}
 
 /// What a record means to the front end.
 #[derive(Debug)]
@@ -49,6 +62,8 @@ pub struct Pipeline {
     /// kernel map update.
     parks: HashMap<u32, u64>,
     perf_maps: PerfMaps,
+    interps: HashMap<u32, Interp>,
+    code: CodeReader,
     pub stats: Stats,
 }
 
@@ -78,6 +93,8 @@ impl Pipeline {
             process_names: HashMap::new(),
             parks: HashMap::new(),
             perf_maps: PerfMaps::new(),
+            interps: HashMap::new(),
+            code: CodeReader::new(),
             stats: Stats::default(),
         }
     }
@@ -85,6 +102,50 @@ impl Pipeline {
     /// Symbolization failures so far.
     pub fn symbol_failures(&self) -> u64 {
         self.sym.failures()
+    }
+
+    /// Finds which of the watched processes `pids` run CPython and hands
+    /// the kernel what it needs to walk their frames. Cheap to call
+    /// periodically: a process is inspected a bounded number of times.
+    pub fn refresh_interpreters(
+        &mut self,
+        pids: impl IntoIterator<Item = u32>,
+        pyprocs: &mut BpfHashMap<MapData, u32, PyProc>,
+    ) {
+        for pid in pids {
+            let state = self
+                .interps
+                .entry(pid)
+                .or_insert(Interp::Unknown { tries: 0 });
+            let Interp::Unknown { tries } = state else {
+                continue;
+            };
+            if *tries >= PY_INSPECT_TRIES {
+                continue;
+            }
+            *tries += 1;
+            match python::inspect(pid) {
+                Ok(Some(py)) => {
+                    let (major, minor) = py.version;
+                    let entry = PyProc {
+                        runtime: py.runtime_addr,
+                        offsets: py.offsets,
+                    };
+                    match pyprocs.insert(pid, entry, 0) {
+                        Ok(()) => {
+                            info!("pid {pid} runs CPython {major}.{minor}: interpreter frames on")
+                        }
+                        Err(e) => warn!("cannot hand pid {pid}'s interpreter to the kernel: {e}"),
+                    }
+                    *state = Interp::Python(Box::new(py));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    debug!("pid {pid}: {e}");
+                    *tries = PY_INSPECT_TRIES;
+                }
+            }
+        }
     }
 
     /// Drains every record the kernel has written, handing each output to
@@ -144,6 +205,8 @@ impl Pipeline {
             Record::Exec { pid, tid, comm } => {
                 self.sym.invalidate(pid);
                 self.perf_maps.forget(pid);
+                self.interps.remove(&pid);
+                self.code.forget(pid);
                 self.process_names.insert(pid, comm.clone());
                 self.parks.remove(&tid);
                 self.parks.remove(&pid);
@@ -159,6 +222,8 @@ impl Pipeline {
                     // Kept until here so late events still carry the name.
                     self.process_names.remove(&pid);
                     self.perf_maps.forget(pid);
+                    self.interps.remove(&pid);
+                    self.code.forget(pid);
                     Some(Output::ProcessExit { pid })
                 } else {
                     None
@@ -181,6 +246,30 @@ impl Pipeline {
             if f.function.is_none() && !f.inlined {
                 let addr = if i == 0 { f.address } else { f.address - 1 };
                 f.function = self.perf_maps.lookup(b.pid, addr);
+            }
+        }
+        // The interpreter frames are the Python code that called into the
+        // native frames above: outer to every native frame seen here
+        // (those without frame pointers end inside the interpreter).
+        if let Some(Interp::Python(py)) = self.interps.get(&b.pid) {
+            for r in b.py.iter().filter(|r| r.code != 0) {
+                let frame = self.code.frame(b.pid, py, r.code, r.instr);
+                stack.push(match frame {
+                    Some(f) => Frame {
+                        address: r.code,
+                        function: Some(f.function),
+                        module: Some(f.file.clone()),
+                        file: Some(f.file),
+                        line: f.line,
+                        kind: FrameKind::Python,
+                        ..Frame::default()
+                    },
+                    None => Frame {
+                        address: r.code,
+                        kind: FrameKind::Python,
+                        ..Frame::default()
+                    },
+                });
             }
         }
         // Only read/write-style calls need the fd's kind (a socket read is

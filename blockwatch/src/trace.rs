@@ -111,7 +111,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         mut threads,
         mut watched,
         mut parks,
-        pyprocs: _,
+        mut pyprocs,
         mut config,
         counters,
         events,
@@ -196,6 +196,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         error: None,
     };
 
+    // Processes of explicitly tagged threads are not in WATCHED.
+    let tid_pids: Vec<u32> = args
+        .tids
+        .iter()
+        .filter_map(|&t| targets::tgid_of(t))
+        .collect();
     let started = Instant::now();
     // SAFETY: the ring buffer owns its map fd for its whole life.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -232,6 +238,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
                 break Stop::CommandExited(status.context("waiting for the command")?);
             }
             _ = tick.tick() => {
+                let pids: Vec<u32> = watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
+                pipeline.refresh_interpreters(pids, &mut pyprocs);
                 if sink.watch.all_gone() {
                     break Stop::TargetsGone;
                 }
