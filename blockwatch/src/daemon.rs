@@ -371,15 +371,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     )?;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
-        // SAFETY: the logger owns its ring buffer fd for its whole life.
-        let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        tokio::spawn(async move {
-            while let Ok(mut guard) = logger.readable_mut().await {
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        });
+        loader::forward_kernel_log(logger)?;
     }
     config.set(0, kernel_config(&current, &rules), 0)?;
 

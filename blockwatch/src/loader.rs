@@ -95,6 +95,24 @@ pub struct Loaded {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
+/// Forwards the kernel programs' aya-log records to the `log` crate (shown
+/// with -v) from a task on the current tokio runtime.
+pub fn forward_kernel_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> std::io::Result<()> {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the logger owns its ring buffer fd for its whole life.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
 /// Checks root or the capabilities loading needs.
 pub fn check_privileges() -> Result<(), LoadError> {
     // SAFETY: geteuid has no preconditions.

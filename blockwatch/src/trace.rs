@@ -120,15 +120,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     } = loader::load(threshold_ns, loader::force_raw_from_env())?;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
-        // SAFETY: the logger owns its ring buffer fd for its whole life.
-        let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        tokio::spawn(async move {
-            while let Ok(mut guard) = logger.readable_mut().await {
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-        });
+        loader::forward_kernel_log(logger)?;
     }
 
     let rule = args.threads.rule(false);
