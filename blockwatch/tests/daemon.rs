@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{PYTHON, repo_root, subject};
+use common::{Alias, python_alias, repo_root, subject};
 
 /// A port nobody listens on (bound then released; the race with another
 /// program taking it in between is acceptable in a test).
@@ -43,25 +43,6 @@ fn until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) ->
         assert!(Instant::now() < end, "timed out after {deadline:?}: {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// A symlink to the real interpreter under a unique name, so the process
-/// name (comm) is ours alone.
-struct Alias {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-}
-
-fn python_alias(name: &str) -> Alias {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = Command::new(PYTHON)
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 on PATH");
-    let python = String::from_utf8(exe.stdout).unwrap().trim().to_string();
-    let path = dir.path().join(name);
-    std::os::unix::fs::symlink(&python, &path).unwrap();
-    Alias { _dir: dir, path }
 }
 
 fn run_blocker(alias: &Alias) {

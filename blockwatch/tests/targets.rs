@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{PYTHON, repo_root, subject, trace_with_timeout};
+use common::{repo_root, subject, trace_with_timeout};
 
 /// `--comm` picks up a process that starts after blockwatch attached (it is
 /// matched at exec) and reports its loop like any other.
@@ -14,19 +14,11 @@ use common::{PYTHON, repo_root, subject, trace_with_timeout};
 fn comm_glob_watches_processes_started_later() {
     let _serial = common::setup();
     // A uniquely named interpreter: comm comes from the exec'd file name.
-    let dir = tempfile::tempdir().unwrap();
-    // The interpreter itself, not a wrapper such as pyenv's shim.
-    let exe = Command::new(PYTHON)
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .expect("python3 on PATH");
-    let python = String::from_utf8(exe.stdout).unwrap().trim().to_string();
-    let alias = dir.path().join("bwcommtest");
-    std::os::unix::fs::symlink(&python, &alias).unwrap();
+    let alias = common::python_alias("bwcommtest");
     let script = subject("asyncio_blocker.py");
     let starter = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
-        Command::new(&alias)
+        Command::new(&alias.path)
             .arg(script)
             .current_dir(repo_root())
             .status()

@@ -397,3 +397,22 @@ impl Drop for Background {
 pub const PYTHON: &str = "python3";
 /// Debian's own interpreter, built differently from pyenv's.
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// A symlink to the real interpreter under a unique name, so the process
+/// name (comm) is ours alone.
+pub struct Alias {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+pub fn python_alias(name: &str) -> Alias {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = Command::new(PYTHON)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 on PATH");
+    let python = String::from_utf8(exe.stdout).unwrap().trim().to_string();
+    let path = dir.path().join(name);
+    std::os::unix::fs::symlink(&python, &path).unwrap();
+    Alias { _dir: dir, path }
+}
