@@ -359,7 +359,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         threads,
         watched,
         mut parks,
-        pyprocs: _,
+        mut pyprocs,
         mut config,
         counters,
         events,
@@ -455,6 +455,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 }
             }
             _ = refresh.tick() => {
+                // Interpreter frames for the CPython processes among them
+                // (each process is inspected a bounded number of times).
+                pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
                 let now = Instant::now();
                 let tagged = maps.tagged(&mut state);
                 let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0);

@@ -159,14 +159,20 @@ impl Drop for Daemon {
 
 /// The value of the sample `name{labels…}` whose labels include all of
 /// `want` (text exposition format).
+/// Sum of the series of `name` that carry the `want` labels (one process
+/// may have several, e.g. before and after its Python frames were known
+/// the culprit label differs); None when there is none.
 fn sample(metrics: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        let rest = l.strip_prefix(name)?.strip_prefix('{')?;
-        let (labels, value) = rest.rsplit_once("} ")?;
-        want.iter()
-            .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
-            .then(|| value.trim().parse().ok())?
-    })
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            want.iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .reduce(|a, b| a + b)
 }
 
 fn events_of(d: &Daemon, process: &str) -> f64 {
