@@ -46,6 +46,12 @@ fn until_exit(loaded: &mut Loaded, pid: u32) -> Vec<Record> {
     })
 }
 
+/// A timed wait of `expected_ms` never ends early, but on a loaded 2-core CI
+/// machine the woken thread may wait a long while for a CPU.
+fn roughly(ms: u64, expected_ms: u64) -> bool {
+    (expected_ms.saturating_sub(5)..expected_ms + 1_000).contains(&ms)
+}
+
 fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
     records
         .iter()
@@ -103,7 +109,7 @@ fn asyncio_sleep_is_reported(force_raw: bool) {
     assert_eq!((b[0].pid, b[0].tid), (pid, pid));
     assert_eq!(b[0].syscall, NR_CLOCK_NANOSLEEP);
     let ms = b[0].duration_ns / 1_000_000;
-    assert!((75..200).contains(&ms), "duration {ms} ms");
+    assert!(roughly(ms, 80), "duration {ms} ms");
     assert!(!b[0].ips.is_empty(), "a user stack was captured");
 }
 
@@ -226,8 +232,8 @@ fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     let b = blocks(&records);
     let by_nr = |nr| b.iter().find(|b| b.syscall == nr);
     let ep = by_nr(NR_EPOLL_WAIT).unwrap_or_else(|| panic!("foreign epoll wait: {b:#?}"));
-    assert!((75..200).contains(&(ep.duration_ns / 1_000_000)));
+    assert!(roughly(ep.duration_ns / 1_000_000, 80), "{b:#?}");
     let poll = by_nr(NR_POLL).unwrap_or_else(|| panic!("socket poll: {b:#?}"));
-    assert!((85..200).contains(&(poll.duration_ns / 1_000_000)));
+    assert!(roughly(poll.duration_ns / 1_000_000, 90), "{b:#?}");
     assert_eq!(b.len(), 2, "nothing else: {b:#?}");
 }
