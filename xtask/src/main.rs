@@ -1,6 +1,7 @@
-//! `cargo xtask <command>`: the project's setup, build, demo and test
-//! entry points (the alias lives in `.cargo/config.toml`).
+//! `cargo xtask <command>`: the project's setup, build, demo, test and
+//! fuzz entry points (the alias lives in `.cargo/config.toml`).
 
+mod fuzz;
 mod run;
 mod setup;
 
@@ -29,8 +30,18 @@ enum Command {
     /// Build, then trace examples/asyncio-demo.py with blockwatch (as root).
     Demo,
     /// Build, then run the unit tests and, one at a time, the integration
-    /// tests against the real kernel (as root).
+    /// tests against the real kernel (as root), then fuzz each fuzz target
+    /// for a bounded time.
     Test,
+    /// Fuzz the record decoder and the config parser (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only these targets (default: all).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::target_names()))]
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,6 +55,9 @@ fn main() -> ExitCode {
         }),
         Command::Demo => demo(),
         Command::Test => test(),
+        Command::Fuzz { time, targets } => setup::run()
+            .and_then(|()| fuzz::run(std::time::Duration::from_secs(time), &targets))
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -139,6 +153,9 @@ fn test() -> anyhow::Result<ExitCode> {
         "--",
         "--test-threads=1",
     ])?;
+    // A little fuzzing of every change (the decoder and the config parser
+    // take untrusted input).
+    fuzz::run(fuzz::TEST_TIME, &[])?;
     println!("xtask: all tests passed");
     Ok(ExitCode::SUCCESS)
 }

@@ -18,12 +18,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// A Debian package the tests or the demo need. Adding one is one line in
 /// [`PACKAGES`].
-struct Package {
+pub struct Package {
     /// The Debian package to install when missing.
-    name: &'static str,
+    pub name: &'static str,
     /// A command that, when already on PATH, satisfies the need (so a pyenv
     /// python3 or a Node from elsewhere is not replaced).
-    command: Option<&'static str>,
+    pub command: Option<&'static str>,
 }
 
 const PACKAGES: &[Package] = &[
@@ -42,7 +42,15 @@ const PACKAGES: &[Package] = &[
         name: "prometheus",
         command: Some("prometheus"),
     },
+    // `cargo xtask bench` loads an HTTP server with it (small: 200 KB).
+    Package {
+        name: "wrk",
+        command: Some("wrk"),
+    },
 ];
+
+/// The cargo-fuzz release `cargo xtask fuzz` and `test` are run with.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 enum Outcome {
     Present(Option<String>),
@@ -66,16 +74,27 @@ fn fail(problem: impl Into<String>, hint: impl Into<String>) -> Failure {
 pub fn run() -> anyhow::Result<()> {
     step("rust-src for the nightly toolchain", rust_src)?;
     step("bpf-linker", bpf_linker)?;
+    step("cargo-fuzz", cargo_fuzz)?;
     step("tracefs at /sys/kernel/tracing", || {
         mount("tracefs", "/sys/kernel/tracing")
     })?;
     step("bpffs at /sys/fs/bpf", || mount("bpf", "/sys/fs/bpf"))?;
     let names: Vec<&str> = PACKAGES.iter().map(|p| p.name).collect();
-    step(
-        &format!("apt packages ({})", names.join(", ")),
-        apt_packages,
-    )?;
+    step(&format!("apt packages ({})", names.join(", ")), || {
+        apt_packages(PACKAGES)
+    })?;
     Ok(())
+}
+
+/// Installs the Debian packages of `packages` that are missing, as one
+/// `setup: apt packages (...)` step; for tasks (bench) whose needs are too
+/// large to install for every build.
+#[allow(dead_code)] // for `cargo xtask bench`, next
+pub fn ensure_packages(packages: &[Package]) -> anyhow::Result<()> {
+    let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
+    step(&format!("apt packages ({})", names.join(", ")), || {
+        apt_packages(packages)
+    })
 }
 
 fn step(name: &str, f: impl FnOnce() -> Result<Outcome, Failure>) -> anyhow::Result<()> {
@@ -225,6 +244,36 @@ fn bpf_linker() -> Result<Outcome, Failure> {
     }
 }
 
+fn cargo_fuzz_version() -> Option<String> {
+    // `cargo fuzz` finds cargo-fuzz in ~/.cargo/bin whichever cargo runs.
+    output_of("cargo", &["fuzz", "--version"]).filter(|v| !v.is_empty())
+}
+
+fn cargo_fuzz() -> Result<Outcome, Failure> {
+    if let Some(version) = cargo_fuzz_version() {
+        return Ok(Outcome::Present(Some(version)));
+    }
+    announce(&format!(
+        "building cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)"
+    ));
+    let mut cmd = Command::new(cargo_path());
+    cmd.args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION])
+        .arg("--locked");
+    check(&mut cmd).map_err(|e| {
+        fail(
+            format!("{e:#}"),
+            "check that crates.io is reachable, then rerun `cargo xtask setup`",
+        )
+    })?;
+    match cargo_fuzz_version() {
+        Some(_) => Ok(Outcome::Done),
+        None => Err(fail(
+            "cargo-fuzz was installed but `cargo fuzz --version` fails",
+            "check that ~/.cargo/bin is on PATH, then rerun `cargo xtask setup`",
+        )),
+    }
+}
+
 /// The nightly toolchain's LLVM library, `libLLVM.so.<major>.<minor>-rust-<version>`,
 /// and its major version.
 fn nightly_llvm(lib_dir: &Path) -> Result<(String, u32), Failure> {
@@ -311,8 +360,8 @@ fn dpkg_installed(package: &str) -> bool {
         .is_some_and(|s| s.lines().any(|l| l == "Status: install ok installed"))
 }
 
-fn apt_packages() -> Result<Outcome, Failure> {
-    let missing: Vec<&str> = PACKAGES
+fn apt_packages(packages: &[Package]) -> Result<Outcome, Failure> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|p| !p.command.is_some_and(on_path) && !dpkg_installed(p.name))
         .map(|p| p.name)
