@@ -14,6 +14,12 @@ pub const COMM_LEN: usize = 16;
 pub const PROBE_STACK_BYTES: usize = 512;
 /// How many futex probes a thread may send before the kernel stops asking.
 pub const PROBE_BUDGET: u8 = 16;
+/// Most bytes of user stack copied per blocking wait (see [`UserStack`]).
+pub const MAX_USER_STACK: usize = 32 * 1024;
+/// Bytes of user stack copied per blocking wait unless configured otherwise.
+pub const DEFAULT_USER_STACK: u32 = 16 * 1024;
+/// Bytes of [`UserStack`] before its `bytes`.
+pub const USER_STACK_HEADER: usize = 48;
 
 /// Thread is watched but not (yet) known to run an event loop: nothing it
 /// does is reported, but the kernel watches for its first idle wait.
@@ -38,6 +44,10 @@ pub const KIND_BLOCK: u32 = 1;
 pub const KIND_PROBE: u32 = 2;
 pub const KIND_EXEC: u32 = 3;
 pub const KIND_EXIT: u32 = 4;
+/// A copy of a blocked thread's user stack ([`UserStack`]), sent just before
+/// the `KIND_BLOCK` record of the same wait. Numbered apart from the others
+/// so that new kinds can be added densely without colliding.
+pub const KIND_USER_STACK: u32 = 16;
 
 /// Indexes into the `COUNTERS` per-CPU array.
 pub const COUNTER_LOST_EVENTS: u32 = 0;
@@ -45,6 +55,8 @@ pub const COUNTER_LOST_PROBES: u32 = 1;
 pub const COUNTER_LOST_STACKS: u32 = 2;
 pub const COUNTER_LOST_TAGS: u32 = 3;
 pub const COUNTER_EVENTS: u32 = 4;
+/// User-stack copies that failed (no map entry) or could not be sent.
+pub const COUNTER_LOST_USER_STACKS: u32 = 7;
 pub const NUM_COUNTERS: u32 = 8;
 
 /// Per-thread state, kept by the kernel in `THREADS` (key: TID).
@@ -126,6 +138,28 @@ pub struct StackBuf {
     pub py: [PyFrameRef; MAX_PY_FRAMES],
 }
 
+/// The top of a blocked thread's user stack and its registers, copied at
+/// switch-out for DWARF unwinding in user space. Kept per TID in
+/// `USER_STACKS` (one entry per loop thread, rewritten by each of its
+/// waits); sent (`KIND_USER_STACK`), only its first `USER_STACK_HEADER +
+/// len` bytes, when the wait becomes an event.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UserStack {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    /// Bytes of `bytes` that were copied, from `sp` up.
+    pub len: u32,
+    /// Switch-out time of the wait this copy belongs to (`BlockEvent::start_ns`).
+    pub start_ns: u64,
+    /// User registers at switch-out.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub bytes: [u8; MAX_USER_STACK],
+}
+
 /// A blocking wait that ended (`KIND_BLOCK`).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -199,7 +233,7 @@ pub struct KernelOffsets {
     pub thread_size: u32,
     /// `task_struct.thread.fsbase`: the thread pointer, i.e. its pthread_t.
     pub task_fsbase: u32,
-    pub _pad: u32,
+    pub pt_regs_bp: u32,
 }
 
 /// Interpreter frames recorded per blocking event (CPython).
@@ -262,6 +296,7 @@ mod user {
     unsafe impl aya::Pod for WatchRule {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for StackBuf {}
+    unsafe impl aya::Pod for UserStack {}
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for PyOffsets {}
     unsafe impl aya::Pod for PyProc {}
@@ -273,4 +308,6 @@ const _: () = {
     assert!(core::mem::size_of::<BlockEvent>() == 88 + 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES);
     assert!(core::mem::size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
     assert!(core::mem::size_of::<TaskEvent>() == 32);
+    assert!(core::mem::size_of::<UserStack>() == USER_STACK_HEADER + MAX_USER_STACK);
+    assert!(MAX_USER_STACK.is_multiple_of(4096));
 };

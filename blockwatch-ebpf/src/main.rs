@@ -16,7 +16,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_NO_PREALLOC, BPF_F_USER_STACK},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_task_pt_regs,
@@ -50,6 +50,26 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 
 static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+/// The top of the user stack of each loop thread's latest non-idle wait,
+/// for DWARF unwinding in user space.
+///
+/// Why a hash without preallocation, entries kept for the thread's life:
+/// a preallocated map would pin `max_entries` × 32 KiB (128 MiB) whether or
+/// not anything blocks; without preallocation memory follows the loop
+/// threads that actually blocked (a few per process). An entry is reused
+/// by every later wait of its thread rather than deleted at switch-in, so
+/// the hot path never allocates (freed elements of a non-preallocated map
+/// come back only after an RCU grace period, and a burst of waits on one
+/// CPU would run its allocator cache dry); exit and exec delete it. A
+/// per-CPU scratch could not hold it (per-CPU values stop at 32 KiB) and
+/// is not needed: the copy is made straight into the map value.
+#[map]
+static USER_STACKS: HashMap<u32, UserStack> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC as u32);
+/// One zeroed value, never written: the source of a new `USER_STACKS` entry
+/// (an update copies a whole value from somewhere).
+#[map]
+static USER_STACK_ZERO: Array<UserStack> = Array::with_max_entries(1, 0);
 
 /// Filled in by user space from the running kernel's BTF before load.
 #[unsafe(no_mangle)]
@@ -67,8 +87,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     pt_regs_size: 0,
     thread_size: 0,
     task_fsbase: 0,
-    _pad: 0,
+    pt_regs_bp: 0,
 };
+
+/// Bytes of user stack copied per blocking wait, at most `MAX_USER_STACK`;
+/// 0 keeps frame pointers only. Set by user space before load.
+#[unsafe(no_mangle)]
+static USER_STACK_SIZE: u32 = 0;
 
 // ---- x86-64 syscall numbers and kernel constants ---------------------------
 
@@ -304,6 +329,107 @@ fn switch_out<C: EbpfContext>(
         STATE_SLEEPING
     };
     capture_stack(ctx, tag, tid, prev);
+    copy_user_stack(tag, tid, regs);
+}
+
+/// Pages of user stack read by one helper call; a read that would cross the
+/// end of the stack mapping fails whole, so the copy goes page by page.
+const PAGE: usize = 4096;
+
+/// Copies the top of the user stack and the registers DWARF unwinding
+/// starts from into the thread's `USER_STACKS` entry.
+#[inline(always)]
+fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
+    // SAFETY: a plain read of a global frozen before load.
+    let want = unsafe { core::ptr::read_volatile(&USER_STACK_SIZE) } as usize;
+    if want == 0 {
+        return;
+    }
+    let value = match USER_STACKS.get_ptr_mut(tid) {
+        Some(v) => v,
+        None => {
+            let Some(zero) = USER_STACK_ZERO.get(0) else {
+                count(COUNTER_LOST_USER_STACKS);
+                return;
+            };
+            if USER_STACKS.insert(tid, zero, 0).is_err() {
+                count(COUNTER_LOST_USER_STACKS);
+                return;
+            }
+            match USER_STACKS.get_ptr_mut(tid) {
+                Some(v) => v,
+                None => {
+                    count(COUNTER_LOST_USER_STACKS);
+                    return;
+                }
+            }
+        }
+    };
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    // SAFETY: map value pointer, valid for this run; only this thread's
+    // switches touch its entry, and they are serialised by the scheduler.
+    let v = unsafe { &mut *value };
+    v.kind = KIND_USER_STACK;
+    v.pid = tag.tgid;
+    v.tid = tid;
+    v.start_ns = tag.out_ns;
+    v.ip = kread(regs, o.pt_regs_ip);
+    v.sp = sp;
+    v.bp = kread(regs, o.pt_regs_bp);
+    v.len = 0;
+    let pages = want.div_ceil(PAGE);
+    // Bytes from sp to the end of its page: what is left to read when a
+    // whole page from sp + k * PAGE runs past the end of the stack.
+    let head = PAGE - (sp as usize & (PAGE - 1));
+    let mut copied = 0usize;
+    for k in 0..MAX_USER_STACK / PAGE {
+        if k >= pages {
+            break;
+        }
+        let at = k * PAGE;
+        // SAFETY: at + PAGE <= MAX_USER_STACK, inside `bytes`.
+        let dst = unsafe { v.bytes.as_mut_ptr().add(at) };
+        if read_user(dst, PAGE, sp + at as u64) {
+            copied = at + PAGE;
+            continue;
+        }
+        if head < PAGE && read_user(dst, head, sp + at as u64) {
+            copied = at + head;
+        }
+        break;
+    }
+    v.len = copied.min(want) as u32;
+}
+
+/// Sends the user stack copied at the start of the wait that began at
+/// `start`, just before its event. Counted when it cannot be sent.
+#[inline(always)]
+fn send_user_stack(tid: u32, start: u64) {
+    // SAFETY: no preconditions.
+    if unsafe { core::ptr::read_volatile(&USER_STACK_SIZE) } == 0 {
+        return;
+    }
+    let Some(value) = USER_STACKS.get_ptr(tid) else {
+        count(COUNTER_LOST_USER_STACKS);
+        return;
+    };
+    // SAFETY: map value pointer, valid for this run.
+    let v = unsafe { &*value };
+    if v.start_ns != start {
+        count(COUNTER_LOST_USER_STACKS);
+        return;
+    }
+    let len = v.len as usize;
+    if len > MAX_USER_STACK {
+        return;
+    }
+    // SAFETY: the first USER_STACK_HEADER + len bytes of the value, which
+    // is USER_STACK_HEADER + MAX_USER_STACK long.
+    let bytes = unsafe { core::slice::from_raw_parts(value as *const u8, USER_STACK_HEADER + len) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count(COUNTER_LOST_USER_STACKS);
+    }
 }
 
 #[inline(always)]
@@ -421,6 +547,7 @@ fn switch_in(tag: &mut ThreadTag, tid: u32, next: *const u8) {
     if duration < threshold_ns() {
         return;
     }
+    send_user_stack(tid, start);
     let Some(mut entry) = EVENTS.reserve::<BlockEvent>(0) else {
         count(COUNTER_LOST_EVENTS);
         return;
@@ -582,7 +709,9 @@ fn on_exec(old_pid: u32) {
     if old_pid != tgid {
         let _ = THREADS.remove(old_pid);
         let _ = STACKS.remove(old_pid);
+        let _ = USER_STACKS.remove(old_pid);
     }
+    let _ = USER_STACKS.remove(tgid);
     let _ = PARKS.remove(tgid);
     let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
@@ -627,6 +756,7 @@ fn on_exit(group_dead: bool) {
     if was_tagged {
         let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);
+        let _ = USER_STACKS.remove(tid);
     }
     if group_dead {
         let _ = PYPROCS.remove(tgid);

@@ -128,7 +128,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         pt_regs_dx: off("pt_regs", "dx")?,
         pt_regs_size: struct_size(&btf, "pt_regs")? as u32,
         task_fsbase: off("task_struct", "thread")? + off("thread_struct", "fsbase")?,
-        _pad: 0,
+        pt_regs_bp: off("pt_regs", "bp")?,
         // x86-64's THREAD_SIZE without KASAN; only the raw-tracepoint
         // fallback uses it to find pt_regs at the top of the kernel stack.
         thread_size: 16384,
@@ -150,6 +150,7 @@ mod tests {
         assert_eq!(o.pt_regs_si, 104);
         assert_eq!(o.pt_regs_dx, 96);
         assert_eq!(o.pt_regs_size, 168);
+        assert_eq!(o.pt_regs_bp, 32);
         assert!(o.task_pid > 0 && o.task_tgid == o.task_pid + 4);
         assert!(o.task_comm > o.task_pid);
     }

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::time::Duration;
 
+use blockwatch_common::{DEFAULT_USER_STACK, MAX_USER_STACK};
 use clap::{Args, Parser, Subcommand};
 
 use crate::duration::clap_duration;
@@ -86,6 +87,12 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DURATION", value_parser = clap_duration, default_value = "10ms")]
     pub threshold: Duration,
 
+    /// Bytes of a blocked thread's user stack copied for DWARF unwinding
+    /// (code without frame pointers), at most 32768; 0 uses frame
+    /// pointers only.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
+    pub user_stack_size: u32,
+
     /// Stop after this long (default: until Ctrl-C or the command ends).
     #[arg(short, long, value_name = "DURATION", value_parser = clap_duration)]
     pub duration: Option<Duration>,
@@ -128,10 +135,29 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DURATION", value_parser = clap_duration)]
     pub threshold: Option<Duration>,
 
+    /// Bytes of a blocked thread's user stack copied for DWARF unwinding
+    /// (code without frame pointers), at most 32768; 0 uses frame
+    /// pointers only. Read at start (a reload does not change it).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
+    pub user_stack_size: u32,
+
     /// Watch every process on the host (but the config's exclude_comms and
     /// blockwatch itself) and report the threads that run event loops.
     #[arg(long)]
     pub auto: bool,
+}
+
+/// `--user-stack-size`: 0 to `MAX_USER_STACK` bytes.
+fn user_stack_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n as usize > MAX_USER_STACK {
+        return Err(format!(
+            "{n} bytes is more than the most that is copied, {MAX_USER_STACK}"
+        ));
+    }
+    Ok(n)
 }
 
 impl TraceArgs {
@@ -245,6 +271,31 @@ mod tests {
         assert_eq!(d.threshold, Some(Duration::from_millis(5)));
         assert!(d.auto && d.config.is_none() && d.threads.is_none());
         assert!(parse(&["daemon", "--listen", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn user_stack_size_is_bounded() {
+        let Command::Trace(t) = parse(&["trace", "--pid", "1"]).unwrap().command else {
+            panic!("not trace")
+        };
+        assert_eq!(t.user_stack_size, DEFAULT_USER_STACK);
+        let Command::Trace(t) = parse(&["trace", "--user-stack-size", "0", "-p", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not trace")
+        };
+        assert_eq!(t.user_stack_size, 0);
+        let err = parse(&["trace", "--user-stack-size", "40000", "-p", "1"]).unwrap_err();
+        assert!(err.to_string().contains("32768"), "{err}");
+        assert!(parse(&["trace", "--user-stack-size", "16k", "-p", "1"]).is_err());
+        let Command::Daemon(d) = parse(&["daemon", "--user-stack-size", "8192"])
+            .unwrap()
+            .command
+        else {
+            panic!("not daemon")
+        };
+        assert_eq!(d.user_stack_size, 8192);
     }
 
     #[test]

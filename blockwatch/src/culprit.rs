@@ -32,6 +32,10 @@ enum Rule {
     /// Functions of a Rust crate, and its trait impls (`<crate::Type as
     /// Trait>::f`, and v0-demangled inherent impls `<crate::Type>::f`).
     RustCrate(&'static str),
+    /// JavaScript of Node's own library, as perf maps name it: the source
+    /// location, last, is a `node:` module (`JS:~spawnSync
+    /// node:internal/child_process:1108:19`).
+    NodeLibraryJs,
 }
 
 /// Not the application. Add to it when a runtime's frames show up as
@@ -69,6 +73,7 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::FunctionPrefix("v8::"),
     Rule::FunctionPrefix("node::"),
     Rule::FunctionPrefix("Builtins_"),
+    Rule::NodeLibraryJs,
     // Rust: the standard library and the async runtime stack.
     Rule::RustCrate("std"),
     Rule::RustCrate("core"),
@@ -106,6 +111,10 @@ impl Rule {
                 .and_then(|rest| rest.chars().next())
                 .is_some_and(|c| c == '_' || c.is_ascii_uppercase()),
             Rule::PythonStdlib => module.is_some_and(is_python_stdlib),
+            Rule::NodeLibraryJs => function
+                .rsplit(' ')
+                .next()
+                .is_some_and(|at| at.starts_with("node:") && !at.starts_with("node::")),
             Rule::RustCrate(krate) => function
                 .strip_prefix('<')
                 .unwrap_or(function)
@@ -264,8 +273,17 @@ mod tests {
             "v8::internal::Execution::Call(v8::internal::Isolate*)",
             "node::fs::Read(v8::FunctionCallbackInfo<v8::Value> const&)",
             "Builtins_JSEntryTrampoline",
+            "JS:~spawnSync node:internal/child_process:1108:19",
+            "LazyCompile:*execSync node:child_process:880:18",
         ] {
             assert!(!app(f, "/opt/embedder/bin/app"), "{f}");
+        }
+        // The application's JavaScript, named from a perf map.
+        for f in [
+            "JS:~blockingExecSync /srv/app/server.js:17:26",
+            "LazyCompile:*handler file:///srv/app/index.mjs:3:1",
+        ] {
+            assert!(app(f, "[anon]"), "{f}");
         }
         // A native addon.
         assert!(app("addon::Work(int)", "/app/build/Release/addon.node"));

@@ -365,9 +365,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         events,
         logger,
         ebpf,
-    } = loader::load(
+    } = loader::load_with_user_stack(
         kernel_config(&current, &rules).threshold_ns,
         loader::force_raw_from_env(),
+        args.user_stack_size,
     )?;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {

@@ -9,6 +9,7 @@ use blockwatch_common::{
     PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
     TaskEvent,
 };
+use blockwatch_common::{KIND_USER_STACK, MAX_USER_STACK, USER_STACK_HEADER};
 
 use crate::event::OffState;
 
@@ -55,9 +56,25 @@ pub struct ProbeRecord {
     pub stack: Vec<u8>,
 }
 
+/// The top of a blocked thread's user stack, sent just before the
+/// [`BlockRecord`] of the same wait (same `tid` and `start_ns`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserStackRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub start_ns: u64,
+    /// User registers at switch-out.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Stack bytes from `sp` up.
+    pub stack: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Block(BlockRecord),
+    UserStack(UserStackRecord),
     Probe(ProbeRecord),
     /// Process `pid` exec'd (from thread `tid`).
     Exec {
@@ -142,6 +159,33 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 ip: ev.ip,
                 sp: ev.sp,
                 stack: ev.stack[..len].to_vec(),
+            }))
+        }
+        KIND_USER_STACK => {
+            // Variable length: the header, then `len` bytes of stack.
+            let header = bytes.get(..USER_STACK_HEADER).ok_or(DecodeError::Short {
+                kind,
+                need: USER_STACK_HEADER,
+                got: bytes.len(),
+            })?;
+            let u32_at = |i: usize| u32::from_ne_bytes(header[i..i + 4].try_into().expect("4"));
+            let u64_at = |i: usize| u64::from_ne_bytes(header[i..i + 8].try_into().expect("8"));
+            let len = (u32_at(12) as usize).min(MAX_USER_STACK);
+            let stack = bytes
+                .get(USER_STACK_HEADER..USER_STACK_HEADER + len)
+                .ok_or(DecodeError::Short {
+                    kind,
+                    need: USER_STACK_HEADER + len,
+                    got: bytes.len(),
+                })?;
+            Ok(Record::UserStack(UserStackRecord {
+                pid: u32_at(4),
+                tid: u32_at(8),
+                start_ns: u64_at(16),
+                ip: u64_at(24),
+                sp: u64_at(32),
+                bp: u64_at(40),
+                stack: stack.to_vec(),
             }))
         }
         KIND_EXEC | KIND_EXIT => {
@@ -284,6 +328,49 @@ mod tests {
         };
         assert_eq!(p.stack.len(), PROBE_STACK_BYTES);
         assert_eq!(p.uaddr, 0xdead);
+    }
+
+    fn user_stack_bytes(len: u32, stack: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [KIND_USER_STACK, 7, 8, len] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        for v in [
+            1_000u64,
+            0x5555_0000_1234,
+            0x7ffd_0000_0100,
+            0x7ffd_0000_0200,
+        ] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        b.extend_from_slice(stack);
+        b
+    }
+
+    #[test]
+    fn user_stack_is_variable_length_and_checked() {
+        let bytes = user_stack_bytes(4, &[1, 2, 3, 4]);
+        let Record::UserStack(u) = decode(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!((u.pid, u.tid, u.start_ns), (7, 8, 1_000));
+        assert_eq!(
+            (u.ip, u.sp, u.bp),
+            (0x5555_0000_1234, 0x7ffd_0000_0100, 0x7ffd_0000_0200)
+        );
+        assert_eq!(u.stack, [1, 2, 3, 4]);
+        // A length past the record's end is an error, not a short read.
+        assert!(matches!(
+            decode(&user_stack_bytes(5, &[1, 2, 3, 4])),
+            Err(DecodeError::Short {
+                kind: KIND_USER_STACK,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(&bytes[..20]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]

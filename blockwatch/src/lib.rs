@@ -27,4 +27,5 @@ pub mod symbolize;
 pub mod syscalls;
 pub mod targets;
 pub mod trace;
+pub mod unwind;
 pub mod verdict;

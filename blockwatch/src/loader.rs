@@ -11,7 +11,10 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint},
 };
-use blockwatch_common::{Config, KernelOffsets, NUM_COUNTERS, PyProc, ThreadTag, WatchRule};
+use blockwatch_common::{
+    Config, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, NUM_COUNTERS, PyProc, ThreadTag,
+    WatchRule,
+};
 use log::{debug, info, warn};
 
 use crate::btf::{self, BtfError};
@@ -183,8 +186,21 @@ fn ensure_mounted(
 
 /// Loads and attaches the programs with the given off-CPU threshold.
 /// `force_raw` uses the raw-tracepoint twins even where tp_btf works.
+/// Blocked threads' user stacks are copied with the default size.
 pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
+    load_with_user_stack(threshold_ns, force_raw, DEFAULT_USER_STACK)
+}
+
+/// As [`load`], copying `user_stack_size` bytes (at most
+/// `MAX_USER_STACK`) of each blocked thread's user stack for DWARF
+/// unwinding; 0 keeps frame pointers only.
+pub fn load_with_user_stack(
+    threshold_ns: u64,
+    force_raw: bool,
+    user_stack_size: u32,
+) -> Result<Loaded, LoadError> {
     check_privileges()?;
+    let user_stack_size = user_stack_size.min(MAX_USER_STACK as u32);
     let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
     debug!("kernel offsets: {offsets:?}");
     // Tracepoint attachment by name goes through tracefs on some kernels;
@@ -206,6 +222,7 @@ pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
 
     let mut ebpf = EbpfLoader::new()
         .override_global("OFFSETS", &offsets, true)
+        .override_global("USER_STACK_SIZE", &user_stack_size, true)
         .load(PROGRAMS)
         .map_err(|e| LoadError::Load(e.to_string()))?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

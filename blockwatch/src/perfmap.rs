@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Re-read a map at most this often when an address is not in it: JITs
-/// append as they compile, but events must not cost a file read each.
+/// Re-read a map at most this often when an address is not in it (and
+/// sooner when it grew): JITs append as they compile, but events must not
+/// cost a file read each.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// A perf map larger than this is not read (a runaway JIT).
 const MAX_MAP_BYTES: u64 = 256 << 20;
@@ -19,6 +20,9 @@ struct Map {
     /// (start, end, name), sorted by start.
     entries: Vec<(u64, u64, String)>,
     loaded: Instant,
+    /// Size of the file when read: JITs only append, so a larger file has
+    /// new entries (a function compiled just before it blocked).
+    len: u64,
 }
 
 #[derive(Default)]
@@ -69,6 +73,7 @@ fn load(pid: u32) -> Option<Map> {
     Some(Map {
         entries: parse(&text),
         loaded: Instant::now(),
+        len: text.len() as u64,
     })
 }
 
@@ -91,9 +96,10 @@ impl PerfMaps {
         {
             return Some(name.to_string());
         }
-        let stale = slot
-            .as_ref()
-            .is_none_or(|m| m.loaded.elapsed() >= RELOAD_INTERVAL);
+        let stale = slot.as_ref().is_none_or(|m| {
+            m.loaded.elapsed() >= RELOAD_INTERVAL
+                || std::fs::metadata(map_path(pid)).is_ok_and(|meta| meta.len() > m.len)
+        });
         if stale {
             *slot = load(pid);
             return slot

@@ -16,6 +16,7 @@ use crate::perfmap::PerfMaps;
 use crate::python::{self, CodeReader, PyProcess};
 use crate::symbolize::Symbolizer;
 use crate::syscalls::{self, FdKind};
+use crate::unwind::StackUnwinder;
 use crate::{culprit, runtime, targets};
 
 const NR_FUTEX: i64 = 202;
@@ -55,6 +56,10 @@ pub struct Stats {
 
 pub struct Pipeline {
     sym: Symbolizer,
+    unwinder: StackUnwinder,
+    /// User-stack copies waiting for the block record of their wait (the
+    /// kernel sends the copy just before it), by TID.
+    user_stacks: HashMap<u32, decode::UserStackRecord>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset: Duration,
     process_names: HashMap<u32, String>,
@@ -89,6 +94,8 @@ impl Pipeline {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         Self {
             sym: Symbolizer::new(),
+            unwinder: StackUnwinder::new(),
+            user_stacks: HashMap::new(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
             parks: HashMap::new(),
@@ -105,14 +112,17 @@ impl Pipeline {
     }
 
     /// Finds which of the watched processes `pids` run CPython and hands
-    /// the kernel what it needs to walk their frames. Cheap to call
-    /// periodically: a process is inspected a bounded number of times.
+    /// the kernel what it needs to walk their frames, and snapshots their
+    /// memory maps (so that a process that exits right after blocking is
+    /// still symbolized). Cheap to call periodically: a process is
+    /// inspected a bounded number of times.
     pub fn refresh_interpreters(
         &mut self,
         pids: impl IntoIterator<Item = u32>,
         pyprocs: &mut BpfHashMap<MapData, u32, PyProc>,
     ) {
         for pid in pids {
+            self.sym.observe(pid);
             let state = self
                 .interps
                 .entry(pid)
@@ -181,12 +191,23 @@ impl Pipeline {
             }
         };
         match record {
-            Record::Block(b) => {
+            Record::Block(mut b) => {
+                let copy = self
+                    .user_stacks
+                    .remove(&b.tid)
+                    .filter(|u| u.start_ns == b.start_ns);
                 if b.syscall == NR_FUTEX && self.parks.get(&b.tid) == Some(&b.args[0]) {
                     return None;
                 }
+                b.ips = self
+                    .unwinder
+                    .stack(&mut self.sym, b.pid, &b.ips, copy.as_ref());
                 self.stats.events += 1;
                 Some(Output::Event(Box::new(self.enrich(b))))
+            }
+            Record::UserStack(u) => {
+                self.user_stacks.insert(u.tid, u);
+                None
             }
             Record::Probe(p) => {
                 if runtime::probe_is_park(&mut self.sym, &p) {
@@ -204,6 +225,7 @@ impl Pipeline {
             }
             Record::Exec { pid, tid, comm } => {
                 self.sym.invalidate(pid);
+                self.unwinder.forget(pid);
                 self.perf_maps.forget(pid);
                 self.interps.remove(&pid);
                 self.code.forget(pid);
@@ -218,12 +240,14 @@ impl Pipeline {
                 group_dead,
             } => {
                 self.parks.remove(&tid);
+                self.user_stacks.remove(&tid);
                 if group_dead {
                     // Kept until here so late events still carry the name.
                     self.process_names.remove(&pid);
                     self.perf_maps.forget(pid);
                     self.interps.remove(&pid);
                     self.code.forget(pid);
+                    self.unwinder.forget(pid);
                     Some(Output::ProcessExit { pid })
                 } else {
                     None

@@ -9,6 +9,14 @@
 //! blazesym's ELF source, so one parsed copy of a binary (its symbol tables
 //! and DWARF) serves every process that maps it, whatever address the
 //! process loaded it at.
+//!
+//! A process may exit before its last events are read (it blocked, then
+//! quit). So the snapshot is taken when a process is first seen
+//! ([`Symbolizer::observe`], re-read while the process is young and loads
+//! its libraries, on exec and on addresses it does not cover), and the
+//! binaries it maps are opened at once and kept open (a bounded number):
+//! after the exit, `/proc/PID` is gone but the open files still name the
+//! very binaries the process ran, for symbols and for unwind tables.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,14 +47,41 @@ const MAX_PROCESSES: usize = 1024;
 /// Resolved addresses kept per cache generation (so at most twice this).
 const FRAME_CACHE_GENERATION: usize = 16 * 1024;
 
+/// A process first seen this long ago is still starting up (its dynamic
+/// loader and imports map libraries): [`Symbolizer::observe`] re-reads its
+/// maps every `MAPS_REFRESH` until then. Later, only misses re-read them.
+const YOUNG: Duration = Duration::from_secs(10);
+
+/// While young, a miss re-reads the maps this often at most: the libraries
+/// a process loads at start must be seen before it can exit.
+const YOUNG_MAPS_REFRESH: Duration = Duration::from_millis(50);
+
+/// Binaries kept open for processes that may exit before their events are
+/// symbolized. Past this, the least recently used is closed (and reopened
+/// through its process if that is still alive).
+const MAX_PINNED: usize = 256;
+
 /// Identity of a mapped file, as `/proc/PID/maps` reports it. Paths are no
 /// identity: the same library has different paths in different mount
 /// namespaces, and an upgraded library has the same path as the old one
 /// that running processes still map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct FileId {
-    dev: u64,
-    inode: u64,
+pub struct FileId {
+    /// `(major << 32) | minor`.
+    pub dev: u64,
+    pub inode: u64,
+}
+
+/// An executable mapping of a file in a process, for the unwinder.
+#[derive(Clone, Debug)]
+pub struct CodeMapping {
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    pub file: FileId,
+    /// The path as the process sees it (for messages and cache keys).
+    pub path: Rc<str>,
 }
 
 /// What a frame cache entry was resolved in.
@@ -168,6 +203,9 @@ fn parse_maps(text: &str) -> Vec<Mapping> {
 struct ProcMaps {
     maps: Vec<Mapping>,
     read_at: Instant,
+    first_read: Instant,
+    /// Changes whenever `maps` does.
+    generation: u64,
     last_used: u64,
 }
 
@@ -259,9 +297,39 @@ pub struct Symbolizer {
     /// go straight to the fallback.
     map_files_denied: bool,
     maps_refresh: Duration,
+    young_maps_refresh: Duration,
     /// Logical clock for picking the least recently used process.
     tick: u64,
     failures: u64,
+    /// Binaries held open (see the module doc), by identity.
+    pins: HashMap<FileId, Pin>,
+    /// Source of `ProcMaps::generation`.
+    generations: u64,
+}
+
+/// A binary held open.
+struct Pin {
+    file: std::fs::File,
+    last_used: u64,
+}
+
+impl Pin {
+    /// A path that opens this very file, for as long as it is pinned.
+    fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd as _;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// Whether `file` is the file `id` names (a path may name another file by
+/// now: a library upgraded, a binary rebuilt).
+fn is_file(file: &std::fs::File, id: FileId) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    file.metadata().is_ok_and(|m| {
+        let dev = m.dev();
+        let (major, minor) = (libc::major(dev) as u64, libc::minor(dev) as u64);
+        m.ino() == id.inode && ((major << 32) | minor) == id.dev
+    })
 }
 
 impl Default for Symbolizer {
@@ -332,9 +400,152 @@ impl Symbolizer {
             vdso: Vdso::Unknown,
             map_files_denied: false,
             maps_refresh: MAPS_REFRESH,
+            young_maps_refresh: YOUNG_MAPS_REFRESH,
             tick: 0,
             failures: 0,
+            pins: HashMap::new(),
+            generations: 0,
         }
+    }
+
+    /// Takes a snapshot of `pid`'s maps if there is none, or re-reads it
+    /// while the process is young (see [`YOUNG`]), and opens the binaries
+    /// it maps. Called for watched processes periodically: cheap for the
+    /// ones already known.
+    pub fn observe(&mut self, pid: u32) {
+        self.tick += 1;
+        match self.procs.get(&pid) {
+            None => self.load_maps(pid),
+            Some(s)
+                if s.first_read.elapsed() < YOUNG && s.read_at.elapsed() >= self.maps_refresh =>
+            {
+                self.load_maps(pid)
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The executable file mappings of `pid` and the generation of the
+    /// snapshot they come from (it changes when the snapshot does).
+    pub fn code_mappings(&mut self, pid: u32) -> Option<(u64, Vec<CodeMapping>)> {
+        if !self.procs.contains_key(&pid) {
+            self.load_maps(pid);
+        }
+        let s = self.procs.get(&pid)?;
+        let code = s
+            .maps
+            .iter()
+            .filter(|m| m.exec)
+            .filter_map(|m| match &m.kind {
+                Kind::File { id, path, .. } => Some(CodeMapping {
+                    start: m.start,
+                    end: m.end,
+                    offset: m.offset,
+                    file: *id,
+                    path: Rc::clone(path),
+                }),
+                _ => None,
+            })
+            .collect();
+        Some((s.generation, code))
+    }
+
+    /// Makes sure the snapshot of `pid` covers `addr` if the process can
+    /// tell (re-reading its maps on a miss, rate-limited).
+    pub fn touch(&mut self, pid: u32, addr: u64) {
+        let _ = self.mapping(pid, addr);
+    }
+
+    /// Opens the binary of a code mapping of `pid`: the pinned file, else
+    /// through the process (see `resolve_file`).
+    pub fn open(&mut self, pid: u32, m: &CodeMapping) -> Option<std::fs::File> {
+        if let Some(pin) = self.pins.get(&m.file) {
+            return pin.file.try_clone().ok();
+        }
+        self.open_through(pid, m.start, m.end, m.file, &m.path)
+    }
+
+    /// The file mapped at `start..end` in `pid`, checked to be `id`.
+    fn open_through(
+        &mut self,
+        pid: u32,
+        start: u64,
+        end: u64,
+        id: FileId,
+        path: &str,
+    ) -> Option<std::fs::File> {
+        if !self.map_files_denied {
+            match std::fs::File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}")) {
+                Ok(f) => return Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    self.map_files_denied = true
+                }
+                Err(_) => {}
+            }
+        }
+        std::fs::File::open(format!("/proc/{pid}/root{path}"))
+            .ok()
+            .filter(|f| is_file(f, id))
+    }
+
+    /// Opens and keeps open the binaries `pid` maps as code.
+    fn pin_binaries(&mut self, pid: u32) {
+        let Some(s) = self.procs.get(&pid) else {
+            return;
+        };
+        let wanted: Vec<(u64, u64, FileId, Rc<str>)> = s
+            .maps
+            .iter()
+            .filter(|m| m.exec)
+            .filter_map(|m| match &m.kind {
+                Kind::File { id, path, .. } => Some((m.start, m.end, *id, Rc::clone(path))),
+                _ => None,
+            })
+            .collect();
+        let tick = self.tick;
+        for (start, end, id, path) in wanted {
+            if let Some(pin) = self.pins.get_mut(&id) {
+                pin.last_used = tick;
+                continue;
+            }
+            let Some(file) = self.open_through(pid, start, end, id, &path) else {
+                continue;
+            };
+            if self.pins.len() >= MAX_PINNED
+                && let Some(lru) = self
+                    .pins
+                    .iter()
+                    .min_by_key(|(_, p)| p.last_used)
+                    .map(|(id, _)| *id)
+            {
+                self.pins.remove(&lru);
+            }
+            let pin = Pin {
+                file,
+                last_used: tick,
+            };
+            // The descriptor's number may have named another binary.
+            let path = pin.path();
+            if self.path_owner.get(&path).is_some_and(|&owner| owner != id) {
+                self.forget_path(&path);
+            }
+            self.pins.insert(id, pin);
+        }
+    }
+
+    /// Whether the return address `ret` (as captured) lies in a function
+    /// that starts threads or programs: a stack that reaches it is
+    /// complete. Not counted as a failure when it cannot be told.
+    pub fn is_thread_root(&mut self, pid: u32, ret: u64) -> bool {
+        let Some(frames) = self.resolve(pid, ret.wrapping_sub(1)).1 else {
+            return false;
+        };
+        frames
+            .iter()
+            .rev()
+            .find(|f| !f.inlined)
+            .and_then(|f| f.function.as_deref())
+            .is_some_and(is_root_function)
     }
 
     /// Symbolize a user stack of process `pid` captured by bpf_get_stack:
@@ -392,7 +603,8 @@ impl Symbolizer {
             .is_some_and(|m| m.exec && matches!(m.kind, Kind::File { .. }))
     }
 
-    /// The process exec'd: drop its maps snapshot.
+    /// The process exec'd: drop its maps snapshot (the next look takes a
+    /// new one, young again).
     pub fn invalidate(&mut self, pid: u32) {
         self.procs.remove(&pid);
     }
@@ -416,7 +628,12 @@ impl Symbolizer {
         if let Some(m) = snapshot.find(addr) {
             return Some(m.clone());
         }
-        if snapshot.read_at.elapsed() < self.maps_refresh {
+        let every = if snapshot.first_read.elapsed() < YOUNG {
+            self.young_maps_refresh
+        } else {
+            self.maps_refresh
+        };
+        if snapshot.read_at.elapsed() < every {
             return None;
         }
         self.load_maps(pid);
@@ -430,9 +647,14 @@ impl Symbolizer {
             // A process that exited keeps its last snapshot: its events may
             // still be queued, and the files it mapped may still be open here.
             if let Some(maps) = fresh {
+                if !same_maps(&snapshot.maps, &maps) {
+                    self.generations += 1;
+                    snapshot.generation = self.generations;
+                }
                 snapshot.maps = maps;
             }
             snapshot.read_at = now;
+            self.pin_binaries(pid);
             return;
         }
         if self.procs.len() >= MAX_PROCESSES
@@ -446,14 +668,18 @@ impl Symbolizer {
         }
         // An unreadable process gets an empty snapshot, so that it is not
         // retried more often than a live one.
+        self.generations += 1;
         self.procs.insert(
             pid,
             ProcMaps {
                 maps: fresh.unwrap_or_default(),
                 read_at: now,
+                first_read: now,
+                generation: self.generations,
                 last_used: self.tick,
             },
         );
+        self.pin_binaries(pid);
     }
 
     /// The module of `addr` and its frames (empty when there is no symbol),
@@ -521,7 +747,11 @@ impl Symbolizer {
         // CAP_CHECKPOINT_RESTORE), which a tracer loading eBPF usually has;
         // without it, /proc/PID/root/<path> still resolves the path in the
         // process's mount namespace, but only while the file is unchanged.
-        let mut candidates = Vec::with_capacity(2);
+        let mut candidates = Vec::with_capacity(3);
+        // First the copy held open, which outlives the process.
+        if let Some(pin) = self.pins.get(&id) {
+            candidates.push((pin.path(), false));
+        }
         if !self.map_files_denied {
             candidates.push((
                 PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
@@ -652,6 +882,35 @@ impl Symbolizer {
             len: m.end - m.start,
         }
     }
+}
+
+/// Two snapshots map the same things at the same places.
+fn same_maps(a: &[Mapping], b: &[Mapping]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (x.start, x.end, x.offset, x.exec) == (y.start, y.end, y.offset, y.exec)
+                && match (&x.kind, &y.kind) {
+                    (Kind::File { id: i, .. }, Kind::File { id: j, .. }) => i == j,
+                    (Kind::Vdso, Kind::Vdso) | (Kind::Anon(_), Kind::Anon(_)) => true,
+                    _ => false,
+                }
+        })
+}
+
+/// Functions a thread's or a program's stack starts in (glibc, musl and
+/// Rust's std on Linux x86-64).
+pub fn is_root_function(name: &str) -> bool {
+    matches!(
+        name,
+        "_start"
+            | "__clone3"
+            | "clone3"
+            | "__clone"
+            | "clone"
+            | "start_thread"
+            | "__libc_start_main"
+    ) || name.starts_with("__libc_start_main")
+        || name.starts_with("__libc_start_call_main")
 }
 
 fn resolved(sym: Option<&Symbolized<'_>>) -> Resolved {
@@ -910,8 +1169,10 @@ garbage line
         let len = file.metadata().unwrap().len() as usize;
         let mut lazy = Symbolizer::new();
         lazy.maps_refresh = Duration::from_secs(3600);
+        lazy.young_maps_refresh = Duration::from_secs(3600);
         let mut eager = Symbolizer::new();
         eager.maps_refresh = Duration::ZERO;
+        eager.young_maps_refresh = Duration::ZERO;
         let m = lazy.mapping(me(), marker_addr()).unwrap();
         let offset = marker_addr() - m.start + m.offset;
         assert!(eager.is_code(me(), marker_addr()));

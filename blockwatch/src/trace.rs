@@ -117,7 +117,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         events,
         logger,
         ebpf: _ebpf,
-    } = loader::load(threshold_ns, loader::force_raw_from_env())?;
+    } = loader::load_with_user_stack(
+        threshold_ns,
+        loader::force_raw_from_env(),
+        args.user_stack_size,
+    )?;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
         loader::forward_kernel_log(logger)?;
@@ -256,6 +260,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         (COUNTER_LOST_PROBES, "futex probes"),
         (COUNTER_LOST_STACKS, "stacks"),
         (COUNTER_LOST_TAGS, "thread tags"),
+        (
+            blockwatch_common::COUNTER_LOST_USER_STACKS,
+            "user-stack copies (those stacks are frame pointers only)",
+        ),
     ] {
         let n = counter(i);
         if n > 0 {
