@@ -13,7 +13,22 @@
 //! | `fsync`          | a task writes 64 MiB with `std::fs` and `sync_all`s | yes: class file      |
 //!
 //! Waits that must not be reported last ≥ 340 ms; the sleeps last 80 ms; the
-//! fsync takes as long as the disk does. The file goes to
+//! fsync takes as long as the disk does.
+//!
+//! Two more scenarios run only when named (`all` leaves them out), for the
+//! stack tests: each warms up for about 1.2 s first (short tasks and timers,
+//! so that every worker parks and wakes many times and becomes a known
+//! event loop, and blockwatch sees the process's libraries), then blocks in the
+//! body of an async fn itself, with no helper function of its own between
+//! the fn and the libc call:
+//!
+//! | scenario         | what it does                                           |
+//! |------------------|--------------------------------------------------------|
+//! | `async-sleep`    | `async_fn_that_sleeps` calls `std::thread::sleep(90ms)`|
+//! | `exit-after-block` | `async_fn_that_sleeps_then_exits` sleeps 90 ms, then |
+//! |                  | exits the process at once with code 0                  |
+//!
+//! The file goes to
 //! `$TOKIO_BLOCKER_DIR`, else `/var/tmp` (a disk, where `/tmp` may be tmpfs
 //! and make fsync free), and is deleted afterwards. Prints nothing.
 
@@ -24,6 +39,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 const SCENARIOS: [&str; 5] = ["idle", "timer", "spawn-blocking", "sleep", "fsync"];
+/// Scenarios run only when named.
+const EXTRA_SCENARIOS: [&str; 2] = ["async-sleep", "exit-after-block"];
 const FILE_SIZE: usize = 64 << 20;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -31,11 +48,12 @@ async fn main() -> ExitCode {
     let arg = std::env::args().nth(1);
     let selected: Vec<&str> = match arg.as_deref() {
         None | Some("all") => SCENARIOS.to_vec(),
-        Some(name) if SCENARIOS.contains(&name) => vec![name],
+        Some(name) if SCENARIOS.contains(&name) || EXTRA_SCENARIOS.contains(&name) => vec![name],
         Some(other) => {
             eprintln!(
-                "tokio-blocker: unknown scenario {other:?}; expected one of: all, {}",
-                SCENARIOS.join(", ")
+                "tokio-blocker: unknown scenario {other:?}; expected one of: all, {}, {}",
+                SCENARIOS.join(", "),
+                EXTRA_SCENARIOS.join(", ")
             );
             return ExitCode::from(2);
         }
@@ -60,6 +78,14 @@ async fn run(name: &str) -> std::io::Result<()> {
         "spawn-blocking" => tokio::task::spawn_blocking(sleep_in_blocking_pool).await?,
         "sleep" => tokio::spawn(sleeps_in_task()).await?,
         "fsync" => tokio::spawn(fsync_in_task()).await??,
+        "async-sleep" => {
+            warm_up().await;
+            tokio::spawn(async_fn_that_sleeps()).await?
+        }
+        "exit-after-block" => {
+            warm_up().await;
+            tokio::spawn(async_fn_that_sleeps_then_exits()).await?
+        }
         _ => unreachable!("checked in main"),
     }
     Ok(())
@@ -94,6 +120,34 @@ async fn sleeps_in_task() {
 #[inline(never)]
 fn blocking_sleep_in_task() {
     std::thread::sleep(std::hint::black_box(Duration::from_millis(80)));
+}
+
+/// About 1.2 s of short tasks and idle gaps: every worker parks between.
+async fn warm_up() {
+    for _ in 0..12 {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(tokio::time::sleep(Duration::from_millis(20))))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+}
+
+/// The bug, in the async fn itself: its poll function calls into std.
+async fn async_fn_that_sleeps() {
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(90)));
+    tokio::task::yield_now().await;
+}
+
+/// Blocks, then ends the process before anyone can look at it again (the
+/// yield, microseconds, keeps this fn's body out of tokio's poll function,
+/// where the optimiser would otherwise fold a body that never returns).
+async fn async_fn_that_sleeps_then_exits() {
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(90)));
+    tokio::task::yield_now().await;
+    std::process::exit(0);
 }
 
 async fn fsync_in_task() -> std::io::Result<()> {
