@@ -273,12 +273,22 @@ impl Pipeline {
             }
         }
         // The interpreter frames are the Python code that called into the
-        // native frames above: outer to every native frame seen here
-        // (those without frame pointers end inside the interpreter).
+        // native frames above: they go where the interpreter's evaluation
+        // loop is on the native stack, before its own callers (down to
+        // main), or last when the native stack does not reach it.
         if let Some(Interp::Python(py)) = self.interps.get(&b.pid) {
+            let at = stack
+                .iter()
+                .position(|f| {
+                    f.function
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("_PyEval_EvalFrame"))
+                })
+                .unwrap_or(stack.len());
+            let mut python = Vec::with_capacity(b.py.len());
             for r in b.py.iter().filter(|r| r.code != 0) {
                 let frame = self.code.frame(b.pid, py, r.code, r.instr);
-                stack.push(match frame {
+                python.push(match frame {
                     Some(f) => Frame {
                         address: r.code,
                         function: Some(f.function),
@@ -295,6 +305,7 @@ impl Pipeline {
                     },
                 });
             }
+            stack.splice(at..at, python);
         }
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
