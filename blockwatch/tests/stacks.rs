@@ -285,3 +285,39 @@ fn node_js_caller_of_exec_sync_is_the_culprit_with_a_larger_copy() {
         );
     }
 }
+
+/// pyenv's CPython has no frame pointers: its native stack is unwound down
+/// to `_start`, and the Python frames sit where the interpreter's
+/// evaluation loop is, after the C frames of time.sleep and before the
+/// interpreter's own callers.
+#[test]
+fn python_frames_sit_inside_the_unwound_native_stack() {
+    let _serial = common::setup();
+    let run = trace(&["--", common::PYTHON, &subject("asyncio_blocker.py")]);
+    run.assert_success();
+    let sleeps = sleeps(&run);
+    assert_eq!(sleeps.len(), 3, "{}", run.report());
+    for e in sleeps {
+        let names = functions(e);
+        let at = |want: &dyn Fn(&str) -> bool| names.iter().position(|n| want(n));
+        let libc = at(&|n| n.contains("clock_nanosleep"));
+        let python = at(&|n| n == "blocking_sleep_in_coroutine");
+        let eval = at(&|n| n.starts_with("_PyEval_EvalFrame"));
+        assert!(
+            matches!((libc, python, eval), (Some(l), Some(p), Some(v)) if l < p && p < v),
+            "libc, then the Python frames, then the evaluation loop\n{}",
+            stacks_of(&run)
+        );
+        assert!(
+            names.contains(&"_start"),
+            "the native stack is complete\n{}",
+            stacks_of(&run)
+        );
+        assert_eq!(
+            culprit_function(e),
+            "blocking_sleep_in_coroutine",
+            "{}",
+            stacks_of(&run)
+        );
+    }
+}
