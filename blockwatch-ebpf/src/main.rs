@@ -756,8 +756,10 @@ fn on_exit(group_dead: bool) {
     if was_tagged {
         let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);
-        let _ = USER_STACKS.remove(tid);
     }
+    // Whether or not it is still tagged (user space may have untagged it):
+    // a copy is 32 KiB that would otherwise stay until the TID is reused.
+    let _ = USER_STACKS.remove(tid);
     if group_dead {
         let _ = PYPROCS.remove(tgid);
     }
