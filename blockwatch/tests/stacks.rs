@@ -208,15 +208,18 @@ fn process_that_exits_right_after_blocking_is_symbolized() {
 
 fn node_with_perf_maps(extra: &[&str]) -> Run {
     let script = subject("node_blocker.js");
+    // --perf-basic-prof also writes V8's log, by default to isolate-*.log
+    // in the working directory (the repository); /dev/null would make it
+    // stdout.
+    let log_dir = tempfile::tempdir().expect("a temporary folder");
+    let logfile = format!("--logfile={}", log_dir.path().join("v8.log").display());
     let mut args = extra.to_vec();
     args.extend([
         "--",
         "node",
         "--perf-basic-prof",
         "--interpreted-frames-native-stack",
-        // --perf-basic-prof also writes V8's log, by default to
-        // isolate-*.log in the working directory (the repository).
-        "--logfile=/dev/null",
+        &logfile,
         "--no-logfile-per-isolate",
         &script,
     ]);
