@@ -1439,4 +1439,42 @@ fn main() {
             }]
         );
     }
+
+    /// A process seen once (its maps read, its binaries kept open) that
+    /// then exits and whose binary is deleted is still symbolized, and so
+    /// is its unwind input: the code mappings stay known and openable.
+    #[test]
+    fn process_observed_before_it_exits_is_symbolized_after() {
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+        let Some(mut fx) = Fixture::start(
+            &rustc,
+            &["-C", "opt-level=1", "--edition", "2021"],
+            "fixture.rs",
+            RUST_FIXTURE,
+        ) else {
+            return;
+        };
+        let work = fx.addrs[0];
+        let mut s = Symbolizer::new();
+        s.observe(fx.pid());
+        fx.child.stdin.take().unwrap().write_all(b"\n").unwrap();
+        fx.child.wait().unwrap();
+        std::fs::remove_file(fx.path()).unwrap();
+        assert!(
+            !Path::new(&format!("/proc/{}/maps", fx.pid())).exists(),
+            "the fixture is gone"
+        );
+        let frames = s.symbolize(fx.pid(), &[work]);
+        assert_eq!(
+            frames[0].function.as_deref(),
+            Some("fixture::deep::Thing::work"),
+            "{frames:?}"
+        );
+        let (_, code) = s.code_mappings(fx.pid()).unwrap();
+        let m = code
+            .iter()
+            .find(|m| m.start <= work && work < m.end)
+            .unwrap();
+        assert!(s.open(fx.pid(), m).is_some(), "the binary is still open");
+    }
 }
