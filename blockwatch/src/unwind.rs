@@ -30,7 +30,8 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use crate::decode::UserStackRecord;
 use crate::symbolize::{CodeMapping, FileId, Symbolizer};
 
-/// Bytes of unwind tables kept for binaries no process unwinder uses.
+/// Bytes of unwind tables cached (tables a process unwinder still uses
+/// live on there until it goes, so the bound is approximate).
 const TABLE_BUDGET: usize = 128 << 20;
 /// Process unwinders kept (least recently used dropped first).
 const MAX_PROCESSES: usize = 256;
@@ -127,7 +128,12 @@ impl Tables {
         };
         let eh_frame = section(".eh_frame");
         let eh_frame_hdr = section(".eh_frame_hdr");
-        let debug_frame = section(".debug_frame").map(|(_, b)| b);
+        // framehop reads .eh_frame when there is one: .debug_frame (usually
+        // in separate debug files) is kept only for binaries without.
+        let debug_frame = match eh_frame {
+            None => section(".debug_frame").map(|(_, b)| b),
+            Some(_) => None,
+        };
         if eh_frame.is_none() && debug_frame.is_none() {
             return Err(UnwindError::NoTables {
                 path: path.to_string(),
