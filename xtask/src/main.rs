@@ -1,6 +1,7 @@
-//! `cargo xtask <command>`: the project's setup, build, demo, test and
-//! fuzz entry points (the alias lives in `.cargo/config.toml`).
+//! `cargo xtask <command>`: the project's setup, build, demo, test, fuzz
+//! and bench entry points (the alias lives in `.cargo/config.toml`).
 
+mod bench;
 mod fuzz;
 mod run;
 mod setup;
@@ -42,6 +43,23 @@ enum Command {
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::target_names()))]
         targets: Vec<String>,
     },
+    /// Build, then measure what blockwatch costs (host tax, an aiohttp
+    /// server under wrk, pipeline throughput, symbolization) against bare
+    /// runs and bpftrace, as root; prints tables of ratios.
+    Bench {
+        /// Fewer repetitions and shorter runs (about two minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of each measurement [default: 5, --quick: 3].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Seconds per measurement [default: 1, --quick: 0.5].
+        #[arg(long)]
+        secs: Option<f64>,
+        /// Only these sections (comma-separated).
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
+        only: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +76,17 @@ fn main() -> ExitCode {
         Command::Fuzz { time, targets } => setup::run()
             .and_then(|()| fuzz::run(std::time::Duration::from_secs(time), &targets))
             .map(|()| ExitCode::SUCCESS),
+        Command::Bench {
+            quick,
+            reps,
+            secs,
+            only,
+        } => bench_cmd(bench::Options {
+            reps: reps.unwrap_or(if quick { 3 } else { 5 }).max(1),
+            secs: secs.unwrap_or(if quick { 0.5 } else { 1.0 }).max(0.1),
+            only,
+            quick,
+        }),
     };
     match result {
         Ok(code) => code,
@@ -82,6 +111,13 @@ fn build() -> anyhow::Result<PathBuf> {
         bail!("cargo built blockwatch but {} is missing", bin.display());
     }
     Ok(bin)
+}
+
+fn bench_cmd(opts: bench::Options) -> anyhow::Result<ExitCode> {
+    require_root("bench", "the benchmarks load BPF programs")?;
+    let bin = build()?;
+    bench::run(&bin, &opts)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn build_subjects() -> anyhow::Result<()> {

@@ -89,7 +89,6 @@ pub fn run() -> anyhow::Result<()> {
 /// Installs the Debian packages of `packages` that are missing, as one
 /// `setup: apt packages (...)` step; for tasks (bench) whose needs are too
 /// large to install for every build.
-#[allow(dead_code)] // for `cargo xtask bench`, next
 pub fn ensure_packages(packages: &[Package]) -> anyhow::Result<()> {
     let names: Vec<&str> = packages.iter().map(|p| p.name).collect();
     step(&format!("apt packages ({})", names.join(", ")), || {
