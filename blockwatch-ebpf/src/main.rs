@@ -400,6 +400,9 @@ fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
         break;
     }
     v.len = copied.min(want) as u32;
+    if copied == 0 {
+        count(COUNTER_LOST_USER_STACKS);
+    }
 }
 
 /// Sends the user stack copied at the start of the wait that began at
@@ -410,14 +413,14 @@ fn send_user_stack(tid: u32, start: u64) {
     if unsafe { core::ptr::read_volatile(&USER_STACK_SIZE) } == 0 {
         return;
     }
+    // No entry, or one from an earlier wait: the copy failed at
+    // switch-out, where it was counted.
     let Some(value) = USER_STACKS.get_ptr(tid) else {
-        count(COUNTER_LOST_USER_STACKS);
         return;
     };
     // SAFETY: map value pointer, valid for this run.
     let v = unsafe { &*value };
     if v.start_ns != start {
-        count(COUNTER_LOST_USER_STACKS);
         return;
     }
     let len = v.len as usize;
