@@ -152,10 +152,19 @@ mod tests {
         let mut maps = PerfMaps::new();
         assert_eq!(maps.lookup(me, 0x1010).as_deref(), Some("first"));
         std::fs::write(&path, "1000 100 first\n2000 100 second\n").unwrap();
-        // Not re-read before the interval: no file read per event.
-        assert_eq!(maps.lookup(me, 0x2010), None);
-        maps.maps.get_mut(&me).unwrap().as_mut().unwrap().loaded -= RELOAD_INTERVAL;
+        // Grown: read again at once (a function compiled just before it
+        // blocked).
         assert_eq!(maps.lookup(me, 0x2010).as_deref(), Some("second"));
+        let loaded = |maps: &PerfMaps| maps.maps[&me].as_ref().unwrap().loaded;
+        let before = loaded(&maps);
+        // Unchanged: a miss does not read it again before the interval.
+        assert_eq!(maps.lookup(me, 0x3010), None);
+        assert_eq!(loaded(&maps), before, "no file read per event");
+        // Rewritten at the same size: seen once the interval has passed.
+        std::fs::write(&path, "1000 100 first\n3000 100 third!\n").unwrap();
+        assert_eq!(maps.lookup(me, 0x3010), None);
+        maps.maps.get_mut(&me).unwrap().as_mut().unwrap().loaded -= RELOAD_INTERVAL;
+        assert_eq!(maps.lookup(me, 0x3010).as_deref(), Some("third!"));
         std::fs::remove_file(&path).unwrap();
         maps.forget(me);
         assert_eq!(maps.lookup(me, 0x1010), None);
