@@ -311,3 +311,118 @@ const _: () = {
     assert!(core::mem::size_of::<UserStack>() == USER_STACK_HEADER + MAX_USER_STACK);
     assert!(MAX_USER_STACK.is_multiple_of(4096));
 };
+
+// ---- strict syscall mode and loop stalls (blockwatch-ebpf/src/{strict,stall}.rs)
+
+/// A blocking-class syscall of a loop thread that did not go off the CPU
+/// long enough to be a `KIND_BLOCK` event ([`LoopEvent`], `--strict`).
+pub const KIND_STRICT: u32 = 5;
+/// An on-CPU stack sample of a busy loop thread ([`LoopEvent`]).
+pub const KIND_SAMPLE: u32 = 6;
+/// A busy period of a loop thread whose on-CPU time reached the stall
+/// threshold, sent when the thread reaches its idle wait again ([`LoopEvent`]).
+pub const KIND_STALL: u32 = 7;
+
+/// Indexes into the `LOOP_COUNTERS` per-CPU array.
+pub const LOOP_COUNTER_LOST: u32 = 0;
+pub const LOOP_COUNTER_STRICT: u32 = 1;
+pub const LOOP_COUNTER_STALLS: u32 = 2;
+pub const LOOP_COUNTER_SAMPLES: u32 = 3;
+/// `LOOPSTATE` was full: a thread's strict/stall state could not be kept.
+pub const LOOP_COUNTER_LOST_STATE: u32 = 4;
+pub const NUM_LOOP_COUNTERS: u32 = 8;
+
+/// Syscall numbers covered by [`LoopConfig::strict_nrs`].
+pub const STRICT_MAX_NR: usize = 512;
+
+/// Settings of the strict and stall detectors, `LOOP_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopConfig {
+    /// On-CPU time of a busy period at or above which it is a stall; 0 off.
+    pub stall_ns: u64,
+    /// Busy periods are sampled once they have lasted this long.
+    pub sample_after_ns: u64,
+    /// 1 when the syscall tracepoints are attached (`--strict`).
+    pub strict: u8,
+    pub _pad: [u8; 7],
+    /// Bitmap of the syscalls strict mode counts (bit `nr % 64` of word
+    /// `nr / 64`), chosen by user space.
+    pub strict_nrs: [u64; STRICT_MAX_NR / 64],
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            stall_ns: 0,
+            sample_after_ns: 0,
+            strict: 0,
+            _pad: [0; 7],
+            strict_nrs: [0; STRICT_MAX_NR / 64],
+        }
+    }
+}
+
+/// Per-thread state of the strict and stall detectors (`LOOPSTATE`, key:
+/// TID), kept only by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopState {
+    /// When the thread left its idle wait; 0 while idle.
+    pub busy_start_ns: u64,
+    /// Last switch-in during the busy period; 0 while off the CPU.
+    pub in_ns: u64,
+    /// On-CPU time of the busy period up to `in_ns`.
+    pub run_ns: u64,
+    /// Entry time of a pending strict syscall; 0 when none.
+    pub strict_enter_ns: u64,
+    pub strict_nr: i64,
+    pub strict_args: [u64; 3],
+    /// The pending strict syscall became a `KIND_BLOCK` event.
+    pub strict_offcpu: u8,
+    /// In the idle wait's syscall (strict mode sees its entry and exit).
+    pub in_idle: u8,
+    pub _pad: [u8; 6],
+}
+
+/// A strict call, a stack sample or a stall (`KIND_STRICT`, `KIND_SAMPLE`,
+/// `KIND_STALL`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    /// Strict: the syscall; otherwise -1.
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Strict: syscall entry; sample, stall: start of the busy period (a
+    /// sample belongs to the stall with the same TID and `start_ns`).
+    pub start_ns: u64,
+    /// Strict: time in the syscall; sample, stall: on-CPU time of the busy
+    /// period so far.
+    pub duration_ns: u64,
+    /// Sample, stall: wall time since the busy period began.
+    pub busy_ns: u64,
+    /// Thread name.
+    pub comm: [u8; COMM_LEN],
+    pub frames: u32,
+    pub py_frames: u32,
+    pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
+#[cfg(feature = "user")]
+mod user_loop {
+    use super::*;
+    // SAFETY: plain-old-data `#[repr(C)]` types.
+    unsafe impl aya::Pod for LoopConfig {}
+    unsafe impl aya::Pod for LoopState {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<LoopConfig>() == 24 + STRICT_MAX_NR / 8);
+    assert!(core::mem::size_of::<LoopState>() == 72);
+    assert!(core::mem::size_of::<LoopEvent>() == 96 + 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES);
+};

@@ -28,6 +28,9 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use blockwatch_common::*;
 
+mod stall;
+mod strict;
+
 // ---- maps -----------------------------------------------------------------
 
 #[map]
@@ -240,6 +243,8 @@ fn on_switch<C: EbpfContext>(
             prev,
             how,
         );
+        // SAFETY: as above.
+        stall::after_switch_out(unsafe { &*tag }, prev_tid);
     }
     let next_tid: u32 = kread(next, off().task_pid);
     if next_tid != 0
@@ -247,6 +252,7 @@ fn on_switch<C: EbpfContext>(
     {
         // SAFETY: as above.
         let tag = unsafe { &mut *tag };
+        stall::before_switch_in(tag, next_tid);
         if tag.out_ns != 0 {
             switch_in(tag, next_tid, next);
         }
@@ -678,6 +684,7 @@ fn on_newtask(task: *const u8, clone_flags: u64) {
         }
     };
     let _ = PARKS.remove(child);
+    stall::forget(child);
     match rule.map(|r| tag_for(&r, !is_thread)) {
         Some(t) if t != 0 => {
             if THREADS.insert(child, ThreadTag::new(tgid, t), 0).is_err() {
@@ -716,6 +723,8 @@ fn on_exec(old_pid: u32) {
     }
     let _ = USER_STACKS.remove(tgid);
     let _ = PARKS.remove(tgid);
+    stall::forget(tgid);
+    stall::forget(old_pid);
     let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
     let rule = unsafe { WATCHED.get(tgid) }.copied();
@@ -756,6 +765,7 @@ fn on_exit(group_dead: bool) {
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
     let was_tagged = THREADS.remove(tid).is_ok();
+    stall::forget(tid);
     if was_tagged {
         let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);

@@ -87,6 +87,9 @@ pub struct TraceArgs {
     #[arg(long, value_name = "DURATION", value_parser = clap_duration, default_value = "10ms")]
     pub threshold: Duration,
 
+    #[command(flatten)]
+    pub detectors: crate::loopdetect::DetectorArgs,
+
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
     /// pointers only.
@@ -134,6 +137,9 @@ pub struct DaemonArgs {
     /// Report waits at least this long [default: 10ms].
     #[arg(long, value_name = "DURATION", value_parser = clap_duration)]
     pub threshold: Option<Duration>,
+
+    #[command(flatten)]
+    pub detectors: crate::loopdetect::DetectorArgs,
 
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame

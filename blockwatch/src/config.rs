@@ -46,6 +46,8 @@ struct File {
     threshold: Option<Spanned<String>>,
     threads: Option<Spanned<String>>,
     auto: Option<bool>,
+    strict: Option<bool>,
+    stall_threshold: Option<Spanned<String>>,
     #[serde(default)]
     targets: Targets,
     #[serde(default)]
@@ -95,6 +97,10 @@ pub struct Settings {
     pub expire_after: Duration,
     /// New blocking stacks logged per minute at most.
     pub log_per_minute: u32,
+    /// Strict syscall mode (`strict = true`, `--strict`).
+    pub strict: bool,
+    /// Stall threshold; `None` when stall detection is off.
+    pub stall_threshold: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -110,6 +116,8 @@ impl Default for Settings {
             top_culprits: DEFAULT_TOP_CULPRITS,
             expire_after: DEFAULT_EXPIRE_AFTER,
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
+            strict: false,
+            stall_threshold: Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD),
         }
     }
 }
@@ -123,6 +131,9 @@ pub struct Overrides {
     pub auto: bool,
     pub comms: Vec<String>,
     pub pids: Vec<u32>,
+    pub strict: bool,
+    /// `Duration::ZERO`: off.
+    pub stall_threshold: Option<Duration>,
 }
 
 impl Settings {
@@ -150,6 +161,12 @@ impl Settings {
         }
         if !o.pids.is_empty() {
             self.pids = o.pids.clone();
+        }
+        if o.strict {
+            self.strict = true;
+        }
+        if let Some(d) = o.stall_threshold {
+            self.stall_threshold = (!d.is_zero()).then_some(d);
         }
         Ok(())
     }
@@ -233,6 +250,14 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         })?;
     }
     s.auto = file.auto.unwrap_or(false);
+    s.strict = file.strict.unwrap_or(false);
+    if let Some(t) = &file.stall_threshold {
+        s.stall_threshold = match crate::loopdetect::clap_stall_threshold(t.get_ref()) {
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(d),
+            Err(e) => return Err(invalid(Some(t.span()), Some("stall_threshold"), e)),
+        };
+    }
     let globs = |v: &[Spanned<String>], key: &str| -> Result<Vec<String>, ConfigError> {
         v.iter()
             .map(|g| {
@@ -390,5 +415,41 @@ new_stacks_per_minute = 3
         assert_eq!(s.threshold, Duration::from_millis(50));
         assert_eq!(s.comms, ["b*"]);
         assert!(s.has_targets());
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Settings, ConfigError> {
+        parse(Path::new("/etc/blockwatch/blockwatch.toml"), text)
+    }
+
+    #[test]
+    fn strict_and_stall_threshold_keys() {
+        let s = p("strict = true\nstall_threshold = \"250ms\"\n").unwrap();
+        assert!(s.strict);
+        assert_eq!(s.stall_threshold, Some(Duration::from_millis(250)));
+        let s = p("stall_threshold = \"off\"\n").unwrap();
+        assert!(!s.strict);
+        assert_eq!(s.stall_threshold, None);
+        assert_eq!(
+            p("").unwrap().stall_threshold,
+            Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD)
+        );
+        let e = p("\nstall_threshold = \"100\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("`stall_threshold`"),
+            "{e}"
+        );
+        let mut s = p("strict = false\n").unwrap();
+        s.apply(&Overrides {
+            strict: true,
+            stall_threshold: Some(Duration::ZERO),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(s.strict && s.stall_threshold.is_none());
     }
 }

@@ -38,6 +38,8 @@ impl DaemonArgs {
             auto: self.auto,
             comms: self.comms.clone(),
             pids: self.pids.clone(),
+            strict: self.detectors.strict,
+            stall_threshold: self.detectors.stall_threshold,
         }
     }
 }
@@ -354,6 +356,20 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let listener = crate::http::bind(current.listen).await?;
     loader::check_privileges()?;
 
+    let mut loaded = loader::load_with_user_stack(
+        kernel_config(&current, &rules).threshold_ns,
+        loader::force_raw_from_env(),
+        args.user_stack_size,
+    )?;
+    // Strict mode and the stall threshold are read at start: a reload
+    // that changes them says so and takes effect at restart.
+    let detectors = loader::enable_loop_detectors(
+        &mut loaded.ebpf,
+        loader::LoopOptions {
+            strict: current.strict,
+            stall_threshold: current.stall_threshold,
+        },
+    )?;
     let Loaded {
         mode,
         threads,
@@ -365,11 +381,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         events,
         logger,
         ebpf,
-    } = loader::load_with_user_stack(
-        kernel_config(&current, &rules).threshold_ns,
-        loader::force_raw_from_env(),
-        args.user_stack_size,
-    )?;
+    } = loaded;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
         loader::forward_kernel_log(logger)?;
@@ -461,7 +473,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
                 let now = Instant::now();
                 let tagged = maps.tagged(&mut state);
-                let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0)
+                    + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
                 m.set_tagged(&tagged);
                 m.set_lost(lost);
@@ -509,8 +522,13 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
             current.listen, new.listen
         );
     }
+    if (new.strict, new.stall_threshold) != (current.strict, current.stall_threshold) {
+        warn!("strict and stall_threshold changes take effect at restart");
+    }
     Ok(Settings {
         listen: current.listen,
+        strict: current.strict,
+        stall_threshold: current.stall_threshold,
         ..new
     })
 }

@@ -11,6 +11,8 @@ use blockwatch_common::{
 };
 use blockwatch_common::{KIND_USER_STACK, MAX_USER_STACK, USER_STACK_HEADER};
 
+use blockwatch_common::{KIND_SAMPLE, KIND_STALL, KIND_STRICT, LoopEvent};
+
 use crate::event::OffState;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,11 +73,44 @@ pub struct UserStackRecord {
     pub stack: Vec<u8>,
 }
 
+/// What a [`LoopRecord`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopKind {
+    /// A blocking-class syscall that stayed on the CPU (`--strict`).
+    Strict,
+    /// An on-CPU stack sample of a busy loop thread.
+    Sample,
+    /// A busy period over the stall threshold, ended.
+    Stall,
+}
+
+/// A record of the strict and stall detectors (`LoopEvent`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoopRecord {
+    pub kind: LoopKind,
+    pub pid: u32,
+    pub tid: u32,
+    /// Strict: the syscall; otherwise -1.
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Strict: syscall entry; sample, stall: start of the busy period.
+    pub start_ns: u64,
+    /// Strict: time in the syscall; sample, stall: on-CPU time so far.
+    pub duration_ns: u64,
+    /// Sample, stall: wall time since the busy period began.
+    pub busy_ns: u64,
+    pub thread: String,
+    pub ips: Vec<u64>,
+    pub py: Vec<PyFrameRef>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Block(BlockRecord),
     UserStack(UserStackRecord),
     Probe(ProbeRecord),
+    /// A strict call, a stall or a stall's stack sample.
+    Loop(LoopRecord),
     /// Process `pid` exec'd (from thread `tid`).
     Exec {
         pid: u32,
@@ -186,6 +221,31 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 sp: u64_at(32),
                 bp: u64_at(40),
                 stack: stack.to_vec(),
+            }))
+        }
+        KIND_STRICT | KIND_SAMPLE | KIND_STALL => {
+            let ev: LoopEvent = read(bytes, kind)?;
+            let frames = (ev.frames as usize).min(MAX_FRAMES);
+            Ok(Record::Loop(LoopRecord {
+                kind: match kind {
+                    KIND_STRICT => LoopKind::Strict,
+                    KIND_SAMPLE => LoopKind::Sample,
+                    _ => LoopKind::Stall,
+                },
+                pid: ev.pid,
+                tid: ev.tid,
+                syscall: ev.syscall,
+                args: ev.args,
+                start_ns: ev.start_ns,
+                duration_ns: ev.duration_ns,
+                busy_ns: ev.busy_ns,
+                thread: comm_str(&ev.comm),
+                ips: ev.ips[..frames]
+                    .iter()
+                    .copied()
+                    .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
+                    .collect(),
+                py: ev.py[..(ev.py_frames as usize).min(MAX_PY_FRAMES)].to_vec(),
             }))
         }
         KIND_EXEC | KIND_EXIT => {
@@ -404,5 +464,68 @@ mod tests {
                 comm: "node".into()
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+
+    fn loop_event(kind: u32) -> LoopEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        let mut ips = [0u64; MAX_FRAMES];
+        ips[0] = 0x7f00_0000_1000;
+        ips[1] = 0xffff_ffff_8100_0000;
+        LoopEvent {
+            kind,
+            pid: 10,
+            tid: 11,
+            _pad: 0,
+            syscall: 257,
+            args: [1, 2, 3],
+            start_ns: 5,
+            duration_ns: 12_000,
+            busy_ns: 20_000,
+            comm,
+            frames: 500,
+            py_frames: 1000,
+            ips,
+            py: [PyFrameRef { code: 1, instr: 2 }; MAX_PY_FRAMES],
+        }
+    }
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a repr(C) POD value.
+        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn loop_records_decode_with_bounded_stacks() {
+        for (raw, kind) in [
+            (KIND_STRICT, LoopKind::Strict),
+            (KIND_SAMPLE, LoopKind::Sample),
+            (KIND_STALL, LoopKind::Stall),
+        ] {
+            let Record::Loop(r) = decode(&bytes_of(&loop_event(raw))).unwrap() else {
+                panic!("not a loop record")
+            };
+            assert_eq!(r.kind, kind);
+            assert_eq!((r.pid, r.tid, r.syscall), (10, 11, 257));
+            assert_eq!((r.start_ns, r.duration_ns, r.busy_ns), (5, 12_000, 20_000));
+            assert_eq!(r.thread, "python3");
+            // Kernel addresses end the stack; counts are clamped.
+            assert_eq!(r.ips, [0x7f00_0000_1000]);
+            assert_eq!(r.py.len(), MAX_PY_FRAMES);
+        }
+        let full = bytes_of(&loop_event(KIND_STALL));
+        assert!(matches!(
+            decode(&full[..200]),
+            Err(DecodeError::Short {
+                kind: KIND_STALL,
+                ..
+            })
+        ));
     }
 }

@@ -18,6 +18,8 @@ pub enum Class {
     Net,
     Process,
     Other,
+    /// A loop stalled by CPU work (no syscall): `detector` is `stall`.
+    Stall,
 }
 
 impl Class {
@@ -31,6 +33,7 @@ impl Class {
             Class::Net => "net",
             Class::Process => "process",
             Class::Other => "other",
+            Class::Stall => "stall",
         }
     }
 }
@@ -51,6 +54,8 @@ pub enum OffState {
     Disk,
     /// Runnable but descheduled: the loop wanted the CPU and did not get it.
     Preempted,
+    /// Did not leave the CPU: strict calls and stalls.
+    Running,
 }
 
 impl OffState {
@@ -59,6 +64,30 @@ impl OffState {
             OffState::Sleeping => "sleeping",
             OffState::Disk => "disk",
             OffState::Preempted => "preempted",
+            OffState::Running => "running",
+        }
+    }
+}
+
+/// Which detector reported an event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Detector {
+    /// A wait off the CPU at or over `--threshold` (the default detector).
+    #[default]
+    Offcpu,
+    /// A blocking-class syscall that stayed on the CPU (`--strict`).
+    Strict,
+    /// CPU work that kept the loop from its idle wait (`--stall-threshold`).
+    Stall,
+}
+
+impl Detector {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detector::Offcpu => "offcpu",
+            Detector::Strict => "strict",
+            Detector::Stall => "stall",
         }
     }
 }
@@ -130,6 +159,16 @@ pub struct Event {
     pub stack: Vec<Frame>,
     /// The innermost frame that belongs to the application, or null.
     pub culprit: Option<Frame>,
+    /// Which detector found it: `offcpu`, `strict` or `stall`.
+    pub detector: Detector,
+    /// Stalls: wall time from leaving the idle wait to reaching it again
+    /// (`duration_ns` is the on-CPU part).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_ns: Option<u64>,
+    /// Stalls: on-CPU stack samples taken during the stall (`stack` is
+    /// the one most of them share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<u32>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -17,6 +17,7 @@ pub mod http;
 #[cfg(test)]
 mod kernel_tests;
 pub mod loader;
+pub mod loopdetect;
 pub mod metrics;
 pub mod perfmap;
 pub mod pipeline;

@@ -16,7 +16,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-use crate::event::{Event, Frame};
+use crate::event::{Detector, Event, Frame};
 
 /// The label of culprits outside a process's top N.
 pub const OTHER: &str = "other";
@@ -369,6 +369,8 @@ pub struct Metrics {
     sym_seen: u64,
     pub agg: Aggregator,
     pub folded: Folded,
+    /// Strict calls and stalls.
+    loops: LoopMetrics,
 }
 
 impl Metrics {
@@ -426,6 +428,12 @@ impl Metrics {
         registry.register(Box::new(lost.clone()))?;
         registry.register(Box::new(sym_failures.clone()))?;
         registry.register(Box::new(build_info))?;
+        let with = |rest: &[&'static str]| -> Vec<&'static str> {
+            std::iter::once("process")
+                .chain(rest.iter().copied())
+                .collect()
+        };
+        let loops = LoopMetrics::new(&registry, &with)?;
         Ok(Self {
             registry,
             events,
@@ -438,6 +446,7 @@ impl Metrics {
             sym_seen: 0,
             agg: Aggregator::new(top_n, expire_after),
             folded: Folded::default(),
+            loops,
         })
     }
 
@@ -460,6 +469,26 @@ impl Metrics {
             syscall.as_str(),
             placement.culprit.as_str(),
         ];
+        match ev.detector {
+            Detector::Offcpu => {}
+            Detector::Strict => {
+                self.loops.strict_calls.with_label_values(&labels).inc();
+                self.loops
+                    .strict_seconds
+                    .with_label_values(&labels)
+                    .inc_by(secs);
+                return culprit;
+            }
+            Detector::Stall => {
+                let labels = [process.as_str(), placement.culprit.as_str()];
+                self.loops.stalls.with_label_values(&labels).inc();
+                self.loops
+                    .stall_seconds
+                    .with_label_values(&labels)
+                    .inc_by(secs);
+                return culprit;
+            }
+        }
         self.events.with_label_values(&labels).inc();
         self.seconds.with_label_values(&labels).inc_by(secs);
         self.durations
@@ -474,6 +503,13 @@ impl Metrics {
         // Absent series (never created) are fine to "remove".
         let _ = self.events.remove_label_values(&labels);
         let _ = self.seconds.remove_label_values(&labels);
+        let _ = self.loops.strict_calls.remove_label_values(&labels);
+        let _ = self.loops.strict_seconds.remove_label_values(&labels);
+        if k.class == crate::event::Class::Stall.as_str() {
+            let labels = [process, &k.culprit];
+            let _ = self.loops.stalls.remove_label_values(&labels);
+            let _ = self.loops.stall_seconds.remove_label_values(&labels);
+        }
     }
 
     /// Drops the series of processes gone for the expiry time.
@@ -529,6 +565,122 @@ impl Metrics {
     }
 }
 
+/// The strict and stall detectors' metrics. Their culprit labels share
+/// each process's top-N budget with the blocking metrics (one
+/// [`Aggregator`]), so they add no cardinality of their own beyond
+/// `syscall`.
+struct LoopMetrics {
+    strict_calls: IntCounterVec,
+    strict_seconds: CounterVec,
+    stalls: IntCounterVec,
+    stall_seconds: CounterVec,
+}
+
+impl LoopMetrics {
+    fn new<'a>(
+        registry: &Registry,
+        with: &dyn Fn(&[&'static str]) -> Vec<&'a str>,
+    ) -> Result<Self, MetricsError> {
+        let culprit_labels = with(&["class", "syscall", "culprit"]);
+        let stall_labels = with(&["culprit"]);
+        let m = Self {
+            strict_calls: IntCounterVec::new(
+                Opts::new(
+                    "blockwatch_strict_calls_total",
+                    "Blocking-class syscalls on event-loop threads that stayed on the CPU (--strict).",
+                ),
+                &culprit_labels,
+            )?,
+            strict_seconds: CounterVec::new(
+                Opts::new(
+                    "blockwatch_strict_seconds_total",
+                    "Time event-loop threads spent in blocking-class syscalls that stayed on the CPU (--strict).",
+                ),
+                &culprit_labels,
+            )?,
+            stalls: IntCounterVec::new(
+                Opts::new(
+                    "blockwatch_stalls_total",
+                    "Event-loop stalls: CPU work over the stall threshold without reaching the idle wait.",
+                ),
+                &stall_labels,
+            )?,
+            stall_seconds: CounterVec::new(
+                Opts::new(
+                    "blockwatch_stall_seconds_total",
+                    "On-CPU time of event-loop stalls.",
+                ),
+                &stall_labels,
+            )?,
+        };
+        registry.register(Box::new(m.strict_calls.clone()))?;
+        registry.register(Box::new(m.strict_seconds.clone()))?;
+        registry.register(Box::new(m.stalls.clone()))?;
+        registry.register(Box::new(m.stall_seconds.clone()))?;
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod loop_metric_tests {
+    use super::*;
+    use crate::event::{Class, OffState};
+    use std::time::SystemTime;
+
+    fn ev(detector: Detector, class: Class, syscall: Option<&'static str>, ms: u64) -> Event {
+        let f = Frame {
+            function: Some("handler".into()),
+            ..Default::default()
+        };
+        Event {
+            ts: SystemTime::now(),
+            pid: 10,
+            tid: 10,
+            comm: "svc".into(),
+            thread: "svc".into(),
+            syscall,
+            syscall_nr: if syscall.is_some() { 257 } else { -1 },
+            class,
+            duration_ns: ms * 1_000_000,
+            state: OffState::Running,
+            stack: vec![f.clone()],
+            culprit: Some(f),
+            detector,
+            busy_ns: None,
+            samples: None,
+        }
+    }
+
+    #[test]
+    fn strict_calls_and_stalls_have_their_own_series() {
+        let mut m = Metrics::new(20, Duration::from_secs(1)).unwrap();
+        for _ in 0..3 {
+            m.observe(&ev(Detector::Strict, Class::File, Some("openat"), 1));
+        }
+        m.observe(&ev(Detector::Stall, Class::Stall, None, 300));
+        let text = m.render().unwrap();
+        for want in [
+            r#"blockwatch_strict_calls_total{class="file",culprit="handler",process="svc",syscall="openat"} 3"#,
+            r#"blockwatch_strict_seconds_total{class="file",culprit="handler",process="svc",syscall="openat"} 0.003"#,
+            r#"blockwatch_stalls_total{culprit="handler",process="svc"} 1"#,
+            r#"blockwatch_stall_seconds_total{culprit="handler",process="svc"} 0.3"#,
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        // Neither counts as a blocking wait, nor feeds /stacks.
+        assert!(
+            !text.contains("blockwatch_blocking_events_total{"),
+            "{text}"
+        );
+        assert!(m.folded.render().is_empty());
+        let t = Instant::now();
+        m.agg.process_exit(10, t);
+        m.expire(t + Duration::from_secs(2));
+        let text = m.render().unwrap();
+        assert!(!text.contains("process=\"svc\""), "{text}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,6 +707,9 @@ mod tests {
             state: OffState::Sleeping,
             stack: vec![f.clone()],
             culprit: Some(f),
+            detector: Default::default(),
+            busy_ns: None,
+            samples: None,
         }
     }
 

@@ -10,8 +10,9 @@ use log::{debug, info, warn};
 
 use blockwatch_common::PyProc;
 
-use crate::decode::{self, BlockRecord, Record};
-use crate::event::{Event, Frame, FrameKind};
+use crate::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
+use crate::event::{Class, Detector, Event, Frame, FrameKind, OffState};
+use crate::loopdetect::{self, Loops};
 use crate::perfmap::PerfMaps;
 use crate::python::{self, CodeReader, PyProcess};
 use crate::symbolize::Symbolizer;
@@ -52,6 +53,9 @@ pub struct Stats {
     pub events: u64,
     pub parks_learned: u64,
     pub decode_errors: u64,
+    /// Strict calls (`--strict`) and stalls reported.
+    pub strict: u64,
+    pub stalls: u64,
 }
 
 pub struct Pipeline {
@@ -69,6 +73,7 @@ pub struct Pipeline {
     perf_maps: PerfMaps,
     interps: HashMap<u32, Interp>,
     code: CodeReader,
+    loops: Loops,
     pub stats: Stats,
 }
 
@@ -102,6 +107,7 @@ impl Pipeline {
             perf_maps: PerfMaps::new(),
             interps: HashMap::new(),
             code: CodeReader::new(),
+            loops: Loops::new(),
             stats: Stats::default(),
         }
     }
@@ -223,7 +229,9 @@ impl Pipeline {
                 }
                 None
             }
+            Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
             Record::Exec { pid, tid, comm } => {
+                self.loops.forget_process();
                 self.sym.invalidate(pid);
                 self.unwinder.forget(pid);
                 self.perf_maps.forget(pid);
@@ -241,7 +249,9 @@ impl Pipeline {
             } => {
                 self.parks.remove(&tid);
                 self.user_stacks.remove(&tid);
+                self.loops.thread_exit(tid);
                 if group_dead {
+                    self.loops.forget_process();
                     // Kept until here so late events still carry the name.
                     self.process_names.remove(&pid);
                     self.perf_maps.forget(pid);
@@ -328,6 +338,122 @@ impl Pipeline {
             state: b.state,
             stack,
             culprit,
+            detector: Detector::Offcpu,
+            busy_ns: None,
+            samples: None,
         }
+    }
+}
+
+/// The strict and stall detectors' records (see [`crate::loopdetect`]).
+impl Pipeline {
+    fn loop_record(&mut self, r: LoopRecord) -> Option<Event> {
+        match r.kind {
+            LoopKind::Sample => {
+                self.loops.sample(r);
+                None
+            }
+            LoopKind::Strict => {
+                self.stats.strict += 1;
+                let key = loopdetect::raw_stack_key(&r);
+                let (stack, culprit) = match self.loops.cached_stack(key) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let stack = self.loop_stack(r.pid, &r.ips, &r.py);
+                        let culprit = loopdetect::loop_culprit(&stack);
+                        self.loops.cache_stack(key, stack.clone(), culprit.clone());
+                        (stack, culprit)
+                    }
+                };
+                // The strict set holds no call whose class depends on
+                // the descriptor (see syscalls::STRICT_SYSCALLS).
+                let class = syscalls::classify(r.syscall, &r.args, None);
+                Some(self.loop_event(r, class, Detector::Strict, stack, culprit))
+            }
+            LoopKind::Stall => {
+                self.stats.stalls += 1;
+                let (samples, total) = self.loops.take_samples(&r);
+                let symbolized: Vec<_> = samples
+                    .iter()
+                    .map(|s| {
+                        let stack = self.loop_stack(s.pid, &s.ips, &s.py);
+                        let culprit = loopdetect::loop_culprit(&stack);
+                        (stack, culprit)
+                    })
+                    .collect();
+                let (stack, culprit) = loopdetect::pick_stall_stack(symbolized);
+                let busy_ns = r.busy_ns;
+                let mut ev = self.loop_event(r, Class::Stall, Detector::Stall, stack, culprit);
+                ev.busy_ns = Some(busy_ns);
+                ev.samples = Some(total);
+                Some(ev)
+            }
+        }
+    }
+
+    fn loop_event(
+        &mut self,
+        r: LoopRecord,
+        class: Class,
+        detector: Detector,
+        stack: Vec<Frame>,
+        culprit: Option<Frame>,
+    ) -> Event {
+        Event {
+            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(r.start_ns),
+            pid: r.pid,
+            tid: r.tid,
+            comm: self.process_name(r.pid, &r.thread),
+            thread: r.thread,
+            syscall: syscalls::name(r.syscall),
+            syscall_nr: r.syscall,
+            class,
+            duration_ns: r.duration_ns,
+            state: OffState::Running,
+            stack,
+            culprit,
+            detector,
+            busy_ns: None,
+            samples: None,
+        }
+    }
+
+    /// Native frames (ELF symbols, perf maps for JIT code), then the
+    /// CPython frames, as for blocking events.
+    fn loop_stack(
+        &mut self,
+        pid: u32,
+        ips: &[u64],
+        py: &[blockwatch_common::PyFrameRef],
+    ) -> Vec<Frame> {
+        let mut stack = self.sym.symbolize(pid, ips);
+        for (i, f) in stack.iter_mut().enumerate() {
+            if f.function.is_none() && !f.inlined {
+                let addr = if i == 0 { f.address } else { f.address - 1 };
+                f.function = self.perf_maps.lookup(pid, addr);
+            }
+        }
+        if let Some(Interp::Python(interp)) = self.interps.get(&pid) {
+            for r in py.iter().filter(|r| r.code != 0) {
+                let frame = self.code.frame(pid, interp, r.code, r.instr);
+                stack.push(match frame {
+                    Some(f) => Frame {
+                        address: r.code,
+                        function: Some(f.function),
+                        module: Some(f.file.clone()),
+                        file: Some(f.file),
+                        line: f.line,
+                        kind: FrameKind::Python,
+                        ..Frame::default()
+                    },
+                    None => Frame {
+                        address: r.code,
+                        kind: FrameKind::Python,
+                        ..Frame::default()
+                    },
+                });
+            }
+        }
+        stack
     }
 }

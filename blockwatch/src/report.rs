@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::duration::format_duration;
-use crate::event::{Class, Event, Frame};
+use crate::event::{Class, Detector, Event, Frame};
 
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,12 +64,18 @@ impl Reporter {
     /// flushed: people pipe it into `jq` or watch it with `tail -f`.
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         self.summary.add(ev);
+        let new_stack = self.seen.insert(crate::verdict::stack_key(ev));
+        // Strict calls repeat by the thousand: each stack is shown once,
+        // all are counted in the summary.
+        if ev.detector == Detector::Strict && !new_stack {
+            return Ok(());
+        }
         // Rendered whole before writing, so an error never leaves half a
         // line (or half a JSON object) behind.
         let bytes = match self.format {
             OutputFormat::Text => {
                 let mut text = String::new();
-                if self.seen.insert(crate::verdict::stack_key(ev)) {
+                if new_stack {
                     text = format!("{}\n", clean(&crate::verdict::verdict(ev)));
                 }
                 text.push_str(&text_event(ev));
@@ -212,6 +218,23 @@ fn text_event(ev: &Event) -> String {
         ev.state.as_str(),
         culprit_label(ev.culprit.as_ref()),
     );
+    match ev.detector {
+        Detector::Offcpu => {}
+        Detector::Strict => {
+            s.pop();
+            s.push_str(
+                " [strict: first call from this stack; repeats are counted in the summary]\n",
+            );
+        }
+        Detector::Stall => {
+            s.pop();
+            s.push_str(&format!(
+                " [stall: busy {}, {} stack samples]\n",
+                format_duration(Duration::from_nanos(ev.busy_ns.unwrap_or(ev.duration_ns))),
+                ev.samples.unwrap_or(0)
+            ));
+        }
+    }
     if ev.stack.is_empty() {
         s.push_str("    (no stack)\n");
     }
@@ -245,6 +268,9 @@ struct Group {
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     groups: HashMap<(String, String), Group>,
+    /// Strict calls and stalls, tabled apart from the off-CPU waits.
+    strict: HashMap<(String, String), Group>,
+    stalls: HashMap<(String, String), Group>,
 }
 
 /// The culprit column: the function, or `<unknown>` with the module
@@ -268,12 +294,16 @@ impl Summary {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty()
+        self.groups.is_empty() && self.strict.is_empty() && self.stalls.is_empty()
     }
 
     /// Number of events added.
     pub fn events(&self) -> u64 {
-        self.groups.values().map(|g| g.count).sum()
+        [&self.groups, &self.strict, &self.stalls]
+            .iter()
+            .flat_map(|g| g.values())
+            .map(|g| g.count)
+            .sum()
     }
 
     pub fn add(&mut self, ev: &Event) {
@@ -281,7 +311,12 @@ impl Summary {
             culprit_key(ev.culprit.as_ref()),
             syscall_label(ev).into_owned(),
         );
-        let g = self.groups.entry(key).or_default();
+        let groups = match ev.detector {
+            Detector::Offcpu => &mut self.groups,
+            Detector::Strict => &mut self.strict,
+            Detector::Stall => &mut self.stalls,
+        };
+        let g = groups.entry(key).or_default();
         g.count += 1;
         g.total_ns = g.total_ns.saturating_add(ev.duration_ns);
         g.max_ns = g.max_ns.max(ev.duration_ns);
@@ -291,79 +326,98 @@ impl Summary {
     /// A table sorted by total time, most first, with a totals line; or
     /// a sentence when nothing was seen. No trailing newline.
     pub fn render(&self) -> String {
-        if self.groups.is_empty() {
-            return "no blocking calls over the threshold were seen".to_string();
+        let mut out = if self.groups.is_empty() {
+            "no blocking calls over the threshold were seen".to_string()
+        } else {
+            render_groups(&self.groups)
+        };
+        if !self.strict.is_empty() {
+            out.push_str(
+                "\n\nstrict: blocking-class syscalls that stayed on the CPU (TOTAL: time in the calls)\n",
+            );
+            out.push_str(&render_groups(&self.strict));
         }
-        let mut groups: Vec<_> = self.groups.iter().collect();
-        groups.sort_by(|((ca, sa), a), ((cb, sb), b)| {
-            b.total_ns
-                .cmp(&a.total_ns)
-                .then(b.count.cmp(&a.count))
-                .then(ca.cmp(cb))
-                .then(sa.cmp(sb))
-        });
-        let fmt = |ns: u64| format_duration(Duration::from_nanos(ns));
-
-        let mut rows: Vec<[String; 6]> = vec![[
-            "TOTAL".into(),
-            "COUNT".into(),
-            "MAX".into(),
-            "SYSCALL".into(),
-            "CLASS".into(),
-            "CULPRIT".into(),
-        ]];
-        let (mut total, mut count, mut max) = (0u64, 0u64, 0u64);
-        for ((culprit, syscall), g) in groups {
-            total = total.saturating_add(g.total_ns);
-            count = count.saturating_add(g.count);
-            max = max.max(g.max_ns);
-            // A culprit's reads can hit files and sockets alike.
-            let classes: Vec<&str> = g.classes.iter().map(|c| c.as_str()).collect();
-            rows.push([
-                fmt(g.total_ns),
-                g.count.to_string(),
-                fmt(g.max_ns),
-                syscall.clone(),
-                classes.join("/"),
-                culprit.clone(),
-            ]);
+        if !self.stalls.is_empty() {
+            out.push_str(
+                "\n\nstalls: CPU work that kept the loop from its idle wait (TOTAL: on-CPU time)\n",
+            );
+            out.push_str(&render_groups(&self.stalls));
         }
-        rows.push([
-            fmt(total),
-            count.to_string(),
-            fmt(max),
-            String::new(),
-            String::new(),
-            "(total)".into(),
-        ]);
-
-        let mut widths = [0usize; 6];
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let lines: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "{:>w0$}  {:>w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {}",
-                    r[0],
-                    r[1],
-                    r[2],
-                    r[3],
-                    r[4],
-                    r[5],
-                    w0 = widths[0],
-                    w1 = widths[1],
-                    w2 = widths[2],
-                    w3 = widths[3],
-                    w4 = widths[4],
-                )
-            })
-            .collect();
-        lines.join("\n")
+        out
     }
+}
+
+/// One table of groups, sorted by total time, with a totals line.
+fn render_groups(groups: &HashMap<(String, String), Group>) -> String {
+    let mut groups: Vec<_> = groups.iter().collect();
+    groups.sort_by(|((ca, sa), a), ((cb, sb), b)| {
+        b.total_ns
+            .cmp(&a.total_ns)
+            .then(b.count.cmp(&a.count))
+            .then(ca.cmp(cb))
+            .then(sa.cmp(sb))
+    });
+    let fmt = |ns: u64| format_duration(Duration::from_nanos(ns));
+
+    let mut rows: Vec<[String; 6]> = vec![[
+        "TOTAL".into(),
+        "COUNT".into(),
+        "MAX".into(),
+        "SYSCALL".into(),
+        "CLASS".into(),
+        "CULPRIT".into(),
+    ]];
+    let (mut total, mut count, mut max) = (0u64, 0u64, 0u64);
+    for ((culprit, syscall), g) in groups {
+        total = total.saturating_add(g.total_ns);
+        count = count.saturating_add(g.count);
+        max = max.max(g.max_ns);
+        // A culprit's reads can hit files and sockets alike.
+        let classes: Vec<&str> = g.classes.iter().map(|c| c.as_str()).collect();
+        rows.push([
+            fmt(g.total_ns),
+            g.count.to_string(),
+            fmt(g.max_ns),
+            syscall.clone(),
+            classes.join("/"),
+            culprit.clone(),
+        ]);
+    }
+    rows.push([
+        fmt(total),
+        count.to_string(),
+        fmt(max),
+        String::new(),
+        String::new(),
+        "(total)".into(),
+    ]);
+
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{:>w0$}  {:>w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {}",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                w0 = widths[0],
+                w1 = widths[1],
+                w2 = widths[2],
+                w3 = widths[3],
+                w4 = widths[4],
+            )
+        })
+        .collect();
+    lines.join("\n")
 }
 
 #[cfg(test)]
@@ -464,6 +518,9 @@ mod tests {
                 app_frame(),
             ],
             culprit,
+            detector: Default::default(),
+            busy_ns: None,
+            samples: None,
         }
     }
 
@@ -496,6 +553,7 @@ mod tests {
             "state",
             "stack",
             "culprit",
+            "detector",
         ]
         .into();
         assert_eq!(keys, expected);
@@ -865,5 +923,118 @@ mod tests {
             OutputFormat::from_str("json", false),
             Ok(OutputFormat::Json)
         );
+    }
+}
+
+#[cfg(test)]
+mod loop_report_tests {
+    use super::*;
+    use crate::event::OffState;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Buf {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn ev(detector: Detector, function: &str, syscall: Option<&'static str>, us: u64) -> Event {
+        let f = Frame {
+            address: 0x1000,
+            function: Some(function.into()),
+            file: Some("app.py".into()),
+            line: Some(7),
+            ..Frame::default()
+        };
+        Event {
+            ts: UNIX_EPOCH,
+            pid: 5,
+            tid: 5,
+            comm: "python3".into(),
+            thread: "python3".into(),
+            syscall,
+            syscall_nr: if syscall.is_some() { 257 } else { -1 },
+            class: if detector == Detector::Stall {
+                Class::Stall
+            } else {
+                Class::File
+            },
+            duration_ns: us * 1000,
+            state: OffState::Running,
+            stack: vec![f.clone()],
+            culprit: Some(f),
+            detector,
+            busy_ns: (detector == Detector::Stall).then_some(us * 1500),
+            samples: (detector == Detector::Stall).then_some(12),
+        }
+    }
+
+    #[test]
+    fn strict_calls_are_shown_once_per_stack_and_all_counted() {
+        for format in [OutputFormat::Text, OutputFormat::Json] {
+            let (out, diag) = (Buf::default(), Buf::default());
+            let mut r = Reporter::new(format, Box::new(out.clone()), Box::new(diag.clone()));
+            for _ in 0..5 {
+                r.event(&ev(Detector::Strict, "load", Some("openat"), 10))
+                    .unwrap();
+            }
+            r.event(&ev(Detector::Strict, "other", Some("openat"), 10))
+                .unwrap();
+            r.event(&ev(Detector::Stall, "hog", None, 300_000)).unwrap();
+            r.event(&ev(Detector::Stall, "hog", None, 200_000)).unwrap();
+            assert_eq!(r.summary().events(), 8);
+            r.finish("blockwatch: done").unwrap();
+            let (out, diag) = (out.text(), diag.text());
+            if format == OutputFormat::Json {
+                let lines: Vec<serde_json::Value> = out
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect();
+                // 2 strict stacks, each stall.
+                assert_eq!(lines.len(), 4, "{out}");
+                assert_eq!(lines[0]["detector"], "strict");
+                assert_eq!(lines[0]["state"], "running");
+                assert!(lines[0].get("busy_ns").is_none());
+                assert_eq!(lines[2]["detector"], "stall");
+                assert_eq!(lines[2]["class"], "stall");
+                assert_eq!(lines[2]["busy_ns"], 450_000_000u64);
+                assert_eq!(lines[2]["samples"], 12);
+                assert!(diag.contains("strict: "), "{diag}");
+            } else {
+                assert_eq!(out.matches("[strict: first call").count(), 2, "{out}");
+                assert_eq!(
+                    out.matches("[stall: busy 450ms, 12 stack samples]").count(),
+                    1
+                );
+                let summary = out.split("blockwatch: done\n").nth(1).unwrap();
+                let lines: Vec<&str> = summary.lines().collect();
+                assert_eq!(lines[0], "no blocking calls over the threshold were seen");
+                let strict = lines
+                    .iter()
+                    .position(|l| l.starts_with("strict: "))
+                    .unwrap();
+                let cells: Vec<&str> = lines[strict + 2].split_whitespace().collect();
+                assert_eq!(cells, ["50.0us", "5", "10.0us", "openat", "file", "load"]);
+                let stalls = lines
+                    .iter()
+                    .position(|l| l.starts_with("stalls: "))
+                    .unwrap();
+                let cells: Vec<&str> = lines[stalls + 2].split_whitespace().collect();
+                assert_eq!(cells, ["500ms", "2", "300ms", "-", "stall", "hog"]);
+            }
+        }
     }
 }

@@ -946,3 +946,97 @@ mod tests {
         }
     }
 }
+
+/// Syscalls that `--strict` counts on a loop thread even when they do not
+/// leave the CPU: those Home Assistant's checks call blocking (opening and
+/// inspecting files, listing directories, sleeping, file locks, syncing),
+/// by name. Left out on purpose: calls that are the loop's own normal,
+/// non-blocking business (read/write/close and the socket calls on its
+/// sockets, pipes and eventfds, the futex of an uncontended lock or a
+/// wake-up, epoll/poll, process creation and `waitpid(WNOHANG)` for
+/// subprocesses); a file read
+/// shows up as the `open` before it.
+pub const STRICT_SYSCALLS: &[&str] = &[
+    "open",
+    "openat",
+    "openat2",
+    "creat",
+    "stat",
+    "lstat",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "access",
+    "faccessat",
+    "faccessat2",
+    "getdents",
+    "getdents64",
+    "readlink",
+    "readlinkat",
+    "statfs",
+    "fstatfs",
+    "pread64",
+    "pwrite64",
+    "preadv",
+    "pwritev",
+    "preadv2",
+    "pwritev2",
+    "fsync",
+    "fdatasync",
+    "sync",
+    "syncfs",
+    "sync_file_range",
+    "truncate",
+    "ftruncate",
+    "fallocate",
+    "rename",
+    "renameat",
+    "renameat2",
+    "unlink",
+    "unlinkat",
+    "mkdir",
+    "mkdirat",
+    "rmdir",
+    "link",
+    "linkat",
+    "symlink",
+    "symlinkat",
+    "chmod",
+    "fchmodat",
+    "chown",
+    "fchownat",
+    "copy_file_range",
+    "nanosleep",
+    "clock_nanosleep",
+    "flock",
+];
+
+/// The numbers of [`STRICT_SYSCALLS`], as the kernel's bitmap wants them.
+pub fn strict_numbers() -> Vec<i64> {
+    (0..512)
+        .filter(|&nr| name(nr).is_some_and(|n| STRICT_SYSCALLS.contains(&n)))
+        .collect()
+}
+
+#[cfg(test)]
+mod strict_tests {
+    use super::*;
+
+    #[test]
+    fn strict_set_is_known_and_excludes_the_loops_own_calls() {
+        let nrs = strict_numbers();
+        assert_eq!(nrs.len(), STRICT_SYSCALLS.len(), "every name is a syscall");
+        for n in [2, 4, 257, 262, 35, 230, 73] {
+            assert!(nrs.contains(&n), "{n} ({:?})", name(n));
+        }
+        // read, write, close, poll, futex, epoll_wait, recvfrom, epoll_pwait,
+        // io_uring_enter, clone: the loop's own business.
+        for n in [0, 1, 3, 7, 202, 232, 45, 281, 426, 56] {
+            assert!(!nrs.contains(&n), "{n} ({:?})", name(n));
+        }
+        assert!(nrs.iter().all(|&n| n < 512));
+        for &n in &nrs {
+            assert_ne!(classify(n, &[0; 3], None), Class::Other, "{:?}", name(n));
+        }
+    }
+}

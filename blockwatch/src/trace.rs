@@ -106,6 +106,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     loader::check_privileges()?;
 
     let threshold_ns = args.threshold.as_nanos().min(u64::MAX as u128) as u64;
+    let mut loaded = loader::load_with_user_stack(
+        threshold_ns,
+        loader::force_raw_from_env(),
+        args.user_stack_size,
+    )?;
+    let detectors = loader::enable_loop_detectors(
+        &mut loaded.ebpf,
+        args.detectors
+            .options(Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD)),
+    )?;
     let Loaded {
         mode,
         mut threads,
@@ -117,11 +127,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         events,
         logger,
         ebpf: _ebpf,
-    } = loader::load_with_user_stack(
-        threshold_ns,
-        loader::force_raw_from_env(),
-        args.user_stack_size,
-    )?;
+    } = loaded;
     debug!("attach mode: {mode:?}");
     if let Some(logger) = logger {
         loader::forward_kernel_log(logger)?;
@@ -270,6 +276,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             reporter.diag(&format!("blockwatch: warning: {n} {what} were lost"));
         }
     }
+    let lost_loop = detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
+    if lost_loop > 0 {
+        reporter.diag(&format!(
+            "blockwatch: warning: {lost_loop} strict-call, stall or stack-sample records were lost (ring buffer full)"
+        ));
+    }
     if pipeline.stats.decode_errors > 0 {
         reporter.diag(&format!(
             "blockwatch: warning: {} kernel records could not be decoded",
@@ -291,10 +303,20 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             describe_status(status)
         ),
     };
-    let header = format!(
-        "blockwatch: {} blocking calls over {} in {:.1}s on {} threads; {why}",
+    let mut found = format!(
+        "{} blocking calls over {}",
         pipeline.stats.events,
         crate::duration::format_duration(args.threshold),
+    );
+    if let Some(more) = crate::loopdetect::header_counts(
+        &detectors.options,
+        pipeline.stats.strict,
+        pipeline.stats.stalls,
+    ) {
+        found.push_str(&more);
+    }
+    let header = format!(
+        "blockwatch: {found} in {:.1}s on {} threads; {why}",
         started.elapsed().as_secs_f64(),
         sink.threads_seen.len(),
     );

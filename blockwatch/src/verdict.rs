@@ -5,13 +5,13 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::duration::format_duration;
-use crate::event::{Event, Frame};
+use crate::event::{Detector, Event, Frame};
 
 /// Identifies "the same blocking call": process, wait and stack, but not
 /// duration or time, so each is announced once.
 pub fn stack_key(ev: &Event) -> u64 {
     let mut h = DefaultHasher::new();
-    (&ev.comm, ev.class, ev.syscall_nr).hash(&mut h);
+    (&ev.comm, ev.class, ev.syscall_nr, ev.detector).hash(&mut h);
     for f in &ev.stack {
         (&f.function, &f.module, f.line).hash(&mut h);
     }
@@ -48,16 +48,24 @@ pub fn verdict(ev: &Event) -> String {
         Some(f) => format!(" in {}", place(f)),
         None => String::new(),
     };
-    format!(
-        "blocking {} ({what}, {}) on the event loop of {}[{}]{culprit}",
-        ev.class,
-        format_duration(std::time::Duration::from_nanos(ev.duration_ns)),
-        ev.comm,
-        ev.pid,
-    )
-    .chars()
-    .map(|c| if c.is_control() { '?' } else { c })
-    .collect()
+    let duration = format_duration(std::time::Duration::from_nanos(ev.duration_ns));
+    let line = match ev.detector {
+        Detector::Offcpu => format!(
+            "blocking {} ({what}, {duration}) on the event loop of {}[{}]{culprit}",
+            ev.class, ev.comm, ev.pid,
+        ),
+        Detector::Strict => format!(
+            "blocking {} call ({what}, {duration} on the CPU, strict) on the event loop of {}[{}]{culprit}",
+            ev.class, ev.comm, ev.pid,
+        ),
+        Detector::Stall => format!(
+            "stall ({duration} on the CPU without reaching the idle wait) of the event loop of {}[{}]{culprit}",
+            ev.comm, ev.pid,
+        ),
+    };
+    line.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -81,6 +89,9 @@ mod tests {
             state: OffState::Sleeping,
             stack: culprit.iter().cloned().collect(),
             culprit,
+            detector: Default::default(),
+            busy_ns: None,
+            samples: None,
         }
     }
 
@@ -122,6 +133,37 @@ mod tests {
         assert_eq!(
             verdict(&ev),
             "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of evil?name[123] in tokio_blocker::blocking_sleep_in_task() in tokio-blocker"
+        );
+    }
+
+    #[test]
+    fn strict_calls_and_stalls_say_so() {
+        let f = Frame {
+            function: Some("load".into()),
+            file: Some("app.py".into()),
+            line: Some(3),
+            kind: FrameKind::Python,
+            ..Frame::default()
+        };
+        let mut ev = event(Some(f));
+        ev.detector = Detector::Strict;
+        ev.syscall = Some("openat");
+        ev.class = Class::File;
+        ev.duration_ns = 12_000;
+        assert_eq!(
+            verdict(&ev),
+            "blocking file call (openat, 12.0us on the CPU, strict) on the event loop of python3[123] in load() at app.py:3"
+        );
+        let strict_key = stack_key(&ev);
+        ev.detector = Detector::Offcpu;
+        assert_ne!(stack_key(&ev), strict_key, "detectors are told apart");
+        ev.detector = Detector::Stall;
+        ev.syscall = None;
+        ev.class = Class::Stall;
+        ev.duration_ns = 310_000_000;
+        assert_eq!(
+            verdict(&ev),
+            "stall (310ms on the CPU without reaching the idle wait) of the event loop of python3[123] in load() at app.py:3"
         );
     }
 

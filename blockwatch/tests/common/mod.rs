@@ -61,6 +61,13 @@ pub struct Event {
     pub state: String,
     pub stack: Vec<Frame>,
     pub culprit: Option<Frame>,
+    /// `offcpu`, `strict` or `stall` (README, JSON schema).
+    pub detector: String,
+    /// Stalls only.
+    #[serde(default)]
+    pub busy_ns: Option<u64>,
+    #[serde(default)]
+    pub samples: Option<u32>,
 }
 
 const EVENT_FIELDS: [&str; 12] = [
@@ -77,10 +84,11 @@ const EVENT_FIELDS: [&str; 12] = [
     "stack",
     "culprit",
 ];
-const CLASSES: [&str; 8] = [
-    "file", "stat", "sleep", "lock", "gil", "net", "process", "other",
+const CLASSES: [&str; 9] = [
+    "file", "stat", "sleep", "lock", "gil", "net", "process", "other", "stall",
 ];
-const STATES: [&str; 3] = ["sleeping", "disk", "preempted"];
+const STATES: [&str; 4] = ["sleeping", "disk", "preempted", "running"];
+const DETECTORS: [&str; 3] = ["offcpu", "strict", "stall"];
 
 impl Event {
     pub fn ms(&self) -> f64 {
@@ -131,6 +139,9 @@ impl Event {
         }
         if !STATES.contains(&event.state.as_str()) {
             return Err(format!("unknown state {:?}", event.state));
+        }
+        if !DETECTORS.contains(&event.detector.as_str()) {
+            return Err(format!("unknown detector {:?}", event.detector));
         }
         for frame in event.stack.iter().chain(&event.culprit) {
             let hex = frame.address.strip_prefix("0x");

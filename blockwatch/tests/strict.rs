@@ -1,0 +1,453 @@
+//! End-to-end tests of strict syscall mode (`--strict`) and loop stalls
+//! (`--stall-threshold`): the real binary, as root, on the real kernel,
+//! against `subjects/asyncio_strict.py` (see its timeline), and the
+//! daemon's metrics of both. Run them with `sudo -E cargo xtask test`.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Event, PYTHON, Run, python_alias, repo_root, subject, trace};
+
+const SUBJECT: &str = "asyncio_strict.py";
+
+fn strict_events(run: &Run) -> Vec<&Event> {
+    run.events_where(|e| e.detector == "strict")
+}
+
+fn stalls(run: &Run) -> Vec<&Event> {
+    run.events_where(|e| e.detector == "stall")
+}
+
+fn names(e: &Event) -> Vec<&str> {
+    e.stack
+        .iter()
+        .filter_map(|f| f.function.as_deref())
+        .collect()
+}
+
+fn culprit_fn(e: &Event) -> &str {
+    e.culprit
+        .as_ref()
+        .and_then(|f| f.function.as_deref())
+        .unwrap_or("")
+}
+
+/// The summary table's rows (stderr in JSON mode) of one section, as
+/// whitespace-separated cells: TOTAL COUNT MAX SYSCALL CLASS CULPRIT.
+fn summary_rows<'a>(run: &'a Run, section: &str) -> Vec<Vec<&'a str>> {
+    let mut lines = run.stderr.lines().skip_while(|l| !l.starts_with(section));
+    lines.next();
+    lines
+        .skip(1) // the column headers
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect()
+}
+
+/// open(cached file).read() and os.stat in a coroutine never leave the
+/// CPU: only --strict sees them, on the loop thread, with their syscalls,
+/// classes and Python functions; the executor thread's identical calls and
+/// the idle loop give nothing.
+#[test]
+fn strict_reports_cached_opens_and_stats_on_the_loop_only() {
+    let _serial = common::setup();
+    let run = trace(&[
+        "--strict",
+        "--stall-threshold",
+        "off",
+        "--",
+        PYTHON,
+        &subject(SUBJECT),
+    ]);
+    run.assert_success();
+    let strict = strict_events(&run);
+    assert!(!strict.is_empty(), "no strict events\n{}", run.report());
+    for e in &strict {
+        assert!(
+            e.is_main_thread() && e.state == "running" && e.ms() < 50.0,
+            "strict calls are on the loop (main) thread and stay on the CPU: {}\n{}",
+            e.summary(),
+            run.report()
+        );
+        assert!(
+            !names(e).contains(&"executor_reads"),
+            "the executor thread's calls are not the loop's: {}\n{}",
+            e.summary(),
+            run.report()
+        );
+    }
+    let open = strict
+        .iter()
+        .find(|e| e.syscall.as_deref() == Some("openat") && culprit_fn(e) == "read_cached_file");
+    let open = open.unwrap_or_else(|| {
+        panic!(
+            "open() in a coroutine: an openat, class file, in read_cached_file\n{}",
+            run.report()
+        )
+    });
+    assert_eq!(open.class, "file", "{}", open.summary());
+    let stat = strict
+        .iter()
+        .find(|e| culprit_fn(e) == "stat_file")
+        .unwrap_or_else(|| {
+            panic!(
+                "os.stat in a coroutine: a strict call in stat_file\n{}",
+                run.report()
+            )
+        });
+    assert_eq!(stat.class, "stat", "{}", stat.summary());
+    assert!(
+        matches!(
+            stat.syscall.as_deref(),
+            Some("newfstatat" | "statx" | "stat")
+        ),
+        "{}",
+        stat.summary()
+    );
+    // One event per stack, every call counted in the summary.
+    let opens_of_read = strict
+        .iter()
+        .filter(|e| e.syscall.as_deref() == Some("openat") && culprit_fn(e) == "read_cached_file")
+        .count();
+    assert_eq!(opens_of_read, 1, "one event per stack\n{}", run.report());
+    let rows = summary_rows(&run, "strict:");
+    let row = rows
+        .iter()
+        .find(|r| r.get(3) == Some(&"openat") && r.last() == Some(&"read_cached_file"))
+        .unwrap_or_else(|| panic!("no strict summary row for openat\n{}", run.stderr));
+    // 5 calls: counted as strict, unless preempted past --threshold on a
+    // loaded machine (then an off-CPU event).
+    let preempted = run
+        .events_where(|e| {
+            e.detector == "offcpu"
+                && e.syscall.as_deref() == Some("openat")
+                && culprit_fn(e) == "read_cached_file"
+        })
+        .len();
+    assert_eq!(
+        row[1].parse::<usize>().unwrap() + preempted,
+        5,
+        "5 calls of read_cached_file\n{}",
+        run.stderr
+    );
+    // A syscall of the strict set that went off the CPU past --threshold
+    // (time.sleep(0.05)) is an off-CPU event and is not counted again.
+    let sleeps = run.events_where(|e| culprit_fn(e) == "blocking_sleep");
+    assert_eq!(sleeps.len(), 1, "{}", run.report());
+    assert_eq!(
+        (sleeps[0].detector.as_str(), sleeps[0].syscall.as_deref()),
+        ("offcpu", Some("clock_nanosleep")),
+        "{}",
+        run.report()
+    );
+    assert!(
+        !summary_rows(&run, "strict:")
+            .iter()
+            .any(|r| r.last() == Some(&"blocking_sleep")),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains(" strict calls"), "{}", run.stderr);
+}
+
+#[test]
+fn without_strict_nothing_is_strict() {
+    let _serial = common::setup();
+    let run = trace(&["--stall-threshold", "off", "--", PYTHON, &subject(SUBJECT)]);
+    run.assert_success();
+    assert!(strict_events(&run).is_empty(), "{}", run.report());
+    assert!(stalls(&run).is_empty(), "stalls are off\n{}", run.report());
+    assert!(!run.stderr.contains("strict:"), "{}", run.stderr);
+    assert!(!run.stderr.contains("strict calls"), "{}", run.stderr);
+}
+
+/// cpu_hog(0.3) in a coroutine keeps the loop on the CPU for ~300 ms: one
+/// stall, named after the Python function, with samples; the idle loop,
+/// `await asyncio.sleep` and the executor are not stalls.
+#[test]
+fn a_cpu_bound_coroutine_is_a_stall() {
+    let _serial = common::setup();
+    // The default threshold (100ms) is on.
+    let run = trace(&["--", PYTHON, &subject(SUBJECT)]);
+    run.assert_success();
+    let s = stalls(&run);
+    assert_eq!(s.len(), 1, "exactly the cpu_hog(0.3)\n{}", run.report());
+    let e = s[0];
+    assert_eq!(
+        (
+            e.class.as_str(),
+            e.state.as_str(),
+            e.syscall.as_deref(),
+            e.syscall_nr
+        ),
+        ("stall", "running", None, -1),
+        "{}",
+        e.summary()
+    );
+    assert!(e.is_main_thread(), "{}", e.summary());
+    let busy_ms = e.busy_ns.expect("stalls carry busy_ns") as f64 / 1e6;
+    // On-CPU time: the hog's 300 ms of CPU (plus the loop's own work
+    // around it); its wall time (busy) at least that, more when preempted.
+    assert!(
+        (250.0..=1500.0).contains(&e.ms()) && e.ms() <= busy_ms + 1.0,
+        "on-CPU {:.1} ms, busy {busy_ms:.1} ms\n{}",
+        e.ms(),
+        run.report()
+    );
+    assert!(
+        (250.0..=3000.0).contains(&busy_ms),
+        "the loop was busy ~300 ms, got {busy_ms:.1}\n{}",
+        run.report()
+    );
+    assert!(e.samples.unwrap_or(0) >= 1, "{}", run.report());
+    assert!(
+        culprit_fn(e).starts_with("cpu_hog"),
+        "the stall's culprit is the Python function, got {:?}: {:#?}",
+        culprit_fn(e),
+        e.stack
+    );
+    let rows = summary_rows(&run, "stalls:");
+    assert!(
+        rows.iter()
+            .any(|r| r.get(1) == Some(&"1") && r.last().is_some_and(|c| c.starts_with("cpu_hog"))),
+        "{}",
+        run.stderr
+    );
+    // No event of any kind lasts as long as the idle waits (1 s, 0.3 s,
+    // 0.4 s): idle is never blocking.
+    run.assert_none_longer_than(1_500.0, "idle waits and asyncio.sleep are not blocking");
+}
+
+/// A Node timer callback computing for ~300 ms: one stall on the main
+/// thread, named after the JS function (from the perf map).
+#[test]
+fn a_cpu_bound_node_callback_is_a_stall() {
+    let _serial = common::setup();
+    let script = subject("node_stall.js");
+    // --perf-basic-prof also writes V8's log, by default to the working
+    // directory (the repository).
+    let logs = tempfile::tempdir().unwrap();
+    let logfile = format!("--logfile={}/v8.log", logs.path().display());
+    let run = trace(&[
+        "--",
+        "node",
+        "--perf-basic-prof",
+        &logfile,
+        "--no-logfile-per-isolate",
+        &script,
+    ]);
+    run.assert_success();
+    let s = stalls(&run);
+    assert_eq!(s.len(), 1, "exactly the cpuHog(300)\n{}", run.report());
+    let e = s[0];
+    assert!(e.is_main_thread() && e.class == "stall", "{}", e.summary());
+    let busy_ms = e.busy_ns.expect("busy_ns") as f64 / 1e6;
+    assert!(
+        (250.0..=1500.0).contains(&e.ms()) && (250.0..=3000.0).contains(&busy_ms),
+        "on-CPU {:.1} ms, busy {busy_ms:.1} ms\n{}",
+        e.ms(),
+        run.report()
+    );
+    assert!(
+        names(e).iter().any(|n| n.contains("cpuHog")),
+        "the JS function is in the stack: {:#?}",
+        e.stack
+    );
+}
+
+#[test]
+fn a_higher_stall_threshold_reports_nothing() {
+    let _serial = common::setup();
+    let run = trace(&["--stall-threshold", "2s", "--", PYTHON, &subject(SUBJECT)]);
+    run.assert_success();
+    assert!(stalls(&run).is_empty(), "{}", run.report());
+    assert!(run.stderr.contains("0 stalls over 2.00s"), "{}", run.stderr);
+}
+
+#[test]
+fn text_output_names_strict_calls_and_stalls() {
+    let _serial = common::setup();
+    let run = common::blockwatch(&["trace", "--strict", "--", PYTHON, &subject(SUBJECT)]);
+    run.assert_success();
+    let out = &run.stdout;
+    assert!(
+        out.contains("blocking file call (openat, ") && out.contains("on the CPU, strict)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("stall (") && out.contains(" in cpu_hog"),
+        "{out}"
+    );
+    assert!(out.contains("[stall: busy "), "{out}");
+    assert!(
+        out.contains("\nstrict: ") && out.contains("\nstalls: "),
+        "{out}"
+    );
+}
+
+// --- daemon -------------------------------------------------------------
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// Sum of the samples of `name` whose labels include `want`.
+fn sample(metrics: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            want.iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+struct Daemon {
+    child: Child,
+    stderr: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `strict = true` in the config and the default stall threshold: the
+/// daemon counts the subject's strict calls and its stall, by process and
+/// culprit.
+#[test]
+fn daemon_exports_strict_and_stall_metrics() {
+    let _serial = common::setup();
+    let alias = python_alias("bwdstrict");
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("blockwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\nstrict = true\nstall_threshold = \"100ms\"\n[targets]\ncomms = [\"bwdstrict\"]\n"
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("stderr");
+    let child = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
+        .args(["daemon", "--config"])
+        .arg(&config)
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start the daemon");
+    let mut d = Daemon {
+        child,
+        stderr,
+        _dir: dir,
+    };
+    let log = |d: &Daemon| std::fs::read_to_string(&d.stderr).unwrap_or_default();
+    let end = Instant::now() + Duration::from_secs(30);
+    while !(http_get(addr, "/healthz").is_some() && log(&d).contains("blockwatch: watching")) {
+        if let Ok(Some(s)) = d.child.try_wait() {
+            panic!("daemon exited with {s}: {}", log(&d));
+        }
+        assert!(Instant::now() < end, "daemon not serving: {}", log(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A first idle of 3 s: the daemon inspects new interpreters every 2 s,
+    // and the culprits are Python functions only once it has.
+    let status = Command::new(&alias.path)
+        .arg(subject(SUBJECT))
+        .arg("3")
+        .status()
+        .expect("run the subject");
+    assert!(status.success());
+    let end = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        let m = http_get(addr, "/metrics").unwrap_or_default();
+        let opens = sample(
+            &m,
+            "blockwatch_strict_calls_total",
+            &[
+                ("process", "bwdstrict"),
+                ("syscall", "openat"),
+                ("class", "file"),
+            ],
+        );
+        let stalls = sample(&m, "blockwatch_stalls_total", &[("process", "bwdstrict")]);
+        if opens >= 3.0 && stalls >= 1.0 {
+            break m;
+        }
+        assert!(
+            Instant::now() < end,
+            "strict opens {opens}, stalls {stalls}\n{m}\n{}",
+            log(&d)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        sample(
+            &metrics,
+            "blockwatch_strict_calls_total",
+            &[("process", "bwdstrict"), ("culprit", "read_cached_file")]
+        ) >= 3.0,
+        "{metrics}"
+    );
+    let stall_secs = sample(
+        &metrics,
+        "blockwatch_stall_seconds_total",
+        &[("process", "bwdstrict")],
+    );
+    assert!((0.1..2.0).contains(&stall_secs), "{stall_secs}\n{metrics}");
+    assert!(
+        sample(
+            &metrics,
+            "blockwatch_stalls_total",
+            &[
+                ("process", "bwdstrict"),
+                ("culprit", "cpu_hog.<locals>.<genexpr>")
+            ]
+        ) + sample(
+            &metrics,
+            "blockwatch_stalls_total",
+            &[("process", "bwdstrict"), ("culprit", "cpu_hog")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // The journal: each new stack once, strict calls and stalls alike.
+    let journal = log(&d);
+    assert!(
+        journal.contains("strict) on the event loop of bwdstrict["),
+        "{journal}"
+    );
+    assert!(
+        journal.contains("without reaching the idle wait) of the event loop of bwdstrict["),
+        "{journal}"
+    );
+}
