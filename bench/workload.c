@@ -8,9 +8,11 @@
  *                                    THREADS threads that each sleep
  *                                    SLEEP_US (relative nanosleep) in a loop
  *
- * The loops print "<operations> <nanoseconds>" when done; block prints the
- * number of sleeps. The per-operation cost is kept as low as the syscall
- * itself: no work but the call, the clock read once per 4096 calls.
+ * The loops run for SECONDS in ten slices and print "<operations>
+ * <nanoseconds>" of the fastest slice: the least disturbed by the other
+ * processes of a busy machine. block prints the number of sleeps. The
+ * per-operation cost is kept as low as the syscall itself: no work but the
+ * call, the clock read once per 4096 calls.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -97,27 +99,34 @@ int main(int argc, char **argv) {
         return 2;
     }
     char c = 'x';
-    unsigned long long ops = 0, start = now_ns(), elapsed = 0;
-    while (elapsed < budget) {
-        for (int i = 0; i < 4096; i++) {
-            if (fd >= 0) {
-                if (read(fd, &c, 1) != 1)
-                    return 1;
-            } else if (mode[0] == 'p' && mode[1] == 'i') {
-                if (write(ping[1], &c, 1) != 1 || read(pong[0], &c, 1) != 1)
-                    return 1;
-            } else {
-                syscall(SYS_getppid);
+    unsigned long long best_ops = 0, best_ns = 0;
+    for (int slice = 0; slice < 10; slice++) {
+        unsigned long long ops = 0, start = now_ns(), elapsed = 0;
+        while (elapsed < budget / 10) {
+            for (int i = 0; i < 4096; i++) {
+                if (fd >= 0) {
+                    if (read(fd, &c, 1) != 1)
+                        return 1;
+                } else if (mode[0] == 'p' && mode[1] == 'i') {
+                    if (write(ping[1], &c, 1) != 1 || read(pong[0], &c, 1) != 1)
+                        return 1;
+                } else {
+                    syscall(SYS_getppid);
+                }
             }
+            ops += 4096;
+            elapsed = now_ns() - start;
         }
-        ops += 4096;
-        elapsed = now_ns() - start;
+        if (best_ops == 0 || elapsed * best_ops < best_ns * ops) {
+            best_ops = ops;
+            best_ns = elapsed;
+        }
     }
     if (mode[0] == 'p' && mode[1] == 'i') {
         c = 'q';
         if (write(ping[1], &c, 1) == 1)
             pthread_join(thread, NULL);
     }
-    printf("%llu %llu\n", ops, elapsed);
+    printf("%llu %llu\n", best_ops, best_ns);
     return 0;
 }

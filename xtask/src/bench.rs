@@ -256,11 +256,22 @@ impl Bench {
         print_table(&header, &rows);
         let tax = |w: &str| median(&results[&(1, w)]) / median(&results[&(0, w)]) - 1.0;
         let (g, r) = (tax("getppid"), tax("read"));
+        // How much bare runs of the same loop differed: the noise floor.
+        let spread = |w: &str| {
+            let v = &results[&(0, w)];
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+            (hi - lo) / median(v)
+        };
         println!(
-            "default mode (trace, untagged) within 3% on the syscall loops: {} (getppid {:+.1}%, read {:+.1}%)",
+            "default mode (trace, untagged) within 3% on the syscall loops: {} (getppid {:+.1}%, read {:+.1}%; \
+             bare runs spread over {:.1}% and {:.1}%)",
             if g <= 0.03 && r <= 0.03 { "yes" } else { "NO" },
             g * 100.0,
-            r * 100.0
+            r * 100.0,
+            spread("getppid") * 100.0,
+            spread("read") * 100.0
         );
         println!(
             "(trace watches an idle process; daemon --auto watches every process, the workload's threads included;\n \
