@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::duration::clap_duration;
 use crate::report::OutputFormat;
+use crate::selector::Patterns;
 use crate::targets::ThreadsMode;
 
 #[derive(Debug, Parser)]
@@ -83,18 +84,21 @@ pub struct TraceArgs {
     #[arg(short, long = "comm", value_name = "GLOB")]
     pub comms: Vec<String>,
 
+    #[command(flatten)]
+    pub matching: MatchArgs,
+
     /// Report waits at least this long (e.g. 5ms, 100us, 1s).
     #[arg(long, value_name = "DURATION", value_parser = clap_duration, default_value = "10ms")]
     pub threshold: Duration,
-
-    #[command(flatten)]
-    pub detectors: crate::loopdetect::DetectorArgs,
 
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
     /// pointers only.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
     pub user_stack_size: u32,
+
+    #[command(flatten)]
+    pub detectors: crate::loopdetect::DetectorArgs,
 
     /// Stop after this long (default: until Ctrl-C or the command ends).
     #[arg(short, long, value_name = "DURATION", value_parser = clap_duration)]
@@ -130,6 +134,9 @@ pub struct DaemonArgs {
     #[arg(short, long = "comm", value_name = "GLOB")]
     pub comms: Vec<String>,
 
+    #[command(flatten)]
+    pub matching: MatchArgs,
+
     /// Which threads of the watched processes to report [default: loop].
     #[arg(long, value_enum)]
     pub threads: Option<ThreadsMode>,
@@ -138,19 +145,63 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DURATION", value_parser = clap_duration)]
     pub threshold: Option<Duration>,
 
-    #[command(flatten)]
-    pub detectors: crate::loopdetect::DetectorArgs,
-
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
     /// pointers only. Read at start (a reload does not change it).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
     pub user_stack_size: u32,
 
+    #[command(flatten)]
+    pub detectors: crate::loopdetect::DetectorArgs,
+
     /// Watch every process on the host (but the config's exclude_comms and
     /// blockwatch itself) and report the threads that run event loops.
     #[arg(long)]
     pub auto: bool,
+
+    /// Add `container` (the first 12 digits of the container ID) and `pod`
+    /// (the Kubernetes pod UID) labels to the per-process metrics, read
+    /// from each process's cgroup; empty for processes outside containers.
+    #[arg(long)]
+    pub container_labels: bool,
+}
+
+/// Process selectors beyond the name, shared by trace and daemon. Like
+/// --comm they also select processes that start later.
+#[derive(Clone, Debug, Default, Args)]
+pub struct MatchArgs {
+    /// Watch processes running this executable: a glob on the full path
+    /// when it has a '/' (/usr/bin/python3*), else on the file name
+    /// (repeatable).
+    #[arg(long = "exe", value_name = "GLOB")]
+    pub exes: Vec<String>,
+
+    /// Watch processes whose command line (arguments joined by spaces)
+    /// matches this glob, e.g. '*-m homeassistant*' (repeatable).
+    #[arg(long = "cmdline", value_name = "GLOB")]
+    pub cmdlines: Vec<String>,
+
+    /// Watch processes in a cgroup whose path (as in /proc/PID/cgroup)
+    /// matches this glob, e.g. '/kubepods.slice/*' (repeatable).
+    #[arg(long = "cgroup", value_name = "GLOB")]
+    pub cgroups: Vec<String>,
+
+    /// Watch the processes of a systemd unit (service or scope), e.g.
+    /// home-assistant.service or 'app-*.service' (repeatable).
+    #[arg(long = "unit", value_name = "GLOB")]
+    pub units: Vec<String>,
+}
+
+impl MatchArgs {
+    pub fn patterns(&self, comms: &[String]) -> Patterns {
+        Patterns {
+            comms: comms.to_vec(),
+            exes: self.exes.clone(),
+            cmdlines: self.cmdlines.clone(),
+            cgroups: self.cgroups.clone(),
+            units: self.units.clone(),
+        }
+    }
 }
 
 /// `--user-stack-size`: 0 to `MAX_USER_STACK` bytes.
@@ -167,10 +218,14 @@ fn user_stack_size(s: &str) -> Result<u32, String> {
 }
 
 impl TraceArgs {
+    pub fn patterns(&self) -> Patterns {
+        self.matching.patterns(&self.comms)
+    }
+
     pub fn has_targets(&self) -> bool {
         !(self.pids.is_empty()
             && self.tids.is_empty()
-            && self.comms.is_empty()
+            && self.patterns().is_empty()
             && self.command.is_empty())
     }
 }

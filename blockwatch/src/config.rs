@@ -15,7 +15,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::duration::{format_duration, parse_duration};
-use crate::targets::{CommRules, ThreadsMode};
+use crate::selector::{Patterns, Selector};
+use crate::targets::ThreadsMode;
 
 /// localhost only: metrics name processes and functions of the host.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9747";
@@ -62,6 +63,14 @@ struct Targets {
     #[serde(default)]
     comms: Vec<Spanned<String>>,
     #[serde(default)]
+    exes: Vec<Spanned<String>>,
+    #[serde(default)]
+    cmdlines: Vec<Spanned<String>>,
+    #[serde(default)]
+    cgroups: Vec<Spanned<String>>,
+    #[serde(default)]
+    units: Vec<Spanned<String>>,
+    #[serde(default)]
     pids: Vec<u32>,
     #[serde(default)]
     exclude_comms: Vec<Spanned<String>>,
@@ -71,6 +80,7 @@ struct Targets {
 #[serde(deny_unknown_fields)]
 struct Metrics {
     top_culprits: Option<Spanned<i64>>,
+    container_labels: Option<bool>,
     expire_after: Option<Spanned<String>>,
 }
 
@@ -87,7 +97,9 @@ pub struct Settings {
     pub threshold: Duration,
     pub threads: ThreadsMode,
     pub auto: bool,
-    pub comms: Vec<String>,
+    /// Processes selected by name, executable, command line, cgroup or
+    /// unit.
+    pub select: Patterns,
     pub pids: Vec<u32>,
     /// Process-name globs `auto` never watches.
     pub exclude_comms: Vec<String>,
@@ -95,6 +107,8 @@ pub struct Settings {
     pub top_culprits: usize,
     /// How long the series of a process outlive its last exit.
     pub expire_after: Duration,
+    /// Add `container` and `pod` labels, read from the process's cgroup.
+    pub container_labels: bool,
     /// New blocking stacks logged per minute at most.
     pub log_per_minute: u32,
     /// Strict syscall mode (`strict = true`, `--strict`).
@@ -110,11 +124,12 @@ impl Default for Settings {
             threshold: DEFAULT_THRESHOLD,
             threads: ThreadsMode::Loop,
             auto: false,
-            comms: Vec::new(),
+            select: Patterns::default(),
             pids: Vec::new(),
             exclude_comms: Vec::new(),
             top_culprits: DEFAULT_TOP_CULPRITS,
             expire_after: DEFAULT_EXPIRE_AFTER,
+            container_labels: false,
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
             strict: false,
             stall_threshold: Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD),
@@ -129,8 +144,10 @@ pub struct Overrides {
     pub threshold: Option<Duration>,
     pub threads: Option<ThreadsMode>,
     pub auto: bool,
-    pub comms: Vec<String>,
+    /// Each kind of pattern given on the command line replaces the file's.
+    pub select: Patterns,
     pub pids: Vec<u32>,
+    pub container_labels: bool,
     pub strict: bool,
     /// `Duration::ZERO`: off.
     pub stall_threshold: Option<Duration>,
@@ -138,7 +155,7 @@ pub struct Overrides {
 
 impl Settings {
     pub fn has_targets(&self) -> bool {
-        self.auto || !self.comms.is_empty() || !self.pids.is_empty()
+        self.auto || !self.select.is_empty() || !self.pids.is_empty()
     }
 
     /// Flags win over the file; list flags replace the file's lists.
@@ -155,18 +172,30 @@ impl Settings {
         if o.auto {
             self.auto = true;
         }
-        if !o.comms.is_empty() {
-            CommRules::new(&o.comms).map_err(|e| ConfigError::Flag(e.to_string()))?;
-            self.comms = o.comms.clone();
+        Selector::new(&o.select).map_err(|e| ConfigError::Flag(e.to_string()))?;
+        let (to, from) = (&mut self.select, &o.select);
+        for (to, from) in [
+            (&mut to.comms, &from.comms),
+            (&mut to.exes, &from.exes),
+            (&mut to.cmdlines, &from.cmdlines),
+            (&mut to.cgroups, &from.cgroups),
+            (&mut to.units, &from.units),
+        ] {
+            if !from.is_empty() {
+                *to = from.clone();
+            }
         }
-        if !o.pids.is_empty() {
-            self.pids = o.pids.clone();
+        if o.container_labels {
+            self.container_labels = true;
         }
         if o.strict {
             self.strict = true;
         }
         if let Some(d) = o.stall_threshold {
             self.stall_threshold = (!d.is_zero()).then_some(d);
+        }
+        if !o.pids.is_empty() {
+            self.pids = o.pids.clone();
         }
         Ok(())
     }
@@ -177,9 +206,7 @@ impl Settings {
         if self.auto {
             what.push("every process (auto)".to_string());
         }
-        if !self.comms.is_empty() {
-            what.push(format!("processes named {}", self.comms.join(", ")));
-        }
+        what.extend(self.select.describe());
         if !self.pids.is_empty() {
             let ids: Vec<_> = self.pids.iter().map(u32::to_string).collect();
             what.push(format!("pid {}", ids.join(", ")));
@@ -261,13 +288,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     let globs = |v: &[Spanned<String>], key: &str| -> Result<Vec<String>, ConfigError> {
         v.iter()
             .map(|g| {
-                CommRules::new(std::slice::from_ref(g.get_ref()))
+                crate::selector::glob(g.get_ref())
                     .map(|_| g.get_ref().clone())
-                    .map_err(|e| invalid(Some(g.span()), Some(key), e.to_string()))
+                    .map_err(|msg| {
+                        invalid(
+                            Some(g.span()),
+                            Some(key),
+                            format!("invalid pattern {:?}: {msg}", g.get_ref()),
+                        )
+                    })
             })
             .collect()
     };
-    s.comms = globs(&file.targets.comms, "targets.comms")?;
+    let t = &file.targets;
+    s.select = Patterns {
+        comms: globs(&t.comms, "targets.comms")?,
+        exes: globs(&t.exes, "targets.exes")?,
+        cmdlines: globs(&t.cmdlines, "targets.cmdlines")?,
+        cgroups: globs(&t.cgroups, "targets.cgroups")?,
+        units: globs(&t.units, "targets.units")?,
+    };
     s.exclude_comms = globs(&file.targets.exclude_comms, "targets.exclude_comms")?;
     s.pids = file.targets.pids;
     if let Some(n) = &file.metrics.top_culprits {
@@ -281,6 +321,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
         }
         s.top_culprits = v as usize;
     }
+    s.container_labels = file.metrics.container_labels.unwrap_or(false);
     if let Some(e) = &file.metrics.expire_after {
         s.expire_after = duration(e, "metrics.expire_after")?;
     }
@@ -331,11 +372,16 @@ auto = true
 
 [targets]
 comms = ["python3*", "node"]
+exes = ["/usr/bin/python3*"]
+cmdlines = ["*-m homeassistant*"]
+cgroups = ["/kubepods.slice/*"]
+units = ["home-assistant.service"]
 pids = [1]
 exclude_comms = ["systemd*"]
 
 [metrics]
 top_culprits = 5
+container_labels = true
 expire_after = "1m"
 
 [log]
@@ -346,7 +392,12 @@ new_stacks_per_minute = 3
         assert_eq!(s.threshold, Duration::from_millis(25));
         assert_eq!(s.threads, ThreadsMode::Main);
         assert!(s.auto);
-        assert_eq!(s.comms, ["python3*", "node"]);
+        assert_eq!(s.select.comms, ["python3*", "node"]);
+        assert_eq!(s.select.exes, ["/usr/bin/python3*"]);
+        assert_eq!(s.select.cmdlines, ["*-m homeassistant*"]);
+        assert_eq!(s.select.cgroups, ["/kubepods.slice/*"]);
+        assert_eq!(s.select.units, ["home-assistant.service"]);
+        assert!(s.container_labels);
         assert_eq!(s.pids, [1]);
         assert_eq!(s.exclude_comms, ["systemd*"]);
         assert_eq!(s.top_culprits, 5);
@@ -381,6 +432,10 @@ new_stacks_per_minute = 3
         assert!(e.contains("`listen`") && e.contains("IP:PORT"), "{e}");
         let e = p("[targets]\ncomms = [\"[\"]\n").unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("targets.comms"), "{e}");
+        let e = p("[targets]\nexes = [\"ok\"]\nunits = [\"[\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("targets.units"), "{e}");
         let e = p("threads = \"every\"\n").unwrap_err().to_string();
         assert!(e.contains("loop, main or all"), "{e}");
         let e = p("[metrics]\ntop_culprits = 0\n").unwrap_err().to_string();
@@ -408,13 +463,38 @@ new_stacks_per_minute = 3
         let mut s = p("threshold = \"5ms\"\n[targets]\ncomms = [\"a\"]\n").unwrap();
         s.apply(&Overrides {
             threshold: Some(Duration::from_millis(50)),
-            comms: vec!["b*".into()],
+            select: Patterns {
+                units: vec!["x.service".into()],
+                ..Default::default()
+            },
             ..Default::default()
         })
         .unwrap();
         assert_eq!(s.threshold, Duration::from_millis(50));
-        assert_eq!(s.comms, ["b*"]);
+        // Each kind replaces the file's own; the file's other kinds stay.
+        assert_eq!(s.select.units, ["x.service"]);
+        assert_eq!(s.select.comms, ["a"]);
+        s.apply(&Overrides {
+            select: Patterns {
+                comms: vec!["b*".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.select.comms, ["b*"]);
         assert!(s.has_targets());
+        let e = s
+            .apply(&Overrides {
+                select: Patterns {
+                    cgroups: vec!["[".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cgroup"), "{e}");
     }
 }
 

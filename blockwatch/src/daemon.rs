@@ -21,6 +21,7 @@ use crate::config::{self, Overrides, Settings};
 use crate::loader::{self, Loaded};
 use crate::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
+use crate::selector::{Container, Selector, cgroup_paths, container_of};
 use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
 
 /// New-stack keys remembered; past this the set restarts (a stack then
@@ -36,8 +37,9 @@ impl DaemonArgs {
             threshold: self.threshold,
             threads: self.threads,
             auto: self.auto,
-            comms: self.comms.clone(),
+            select: self.matching.patterns(&self.comms),
             pids: self.pids.clone(),
+            container_labels: self.container_labels,
             strict: self.detectors.strict,
             stall_threshold: self.detectors.stall_threshold,
         }
@@ -153,7 +155,7 @@ impl RateLimit {
 
 /// Which processes the daemon watches.
 struct Rules {
-    comms: CommRules,
+    select: Selector,
     exclude: CommRules,
     auto: bool,
     rule: WatchRule,
@@ -163,7 +165,7 @@ struct Rules {
 impl Rules {
     fn new(s: &Settings) -> anyhow::Result<Self> {
         Ok(Self {
-            comms: CommRules::new(&s.comms)?,
+            select: Selector::new(&s.select)?,
             exclude: CommRules::new(&s.exclude_comms)?,
             auto: s.auto,
             rule: s.threads.rule(false),
@@ -174,7 +176,7 @@ impl Rules {
     }
 
     fn needs_execs(&self) -> bool {
-        self.auto || !self.comms.is_empty()
+        self.auto || !self.select.is_empty()
     }
 
     /// The rule for a process of this name, if it is to be watched.
@@ -182,7 +184,7 @@ impl Rules {
         if pid == std::process::id() || self.exclude.matches(comm) {
             return None;
         }
-        if !self.comms.is_empty() && self.comms.matches(comm) {
+        if self.select.selects(pid, comm) {
             return Some(self.rule);
         }
         // Kernel threads have no command line and no event loop.
@@ -225,16 +227,36 @@ struct State {
     seen: HashSet<(String, &'static str, String, String)>,
     limit: RateLimit,
     runtimes: HashMap<u32, (String, &'static str)>,
+    /// Container identity per process, when metrics carry it (read at
+    /// watch time, so a process that blocks and exits keeps its labels).
+    containers: Option<HashMap<u32, Option<Container>>>,
+    /// Processes with at least one event-loop thread (as of the last
+    /// refresh).
+    loop_pids: HashSet<u32>,
+}
+
+impl State {
+    fn container(&mut self, pid: u32) -> Option<Container> {
+        let cache = self.containers.as_mut()?;
+        cache
+            .entry(pid)
+            .or_insert_with(|| {
+                let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+                container_of(&cgroup_paths(&cgroup))
+            })
+            .clone()
+    }
 }
 
 impl State {
     fn take(&mut self, output: Output, metrics: &Mutex<Metrics>) {
         match output {
             Output::Event(ev) => {
+                let container = self.container(ev.pid);
                 let culprit = metrics
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .observe(&ev);
+                    .observe_in(&ev, container.as_ref());
                 let key = (
                     ev.comm.clone(),
                     ev.class.as_str(),
@@ -276,6 +298,7 @@ impl Maps {
         match tm.watch_process(pid, rule) {
             Ok(_) => {
                 state.watched.insert(pid);
+                state.container(pid);
             }
             // Gone between the scan and now: nothing to watch.
             Err(e) if !Path::new(&format!("/proc/{pid}")).exists() => {
@@ -308,12 +331,15 @@ impl Maps {
     }
 
     /// Loop threads per (process name, runtime).
-    fn tagged(&self, state: &mut State) -> HashMap<(String, String), i64> {
+    /// Also refreshes `state.loop_pids`.
+    fn tagged(&self, state: &mut State) -> HashMap<(String, Option<Container>, String), i64> {
         let mut counts = HashMap::new();
+        state.loop_pids.clear();
         for (_, tag) in self.threads.iter().flatten() {
             if tag.tag != TAG_LOOP {
                 continue;
             }
+            state.loop_pids.insert(tag.tgid);
             let (name, runtime) = state
                 .runtimes
                 .entry(tag.tgid)
@@ -324,7 +350,10 @@ impl Maps {
                     )
                 })
                 .clone();
-            *counts.entry((name, runtime.to_string())).or_insert(0) += 1;
+            let container = state.container(tag.tgid);
+            *counts
+                .entry((name, container, runtime.to_string()))
+                .or_insert(0) += 1;
         }
         counts
     }
@@ -388,9 +417,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     }
     config.set(0, kernel_config(&current, &rules), 0)?;
 
-    let metrics = Arc::new(Mutex::new(Metrics::new(
+    let metrics = Arc::new(Mutex::new(Metrics::with_labels(
         current.top_culprits,
         current.expire_after,
+        current.container_labels,
     )?));
     crate::http::spawn(listener, metrics.clone());
 
@@ -403,6 +433,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         seen: HashSet::new(),
         limit: RateLimit::new(current.log_per_minute, Instant::now()),
         runtimes: HashMap::new(),
+        containers: current.container_labels.then(HashMap::new),
+        loop_pids: HashSet::new(),
     };
     let mut maps = Maps { threads, watched };
     for &pid in &current.pids {
@@ -446,6 +478,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 for pid in std::mem::take(&mut state.exited) {
                     state.watched.remove(&pid);
                     state.runtimes.remove(&pid);
+                    if let Some(c) = state.containers.as_mut() {
+                        c.remove(&pid);
+                    }
                     if state.explicit.remove(&pid) {
                         info!("process {pid} exited");
                     }
@@ -470,9 +505,17 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
             _ = refresh.tick() => {
                 // Interpreter frames for the CPython processes among them
                 // (each process is inspected a bounded number of times).
-                pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
                 let now = Instant::now();
                 let tagged = maps.tagged(&mut state);
+                // With --auto every process is watched, and nearly none is
+                // Python: only those with a loop thread are worth reading
+                // /proc/PID/maps for (an event needs a loop thread anyway).
+                if state.rules.auto {
+                    let pids: Vec<u32> = state.loop_pids.iter().chain(&state.explicit).copied().collect();
+                    pipeline.refresh_interpreters(pids.into_iter(), &mut pyprocs);
+                } else {
+                    pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
+                }
                 let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0)
                     + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
@@ -550,6 +593,13 @@ fn apply_reload(
     };
     if let Err(e) = config.set(0, kernel_config(new, &rules), 0) {
         warn!("cannot update the kernel configuration: {e}");
+    }
+    if new.container_labels != old.container_labels {
+        // The label names of every series would change under Prometheus.
+        eprintln!(
+            "blockwatch: warning: container_labels changes only at restart; still {}",
+            if old.container_labels { "on" } else { "off" }
+        );
     }
     state.rules = rules;
     state.limit.set_rate(new.log_per_minute);

@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod python;
 pub mod report;
 pub mod runtime;
+pub mod selector;
 pub mod symbolize;
 pub mod syscalls;
 pub mod targets;

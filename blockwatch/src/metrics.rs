@@ -17,6 +17,7 @@ use prometheus::{
 };
 
 use crate::event::{Detector, Event, Frame};
+use crate::selector::Container;
 
 /// The label of culprits outside a process's top N.
 pub const OTHER: &str = "other";
@@ -30,6 +31,9 @@ pub const DURATION_BUCKETS: [f64; 13] = [
 ];
 /// Distinct folded stacks kept per process; the rest are merged.
 const MAX_STACKS_PER_PROCESS: usize = 500;
+/// Joins a process's label values into the aggregator's key. `cut` turns
+/// control characters in labels into `?`, so it never occurs in one.
+const KEY_SEP: char = '\u{1f}';
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -253,6 +257,22 @@ impl Proc {
     }
 }
 
+/// A process key's label values followed by `rest`.
+fn labels<'a>(key: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    key.split(KEY_SEP).chain(rest.iter().copied()).collect()
+}
+
+/// A process key for people: `name` or `name[container]`.
+fn display(key: &str) -> String {
+    let mut parts = key.split(KEY_SEP);
+    let name = parts.next().unwrap_or_default();
+    match (parts.next().unwrap_or(""), parts.next().unwrap_or("")) {
+        ("", "") => name.to_string(),
+        ("", pod) => format!("{name}[pod {pod}]"),
+        (c, _) => format!("{name}[{c}]"),
+    }
+}
+
 /// The culprit label of an event: its function, or the binary it lies in
 /// when it has no symbol; never its address.
 pub fn culprit_label(culprit: Option<&Frame>) -> String {
@@ -305,8 +325,10 @@ pub struct Folded {
 }
 
 impl Folded {
-    pub fn add(&mut self, process: &str, ev: &Event) {
-        let mut frames = vec![fold_frame(process)];
+    /// Adds `ev` under `process` (the key that [`Folded::forget`] takes),
+    /// with `root` as the outermost frame.
+    pub fn add(&mut self, process: &str, root: &str, ev: &Event) {
+        let mut frames = vec![fold_frame(root)];
         frames.extend(ev.stack.iter().rev().map(|f| {
             let name = f.function.clone().unwrap_or_else(|| {
                 f.module
@@ -320,7 +342,7 @@ impl Folded {
         let per = self.stacks.entry(process.to_string()).or_default();
         let mut key = frames.join(";");
         if !per.contains_key(&key) && per.len() >= MAX_STACKS_PER_PROCESS {
-            key = format!("{};[other stacks]", fold_frame(process));
+            key = format!("{};[other stacks]", fold_frame(root));
         }
         *per.entry(key).or_default() += ev.duration_ns / 1000;
     }
@@ -367,6 +389,8 @@ pub struct Metrics {
     sym_failures: IntCounter,
     lost_seen: u64,
     sym_seen: u64,
+    /// Per-process series also carry `container` and `pod`.
+    containers: bool,
     pub agg: Aggregator,
     pub folded: Folded,
     /// Strict calls and stalls.
@@ -375,8 +399,25 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(top_n: usize, expire_after: Duration) -> Result<Self, MetricsError> {
+        Self::with_labels(top_n, expire_after, false)
+    }
+
+    /// `containers`: per-process series get `container` and `pod` labels.
+    pub fn with_labels(
+        top_n: usize,
+        expire_after: Duration,
+        containers: bool,
+    ) -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let culprit_labels = ["process", "class", "syscall", "culprit"];
+        let proc_labels: &[&str] = if containers {
+            &["process", "container", "pod"]
+        } else {
+            &["process"]
+        };
+        let with = |rest: &[&'static str]| -> Vec<&str> {
+            proc_labels.iter().chain(rest).copied().collect()
+        };
+        let culprit_labels = with(&["class", "syscall", "culprit"]);
         let events = IntCounterVec::new(
             Opts::new(
                 "blockwatch_blocking_events_total",
@@ -397,14 +438,14 @@ impl Metrics {
                 "Duration of blocking waits on event-loop threads.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["process", "class"],
+            &with(&["class"]),
         )?;
         let tagged = IntGaugeVec::new(
             Opts::new(
                 "blockwatch_tagged_threads",
                 "Threads known to run an event loop, by process name and runtime.",
             ),
-            &["process", "runtime"],
+            &with(&["runtime"]),
         )?;
         let lost = IntCounter::new(
             "blockwatch_events_lost_total",
@@ -428,11 +469,6 @@ impl Metrics {
         registry.register(Box::new(lost.clone()))?;
         registry.register(Box::new(sym_failures.clone()))?;
         registry.register(Box::new(build_info))?;
-        let with = |rest: &[&'static str]| -> Vec<&'static str> {
-            std::iter::once("process")
-                .chain(rest.iter().copied())
-                .collect()
-        };
         let loops = LoopMetrics::new(&registry, &with)?;
         Ok(Self {
             registry,
@@ -444,6 +480,7 @@ impl Metrics {
             sym_failures,
             lost_seen: 0,
             sym_seen: 0,
+            containers,
             agg: Aggregator::new(top_n, expire_after),
             folded: Folded::default(),
             loops,
@@ -452,7 +489,23 @@ impl Metrics {
 
     /// Counts one event; returns its culprit label.
     pub fn observe(&mut self, ev: &Event) -> String {
-        let process = cut(&ev.comm);
+        self.observe_in(ev, None)
+    }
+
+    /// The aggregator's key of a process: its label values, joined.
+    fn key(&self, process: &str, container: Option<&Container>) -> String {
+        let process = cut(process);
+        if !self.containers {
+            return process;
+        }
+        let c = container.cloned().unwrap_or_default();
+        format!("{process}{KEY_SEP}{}{KEY_SEP}{}", cut(&c.id), cut(&c.pod))
+    }
+
+    /// Counts one event of a process in `container`; returns its culprit
+    /// label.
+    pub fn observe_in(&mut self, ev: &Event, container: Option<&Container>) -> String {
+        let process = self.key(&ev.comm, container);
         let class = ev.class.as_str();
         let syscall = syscall_label(ev);
         let culprit = culprit_label(ev.culprit.as_ref());
@@ -463,52 +516,47 @@ impl Metrics {
         for k in &placement.removed {
             self.remove_series(&process, k);
         }
-        let labels = [
-            process.as_str(),
-            class,
-            syscall.as_str(),
-            placement.culprit.as_str(),
-        ];
+        let values = labels(&process, &[class, &syscall, &placement.culprit]);
         match ev.detector {
             Detector::Offcpu => {}
             Detector::Strict => {
-                self.loops.strict_calls.with_label_values(&labels).inc();
+                self.loops.strict_calls.with_label_values(&values).inc();
                 self.loops
                     .strict_seconds
-                    .with_label_values(&labels)
+                    .with_label_values(&values)
                     .inc_by(secs);
                 return culprit;
             }
             Detector::Stall => {
-                let labels = [process.as_str(), placement.culprit.as_str()];
-                self.loops.stalls.with_label_values(&labels).inc();
+                let values = labels(&process, &[&placement.culprit]);
+                self.loops.stalls.with_label_values(&values).inc();
                 self.loops
                     .stall_seconds
-                    .with_label_values(&labels)
+                    .with_label_values(&values)
                     .inc_by(secs);
                 return culprit;
             }
         }
-        self.events.with_label_values(&labels).inc();
-        self.seconds.with_label_values(&labels).inc_by(secs);
+        self.events.with_label_values(&values).inc();
+        self.seconds.with_label_values(&values).inc_by(secs);
         self.durations
-            .with_label_values(&[process.as_str(), class])
+            .with_label_values(&labels(&process, &[class]))
             .observe(secs);
-        self.folded.add(&process, ev);
+        self.folded.add(&process, &display(&process), ev);
         culprit
     }
 
     fn remove_series(&self, process: &str, k: &SeriesKey) {
-        let labels = [process, &k.class, &k.syscall, &k.culprit];
+        let values = labels(process, &[&k.class, &k.syscall, &k.culprit]);
         // Absent series (never created) are fine to "remove".
-        let _ = self.events.remove_label_values(&labels);
-        let _ = self.seconds.remove_label_values(&labels);
-        let _ = self.loops.strict_calls.remove_label_values(&labels);
-        let _ = self.loops.strict_seconds.remove_label_values(&labels);
+        let _ = self.events.remove_label_values(&values);
+        let _ = self.seconds.remove_label_values(&values);
+        let _ = self.loops.strict_calls.remove_label_values(&values);
+        let _ = self.loops.strict_seconds.remove_label_values(&values);
         if k.class == crate::event::Class::Stall.as_str() {
-            let labels = [process, &k.culprit];
-            let _ = self.loops.stalls.remove_label_values(&labels);
-            let _ = self.loops.stall_seconds.remove_label_values(&labels);
+            let values = labels(process, &[&k.culprit]);
+            let _ = self.loops.stalls.remove_label_values(&values);
+            let _ = self.loops.stall_seconds.remove_label_values(&values);
         }
     }
 
@@ -523,20 +571,22 @@ impl Metrics {
             for c in &e.classes {
                 let _ = self
                     .durations
-                    .remove_label_values(&[e.process.as_str(), c.as_str()]);
+                    .remove_label_values(&labels(&e.process, &[c.as_str()]));
             }
             self.folded.forget(&e.process);
-            names.push(e.process);
+            names.push(display(&e.process));
         }
         names
     }
 
-    /// Replaces the tagged-thread gauges with fresh counts.
-    pub fn set_tagged(&self, counts: &HashMap<(String, String), i64>) {
+    /// Replaces the tagged-thread gauges with fresh counts, by process
+    /// name, container and runtime.
+    pub fn set_tagged(&self, counts: &HashMap<(String, Option<Container>, String), i64>) {
         self.tagged.reset();
-        for ((process, runtime), n) in counts {
+        for ((process, container, runtime), n) in counts {
+            let key = self.key(process, container.as_ref());
             self.tagged
-                .with_label_values(&[cut(process).as_str(), runtime.as_str()])
+                .with_label_values(&labels(&key, &[runtime.as_str()]))
                 .set(*n);
         }
     }
@@ -644,6 +694,7 @@ mod loop_metric_tests {
             duration_ns: ms * 1_000_000,
             state: OffState::Running,
             stack: vec![f.clone()],
+            offender: Some(f.clone()),
             culprit: Some(f),
             detector,
             busy_ns: None,
@@ -706,6 +757,7 @@ mod tests {
             duration_ns: ms * 1_000_000,
             state: OffState::Sleeping,
             stack: vec![f.clone()],
+            offender: Some(f.clone()),
             culprit: Some(f),
             detector: Default::default(),
             busy_ns: None,
@@ -807,6 +859,43 @@ mod tests {
         let text = m.render().unwrap();
         assert!(!text.contains("process=\"svc\""), "{text}");
         assert!(m.folded.render().is_empty());
+    }
+
+    #[test]
+    fn container_labels_split_series_of_one_name() {
+        let mut m = Metrics::with_labels(20, Duration::from_secs(1), true).unwrap();
+        let a = Container {
+            id: "0123456789ab".into(),
+            pod: "1a2b3c4d-0000-1111-2222-333344445555".into(),
+        };
+        m.observe_in(&ev(10, "svc", "handler", 80), Some(&a));
+        m.observe_in(&ev(11, "svc", "handler", 80), None);
+        let mut tagged = HashMap::new();
+        tagged.insert(
+            ("svc".to_string(), Some(a.clone()), "python".to_string()),
+            2,
+        );
+        m.set_tagged(&tagged);
+        let text = m.render().unwrap();
+        for want in [
+            r#"blockwatch_blocking_events_total{class="sleep",container="0123456789ab",culprit="handler",pod="1a2b3c4d-0000-1111-2222-333344445555",process="svc",syscall="clock_nanosleep"} 1"#,
+            r#"blockwatch_blocking_events_total{class="sleep",container="",culprit="handler",pod="",process="svc",syscall="clock_nanosleep"} 1"#,
+            r#"blockwatch_tagged_threads{container="0123456789ab",pod="1a2b3c4d-0000-1111-2222-333344445555",process="svc",runtime="python"} 2"#,
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        let stacks = m.folded.render();
+        assert!(
+            stacks.contains("svc[0123456789ab];handler 80000\n"),
+            "{stacks}"
+        );
+        assert!(stacks.contains("svc;handler 80000\n"), "{stacks}");
+        let t = Instant::now();
+        m.agg.process_exit(10, t);
+        assert_eq!(m.expire(t + Duration::from_secs(2)), ["svc[0123456789ab]"]);
+        let text = m.render().unwrap();
+        assert!(!text.contains(r#"blockwatch_blocking_events_total{class="sleep",container="0"#));
+        assert!(text.contains(r#"container="",culprit="handler""#), "{text}");
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::cli::TraceArgs;
 use crate::loader::{self, Loaded};
 use crate::pipeline::{Output, Pipeline};
 use crate::report::{OutputFormat, Reporter};
-use crate::targets::{self, CommRules, TagMaps};
+use crate::selector::Selector;
+use crate::targets::{self, TagMaps};
 
 /// Why the session ended.
 enum Stop {
@@ -61,9 +62,9 @@ impl Sink {
 /// What is being watched, and what to do as processes come and go.
 struct Watch {
     explicit_pids: HashSet<u32>,
-    comm_rules: CommRules,
+    selector: Selector,
     rule: blockwatch_common::WatchRule,
-    /// Processes matched by name that exec'd since the last drain.
+    /// Processes matched by a selector that exec'd since the last drain.
     to_watch: Vec<u32>,
     /// The session ends otherwise (the command's exit, Ctrl-C for explicit
     /// threads), not when the explicit processes are gone.
@@ -72,7 +73,7 @@ struct Watch {
 
 impl Watch {
     fn on_exec(&mut self, pid: u32, comm: &str) {
-        if !self.comm_rules.is_empty() && self.comm_rules.matches(comm) {
+        if self.selector.selects(pid, comm) {
             self.to_watch.push(pid);
         }
     }
@@ -85,14 +86,14 @@ impl Watch {
 
     /// Nothing left that could ever produce an event.
     fn all_gone(&self) -> bool {
-        !self.keep_open && self.comm_rules.is_empty() && self.explicit_pids.is_empty()
+        !self.keep_open && self.selector.is_empty() && self.explicit_pids.is_empty()
     }
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     if !args.has_targets() {
         bail!(
-            "nothing to watch: give --pid PID, --tid TID, --comm GLOB, or a command after `--` (see `blockwatch trace --help`)"
+            "nothing to watch: give --pid PID, --tid TID, --comm/--exe/--cmdline/--cgroup/--unit GLOB, or a command after `--` (see `blockwatch trace --help`)"
         );
     }
     // Everything that can be checked without the kernel is checked first.
@@ -102,7 +103,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     for &tid in &args.tids {
         targets::tgid_of(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
     }
-    let comm_rules = CommRules::new(&args.comms)?;
+    let selector = Selector::new(&args.patterns())?;
     loader::check_privileges()?;
 
     let threshold_ns = args.threshold.as_nanos().min(u64::MAX as u128) as u64;
@@ -144,7 +145,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     for &tid in &args.tids {
         maps.tag_thread(tid)?;
     }
-    if !comm_rules.is_empty() {
+    if !selector.is_empty() {
         config.set(
             0,
             Config {
@@ -156,7 +157,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         )?;
         for pid in targets::all_pids() {
             if pid != std::process::id()
-                && targets::process_name(pid).is_some_and(|c| comm_rules.matches(&c))
+                && targets::process_name(pid).is_some_and(|c| selector.selects(pid, &c))
             {
                 maps.watch_process(pid, rule).ok();
             }
@@ -189,7 +190,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         reporter,
         watch: Watch {
             explicit_pids: args.pids.iter().copied().collect(),
-            comm_rules,
+            selector,
             rule,
             to_watch: Vec::new(),
             keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
@@ -339,9 +340,7 @@ fn describe_targets(args: &TraceArgs, command: Option<&targets::Command>) -> Str
     if !args.tids.is_empty() {
         parts.push(format!("tid {}", ids(&args.tids)));
     }
-    if !args.comms.is_empty() {
-        parts.push(format!("processes named {}", args.comms.join(", ")));
-    }
+    parts.extend(args.patterns().describe());
     parts.join(" and ")
 }
 

@@ -243,6 +243,108 @@ fn metrics_count_a_python_subjects_blocking_calls() {
     );
 }
 
+/// A unit rule picks up a process that starts later in a container-like
+/// cgroup, and --container-labels puts the container ID on its series.
+#[test]
+fn unit_rule_and_container_labels() {
+    let _serial = common::setup();
+    let id = format!("{:0>64x}", 0xb10c_3a7c_u64 + std::process::id() as u64);
+    let cg = common::TestCgroup::new(&format!("bwtest.slice/docker-{id}.scope"));
+    let alias = python_alias("bwdcontainer");
+    let mut d = Daemon::start(&["--unit", "docker-*.scope", "--container-labels"]);
+    let script = subject("asyncio_blocker.py");
+    let alias_path = alias.path.to_str().unwrap();
+    let status = cg
+        .exec_in(&[alias_path, &script])
+        .current_dir(repo_root())
+        .status()
+        .expect("run the subject in the cgroup");
+    assert!(status.success());
+    let short = &id[..12];
+    until(
+        Duration::from_secs(20),
+        "3 sleep events with the container label",
+        || {
+            let n = sample(
+                &d.metrics(),
+                "blockwatch_blocking_events_total",
+                &[
+                    ("process", "bwdcontainer"),
+                    ("container", short),
+                    ("pod", ""),
+                ],
+            )?;
+            (n >= 3.0).then_some(())
+        },
+    );
+    assert!(
+        sample(
+            &d.metrics(),
+            "blockwatch_blocking_duration_seconds_count",
+            &[("process", "bwdcontainer"), ("container", short)],
+        ) >= Some(3.0)
+    );
+    let status = d.terminate().expect("daemon stops on SIGTERM");
+    assert!(status.success(), "{status}: {}", d.stderr());
+    assert!(
+        d.stderr().contains("units docker-*.scope"),
+        "{}",
+        d.stderr()
+    );
+}
+
+/// `--auto` finds event loops in processes nobody named, with their Python
+/// culprit, and never watches what the config excludes.
+#[test]
+fn auto_finds_loops_and_honours_excludes() {
+    let _serial = common::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auto.toml");
+    std::fs::write(
+        &file,
+        "auto = true\n[targets]\nexclude_comms = [\"bwdexclud*\"]\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&["--config", file.to_str().unwrap()]);
+    let (found, excluded) = (python_alias("bwdauto"), python_alias("bwdexcluded"));
+    let ticker = subject("asyncio_ticker.py");
+    let args = ["--block", "0.02", "--seconds", "20"];
+    let mut a = common::Background::python(found.path.to_str().unwrap(), &ticker, &args);
+    let mut b = common::Background::python(excluded.path.to_str().unwrap(), &ticker, &args);
+    // Python frames come once the process is known to run a loop: the
+    // culprit label turns from the interpreter's to the coroutine's.
+    until(
+        Duration::from_secs(30),
+        "bwdauto's time.sleep in main() counted under culprit main",
+        || {
+            let n = sample(
+                &d.metrics(),
+                "blockwatch_blocking_events_total",
+                &[
+                    ("process", "bwdauto"),
+                    ("class", "sleep"),
+                    ("culprit", "main"),
+                ],
+            )?;
+            (n >= 3.0).then_some(())
+        },
+    );
+    let m = d.metrics();
+    assert!(
+        sample(
+            &m,
+            "blockwatch_tagged_threads",
+            &[("process", "bwdauto"), ("runtime", "python")]
+        ) == Some(1.0),
+        "one loop thread in bwdauto\n{m}"
+    );
+    assert!(!m.contains("bwdexcluded"), "excluded by exclude_comms\n{m}");
+    a.kill();
+    b.kill();
+    let status = d.terminate().expect("daemon stops on SIGTERM");
+    assert!(status.success(), "{status}: {}", d.stderr());
+}
+
 fn daemon_fails(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
         .arg("daemon")

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{repo_root, subject, trace_with_timeout};
+use common::{PYTHON, TestCgroup, repo_root, subject, trace_with_timeout};
 
 /// `--comm` picks up a process that starts after blockwatch attached (it is
 /// matched at exec) and reports its loop like any other.
@@ -42,6 +42,123 @@ fn comm_glob_watches_processes_started_later() {
         "only the matched process is watched\n{}",
         run.report()
     );
+}
+
+/// `--unit` and `--cgroup` pick up a process that enters its cgroup and
+/// execs after blockwatch attached; a second one outside it is not watched.
+#[test]
+fn unit_and_cgroup_rules_watch_processes_started_later() {
+    let _serial = common::setup();
+    let unit = format!("bwtest-{}.service", std::process::id());
+    let cg = TestCgroup::new(&format!("bwtest.slice/{unit}"));
+    for flags in [
+        ["--unit", "bwtest-*.service"],
+        ["--cgroup", "/bwtest.slice/*"],
+    ] {
+        let script = subject("asyncio_blocker.py");
+        let mut inside = cg.exec_in(&[PYTHON, &script]);
+        let starter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let outside = Command::new(PYTHON)
+                .arg(&script)
+                .current_dir(repo_root())
+                .spawn()
+                .expect("run the subject outside the cgroup");
+            let inside = inside
+                .current_dir(repo_root())
+                .spawn()
+                .expect("run the subject in the cgroup");
+            let pid = inside.id();
+            for mut c in [outside, inside] {
+                assert!(c.wait().unwrap().success());
+            }
+            pid
+        });
+        let run = trace_with_timeout(
+            &[flags[0], flags[1], "--duration", "6s"],
+            Duration::from_secs(30),
+        );
+        let pid = starter.join().unwrap();
+        run.assert_success();
+        let sleeps = run.events_where(|e| e.class == "sleep" && e.pid == pid);
+        assert_eq!(
+            sleeps.len(),
+            3,
+            "{flags:?}: the three time.sleep(0.08) of the process in {unit}\n{}",
+            run.report()
+        );
+        assert!(
+            run.events.iter().all(|e| e.pid == pid),
+            "{flags:?}: only the process in the cgroup is watched\n{}",
+            run.report()
+        );
+    }
+}
+
+/// `--cmdline` and `--exe` select by what a process runs, not its name:
+/// of two subjects started later, only the one the rule names is watched.
+#[test]
+fn cmdline_and_exe_rules_select_what_runs() {
+    let _serial = common::setup();
+    let script = subject("asyncio_blocker.py");
+    let tag = format!("bwcmdline-{}", std::process::id());
+    let cmdline = format!("*asyncio_blocker.py {tag}");
+    // /proc/PID/exe is the resolved interpreter, not the name it was run as.
+    let resolved = |python: &str| {
+        let out = Command::new(python)
+            .args(["-c", "import os; print(os.path.realpath('/proc/self/exe'))"])
+            .output()
+            .expect("run python");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let exe = resolved(PYTHON);
+    assert_ne!(
+        exe,
+        resolved(common::SYSTEM_PYTHON),
+        "the test needs two different interpreters"
+    );
+    let cases = [
+        // (flags, selected subject's argv, other subject's argv)
+        (
+            ["--cmdline", cmdline.as_str()],
+            vec![PYTHON.to_string(), script.clone(), tag.clone()],
+            vec![PYTHON.to_string(), script.clone()],
+        ),
+        (
+            ["--exe", exe.as_str()],
+            vec![PYTHON.to_string(), script.clone()],
+            vec![common::SYSTEM_PYTHON.to_string(), script.clone()],
+        ),
+    ];
+    for (flags, selected, other) in cases {
+        let starter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let start = |argv: &[String]| {
+                Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .current_dir(repo_root())
+                    .spawn()
+                    .expect("run a subject")
+            };
+            let (mut a, mut b) = (start(&selected), start(&other));
+            let pids = (a.id(), b.id());
+            assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+            pids
+        });
+        let run = trace_with_timeout(
+            &[flags[0], flags[1], "--duration", "6s"],
+            Duration::from_secs(30),
+        );
+        let (selected, other) = starter.join().unwrap();
+        run.assert_success();
+        let sleeps = run.events_where(|e| e.class == "sleep" && e.pid == selected);
+        assert_eq!(sleeps.len(), 3, "{flags:?}\n{}", run.report());
+        assert!(
+            run.events_where(|e| e.pid == other).is_empty(),
+            "{flags:?}: the other subject is not watched\n{}",
+            run.report()
+        );
+    }
 }
 
 /// Without root, blockwatch says which capabilities it needs and how to
