@@ -151,9 +151,59 @@ pub fn culprit(frames: &[Frame]) -> Option<Frame> {
     frames.iter().find(|f| is_application(f)).cloned()
 }
 
+/// Python code installed as a package rather than written by the user:
+/// what `pip`/`apt` put in site-packages or dist-packages (requests,
+/// aiohttp, an integration's dependencies).
+pub fn is_third_party(frame: &Frame) -> bool {
+    frame
+        .module
+        .as_deref()
+        .is_some_and(|m| m.contains("/site-packages/") || m.contains("/dist-packages/"))
+}
+
+/// The innermost frame of the user's own code: the application minus
+/// installed packages. When the culprit lies in a library (`requests`
+/// calling `poll`), this is the line that called the library, the one a
+/// user can change (Home Assistant's "integration frame"); otherwise it is
+/// the culprit itself.
+pub fn offender(frames: &[Frame]) -> Option<Frame> {
+    frames
+        .iter()
+        .find(|f| is_application(f) && !is_third_party(f))
+        .cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offender_is_the_users_line_above_a_library() {
+        let stack = [
+            frame(Some("__poll"), Some("/usr/lib/x86_64-linux-gnu/libc.so.6")),
+            frame(Some("sock_recv"), Some("/usr/lib/python3.11/socket.py")),
+            frame(
+                Some("send"),
+                Some("/srv/venv/lib/python3.11/site-packages/requests/adapters.py"),
+            ),
+            frame(
+                Some("get"),
+                Some("/usr/lib/python3/dist-packages/requests/api.py"),
+            ),
+            frame(Some("refresh"), Some("/srv/app/report.py")),
+            frame(Some("run"), Some("/usr/lib/python3.11/asyncio/events.py")),
+        ];
+        assert_eq!(culprit(&stack).unwrap().function.as_deref(), Some("send"));
+        assert_eq!(
+            offender(&stack).unwrap().function.as_deref(),
+            Some("refresh")
+        );
+        // The user's own call: both name it.
+        assert_eq!(offender(&stack[4..]), culprit(&stack[4..]));
+        // Only library code: no line of the user's to name.
+        assert_eq!(offender(&stack[..4]), None);
+        assert!(culprit(&stack[..4]).is_some());
+    }
 
     #[test]
     fn python_stdlib_is_not_the_application() {

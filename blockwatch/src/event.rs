@@ -159,6 +159,10 @@ pub struct Event {
     pub stack: Vec<Frame>,
     /// The innermost frame that belongs to the application, or null.
     pub culprit: Option<Frame>,
+    /// The innermost frame of the user's own code, outside installed
+    /// packages: when the culprit is in a library, the line that called
+    /// it; else the culprit itself (see [`crate::culprit::offender`]).
+    pub offender: Option<Frame>,
     /// Which detector found it: `offcpu`, `strict` or `stall`.
     pub detector: Detector,
     /// Stalls: wall time from leaving the idle wait to reaching it again

@@ -325,6 +325,18 @@ impl Pipeline {
                 .map(|l| FdKind::from_link(&l.to_string_lossy()))
         });
         let culprit = culprit::culprit(&stack);
+        let offender = culprit::offender(&stack);
+        let mut class = syscalls::classify(b.syscall, &b.args, fd_kind);
+        if class == Class::Lock
+            && syscalls::name(b.syscall) == Some("futex")
+            && let Some(Interp::Python(py)) = self.interps.get(&b.pid)
+            && py.is_gil_futex(b.args[0])
+        {
+            // Another thread holds the GIL: waiting for it blocks the loop
+            // as surely as a lock, but the fix differs (move the CPU work
+            // out of the process, or release the GIL in it).
+            class = Class::Gil;
+        }
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(b.start_ns),
             pid: b.pid,
@@ -333,11 +345,12 @@ impl Pipeline {
             thread: b.thread,
             syscall: syscalls::name(b.syscall),
             syscall_nr: b.syscall,
-            class: syscalls::classify(b.syscall, &b.args, fd_kind),
+            class,
             duration_ns: b.duration_ns,
             state: b.state,
             stack,
             culprit,
+            offender,
             detector: Detector::Offcpu,
             busy_ns: None,
             samples: None,
@@ -399,6 +412,7 @@ impl Pipeline {
         stack: Vec<Frame>,
         culprit: Option<Frame>,
     ) -> Event {
+        let offender = culprit::offender(&stack);
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(r.start_ns),
             pid: r.pid,
@@ -412,6 +426,7 @@ impl Pipeline {
             state: OffState::Running,
             stack,
             culprit,
+            offender,
             detector,
             busy_ns: None,
             samples: None,

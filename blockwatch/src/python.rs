@@ -75,7 +75,22 @@ pub struct PyProcess {
     pub version: (u8, u8),
     /// Address of `_PyRuntime` in the process.
     pub runtime_addr: u64,
+    /// Its size (`st_size`; 0 when the symbol table has none). The main
+    /// interpreter's GIL lies inside it (`ceval.gil` before 3.12, the
+    /// embedded main interpreter's `_gil` from 3.12), so a futex wait in
+    /// `[runtime_addr, runtime_addr + runtime_size)` is a wait for the GIL.
+    pub runtime_size: u64,
     pub offsets: PyOffsets,
+}
+
+impl PyProcess {
+    /// Whether a futex at `uaddr` is one of the interpreter's own: its GIL
+    /// (mutex or condition variable), not a lock of the application.
+    pub fn is_gil_futex(&self, uaddr: u64) -> bool {
+        self.runtime_size > 0
+            && uaddr >= self.runtime_addr
+            && uaddr - self.runtime_addr < self.runtime_size
+    }
 }
 
 /// One resolved interpreter frame.
@@ -456,8 +471,8 @@ fn interpreter_name(path: &str) -> Option<(bool, Option<(u8, u8)>)> {
 /// What [`inspect`] needs from an interpreter's ELF file.
 #[derive(Clone, Debug)]
 struct ElfInfo {
-    /// `st_value` of `_PyRuntime`.
-    runtime: Option<u64>,
+    /// `st_value` and `st_size` of `_PyRuntime`.
+    runtime: Option<(u64, u64)>,
     /// `st_value` of `Py_Version` (3.11+).
     py_version: Option<u64>,
     /// PT_LOAD segments: (p_vaddr, p_offset).
@@ -491,7 +506,9 @@ fn read_elf(path: &Path) -> Result<ElfInfo, PyError> {
             continue;
         }
         match sym.name_bytes() {
-            Ok(b"_PyRuntime") if info.runtime.is_none() => info.runtime = Some(sym.address()),
+            Ok(b"_PyRuntime") if info.runtime.is_none() => {
+                info.runtime = Some((sym.address(), sym.size()))
+            }
             Ok(b"Py_Version") if info.py_version.is_none() => info.py_version = Some(sym.address()),
             _ => {}
         }
@@ -598,7 +615,7 @@ pub fn inspect(pid: u32) -> Result<Option<PyProcess>, PyError> {
             continue;
         };
         let info = elf_of(pid, first)?;
-        let Some(runtime_sym) = info.runtime else {
+        let Some((runtime_sym, runtime_size)) = info.runtime else {
             // A python executable linked to libpython references the
             // symbol without defining it; a library without it is an
             // older Python.
@@ -617,7 +634,8 @@ pub fn inspect(pid: u32) -> Result<Option<PyProcess>, PyError> {
         {
             return Err(not_mapped());
         }
-        return Ok(describe(pid, runtime_addr, name_version, &info, bias));
+        return Ok(describe(pid, runtime_addr, name_version, &info, bias)
+            .map(|p| PyProcess { runtime_size, ..p }));
     }
     Ok(None)
 }
@@ -670,6 +688,7 @@ fn describe(
     Some(PyProcess {
         version,
         runtime_addr,
+        runtime_size: 0,
         offsets,
     })
 }
@@ -1464,6 +1483,26 @@ caller_λ()
             .unwrap_or_else(|e| panic!("{label}: {e}"))
             .unwrap_or_else(|| panic!("{label}: not recognised as CPython"));
         assert_eq!(py.version, interp.version, "{label}");
+        // The GIL range: _PyRuntime itself, which holds the GIL (3.10,
+        // 3.11) or embeds the main interpreter that holds it (3.12+).
+        assert!(
+            (256..16 << 20).contains(&py.runtime_size),
+            "{label}: _PyRuntime size {}",
+            py.runtime_size
+        );
+        assert!(py.is_gil_futex(py.runtime_addr) && py.is_gil_futex(py.runtime_addr + 8));
+        assert!(!py.is_gil_futex(py.runtime_addr + py.runtime_size));
+        assert!(!py.is_gil_futex(py.runtime_addr - 4));
+        let main_interp = read_u64(
+            pid,
+            py.runtime_addr + u64::from(py.offsets.runtime_interpreters_head),
+        )
+        .expect("interpreters.head");
+        assert_eq!(
+            py.is_gil_futex(main_interp),
+            interp.version.1 >= 11,
+            "{label}: the main interpreter is embedded in _PyRuntime from 3.11 on"
+        );
         if interp.version.1 == 13 {
             let dbg = read_debug_offsets(pid, py.runtime_addr).expect("3.13 has _Py_DebugOffsets");
             assert!(!dbg.free_threaded);

@@ -517,6 +517,7 @@ mod tests {
                 },
                 app_frame(),
             ],
+            offender: culprit.clone(),
             culprit,
             detector: Default::default(),
             busy_ns: None,
@@ -553,6 +554,7 @@ mod tests {
             "state",
             "stack",
             "culprit",
+            "offender",
             "detector",
         ]
         .into();
@@ -975,7 +977,8 @@ mod loop_report_tests {
             duration_ns: us * 1000,
             state: OffState::Running,
             stack: vec![f.clone()],
-            culprit: Some(f),
+            culprit: Some(f.clone()),
+            offender: Some(f),
             detector,
             busy_ns: (detector == Detector::Stall).then_some(us * 1500),
             samples: (detector == Detector::Stall).then_some(12),

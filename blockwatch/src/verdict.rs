@@ -44,10 +44,17 @@ pub fn verdict(ev: &Event) -> String {
         crate::event::OffState::Preempted => "preempted",
         _ => "no syscall",
     });
-    let culprit = match &ev.culprit {
+    let mut culprit = match &ev.culprit {
         Some(f) => format!(" in {}", place(f)),
         None => String::new(),
     };
+    // A library's line says where it blocked; the user's line, what to
+    // change.
+    if let Some(o) = &ev.offender
+        && ev.culprit.as_ref() != Some(o)
+    {
+        culprit.push_str(&format!(", called from {}", place(o)));
+    }
     let duration = format_duration(std::time::Duration::from_nanos(ev.duration_ns));
     let line = match ev.detector {
         Detector::Offcpu => format!(
@@ -88,6 +95,7 @@ mod tests {
             duration_ns: 80_200_000,
             state: OffState::Sleeping,
             stack: culprit.iter().cloned().collect(),
+            offender: culprit.clone(),
             culprit,
             detector: Default::default(),
             busy_ns: None,
@@ -107,6 +115,29 @@ mod tests {
         assert_eq!(
             verdict(&event(Some(f))),
             "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123] in refresh() at app/report.py:41"
+        );
+    }
+
+    #[test]
+    fn a_library_culprit_names_the_users_line_too() {
+        let lib = Frame {
+            function: Some("fetch".into()),
+            file: Some("/srv/venv/lib/python3.11/site-packages/slowlib/__init__.py".into()),
+            line: Some(9),
+            kind: FrameKind::Python,
+            ..Frame::default()
+        };
+        let mut ev = event(Some(lib));
+        ev.offender = Some(Frame {
+            function: Some("refresh".into()),
+            file: Some("app/report.py".into()),
+            line: Some(41),
+            kind: FrameKind::Python,
+            ..Frame::default()
+        });
+        assert_eq!(
+            verdict(&ev),
+            "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123] in fetch() at /srv/venv/lib/python3.11/site-packages/slowlib/__init__.py:9, called from refresh() at app/report.py:41"
         );
     }
 

@@ -67,3 +67,106 @@ fn python_culprit_is_the_blocking_function_and_line() {
         }
     }
 }
+
+/// The line of `subjects/python_blocking_calls.py` marked `# BLOCKS: what`.
+fn marked_line(source: &str, what: &str) -> u32 {
+    let marker = format!("# BLOCKS: {what}");
+    source
+        .lines()
+        .position(|l| l.contains(&marker))
+        .unwrap_or_else(|| panic!("no {marker:?} in the subject")) as u32
+        + 1
+}
+
+/// The typical blocking calls of an asyncio application, on every
+/// interpreter: a cold file read, a socket with a timeout (a `poll` wait),
+/// GIL contention from a CPU-bound executor thread, and a blocking call in
+/// an installed package, each named by its Python function and line.
+#[test]
+fn python_blocking_calls_are_named_on_every_interpreter() {
+    let _serial = common::setup();
+    let script = subject("python_blocking_calls.py");
+    let source = std::fs::read_to_string(&script).unwrap();
+    let line = |what| Some(marked_line(&source, what));
+    let library = std::fs::read_to_string(subject("site-packages/slowlib/__init__.py")).unwrap();
+    let present: Vec<_> = INTERPRETERS
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .collect();
+    assert!(!present.is_empty(), "no CPython interpreter found");
+    for python in present {
+        // Below CPython's 5 ms switch interval: each GIL wait lasts ~5 ms.
+        let run = trace(&["--threshold", "2ms", "--", python, &script]);
+        run.assert_success();
+        let on_loop = |e: &&common::Event| e.is_main_thread();
+        let by = |class: &str, function: &str| {
+            run.events_where(|e| {
+                e.class == class
+                    && e.culprit.as_ref().and_then(|c| c.function.as_deref()) == Some(function)
+            })
+            .into_iter()
+            .filter(on_loop)
+            .collect::<Vec<_>>()
+        };
+        let culprit_line = |e: &common::Event| e.culprit.as_ref().and_then(|c| c.line);
+
+        let reads = by("file", "read_large_file");
+        assert!(
+            reads
+                .iter()
+                .any(|e| e.syscall.as_deref() == Some("read") && culprit_line(e) == line("read")),
+            "{python}: the cold read, at its line\n{}",
+            run.report()
+        );
+
+        let polls = by("net", "poll_socket");
+        assert!(
+            polls.iter().any(|e| e.syscall.as_deref() == Some("poll")
+                && culprit_line(e) == line("poll")
+                && (140.0..1000.0).contains(&e.ms())),
+            "{python}: the 150 ms socket wait in poll(), at its line\n{}",
+            run.report()
+        );
+
+        let gil = by("gil", "crunch");
+        assert!(
+            gil.len() >= 3 && gil.iter().all(|e| e.syscall.as_deref() == Some("futex")),
+            "{python}: the loop waits for the GIL in crunch() while the executor spins\n{}",
+            run.report()
+        );
+        assert!(
+            run.events_where(|e| e.class == "lock"
+                && e.culprit.as_ref().and_then(|c| c.function.as_deref()) == Some("crunch"))
+                .is_empty(),
+            "{python}: GIL waits are not plain locks\n{}",
+            run.report()
+        );
+
+        let lib = by("sleep", "fetch");
+        assert_eq!(lib.len(), 1, "{python}\n{}", run.report());
+        let culprit = lib[0].culprit.as_ref().unwrap();
+        assert!(
+            culprit
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("site-packages/slowlib/__init__.py"))
+                && culprit.line == Some(marked_line(&library, "library")),
+            "{python}: the culprit is the library's line\n{}",
+            run.report()
+        );
+        let offender = lib[0].offender.as_ref().expect("an offender");
+        assert_eq!(
+            (offender.function.as_deref(), offender.line),
+            (Some("call_library"), line("offender")),
+            "{python}: the offender is the user's call into the library"
+        );
+        // Elsewhere, the user's own code is both.
+        assert!(
+            polls
+                .iter()
+                .all(|e| e.offender.as_ref().map(|o| &o.function)
+                    == e.culprit.as_ref().map(|c| &c.function)),
+            "{python}"
+        );
+    }
+}

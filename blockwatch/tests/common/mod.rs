@@ -61,6 +61,7 @@ pub struct Event {
     pub state: String,
     pub stack: Vec<Frame>,
     pub culprit: Option<Frame>,
+    pub offender: Option<Frame>,
     /// `offcpu`, `strict` or `stall` (README, JSON schema).
     pub detector: String,
     /// Stalls only.
@@ -70,7 +71,7 @@ pub struct Event {
     pub samples: Option<u32>,
 }
 
-const EVENT_FIELDS: [&str; 12] = [
+const EVENT_FIELDS: [&str; 13] = [
     "ts",
     "pid",
     "tid",
@@ -83,6 +84,7 @@ const EVENT_FIELDS: [&str; 12] = [
     "state",
     "stack",
     "culprit",
+    "offender",
 ];
 const CLASSES: [&str; 9] = [
     "file", "stat", "sleep", "lock", "gil", "net", "process", "other", "stall",
@@ -143,7 +145,12 @@ impl Event {
         if !DETECTORS.contains(&event.detector.as_str()) {
             return Err(format!("unknown detector {:?}", event.detector));
         }
-        for frame in event.stack.iter().chain(&event.culprit) {
+        for frame in event
+            .stack
+            .iter()
+            .chain(&event.culprit)
+            .chain(&event.offender)
+        {
             let hex = frame.address.strip_prefix("0x");
             if hex.is_none_or(|h| u64::from_str_radix(h, 16).is_err()) {
                 return Err(format!("frame address {:?} is not 0x-hex", frame.address));
@@ -426,4 +433,69 @@ pub fn python_alias(name: &str) -> Alias {
     let path = dir.path().join(name);
     std::os::unix::fs::symlink(&python, &path).unwrap();
     Alias { _dir: dir, path }
+}
+
+/// A scratch cgroup in the unified (v2) hierarchy, removed when dropped;
+/// `relative` may nest (`bwtest.slice/app.service`).
+pub struct TestCgroup {
+    pub root: PathBuf,
+    pub dirs: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new(relative: &str) -> TestCgroup {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        // Fields: ... mount-point ... - fstype source options.
+        let root = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let point = left.split_whitespace().nth(4)?;
+                (right.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(point))
+            })
+            .expect("a cgroup2 (unified) hierarchy is mounted");
+        let mut dirs = Vec::new();
+        let mut dir = root.clone();
+        for part in relative.split('/') {
+            dir.push(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir)
+                    .unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+                dirs.push(dir.clone());
+            }
+        }
+        TestCgroup { root, dirs }
+    }
+
+    /// The innermost cgroup's `cgroup.procs`: writing a PID moves it there.
+    pub fn procs(&self) -> PathBuf {
+        self.dirs.last().expect("a new cgroup").join("cgroup.procs")
+    }
+
+    /// A shell line that moves itself here and execs `argv`.
+    pub fn exec_in(&self, argv: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec \"$@\"",
+                self.procs().display()
+            ))
+            .arg("sh")
+            .args(argv);
+        c
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            // Its processes have exited; the kernel frees the cgroup lazily.
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
