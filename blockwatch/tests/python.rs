@@ -170,3 +170,39 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
         );
     }
 }
+
+/// `python -X perf` (3.12+) writes a perf map of its trampolines: those
+/// native frames are named from it, and the culprit stays the Python
+/// function the kernel walk found.
+#[test]
+fn python_perf_trampolines_are_named_from_the_perf_map() {
+    let _serial = common::setup();
+    let script = subject("asyncio_blocker.py");
+    let present: Vec<_> = INTERPRETERS[3..]
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .collect();
+    assert!(!present.is_empty(), "no CPython 3.12+ found");
+    for python in present {
+        let run = trace(&["--", python, "-X", "perf", &script]);
+        run.assert_success();
+        let sleeps = run.events_where(|e| e.class == "sleep");
+        assert_eq!(sleeps.len(), 3, "{python}\n{}", run.report());
+        for e in sleeps {
+            assert!(
+                e.stack.iter().any(|f| f
+                    .function
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("py::") && n.contains("asyncio_blocker.py"))),
+                "{python}: a trampoline named from /tmp/perf-PID.map\n{}",
+                run.report()
+            );
+            assert_eq!(
+                e.culprit.as_ref().and_then(|c| c.function.as_deref()),
+                Some("blocking_sleep_in_coroutine"),
+                "{python}\n{}",
+                run.report()
+            );
+        }
+    }
+}
