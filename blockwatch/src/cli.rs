@@ -21,7 +21,7 @@ An event loop (Python asyncio, tokio workers, libuv/Node) must never wait on \
 disk, sleep, locks or blocking sockets: while one call blocks, every task on \
 that loop waits. blockwatch watches the event-loop threads of the processes you \
 name with eBPF, and reports each wait longer than a threshold with its stack.\n\n\
-Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE) and a kernel with BTF."
+Needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BTF."
 )]
 pub struct Cli {
     /// More diagnostics on stderr (-v: what is attached and tagged,
@@ -147,9 +147,10 @@ pub struct DaemonArgs {
 
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
-    /// pointers only. Read at start (a reload does not change it).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
-    pub user_stack_size: u32,
+    /// pointers only [default: 16384]. Read at start (a reload does not
+    /// change it).
+    #[arg(long, value_name = "BYTES", value_parser = user_stack_size)]
+    pub user_stack_size: Option<u32>,
 
     #[command(flatten)]
     pub detectors: crate::loopdetect::DetectorArgs,
@@ -209,12 +210,17 @@ fn user_stack_size(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .parse()
         .map_err(|_| format!("{s:?} is not a number of bytes"))?;
-    if n as usize > MAX_USER_STACK {
+    check_user_stack_size(i64::from(n))
+}
+
+/// The bounds of a user-stack copy, for the flag and the config key.
+pub fn check_user_stack_size(n: i64) -> Result<u32, String> {
+    if n < 0 || n as usize > MAX_USER_STACK {
         return Err(format!(
-            "{n} bytes is more than the most that is copied, {MAX_USER_STACK}"
+            "{n} bytes is out of range: use 0 (frame pointers only) to {MAX_USER_STACK}"
         ));
     }
-    Ok(n)
+    Ok(n as u32)
 }
 
 impl TraceArgs {
@@ -356,7 +362,7 @@ mod tests {
         else {
             panic!("not daemon")
         };
-        assert_eq!(d.user_stack_size, 8192);
+        assert_eq!(d.user_stack_size, Some(8192));
     }
 
     #[test]
