@@ -49,6 +49,7 @@ struct File {
     auto: Option<bool>,
     strict: Option<bool>,
     stall_threshold: Option<Spanned<String>>,
+    user_stack_size: Option<Spanned<i64>>,
     #[serde(default)]
     targets: Targets,
     #[serde(default)]
@@ -115,6 +116,9 @@ pub struct Settings {
     pub strict: bool,
     /// Stall threshold; `None` when stall detection is off.
     pub stall_threshold: Option<Duration>,
+    /// Bytes of user stack copied per blocking event (0: frame pointers
+    /// only).
+    pub user_stack_size: u32,
 }
 
 impl Default for Settings {
@@ -133,6 +137,7 @@ impl Default for Settings {
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
             strict: false,
             stall_threshold: Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD),
+            user_stack_size: blockwatch_common::DEFAULT_USER_STACK,
         }
     }
 }
@@ -151,6 +156,7 @@ pub struct Overrides {
     pub strict: bool,
     /// `Duration::ZERO`: off.
     pub stall_threshold: Option<Duration>,
+    pub user_stack_size: Option<u32>,
 }
 
 impl Settings {
@@ -193,6 +199,9 @@ impl Settings {
         }
         if let Some(d) = o.stall_threshold {
             self.stall_threshold = (!d.is_zero()).then_some(d);
+        }
+        if let Some(n) = o.user_stack_size {
+            self.user_stack_size = n;
         }
         if !o.pids.is_empty() {
             self.pids = o.pids.clone();
@@ -278,6 +287,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     }
     s.auto = file.auto.unwrap_or(false);
     s.strict = file.strict.unwrap_or(false);
+    if let Some(n) = &file.user_stack_size {
+        s.user_stack_size = crate::cli::check_user_stack_size(*n.get_ref())
+            .map_err(|e| invalid(Some(n.span()), Some("user_stack_size"), e))?;
+    }
     if let Some(t) = &file.stall_threshold {
         s.stall_threshold = match crate::loopdetect::clap_stall_threshold(t.get_ref()) {
             Ok(d) if d.is_zero() => None,
@@ -504,6 +517,31 @@ mod loop_tests {
 
     fn p(text: &str) -> Result<Settings, ConfigError> {
         parse(Path::new("/etc/blockwatch/blockwatch.toml"), text)
+    }
+
+    #[test]
+    fn user_stack_size_key() {
+        assert_eq!(
+            p("").unwrap().user_stack_size,
+            blockwatch_common::DEFAULT_USER_STACK
+        );
+        let mut s = p("user_stack_size = 0\n").unwrap();
+        assert_eq!(s.user_stack_size, 0);
+        s.apply(&Overrides {
+            user_stack_size: Some(32768),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.user_stack_size, 32768);
+        for bad in ["-1", "1000000"] {
+            let e = p(&format!("\nuser_stack_size = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("line 2") && e.contains("`user_stack_size`") && e.contains("0 (frame"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use blockwatch_common::{COUNTER_LOST_EVENTS, Config, TAG_LOOP, ThreadTag, WatchRule};
+use blockwatch_common::{
+    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS,
+    COUNTER_LOST_USER_STACKS, Config, TAG_LOOP, ThreadTag, WatchRule,
+};
 use log::{debug, info, warn};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -42,6 +45,7 @@ impl DaemonArgs {
             container_labels: self.container_labels,
             strict: self.detectors.strict,
             stall_threshold: self.detectors.stall_threshold,
+            user_stack_size: self.user_stack_size,
         }
     }
 }
@@ -388,7 +392,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let mut loaded = loader::load_with_user_stack(
         kernel_config(&current, &rules).threshold_ns,
         loader::force_raw_from_env(),
-        args.user_stack_size,
+        current.user_stack_size,
     )?;
     // Strict mode and the stall threshold are read at start: a reload
     // that changes them says so and takes effect at restart.
@@ -521,6 +525,15 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
                 m.set_tagged(&tagged);
                 m.set_lost(lost);
+                for (what, index) in [
+                    ("stack", COUNTER_LOST_STACKS),
+                    ("user_stack", COUNTER_LOST_USER_STACKS),
+                    ("probe", COUNTER_LOST_PROBES),
+                    ("tag", COUNTER_LOST_TAGS),
+                ] {
+                    let total = counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+                    m.set_drops(what, total);
+                }
                 m.set_symbolization_failures(pipeline.symbol_failures());
                 // Exits the kernel did not report (processes it never
                 // watched, lost records): /proc is the truth.
@@ -565,8 +578,14 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
             current.listen, new.listen
         );
     }
-    if (new.strict, new.stall_threshold) != (current.strict, current.stall_threshold) {
-        warn!("strict and stall_threshold changes take effect at restart");
+    if (new.strict, new.stall_threshold, new.user_stack_size)
+        != (
+            current.strict,
+            current.stall_threshold,
+            current.user_stack_size,
+        )
+    {
+        warn!("strict, stall_threshold and user_stack_size changes take effect at restart");
     }
     Ok(Settings {
         listen: current.listen,

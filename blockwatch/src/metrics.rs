@@ -387,6 +387,8 @@ pub struct Metrics {
     tagged: IntGaugeVec,
     lost: IntCounter,
     sym_failures: IntCounter,
+    drops: IntCounterVec,
+    drops_seen: HashMap<&'static str, u64>,
     lost_seen: u64,
     sym_seen: u64,
     /// Per-process series also carry `container` and `pod`.
@@ -468,6 +470,16 @@ impl Metrics {
         registry.register(Box::new(tagged.clone()))?;
         registry.register(Box::new(lost.clone()))?;
         registry.register(Box::new(sym_failures.clone()))?;
+        let drops = IntCounterVec::new(
+            Opts::new(
+                "blockwatch_kernel_drops_total",
+                "What the kernel programs could not record: `stack` (a frame-pointer stack), \
+                 `user_stack` (a stack copy for unwinding: the event has a shorter stack), \
+                 `probe` (a futex wait to classify), `tag` (a new thread: the tag map is full).",
+            ),
+            &["what"],
+        )?;
+        registry.register(Box::new(drops.clone()))?;
         registry.register(Box::new(build_info))?;
         let loops = LoopMetrics::new(&registry, &with)?;
         Ok(Self {
@@ -478,6 +490,8 @@ impl Metrics {
             tagged,
             lost,
             sym_failures,
+            drops,
+            drops_seen: HashMap::new(),
             lost_seen: 0,
             sym_seen: 0,
             containers,
@@ -596,6 +610,18 @@ impl Metrics {
         if total > self.lost_seen {
             self.lost.inc_by(total - self.lost_seen);
             self.lost_seen = total;
+        }
+    }
+
+    /// Takes the kernel's running total of drops of one kind.
+    pub fn set_drops(&mut self, what: &'static str, total: u64) {
+        let seen = self.drops_seen.entry(what).or_insert(0);
+        if total > *seen {
+            self.drops.with_label_values(&[what]).inc_by(total - *seen);
+            *seen = total;
+        } else if *seen == 0 {
+            // Present from the start, at 0: a dashboard sees the series.
+            self.drops.with_label_values(&[what]);
         }
     }
 
@@ -841,6 +867,9 @@ mod tests {
         }
         m.set_lost(5);
         m.set_lost(7);
+        m.set_drops("user_stack", 0);
+        m.set_drops("user_stack", 4);
+        m.set_drops("user_stack", 4);
         let text = m.render().unwrap();
         assert!(
             text.contains(
@@ -849,6 +878,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("blockwatch_events_lost_total 7"), "{text}");
+        assert!(
+            text.contains(r#"blockwatch_kernel_drops_total{what="user_stack"} 4"#),
+            "{text}"
+        );
         assert!(text.contains("blockwatch_build_info{version="), "{text}");
         assert!(text.contains(r#"le="0.001""#) && text.contains(r#"le="10""#));
         assert!(!text.contains("pid"), "no PID labels: {text}");

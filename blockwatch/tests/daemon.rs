@@ -213,6 +213,12 @@ fn metrics_count_a_python_subjects_blocking_calls() {
     );
     assert!(m.contains("blockwatch_build_info{version="), "{m}");
     assert!(m.contains("blockwatch_events_lost_total "), "{m}");
+    for what in ["stack", "user_stack", "probe", "tag"] {
+        assert!(
+            m.contains(&format!("blockwatch_kernel_drops_total{{what=\"{what}\"}}")),
+            "{m}"
+        );
+    }
     assert!(!m.contains("pid=") && !m.contains("tid="), "{m}");
     assert_eq!(http_get(d.addr, "/healthz").map(|r| r.0), Some(200));
     let (code, stacks) = http_get(d.addr, "/stacks").unwrap();
