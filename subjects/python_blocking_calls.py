@@ -10,6 +10,8 @@ each in its own function, on the event loop thread.
   call_library      a blocking call inside an installed package
                     (subjects/site-packages/slowlib)          -> culprit in
                     the package, offender here
+  list_directory    os.listdir of a cached directory: stays on the CPU,
+                    seen only with --strict                   -> class stat
 
 Each blocking line carries a `# BLOCKS: <what>` marker, so a test finds
 its line number. Run with a threshold below CPython's 5 ms switch interval
@@ -79,6 +81,10 @@ def call_library():
     return slowlib.fetch()  # BLOCKS: offender
 
 
+def list_directory(directory):
+    return os.listdir(directory)  # BLOCKS: listdir
+
+
 async def main(path, port):
     await asyncio.sleep(0.3)  # the loop idles: its thread is now known
     read_large_file(path)
@@ -90,6 +96,8 @@ async def main(path, port):
     crunch(0.5)
     await executor
     call_library()
+    await asyncio.sleep(0.05)
+    assert "big.bin" in list_directory(os.path.dirname(path))
     await asyncio.sleep(0.2)
 
 

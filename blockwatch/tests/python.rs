@@ -80,8 +80,9 @@ fn marked_line(source: &str, what: &str) -> u32 {
 
 /// The typical blocking calls of an asyncio application, on every
 /// interpreter: a cold file read, a socket with a timeout (a `poll` wait),
-/// GIL contention from a CPU-bound executor thread, and a blocking call in
-/// an installed package, each named by its Python function and line.
+/// GIL contention from a CPU-bound executor thread, a blocking call in an
+/// installed package, and (with `--strict`, as it never leaves the CPU)
+/// `os.listdir`, each named by its Python function and line.
 #[test]
 fn python_blocking_calls_are_named_on_every_interpreter() {
     let _serial = common::setup();
@@ -96,7 +97,7 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
     assert!(!present.is_empty(), "no CPython interpreter found");
     for python in present {
         // Below CPython's 5 ms switch interval: each GIL wait lasts ~5 ms.
-        let run = trace(&["--threshold", "2ms", "--", python, &script]);
+        let run = trace(&["--strict", "--threshold", "2ms", "--", python, &script]);
         run.assert_success();
         let on_loop = |e: &&common::Event| e.is_main_thread();
         let by = |class: &str, function: &str| {
@@ -159,6 +160,16 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
             (offender.function.as_deref(), offender.line),
             (Some("call_library"), line("offender")),
             "{python}: the offender is the user's call into the library"
+        );
+        let listdir = run.events_where(|e| {
+            e.class == "stat"
+                && e.syscall.as_deref() == Some("getdents64")
+                && e.culprit.as_ref().and_then(|c| c.function.as_deref()) == Some("list_directory")
+        });
+        assert!(
+            !listdir.is_empty() && listdir.iter().all(|e| culprit_line(e) == line("listdir")),
+            "{python}: os.listdir under --strict, at its line\n{}",
+            run.report()
         );
         // Elsewhere, the user's own code is both.
         assert!(
