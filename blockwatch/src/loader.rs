@@ -421,9 +421,6 @@ pub fn enable_loop_detectors(
     ebpf: &mut Ebpf,
     options: LoopOptions,
 ) -> Result<LoopDetectors, LoadError> {
-    use aya::programs::perf_event::{
-        PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
-    };
     use blockwatch_common::LoopConfig;
 
     let stall_ns = options
@@ -459,41 +456,54 @@ pub fn enable_loop_detectors(
         info!("strict mode: attached raw_syscalls sys_enter/sys_exit");
     }
     if stall_ns != 0 {
-        let prog: &mut PerfEvent = ebpf
-            .program_mut("stall_sample")
-            .ok_or(LoadError::Missing("stall_sample"))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| LoadError::Attach {
-                tracepoint: "perf event cpu-clock".into(),
-                err: e.to_string(),
-            })?;
-        prog.load().map_err(|e| load_error("stall_sample", e))?;
-        let cpus = aya::util::online_cpus().map_err(|(what, e)| LoadError::Attach {
-            tracepoint: "perf event cpu-clock".into(),
-            err: format!("{what}: {e}"),
-        })?;
-        for cpu in cpus {
-            prog.attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::AllProcessesOneCpu { cpu },
-                SamplePolicy::Frequency(crate::loopdetect::SAMPLE_HZ),
-                false,
-            )
-            .map_err(|e| LoadError::Attach {
-                tracepoint: format!("perf event cpu-clock on CPU {cpu}"),
-                err: e.to_string(),
-            })?;
+        // Stalls are still measured without the sampler, only not named:
+        // a host that refuses perf events loses stacks, not the session.
+        match attach_stall_sampler(ebpf) {
+            Ok(()) => info!(
+                "stall detector: busy loop threads sampled at {} Hz",
+                crate::loopdetect::SAMPLE_HZ
+            ),
+            Err(e) => warn!("stalls are reported without stacks: {e}"),
         }
-        info!(
-            "stall detector: busy loop threads sampled at {} Hz",
-            crate::loopdetect::SAMPLE_HZ
-        );
     }
     let counters = PerCpuArray::try_from(
         ebpf.take_map("LOOP_COUNTERS")
             .ok_or(LoadError::Missing("LOOP_COUNTERS"))?,
     )?;
     Ok(LoopDetectors { options, counters })
+}
+
+/// A cpu-clock perf event per online CPU, running `stall_sample`.
+fn attach_stall_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    use aya::programs::perf_event::{
+        PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
+    };
+    let prog: &mut PerfEvent = ebpf
+        .program_mut("stall_sample")
+        .ok_or(LoadError::Missing("stall_sample"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| LoadError::Attach {
+            tracepoint: "perf event cpu-clock".into(),
+            err: e.to_string(),
+        })?;
+    prog.load().map_err(|e| load_error("stall_sample", e))?;
+    let cpus = aya::util::online_cpus().map_err(|(what, e)| LoadError::Attach {
+        tracepoint: "perf event cpu-clock".into(),
+        err: format!("{what}: {e}"),
+    })?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(crate::loopdetect::SAMPLE_HZ),
+            false,
+        )
+        .map_err(|e| LoadError::Attach {
+            tracepoint: format!("perf event cpu-clock on CPU {cpu}"),
+            err: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
