@@ -259,6 +259,38 @@ fn a_cpu_bound_node_callback_is_a_stall() {
     );
 }
 
+/// A tokio task computing for 300 ms of CPU: one stall of the worker that
+/// ran it, named after the function (a leaf: its own frame is sampled even
+/// without frame pointers).
+#[test]
+fn a_cpu_bound_tokio_task_is_a_stall() {
+    let _serial = common::setup();
+    let run = trace(&["--", &common::tokio_blocker(), "cpu-hog"]);
+    run.assert_success();
+    let s = stalls(&run);
+    assert_eq!(s.len(), 1, "exactly the cpu_hog\n{}", run.report());
+    let e = s[0];
+    assert!(
+        !e.is_main_thread()
+            && (e.thread.starts_with("tokio-runtime-w") || e.thread.starts_with("tokio-rt-worker")),
+        "on a worker: {}",
+        e.summary()
+    );
+    assert!(
+        (250.0..=1500.0).contains(&e.ms()),
+        "on-CPU {:.1} ms\n{}",
+        e.ms(),
+        run.report()
+    );
+    assert_eq!(
+        culprit_fn(e),
+        "tokio_blocker::cpu_hog",
+        "{:#?}\n{}",
+        e.stack,
+        run.report()
+    );
+}
+
 #[test]
 fn a_higher_stall_threshold_reports_nothing() {
     let _serial = common::setup();

@@ -15,7 +15,7 @@
 //! Waits that must not be reported last ≥ 340 ms; the sleeps last 80 ms; the
 //! fsync takes as long as the disk does.
 //!
-//! Two more scenarios run only when named (`all` leaves them out), for the
+//! Three more scenarios run only when named (`all` leaves them out), for the
 //! stack tests: each warms up for about 1.2 s first (short tasks and timers,
 //! so that every worker parks and wakes many times and becomes a known
 //! event loop, and blockwatch sees the process's libraries), then blocks in the
@@ -27,6 +27,8 @@
 //! | `async-sleep`    | `async_fn_that_sleeps` calls `std::thread::sleep(90ms)`|
 //! | `exit-after-block` | `async_fn_that_sleeps_then_exits` sleeps 90 ms, then |
 //! |                  | exits the process at once with code 0                  |
+//! | `cpu-hog`        | a task computes for 300 ms of CPU time (`cpu_hog`):    |
+//! |                  | a stall of its worker (stall tests)                    |
 //!
 //! The file goes to
 //! `$TOKIO_BLOCKER_DIR`, else `/var/tmp` (a disk, where `/tmp` may be tmpfs
@@ -40,7 +42,7 @@ use std::time::Duration;
 
 const SCENARIOS: [&str; 5] = ["idle", "timer", "spawn-blocking", "sleep", "fsync"];
 /// Scenarios run only when named.
-const EXTRA_SCENARIOS: [&str; 2] = ["async-sleep", "exit-after-block"];
+const EXTRA_SCENARIOS: [&str; 3] = ["async-sleep", "exit-after-block", "cpu-hog"];
 const FILE_SIZE: usize = 64 << 20;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -86,6 +88,11 @@ async fn run(name: &str) -> std::io::Result<()> {
             warm_up().await;
             tokio::spawn(async_fn_that_sleeps_then_exits()).await?
         }
+        "cpu-hog" => {
+            warm_up().await;
+            tokio::spawn(async { cpu_hog(Duration::from_millis(300)) }).await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         _ => unreachable!("checked in main"),
     }
     Ok(())
@@ -120,6 +127,27 @@ async fn sleeps_in_task() {
 #[inline(never)]
 fn blocking_sleep_in_task() {
     std::thread::sleep(std::hint::black_box(Duration::from_millis(80)));
+}
+
+/// CPU work in a task: the worker runs `cpu` of CPU time (its own, from
+/// /proc/thread-self/schedstat, so preemption on a loaded machine makes
+/// the stall longer, never shorter) without reaching its park.
+#[inline(never)]
+fn cpu_hog(cpu: Duration) -> u64 {
+    let on_cpu = || -> u64 {
+        std::fs::read_to_string("/proc/thread-self/schedstat")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let end = on_cpu().saturating_add(cpu.as_nanos() as u64);
+    let mut x = 0u64;
+    while on_cpu() < end {
+        for i in 0..200_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
+    x
 }
 
 /// About 1.2 s of short tasks and idle gaps: every worker parks between.
