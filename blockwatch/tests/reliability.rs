@@ -391,7 +391,7 @@ impl Drop for Subject {
 // ---------------------------------------------------------------------------
 
 /// An asyncio process whose loop starts 4000 threads in batches of 100;
-/// each waits 2 ms and exits. It prints its PID when started and `done`
+/// each waits 10 ms and exits. It prints its PID when started and `done`
 /// when every thread has been joined, then waits for its stdin to close.
 /// (The wait is a select() timeout, which is relative: time.sleep sleeps
 /// until an absolute deadline, which may already have passed when a thread
@@ -402,7 +402,7 @@ THREADS, BATCH = 4000, 100
 print(os.getpid(), flush=True)
 sys.stdin.readline()
 def short():
-    select.select([], [], [], 0.002)
+    select.select([], [], [], 0.01)
 async def main():
     await asyncio.sleep(0.1)
     for _ in range(THREADS // BATCH):
@@ -482,17 +482,27 @@ fn thousands_of_exiting_threads_leave_no_stale_tags() {
     );
     let stderr = bw.stderr();
     let lost = lost_events(&stderr);
-    let short_sleeps = events
-        .iter()
-        .filter(|e| {
-            u64_of(e, "tid") != pid as u64 && ["select", "pselect6"].contains(&str_of(e, "syscall"))
-        })
-        .count() as u64;
-    // (Counted as events: thread IDs are recycled within the process.)
+    // Counted as events: thread IDs are recycled within the process. Each
+    // thread is off the CPU for 10 ms inside its select: asleep, or, on a
+    // loaded machine, partly preempted inside the syscall (another, correct
+    // event of the same call; if a preemption outlasts the timer, the thread
+    // never sleeps at all). So at least one event per thread, and at most
+    // one sleep.
+    let selects = |state: Option<&str>| {
+        events
+            .iter()
+            .filter(|e| {
+                u64_of(e, "tid") != pid as u64
+                    && ["select", "pselect6"].contains(&str_of(e, "syscall"))
+                    && state.is_none_or(|s| str_of(e, "state") == s)
+            })
+            .count() as u64
+    };
+    let (waits, sleeps) = (selects(None), selects(Some("sleeping")));
     assert!(
-        short_sleeps <= 4000 && short_sleeps + lost >= 4000,
-        "each of the 4000 threads' 2 ms waits is reported once or counted lost: \
-         {short_sleeps} reported, {lost} events lost\n{}",
+        waits + lost >= 4000 && sleeps <= 4000,
+        "each of the 4000 threads' 10 ms waits is reported or counted lost, and no sleep twice: \
+         {waits} events ({sleeps} asleep), {lost} events lost\n{}",
         bw.report()
     );
     assert!(
@@ -521,11 +531,19 @@ fn lost_events(stderr: &str) -> u64 {
 
 /// Starts `alias` running `code` with process ID `pid`, by setting the
 /// kernel's last-PID counter just below it (retried: other processes on the
-/// host may take the PID first).
+/// host may take the PID first, and keep it for a while).
 fn start_with_pid(name: &str, code: &str, pid: u32) -> Subject {
     // Made first: finding the interpreter runs a process, which takes a PID.
     let alias = python_alias(name);
-    for _ in 0..200 {
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        // Another process on the host may have won a race for the PID:
+        // wait until it is free again.
+        if alive(pid) {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1))
             .expect("write /proc/sys/kernel/ns_last_pid (root)");
         let mut s = Subject::spawn(&alias.path, code);
@@ -533,9 +551,13 @@ fn start_with_pid(name: &str, code: &str, pid: u32) -> Subject {
             s._alias = Some(alias);
             return s;
         }
+        got.push(s.pid());
         drop(s);
     }
-    panic!("could not start a process with the recycled PID {pid}");
+    panic!(
+        "could not start a process with the recycled PID {pid} (alive: {}); got {got:?}",
+        alive(pid)
+    );
 }
 
 fn until_watched(bw: &Blockwatch, pid: u32) {
@@ -640,10 +662,10 @@ fn recycled_pids_and_tids_are_not_watched_unless_they_match() {
             .filter(|e| str_of(e, "comm") == comm && str_of(e, "syscall") == "clock_nanosleep")
             .count()
     };
-    assert_eq!(sleeps_of("bwreuse_a"), 3, "A's sleeps\n{}", bw.report());
-    assert_eq!(
-        sleeps_of("bwreuse_m"),
-        3,
+    // At least: a loaded machine may split a sleep with a preemption.
+    assert!(sleeps_of("bwreuse_a") >= 3, "A's sleeps\n{}", bw.report());
+    assert!(
+        sleeps_of("bwreuse_m") >= 3,
         "M matches by name\n{}",
         bw.report()
     );
@@ -721,24 +743,21 @@ fn processes_exiting_mid_event_are_reported_sanely() {
             "a killed thread's wait is at most its life: {e}"
         );
     }
-    let quick: Vec<_> = events
+    let quick: HashSet<u64> = events
         .iter()
         .filter(|e| {
             str_of(e, "comm") == "bwexit_quick"
                 && str_of(e, "syscall") == "clock_nanosleep"
                 && u64_of(e, "duration_ns") < 250_000_000
         })
+        .map(|e| u64_of(e, "pid"))
         .collect();
     assert_eq!(
         quick.len(),
         20,
-        "each short-lived process's 40 ms sleep\n{}",
+        "each short-lived process's 40 ms sleep, reported after it exited\n{}",
         bw.report()
     );
-    for e in quick {
-        let ms = u64_of(e, "duration_ns") / 1_000_000;
-        assert!(ms >= 39, "a 40 ms sleep lasted {ms} ms: {e}");
-    }
 }
 
 // ---------------------------------------------------------------------------
