@@ -43,6 +43,8 @@ enum Rule {
 const NOT_APPLICATION: &[Rule] = &[
     // C runtime.
     Rule::Library("libc"),
+    // The kernel's vDSO: clock_gettime of a loop checking the time.
+    Rule::ModuleName("[vdso]"),
     // `ld` covers ld-linux-x86-64.so.2, ld-2.31.so and ld-musl-*.so.1.
     Rule::Library("ld"),
     Rule::Library("libpthread"),
@@ -203,6 +205,18 @@ mod tests {
         // Only library code: no line of the user's to name.
         assert_eq!(offender(&stack[..4]), None);
         assert!(culprit(&stack[..4]).is_some());
+    }
+
+    #[test]
+    fn the_vdso_is_never_the_culprit() {
+        let stack = [
+            frame(Some("__vdso_clock_gettime"), Some("[vdso]")),
+            frame(Some("app::busy"), Some("/srv/app")),
+        ];
+        assert_eq!(
+            culprit(&stack).and_then(|f| f.function).as_deref(),
+            Some("app::busy")
+        );
     }
 
     #[test]

@@ -179,17 +179,6 @@ impl Loops {
     }
 }
 
-/// The culprit of a sampled or strict stack: the innermost application
-/// frame, the vDSO (`clock_gettime` of a busy loop checking the time) not
-/// counting as the application.
-pub fn loop_culprit(stack: &[Frame]) -> Option<Frame> {
-    stack
-        .iter()
-        .filter(|f| f.module.as_deref() != Some("[vdso]"))
-        .find(|f| crate::culprit::is_application(f))
-        .cloned()
-}
-
 /// The name that groups samples: the culprit's function, else its module.
 fn culprit_name(culprit: Option<&Frame>) -> Option<String> {
     let f = culprit?;
@@ -329,24 +318,6 @@ mod tests {
                 .options(None)
                 .stall_threshold,
             Some(Duration::from_secs(1))
-        );
-    }
-
-    #[test]
-    fn the_vdso_is_never_the_culprit() {
-        let stack = vec![
-            Frame {
-                module: Some("[vdso]".into()),
-                ..frame("__vdso_clock_gettime")
-            },
-            Frame {
-                module: Some("/srv/app".into()),
-                ..frame("app::busy")
-            },
-        ];
-        assert_eq!(
-            loop_culprit(&stack).and_then(|f| f.function),
-            Some("app::busy".into())
         );
     }
 

@@ -373,7 +373,7 @@ impl Pipeline {
                     Some(c) => c.clone(),
                     None => {
                         let stack = self.loop_stack(r.pid, &r.ips, &r.py);
-                        let culprit = loopdetect::loop_culprit(&stack);
+                        let culprit = culprit::culprit(&stack);
                         self.loops.cache_stack(key, stack.clone(), culprit.clone());
                         (stack, culprit)
                     }
@@ -390,7 +390,7 @@ impl Pipeline {
                     .iter()
                     .map(|s| {
                         let stack = self.loop_stack(s.pid, &s.ips, &s.py);
-                        let culprit = loopdetect::loop_culprit(&stack);
+                        let culprit = culprit::culprit(&stack);
                         (stack, culprit)
                     })
                     .collect();
