@@ -548,8 +548,18 @@ fn prometheus_answers_every_dashboard_query() {
     let _serial = common::setup();
     let queries = dashboard_queries();
     let alias = python_alias("bwdprom");
-    let d = Daemon::start(&["--comm", "bwdprom*"]);
+    let strict_alias = python_alias("bwdpromstrict");
+    // --strict and a subject with cached opens and a 300 ms CPU hog: the
+    // strict-call and stall panels have data too.
+    let d = Daemon::start(&["--comm", "bwdprom*", "--strict"]);
     let prom = start_prometheus(d.addr);
+    let mut strict_subject = Command::new(&strict_alias.path)
+        .arg(subject("asyncio_strict.py"))
+        .arg("0.5")
+        .current_dir(repo_root())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the strict subject");
     // 20 ms of time.sleep every 70 ms: events all along the test.
     let mut subject = Command::new(&alias.path)
         .arg(subject("asyncio_ticker.py"))
@@ -583,6 +593,7 @@ fn prometheus_answers_every_dashboard_query() {
     }
     let _ = subject.kill();
     let _ = subject.wait();
+    assert!(strict_subject.wait().unwrap().success());
     assert!(
         missing.is_empty(),
         "dashboard queries without data:\n{}\n/metrics:\n{}",
