@@ -115,6 +115,8 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// CPython 3.12+: a frame pushed by C code (a shim), not Python code.
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 const TASK_UNINTERRUPTIBLE: u64 = 2;
+/// `prev_state` of a task's last switch-out, after it exited.
+const TASK_DEAD: u64 = 0x80;
 
 // ---- small helpers ---------------------------------------------------------
 
@@ -230,7 +232,11 @@ fn on_switch<C: EbpfContext>(
 ) {
     // `prev` is still `current` here, so its TID and user memory are ours.
     let prev_tid = bpf_get_current_pid_tgid() as u32;
+    // A thread's last switch-out comes after its exit released its TID
+    // (sched_process_exit untagged it): a new thread may already hold the
+    // TID, and its tag (a pending wait) is not the dead thread's to touch.
     if prev_tid != 0
+        && prev_state & TASK_DEAD == 0
         && let Some(tag) = THREADS.get_ptr_mut(prev_tid)
     {
         // SAFETY: map value pointer, valid for this program run.
