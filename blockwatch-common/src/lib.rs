@@ -234,6 +234,8 @@ pub struct KernelOffsets {
     /// `task_struct.thread.fsbase`: the thread pointer, i.e. its pthread_t.
     pub task_fsbase: u32,
     pub pt_regs_bp: u32,
+    /// `task_struct.flags` (`PF_EXITING` once the task began to exit).
+    pub task_flags: u32,
 }
 
 /// Interpreter frames recorded per blocking event (CPython).

@@ -91,6 +91,7 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     thread_size: 0,
     task_fsbase: 0,
     pt_regs_bp: 0,
+    task_flags: 0,
 };
 
 /// Bytes of user stack copied per blocking wait, at most `MAX_USER_STACK`;
@@ -115,8 +116,8 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// CPython 3.12+: a frame pushed by C code (a shim), not Python code.
 const FRAME_OWNED_BY_CSTACK: u8 = 3;
 const TASK_UNINTERRUPTIBLE: u64 = 2;
-/// `prev_state` of a task's last switch-out, after it exited.
-const TASK_DEAD: u64 = 0x80;
+/// `task_struct.flags`: the task is exiting (set before sched_process_exit).
+const PF_EXITING: u32 = 0x4;
 
 // ---- small helpers ---------------------------------------------------------
 
@@ -232,11 +233,13 @@ fn on_switch<C: EbpfContext>(
 ) {
     // `prev` is still `current` here, so its TID and user memory are ours.
     let prev_tid = bpf_get_current_pid_tgid() as u32;
-    // A thread's last switch-out comes after its exit released its TID
-    // (sched_process_exit untagged it): a new thread may already hold the
-    // TID, and its tag (a pending wait) is not the dead thread's to touch.
+    // An exiting thread was untagged by sched_process_exit, and its exit
+    // releases its TID before its last switches: a new thread may already
+    // hold the TID, and that thread's tag (its pending wait) is not the
+    // exiting thread's to touch, switching out or in.
+    let exiting = |task: *const u8| kread::<u32>(task, off().task_flags) & PF_EXITING != 0;
     if prev_tid != 0
-        && prev_state & TASK_DEAD == 0
+        && !exiting(prev)
         && let Some(tag) = THREADS.get_ptr_mut(prev_tid)
     {
         // SAFETY: map value pointer, valid for this program run.
@@ -254,6 +257,7 @@ fn on_switch<C: EbpfContext>(
     }
     let next_tid: u32 = kread(next, off().task_pid);
     if next_tid != 0
+        && !exiting(next)
         && let Some(tag) = THREADS.get_ptr_mut(next_tid)
     {
         // SAFETY: as above.

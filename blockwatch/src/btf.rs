@@ -129,6 +129,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         pt_regs_size: struct_size(&btf, "pt_regs")? as u32,
         task_fsbase: off("task_struct", "thread")? + off("thread_struct", "fsbase")?,
         pt_regs_bp: off("pt_regs", "bp")?,
+        task_flags: off("task_struct", "flags")?,
         // x86-64's THREAD_SIZE without KASAN; only the raw-tracepoint
         // fallback uses it to find pt_regs at the top of the kernel stack.
         thread_size: 16384,
