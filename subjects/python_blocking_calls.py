@@ -86,7 +86,9 @@ def list_directory(directory):
 
 
 async def main(path, port):
-    await asyncio.sleep(0.3)  # the loop idles: its thread is now known
+    # The loop idles: its thread is now known, and blockwatch has had time
+    # to find the interpreter (its Python frames) even on a slow machine.
+    await asyncio.sleep(1.0)
     read_large_file(path)
     await asyncio.sleep(0.05)
     poll_socket(port)

@@ -3,7 +3,7 @@
 //! is specific to one output.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
@@ -22,14 +22,16 @@ use crate::{culprit, runtime, targets};
 
 const NR_FUTEX: i64 = 202;
 
-/// How often a watched process that is not (yet) recognisably CPython is
-/// looked at again: a shared libpython is mapped only after exec, by the
-/// dynamic loader, and a launcher (pyenv's shim) may exec the interpreter.
-const PY_INSPECT_TRIES: u8 = 20;
+/// How long a watched process that is not (yet) recognisably CPython is
+/// looked at again, at each refresh: a shared libpython is mapped only
+/// after exec, by the dynamic loader, and a launcher (pyenv's shim) may
+/// exec the interpreter. Bounded, so a host's other processes cost a few
+/// /proc reads each, not one per refresh forever.
+const PY_INSPECT_WINDOW: Duration = Duration::from_secs(30);
 
 enum Interp {
     Python(Box<PyProcess>),
-    Unknown { tries: u8 },
+    Unknown { since: Instant, given_up: bool },
 }
 
 /// What a record means to the front end.
@@ -129,17 +131,16 @@ impl Pipeline {
     ) {
         for pid in pids {
             self.sym.observe(pid);
-            let state = self
-                .interps
-                .entry(pid)
-                .or_insert(Interp::Unknown { tries: 0 });
-            let Interp::Unknown { tries } = state else {
+            let state = self.interps.entry(pid).or_insert(Interp::Unknown {
+                since: Instant::now(),
+                given_up: false,
+            });
+            let Interp::Unknown { since, given_up } = state else {
                 continue;
             };
-            if *tries >= PY_INSPECT_TRIES {
+            if *given_up || since.elapsed() > PY_INSPECT_WINDOW {
                 continue;
             }
-            *tries += 1;
             match python::inspect(pid) {
                 Ok(Some(py)) => {
                     let (major, minor) = py.version;
@@ -158,7 +159,7 @@ impl Pipeline {
                 Ok(None) => {}
                 Err(e) => {
                     debug!("pid {pid}: {e}");
-                    *tries = PY_INSPECT_TRIES;
+                    *given_up = true;
                 }
             }
         }

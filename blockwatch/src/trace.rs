@@ -218,7 +218,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     tokio::pin!(deadline);
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Often enough that a Python program blocking soon after it starts
+    // has its interpreter known (its Python frames) by then.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
 
     let stop = loop {
         tokio::select! {
