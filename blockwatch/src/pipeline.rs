@@ -28,10 +28,18 @@ const NR_FUTEX: i64 = 202;
 /// exec the interpreter. Bounded, so a host's other processes cost a few
 /// /proc reads each, not one per refresh forever.
 const PY_INSPECT_WINDOW: Duration = Duration::from_secs(30);
+/// The gap between looks starts small (a program that blocks soon after
+/// it starts gets its Python frames) and doubles up to this.
+const PY_INSPECT_MAX_GAP: Duration = Duration::from_secs(2);
 
 enum Interp {
     Python(Box<PyProcess>),
-    Unknown { since: Instant, given_up: bool },
+    Unknown {
+        since: Instant,
+        next: Instant,
+        gap: Duration,
+        given_up: bool,
+    },
 }
 
 /// What a record means to the front end.
@@ -131,16 +139,27 @@ impl Pipeline {
     ) {
         for pid in pids {
             self.sym.observe(pid);
+            let now = Instant::now();
             let state = self.interps.entry(pid).or_insert(Interp::Unknown {
-                since: Instant::now(),
+                since: now,
+                next: now,
+                gap: Duration::from_millis(100),
                 given_up: false,
             });
-            let Interp::Unknown { since, given_up } = state else {
+            let Interp::Unknown {
+                since,
+                next,
+                gap,
+                given_up,
+            } = state
+            else {
                 continue;
             };
-            if *given_up || since.elapsed() > PY_INSPECT_WINDOW {
+            if *given_up || now < *next || now.duration_since(*since) > PY_INSPECT_WINDOW {
                 continue;
             }
+            *next = now + *gap;
+            *gap = (*gap * 2).min(PY_INSPECT_MAX_GAP);
             match python::inspect(pid) {
                 Ok(Some(py)) => {
                     let (major, minor) = py.version;
@@ -275,49 +294,7 @@ impl Pipeline {
     }
 
     fn enrich(&mut self, b: BlockRecord) -> Event {
-        let mut stack = self.sym.symbolize(b.pid, &b.ips);
-        // JIT code has no ELF symbols: its perf map, if it writes one.
-        for (i, f) in stack.iter_mut().enumerate() {
-            if f.function.is_none() && !f.inlined {
-                let addr = if i == 0 { f.address } else { f.address - 1 };
-                f.function = self.perf_maps.lookup(b.pid, addr);
-            }
-        }
-        // The interpreter frames are the Python code that called into the
-        // native frames above: they go where the interpreter's evaluation
-        // loop is on the native stack, before its own callers (down to
-        // main), or last when the native stack does not reach it.
-        if let Some(Interp::Python(py)) = self.interps.get(&b.pid) {
-            let at = stack
-                .iter()
-                .position(|f| {
-                    f.function
-                        .as_deref()
-                        .is_some_and(|n| n.starts_with("_PyEval_EvalFrame"))
-                })
-                .unwrap_or(stack.len());
-            let mut python = Vec::with_capacity(b.py.len());
-            for r in b.py.iter().filter(|r| r.code != 0) {
-                let frame = self.code.frame(b.pid, py, r.code, r.instr);
-                python.push(match frame {
-                    Some(f) => Frame {
-                        address: r.code,
-                        function: Some(f.function),
-                        module: Some(f.file.clone()),
-                        file: Some(f.file),
-                        line: f.line,
-                        kind: FrameKind::Python,
-                        ..Frame::default()
-                    },
-                    None => Frame {
-                        address: r.code,
-                        kind: FrameKind::Python,
-                        ..Frame::default()
-                    },
-                });
-            }
-            stack.splice(at..at, python);
-        }
+        let stack = self.stack(b.pid, &b.ips, &b.py);
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
@@ -373,7 +350,7 @@ impl Pipeline {
                 let (stack, culprit) = match self.loops.cached_stack(key) {
                     Some(c) => c.clone(),
                     None => {
-                        let stack = self.loop_stack(r.pid, &r.ips, &r.py);
+                        let stack = self.stack(r.pid, &r.ips, &r.py);
                         let culprit = culprit::culprit(&stack);
                         self.loops.cache_stack(key, stack.clone(), culprit.clone());
                         (stack, culprit)
@@ -390,7 +367,7 @@ impl Pipeline {
                 let symbolized: Vec<_> = samples
                     .iter()
                     .map(|s| {
-                        let stack = self.loop_stack(s.pid, &s.ips, &s.py);
+                        let stack = self.stack(s.pid, &s.ips, &s.py);
                         let culprit = culprit::culprit(&stack);
                         (stack, culprit)
                     })
@@ -434,42 +411,53 @@ impl Pipeline {
         }
     }
 
-    /// Native frames (ELF symbols, perf maps for JIT code), then the
-    /// CPython frames, as for blocking events.
-    fn loop_stack(
-        &mut self,
-        pid: u32,
-        ips: &[u64],
-        py: &[blockwatch_common::PyFrameRef],
-    ) -> Vec<Frame> {
+    /// Native frames (ELF symbols, perf maps for JIT code) with the
+    /// CPython frames in place, for every detector's events.
+    fn stack(&mut self, pid: u32, ips: &[u64], py: &[blockwatch_common::PyFrameRef]) -> Vec<Frame> {
         let mut stack = self.sym.symbolize(pid, ips);
+        // JIT code has no ELF symbols: its perf map, if it writes one.
         for (i, f) in stack.iter_mut().enumerate() {
             if f.function.is_none() && !f.inlined {
                 let addr = if i == 0 { f.address } else { f.address - 1 };
                 f.function = self.perf_maps.lookup(pid, addr);
             }
         }
-        if let Some(Interp::Python(interp)) = self.interps.get(&pid) {
-            for r in py.iter().filter(|r| r.code != 0) {
-                let frame = self.code.frame(pid, interp, r.code, r.instr);
-                stack.push(match frame {
-                    Some(f) => Frame {
-                        address: r.code,
-                        function: Some(f.function),
-                        module: Some(f.file.clone()),
-                        file: Some(f.file),
-                        line: f.line,
-                        kind: FrameKind::Python,
-                        ..Frame::default()
-                    },
-                    None => Frame {
-                        address: r.code,
-                        kind: FrameKind::Python,
-                        ..Frame::default()
-                    },
-                });
-            }
-        }
+        // The interpreter frames are the Python code that called into the
+        // native frames above: they go where the interpreter's evaluation
+        // loop is on the native stack, before its own callers (down to
+        // main), or last when the native stack does not reach it.
+        let Some(Interp::Python(interp)) = self.interps.get(&pid) else {
+            return stack;
+        };
+        let at = stack
+            .iter()
+            .position(|f| {
+                f.function
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("_PyEval_EvalFrame"))
+            })
+            .unwrap_or(stack.len());
+        let python: Vec<Frame> = py
+            .iter()
+            .filter(|r| r.code != 0)
+            .map(|r| match self.code.frame(pid, interp, r.code, r.instr) {
+                Some(f) => Frame {
+                    address: r.code,
+                    function: Some(f.function),
+                    module: Some(f.file.clone()),
+                    file: Some(f.file),
+                    line: f.line,
+                    kind: FrameKind::Python,
+                    ..Frame::default()
+                },
+                None => Frame {
+                    address: r.code,
+                    kind: FrameKind::Python,
+                    ..Frame::default()
+                },
+            })
+            .collect();
+        stack.splice(at..at, python);
         stack
     }
 }
