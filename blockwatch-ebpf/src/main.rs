@@ -468,12 +468,7 @@ fn capture_stack<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, tid: u32, task: *
         )
     };
     buf.len = if n > 0 { n as u64 } else { 0 };
-    buf.py_len = 0;
-    // SAFETY: map value read, copied out at once.
-    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
-        let fsbase: u64 = kread(task, off().task_fsbase);
-        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
-    }
+    walk_python(tag, task, buf);
     if STACKS.insert(tid, &*buf, 0).is_err() {
         count(COUNTER_LOST_STACKS);
     }
@@ -493,6 +488,18 @@ fn uread<T: Copy + Default>(addr: u64) -> T {
         )
     };
     v
+}
+
+/// The CPython frames of `task` (`current`) into `buf.py`, when its
+/// process runs an interpreter the kernel was told about.
+#[inline(always)]
+fn walk_python(tag: &mut ThreadTag, task: *const u8, buf: &mut StackBuf) {
+    buf.py_len = 0;
+    // SAFETY: map value read, copied out at once.
+    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
+        let fsbase: u64 = kread(task, off().task_fsbase);
+        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
+    }
 }
 
 /// Walks the blocked thread's CPython frames (it is `current`, so its

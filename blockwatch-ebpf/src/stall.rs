@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use blockwatch_common::*;
 
-use crate::{EVENTS, PYPROCS, THREADS, kread, off, py_walk};
+use crate::{EVENTS, THREADS, walk_python};
 
 #[map]
 pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);
@@ -219,15 +219,10 @@ pub fn stall_sample(ctx: PerfEventContext) -> u32 {
     };
     // SAFETY: per-CPU scratch, ours during this run.
     let buf = unsafe { &mut *buf };
-    buf.py_len = 0;
-    // SAFETY: map value read, copied out at once.
-    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
-        // SAFETY: no preconditions; the task is only read through
-        // bpf_probe_read_kernel.
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        let fsbase: u64 = kread(task, off().task_fsbase);
-        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
-    }
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    walk_python(tag, task, buf);
     let Some(mut entry) = EVENTS.reserve::<LoopEvent>(0) else {
         loop_count(LOOP_COUNTER_LOST);
         return 0;

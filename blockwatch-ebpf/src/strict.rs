@@ -26,8 +26,8 @@ use blockwatch_common::*;
 
 use crate::stall::{LOOPSTATE, config, idle_reached, loop_count, state};
 use crate::{
-    EVENTS, NR_IO_URING_ENTER, PARKS, PYPROCS, THREADS, is_epoll_wait, is_futex_wait, kread, off,
-    py_walk,
+    EVENTS, NR_IO_URING_ENTER, PARKS, THREADS, is_epoll_wait, is_futex_wait, kread, off,
+    walk_python,
 };
 
 #[map]
@@ -140,15 +140,10 @@ pub fn strict_exit(ctx: RawTracePointContext) -> i32 {
     };
     // SAFETY: per-CPU scratch, ours during this run.
     let buf = unsafe { &mut *buf };
-    buf.py_len = 0;
-    // SAFETY: map value read, copied out at once.
-    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
-        // SAFETY: no preconditions; the task is only read through
-        // bpf_probe_read_kernel.
-        let task = unsafe { bpf_get_current_task() } as *const u8;
-        let fsbase: u64 = kread(task, off().task_fsbase);
-        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
-    }
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    walk_python(tag, task, buf);
     let Some(mut entry) = EVENTS.reserve::<LoopEvent>(0) else {
         loop_count(LOOP_COUNTER_LOST);
         return 0;
