@@ -351,6 +351,85 @@ fn auto_finds_loops_and_honours_excludes() {
     assert!(status.success(), "{status}: {}", d.stderr());
 }
 
+/// `strict = true` in the config and the default stall threshold: the
+/// daemon counts subjects/asyncio_strict.py's strict calls and its stall,
+/// by process and culprit, and logs each new stack once.
+#[test]
+fn daemon_exports_strict_and_stall_metrics() {
+    let _serial = common::setup();
+    let alias = python_alias("bwdstrict");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("blockwatch.toml");
+    std::fs::write(
+        &config,
+        "strict = true\nstall_threshold = \"100ms\"\n[targets]\ncomms = [\"bwdstrict\"]\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", config.to_str().unwrap()]);
+    // A first idle of 3 s: the daemon inspects new interpreters every 2 s,
+    // and the culprits are Python functions only once it has.
+    let status = Command::new(&alias.path)
+        .arg(subject("asyncio_strict.py"))
+        .arg("3")
+        .status()
+        .expect("run the subject");
+    assert!(status.success());
+    let of = |m: &str, name: &str, want: &[(&str, &str)]| sample(m, name, want).unwrap_or(0.0);
+    let metrics = until(Duration::from_secs(20), "strict opens and a stall", || {
+        let m = d.metrics();
+        let opens = of(
+            &m,
+            "blockwatch_strict_calls_total",
+            &[
+                ("process", "bwdstrict"),
+                ("syscall", "openat"),
+                ("class", "file"),
+            ],
+        );
+        let stalls = of(&m, "blockwatch_stalls_total", &[("process", "bwdstrict")]);
+        (opens >= 3.0 && stalls >= 1.0).then_some(m)
+    });
+    assert!(
+        of(
+            &metrics,
+            "blockwatch_strict_calls_total",
+            &[("process", "bwdstrict"), ("culprit", "read_cached_file")]
+        ) >= 3.0,
+        "{metrics}"
+    );
+    let stall_secs = of(
+        &metrics,
+        "blockwatch_stall_seconds_total",
+        &[("process", "bwdstrict")],
+    );
+    assert!((0.1..2.0).contains(&stall_secs), "{stall_secs}\n{metrics}");
+    assert!(
+        of(
+            &metrics,
+            "blockwatch_stalls_total",
+            &[
+                ("process", "bwdstrict"),
+                ("culprit", "cpu_hog.<locals>.<genexpr>")
+            ]
+        ) + of(
+            &metrics,
+            "blockwatch_stalls_total",
+            &[("process", "bwdstrict"), ("culprit", "cpu_hog")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // The journal: each new stack once, strict calls and stalls alike.
+    let journal = d.stderr();
+    assert!(
+        journal.contains("strict) on the event loop of bwdstrict["),
+        "{journal}"
+    );
+    assert!(
+        journal.contains("without reaching the idle wait) of the event loop of bwdstrict["),
+        "{journal}"
+    );
+}
+
 fn daemon_fails(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
         .arg("daemon")
