@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use blockwatch::symbolize::Symbolizer;
+use blockwatch::stacks::symbolize::Symbolizer;
 
 fn native_ips(event: &serde_json::Value) -> Vec<u64> {
     event["stack"]

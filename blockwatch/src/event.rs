@@ -161,7 +161,7 @@ pub struct Event {
     pub culprit: Option<Frame>,
     /// The innermost frame of the user's own code, outside installed
     /// packages: when the culprit is in a library, the line that called
-    /// it; else the culprit itself (see [`crate::culprit::offender`]).
+    /// it; else the culprit itself (see [`crate::analyze::culprit::offender`]).
     pub offender: Option<Frame>,
     /// Which detector found it: `offcpu`, `strict` or `stall`.
     pub detector: Detector,

@@ -1,33 +1,23 @@
 //! blockwatch: finds the calls that block async runtimes' event loops.
 //!
-//! Data flows one way: kernel programs → ring buffer → [`decode`] →
-//! [`symbolize`] → [`report`] (terminal, JSON). [`loader`] loads and attaches
-//! the programs, [`targets`] decides which threads are watched, [`runtime`]
-//! knows the runtimes' idle waits, [`trace`] runs a session.
+//! The modules follow the data, one stage each (see ARCHITECTURE.md):
+//! [`bpf`] loads and attaches the kernel programs, whose records arrive
+//! through the ring buffer and are decoded in [`ingest`]; [`targets`] says
+//! which threads the kernel watches; [`stacks`] turns raw stacks into
+//! frames with the help of [`runtimes`]; [`analyze`] classifies the wait and
+//! names its culprit; [`pipeline`] keeps the per-process state that ties
+//! those together; [`output`] renders events; [`session`] runs `trace` and
+//! `daemon` on top of all of it, configured by [`cli`] and [`settings`].
 
-pub mod btf;
+pub mod analyze;
+pub mod bpf;
 pub mod cli;
-pub mod config;
-pub mod culprit;
-pub mod daemon;
-pub mod decode;
-pub mod duration;
 pub mod event;
-pub mod http;
-#[cfg(test)]
-mod kernel_tests;
-pub mod loader;
-pub mod loopdetect;
-pub mod metrics;
-pub mod perfmap;
+pub mod ingest;
+pub mod output;
 pub mod pipeline;
-pub mod python;
-pub mod report;
-pub mod runtime;
-pub mod selector;
-pub mod symbolize;
-pub mod syscalls;
+pub mod runtimes;
+pub mod session;
+pub mod settings;
+pub mod stacks;
 pub mod targets;
-pub mod trace;
-pub mod unwind;
-pub mod verdict;

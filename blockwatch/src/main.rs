@@ -28,8 +28,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Trace(args) => blockwatch::trace::run(args).await,
-            Command::Daemon(args) => blockwatch::daemon::run(args).await,
+            Command::Trace(args) => blockwatch::session::trace::run(args).await,
+            Command::Daemon(args) => blockwatch::session::daemon::run(args).await,
         }
     });
     match result {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use blockwatch::config::{ConfigError, parse};
+use blockwatch::settings::{ConfigError, parse};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use blockwatch::decode::{Record, decode};
+use blockwatch::ingest::decode::{Record, decode};
 use blockwatch_common::{MAX_FRAMES, MAX_PY_FRAMES};
 use libfuzzer_sys::fuzz_target;
 

@@ -19,12 +19,12 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::bpf::loader::{self, Loaded};
 use crate::cli::DaemonArgs;
-use crate::config::{self, Overrides, Settings};
-use crate::loader::{self, Loaded};
-use crate::metrics::Metrics;
+use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
-use crate::selector::{Container, Selector, cgroup_paths, container_of};
+use crate::settings::{self, Overrides, Settings};
+use crate::targets::selector::{Container, Selector, cgroup_paths, container_of};
 use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
 
 /// New-stack keys remembered; past this the set restarts (a stack then
@@ -52,7 +52,7 @@ impl DaemonArgs {
 
 fn settings(file: Option<&Path>, o: &Overrides) -> anyhow::Result<Settings> {
     let mut s = match file {
-        Some(p) => config::load(p)?,
+        Some(p) => settings::load(p)?,
         None => Settings::default(),
     };
     s.apply(o)?;
@@ -264,7 +264,7 @@ impl State {
                 let key = (
                     ev.comm.clone(),
                     ev.class.as_str(),
-                    crate::metrics::syscall_label(&ev),
+                    crate::output::metrics::syscall_label(&ev),
                     culprit,
                 );
                 if !self.seen.contains(&key) {
@@ -273,7 +273,7 @@ impl State {
                     }
                     self.seen.insert(key);
                     if self.limit.take(Instant::now()) {
-                        eprintln!("{}", crate::verdict::verdict(&ev));
+                        eprintln!("{}", crate::output::verdict::verdict(&ev));
                     }
                 }
             }
@@ -386,7 +386,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let rules = Rules::new(&current)?;
     // The port first: a taken port is the likeliest start failure and
     // needs no kernel work to report.
-    let listener = crate::http::bind(current.listen).await?;
+    let listener = crate::output::http::bind(current.listen).await?;
     loader::check_privileges()?;
 
     let mut loaded = loader::load_with_user_stack(
@@ -426,7 +426,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         current.expire_after,
         current.container_labels,
     )?));
-    crate::http::spawn(listener, metrics.clone());
+    crate::output::http::spawn(listener, metrics.clone());
 
     let mut state = State {
         rules,

@@ -27,8 +27,8 @@ use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
 use log::debug;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
-use crate::decode::UserStackRecord;
-use crate::symbolize::{CodeMapping, FileId, Symbolizer};
+use crate::ingest::decode::UserStackRecord;
+use crate::stacks::symbolize::{CodeMapping, FileId, Symbolizer};
 
 /// Bytes of unwind tables cached (tables a process unwinder still uses
 /// live on there until it goes, so the bound is approximate).
@@ -651,7 +651,9 @@ mod tests {
             "{names:#?}"
         );
         assert!(
-            names.iter().any(|n| crate::symbolize::is_root_function(n)),
+            names
+                .iter()
+                .any(|n| crate::stacks::symbolize::is_root_function(n)),
             "{names:#?}"
         );
         assert!(names.len() >= 8, "{names:#?}");

@@ -4,8 +4,8 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::duration::format_duration;
 use crate::event::{Detector, Event, Frame};
+use crate::settings::duration::format_duration;
 
 /// Identifies "the same blocking call": process, wait and stack, but not
 /// duration or time, so each is announced once.

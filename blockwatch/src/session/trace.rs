@@ -11,11 +11,11 @@ use log::{debug, info, warn};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::bpf::loader::{self, Loaded};
 use crate::cli::TraceArgs;
-use crate::loader::{self, Loaded};
+use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
-use crate::report::{OutputFormat, Reporter};
-use crate::selector::Selector;
+use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
 
 /// Why the session ended.
@@ -115,7 +115,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let detectors = loader::enable_loop_detectors(
         &mut loaded.ebpf,
         args.detectors
-            .options(Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD)),
+            .options(Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD)),
     )?;
     let Loaded {
         mode,
@@ -178,7 +178,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let what = describe_targets(&args, command.as_ref());
     reporter.diag(&format!(
         "blockwatch: watching {what} for event-loop waits ≥ {}; {}",
-        crate::duration::format_duration(args.threshold),
+        crate::settings::duration::format_duration(args.threshold),
         if command.is_some() {
             "stops when the command exits"
         } else {
@@ -309,9 +309,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let mut found = format!(
         "{} blocking calls over {}",
         pipeline.stats.events,
-        crate::duration::format_duration(args.threshold),
+        crate::settings::duration::format_duration(args.threshold),
     );
-    if let Some(more) = crate::loopdetect::header_counts(
+    if let Some(more) = crate::pipeline::loops::header_counts(
         &detectors.options,
         pipeline.stats.strict,
         pipeline.stats.stalls,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use blockwatch_common::{TAG_CANDIDATE, TAG_LOOP};
 
-use crate::decode::{self, BlockRecord, Record};
-use crate::loader::{self, Loaded};
+use crate::bpf::loader::{self, Loaded};
+use crate::ingest::decode::{self, BlockRecord, Record};
 use crate::targets::{TagMaps, ThreadsMode};
 
 const NR_CLOCK_NANOSLEEP: i64 = 230;

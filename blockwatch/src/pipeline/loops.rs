@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::decode::LoopRecord;
 use crate::event::Frame;
+use crate::ingest::decode::LoopRecord;
 
 /// Raw samples kept per busy period; a 99 Hz sampler fills this in about
 /// a third of a second, and the first samples of a stall name it as well
@@ -56,7 +56,7 @@ pub fn clap_stall_threshold(s: &str) -> Result<std::time::Duration, String> {
     if s.eq_ignore_ascii_case("off") {
         return Ok(std::time::Duration::ZERO);
     }
-    match crate::duration::clap_duration(s)? {
+    match crate::settings::duration::clap_duration(s)? {
         d if d.is_zero() => Err("use `off` to disable stall detection".into()),
         d => Ok(d),
     }
@@ -68,12 +68,12 @@ impl DetectorArgs {
     pub fn options(
         &self,
         default_stall: Option<std::time::Duration>,
-    ) -> crate::loader::LoopOptions {
+    ) -> crate::bpf::loader::LoopOptions {
         let stall = match self.stall_threshold {
             Some(d) => Some(d),
             None => default_stall,
         };
-        crate::loader::LoopOptions {
+        crate::bpf::loader::LoopOptions {
             strict: self.strict,
             stall_threshold: stall.filter(|d| !d.is_zero()),
         }
@@ -83,7 +83,7 @@ impl DetectorArgs {
 /// `, 12 strict calls, 1 stall over 100ms` for the session's last line,
 /// naming only the detectors that ran.
 pub fn header_counts(
-    options: &crate::loader::LoopOptions,
+    options: &crate::bpf::loader::LoopOptions,
     strict: u64,
     stalls: u64,
 ) -> Option<String> {
@@ -94,7 +94,7 @@ pub fn header_counts(
     if let Some(t) = options.stall_threshold {
         s.push_str(&format!(
             ", {stalls} stalls over {}",
-            crate::duration::format_duration(t)
+            crate::settings::duration::format_duration(t)
         ));
     }
     (!s.is_empty()).then_some(s)
@@ -215,7 +215,7 @@ pub fn pick_stall_stack(samples: Vec<(Vec<Frame>, Option<Frame>)>) -> (Vec<Frame
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::LoopKind;
+    use crate::ingest::decode::LoopKind;
 
     fn rec(tid: u32, start_ns: u64, ip: u64) -> LoopRecord {
         LoopRecord {
@@ -340,8 +340,8 @@ mod kernel_tests {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::decode::{self, LoopKind, LoopRecord, Record};
-    use crate::loader::{self, LoopOptions};
+    use crate::bpf::loader::{self, LoopOptions};
+    use crate::ingest::decode::{self, LoopKind, LoopRecord, Record};
     use crate::targets::{TagMaps, ThreadsMode};
 
     const SUBJECT: &str = r#"

@@ -17,7 +17,7 @@ use blockwatch_common::{
 };
 use log::{debug, info, warn};
 
-use crate::btf::{self, BtfError};
+use crate::bpf::btf::{self, BtfError};
 
 /// The kernel programs, built from `blockwatch-ebpf` by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
@@ -437,7 +437,7 @@ pub fn enable_loop_detectors(
         ..Default::default()
     };
     if options.strict {
-        for nr in crate::syscalls::strict_numbers() {
+        for nr in crate::analyze::syscalls::strict_numbers() {
             let nr = nr as usize;
             cfg.strict_nrs[nr / 64] |= 1 << (nr % 64);
         }
@@ -461,7 +461,7 @@ pub fn enable_loop_detectors(
         match attach_stall_sampler(ebpf) {
             Ok(()) => info!(
                 "stall detector: busy loop threads sampled at {} Hz",
-                crate::loopdetect::SAMPLE_HZ
+                crate::pipeline::loops::SAMPLE_HZ
             ),
             Err(e) => warn!("stalls are reported without stacks: {e}"),
         }
@@ -495,7 +495,7 @@ fn attach_stall_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
         prog.attach(
             PerfEventConfig::Software(SoftwareEvent::CpuClock),
             PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(crate::loopdetect::SAMPLE_HZ),
+            SamplePolicy::Frequency(crate::pipeline::loops::SAMPLE_HZ),
             false,
         )
         .map_err(|e| LoadError::Attach {

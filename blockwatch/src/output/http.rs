@@ -17,7 +17,7 @@ use log::debug;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::metrics::Metrics;
+use crate::output::metrics::Metrics;
 
 /// Scrapers, browsers and curl: more at once is a misbehaving client.
 const MAX_CONNECTIONS: usize = 64;

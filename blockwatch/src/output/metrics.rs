@@ -17,7 +17,7 @@ use prometheus::{
 };
 
 use crate::event::{Detector, Event, Frame};
-use crate::selector::Container;
+use crate::targets::selector::Container;
 
 /// The label of culprits outside a process's top N.
 pub const OTHER: &str = "other";

@@ -13,8 +13,8 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::duration::format_duration;
 use crate::event::{Class, Detector, Event, Frame};
+use crate::settings::duration::format_duration;
 
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,7 +64,7 @@ impl Reporter {
     /// flushed: people pipe it into `jq` or watch it with `tail -f`.
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         self.summary.add(ev);
-        let new_stack = self.seen.insert(crate::verdict::stack_key(ev));
+        let new_stack = self.seen.insert(crate::output::verdict::stack_key(ev));
         // Strict calls repeat by the thousand: each stack is shown once,
         // all are counted in the summary.
         if ev.detector == Detector::Strict && !new_stack {
@@ -76,7 +76,7 @@ impl Reporter {
             OutputFormat::Text => {
                 let mut text = String::new();
                 if new_stack {
-                    text = format!("{}\n", clean(&crate::verdict::verdict(ev)));
+                    text = format!("{}\n", clean(&crate::output::verdict::verdict(ev)));
                 }
                 text.push_str(&text_event(ev));
                 text.into_bytes()

@@ -7,8 +7,8 @@
 //! stack; if a return address on it lies in tokio's park code, the futex is
 //! that worker's park and the kernel is told to treat it as idle.
 
-use crate::decode::ProbeRecord;
-use crate::symbolize::Symbolizer;
+use crate::ingest::decode::ProbeRecord;
+use crate::stacks::symbolize::Symbolizer;
 
 /// Stack words scanned for a park return address.
 const SCAN_WORDS: usize = 64;

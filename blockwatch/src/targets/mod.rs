@@ -5,6 +5,8 @@
 //! and children created later are tagged by the kernel programs before they
 //! first run.
 
+pub mod selector;
+
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};

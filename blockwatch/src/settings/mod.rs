@@ -5,6 +5,8 @@
 //! file's config is found from the journal alone. Unknown keys are errors:
 //! a misspelt `treshold` silently ignored would watch with the default.
 
+pub mod duration;
+
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -14,9 +16,9 @@ use clap::ValueEnum as _;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::duration::{format_duration, parse_duration};
-use crate::selector::{Patterns, Selector};
+use crate::settings::duration::{format_duration, parse_duration};
 use crate::targets::ThreadsMode;
+use crate::targets::selector::{Patterns, Selector};
 
 /// localhost only: metrics name processes and functions of the host.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9747";
@@ -136,7 +138,7 @@ impl Default for Settings {
             container_labels: false,
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
             strict: false,
-            stall_threshold: Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD),
+            stall_threshold: Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD),
             user_stack_size: blockwatch_common::DEFAULT_USER_STACK,
         }
     }
@@ -292,7 +294,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             .map_err(|e| invalid(Some(n.span()), Some("user_stack_size"), e))?;
     }
     if let Some(t) = &file.stall_threshold {
-        s.stall_threshold = match crate::loopdetect::clap_stall_threshold(t.get_ref()) {
+        s.stall_threshold = match crate::pipeline::loops::clap_stall_threshold(t.get_ref()) {
             Ok(d) if d.is_zero() => None,
             Ok(d) => Some(d),
             Err(e) => return Err(invalid(Some(t.span()), Some("stall_threshold"), e)),
@@ -301,7 +303,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
     let globs = |v: &[Spanned<String>], key: &str| -> Result<Vec<String>, ConfigError> {
         v.iter()
             .map(|g| {
-                crate::selector::glob(g.get_ref())
+                crate::targets::selector::glob(g.get_ref())
                     .map(|_| g.get_ref().clone())
                     .map_err(|msg| {
                         invalid(
@@ -465,7 +467,7 @@ new_stacks_per_minute = 3
 
     #[test]
     fn the_packaged_example_is_valid() {
-        let text = include_str!("../../packaging/blockwatch.toml");
+        let text = include_str!("../../../packaging/blockwatch.toml");
         let s = p(text).unwrap();
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
         assert!(s.has_targets());
@@ -554,7 +556,7 @@ mod loop_tests {
         assert_eq!(s.stall_threshold, None);
         assert_eq!(
             p("").unwrap().stall_threshold,
-            Some(crate::loopdetect::DEFAULT_STALL_THRESHOLD)
+            Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD)
         );
         let e = p("\nstall_threshold = \"100\"\n").unwrap_err().to_string();
         assert!(

@@ -2,6 +2,8 @@
 //! classify. Shared by every front end (trace today); it owns nothing that
 //! is specific to one output.
 
+pub mod loops;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,15 +12,17 @@ use log::{debug, info, warn};
 
 use blockwatch_common::PyProc;
 
-use crate::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
+use crate::analyze::culprit;
+use crate::analyze::syscalls::{self, FdKind};
 use crate::event::{Class, Detector, Event, Frame, FrameKind, OffState};
-use crate::loopdetect::{self, Loops};
-use crate::perfmap::PerfMaps;
-use crate::python::{self, CodeReader, PyProcess};
-use crate::symbolize::Symbolizer;
-use crate::syscalls::{self, FdKind};
-use crate::unwind::StackUnwinder;
-use crate::{culprit, runtime, targets};
+use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
+use crate::runtimes::python::{self, CodeReader, PyProcess};
+use crate::runtimes::tokio as runtime;
+use crate::stacks::perfmap::PerfMaps;
+use crate::stacks::symbolize::Symbolizer;
+use crate::stacks::unwind::StackUnwinder;
+use crate::targets;
+use loops::Loops;
 
 const NR_FUTEX: i64 = 202;
 
@@ -336,7 +340,7 @@ impl Pipeline {
     }
 }
 
-/// The strict and stall detectors' records (see [`crate::loopdetect`]).
+/// The strict and stall detectors' records (see [`crate::pipeline::loops`]).
 impl Pipeline {
     fn loop_record(&mut self, r: LoopRecord) -> Option<Event> {
         match r.kind {
@@ -346,7 +350,7 @@ impl Pipeline {
             }
             LoopKind::Strict => {
                 self.stats.strict += 1;
-                let key = loopdetect::raw_stack_key(&r);
+                let key = loops::raw_stack_key(&r);
                 let (stack, culprit) = match self.loops.cached_stack(key) {
                     Some(c) => c.clone(),
                     None => {
@@ -372,7 +376,7 @@ impl Pipeline {
                         (stack, culprit)
                     })
                     .collect();
-                let (stack, culprit) = loopdetect::pick_stall_stack(symbolized);
+                let (stack, culprit) = loops::pick_stall_stack(symbolized);
                 let busy_ns = r.busy_ns;
                 let mut ev = self.loop_event(r, Class::Stall, Detector::Stall, stack, culprit);
                 ev.busy_ns = Some(busy_ns);

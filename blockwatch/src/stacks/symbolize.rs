@@ -937,7 +937,7 @@ mod tests {
         f as usize as u64
     }
 
-    const MARKER: &str = "blockwatch::symbolize::tests::marker_function";
+    const MARKER: &str = "blockwatch::stacks::symbolize::tests::marker_function";
 
     fn me() -> u32 {
         std::process::id()

@@ -6,10 +6,10 @@ use std::time::Duration;
 use blockwatch_common::{DEFAULT_USER_STACK, MAX_USER_STACK};
 use clap::{Args, Parser, Subcommand};
 
-use crate::duration::clap_duration;
-use crate::report::OutputFormat;
-use crate::selector::Patterns;
+use crate::output::report::OutputFormat;
+use crate::settings::duration::clap_duration;
 use crate::targets::ThreadsMode;
+use crate::targets::selector::Patterns;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -98,7 +98,7 @@ pub struct TraceArgs {
     pub user_stack_size: u32,
 
     #[command(flatten)]
-    pub detectors: crate::loopdetect::DetectorArgs,
+    pub detectors: crate::pipeline::loops::DetectorArgs,
 
     /// Stop after this long (default: until Ctrl-C or the command ends).
     #[arg(short, long, value_name = "DURATION", value_parser = clap_duration)]
@@ -153,7 +153,7 @@ pub struct DaemonArgs {
     pub user_stack_size: Option<u32>,
 
     #[command(flatten)]
-    pub detectors: crate::loopdetect::DetectorArgs,
+    pub detectors: crate::pipeline::loops::DetectorArgs,
 
     /// Watch every process on the host (but the config's exclude_comms and
     /// blockwatch itself) and report the threads that run event loops.

@@ -1,0 +1,4 @@
+//! What a wait means: its syscall class and who is to blame for it.
+
+pub mod culprit;
+pub mod syscalls;

@@ -1,0 +1,3 @@
+//! Records from the kernel's ring buffer, decoded into typed records.
+
+pub mod decode;

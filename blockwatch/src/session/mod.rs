@@ -1,0 +1,4 @@
+//! The two ways to run blockwatch: a one-shot `trace` and the `daemon`.
+
+pub mod daemon;
+pub mod trace;
