@@ -156,55 +156,7 @@ impl Bench {
             .arg("100000")
             .spawn()
             .context("sleep")?;
-        let idle_pid = idle.id();
-        let mut tracers = vec![
-            Tracer::Bare,
-            Tracer::Blockwatch {
-                label: "trace",
-                args: strings(&["trace", "-o", "json", "--pid", &idle_pid.to_string()]),
-            },
-            Tracer::Blockwatch {
-                label: "daemon --auto",
-                args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
-            },
-        ];
-        if self.has_stall_threshold {
-            // The stall detector's sampling is part of the default: this
-            // column tells its share.
-            tracers.insert(
-                2,
-                Tracer::Blockwatch {
-                    label: "trace, stalls off",
-                    args: strings(&[
-                        "trace",
-                        "-o",
-                        "json",
-                        "--stall-threshold",
-                        "off",
-                        "--pid",
-                        &idle_pid.to_string(),
-                    ]),
-                },
-            );
-        }
-        if self.has_strict {
-            tracers.push(Tracer::Blockwatch {
-                label: "trace --strict",
-                args: strings(&[
-                    "trace",
-                    "-o",
-                    "json",
-                    "--strict",
-                    "--pid",
-                    &idle_pid.to_string(),
-                ]),
-            });
-        }
-        if bpftrace {
-            tracers.push(Tracer::Bpftrace {
-                script: bpftrace_script(idle_pid),
-            });
-        }
+        let tracers = self.host_tracers(idle.id(), bpftrace);
         let workloads = ["getppid", "read", "pingpong"];
         let mut results: BTreeMap<(usize, &str), Vec<f64>> = BTreeMap::new();
         for rep in 0..opts.reps {
@@ -227,7 +179,65 @@ impl Bench {
         println!("\r{:<60}", "");
         let _ = idle.kill();
         let _ = idle.wait();
+        self.print_host(&tracers, &workloads, &results, bpftrace);
+        Ok(())
+    }
 
+    /// Bare first (the ratios' denominator), then `trace` (the default
+    /// mode's tax, which the verdict line checks), then the rest.
+    fn host_tracers(&self, idle_pid: u32, bpftrace: bool) -> Vec<Tracer> {
+        let pid = idle_pid.to_string();
+        let mut tracers = vec![
+            Tracer::Bare,
+            Tracer::Blockwatch {
+                label: "trace",
+                args: strings(&["trace", "-o", "json", "--pid", &pid]),
+            },
+            Tracer::Blockwatch {
+                label: "daemon --auto",
+                args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
+            },
+        ];
+        if self.has_stall_threshold {
+            // The stall detector's sampling is part of the default: this
+            // column tells its share.
+            tracers.insert(
+                2,
+                Tracer::Blockwatch {
+                    label: "trace, stalls off",
+                    args: strings(&[
+                        "trace",
+                        "-o",
+                        "json",
+                        "--stall-threshold",
+                        "off",
+                        "--pid",
+                        &pid,
+                    ]),
+                },
+            );
+        }
+        if self.has_strict {
+            tracers.push(Tracer::Blockwatch {
+                label: "trace --strict",
+                args: strings(&["trace", "-o", "json", "--strict", "--pid", &pid]),
+            });
+        }
+        if bpftrace {
+            tracers.push(Tracer::Bpftrace {
+                script: bpftrace_script(idle_pid),
+            });
+        }
+        tracers
+    }
+
+    fn print_host(
+        &self,
+        tracers: &[Tracer],
+        workloads: &[&str],
+        results: &BTreeMap<(usize, &str), Vec<f64>>,
+        bpftrace: bool,
+    ) {
         let mut header = vec!["workload".to_string()];
         header.extend(tracers.iter().map(|t| t.label().to_string()));
         if !self.has_strict {
@@ -237,7 +247,7 @@ impl Bench {
             header.push("bpftrace".into());
         }
         let mut rows = Vec::new();
-        for w in workloads {
+        for &w in workloads {
             let bare = median(&results[&(0, w)]);
             let mut row = vec![format!("{w} (ns/op)")];
             row.push(format!("{bare:.0}"));
@@ -277,7 +287,6 @@ impl Bench {
             "(trace watches an idle process; daemon --auto watches every process, the workload's threads included;\n \
              --strict watches the idle process; bpftrace: raw_syscalls:sys_enter with a TID filter and sched_switch with a map lookup)"
         );
-        Ok(())
     }
 
     // ---------------------------------------------------------------- http
@@ -348,25 +357,7 @@ impl Bench {
         let _ = server.kill();
         let _ = server.wait();
         result?;
-        let bare_rps = median(&rps[&0]);
-        let bare_p99 = median(&p99[&0]);
-        let rows: Vec<Vec<String>> = tracers
-            .iter()
-            .enumerate()
-            .map(|(ti, t)| {
-                let r = median(&rps[&ti]);
-                let p = median(&p99[&ti]);
-                vec![
-                    t.label().to_string(),
-                    format!("{r:.0} ({:.2}×)", r / bare_rps),
-                    format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
-                ]
-            })
-            .collect();
-        print_table(
-            &["blockwatch", "requests/s", "p99 latency"].map(String::from),
-            &rows,
-        );
+        print_http(&tracers, &rps, &p99);
         println!("(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch)");
         Ok(())
     }
@@ -609,11 +600,16 @@ impl Bench {
             field("frames")
         );
 
+        self.user_stack_cost(opts)
+    }
+
+    /// The same load with the user stack copied (default size) or not (0),
+    /// interleaved: what the copy costs per event.
+    fn user_stack_cost(&self, opts: &Options) -> anyhow::Result<()> {
         if !self.has_user_stack_size {
             println!("user-stack copy (--user-stack-size): n/a (no --user-stack-size)");
             return Ok(());
         }
-        // Same load, stacks copied (default size) or not (0), interleaved.
         let secs = opts.secs.max(1.0) * 2.0;
         let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for rep in 0..opts.reps {
@@ -1014,4 +1010,31 @@ mod tests {
         assert_eq!(lost_events(s), 1234);
         assert_eq!(lost_events("blockwatch: 3 blocking calls"), 0);
     }
+}
+
+/// Requests/s and p99 latency per tracer, as ratios to the bare run (index 0).
+fn print_http(
+    tracers: &[Tracer],
+    rps: &BTreeMap<usize, Vec<f64>>,
+    p99: &BTreeMap<usize, Vec<f64>>,
+) {
+    let bare_rps = median(&rps[&0]);
+    let bare_p99 = median(&p99[&0]);
+    let rows: Vec<Vec<String>> = tracers
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| {
+            let r = median(&rps[&ti]);
+            let p = median(&p99[&ti]);
+            vec![
+                t.label().to_string(),
+                format!("{r:.0} ({:.2}×)", r / bare_rps),
+                format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
+            ]
+        })
+        .collect();
+    print_table(
+        &["blockwatch", "requests/s", "p99 latency"].map(String::from),
+        &rows,
+    );
 }
