@@ -578,101 +578,71 @@ struct Group {
 /// which would put each name on a line of its own.
 #[rustfmt::skip]
 static GROUPS: &[Group] = &[
-    Group {
-        class: Class::File,
-        strict: true,
-        names: &[
-            "open", "openat", "openat2", "creat", "fsync", "fdatasync", "sync", "syncfs",
-            "sync_file_range", "truncate", "ftruncate", "fallocate", "rename", "renameat",
-            "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir", "link", "linkat",
-            "symlink", "symlinkat", "chmod", "fchmodat", "chown", "fchownat", "copy_file_range",
-        ],
-    },
+    Group::strict(Class::File, &[
+        "open", "openat", "openat2", "creat", "fsync", "fdatasync", "sync", "syncfs",
+        "sync_file_range", "truncate", "ftruncate", "fallocate", "rename", "renameat",
+        "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir", "link", "linkat",
+        "symlink", "symlinkat", "chmod", "fchmodat", "chown", "fchownat", "copy_file_range",
+    ]),
     // Reads and writes at an offset: [`classify`] asks their descriptor
     // first, like the plain ones below; but sockets and pipes have no
     // offset (ESPIPE), so these are file I/O and `--strict` counts them.
-    Group {
-        class: Class::File,
-        strict: true,
-        names: &[
-            "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
-        ],
-    },
-    Group {
-        class: Class::File,
-        strict: false,
-        names: &[
-            "open_by_handle_at", "close", "close_range", "mknod", "mknodat", "fchmod", "fchmodat2",
-            "fchown", "lchown", "utime", "utimes", "futimesat", "utimensat", "setxattr",
-            "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr", "fremovexattr",
-            "removexattrat", "file_setattr", "io_setup", "io_destroy", "io_submit", "io_cancel",
-            "io_getevents", "io_pgetevents", "msync", "readahead", "fadvise64",
-        ],
-    },
+    Group::strict(Class::File, &[
+        "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    ]),
+    Group::lax(Class::File, &[
+        "open_by_handle_at", "close", "close_range", "mknod", "mknodat", "fchmod", "fchmodat2",
+        "fchown", "lchown", "utime", "utimes", "futimesat", "utimensat", "setxattr",
+        "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr", "fremovexattr",
+        "removexattrat", "file_setattr", "io_setup", "io_destroy", "io_submit", "io_cancel",
+        "io_getevents", "io_pgetevents", "msync", "readahead", "fadvise64",
+    ]),
     // The loop's own reads and writes (its sockets, pipes and eventfds):
     // [`classify`] asks their descriptor first; `File` is the class of
     // one it could not resolve.
-    Group {
-        class: Class::File,
-        strict: false,
-        names: &["read", "write", "readv", "writev", "sendfile", "splice"],
-    },
-    Group {
-        class: Class::Stat,
-        strict: true,
-        names: &[
-            "stat", "lstat", "fstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
-            "getdents", "getdents64", "readlink", "readlinkat", "statfs", "fstatfs",
-        ],
-    },
-    Group {
-        class: Class::Stat,
-        strict: false,
-        names: &[
-            "getxattr", "lgetxattr", "fgetxattr", "getxattrat", "listxattr", "llistxattr",
-            "flistxattr", "listxattrat", "file_getattr", "name_to_handle_at",
-        ],
-    },
-    Group {
-        class: Class::Sleep,
-        strict: true,
-        names: &["nanosleep", "clock_nanosleep"],
-    },
-    Group {
-        class: Class::Sleep,
-        strict: false,
-        names: &["pause"],
-    },
-    Group {
-        class: Class::Lock,
-        strict: true,
-        names: &["flock"],
-    },
-    Group {
-        class: Class::Lock,
-        strict: false,
-        names: &[
-            "futex", "futex_wait", "futex_waitv", "futex_wake", "futex_requeue", "semop",
-            "semtimedop",
-        ],
-    },
-    Group {
-        class: Class::Net,
-        strict: false,
-        names: &[
-            "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto", "sendmsg",
-            "sendmmsg", "shutdown", "poll", "ppoll", "select", "pselect6", "epoll_wait",
-            "epoll_wait_old", "epoll_pwait", "epoll_pwait2",
-        ],
-    },
-    Group {
-        class: Class::Process,
-        strict: false,
-        names: &[
-            "wait4", "waitid", "clone", "clone3", "fork", "vfork", "execve", "execveat",
-        ],
-    },
+    Group::lax(Class::File, &["read", "write", "readv", "writev", "sendfile", "splice"]),
+    Group::strict(Class::Stat, &[
+        "stat", "lstat", "fstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
+        "getdents", "getdents64", "readlink", "readlinkat", "statfs", "fstatfs",
+    ]),
+    Group::lax(Class::Stat, &[
+        "getxattr", "lgetxattr", "fgetxattr", "getxattrat", "listxattr", "llistxattr",
+        "flistxattr", "listxattrat", "file_getattr", "name_to_handle_at",
+    ]),
+    Group::strict(Class::Sleep, &["nanosleep", "clock_nanosleep"]),
+    Group::lax(Class::Sleep, &["pause"]),
+    Group::strict(Class::Lock, &["flock"]),
+    Group::lax(Class::Lock, &[
+        "futex", "futex_wait", "futex_waitv", "futex_wake", "futex_requeue", "semop",
+        "semtimedop",
+    ]),
+    Group::lax(Class::Net, &[
+        "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto", "sendmsg",
+        "sendmmsg", "shutdown", "poll", "ppoll", "select", "pselect6", "epoll_wait",
+        "epoll_wait_old", "epoll_pwait", "epoll_pwait2",
+    ]),
+    Group::lax(Class::Process, &[
+        "wait4", "waitid", "clone", "clone3", "fork", "vfork", "execve", "execveat",
+    ]),
 ];
+
+impl Group {
+    const fn strict(class: Class, names: &'static [&'static str]) -> Self {
+        Self {
+            class,
+            strict: true,
+            names,
+        }
+    }
+
+    const fn lax(class: Class, names: &'static [&'static str]) -> Self {
+        Self {
+            class,
+            strict: false,
+            names,
+        }
+    }
+}
 
 fn by_name(name: &str) -> Option<&'static Group> {
     GROUPS.iter().find(|g| g.names.contains(&name))
@@ -817,20 +787,24 @@ mod tests {
 
     #[test]
     fn fd_kinds() {
-        assert_eq!(FdKind::from_link("socket:[123456]"), FdKind::Socket);
-        assert_eq!(FdKind::from_link("pipe:[789]"), FdKind::Pipe);
-        assert_eq!(FdKind::from_link("anon_inode:[eventfd]"), FdKind::Other);
-        assert_eq!(FdKind::from_link("anon_inode:[eventpoll]"), FdKind::Other);
-        assert_eq!(FdKind::from_link("anon_inode:inotify"), FdKind::Other);
-        assert_eq!(FdKind::from_link("net:[4026531840]"), FdKind::Other);
-        assert_eq!(FdKind::from_link(""), FdKind::Other);
-        assert_eq!(FdKind::from_link("/var/lib/app/data.db"), FdKind::File);
-        assert_eq!(FdKind::from_link("/tmp/x (deleted)"), FdKind::File);
-        assert_eq!(FdKind::from_link("/dev/shm/segment"), FdKind::File);
-        assert_eq!(FdKind::from_link("/dev/pts/3"), FdKind::Other);
-        assert_eq!(FdKind::from_link("/dev/tty"), FdKind::Other);
-        // A file whose name looks like a socket link is still a file.
-        assert_eq!(FdKind::from_link("/tmp/socket:[1]"), FdKind::File);
+        for (link, kind) in [
+            ("socket:[123456]", FdKind::Socket),
+            ("pipe:[789]", FdKind::Pipe),
+            ("anon_inode:[eventfd]", FdKind::Other),
+            ("anon_inode:[eventpoll]", FdKind::Other),
+            ("anon_inode:inotify", FdKind::Other),
+            ("net:[4026531840]", FdKind::Other),
+            ("", FdKind::Other),
+            ("/var/lib/app/data.db", FdKind::File),
+            ("/tmp/x (deleted)", FdKind::File),
+            ("/dev/shm/segment", FdKind::File),
+            ("/dev/pts/3", FdKind::Other),
+            ("/dev/tty", FdKind::Other),
+            // A file whose name looks like a socket link is still a file.
+            ("/tmp/socket:[1]", FdKind::File),
+        ] {
+            assert_eq!(FdKind::from_link(link), kind, "{link:?}");
+        }
     }
 
     #[test]
