@@ -113,3 +113,75 @@ pub fn event(ev: &Event) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Class, OffState};
+    use crate::output::fixtures::{self, frame, read_event};
+
+    #[test]
+    fn event_lines() {
+        let text = event(&read_event(80));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let head = lines[0];
+        let (time, rest) = head.split_once(' ').unwrap();
+        assert_eq!(time.len(), 12, "{time}");
+        let b = time.as_bytes();
+        assert!(b[2] == b':' && b[5] == b':' && b[8] == b'.', "{time}");
+        assert!(
+            time.chars().filter(char::is_ascii_digit).count() == 9,
+            "{time}"
+        );
+        // Whatever the time zone, seconds and milliseconds are these.
+        assert!(time.ends_with(":40.123"), "{time}");
+        assert_eq!(
+            rest,
+            "python3[1234] MainThread/1240 read file 80.0ms disk in handle_request at /srv/app/handlers.py:42"
+        );
+
+        assert_eq!(
+            lines[1],
+            "    #0 0x7f0000001000 __GI___libc_read (libc.so.6)"
+        );
+        assert_eq!(lines[2], "    #1 0x7f0000002000 ?? (libfoo.so.1)");
+        assert_eq!(
+            lines[3],
+            "    #2 0x555500001234 read_config (python3.12) [inlined]"
+        );
+        assert_eq!(
+            lines[4],
+            "    #3 0x555500001234 handle_request (python3.12) /srv/app/handlers.py:42"
+        );
+    }
+
+    #[test]
+    fn unknown_culprit_and_syscall() {
+        let mut ev = fixtures::event(None, None, -1, Class::Other, 15);
+        ev.state = OffState::Preempted;
+        ev.stack.clear();
+        let text = event(&ev);
+        let mut lines = text.lines();
+        let head = lines.next().unwrap();
+        assert!(
+            head.ends_with(
+                " python3[1234] MainThread/1240 - other 15.0ms preempted (culprit unknown)"
+            ),
+            "{head}"
+        );
+        assert_eq!(lines.next(), Some("    (no stack)"));
+
+        let ev = fixtures::event(
+            Some(frame(0x1000, None, Some("/lib/libz.so"))),
+            None,
+            470,
+            Class::Other,
+            15,
+        );
+        let text = event(&ev);
+        let head = text.lines().next().unwrap();
+        assert!(head.contains(" syscall_470 other "), "{head}");
+        assert!(head.ends_with(" in ?? (libz.so)"), "{head}");
+    }
+}
