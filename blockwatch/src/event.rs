@@ -1,6 +1,8 @@
-//! The user-space model of a blocking event: what the outputs (terminal,
-//! JSON, later metrics) consume. Its JSON form is the documented schema of
-//! `--output json` (see README), so field names here are a public contract.
+//! The user-space model of a blocking event, a strict call or a stall:
+//! what [`crate::pipeline`] builds from kernel records and every output in
+//! [`crate::output`] consumes (text, JSON, summary, metrics). Its JSON form
+//! is the documented schema of `--output json` (see README), so field
+//! names here are a public contract.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

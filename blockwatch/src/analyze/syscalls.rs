@@ -1,5 +1,6 @@
-//! x86-64 syscall knowledge: numbers to names, and what kind of wait a
-//! blocking syscall is (its [`Class`]).
+//! x86-64 syscall knowledge: numbers to names, what kind of wait a
+//! blocking syscall is (its [`Class`]), and which calls `--strict` counts
+//! (a property of the name, kept with its class in one table).
 //!
 //! The kernel side records the raw syscall number and the first three
 //! arguments of the call a thread was blocked in; everything here is pure
@@ -490,35 +491,38 @@ mod sys {
 const F_SETLKW: u32 = 7;
 const F_OFD_SETLKW: u32 = 38;
 
-/// The file descriptor in the first argument of calls whose class depends
-/// on what the descriptor is (a socket read is network, a file read is
-/// disk, a pipe read is neither). For `sendfile` it is the output
-/// descriptor: sending a file to a socket mostly waits on the socket; for
-/// `splice` it is the input. `None` for every other call and for
-/// negative descriptors (those fail at once, they never block).
+/// Calls whose class depends on what the descriptor in their first
+/// argument is (a socket read is network, a file read is disk, a pipe read
+/// is neither). For `sendfile` it is the output descriptor: sending a file
+/// to a socket mostly waits on the socket; for `splice` it is the input.
 ///
 /// Calls like `fsync` are absent on purpose: only files can be synced, so
 /// looking the descriptor up would not change their class.
+const BY_DESCRIPTOR: [i64; 12] = [
+    sys::READ,
+    sys::WRITE,
+    sys::READV,
+    sys::WRITEV,
+    sys::PREAD64,
+    sys::PWRITE64,
+    sys::PREADV,
+    sys::PWRITEV,
+    sys::PREADV2,
+    sys::PWRITEV2,
+    sys::SENDFILE,
+    sys::SPLICE,
+];
+
+/// The file descriptor in the first argument of the calls of
+/// [`BY_DESCRIPTOR`]. `None` for every other call and for negative
+/// descriptors (those fail at once, they never block).
 pub fn fd_arg(nr: i64, args: &[u64; 3]) -> Option<i32> {
-    match nr {
-        sys::READ
-        | sys::WRITE
-        | sys::READV
-        | sys::WRITEV
-        | sys::PREAD64
-        | sys::PWRITE64
-        | sys::PREADV
-        | sys::PWRITEV
-        | sys::PREADV2
-        | sys::PWRITEV2
-        | sys::SENDFILE
-        | sys::SPLICE => {
-            // The kernel reads descriptors as a C int: the low 32 bits.
-            let fd = args[0] as u32 as i32;
-            (fd >= 0).then_some(fd)
-        }
-        _ => None,
+    if !BY_DESCRIPTOR.contains(&nr) {
+        return None;
     }
+    // The kernel reads descriptors as a C int: the low 32 bits.
+    let fd = args[0] as u32 as i32;
+    (fd >= 0).then_some(fd)
 }
 
 /// The class of a wait in syscall `nr` (-1: not in a syscall) with its
@@ -539,18 +543,7 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
         // An unresolved descriptor (closed or reused by the time it was
         // looked up) is most often a file: sockets and pipes on a loop
         // thread are non-blocking and rarely show up here.
-        sys::READ
-        | sys::WRITE
-        | sys::READV
-        | sys::WRITEV
-        | sys::PREAD64
-        | sys::PWRITE64
-        | sys::PREADV
-        | sys::PWRITEV
-        | sys::PREADV2
-        | sys::PWRITEV2
-        | sys::SENDFILE
-        | sys::SPLICE => by_fd(Class::File),
+        _ if BY_DESCRIPTOR.contains(&nr) => by_fd(Class::File),
         sys::FCNTL => match args[1] as u32 {
             F_SETLKW | F_OFD_SETLKW => Class::Lock,
             _ => Class::Other,
@@ -559,45 +552,113 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
         // (The counts are C ints: only the low 32 bits count.)
         sys::SELECT | sys::PSELECT6 if args[0] as u32 == 0 => Class::Sleep,
         sys::POLL | sys::PPOLL if args[1] as u32 == 0 => Class::Sleep,
-        _ => by_name(name),
+        _ => by_name(name).map_or(Class::Other, |g| g.class),
     }
 }
 
-fn by_name(name: &str) -> Class {
-    match name {
-        "open" | "openat" | "openat2" | "creat" | "open_by_handle_at" | "close" | "close_range"
-        | "fsync" | "fdatasync" | "sync" | "syncfs" | "sync_file_range" | "truncate"
-        | "ftruncate" | "fallocate" | "rename" | "renameat" | "renameat2" | "unlink"
-        | "unlinkat" | "mkdir" | "mkdirat" | "mknod" | "mknodat" | "rmdir" | "link" | "linkat"
-        | "symlink" | "symlinkat" | "chmod" | "fchmod" | "fchmodat" | "fchmodat2" | "chown"
-        | "fchown" | "lchown" | "fchownat" | "utime" | "utimes" | "futimesat" | "utimensat"
-        | "setxattr" | "lsetxattr" | "fsetxattr" | "setxattrat" | "removexattr"
-        | "lremovexattr" | "fremovexattr" | "removexattrat" | "file_setattr"
-        | "copy_file_range" | "io_setup" | "io_destroy" | "io_submit" | "io_cancel"
-        | "io_getevents" | "io_pgetevents" | "msync" | "readahead" | "fadvise64" => Class::File,
+/// Syscalls of one class whose class follows from their name, and
+/// whether `--strict` counts them.
+struct Group {
+    class: Class,
+    /// `--strict` counts these on a loop thread even when they do not
+    /// leave the CPU: those Home Assistant's checks call blocking
+    /// (opening and inspecting files, listing directories, sleeping,
+    /// file locks, syncing). Left out on purpose: calls that are the
+    /// loop's own normal, non-blocking business (read/write/close and the
+    /// socket calls on its sockets, pipes and eventfds, the futex of an
+    /// uncontended lock or a wake-up, epoll/poll, process creation and
+    /// `waitpid(WNOHANG)` for subprocesses); a file read shows up as the
+    /// `open` before it.
+    strict: bool,
+    names: &'static [&'static str],
+}
 
-        "stat" | "fstat" | "lstat" | "newfstatat" | "statx" | "access" | "faccessat"
-        | "faccessat2" | "getdents" | "getdents64" | "readlink" | "readlinkat" | "statfs"
-        | "fstatfs" | "getxattr" | "lgetxattr" | "fgetxattr" | "getxattrat" | "listxattr"
-        | "llistxattr" | "flistxattr" | "listxattrat" | "file_getattr" | "name_to_handle_at" => {
-            Class::Stat
+/// Every syscall with a class of its own; the rest are [`Class::Other`].
+/// A name stands in one group only (tested). Not formatted by rustfmt,
+/// which would put each name on a line of its own.
+#[rustfmt::skip]
+static GROUPS: &[Group] = &[
+    Group::strict(Class::File, &[
+        "open", "openat", "openat2", "creat", "fsync", "fdatasync", "sync", "syncfs",
+        "sync_file_range", "truncate", "ftruncate", "fallocate", "rename", "renameat",
+        "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat", "rmdir", "link", "linkat",
+        "symlink", "symlinkat", "chmod", "fchmodat", "chown", "fchownat", "copy_file_range",
+    ]),
+    // Reads and writes at an offset: [`classify`] asks their descriptor
+    // first, like the plain ones below; but sockets and pipes have no
+    // offset (ESPIPE), so these are file I/O and `--strict` counts them.
+    Group::strict(Class::File, &[
+        "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+    ]),
+    Group::lax(Class::File, &[
+        "open_by_handle_at", "close", "close_range", "mknod", "mknodat", "fchmod", "fchmodat2",
+        "fchown", "lchown", "utime", "utimes", "futimesat", "utimensat", "setxattr",
+        "lsetxattr", "fsetxattr", "setxattrat", "removexattr", "lremovexattr", "fremovexattr",
+        "removexattrat", "file_setattr", "io_setup", "io_destroy", "io_submit", "io_cancel",
+        "io_getevents", "io_pgetevents", "msync", "readahead", "fadvise64",
+    ]),
+    // The loop's own reads and writes (its sockets, pipes and eventfds):
+    // [`classify`] asks their descriptor first; `File` is the class of
+    // one it could not resolve.
+    Group::lax(Class::File, &["read", "write", "readv", "writev", "sendfile", "splice"]),
+    Group::strict(Class::Stat, &[
+        "stat", "lstat", "fstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
+        "getdents", "getdents64", "readlink", "readlinkat", "statfs", "fstatfs",
+    ]),
+    Group::lax(Class::Stat, &[
+        "getxattr", "lgetxattr", "fgetxattr", "getxattrat", "listxattr", "llistxattr",
+        "flistxattr", "listxattrat", "file_getattr", "name_to_handle_at",
+    ]),
+    Group::strict(Class::Sleep, &["nanosleep", "clock_nanosleep"]),
+    Group::lax(Class::Sleep, &["pause"]),
+    Group::strict(Class::Lock, &["flock"]),
+    Group::lax(Class::Lock, &[
+        "futex", "futex_wait", "futex_waitv", "futex_wake", "futex_requeue", "semop",
+        "semtimedop",
+    ]),
+    Group::lax(Class::Net, &[
+        "connect", "accept", "accept4", "recvfrom", "recvmsg", "recvmmsg", "sendto", "sendmsg",
+        "sendmmsg", "shutdown", "poll", "ppoll", "select", "pselect6", "epoll_wait",
+        "epoll_wait_old", "epoll_pwait", "epoll_pwait2",
+    ]),
+    Group::lax(Class::Process, &[
+        "wait4", "waitid", "clone", "clone3", "fork", "vfork", "execve", "execveat",
+    ]),
+];
+
+impl Group {
+    const fn strict(class: Class, names: &'static [&'static str]) -> Self {
+        Self {
+            class,
+            strict: true,
+            names,
         }
-
-        "nanosleep" | "clock_nanosleep" | "pause" => Class::Sleep,
-
-        "futex" | "futex_wait" | "futex_waitv" | "futex_wake" | "futex_requeue" | "flock"
-        | "semop" | "semtimedop" => Class::Lock,
-
-        "connect" | "accept" | "accept4" | "recvfrom" | "recvmsg" | "recvmmsg" | "sendto"
-        | "sendmsg" | "sendmmsg" | "shutdown" | "poll" | "ppoll" | "select" | "pselect6"
-        | "epoll_wait" | "epoll_wait_old" | "epoll_pwait" | "epoll_pwait2" => Class::Net,
-
-        "wait4" | "waitid" | "clone" | "clone3" | "fork" | "vfork" | "execve" | "execveat" => {
-            Class::Process
-        }
-
-        _ => Class::Other,
     }
+
+    const fn lax(class: Class, names: &'static [&'static str]) -> Self {
+        Self {
+            class,
+            strict: false,
+            names,
+        }
+    }
+}
+
+fn by_name(name: &str) -> Option<&'static Group> {
+    GROUPS.iter().find(|g| g.names.contains(&name))
+}
+
+/// Whether `--strict` counts syscall `name` (see [`Group::strict`]).
+pub fn is_strict(name: &str) -> bool {
+    by_name(name).is_some_and(|g| g.strict)
+}
+
+/// The numbers of the syscalls `--strict` counts, as the kernel's bitmap
+/// wants them.
+pub fn strict_numbers() -> Vec<i64> {
+    (0..512)
+        .filter(|&nr| name(nr).is_some_and(is_strict))
+        .collect()
 }
 
 #[cfg(test)]
@@ -726,20 +787,24 @@ mod tests {
 
     #[test]
     fn fd_kinds() {
-        assert_eq!(FdKind::from_link("socket:[123456]"), FdKind::Socket);
-        assert_eq!(FdKind::from_link("pipe:[789]"), FdKind::Pipe);
-        assert_eq!(FdKind::from_link("anon_inode:[eventfd]"), FdKind::Other);
-        assert_eq!(FdKind::from_link("anon_inode:[eventpoll]"), FdKind::Other);
-        assert_eq!(FdKind::from_link("anon_inode:inotify"), FdKind::Other);
-        assert_eq!(FdKind::from_link("net:[4026531840]"), FdKind::Other);
-        assert_eq!(FdKind::from_link(""), FdKind::Other);
-        assert_eq!(FdKind::from_link("/var/lib/app/data.db"), FdKind::File);
-        assert_eq!(FdKind::from_link("/tmp/x (deleted)"), FdKind::File);
-        assert_eq!(FdKind::from_link("/dev/shm/segment"), FdKind::File);
-        assert_eq!(FdKind::from_link("/dev/pts/3"), FdKind::Other);
-        assert_eq!(FdKind::from_link("/dev/tty"), FdKind::Other);
-        // A file whose name looks like a socket link is still a file.
-        assert_eq!(FdKind::from_link("/tmp/socket:[1]"), FdKind::File);
+        for (link, kind) in [
+            ("socket:[123456]", FdKind::Socket),
+            ("pipe:[789]", FdKind::Pipe),
+            ("anon_inode:[eventfd]", FdKind::Other),
+            ("anon_inode:[eventpoll]", FdKind::Other),
+            ("anon_inode:inotify", FdKind::Other),
+            ("net:[4026531840]", FdKind::Other),
+            ("", FdKind::Other),
+            ("/var/lib/app/data.db", FdKind::File),
+            ("/tmp/x (deleted)", FdKind::File),
+            ("/dev/shm/segment", FdKind::File),
+            ("/dev/pts/3", FdKind::Other),
+            ("/dev/tty", FdKind::Other),
+            // A file whose name looks like a socket link is still a file.
+            ("/tmp/socket:[1]", FdKind::File),
+        ] {
+            assert_eq!(FdKind::from_link(link), kind, "{link:?}");
+        }
     }
 
     #[test]
@@ -945,87 +1010,16 @@ mod tests {
             }
         }
     }
-}
-
-/// Syscalls that `--strict` counts on a loop thread even when they do not
-/// leave the CPU: those Home Assistant's checks call blocking (opening and
-/// inspecting files, listing directories, sleeping, file locks, syncing),
-/// by name. Left out on purpose: calls that are the loop's own normal,
-/// non-blocking business (read/write/close and the socket calls on its
-/// sockets, pipes and eventfds, the futex of an uncontended lock or a
-/// wake-up, epoll/poll, process creation and `waitpid(WNOHANG)` for
-/// subprocesses); a file read
-/// shows up as the `open` before it.
-pub const STRICT_SYSCALLS: &[&str] = &[
-    "open",
-    "openat",
-    "openat2",
-    "creat",
-    "stat",
-    "lstat",
-    "fstat",
-    "newfstatat",
-    "statx",
-    "access",
-    "faccessat",
-    "faccessat2",
-    "getdents",
-    "getdents64",
-    "readlink",
-    "readlinkat",
-    "statfs",
-    "fstatfs",
-    "pread64",
-    "pwrite64",
-    "preadv",
-    "pwritev",
-    "preadv2",
-    "pwritev2",
-    "fsync",
-    "fdatasync",
-    "sync",
-    "syncfs",
-    "sync_file_range",
-    "truncate",
-    "ftruncate",
-    "fallocate",
-    "rename",
-    "renameat",
-    "renameat2",
-    "unlink",
-    "unlinkat",
-    "mkdir",
-    "mkdirat",
-    "rmdir",
-    "link",
-    "linkat",
-    "symlink",
-    "symlinkat",
-    "chmod",
-    "fchmodat",
-    "chown",
-    "fchownat",
-    "copy_file_range",
-    "nanosleep",
-    "clock_nanosleep",
-    "flock",
-];
-
-/// The numbers of [`STRICT_SYSCALLS`], as the kernel's bitmap wants them.
-pub fn strict_numbers() -> Vec<i64> {
-    (0..512)
-        .filter(|&nr| name(nr).is_some_and(|n| STRICT_SYSCALLS.contains(&n)))
-        .collect()
-}
-
-#[cfg(test)]
-mod strict_tests {
-    use super::*;
 
     #[test]
     fn strict_set_is_known_and_excludes_the_loops_own_calls() {
         let nrs = strict_numbers();
-        assert_eq!(nrs.len(), STRICT_SYSCALLS.len(), "every name is a syscall");
+        let strict_names: usize = GROUPS
+            .iter()
+            .filter(|g| g.strict)
+            .map(|g| g.names.len())
+            .sum();
+        assert_eq!(nrs.len(), strict_names, "every name is a syscall");
         for n in [2, 4, 257, 262, 35, 230, 73] {
             assert!(nrs.contains(&n), "{n} ({:?})", name(n));
         }
@@ -1037,6 +1031,35 @@ mod strict_tests {
         assert!(nrs.iter().all(|&n| n < 512));
         for &n in &nrs {
             assert_ne!(classify(n, &[0; 3], None), Class::Other, "{:?}", name(n));
+        }
+    }
+
+    /// The set `--strict` has counted since it was written (as a list of
+    /// its own, before it became a property of the name groups).
+    #[test]
+    fn strict_set_is_unchanged() {
+        #[rustfmt::skip]
+        let mut want = [
+            "open", "openat", "openat2", "creat", "stat", "lstat", "fstat", "newfstatat", "statx",
+            "access", "faccessat", "faccessat2", "getdents", "getdents64", "readlink", "readlinkat",
+            "statfs", "fstatfs", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+            "fsync", "fdatasync", "sync", "syncfs", "sync_file_range", "truncate", "ftruncate",
+            "fallocate", "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir",
+            "mkdirat", "rmdir", "link", "linkat", "symlink", "symlinkat", "chmod", "fchmodat",
+            "chown", "fchownat", "copy_file_range", "nanosleep", "clock_nanosleep", "flock",
+        ];
+        want.sort_unstable();
+        let mut got: Vec<&str> = strict_numbers().into_iter().filter_map(name).collect();
+        got.sort_unstable();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_name_stands_in_one_group_and_is_a_syscall() {
+        let mut seen = std::collections::HashSet::new();
+        for n in GROUPS.iter().flat_map(|g| g.names) {
+            assert!(seen.insert(n), "{n} is in two groups");
+            assert!((0..=470).any(|nr| name(nr) == Some(n)), "no syscall {n}");
         }
     }
 }

@@ -77,41 +77,37 @@ pub fn verdict(ev: &Event) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
     use crate::event::{Class, FrameKind, OffState};
+    use crate::output::fixtures;
 
+    /// 80.2 ms of `clock_nanosleep` by python3[123], with `culprit` as
+    /// its stack, culprit and offender.
     fn event(culprit: Option<Frame>) -> Event {
         Event {
-            ts: SystemTime::UNIX_EPOCH,
             pid: 123,
             tid: 123,
-            comm: "python3".into(),
             thread: "python3".into(),
-            syscall: Some("clock_nanosleep"),
-            syscall_nr: 230,
-            class: Class::Sleep,
             duration_ns: 80_200_000,
             state: OffState::Sleeping,
             stack: culprit.iter().cloned().collect(),
-            offender: culprit.clone(),
-            culprit,
-            detector: Default::default(),
-            busy_ns: None,
-            samples: None,
+            ..fixtures::event(culprit, Some("clock_nanosleep"), 230, Class::Sleep, 0)
+        }
+    }
+
+    fn python_frame(function: &str, file: &str, line: u32) -> Frame {
+        Frame {
+            function: Some(function.into()),
+            file: Some(file.into()),
+            line: Some(line),
+            kind: FrameKind::Python,
+            ..Frame::default()
         }
     }
 
     #[test]
     fn names_the_line_to_fix() {
-        let f = Frame {
-            function: Some("refresh".into()),
-            file: Some("app/report.py".into()),
-            line: Some(41),
-            kind: FrameKind::Python,
-            ..Frame::default()
-        };
+        let f = python_frame("refresh", "app/report.py", 41);
         assert_eq!(
             verdict(&event(Some(f))),
             "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123] in refresh() at app/report.py:41"
@@ -120,21 +116,13 @@ mod tests {
 
     #[test]
     fn a_library_culprit_names_the_users_line_too() {
-        let lib = Frame {
-            function: Some("fetch".into()),
-            file: Some("/srv/venv/lib/python3.11/site-packages/slowlib/__init__.py".into()),
-            line: Some(9),
-            kind: FrameKind::Python,
-            ..Frame::default()
-        };
+        let lib = python_frame(
+            "fetch",
+            "/srv/venv/lib/python3.11/site-packages/slowlib/__init__.py",
+            9,
+        );
         let mut ev = event(Some(lib));
-        ev.offender = Some(Frame {
-            function: Some("refresh".into()),
-            file: Some("app/report.py".into()),
-            line: Some(41),
-            kind: FrameKind::Python,
-            ..Frame::default()
-        });
+        ev.offender = Some(python_frame("refresh", "app/report.py", 41));
         assert_eq!(
             verdict(&ev),
             "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123] in fetch() at /srv/venv/lib/python3.11/site-packages/slowlib/__init__.py:9, called from refresh() at app/report.py:41"
@@ -154,11 +142,11 @@ mod tests {
 
     #[test]
     fn native_culprits_name_their_binary_and_control_characters_go() {
-        let f = Frame {
-            function: Some("tokio_blocker::blocking_sleep_in_task".into()),
-            module: Some("/srv/bin/tokio-blocker".into()),
-            ..Frame::default()
-        };
+        let f = fixtures::frame(
+            0,
+            Some("tokio_blocker::blocking_sleep_in_task"),
+            Some("/srv/bin/tokio-blocker"),
+        );
         let mut ev = event(Some(f));
         ev.comm = "evil\nname".into();
         assert_eq!(
@@ -169,14 +157,7 @@ mod tests {
 
     #[test]
     fn strict_calls_and_stalls_say_so() {
-        let f = Frame {
-            function: Some("load".into()),
-            file: Some("app.py".into()),
-            line: Some(3),
-            kind: FrameKind::Python,
-            ..Frame::default()
-        };
-        let mut ev = event(Some(f));
+        let mut ev = event(Some(python_frame("load", "app.py", 3)));
         ev.detector = Detector::Strict;
         ev.syscall = Some("openat");
         ev.class = Class::File;
@@ -200,10 +181,7 @@ mod tests {
 
     #[test]
     fn same_stack_same_key_whatever_the_duration() {
-        let f = Frame {
-            function: Some("tokio_blocker::blocking_sleep_in_task".into()),
-            ..Frame::default()
-        };
+        let f = fixtures::frame(0, Some("tokio_blocker::blocking_sleep_in_task"), None);
         let a = event(Some(f.clone()));
         let mut b = event(Some(f));
         b.duration_ns = 1;

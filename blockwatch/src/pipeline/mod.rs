@@ -361,7 +361,7 @@ impl Pipeline {
                     }
                 };
                 // The strict set holds no call whose class depends on
-                // the descriptor (see syscalls::STRICT_SYSCALLS).
+                // the descriptor (see syscalls::is_strict).
                 let class = syscalls::classify(r.syscall, &r.args, None);
                 Some(self.loop_event(r, class, Detector::Strict, stack, culprit))
             }
