@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use blockwatch_common::{TAG_CANDIDATE, TAG_LOOP};
 
-use crate::bpf::loader::{self, Loaded};
+use crate::bpf::{self, Loaded};
 use crate::ingest::decode::{self, BlockRecord, Record};
 use crate::targets::{TagMaps, ThreadsMode};
 
@@ -94,7 +94,7 @@ fn raw_tracepoints_detect_the_same() {
 }
 
 fn asyncio_sleep_is_reported(force_raw: bool) {
-    let mut loaded = loader::load(20_000_000, force_raw).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, force_raw).expect("load (run as root)");
     let mut child = python(ASYNCIO_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
@@ -115,7 +115,7 @@ fn asyncio_sleep_is_reported(force_raw: bool) {
 
 #[test]
 fn threads_main_reports_blocking_before_the_loop_too() {
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let mut child = python("import time; time.sleep(0.3); time.sleep(0.05)");
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Main);
@@ -132,7 +132,7 @@ fn threads_main_reports_blocking_before_the_loop_too() {
 
 #[test]
 fn new_threads_are_tagged_and_exited_ones_forgotten() {
-    let mut loaded = loader::load(1_000_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(1_000_000_000, false).expect("load (run as root)");
     // The process waits for a line on stdin, then starts and joins threads.
     let mut child = Command::new("python3")
         .args([
@@ -187,7 +187,7 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
 
 #[test]
 fn only_watched_processes_produce_events() {
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let script = "import time\ntime.sleep(0.2)\nfor _ in range(5): time.sleep(0.05)";
     let mut watched = python(script);
     let mut unwatched = python(script);
@@ -223,7 +223,7 @@ asyncio.run(main())
 fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     const NR_POLL: i64 = 7;
     const NR_EPOLL_WAIT: i64 = 232;
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let mut child = python(FOREIGN_WAITS_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
