@@ -239,7 +239,7 @@ mod tests {
     use crate::analyze::syscalls::strict_numbers;
     use crate::bpf::load;
 
-    // Privileged, like the loader's tests: a verifier rejection fails here.
+    // Privileged, like bpf::load's tests: a verifier rejection fails here.
     #[test]
     fn strict_and_stall_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");

@@ -64,8 +64,8 @@ fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
 
 fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
     TagMaps {
-        threads: &mut loaded.threads,
-        watched: &mut loaded.watched,
+        threads: &mut loaded.maps.threads,
+        watched: &mut loaded.maps.watched,
     }
     .watch_process(pid, mode.rule(false))
     .expect("watch");
@@ -161,7 +161,11 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     let tids: Vec<u32> = crate::targets::threads_of(pid);
     assert!(tids.len() > 20, "threads running: {tids:?}");
     for tid in &tids {
-        let tag = loaded.threads.get(tid, 0).expect("every thread is tagged");
+        let tag = loaded
+            .maps
+            .threads
+            .get(tid, 0)
+            .expect("every thread is tagged");
         assert_eq!(tag.tgid, pid);
         assert!(tag.tag == TAG_CANDIDATE || tag.tag == TAG_LOOP);
     }
@@ -169,18 +173,18 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     let alive = crate::targets::threads_of(pid);
     for tid in tids.iter().filter(|t| !alive.contains(t)) {
         assert!(
-            loaded.threads.get(tid, 0).is_err(),
+            loaded.maps.threads.get(tid, 0).is_err(),
             "exited thread {tid} is still tagged"
         );
     }
     writeln!(stdin).unwrap();
     child.wait().unwrap();
     assert!(
-        loaded.threads.get(&pid, 0).is_err(),
+        loaded.maps.threads.get(&pid, 0).is_err(),
         "exited process still tagged"
     );
     assert!(
-        loaded.watched.get(&pid, 0).is_err(),
+        loaded.maps.watched.get(&pid, 0).is_err(),
         "exited process still watched"
     );
 }

@@ -28,19 +28,29 @@ pub fn force_raw_from_env() -> bool {
     std::env::var_os(FORCE_RAW_ENV).is_some_and(|v| v != "0")
 }
 
-/// The loaded programs and the maps user space talks to.
+/// The loaded programs, their ring buffer, kernel log and maps.
 pub struct Loaded {
     /// Keeps the programs attached; dropping it detaches everything.
     pub ebpf: Ebpf,
     pub mode: AttachMode,
+    pub maps: Maps,
+    pub events: RingBuf<MapData>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The maps user space reads and writes.
+pub struct Maps {
+    /// Tagged threads, by TID.
     pub threads: HashMap<MapData, u32, ThreadTag>,
+    /// Watched processes, by PID, and the rule their threads get.
     pub watched: HashMap<MapData, u32, WatchRule>,
+    /// The futex address user space identified as a thread's runtime park
+    /// (its idle wait), by TID.
     pub parks: HashMap<MapData, u32, u64>,
+    /// CPython processes and their layout, by PID.
     pub pyprocs: HashMap<MapData, u32, PyProc>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
-    pub events: RingBuf<MapData>,
-    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -84,13 +94,15 @@ pub fn load_with_user_stack(
     let mode = attach::attach_tracepoints(&mut ebpf, force_raw)?;
     Ok(Loaded {
         mode,
-        threads: take(&mut ebpf, "THREADS")?,
-        watched: take(&mut ebpf, "WATCHED")?,
-        parks: take(&mut ebpf, "PARKS")?,
-        pyprocs: take(&mut ebpf, "PYPROCS")?,
-        counters: take(&mut ebpf, "COUNTERS")?,
+        maps: Maps {
+            threads: take(&mut ebpf, "THREADS")?,
+            watched: take(&mut ebpf, "WATCHED")?,
+            parks: take(&mut ebpf, "PARKS")?,
+            pyprocs: take(&mut ebpf, "PYPROCS")?,
+            counters: take(&mut ebpf, "COUNTERS")?,
+            config,
+        },
         events: take(&mut ebpf, "EVENTS")?,
-        config,
         logger,
         ebpf,
     })
@@ -120,7 +132,8 @@ impl Loaded {
     /// Sum of one `COUNTERS` slot over all CPUs.
     pub fn counter(&self, index: u32) -> u64 {
         debug_assert!(index < NUM_COUNTERS);
-        self.counters
+        self.maps
+            .counters
             .get(&index, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0)
@@ -137,7 +150,10 @@ mod tests {
     fn programs_load_and_attach() {
         let loaded = load(10_000_000, false).expect("loading the kernel programs (run as root)");
         assert_eq!(loaded.mode, AttachMode::BtfTracepoints);
-        assert_eq!(loaded.config.get(&0, 0).unwrap().threshold_ns, 10_000_000);
+        assert_eq!(
+            loaded.maps.config.get(&0, 0).unwrap().threshold_ns,
+            10_000_000
+        );
     }
 
     #[test]

@@ -292,8 +292,8 @@ asyncio.run(main())
             .expect("python3");
         let pid = child.id();
         TagMaps {
-            threads: &mut loaded.threads,
-            watched: &mut loaded.watched,
+            threads: &mut loaded.maps.threads,
+            watched: &mut loaded.maps.watched,
         }
         .watch_process(pid, ThreadsMode::Loop.rule(false))
         .expect("watch");

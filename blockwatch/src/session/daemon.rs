@@ -1,7 +1,8 @@
-//! `blockwatch daemon`: a long-running session for systemd. It mirrors
-//! `trace` (load, tag, drain the ring buffer) but its outputs are
-//! Prometheus metrics, folded stacks over HTTP, and one journal line per
-//! new blocking stack.
+//! `blockwatch daemon`: a long-running session for systemd. It starts as
+//! `trace` does ([`Session::start`]), tags and drains the ring buffer the
+//! same way, but its outputs are Prometheus metrics, folded stacks over
+//! HTTP, and one journal line per new blocking stack; SIGHUP reloads its
+//! configuration.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use blockwatch_common::{
 use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::bpf::LoopOptions;
+use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
@@ -175,16 +176,16 @@ impl State {
 }
 
 /// The kernel's tag maps, as the daemon uses them.
-struct Maps<'a> {
+struct Tags<'a> {
     threads: &'a mut BpfHashMap<MapData, u32, ThreadTag>,
     watched: &'a mut BpfHashMap<MapData, u32, WatchRule>,
 }
 
-impl<'a> Maps<'a> {
-    fn of(session: &'a mut Session) -> Self {
+impl<'a> Tags<'a> {
+    fn of(maps: &'a mut Maps) -> Self {
         Self {
-            threads: &mut session.threads,
-            watched: &mut session.watched,
+            threads: &mut maps.threads,
+            watched: &mut maps.watched,
         }
     }
 
@@ -327,7 +328,10 @@ impl Daemon {
         overrides: Overrides,
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
-        session.config.set(0, kernel_config(&current, &rules), 0)?;
+        session
+            .maps
+            .config
+            .set(0, kernel_config(&current, &rules), 0)?;
         let metrics = Arc::new(Mutex::new(Metrics::with_labels(
             current.top_culprits,
             current.expire_after,
@@ -359,7 +363,7 @@ impl Daemon {
     /// Watches the given processes and those the rules select, then tells
     /// the journal and systemd that the daemon is ready.
     fn watch_at_start(&mut self) {
-        let mut maps = Maps::of(&mut self.session);
+        let mut maps = Tags::of(&mut self.session.maps);
         for &pid in &self.current.pids {
             let rule = self.state.rules.rule;
             maps.watch(&mut self.state, pid, rule);
@@ -386,7 +390,7 @@ impl Daemon {
                 guard = self.session.ring.readable_mut() => {
                     let mut guard = guard?;
                     let (state, metrics) = (&mut self.state, &self.metrics);
-                    self.pipeline.drain(guard.get_inner_mut(), &mut self.session.parks, |o| state.take(o, metrics));
+                    self.pipeline.drain(guard.get_inner_mut(), &mut self.session.maps.parks, |o| state.take(o, metrics));
                     guard.clear_ready();
                     self.after_drain();
                 }
@@ -403,7 +407,7 @@ impl Daemon {
     /// those that exited.
     fn after_drain(&mut self) {
         let state = &mut self.state;
-        let mut maps = Maps::of(&mut self.session);
+        let mut maps = Tags::of(&mut self.session.maps);
         for pid in std::mem::take(&mut state.to_watch) {
             if let Some(rule) =
                 targets::process_name(pid).and_then(|c| state.rules.rule_for(pid, &c))
@@ -441,26 +445,24 @@ impl Daemon {
                 }
                 Err(e) => eprintln!("blockwatch: error: reload refused: {e}"),
             },
-            Err(e) => {
-                let msg = e
-                    .chain()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(": ");
-                eprintln!(
-                    "blockwatch: error: reload refused, keeping the running configuration: {msg}"
-                );
-            }
+            Err(e) => eprintln!(
+                "blockwatch: error: reload refused, keeping the running configuration: {e:#}"
+            ),
         }
     }
 
     /// Puts reloaded settings into effect: the kernel's threshold, the
     /// rules, the metrics' limits, and which processes are watched.
     fn apply_reload(&mut self, new: &Settings, rules: Rules) {
-        if let Err(e) = self.session.config.set(0, kernel_config(new, &rules), 0) {
+        if let Err(e) = self
+            .session
+            .maps
+            .config
+            .set(0, kernel_config(new, &rules), 0)
+        {
             warn!("cannot update the kernel configuration: {e}");
         }
-        let (state, mut maps) = (&mut self.state, Maps::of(&mut self.session));
+        let (state, mut maps) = (&mut self.state, Tags::of(&mut self.session.maps));
         state.rules = rules;
         state.limit.set_rate(new.log_per_minute);
         self.metrics
@@ -503,7 +505,7 @@ impl Daemon {
         // Interpreter frames for the CPython processes among them
         // (each process is inspected a bounded number of times).
         let now = Instant::now();
-        let tagged = Maps::of(&mut self.session).tagged(state);
+        let tagged = Tags::of(&mut self.session.maps).tagged(state);
         // With --auto every process is watched, and nearly none is
         // Python: only those with a loop thread are worth reading
         // /proc/PID/maps for (an event needs a loop thread anyway).
@@ -515,12 +517,14 @@ impl Daemon {
                 .copied()
                 .collect();
             self.pipeline
-                .refresh_interpreters(pids, &mut self.session.pyprocs);
+                .refresh_interpreters(pids, &mut self.session.maps.pyprocs);
         } else {
-            self.pipeline
-                .refresh_interpreters(state.watched.iter().copied(), &mut self.session.pyprocs);
+            self.pipeline.refresh_interpreters(
+                state.watched.iter().copied(),
+                &mut self.session.maps.pyprocs,
+            );
         }
-        let (counters, detectors) = (&self.session.counters, &self.session.detectors);
+        let (counters, detectors) = (&self.session.maps.counters, &self.session.detectors);
         let lost = counters
             .get(&COUNTER_LOST_EVENTS, 0)
             .map(|v| v.iter().sum())

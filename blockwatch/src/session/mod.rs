@@ -11,13 +11,12 @@ pub mod trace;
 use std::time::Duration;
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
-use blockwatch_common::{Config, PyProc, ThreadTag, WatchRule};
+use aya::maps::{MapData, RingBuf};
 use log::debug;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::bpf::{self, LoopDetectors, LoopOptions};
+use crate::bpf::{self, LoopDetectors, LoopOptions, Maps};
 
 /// What a session asks of the kernel programs at start.
 #[derive(Clone, Copy, Debug)]
@@ -37,12 +36,7 @@ pub struct StartOptions {
 pub struct Session {
     /// Records from the kernel, readable on the tokio runtime.
     pub ring: AsyncFd<RingBuf<MapData>>,
-    pub threads: HashMap<MapData, u32, ThreadTag>,
-    pub watched: HashMap<MapData, u32, WatchRule>,
-    pub parks: HashMap<MapData, u32, u64>,
-    pub pyprocs: HashMap<MapData, u32, PyProc>,
-    pub config: Array<MapData, Config>,
-    pub counters: PerCpuArray<MapData, u64>,
+    pub maps: Maps,
     pub detectors: LoopDetectors,
     /// Keeps the programs attached; dropping it detaches everything.
     pub ebpf: Ebpf,
@@ -74,12 +68,7 @@ impl Session {
             .map_err(|e| e.into_parts().1)?;
         Ok(Self {
             ring,
-            threads: loaded.threads,
-            watched: loaded.watched,
-            parks: loaded.parks,
-            pyprocs: loaded.pyprocs,
-            config: loaded.config,
-            counters: loaded.counters,
+            maps: loaded.maps,
             detectors,
             ebpf: loaded.ebpf,
         })

@@ -137,7 +137,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
 
     // Events of the last moments (a command's final blocking call) are
     // already in the ring buffer: report them before the summary.
-    pipeline.drain(session.ring.get_mut(), &mut session.parks, |o| sink.take(o));
+    pipeline.drain(session.ring.get_mut(), &mut session.maps.parks, |o| {
+        sink.take(o)
+    });
     sink.check()?;
     let mut reporter = sink.reporter;
     report_losses(&mut reporter, &session, &pipeline);
@@ -187,8 +189,8 @@ async fn watch_targets(
 ) -> anyhow::Result<Option<targets::Command>> {
     let rule = args.threads.rule(false);
     let mut maps = TagMaps {
-        threads: &mut session.threads,
-        watched: &mut session.watched,
+        threads: &mut session.maps.threads,
+        watched: &mut session.maps.watched,
     };
     for &pid in &args.pids {
         maps.watch_process(pid, rule)?;
@@ -197,7 +199,7 @@ async fn watch_targets(
         maps.tag_thread(tid)?;
     }
     if !selector.is_empty() {
-        session.config.set(
+        session.maps.config.set(
             0,
             Config {
                 threshold_ns: threshold_ns(args.threshold),
@@ -257,11 +259,11 @@ async fn watch_until_stop(
         tokio::select! {
             guard = session.ring.readable_mut() => {
                 let mut guard = guard?;
-                pipeline.drain(guard.get_inner_mut(), &mut session.parks, |o| sink.take(o));
+                pipeline.drain(guard.get_inner_mut(), &mut session.maps.parks, |o| sink.take(o));
                 guard.clear_ready();
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
-                    let mut maps = TagMaps { threads: &mut session.threads, watched: &mut session.watched };
+                    let mut maps = TagMaps { threads: &mut session.maps.threads, watched: &mut session.maps.watched };
                     if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }
@@ -274,8 +276,8 @@ async fn watch_until_stop(
                 return Ok(Stop::CommandExited(status.context("waiting for the command")?));
             }
             _ = tick.tick() => {
-                let pids: Vec<u32> = session.watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
-                pipeline.refresh_interpreters(pids, &mut session.pyprocs);
+                let pids: Vec<u32> = session.maps.watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
+                pipeline.refresh_interpreters(pids, &mut session.maps.pyprocs);
                 if sink.watch.all_gone() {
                     return Ok(Stop::TargetsGone);
                 }
@@ -296,7 +298,7 @@ async fn wait_for(
 
 /// Warns of what the kernel or the decoder lost.
 fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline) {
-    let (counters, detectors) = (&session.counters, &session.detectors);
+    let (counters, detectors) = (&session.maps.counters, &session.detectors);
     let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let lost = counter(COUNTER_LOST_EVENTS);
     if lost > 0 {

@@ -1,5 +1,7 @@
-//! The daemon's configuration: a TOML file, validated whole at start (and
-//! at each reload), with command-line flags on top.
+//! What blockwatch runs with: every default (for `trace`'s flags and the
+//! daemon alike), the validators the flags and the config keys share, and
+//! the daemon's configuration, a TOML file validated whole at start (and
+//! at each reload) with command-line flags on top ([`Overrides`]).
 //!
 //! Every error names the file, the line and the key, so a typo in a unit
 //! file's config is found from the journal alone. Unknown keys are errors:
