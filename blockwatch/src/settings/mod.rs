@@ -9,7 +9,7 @@
 
 pub mod duration;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::targets::ThreadsMode;
 use crate::targets::selector::{Patterns, Selector};
 
 /// localhost only: metrics name processes and functions of the host.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9747";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9747));
 /// `--threshold`: waits shorter than this are not reported.
 pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
 /// Default `--stall-threshold`: asyncio's own `slow_callback_duration`
@@ -168,7 +168,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_LISTEN.parse().expect("a valid constant"),
+            listen: DEFAULT_LISTEN,
             threshold: DEFAULT_THRESHOLD,
             threads: ThreadsMode::Loop,
             auto: false,
@@ -554,7 +554,7 @@ new_stacks_per_minute = 3
     fn the_packaged_example_is_valid() {
         let text = include_str!("../../../packaging/blockwatch.toml");
         let s = p(text).unwrap();
-        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.listen, DEFAULT_LISTEN);
         assert!(s.has_targets());
     }
 
