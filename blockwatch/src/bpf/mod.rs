@@ -1,8 +1,8 @@
 //! The kernel programs from user space, in the order a session needs them:
 //! [`preflight`] checks what loading needs (privileges, mounts) and says
-//! how to fix what is missing; [`load`] loads the programs with their
-//! frozen globals (kernel offsets from [`btf`], the user-stack size) and
-//! takes the maps user space talks to; [`attach`] attaches them to the
+//! how to fix what is missing; [`load`](mod@load) loads the programs with
+//! their frozen globals (kernel offsets from [`btf`], the user-stack size)
+//! and takes the maps user space talks to; [`attach`] attaches them to the
 //! scheduler tracepoints (BTF or raw), and the strict and stall detectors
 //! to the syscall tracepoints and a perf event per CPU.
 //!
