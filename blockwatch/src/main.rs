@@ -35,13 +35,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            // One line: the error and its causes, outermost first.
-            let msg = e
-                .chain()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("blockwatch: error: {msg}");
+            // One line: the error and its causes, outermost first
+            // (anyhow's alternate form joins them with ": ").
+            eprintln!("blockwatch: error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use blockwatch_common::{TAG_CANDIDATE, TAG_LOOP};
 
-use crate::bpf::loader::{self, Loaded};
+use crate::bpf::{self, Loaded};
 use crate::ingest::decode::{self, BlockRecord, Record};
 use crate::targets::{TagMaps, ThreadsMode};
 
@@ -64,8 +64,8 @@ fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
 
 fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
     TagMaps {
-        threads: &mut loaded.threads,
-        watched: &mut loaded.watched,
+        threads: &mut loaded.maps.threads,
+        watched: &mut loaded.maps.watched,
     }
     .watch_process(pid, mode.rule(false))
     .expect("watch");
@@ -94,7 +94,7 @@ fn raw_tracepoints_detect_the_same() {
 }
 
 fn asyncio_sleep_is_reported(force_raw: bool) {
-    let mut loaded = loader::load(20_000_000, force_raw).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, force_raw).expect("load (run as root)");
     let mut child = python(ASYNCIO_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);
@@ -115,7 +115,7 @@ fn asyncio_sleep_is_reported(force_raw: bool) {
 
 #[test]
 fn threads_main_reports_blocking_before_the_loop_too() {
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let mut child = python("import time; time.sleep(0.3); time.sleep(0.05)");
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Main);
@@ -132,7 +132,7 @@ fn threads_main_reports_blocking_before_the_loop_too() {
 
 #[test]
 fn new_threads_are_tagged_and_exited_ones_forgotten() {
-    let mut loaded = loader::load(1_000_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(1_000_000_000, false).expect("load (run as root)");
     // The process waits for a line on stdin, then starts and joins threads.
     let mut child = Command::new("python3")
         .args([
@@ -161,7 +161,11 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     let tids: Vec<u32> = crate::targets::threads_of(pid);
     assert!(tids.len() > 20, "threads running: {tids:?}");
     for tid in &tids {
-        let tag = loaded.threads.get(tid, 0).expect("every thread is tagged");
+        let tag = loaded
+            .maps
+            .threads
+            .get(tid, 0)
+            .expect("every thread is tagged");
         assert_eq!(tag.tgid, pid);
         assert!(tag.tag == TAG_CANDIDATE || tag.tag == TAG_LOOP);
     }
@@ -169,25 +173,25 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     let alive = crate::targets::threads_of(pid);
     for tid in tids.iter().filter(|t| !alive.contains(t)) {
         assert!(
-            loaded.threads.get(tid, 0).is_err(),
+            loaded.maps.threads.get(tid, 0).is_err(),
             "exited thread {tid} is still tagged"
         );
     }
     writeln!(stdin).unwrap();
     child.wait().unwrap();
     assert!(
-        loaded.threads.get(&pid, 0).is_err(),
+        loaded.maps.threads.get(&pid, 0).is_err(),
         "exited process still tagged"
     );
     assert!(
-        loaded.watched.get(&pid, 0).is_err(),
+        loaded.maps.watched.get(&pid, 0).is_err(),
         "exited process still watched"
     );
 }
 
 #[test]
 fn only_watched_processes_produce_events() {
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let script = "import time\ntime.sleep(0.2)\nfor _ in range(5): time.sleep(0.05)";
     let mut watched = python(script);
     let mut unwatched = python(script);
@@ -223,7 +227,7 @@ asyncio.run(main())
 fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     const NR_POLL: i64 = 7;
     const NR_EPOLL_WAIT: i64 = 232;
-    let mut loaded = loader::load(20_000_000, false).expect("load (run as root)");
+    let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let mut child = python(FOREIGN_WAITS_SUBJECT);
     let pid = child.id();
     watch(&mut loaded, pid, ThreadsMode::Loop);

@@ -1,13 +1,19 @@
-//! Command-line interface.
+//! The command line, as clap definitions: the flags, their help, and how
+//! they map onto [`settings`](crate::settings) and the other stages' plain
+//! options. Defaults and validation live in `settings`; the help texts that
+//! quote a default are checked against it in the tests below.
 
 use std::ffi::OsString;
 use std::time::Duration;
 
-use blockwatch_common::{DEFAULT_USER_STACK, MAX_USER_STACK};
 use clap::{Args, Parser, Subcommand};
 
+use crate::bpf::LoopOptions;
 use crate::output::report::OutputFormat;
 use crate::settings::duration::clap_duration;
+use crate::settings::{
+    DEFAULT_USER_STACK_SIZE, Overrides, parse_stall_threshold, parse_user_stack_size,
+};
 use crate::targets::ThreadsMode;
 use crate::targets::selector::Patterns;
 
@@ -94,11 +100,11 @@ pub struct TraceArgs {
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
     /// pointers only.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK, value_parser = user_stack_size)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_USER_STACK_SIZE, value_parser = parse_user_stack_size)]
     pub user_stack_size: u32,
 
     #[command(flatten)]
-    pub detectors: crate::pipeline::loops::DetectorArgs,
+    pub detectors: DetectorArgs,
 
     /// Stop after this long (default: until Ctrl-C or the command ends).
     #[arg(short, long, value_name = "DURATION", value_parser = clap_duration)]
@@ -149,11 +155,11 @@ pub struct DaemonArgs {
     /// (code without frame pointers), at most 32768; 0 uses frame
     /// pointers only [default: 16384]. Read at start (a reload does not
     /// change it).
-    #[arg(long, value_name = "BYTES", value_parser = user_stack_size)]
+    #[arg(long, value_name = "BYTES", value_parser = parse_user_stack_size)]
     pub user_stack_size: Option<u32>,
 
     #[command(flatten)]
-    pub detectors: crate::pipeline::loops::DetectorArgs,
+    pub detectors: DetectorArgs,
 
     /// Watch every process on the host (but the config's exclude_comms and
     /// blockwatch itself) and report the threads that run event loops.
@@ -205,22 +211,60 @@ impl MatchArgs {
     }
 }
 
-/// `--user-stack-size`: 0 to `MAX_USER_STACK` bytes.
-fn user_stack_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
-    check_user_stack_size(i64::from(n))
+/// `--strict` and `--stall-threshold`, shared by trace and daemon.
+#[derive(Clone, Debug, Default, Args)]
+pub struct DetectorArgs {
+    /// Strict syscall mode: also count every blocking-class syscall (open,
+    /// stat, listdir, sleep, fsync, flock, ...) of a loop thread that does
+    /// not leave the CPU, as Home Assistant's checks do. Each distinct
+    /// stack is reported once as a `strict` event; all calls are counted in
+    /// the summary and metrics. COST: attaches the raw_syscalls
+    /// tracepoints, which slow every syscall of every process on the host
+    /// for as long as blockwatch runs: measured +50 ns per syscall
+    /// (getppid 84 -> 135 ns, 1.6x) on a 2-core 6.18 VM, up to +250 ns
+    /// (2x) on other machines. Syscall-heavy hosts feel it; off by default.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Report a loop thread that stays on the CPU this long without
+    /// reaching its idle wait (a CPU-heavy callback) as a `stall`, with
+    /// stacks sampled at 99 Hz while it runs; `off` disables
+    /// [default: 100ms, asyncio's slow_callback_duration].
+    #[arg(long, value_name = "DURATION|off", value_parser = parse_stall_threshold)]
+    pub stall_threshold: Option<Duration>,
 }
 
-/// The bounds of a user-stack copy, for the flag and the config key.
-pub fn check_user_stack_size(n: i64) -> Result<u32, String> {
-    if n < 0 || n as usize > MAX_USER_STACK {
-        return Err(format!(
-            "{n} bytes is out of range: use 0 (frame pointers only) to {MAX_USER_STACK}"
-        ));
+impl DetectorArgs {
+    /// The detectors' options, `default_stall` applying when the flag was
+    /// not given (a zero duration turns the stall detector off).
+    pub fn options(&self, default_stall: Option<Duration>) -> LoopOptions {
+        let stall = match self.stall_threshold {
+            Some(d) => Some(d),
+            None => default_stall,
+        };
+        LoopOptions {
+            strict: self.strict,
+            stall_threshold: stall.filter(|d| !d.is_zero()),
+        }
     }
-    Ok(n as u32)
+}
+
+impl DaemonArgs {
+    /// The flags that override the config file.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            threshold: self.threshold,
+            threads: self.threads,
+            auto: self.auto,
+            select: self.matching.patterns(&self.comms),
+            pids: self.pids.clone(),
+            container_labels: self.container_labels,
+            strict: self.detectors.strict,
+            stall_threshold: self.detectors.stall_threshold,
+            user_stack_size: self.user_stack_size,
+        }
+    }
 }
 
 impl TraceArgs {
@@ -238,7 +282,10 @@ impl TraceArgs {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory as _;
+
     use super::*;
+    use crate::settings::{DEFAULT_LISTEN, DEFAULT_STALL_THRESHOLD, DEFAULT_THRESHOLD};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("blockwatch").chain(args.iter().copied()))
@@ -251,7 +298,7 @@ mod tests {
         };
         assert_eq!(t.pids, vec![1]);
         assert_eq!(t.threads, ThreadsMode::Loop);
-        assert_eq!(t.threshold, Duration::from_millis(10));
+        assert_eq!(t.threshold, DEFAULT_THRESHOLD);
         assert_eq!(t.output, OutputFormat::Text);
         assert!(t.duration.is_none() && t.command.is_empty());
     }
@@ -345,7 +392,7 @@ mod tests {
         let Command::Trace(t) = parse(&["trace", "--pid", "1"]).unwrap().command else {
             panic!("not trace")
         };
-        assert_eq!(t.user_stack_size, DEFAULT_USER_STACK);
+        assert_eq!(t.user_stack_size, DEFAULT_USER_STACK_SIZE);
         let Command::Trace(t) = parse(&["trace", "--user-stack-size", "0", "-p", "1"])
             .unwrap()
             .command
@@ -371,5 +418,60 @@ mod tests {
             panic!("not trace")
         };
         assert!(!t.has_targets());
+    }
+
+    #[test]
+    fn detector_flags_become_options() {
+        let d = |s: Option<Duration>| DetectorArgs {
+            strict: true,
+            stall_threshold: s,
+        };
+        let o = d(None).options(Some(DEFAULT_STALL_THRESHOLD));
+        assert!(o.strict);
+        assert_eq!(o.stall_threshold, Some(Duration::from_millis(100)));
+        assert_eq!(
+            d(Some(Duration::ZERO))
+                .options(Some(DEFAULT_STALL_THRESHOLD))
+                .stall_threshold,
+            None
+        );
+        assert_eq!(
+            d(Some(Duration::from_secs(1)))
+                .options(None)
+                .stall_threshold,
+            Some(Duration::from_secs(1))
+        );
+        let Command::Trace(t) = parse(&["trace", "--stall-threshold", "off", "-p", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not trace")
+        };
+        assert_eq!(t.detectors.stall_threshold, Some(Duration::ZERO));
+    }
+
+    /// The defaults the help quotes in prose are the ones settings applies.
+    #[test]
+    fn help_quotes_the_settings_defaults() {
+        let mut cli = Cli::command();
+        let help = |cli: &mut clap::Command, sub: &str| {
+            cli.find_subcommand_mut(sub)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string()
+        };
+        let daemon = help(&mut cli, "daemon");
+        for default in [
+            format!("[default: {DEFAULT_LISTEN}]"),
+            format!("[default: {}ms]", DEFAULT_THRESHOLD.as_millis()),
+            format!("[default: {DEFAULT_USER_STACK_SIZE}]"),
+            format!("[default: {}ms,", DEFAULT_STALL_THRESHOLD.as_millis()),
+            format!("sampled at {} Hz", crate::bpf::SAMPLE_HZ),
+        ] {
+            assert!(daemon.contains(&default), "{default} in\n{daemon}");
+        }
+        let trace = help(&mut cli, "trace");
+        let default = format!("[default: {}ms]", DEFAULT_THRESHOLD.as_millis());
+        assert!(trace.contains(&default), "{default} in\n{trace}");
     }
 }

@@ -22,68 +22,10 @@ pub const MAX_SAMPLES_PER_STALL: usize = 32;
 /// Distinct raw strict stacks whose symbolization is cached.
 const MAX_CACHED_STACKS: usize = 4096;
 
-/// Default `--stall-threshold`: asyncio's own `slow_callback_duration`
-/// (what `PYTHONASYNCIODEBUG=1` warns about) is 100 ms.
-pub const DEFAULT_STALL_THRESHOLD: std::time::Duration = std::time::Duration::from_millis(100);
-/// Sampling frequency of busy loop threads, per CPU.
-pub const SAMPLE_HZ: u64 = 99;
-
-/// `--strict` and `--stall-threshold`, shared by trace and daemon.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct DetectorArgs {
-    /// Strict syscall mode: also count every blocking-class syscall (open,
-    /// stat, listdir, sleep, fsync, flock, ...) of a loop thread that does
-    /// not leave the CPU, as Home Assistant's checks do. Each distinct
-    /// stack is reported once as a `strict` event; all calls are counted in
-    /// the summary and metrics. COST: attaches the raw_syscalls
-    /// tracepoints, which slow every syscall of every process on the host
-    /// for as long as blockwatch runs: measured +50 ns per syscall
-    /// (getppid 84 -> 135 ns, 1.6x) on a 2-core 6.18 VM, up to +250 ns
-    /// (2x) on other machines. Syscall-heavy hosts feel it; off by default.
-    #[arg(long)]
-    pub strict: bool,
-
-    /// Report a loop thread that stays on the CPU this long without
-    /// reaching its idle wait (a CPU-heavy callback) as a `stall`, with
-    /// stacks sampled at 99 Hz while it runs; `off` disables
-    /// [default: 100ms, asyncio's slow_callback_duration].
-    #[arg(long, value_name = "DURATION|off", value_parser = clap_stall_threshold)]
-    pub stall_threshold: Option<std::time::Duration>,
-}
-
-/// `off` (as `Duration::ZERO`) or a duration with its unit.
-pub fn clap_stall_threshold(s: &str) -> Result<std::time::Duration, String> {
-    if s.eq_ignore_ascii_case("off") {
-        return Ok(std::time::Duration::ZERO);
-    }
-    match crate::settings::duration::clap_duration(s)? {
-        d if d.is_zero() => Err("use `off` to disable stall detection".into()),
-        d => Ok(d),
-    }
-}
-
-impl DetectorArgs {
-    /// The loader's options, `default_stall` applying when the flag was
-    /// not given (a zero duration turns the stall detector off).
-    pub fn options(
-        &self,
-        default_stall: Option<std::time::Duration>,
-    ) -> crate::bpf::loader::LoopOptions {
-        let stall = match self.stall_threshold {
-            Some(d) => Some(d),
-            None => default_stall,
-        };
-        crate::bpf::loader::LoopOptions {
-            strict: self.strict,
-            stall_threshold: stall.filter(|d| !d.is_zero()),
-        }
-    }
-}
-
 /// `, 12 strict calls, 1 stall over 100ms` for the session's last line,
 /// naming only the detectors that ran.
 pub fn header_counts(
-    options: &crate::bpf::loader::LoopOptions,
+    options: &crate::bpf::LoopOptions,
     strict: u64,
     stalls: u64,
 ) -> Option<String> {
@@ -291,37 +233,6 @@ mod tests {
     }
 
     #[test]
-    fn stall_threshold_parses_off_and_durations() {
-        use std::time::Duration;
-        assert_eq!(clap_stall_threshold("off"), Ok(Duration::ZERO));
-        assert_eq!(
-            clap_stall_threshold("250ms"),
-            Ok(Duration::from_millis(250))
-        );
-        assert!(clap_stall_threshold("0ms").is_err());
-        assert!(clap_stall_threshold("100").is_err());
-        let d = |s: Option<Duration>| DetectorArgs {
-            strict: true,
-            stall_threshold: s,
-        };
-        let o = d(None).options(Some(DEFAULT_STALL_THRESHOLD));
-        assert!(o.strict);
-        assert_eq!(o.stall_threshold, Some(Duration::from_millis(100)));
-        assert_eq!(
-            d(Some(Duration::ZERO))
-                .options(Some(DEFAULT_STALL_THRESHOLD))
-                .stall_threshold,
-            None
-        );
-        assert_eq!(
-            d(Some(Duration::from_secs(1)))
-                .options(None)
-                .stall_threshold,
-            Some(Duration::from_secs(1))
-        );
-    }
-
-    #[test]
     fn raw_keys_tell_stacks_apart() {
         assert_eq!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(2, 9, 10)));
         assert_ne!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(1, 1, 11)));
@@ -340,7 +251,7 @@ mod kernel_tests {
     use std::process::{Command, Stdio};
     use std::time::{Duration, Instant};
 
-    use crate::bpf::loader::{self, LoopOptions};
+    use crate::bpf::{self, LoopOptions};
     use crate::ingest::decode::{self, LoopKind, LoopRecord, Record};
     use crate::targets::{TagMaps, ThreadsMode};
 
@@ -364,13 +275,14 @@ asyncio.run(main())
 
     #[test]
     fn strict_calls_stalls_and_samples_from_the_kernel() {
-        let mut loaded = loader::load(1_000_000_000, false).expect("load (run as root)");
-        let detectors = loader::enable_loop_detectors(
+        let mut loaded = bpf::load(1_000_000_000, false).expect("load (run as root)");
+        let detectors = bpf::enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions {
                 strict: true,
                 stall_threshold: Some(Duration::from_millis(100)),
             },
+            &crate::analyze::syscalls::strict_numbers(),
         )
         .expect("strict and stall programs");
         let mut child = Command::new("python3")
@@ -380,8 +292,8 @@ asyncio.run(main())
             .expect("python3");
         let pid = child.id();
         TagMaps {
-            threads: &mut loaded.threads,
-            watched: &mut loaded.watched,
+            threads: &mut loaded.maps.threads,
+            watched: &mut loaded.maps.watched,
         }
         .watch_process(pid, ThreadsMode::Loop.rule(false))
         .expect("watch");

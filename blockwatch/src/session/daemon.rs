@@ -1,7 +1,8 @@
-//! `blockwatch daemon`: a long-running session for systemd. It mirrors
-//! `trace` (load, tag, drain the ring buffer) but its outputs are
-//! Prometheus metrics, folded stacks over HTTP, and one journal line per
-//! new blocking stack.
+//! `blockwatch daemon`: a long-running session for systemd. It starts as
+//! `trace` does ([`Session::start`]), tags and drains the ring buffer the
+//! same way, but its outputs are Prometheus metrics, folded stacks over
+//! HTTP, and one journal line per new blocking stack; SIGHUP reloads its
+//! configuration.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -15,14 +16,15 @@ use blockwatch_common::{
     COUNTER_LOST_USER_STACKS, Config, TAG_LOOP, ThreadTag, WatchRule,
 };
 use log::{debug, info, warn};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::bpf::loader::{self, Loaded};
+use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
+use crate::session::notify::{sd_notify, watchdog_interval};
+use crate::session::rate_limit::RateLimit;
+use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::{self, Overrides, Settings};
 use crate::targets::selector::{Container, Selector, cgroup_paths, container_of};
 use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
@@ -33,23 +35,6 @@ const MAX_SEEN_STACKS: usize = 100_000;
 /// How often gauges (tagged threads) and expiry are refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
 
-impl DaemonArgs {
-    fn overrides(&self) -> Overrides {
-        Overrides {
-            listen: self.listen,
-            threshold: self.threshold,
-            threads: self.threads,
-            auto: self.auto,
-            select: self.matching.patterns(&self.comms),
-            pids: self.pids.clone(),
-            container_labels: self.container_labels,
-            strict: self.detectors.strict,
-            stall_threshold: self.detectors.stall_threshold,
-            user_stack_size: self.user_stack_size,
-        }
-    }
-}
-
 fn settings(file: Option<&Path>, o: &Overrides) -> anyhow::Result<Settings> {
     let mut s = match file {
         Some(p) => settings::load(p)?,
@@ -57,104 +42,6 @@ fn settings(file: Option<&Path>, o: &Overrides) -> anyhow::Result<Settings> {
     };
     s.apply(o)?;
     Ok(s)
-}
-
-/// Writes one message to systemd's notify socket, if there is one
-/// (`Type=notify`). The protocol is a datagram of `KEY=value` lines.
-pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let result = (|| -> std::io::Result<()> {
-        use std::os::unix::ffi::OsStrExt as _;
-        let sock = std::os::unix::net::UnixDatagram::unbound()?;
-        let bytes = path.as_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            // Abstract socket namespace (systemd's default in containers).
-            use std::os::linux::net::SocketAddrExt as _;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            sock.send_to_addr(msg.as_bytes(), &addr)?;
-        } else {
-            sock.send_to(msg.as_bytes(), Path::new(&path))?;
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        warn!("cannot notify systemd ({}): {e}", path.to_string_lossy());
-    }
-}
-
-/// The watchdog ping interval systemd asks for (half its timeout).
-fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok()
-        && pid.parse::<u32>().ok() != Some(std::process::id())
-    {
-        return None;
-    }
-    (usec > 0).then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(100)))
-}
-
-/// A token bucket: `per_minute` lines, in bursts of up to `per_minute`.
-#[derive(Debug)]
-pub struct RateLimit {
-    per_minute: u32,
-    tokens: f64,
-    last: Instant,
-    pub suppressed: u64,
-}
-
-impl RateLimit {
-    pub fn new(per_minute: u32, now: Instant) -> Self {
-        Self {
-            per_minute,
-            tokens: per_minute as f64,
-            last: now,
-            suppressed: 0,
-        }
-    }
-
-    pub fn set_rate(&mut self, per_minute: u32) {
-        self.per_minute = per_minute;
-        self.tokens = self.tokens.min(per_minute as f64);
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        let cap = self.per_minute as f64;
-        self.tokens = (self.tokens + dt * cap / 60.0).min(cap);
-    }
-
-    /// Whether one more line may be written now; counts it as suppressed
-    /// otherwise.
-    pub fn take(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-
-    /// The "N more suppressed" line, once a token is available again.
-    pub fn flush(&mut self, now: Instant) -> Option<String> {
-        if self.suppressed == 0 {
-            return None;
-        }
-        self.refill(now);
-        if self.tokens < 1.0 {
-            return None;
-        }
-        self.tokens -= 1.0;
-        let n = std::mem::take(&mut self.suppressed);
-        Some(format!(
-            "blockwatch: {n} more new blocking stacks suppressed (at most {} logged per minute; see /metrics and /stacks)",
-            self.per_minute
-        ))
-    }
 }
 
 /// Which processes the daemon watches.
@@ -288,16 +175,24 @@ impl State {
     }
 }
 
-struct Maps {
-    threads: BpfHashMap<MapData, u32, ThreadTag>,
-    watched: BpfHashMap<MapData, u32, WatchRule>,
+/// The kernel's tag maps, as the daemon uses them.
+struct Tags<'a> {
+    threads: &'a mut BpfHashMap<MapData, u32, ThreadTag>,
+    watched: &'a mut BpfHashMap<MapData, u32, WatchRule>,
 }
 
-impl Maps {
+impl<'a> Tags<'a> {
+    fn of(maps: &'a mut Maps) -> Self {
+        Self {
+            threads: &mut maps.threads,
+            watched: &mut maps.watched,
+        }
+    }
+
     fn watch(&mut self, state: &mut State, pid: u32, rule: WatchRule) {
         let mut tm = TagMaps {
-            threads: &mut self.threads,
-            watched: &mut self.watched,
+            threads: self.threads,
+            watched: self.watched,
         };
         match tm.watch_process(pid, rule) {
             Ok(_) => {
@@ -365,7 +260,7 @@ impl Maps {
 
 fn kernel_config(s: &Settings, rules: &Rules) -> Config {
     Config {
-        threshold_ns: s.threshold.as_nanos().min(u64::MAX as u128) as u64,
+        threshold_ns: threshold_ns(s.threshold),
         notify_all_execs: rules.needs_execs() as u8,
         ..Default::default()
     }
@@ -374,7 +269,7 @@ fn kernel_config(s: &Settings, rules: &Rules) -> Config {
 pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     let overrides = args.overrides();
     let config_path: Option<PathBuf> = args.config.clone();
-    let mut current = settings(config_path.as_deref(), &overrides)?;
+    let current = settings(config_path.as_deref(), &overrides)?;
     if !current.has_targets() {
         bail!(
             "nothing to watch: give --comm GLOB, --pid PID or --auto, or `targets` in the config file (see `blockwatch daemon --help`)"
@@ -387,183 +282,291 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // The port first: a taken port is the likeliest start failure and
     // needs no kernel work to report.
     let listener = crate::output::http::bind(current.listen).await?;
-    loader::check_privileges()?;
-
-    let mut loaded = loader::load_with_user_stack(
-        kernel_config(&current, &rules).threshold_ns,
-        loader::force_raw_from_env(),
-        current.user_stack_size,
-    )?;
-    // Strict mode and the stall threshold are read at start: a reload
-    // that changes them says so and takes effect at restart.
-    let detectors = loader::enable_loop_detectors(
-        &mut loaded.ebpf,
-        loader::LoopOptions {
+    // Strict mode, the stall threshold and the user-stack size are read at
+    // start: a reload that changes them says so and takes effect at
+    // restart.
+    let session = Session::start(&StartOptions {
+        threshold: current.threshold,
+        user_stack_size: current.user_stack_size,
+        loops: LoopOptions {
             strict: current.strict,
             stall_threshold: current.stall_threshold,
         },
-    )?;
-    let Loaded {
-        mode,
-        threads,
-        watched,
-        mut parks,
-        mut pyprocs,
-        mut config,
-        counters,
-        events,
-        logger,
-        ebpf,
-    } = loaded;
-    debug!("attach mode: {mode:?}");
-    if let Some(logger) = logger {
-        loader::forward_kernel_log(logger)?;
-    }
-    config.set(0, kernel_config(&current, &rules), 0)?;
-
-    let metrics = Arc::new(Mutex::new(Metrics::with_labels(
-        current.top_culprits,
-        current.expire_after,
-        current.container_labels,
-    )?));
-    crate::output::http::spawn(listener, metrics.clone());
-
-    let mut state = State {
-        rules,
-        watched: HashSet::new(),
-        explicit: current.pids.iter().copied().collect(),
-        to_watch: Vec::new(),
-        exited: Vec::new(),
-        seen: HashSet::new(),
-        limit: RateLimit::new(current.log_per_minute, Instant::now()),
-        runtimes: HashMap::new(),
-        containers: current.container_labels.then(HashMap::new),
-        loop_pids: HashSet::new(),
-    };
-    let mut maps = Maps { threads, watched };
-    for &pid in &current.pids {
-        let rule = state.rules.rule;
-        maps.watch(&mut state, pid, rule);
-    }
-    maps.scan(&mut state);
-
-    eprintln!("blockwatch: {}", current.describe());
-    sd_notify(&format!(
-        "READY=1\nSTATUS=watching {} processes",
-        state.watched.len()
-    ));
-
-    let mut pipeline = Pipeline::new();
-    // SAFETY: the ring buffer owns its map fd for its whole life.
-    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
-    let mut refresh = tokio::time::interval(REFRESH);
-    let watchdog = watchdog_interval();
-    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
-
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                pipeline.drain(guard.get_inner_mut(), &mut parks, |o| state.take(o, &metrics));
-                guard.clear_ready();
-                for pid in std::mem::take(&mut state.to_watch) {
-                    if let Some(rule) = targets::process_name(pid)
-                        .and_then(|c| state.rules.rule_for(pid, &c))
-                    {
-                        maps.watch(&mut state, pid, rule);
-                    }
-                }
-                let now = Instant::now();
-                let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-                for pid in std::mem::take(&mut state.exited) {
-                    state.watched.remove(&pid);
-                    state.runtimes.remove(&pid);
-                    if let Some(c) = state.containers.as_mut() {
-                        c.remove(&pid);
-                    }
-                    if state.explicit.remove(&pid) {
-                        info!("process {pid} exited");
-                    }
-                    m.agg.process_exit(pid, now);
-                }
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
-            _ = sighup.recv() => {
-                match reload(config_path.as_deref(), &overrides, &current) {
-                    Ok(new) => {
-                        apply_reload(&new, &current, &mut state, &mut maps, &metrics, &mut config);
-                        current = new;
-                        eprintln!("blockwatch: configuration reloaded; {}", current.describe());
-                    }
-                    Err(e) => {
-                        let msg = e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ");
-                        eprintln!("blockwatch: error: reload refused, keeping the running configuration: {msg}");
-                    }
-                }
-            }
-            _ = refresh.tick() => {
-                // Interpreter frames for the CPython processes among them
-                // (each process is inspected a bounded number of times).
-                let now = Instant::now();
-                let tagged = maps.tagged(&mut state);
-                // With --auto every process is watched, and nearly none is
-                // Python: only those with a loop thread are worth reading
-                // /proc/PID/maps for (an event needs a loop thread anyway).
-                if state.rules.auto {
-                    let pids: Vec<u32> = state.loop_pids.iter().chain(&state.explicit).copied().collect();
-                    pipeline.refresh_interpreters(pids.into_iter(), &mut pyprocs);
-                } else {
-                    pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
-                }
-                let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0)
-                    + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
-                let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
-                m.set_tagged(&tagged);
-                m.set_lost(lost);
-                for (what, index) in [
-                    ("stack", COUNTER_LOST_STACKS),
-                    ("user_stack", COUNTER_LOST_USER_STACKS),
-                    ("probe", COUNTER_LOST_PROBES),
-                    ("tag", COUNTER_LOST_TAGS),
-                ] {
-                    let total = counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-                    m.set_drops(what, total);
-                }
-                m.set_symbolization_failures(pipeline.symbol_failures());
-                // Exits the kernel did not report (processes it never
-                // watched, lost records): /proc is the truth.
-                for pid in m.agg.pids() {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
-                        m.agg.process_exit(pid, now);
-                    }
-                }
-                for name in m.expire(now) {
-                    debug!("series of {name} expired");
-                }
-                drop(m);
-                state.runtimes.retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
-                if let Some(line) = state.limit.flush(now) {
-                    eprintln!("{line}");
-                }
-            }
-            _ = watchdog_tick.tick(), if watchdog.is_some() => sd_notify("WATCHDOG=1"),
-        }
-    }
+    })?;
+    let mut daemon = Daemon::new(session, current, rules, overrides, config_path)?;
+    crate::output::http::spawn(listener, daemon.metrics.clone());
+    daemon.watch_at_start();
+    daemon.serve().await?;
 
     sd_notify("STOPPING=1");
     // Dropping the programs detaches them; nothing is left in the kernel.
-    drop(ring);
-    drop(maps);
-    drop(ebpf);
+    drop(daemon);
     eprintln!("blockwatch: detached; exiting");
     Ok(0)
 }
 
+/// The running daemon: its settings, the kernel's maps, and what it
+/// tracks between records.
+struct Daemon {
+    /// The settings in effect: a reload's values for what a reload
+    /// changes, the start's for the rest.
+    current: Settings,
+    overrides: Overrides,
+    config_path: Option<PathBuf>,
+    state: State,
+    metrics: Arc<Mutex<Metrics>>,
+    pipeline: Pipeline,
+    /// The kernel programs and maps; dropped last, which detaches them.
+    session: Session,
+}
+
+impl Daemon {
+    fn new(
+        mut session: Session,
+        current: Settings,
+        rules: Rules,
+        overrides: Overrides,
+        config_path: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        session
+            .maps
+            .config
+            .set(0, kernel_config(&current, &rules), 0)?;
+        let metrics = Arc::new(Mutex::new(Metrics::with_labels(
+            current.top_culprits,
+            current.expire_after,
+            current.container_labels,
+        )?));
+        let state = State {
+            rules,
+            watched: HashSet::new(),
+            explicit: current.pids.iter().copied().collect(),
+            to_watch: Vec::new(),
+            exited: Vec::new(),
+            seen: HashSet::new(),
+            limit: RateLimit::new(current.log_per_minute, Instant::now()),
+            runtimes: HashMap::new(),
+            containers: current.container_labels.then(HashMap::new),
+            loop_pids: HashSet::new(),
+        };
+        Ok(Self {
+            current,
+            overrides,
+            config_path,
+            state,
+            metrics,
+            pipeline: Pipeline::new(),
+            session,
+        })
+    }
+
+    /// Watches the given processes and those the rules select, then tells
+    /// the journal and systemd that the daemon is ready.
+    fn watch_at_start(&mut self) {
+        let mut maps = Tags::of(&mut self.session.maps);
+        for &pid in &self.current.pids {
+            let rule = self.state.rules.rule;
+            maps.watch(&mut self.state, pid, rule);
+        }
+        maps.scan(&mut self.state);
+        eprintln!("blockwatch: {}", self.current.describe());
+        sd_notify(&format!(
+            "READY=1\nSTATUS=watching {} processes",
+            self.state.watched.len()
+        ));
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut refresh = tokio::time::interval(REFRESH);
+        let watchdog = watchdog_interval();
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        loop {
+            tokio::select! {
+                guard = self.session.ring.readable_mut() => {
+                    let mut guard = guard?;
+                    let (state, metrics) = (&mut self.state, &self.metrics);
+                    self.pipeline.drain(guard.get_inner_mut(), &mut self.session.maps.parks, |o| state.take(o, metrics));
+                    guard.clear_ready();
+                    self.after_drain();
+                }
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+                _ = sighup.recv() => self.reload(),
+                _ = refresh.tick() => self.refresh(),
+                _ = watchdog_tick.tick(), if watchdog.is_some() => sd_notify("WATCHDOG=1"),
+            }
+        }
+    }
+
+    /// Watches the processes that exec'd into a selected name, forgets
+    /// those that exited.
+    fn after_drain(&mut self) {
+        let state = &mut self.state;
+        let mut maps = Tags::of(&mut self.session.maps);
+        for pid in std::mem::take(&mut state.to_watch) {
+            if let Some(rule) =
+                targets::process_name(pid).and_then(|c| state.rules.rule_for(pid, &c))
+            {
+                maps.watch(state, pid, rule);
+            }
+        }
+        let now = Instant::now();
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        for pid in std::mem::take(&mut state.exited) {
+            state.watched.remove(&pid);
+            state.runtimes.remove(&pid);
+            if let Some(c) = state.containers.as_mut() {
+                c.remove(&pid);
+            }
+            if state.explicit.remove(&pid) {
+                info!("process {pid} exited");
+            }
+            m.agg.process_exit(pid, now);
+        }
+    }
+
+    /// SIGHUP: rereads the config file; a file that does not validate
+    /// leaves everything as it was.
+    fn reload(&mut self) {
+        match reload(self.config_path.as_deref(), &self.overrides, &self.current) {
+            Ok(new) => match Rules::new(&new) {
+                Ok(rules) => {
+                    self.apply_reload(&new, rules);
+                    self.current = new;
+                    eprintln!(
+                        "blockwatch: configuration reloaded; {}",
+                        self.current.describe()
+                    );
+                }
+                Err(e) => eprintln!("blockwatch: error: reload refused: {e}"),
+            },
+            Err(e) => eprintln!(
+                "blockwatch: error: reload refused, keeping the running configuration: {e:#}"
+            ),
+        }
+    }
+
+    /// Puts reloaded settings into effect: the kernel's threshold, the
+    /// rules, the metrics' limits, and which processes are watched.
+    fn apply_reload(&mut self, new: &Settings, rules: Rules) {
+        if let Err(e) = self
+            .session
+            .maps
+            .config
+            .set(0, kernel_config(new, &rules), 0)
+        {
+            warn!("cannot update the kernel configuration: {e}");
+        }
+        let (state, mut maps) = (&mut self.state, Tags::of(&mut self.session.maps));
+        state.rules = rules;
+        state.limit.set_rate(new.log_per_minute);
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .agg
+            .set_limits(new.top_culprits, new.expire_after);
+        // Processes no rule selects any more are unwatched; new matches and
+        // new explicit PIDs are watched.
+        let explicit: HashSet<u32> = new.pids.iter().copied().collect();
+        let drop_pids: Vec<u32> = state
+            .watched
+            .iter()
+            .copied()
+            .filter(|&pid| {
+                !explicit.contains(&pid)
+                    && targets::process_name(pid)
+                        .and_then(|c| state.rules.rule_for(pid, &c))
+                        .is_none()
+            })
+            .collect();
+        for pid in drop_pids {
+            maps.unwatch(pid);
+            state.watched.remove(&pid);
+        }
+        for &pid in &new.pids {
+            if !self.current.pids.contains(&pid) && targets::validate_pid(pid).is_ok() {
+                let rule = state.rules.rule;
+                maps.watch(state, pid, rule);
+            }
+        }
+        state.explicit = explicit;
+        maps.scan(state);
+    }
+
+    /// Gauges, drop counters, interpreters, expiry and the rate limiter's
+    /// pending line, every [`REFRESH`].
+    fn refresh(&mut self) {
+        let state = &mut self.state;
+        // Interpreter frames for the CPython processes among them
+        // (each process is inspected a bounded number of times).
+        let now = Instant::now();
+        let tagged = Tags::of(&mut self.session.maps).tagged(state);
+        // With --auto every process is watched, and nearly none is
+        // Python: only those with a loop thread are worth reading
+        // /proc/PID/maps for (an event needs a loop thread anyway).
+        if state.rules.auto {
+            let pids: Vec<u32> = state
+                .loop_pids
+                .iter()
+                .chain(&state.explicit)
+                .copied()
+                .collect();
+            self.pipeline
+                .refresh_interpreters(pids, &mut self.session.maps.pyprocs);
+        } else {
+            self.pipeline.refresh_interpreters(
+                state.watched.iter().copied(),
+                &mut self.session.maps.pyprocs,
+            );
+        }
+        let (counters, detectors) = (&self.session.maps.counters, &self.session.detectors);
+        let lost = counters
+            .get(&COUNTER_LOST_EVENTS, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+            + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
+        let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        m.set_tagged(&tagged);
+        m.set_lost(lost);
+        for (what, index) in [
+            ("stack", COUNTER_LOST_STACKS),
+            ("user_stack", COUNTER_LOST_USER_STACKS),
+            ("probe", COUNTER_LOST_PROBES),
+            ("tag", COUNTER_LOST_TAGS),
+        ] {
+            let total = counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
+            m.set_drops(what, total);
+        }
+        m.set_symbolization_failures(self.pipeline.symbol_failures());
+        // Exits the kernel did not report (processes it never
+        // watched, lost records): /proc is the truth.
+        for pid in m.agg.pids() {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                m.agg.process_exit(pid, now);
+            }
+        }
+        for name in m.expire(now) {
+            debug!("series of {name} expired");
+        }
+        drop(m);
+        state
+            .runtimes
+            .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+        if let Some(line) = state.limit.flush(now) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// The config file's new settings, for a reload. Those read only at start
+/// keep their running values, so that the settings always say what is in
+/// effect (and the next reload compares against that); a change to one of
+/// them is reported as waiting for a restart.
 fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Result<Settings> {
     let Some(file) = file else {
         bail!("no --config file to reload");
@@ -587,94 +590,30 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
     {
         warn!("strict, stall_threshold and user_stack_size changes take effect at restart");
     }
+    if new.container_labels != current.container_labels {
+        // The label names of every series would change under Prometheus.
+        eprintln!(
+            "blockwatch: warning: container_labels changes only at restart; still {}",
+            if current.container_labels {
+                "on"
+            } else {
+                "off"
+            }
+        );
+    }
     Ok(Settings {
         listen: current.listen,
         strict: current.strict,
         stall_threshold: current.stall_threshold,
+        user_stack_size: current.user_stack_size,
+        container_labels: current.container_labels,
         ..new
     })
-}
-
-fn apply_reload(
-    new: &Settings,
-    old: &Settings,
-    state: &mut State,
-    maps: &mut Maps,
-    metrics: &Mutex<Metrics>,
-    config: &mut aya::maps::Array<MapData, Config>,
-) {
-    let rules = match Rules::new(new) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("blockwatch: error: reload refused: {e}");
-            return;
-        }
-    };
-    if let Err(e) = config.set(0, kernel_config(new, &rules), 0) {
-        warn!("cannot update the kernel configuration: {e}");
-    }
-    if new.container_labels != old.container_labels {
-        // The label names of every series would change under Prometheus.
-        eprintln!(
-            "blockwatch: warning: container_labels changes only at restart; still {}",
-            if old.container_labels { "on" } else { "off" }
-        );
-    }
-    state.rules = rules;
-    state.limit.set_rate(new.log_per_minute);
-    metrics
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .agg
-        .set_limits(new.top_culprits, new.expire_after);
-    // Processes no rule selects any more are unwatched; new matches and
-    // new explicit PIDs are watched.
-    let explicit: HashSet<u32> = new.pids.iter().copied().collect();
-    let drop_pids: Vec<u32> = state
-        .watched
-        .iter()
-        .copied()
-        .filter(|&pid| {
-            !explicit.contains(&pid)
-                && targets::process_name(pid)
-                    .and_then(|c| state.rules.rule_for(pid, &c))
-                    .is_none()
-        })
-        .collect();
-    for pid in drop_pids {
-        maps.unwatch(pid);
-        state.watched.remove(&pid);
-    }
-    for &pid in &new.pids {
-        if !old.pids.contains(&pid) && targets::validate_pid(pid).is_ok() {
-            let rule = state.rules.rule;
-            maps.watch(state, pid, rule);
-        }
-    }
-    state.explicit = explicit;
-    maps.scan(state);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn token_bucket_limits_and_reports_suppressed() {
-        let t0 = Instant::now();
-        let mut l = RateLimit::new(10, t0);
-        let allowed = (0..25).filter(|_| l.take(t0)).count();
-        assert_eq!(allowed, 10);
-        assert_eq!(l.suppressed, 15);
-        assert_eq!(l.flush(t0), None, "no token yet");
-        let line = l.flush(t0 + Duration::from_secs(6)).unwrap();
-        assert!(line.contains("15 more"), "{line}");
-        assert_eq!(l.suppressed, 0);
-        assert!(!l.take(t0 + Duration::from_secs(6)), "the flush used it");
-        assert!(l.take(t0 + Duration::from_secs(12)));
-        let mut none = RateLimit::new(0, t0);
-        assert!(!none.take(t0 + Duration::from_secs(600)));
-    }
 
     #[test]
     fn auto_never_watches_itself_or_excluded_names() {
@@ -687,5 +626,42 @@ mod tests {
         assert!(r.rule_for(std::process::id(), "blockwatch").is_none());
         assert!(r.rule_for(1, "sshd-session").is_none());
         assert!(r.needs_execs());
+    }
+
+    /// Values read only at start stay those in effect across reloads; the
+    /// others take the file's.
+    #[test]
+    fn reload_keeps_the_values_in_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blockwatch.toml");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        write("user_stack_size = 8192\n[targets]\ncomms = [\"a\"]\n");
+        let o = Overrides::default();
+        let started = settings(Some(&path), &o).unwrap();
+        assert_eq!(started.user_stack_size, 8192);
+
+        write(
+            "user_stack_size = 0\nthreshold = \"50ms\"\nstrict = true\n\
+             [targets]\ncomms = [\"b\"]\n[metrics]\ncontainer_labels = true\n",
+        );
+        let first = reload(Some(&path), &o, &started).unwrap();
+        assert_eq!(first.user_stack_size, 8192, "needs a restart");
+        assert!(!first.strict && !first.container_labels);
+        assert_eq!(first.threshold, Duration::from_millis(50));
+        assert_eq!(first.select.comms, ["b"]);
+        // Compared with what runs, the change is still pending.
+        let second = reload(Some(&path), &o, &first).unwrap();
+        assert_eq!(second, first);
+
+        // A flag wins over the file, as at start.
+        let flag = Overrides {
+            user_stack_size: Some(4096),
+            ..Default::default()
+        };
+        let started = settings(Some(&path), &flag).unwrap();
+        assert_eq!(started.user_stack_size, 4096);
+        write("user_stack_size = 16384\n[targets]\ncomms = [\"a\"]\n");
+        let reloaded = reload(Some(&path), &flag, &started).unwrap();
+        assert_eq!(reloaded.user_stack_size, 4096);
     }
 }

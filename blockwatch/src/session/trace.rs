@@ -8,13 +8,14 @@ use blockwatch_common::{
     COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS, Config,
 };
 use log::{debug, info, warn};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 
-use crate::bpf::loader::{self, Loaded};
+use crate::bpf::LoopDetectors;
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
+use crate::session::{Session, StartOptions, threshold_ns};
+use crate::settings::DEFAULT_STALL_THRESHOLD;
+use crate::settings::duration::format_duration;
 use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
 
@@ -36,6 +37,36 @@ struct Sink {
 }
 
 impl Sink {
+    /// The sink, once its reporter has said what is watched and until
+    /// when.
+    fn new(args: &TraceArgs, selector: Selector, command: Option<&targets::Command>) -> Self {
+        let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+        let diag: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
+        let mut reporter = Reporter::new(args.output, out, diag);
+        let what = describe_targets(args, command);
+        reporter.diag(&format!(
+            "blockwatch: watching {what} for event-loop waits ≥ {}; {}",
+            format_duration(args.threshold),
+            if command.is_some() {
+                "stops when the command exits"
+            } else {
+                "Ctrl-C to stop"
+            }
+        ));
+        Sink {
+            reporter,
+            watch: Watch {
+                explicit_pids: args.pids.iter().copied().collect(),
+                selector,
+                rule: args.threads.rule(false),
+                to_watch: Vec::new(),
+                keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
+            },
+            threads_seen: HashSet::new(),
+            error: None,
+        }
+    }
+
     fn take(&mut self, output: Output) {
         match output {
             Output::Event(ev) => {
@@ -91,53 +122,75 @@ impl Watch {
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
+    let selector = check_targets(&args)?;
+    let mut session = Session::start(&StartOptions {
+        threshold: args.threshold,
+        user_stack_size: args.user_stack_size,
+        loops: args.detectors.options(Some(DEFAULT_STALL_THRESHOLD)),
+    })?;
+    let mut command = watch_targets(&args, &selector, &mut session).await?;
+    let mut sink = Sink::new(&args, selector, command.as_ref());
+    let mut pipeline = Pipeline::new();
+    let started = Instant::now();
+    let stop =
+        watch_until_stop(&args, &mut session, &mut pipeline, &mut sink, &mut command).await?;
+
+    // Events of the last moments (a command's final blocking call) are
+    // already in the ring buffer: report them before the summary.
+    pipeline.drain(session.ring.get_mut(), &mut session.maps.parks, |o| {
+        sink.take(o)
+    });
+    sink.check()?;
+    let mut reporter = sink.reporter;
+    report_losses(&mut reporter, &session, &pipeline);
+
+    let exit_code = match &stop {
+        Stop::CommandExited(status) => exit_code(status),
+        _ => 0,
+    };
+    let why = describe_stop(&stop, command.as_ref());
+    let found = describe_found(&args, &pipeline, &session.detectors);
+    let header = format!(
+        "blockwatch: {found} in {:.1}s on {} threads; {why}",
+        started.elapsed().as_secs_f64(),
+        sink.threads_seen.len(),
+    );
+    reporter.finish(&header)?;
+    if args.output == OutputFormat::Json {
+        debug!("json output finished");
+    }
+    Ok(exit_code)
+}
+
+/// Everything about the targets that can be checked without the kernel:
+/// there are some, the given processes and threads exist, the patterns
+/// are valid.
+fn check_targets(args: &TraceArgs) -> anyhow::Result<Selector> {
     if !args.has_targets() {
         bail!(
             "nothing to watch: give --pid PID, --tid TID, --comm/--exe/--cmdline/--cgroup/--unit GLOB, or a command after `--` (see `blockwatch trace --help`)"
         );
     }
-    // Everything that can be checked without the kernel is checked first.
     for &pid in &args.pids {
         targets::validate_pid(pid)?;
     }
     for &tid in &args.tids {
         targets::tgid_of(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
     }
-    let selector = Selector::new(&args.patterns())?;
-    loader::check_privileges()?;
+    Ok(Selector::new(&args.patterns())?)
+}
 
-    let threshold_ns = args.threshold.as_nanos().min(u64::MAX as u128) as u64;
-    let mut loaded = loader::load_with_user_stack(
-        threshold_ns,
-        loader::force_raw_from_env(),
-        args.user_stack_size,
-    )?;
-    let detectors = loader::enable_loop_detectors(
-        &mut loaded.ebpf,
-        args.detectors
-            .options(Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD)),
-    )?;
-    let Loaded {
-        mode,
-        mut threads,
-        mut watched,
-        mut parks,
-        mut pyprocs,
-        mut config,
-        counters,
-        events,
-        logger,
-        ebpf: _ebpf,
-    } = loaded;
-    debug!("attach mode: {mode:?}");
-    if let Some(logger) = logger {
-        loader::forward_kernel_log(logger)?;
-    }
-
+/// Tags the given processes and threads and the running processes the
+/// selector matches, then starts the command, if there is one.
+async fn watch_targets(
+    args: &TraceArgs,
+    selector: &Selector,
+    session: &mut Session,
+) -> anyhow::Result<Option<targets::Command>> {
     let rule = args.threads.rule(false);
     let mut maps = TagMaps {
-        threads: &mut threads,
-        watched: &mut watched,
+        threads: &mut session.maps.threads,
+        watched: &mut session.maps.watched,
     };
     for &pid in &args.pids {
         maps.watch_process(pid, rule)?;
@@ -146,10 +199,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         maps.tag_thread(tid)?;
     }
     if !selector.is_empty() {
-        config.set(
+        session.maps.config.set(
             0,
             Config {
-                threshold_ns,
+                threshold_ns: threshold_ns(args.threshold),
                 notify_all_execs: 1,
                 ..Default::default()
             },
@@ -163,52 +216,31 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let mut command: Option<targets::Command> = None;
-    if !args.command.is_empty() {
-        let rule = args.threads.rule(true);
-        let started =
-            targets::spawn_watched(&args.command, |pid| maps.watch_process(pid, rule).map(drop))
-                .await?;
-        command = Some(started);
+    if args.command.is_empty() {
+        return Ok(None);
     }
+    let rule = args.threads.rule(true);
+    let started =
+        targets::spawn_watched(&args.command, |pid| maps.watch_process(pid, rule).map(drop))
+            .await?;
+    Ok(Some(started))
+}
 
-    let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
-    let diag: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
-    let mut reporter = Reporter::new(args.output, out, diag);
-    let what = describe_targets(&args, command.as_ref());
-    reporter.diag(&format!(
-        "blockwatch: watching {what} for event-loop waits ≥ {}; {}",
-        crate::settings::duration::format_duration(args.threshold),
-        if command.is_some() {
-            "stops when the command exits"
-        } else {
-            "Ctrl-C to stop"
-        }
-    ));
-    let mut pipeline = Pipeline::new();
-    let mut sink = Sink {
-        reporter,
-        watch: Watch {
-            explicit_pids: args.pids.iter().copied().collect(),
-            selector,
-            rule,
-            to_watch: Vec::new(),
-            keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
-        },
-        threads_seen: HashSet::new(),
-        error: None,
-    };
-
+/// Drains the ring buffer into the sink, and watches the processes the
+/// selector picks as they exec, until the session ends.
+async fn watch_until_stop(
+    args: &TraceArgs,
+    session: &mut Session,
+    pipeline: &mut Pipeline,
+    sink: &mut Sink,
+    command: &mut Option<targets::Command>,
+) -> anyhow::Result<Stop> {
     // Processes of explicitly tagged threads are not in WATCHED.
     let tid_pids: Vec<u32> = args
         .tids
         .iter()
         .filter_map(|&t| targets::tgid_of(t))
         .collect();
-    let started = Instant::now();
-    // SAFETY: the ring buffer owns its map fd for its whole life.
-    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -221,43 +253,52 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     // Often enough that a Python program blocking soon after it starts
     // has its interpreter known (its Python frames) by then.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let has_command = command.is_some();
 
-    let stop = loop {
+    loop {
         tokio::select! {
-            guard = ring.readable_mut() => {
+            guard = session.ring.readable_mut() => {
                 let mut guard = guard?;
-                pipeline.drain(guard.get_inner_mut(), &mut parks, |o| sink.take(o));
+                pipeline.drain(guard.get_inner_mut(), &mut session.maps.parks, |o| sink.take(o));
                 guard.clear_ready();
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
-                    let mut maps = TagMaps { threads: &mut threads, watched: &mut watched };
+                    let mut maps = TagMaps { threads: &mut session.maps.threads, watched: &mut session.maps.watched };
                     if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }
                 }
             }
-            _ = &mut ctrl_c => break Stop::Interrupted,
-            _ = sigterm.recv() => break Stop::Interrupted,
-            _ = &mut deadline => break Stop::Duration,
-            status = async { command.as_mut().expect("guarded").child.wait().await }, if command.is_some() => {
-                break Stop::CommandExited(status.context("waiting for the command")?);
+            _ = &mut ctrl_c => return Ok(Stop::Interrupted),
+            _ = sigterm.recv() => return Ok(Stop::Interrupted),
+            _ = &mut deadline => return Ok(Stop::Duration),
+            status = wait_for(command), if has_command => {
+                return Ok(Stop::CommandExited(status.context("waiting for the command")?));
             }
             _ = tick.tick() => {
-                let pids: Vec<u32> = watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
-                pipeline.refresh_interpreters(pids, &mut pyprocs);
+                let pids: Vec<u32> = session.maps.watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
+                pipeline.refresh_interpreters(pids, &mut session.maps.pyprocs);
                 if sink.watch.all_gone() {
-                    break Stop::TargetsGone;
+                    return Ok(Stop::TargetsGone);
                 }
             }
         }
-    };
+    }
+}
 
-    // Events of the last moments (a command's final blocking call) are
-    // already in the ring buffer: report them before the summary.
-    pipeline.drain(ring.get_mut(), &mut parks, |o| sink.take(o));
-    sink.check()?;
-    let mut reporter = sink.reporter;
+/// The command's exit; never, without a command.
+async fn wait_for(
+    command: &mut Option<targets::Command>,
+) -> std::io::Result<std::process::ExitStatus> {
+    match command {
+        Some(c) => c.child.wait().await,
+        None => std::future::pending().await,
+    }
+}
 
+/// Warns of what the kernel or the decoder lost.
+fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline) {
+    let (counters, detectors) = (&session.maps.counters, &session.detectors);
     let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let lost = counter(COUNTER_LOST_EVENTS);
     if lost > 0 {
@@ -291,25 +332,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             pipeline.stats.decode_errors
         ));
     }
+}
 
-    let exit_code = match &stop {
-        Stop::CommandExited(status) => exit_code(status),
-        _ => 0,
-    };
-    let why = match &stop {
-        Stop::Interrupted => "interrupted".to_string(),
-        Stop::Duration => "duration reached".to_string(),
-        Stop::TargetsGone => "all watched processes exited".to_string(),
-        Stop::CommandExited(status) => format!(
-            "`{}` exited with {}",
-            command.as_ref().map(|c| c.display.as_str()).unwrap_or(""),
-            describe_status(status)
-        ),
-    };
+/// `12 blocking calls over 10ms, 3 strict calls` for the last line.
+fn describe_found(args: &TraceArgs, pipeline: &Pipeline, detectors: &LoopDetectors) -> String {
     let mut found = format!(
         "{} blocking calls over {}",
         pipeline.stats.events,
-        crate::settings::duration::format_duration(args.threshold),
+        format_duration(args.threshold),
     );
     if let Some(more) = crate::pipeline::loops::header_counts(
         &detectors.options,
@@ -318,16 +348,20 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     ) {
         found.push_str(&more);
     }
-    let header = format!(
-        "blockwatch: {found} in {:.1}s on {} threads; {why}",
-        started.elapsed().as_secs_f64(),
-        sink.threads_seen.len(),
-    );
-    reporter.finish(&header)?;
-    if args.output == OutputFormat::Json {
-        debug!("json output finished");
+    found
+}
+
+fn describe_stop(stop: &Stop, command: Option<&targets::Command>) -> String {
+    match stop {
+        Stop::Interrupted => "interrupted".to_string(),
+        Stop::Duration => "duration reached".to_string(),
+        Stop::TargetsGone => "all watched processes exited".to_string(),
+        Stop::CommandExited(status) => format!(
+            "`{}` exited with {}",
+            command.map(|c| c.display.as_str()).unwrap_or(""),
+            describe_status(status)
+        ),
     }
-    Ok(exit_code)
 }
 
 fn describe_targets(args: &TraceArgs, command: Option<&targets::Command>) -> String {

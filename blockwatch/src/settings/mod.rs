@@ -1,5 +1,7 @@
-//! The daemon's configuration: a TOML file, validated whole at start (and
-//! at each reload), with command-line flags on top.
+//! What blockwatch runs with: every default (for `trace`'s flags and the
+//! daemon alike), the validators the flags and the config keys share, and
+//! the daemon's configuration, a TOML file validated whole at start (and
+//! at each reload) with command-line flags on top ([`Overrides`]).
 //!
 //! Every error names the file, the line and the key, so a typo in a unit
 //! file's config is found from the journal alone. Unknown keys are errors:
@@ -7,25 +9,65 @@
 
 pub mod duration;
 
-use std::net::SocketAddr;
-use std::ops::Range;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use blockwatch_common::MAX_USER_STACK;
 use clap::ValueEnum as _;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::settings::duration::{format_duration, parse_duration};
+use crate::settings::duration::{clap_duration, format_duration, parse_duration};
 use crate::targets::ThreadsMode;
 use crate::targets::selector::{Patterns, Selector};
 
 /// localhost only: metrics name processes and functions of the host.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9747";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9747));
+/// `--threshold`: waits shorter than this are not reported.
 pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
+/// Default `--stall-threshold`: asyncio's own `slow_callback_duration`
+/// (what `PYTHONASYNCIODEBUG=1` warns about) is 100 ms.
+pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_millis(100);
+/// Bytes of a blocked thread's user stack copied for DWARF unwinding; the
+/// kernel programs' own default, so that both sides agree.
+pub const DEFAULT_USER_STACK_SIZE: u32 = blockwatch_common::DEFAULT_USER_STACK;
 pub const DEFAULT_TOP_CULPRITS: usize = 20;
 pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(600);
 pub const DEFAULT_LOG_PER_MINUTE: u32 = 10;
+
+/// `--user-stack-size`: a number of bytes within
+/// [`check_user_stack_size`]'s bounds.
+pub fn parse_user_stack_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    check_user_stack_size(i64::from(n))
+}
+
+/// The bounds of a user-stack copy, for the flag and the config key: 0
+/// to `MAX_USER_STACK` bytes.
+pub fn check_user_stack_size(n: i64) -> Result<u32, String> {
+    if n < 0 || n as usize > MAX_USER_STACK {
+        return Err(format!(
+            "{n} bytes is out of range: use 0 (frame pointers only) to {MAX_USER_STACK}"
+        ));
+    }
+    Ok(n as u32)
+}
+
+/// `--stall-threshold` and the `stall_threshold` key: `off` (as
+/// `Duration::ZERO`) or a duration with its unit.
+pub fn parse_stall_threshold(s: &str) -> Result<Duration, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    match clap_duration(s)? {
+        d if d.is_zero() => Err("use `off` to disable stall detection".into()),
+        d => Ok(d),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -126,7 +168,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            listen: DEFAULT_LISTEN.parse().expect("a valid constant"),
+            listen: DEFAULT_LISTEN,
             threshold: DEFAULT_THRESHOLD,
             threads: ThreadsMode::Loop,
             auto: false,
@@ -138,8 +180,8 @@ impl Default for Settings {
             container_labels: false,
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
             strict: false,
-            stall_threshold: Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD),
-            user_stack_size: blockwatch_common::DEFAULT_USER_STACK,
+            stall_threshold: Some(DEFAULT_STALL_THRESHOLD),
+            user_stack_size: DEFAULT_USER_STACK_SIZE,
         }
     }
 }
@@ -242,71 +284,53 @@ pub fn load(path: &Path) -> Result<Settings, ConfigError> {
 
 /// Validates `text` (the contents of `path`, named in errors).
 pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
-    let invalid = |span: Option<Range<usize>>, key: Option<&str>, msg: String| {
-        let start = span.map(|s| s.start).unwrap_or(0).min(text.len());
-        let line = text[..start].matches('\n').count() + 1;
-        let key = key.map(str::to_string).or_else(|| key_on_line(text, line));
+    let src = Source { path, text };
+    let file: File = toml::from_str(text).map_err(|e| {
+        // toml's message may quote the line; keep the first sentence.
+        let msg = e.message().trim().replace('\n', " ");
+        src.invalid(e.span(), None, msg)
+    })?;
+    let mut s = Settings::default();
+    src.top_level(&file, &mut s)?;
+    src.targets(&file.targets, &mut s)?;
+    src.metrics(&file.metrics, &mut s)?;
+    src.log(&file.log, &mut s)?;
+    Ok(s)
+}
+
+/// The file being parsed, for errors that name its line.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn invalid(&self, span: Option<Range<usize>>, key: Option<&str>, msg: String) -> ConfigError {
+        let start = span.map(|s| s.start).unwrap_or(0).min(self.text.len());
+        let line = self.text[..start].matches('\n').count() + 1;
+        let key = key
+            .map(str::to_string)
+            .or_else(|| key_on_line(self.text, line));
         ConfigError::Invalid {
-            path: path.to_path_buf(),
+            path: self.path.to_path_buf(),
             line,
             key,
             msg,
         }
-    };
-    let file: File = toml::from_str(text).map_err(|e| {
-        // toml's message may quote the line; keep the first sentence.
-        let msg = e.message().trim().replace('\n', " ");
-        invalid(e.span(), None, msg)
-    })?;
+    }
 
-    let mut s = Settings::default();
-    if let Some(l) = &file.listen {
-        s.listen = l.get_ref().parse().map_err(|_| {
-            invalid(
-                Some(l.span()),
-                Some("listen"),
-                format!(
-                    "{:?} is not an address: write IP:PORT, e.g. {DEFAULT_LISTEN}",
-                    l.get_ref()
-                ),
-            )
-        })?;
+    fn duration(&self, v: &Spanned<String>, key: &str) -> Result<Duration, ConfigError> {
+        parse_duration(v.get_ref())
+            .map_err(|e| self.invalid(Some(v.span()), Some(key), e.to_string()))
     }
-    let duration = |v: &Spanned<String>, key: &str| {
-        parse_duration(v.get_ref()).map_err(|e| invalid(Some(v.span()), Some(key), e.to_string()))
-    };
-    if let Some(t) = &file.threshold {
-        s.threshold = duration(t, "threshold")?;
-    }
-    if let Some(t) = &file.threads {
-        s.threads = ThreadsMode::from_str(t.get_ref(), true).map_err(|_| {
-            invalid(
-                Some(t.span()),
-                Some("threads"),
-                format!("{:?} is not a mode: use loop, main or all", t.get_ref()),
-            )
-        })?;
-    }
-    s.auto = file.auto.unwrap_or(false);
-    s.strict = file.strict.unwrap_or(false);
-    if let Some(n) = &file.user_stack_size {
-        s.user_stack_size = crate::cli::check_user_stack_size(*n.get_ref())
-            .map_err(|e| invalid(Some(n.span()), Some("user_stack_size"), e))?;
-    }
-    if let Some(t) = &file.stall_threshold {
-        s.stall_threshold = match crate::pipeline::loops::clap_stall_threshold(t.get_ref()) {
-            Ok(d) if d.is_zero() => None,
-            Ok(d) => Some(d),
-            Err(e) => return Err(invalid(Some(t.span()), Some("stall_threshold"), e)),
-        };
-    }
-    let globs = |v: &[Spanned<String>], key: &str| -> Result<Vec<String>, ConfigError> {
+
+    fn globs(&self, v: &[Spanned<String>], key: &str) -> Result<Vec<String>, ConfigError> {
         v.iter()
             .map(|g| {
                 crate::targets::selector::glob(g.get_ref())
                     .map(|_| g.get_ref().clone())
                     .map_err(|msg| {
-                        invalid(
+                        self.invalid(
                             Some(g.span()),
                             Some(key),
                             format!("invalid pattern {:?}: {msg}", g.get_ref()),
@@ -314,44 +338,105 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
                     })
             })
             .collect()
-    };
-    let t = &file.targets;
-    s.select = Patterns {
-        comms: globs(&t.comms, "targets.comms")?,
-        exes: globs(&t.exes, "targets.exes")?,
-        cmdlines: globs(&t.cmdlines, "targets.cmdlines")?,
-        cgroups: globs(&t.cgroups, "targets.cgroups")?,
-        units: globs(&t.units, "targets.units")?,
-    };
-    s.exclude_comms = globs(&file.targets.exclude_comms, "targets.exclude_comms")?;
-    s.pids = file.targets.pids;
-    if let Some(n) = &file.metrics.top_culprits {
+    }
+
+    /// `n` if within `range`; else an error whose fix is `use {hint}`.
+    fn in_range(
+        &self,
+        n: &Spanned<i64>,
+        key: &str,
+        range: RangeInclusive<i64>,
+        hint: &str,
+    ) -> Result<i64, ConfigError> {
         let v = *n.get_ref();
-        if !(1..=1000).contains(&v) {
-            return Err(invalid(
+        if !range.contains(&v) {
+            return Err(self.invalid(
                 Some(n.span()),
-                Some("metrics.top_culprits"),
-                format!("{v} is out of range: use 1 to 1000"),
+                Some(key),
+                format!("{v} is out of range: use {hint}"),
             ));
         }
-        s.top_culprits = v as usize;
+        Ok(v)
     }
-    s.container_labels = file.metrics.container_labels.unwrap_or(false);
-    if let Some(e) = &file.metrics.expire_after {
-        s.expire_after = duration(e, "metrics.expire_after")?;
-    }
-    if let Some(n) = &file.log.new_stacks_per_minute {
-        let v = *n.get_ref();
-        if !(0..=10_000).contains(&v) {
-            return Err(invalid(
-                Some(n.span()),
-                Some("log.new_stacks_per_minute"),
-                format!("{v} is out of range: use 0 (log none) to 10000"),
-            ));
+
+    /// The keys outside any table.
+    fn top_level(&self, file: &File, s: &mut Settings) -> Result<(), ConfigError> {
+        if let Some(l) = &file.listen {
+            s.listen = l.get_ref().parse().map_err(|_| {
+                self.invalid(
+                    Some(l.span()),
+                    Some("listen"),
+                    format!(
+                        "{:?} is not an address: write IP:PORT, e.g. {DEFAULT_LISTEN}",
+                        l.get_ref()
+                    ),
+                )
+            })?;
         }
-        s.log_per_minute = v as u32;
+        if let Some(t) = &file.threshold {
+            s.threshold = self.duration(t, "threshold")?;
+        }
+        if let Some(t) = &file.threads {
+            s.threads = ThreadsMode::from_str(t.get_ref(), true).map_err(|_| {
+                self.invalid(
+                    Some(t.span()),
+                    Some("threads"),
+                    format!("{:?} is not a mode: use loop, main or all", t.get_ref()),
+                )
+            })?;
+        }
+        s.auto = file.auto.unwrap_or(false);
+        s.strict = file.strict.unwrap_or(false);
+        if let Some(n) = &file.user_stack_size {
+            s.user_stack_size = check_user_stack_size(*n.get_ref())
+                .map_err(|e| self.invalid(Some(n.span()), Some("user_stack_size"), e))?;
+        }
+        if let Some(t) = &file.stall_threshold {
+            s.stall_threshold = match parse_stall_threshold(t.get_ref()) {
+                Ok(d) if d.is_zero() => None,
+                Ok(d) => Some(d),
+                Err(e) => return Err(self.invalid(Some(t.span()), Some("stall_threshold"), e)),
+            };
+        }
+        Ok(())
     }
-    Ok(s)
+
+    fn targets(&self, t: &Targets, s: &mut Settings) -> Result<(), ConfigError> {
+        s.select = Patterns {
+            comms: self.globs(&t.comms, "targets.comms")?,
+            exes: self.globs(&t.exes, "targets.exes")?,
+            cmdlines: self.globs(&t.cmdlines, "targets.cmdlines")?,
+            cgroups: self.globs(&t.cgroups, "targets.cgroups")?,
+            units: self.globs(&t.units, "targets.units")?,
+        };
+        s.exclude_comms = self.globs(&t.exclude_comms, "targets.exclude_comms")?;
+        s.pids = t.pids.clone();
+        Ok(())
+    }
+
+    fn metrics(&self, m: &Metrics, s: &mut Settings) -> Result<(), ConfigError> {
+        if let Some(n) = &m.top_culprits {
+            s.top_culprits =
+                self.in_range(n, "metrics.top_culprits", 1..=1000, "1 to 1000")? as usize;
+        }
+        s.container_labels = m.container_labels.unwrap_or(false);
+        if let Some(e) = &m.expire_after {
+            s.expire_after = self.duration(e, "metrics.expire_after")?;
+        }
+        Ok(())
+    }
+
+    fn log(&self, l: &Log, s: &mut Settings) -> Result<(), ConfigError> {
+        if let Some(n) = &l.new_stacks_per_minute {
+            s.log_per_minute = self.in_range(
+                n,
+                "log.new_stacks_per_minute",
+                0..=10_000,
+                "0 (log none) to 10000",
+            )? as u32;
+        }
+        Ok(())
+    }
 }
 
 /// The key assigned on line `line` (1-based), for errors whose message
@@ -469,7 +554,7 @@ new_stacks_per_minute = 3
     fn the_packaged_example_is_valid() {
         let text = include_str!("../../../packaging/blockwatch.toml");
         let s = p(text).unwrap();
-        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.listen, DEFAULT_LISTEN);
         assert!(s.has_targets());
     }
 
@@ -511,22 +596,10 @@ new_stacks_per_minute = 3
             .to_string();
         assert!(e.contains("--cgroup"), "{e}");
     }
-}
-
-#[cfg(test)]
-mod loop_tests {
-    use super::*;
-
-    fn p(text: &str) -> Result<Settings, ConfigError> {
-        parse(Path::new("/etc/blockwatch/blockwatch.toml"), text)
-    }
 
     #[test]
     fn user_stack_size_key() {
-        assert_eq!(
-            p("").unwrap().user_stack_size,
-            blockwatch_common::DEFAULT_USER_STACK
-        );
+        assert_eq!(p("").unwrap().user_stack_size, DEFAULT_USER_STACK_SIZE);
         let mut s = p("user_stack_size = 0\n").unwrap();
         assert_eq!(s.user_stack_size, 0);
         s.apply(&Overrides {
@@ -556,7 +629,7 @@ mod loop_tests {
         assert_eq!(s.stall_threshold, None);
         assert_eq!(
             p("").unwrap().stall_threshold,
-            Some(crate::pipeline::loops::DEFAULT_STALL_THRESHOLD)
+            Some(DEFAULT_STALL_THRESHOLD)
         );
         let e = p("\nstall_threshold = \"100\"\n").unwrap_err().to_string();
         assert!(
@@ -571,5 +644,16 @@ mod loop_tests {
         })
         .unwrap();
         assert!(s.strict && s.stall_threshold.is_none());
+    }
+
+    #[test]
+    fn stall_threshold_parses_off_and_durations() {
+        assert_eq!(parse_stall_threshold("off"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_stall_threshold("250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        assert!(parse_stall_threshold("0ms").is_err());
+        assert!(parse_stall_threshold("100").is_err());
     }
 }

@@ -1,0 +1,271 @@
+//! Attaches the loaded programs: the scheduler and task-lifecycle
+//! tracepoints (tp_btf, or their raw-tracepoint twins), and for the strict
+//! and stall detectors the raw syscall tracepoints and a cpu-clock perf
+//! event per CPU.
+
+use std::fmt::Display;
+
+use aya::{
+    Btf, Ebpf,
+    maps::{Array, MapData, PerCpuArray},
+    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint},
+};
+use blockwatch_common::LoopConfig;
+use log::{debug, info, warn};
+
+use crate::bpf::LoadError;
+use crate::bpf::load::take;
+
+/// Sampling frequency of busy loop threads, per CPU.
+pub const SAMPLE_HZ: u64 = 99;
+
+/// (tp_btf program, raw_tracepoint twin, tracepoint name)
+const ATTACHMENTS: &[(&str, &str, &str)] = &[
+    // Task lifecycle first, so no thread created while attaching is missed.
+    ("task_newtask", "task_newtask_raw", "task_newtask"),
+    (
+        "sched_process_exec",
+        "sched_process_exec_raw",
+        "sched_process_exec",
+    ),
+    (
+        "sched_process_exit",
+        "sched_process_exit_raw",
+        "sched_process_exit",
+    ),
+    ("sched_switch", "sched_switch_raw", "sched_switch"),
+];
+
+/// How the programs were attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    BtfTracepoints,
+    RawTracepoints,
+}
+
+/// Attaches the scheduler and task-lifecycle programs: the tp_btf ones
+/// where the kernel has BTF and `force_raw` is off, else (or if the first
+/// refuses) their raw-tracepoint twins.
+pub fn attach_tracepoints(ebpf: &mut Ebpf, force_raw: bool) -> Result<AttachMode, LoadError> {
+    let mut btf = if force_raw {
+        None
+    } else {
+        Btf::from_sys_fs().ok()
+    };
+    for &(btf_name, raw_name, tracepoint) in ATTACHMENTS {
+        if let Some(kernel_btf) = &btf {
+            match attach_btf(ebpf, btf_name, tracepoint, kernel_btf) {
+                Ok(()) => continue,
+                Err(e) if tracepoint == ATTACHMENTS[0].2 => {
+                    // Nothing attached yet: fall back wholesale.
+                    warn!("BTF tracepoints unavailable ({e}); using raw tracepoints");
+                    btf = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        attach_raw(ebpf, raw_name, tracepoint)?;
+    }
+    let mode = if btf.is_some() {
+        AttachMode::BtfTracepoints
+    } else {
+        AttachMode::RawTracepoints
+    };
+    info!("attached kernel programs ({mode:?})");
+    Ok(mode)
+}
+
+/// Program `name` as its type `P`; `what` names the attachment in errors.
+fn program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    what: &str,
+) -> Result<&'a mut P, LoadError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(|e| attach_error(what, e))
+}
+
+fn attach_error(what: &str, e: impl Display) -> LoadError {
+    LoadError::Attach {
+        tracepoint: what.to_string(),
+        err: e.to_string(),
+    }
+}
+
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<(), LoadError> {
+    let prog: &mut BtfTracePoint = program(ebpf, name, tracepoint)?;
+    prog.load(tracepoint, btf)
+        .map_err(|e| load_error(name, e))?;
+    prog.attach().map_err(|e| attach_error(tracepoint, e))?;
+    Ok(())
+}
+
+fn attach_raw(ebpf: &mut Ebpf, name: &'static str, tracepoint: &str) -> Result<(), LoadError> {
+    let prog: &mut RawTracePoint = program(ebpf, name, tracepoint)?;
+    prog.load().map_err(|e| load_error(name, e))?;
+    prog.attach(tracepoint)
+        .map_err(|e| attach_error(tracepoint, e))?;
+    Ok(())
+}
+
+fn load_error(program: &str, e: ProgramError) -> LoadError {
+    // The verifier log is long; show it only at -v.
+    if let ProgramError::LoadError { verifier_log, .. } = &e {
+        debug!("verifier log for {program}:\n{verifier_log}");
+    }
+    LoadError::Load(format!("{program}: {e}"))
+}
+
+/// What the strict and stall detectors are asked to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopOptions {
+    /// `--strict`: attach the syscall tracepoints.
+    pub strict: bool,
+    /// `--stall-threshold`; `None` leaves the stall detector off.
+    pub stall_threshold: Option<std::time::Duration>,
+}
+
+/// The strict and stall detectors, once attached: their counters.
+pub struct LoopDetectors {
+    pub options: LoopOptions,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl LoopDetectors {
+    /// Sum of one `LOOP_COUNTERS` slot over all CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// Configures the strict and stall detectors and attaches what they need:
+/// the syscall tracepoints for `strict` (every syscall on the host pays for
+/// them), a cpu-clock perf event per CPU for stall samples.
+/// `strict_syscalls` are the syscall numbers strict mode reports. Call
+/// after [`load`](crate::bpf::load()), before taking `ebpf` apart.
+pub fn enable_loop_detectors(
+    ebpf: &mut Ebpf,
+    options: LoopOptions,
+    strict_syscalls: &[i64],
+) -> Result<LoopDetectors, LoadError> {
+    let cfg = loop_config(options, strict_syscalls);
+    // The configuration first: the programs read it from their first run.
+    let mut config: Array<&mut MapData, LoopConfig> = Array::try_from(
+        ebpf.map_mut("LOOP_CONFIG")
+            .ok_or(LoadError::Missing("LOOP_CONFIG"))?,
+    )?;
+    config.set(0, cfg, 0)?;
+
+    if options.strict {
+        for (program, tracepoint) in [("strict_exit", "sys_exit"), ("strict_enter", "sys_enter")] {
+            attach_raw(ebpf, program, tracepoint)?;
+        }
+        info!("strict mode: attached raw_syscalls sys_enter/sys_exit");
+    }
+    if cfg.stall_ns != 0 {
+        // Stalls are still measured without the sampler, only not named:
+        // a host that refuses perf events loses stacks, not the session.
+        match attach_stall_sampler(ebpf) {
+            Ok(()) => info!("stall detector: busy loop threads sampled at {SAMPLE_HZ} Hz"),
+            Err(e) => warn!("stalls are reported without stacks: {e}"),
+        }
+    }
+    let counters = take(ebpf, "LOOP_COUNTERS")?;
+    Ok(LoopDetectors { options, counters })
+}
+
+/// The detectors' kernel configuration.
+fn loop_config(options: LoopOptions, strict_syscalls: &[i64]) -> LoopConfig {
+    let stall_ns = options
+        .stall_threshold
+        .map(|d| d.as_nanos().clamp(1, u64::MAX as u128) as u64)
+        .unwrap_or(0);
+    let mut cfg = LoopConfig {
+        stall_ns,
+        // Samples from a quarter of the threshold on: a stall's first
+        // moments name it as well as its last, and shorter busy periods
+        // (the common case) are not sent at all.
+        sample_after_ns: stall_ns / 4,
+        strict: options.strict as u8,
+        ..Default::default()
+    };
+    if options.strict {
+        for &nr in strict_syscalls {
+            let nr = nr as usize;
+            cfg.strict_nrs[nr / 64] |= 1 << (nr % 64);
+        }
+    }
+    cfg
+}
+
+/// A cpu-clock perf event per online CPU, running `stall_sample`.
+fn attach_stall_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    use aya::programs::perf_event::{
+        PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
+    };
+    const WHAT: &str = "perf event cpu-clock";
+    let prog: &mut PerfEvent = program(ebpf, "stall_sample", WHAT)?;
+    prog.load().map_err(|e| load_error("stall_sample", e))?;
+    let cpus =
+        aya::util::online_cpus().map_err(|(what, e)| attach_error(WHAT, format!("{what}: {e}")))?;
+    for cpu in cpus {
+        prog.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::AllProcessesOneCpu { cpu },
+            SamplePolicy::Frequency(SAMPLE_HZ),
+            false,
+        )
+        .map_err(|e| attach_error(&format!("{WHAT} on CPU {cpu}"), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analyze::syscalls::strict_numbers;
+    use crate::bpf::load;
+
+    // Privileged, like bpf::load's tests: a verifier rejection fails here.
+    #[test]
+    fn strict_and_stall_programs_load_and_attach() {
+        let mut loaded = load(10_000_000, false).expect("load (run as root)");
+        let d = enable_loop_detectors(
+            &mut loaded.ebpf,
+            LoopOptions {
+                strict: true,
+                stall_threshold: Some(std::time::Duration::from_millis(100)),
+            },
+            &strict_numbers(),
+        )
+        .expect("strict and stall programs");
+        assert_eq!(d.counter(blockwatch_common::LOOP_COUNTER_LOST), 0);
+    }
+
+    #[test]
+    fn strict_programs_load_with_raw_tracepoints_too() {
+        let mut loaded = load(10_000_000, true).expect("load (run as root)");
+        enable_loop_detectors(
+            &mut loaded.ebpf,
+            LoopOptions {
+                strict: true,
+                stall_threshold: None,
+            },
+            &strict_numbers(),
+        )
+        .expect("strict programs");
+    }
+}

@@ -1,0 +1,167 @@
+//! Loads the kernel programs: their frozen globals (kernel offsets from
+//! BTF, the user-stack copy size) first, then the threshold in `CONFIG`,
+//! then attachment; hands back the maps user space talks to.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+};
+use blockwatch_common::{
+    Config, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, NUM_COUNTERS, PyProc, ThreadTag,
+    WatchRule,
+};
+use log::debug;
+
+use crate::bpf::attach::{self, AttachMode};
+use crate::bpf::{LoadError, btf, preflight};
+
+/// The kernel programs, built from `blockwatch-ebpf` by build.rs.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
+
+/// Set to force the raw-tracepoint programs (as on kernels without tp_btf).
+pub const FORCE_RAW_ENV: &str = "BLOCKWATCH_FORCE_RAW_TRACEPOINTS";
+
+/// Whether the environment asks for the raw-tracepoint programs.
+pub fn force_raw_from_env() -> bool {
+    std::env::var_os(FORCE_RAW_ENV).is_some_and(|v| v != "0")
+}
+
+/// The loaded programs, their ring buffer, kernel log and maps.
+pub struct Loaded {
+    /// Keeps the programs attached; dropping it detaches everything.
+    pub ebpf: Ebpf,
+    pub mode: AttachMode,
+    pub maps: Maps,
+    pub events: RingBuf<MapData>,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// The maps user space reads and writes.
+pub struct Maps {
+    /// Tagged threads, by TID.
+    pub threads: HashMap<MapData, u32, ThreadTag>,
+    /// Watched processes, by PID, and the rule their threads get.
+    pub watched: HashMap<MapData, u32, WatchRule>,
+    /// The futex address user space identified as a thread's runtime park
+    /// (its idle wait), by TID.
+    pub parks: HashMap<MapData, u32, u64>,
+    /// CPython processes and their layout, by PID.
+    pub pyprocs: HashMap<MapData, u32, PyProc>,
+    pub config: Array<MapData, Config>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Loads and attaches the programs with the given off-CPU threshold.
+/// `force_raw` uses the raw-tracepoint twins even where tp_btf works.
+/// Blocked threads' user stacks are copied with the default size.
+pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
+    load_with_user_stack(threshold_ns, force_raw, DEFAULT_USER_STACK)
+}
+
+/// As [`load`], copying `user_stack_size` bytes (at most
+/// `MAX_USER_STACK`) of each blocked thread's user stack for DWARF
+/// unwinding; 0 keeps frame pointers only.
+pub fn load_with_user_stack(
+    threshold_ns: u64,
+    force_raw: bool,
+    user_stack_size: u32,
+) -> Result<Loaded, LoadError> {
+    preflight::check_privileges()?;
+    let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+    debug!("kernel offsets: {offsets:?}");
+    preflight::prepare_system()?;
+    let mut ebpf = load_programs(&offsets, user_stack_size)?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            debug!("kernel log channel unavailable: {e}");
+            None
+        }
+    };
+    // Map updates must precede attachment: the threshold is read by the
+    // first context switch.
+    let mut config: Array<MapData, Config> = take(&mut ebpf, "CONFIG")?;
+    config.set(
+        0,
+        Config {
+            threshold_ns,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let mode = attach::attach_tracepoints(&mut ebpf, force_raw)?;
+    Ok(Loaded {
+        mode,
+        maps: Maps {
+            threads: take(&mut ebpf, "THREADS")?,
+            watched: take(&mut ebpf, "WATCHED")?,
+            parks: take(&mut ebpf, "PARKS")?,
+            pyprocs: take(&mut ebpf, "PYPROCS")?,
+            counters: take(&mut ebpf, "COUNTERS")?,
+            config,
+        },
+        events: take(&mut ebpf, "EVENTS")?,
+        logger,
+        ebpf,
+    })
+}
+
+/// Loads the programs into the kernel (not attached yet) with their
+/// read-only globals set.
+fn load_programs(offsets: &KernelOffsets, user_stack_size: u32) -> Result<Ebpf, LoadError> {
+    let user_stack_size = user_stack_size.min(MAX_USER_STACK as u32);
+    EbpfLoader::new()
+        .override_global("OFFSETS", offsets, true)
+        .override_global("USER_STACK_SIZE", &user_stack_size, true)
+        .load(PROGRAMS)
+        .map_err(|e| LoadError::Load(e.to_string()))
+}
+
+/// Takes map `name` out of `ebpf`, typed.
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::Missing(name))?;
+    Ok(T::try_from(map)?)
+}
+
+impl Loaded {
+    /// Sum of one `COUNTERS` slot over all CPUs.
+    pub fn counter(&self, index: u32) -> u64 {
+        debug_assert!(index < NUM_COUNTERS);
+        self.maps
+            .counters
+            .get(&index, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Privileged: the suite runs as root (cargo xtask test); failing here
+    // when BPF cannot load is the point, never a skip.
+    #[test]
+    fn programs_load_and_attach() {
+        let loaded = load(10_000_000, false).expect("loading the kernel programs (run as root)");
+        assert_eq!(loaded.mode, AttachMode::BtfTracepoints);
+        assert_eq!(
+            loaded.maps.config.get(&0, 0).unwrap().threshold_ns,
+            10_000_000
+        );
+    }
+
+    #[test]
+    fn raw_tracepoint_fallback_loads() {
+        let loaded = load(10_000_000, true);
+        assert_eq!(
+            loaded.expect("raw tracepoints").mode,
+            AttachMode::RawTracepoints
+        );
+    }
+}
