@@ -10,11 +10,13 @@
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Write};
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::event::{Class, Detector, Event, Frame};
 use crate::settings::duration::format_duration;
+// Names taken from the traced process (thread names, paths, symbols) may
+// hold control characters: `clean` keeps them off the terminal.
+use crate::text::{basename, scrub as clean};
 
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,28 +119,6 @@ impl Reporter {
             }
         }
     }
-}
-
-/// Names taken from the traced process (thread names, paths, symbols)
-/// may hold control characters; they must not break the one-event-per-
-/// line layout or drive the terminal.
-fn clean(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        Cow::Owned(
-            s.chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect(),
-        )
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-fn basename(path: &str) -> &str {
-    Path::new(path)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(path)
 }
 
 /// The syscall column: its name, `-` when not in a syscall, and the

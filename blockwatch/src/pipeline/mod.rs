@@ -21,7 +21,7 @@ use crate::runtimes::tokio as runtime;
 use crate::stacks::perfmap::PerfMaps;
 use crate::stacks::symbolize::Symbolizer;
 use crate::stacks::unwind::StackUnwinder;
-use crate::targets;
+use crate::procfs;
 use loops::Loops;
 
 const NR_FUTEX: i64 = 202;
@@ -293,7 +293,7 @@ impl Pipeline {
     fn process_name(&mut self, pid: u32, fallback: &str) -> String {
         self.process_names
             .entry(pid)
-            .or_insert_with(|| targets::process_name(pid).unwrap_or_else(|| fallback.to_string()))
+            .or_insert_with(|| procfs::comm(pid).unwrap_or_else(|| fallback.to_string()))
             .clone()
     }
 
@@ -301,11 +301,9 @@ impl Pipeline {
         let stack = self.stack(b.pid, &b.ips, &b.py);
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
-        let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
-            std::fs::read_link(format!("/proc/{}/fd/{fd}", b.pid))
-                .ok()
-                .map(|l| FdKind::from_link(&l.to_string_lossy()))
-        });
+        let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
+            .and_then(|fd| procfs::fd_target(b.pid, fd))
+            .map(|l| FdKind::from_link(&l));
         let culprit = culprit::culprit(&stack);
         let offender = culprit::offender(&stack);
         let mut class = syscalls::classify(b.syscall, &b.args, fd_kind);

@@ -23,6 +23,7 @@ use crate::bpf::loader::{self, Loaded};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
+use crate::procfs;
 use crate::settings::{self, Overrides, Settings};
 use crate::targets::selector::{Container, Selector, cgroup_paths, container_of};
 use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
@@ -197,14 +198,13 @@ impl Rules {
 }
 
 fn is_kernel_thread(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
+    procfs::cmdline(pid).is_none_or(|c| c.is_empty())
 }
 
 /// The runtime label of a process, guessed from what it maps and names.
 fn runtime_of(pid: u32) -> &'static str {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
+    let exe = procfs::exe(pid)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
     if maps.contains("libpython") || exe.starts_with("python") {
@@ -213,9 +213,9 @@ fn runtime_of(pid: u32) -> &'static str {
     if maps.contains("libnode") || exe == "node" || exe == "nodejs" {
         return "node";
     }
-    let tokio = targets::threads_of(pid).into_iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-            .is_ok_and(|c| c.starts_with("tokio-r"))
+    let tokio = procfs::threads(pid).into_iter().any(|tid| {
+        procfs::thread_comm(pid, tid)
+            .is_some_and(|c| c.starts_with("tokio-r"))
     });
     if tokio { "tokio" } else { "unknown" }
 }
@@ -245,7 +245,7 @@ impl State {
         cache
             .entry(pid)
             .or_insert_with(|| {
-                let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+                let cgroup = procfs::cgroup(pid)?;
                 container_of(&cgroup_paths(&cgroup))
             })
             .clone()
@@ -305,7 +305,7 @@ impl Maps {
                 state.container(pid);
             }
             // Gone between the scan and now: nothing to watch.
-            Err(e) if !Path::new(&format!("/proc/{pid}")).exists() => {
+            Err(e) if !procfs::exists(pid) => {
                 debug!("pid {pid} exited before it was watched: {e}")
             }
             Err(e) => warn!("cannot watch process {pid}: {e}"),
@@ -314,18 +314,18 @@ impl Maps {
 
     fn unwatch(&mut self, pid: u32) {
         let _ = self.watched.remove(&pid);
-        for tid in targets::threads_of(pid) {
+        for tid in procfs::threads(pid) {
             let _ = self.threads.remove(&tid);
         }
     }
 
     /// Watches every running process the rules select.
     fn scan(&mut self, state: &mut State) {
-        for pid in targets::all_pids() {
+        for pid in procfs::pids() {
             if state.watched.contains(&pid) {
                 continue;
             }
-            let Some(comm) = targets::process_name(pid) else {
+            let Some(comm) = procfs::comm(pid) else {
                 continue;
             };
             if let Some(rule) = state.rules.rule_for(pid, &comm) {
@@ -349,7 +349,7 @@ impl Maps {
                 .entry(tag.tgid)
                 .or_insert_with(|| {
                     (
-                        targets::process_name(tag.tgid).unwrap_or_else(|| "unknown".into()),
+                        procfs::comm(tag.tgid).unwrap_or_else(|| "unknown".into()),
                         runtime_of(tag.tgid),
                     )
                 })
@@ -471,7 +471,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 pipeline.drain(guard.get_inner_mut(), &mut parks, |o| state.take(o, &metrics));
                 guard.clear_ready();
                 for pid in std::mem::take(&mut state.to_watch) {
-                    if let Some(rule) = targets::process_name(pid)
+                    if let Some(rule) = procfs::comm(pid)
                         .and_then(|c| state.rules.rule_for(pid, &c))
                     {
                         maps.watch(&mut state, pid, rule);
@@ -538,7 +538,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 // Exits the kernel did not report (processes it never
                 // watched, lost records): /proc is the truth.
                 for pid in m.agg.pids() {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                    if !procfs::exists(pid) {
                         m.agg.process_exit(pid, now);
                     }
                 }
@@ -546,7 +546,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                     debug!("series of {name} expired");
                 }
                 drop(m);
-                state.runtimes.retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+                state.runtimes.retain(|&pid, _| procfs::exists(pid));
                 if let Some(line) = state.limit.flush(now) {
                     eprintln!("{line}");
                 }
@@ -636,7 +636,7 @@ fn apply_reload(
         .copied()
         .filter(|&pid| {
             !explicit.contains(&pid)
-                && targets::process_name(pid)
+                && procfs::comm(pid)
                     .and_then(|c| state.rules.rule_for(pid, &c))
                     .is_none()
         })

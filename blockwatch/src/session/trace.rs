@@ -15,6 +15,7 @@ use crate::bpf::loader::{self, Loaded};
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
+use crate::procfs;
 use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
 
@@ -101,7 +102,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         targets::validate_pid(pid)?;
     }
     for &tid in &args.tids {
-        targets::tgid_of(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
+        procfs::tgid(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
     }
     let selector = Selector::new(&args.patterns())?;
     loader::check_privileges()?;
@@ -155,9 +156,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             },
             0,
         )?;
-        for pid in targets::all_pids() {
+        for pid in procfs::pids() {
             if pid != std::process::id()
-                && targets::process_name(pid).is_some_and(|c| selector.selects(pid, &c))
+                && procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
             {
                 maps.watch_process(pid, rule).ok();
             }
@@ -203,7 +204,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let tid_pids: Vec<u32> = args
         .tids
         .iter()
-        .filter_map(|&t| targets::tgid_of(t))
+        .filter_map(|&t| procfs::tgid(t))
         .collect();
     let started = Instant::now();
     // SAFETY: the ring buffer owns its map fd for its whole life.

@@ -28,7 +28,8 @@ use log::debug;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
 use crate::ingest::decode::UserStackRecord;
-use crate::stacks::symbolize::{CodeMapping, FileId, Symbolizer};
+use crate::procfs::FileId;
+use crate::stacks::symbolize::{CodeMapping, Symbolizer};
 
 /// Bytes of unwind tables cached (tables a process unwinder still uses
 /// live on there until it goes, so the bound is approximate).
@@ -596,19 +597,8 @@ mod tests {
                 bp = out(reg) bp,
             );
         }
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let end = maps
-            .lines()
-            .find_map(|l| {
-                let (range, _) = l.split_once(' ')?;
-                let (a, b) = range.split_once('-')?;
-                let (a, b) = (
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                );
-                (a <= sp && sp < b).then_some(b)
-            })
-            .unwrap();
+        let maps = crate::procfs::maps::read(std::process::id()).unwrap();
+        let end = crate::procfs::maps::find(&maps, sp).unwrap().end;
         let len = (end - sp).min(blockwatch_common::MAX_USER_STACK as u64) as usize;
         // SAFETY: sp..sp+len is this thread's mapped stack, above the
         // live frame of this function.

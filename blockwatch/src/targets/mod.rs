@@ -16,6 +16,8 @@ use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, Threa
 use clap::ValueEnum;
 use log::debug;
 
+use crate::procfs;
+
 /// bpf(2) map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
 
@@ -74,51 +76,13 @@ pub fn tag_for(rule: &WatchRule, main_thread: bool) -> u8 {
     }
 }
 
-fn status_field(tid: u32, field: &str) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The process a thread belongs to.
-pub fn tgid_of(tid: u32) -> Option<u32> {
-    status_field(tid, "Tgid:")
-}
-
 /// Checks that `pid` names a live process (not a thread).
 pub fn validate_pid(pid: u32) -> Result<(), TargetError> {
-    match tgid_of(pid) {
+    match procfs::tgid(pid) {
         None => Err(TargetError::NoSuchPid(pid)),
         Some(tgid) if tgid != pid => Err(TargetError::NotAProcess(pid, tgid)),
         Some(_) => Ok(()),
     }
-}
-
-pub fn threads_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-pub fn process_name(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
-}
-
-/// Every live process on the host.
-pub fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Process-name patterns (`--comm`).
@@ -160,7 +124,7 @@ impl TagMaps<'_> {
     pub fn watch_process(&mut self, pid: u32, rule: WatchRule) -> Result<usize, TargetError> {
         self.watched.insert(pid, rule, 0)?;
         let mut n = 0;
-        for tid in threads_of(pid) {
+        for tid in procfs::threads(pid) {
             let tag = tag_for(&rule, tid == pid);
             if tag == 0 {
                 continue;
@@ -182,7 +146,7 @@ impl TagMaps<'_> {
 
     /// Tags one thread as an event loop, whatever it does (`--tid`).
     pub fn tag_thread(&mut self, tid: u32) -> Result<u32, TargetError> {
-        let tgid = tgid_of(tid).ok_or(TargetError::NoSuchTid(tid))?;
+        let tgid = procfs::tgid(tid).ok_or(TargetError::NoSuchTid(tid))?;
         self.threads
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
         Ok(tgid)
@@ -387,8 +351,7 @@ mod tests {
     fn own_process_validates_and_its_threads_are_listed() {
         let me = std::process::id();
         validate_pid(me).unwrap();
-        assert!(threads_of(me).contains(&me));
-        assert_eq!(tgid_of(me), Some(me));
+        assert!(procfs::threads(me).contains(&me));
     }
 
     #[test]
