@@ -12,16 +12,16 @@ use log::{debug, info, warn};
 
 use blockwatch_common::PyProc;
 
-use crate::analyze::culprit;
 use crate::analyze::syscalls::{self, FdKind};
+use crate::analyze::{culprit, gil};
 use crate::event::{Class, Detector, Event, Frame, FrameKind, OffState};
 use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
+use crate::procfs;
 use crate::runtimes::python::{self, CodeReader, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::perfmap::PerfMaps;
 use crate::stacks::symbolize::Symbolizer;
 use crate::stacks::unwind::StackUnwinder;
-use crate::procfs;
 use loops::Loops;
 
 const NR_FUTEX: i64 = 202;
@@ -306,17 +306,16 @@ impl Pipeline {
             .map(|l| FdKind::from_link(&l));
         let culprit = culprit::culprit(&stack);
         let offender = culprit::offender(&stack);
-        let mut class = syscalls::classify(b.syscall, &b.args, fd_kind);
-        if class == Class::Lock
-            && syscalls::name(b.syscall) == Some("futex")
-            && let Some(Interp::Python(py)) = self.interps.get(&b.pid)
-            && py.is_gil_futex(b.args[0])
-        {
-            // Another thread holds the GIL: waiting for it blocks the loop
-            // as surely as a lock, but the fix differs (move the CPU work
-            // out of the process, or release the GIL in it).
-            class = Class::Gil;
-        }
+        let runtime = match self.interps.get(&b.pid) {
+            Some(Interp::Python(py)) => py.runtime(),
+            _ => None,
+        };
+        let class = gil::refine(
+            syscalls::classify(b.syscall, &b.args, fd_kind),
+            b.syscall,
+            b.args[0],
+            runtime,
+        );
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(b.start_ns),
             pid: b.pid,
