@@ -105,6 +105,11 @@ impl PerfMaps {
     pub fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
     }
+
+    #[cfg(test)]
+    pub(crate) fn knows(&self, pid: u32) -> bool {
+        self.maps.contains_key(&pid)
+    }
 }
 
 #[cfg(test)]

@@ -484,10 +484,16 @@ impl Symbolizer {
             .is_some_and(|m| m.exec && matches!(m.kind, MapKind::File { .. }))
     }
 
-    /// The process exec'd: drop its maps snapshot (the next look takes a
-    /// new one, young again).
-    pub fn invalidate(&mut self, pid: u32) {
+    /// The process exec'd or exited: drop its maps snapshot (the next
+    /// look takes a new one, young again). The binaries it mapped stay
+    /// open and symbolized for the other processes that map them.
+    pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn knows(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
     }
 
     /// Count of addresses that could not be symbolized so far (by
@@ -1028,7 +1034,7 @@ mod tests {
             eager.is_code(me(), copy),
             "re-read on a miss once old enough"
         );
-        lazy.invalidate(me());
+        lazy.forget(me());
         assert!(lazy.is_code(me(), copy));
         let frames = lazy.symbolize(me(), &[copy]);
         assert_eq!(outer(&frames)[0].function.as_deref(), Some(MARKER));
