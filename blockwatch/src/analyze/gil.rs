@@ -42,29 +42,18 @@ mod tests {
     #[test]
     fn futex_waits_inside_the_runtime_are_the_gil() {
         let runtime = Some(0x1000..0x2000);
-        assert_eq!(
-            refine(Class::Lock, FUTEX, 0x1000, runtime.clone()),
-            Class::Gil
-        );
-        assert_eq!(
-            refine(Class::Lock, FUTEX, 0x1ff8, runtime.clone()),
-            Class::Gil
-        );
-        assert_eq!(
-            refine(Class::Lock, FUTEX, 0x2000, runtime.clone()),
-            Class::Lock
-        );
-        assert_eq!(
-            refine(Class::Lock, FUTEX, 0xffc, runtime.clone()),
-            Class::Lock
-        );
-        // Not CPython, or its runtime's size unknown.
-        assert_eq!(refine(Class::Lock, FUTEX, 0x1000, None), Class::Lock);
-        // Only lock waits on a futex.
-        assert_eq!(
-            refine(Class::File, READ, 0x1000, runtime.clone()),
-            Class::File
-        );
-        assert_eq!(refine(Class::Sleep, FUTEX, 0x1000, runtime), Class::Sleep);
+        for (class, syscall, uaddr, runtime, want) in [
+            (Class::Lock, FUTEX, 0x1000, runtime.clone(), Class::Gil),
+            (Class::Lock, FUTEX, 0x1ff8, runtime.clone(), Class::Gil),
+            (Class::Lock, FUTEX, 0x2000, runtime.clone(), Class::Lock),
+            (Class::Lock, FUTEX, 0xffc, runtime.clone(), Class::Lock),
+            // Not CPython, or its runtime's size unknown.
+            (Class::Lock, FUTEX, 0x1000, None, Class::Lock),
+            // Only lock waits on a futex.
+            (Class::File, READ, 0x1000, runtime.clone(), Class::File),
+            (Class::Sleep, FUTEX, 0x1000, runtime, Class::Sleep),
+        ] {
+            assert_eq!(refine(class, syscall, uaddr, runtime), want, "{uaddr:#x}");
+        }
     }
 }

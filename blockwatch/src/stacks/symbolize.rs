@@ -392,15 +392,7 @@ impl Symbolizer {
             let Some(file) = self.open_through(pid, start, end, id, &path) else {
                 continue;
             };
-            if self.pins.len() >= MAX_PINNED
-                && let Some(lru) = self
-                    .pins
-                    .iter()
-                    .min_by_key(|(_, p)| p.last_used)
-                    .map(|(id, _)| *id)
-            {
-                self.pins.remove(&lru);
-            }
+            super::make_room(&mut self.pins, MAX_PINNED, |p| p.last_used);
             let pin = Pin {
                 file,
                 last_used: tick,
@@ -544,15 +536,7 @@ impl Symbolizer {
             self.pin_binaries(pid);
             return;
         }
-        if self.procs.len() >= MAX_PROCESSES
-            && let Some(&lru) = self
-                .procs
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(p, _)| p)
-        {
-            self.procs.remove(&lru);
-        }
+        super::make_room(&mut self.procs, MAX_PROCESSES, |s| s.last_used);
         // An unreadable process gets an empty snapshot, so that it is not
         // retried more often than a live one.
         self.generations += 1;

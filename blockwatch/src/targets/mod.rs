@@ -235,6 +235,61 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The command `argv` (its program, `argv[0]`, resolved to `path`), run
+/// as `run_as`, whose child writes its PID to `fds[0]` and then waits for
+/// a byte on `fds[1]` before it execs.
+fn held_command(
+    path: &Path,
+    argv: &[OsString],
+    run_as: Option<&RunAs>,
+    fds: [std::os::fd::RawFd; 2],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(path);
+    let (program, args) = argv
+        .split_first()
+        .map_or((path.as_os_str(), &[][..]), |(p, a)| (p.as_os_str(), a));
+    cmd.arg0(program).args(args).kill_on_drop(false);
+    if let Some(u) = run_as {
+        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
+        if let Some(home) = &u.home {
+            cmd.env("HOME", home);
+        }
+    }
+    let ids = run_as.map(|u| (u.uid, u.gid, u.groups.clone()));
+    // SAFETY: the closure only makes async-signal-safe calls (getpid,
+    // write, read, setgroups, setgid, setuid, _exit) on data prepared
+    // before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = libc::getpid().to_ne_bytes();
+            let mut b = 0u8;
+            // Tell the parent who we are, then wait until it watches us.
+            if libc::write(fds[0], pid.as_ptr().cast(), 4) != 4
+                || libc::read(fds[1], (&mut b as *mut u8).cast(), 1) != 1
+            {
+                libc::_exit(126);
+            }
+            if let Some((uid, gid, groups)) = &ids
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The PID the held child reports (none if it died first).
+fn read_pid(pid_r: &OwnedFd) -> Option<u32> {
+    let mut buf = [0u8; 4];
+    // SAFETY: reading 4 bytes into a 4-byte buffer from an owned fd.
+    let n = unsafe { libc::read(pid_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+    (n == 4).then(|| i32::from_ne_bytes(buf) as u32)
+}
+
 /// Starts `argv` and calls `watch` with its PID before it execs, so the
 /// command is watched from its first instruction (and its first thread).
 ///
@@ -260,39 +315,7 @@ pub async fn spawn_watched(
     let (pid_r, pid_w) = pipe().map_err(spawn_err)?;
     let (release_r, release_w) = pipe().map_err(spawn_err)?;
     let fds = [pid_w.as_raw_fd(), release_r.as_raw_fd()];
-
-    let mut cmd = tokio::process::Command::new(&path);
-    cmd.arg0(program).args(&argv[1..]).kill_on_drop(false);
-    if let Some(u) = &run_as {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-        if let Some(home) = &u.home {
-            cmd.env("HOME", home);
-        }
-    }
-    let ids = run_as.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
-    // SAFETY: the closure only makes async-signal-safe calls (getpid,
-    // write, read, setgroups, setgid, setuid, _exit) on data prepared
-    // before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let pid = libc::getpid().to_ne_bytes();
-            let mut b = 0u8;
-            // Tell the parent who we are, then wait until it watches us.
-            if libc::write(fds[0], pid.as_ptr().cast(), 4) != 4
-                || libc::read(fds[1], (&mut b as *mut u8).cast(), 1) != 1
-            {
-                libc::_exit(126);
-            }
-            if let Some((uid, gid, groups)) = &ids
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = held_command(&path, argv, run_as.as_ref(), fds);
     let spawner = tokio::task::spawn_blocking(move || {
         let child = cmd.spawn();
         // Our copies: the child's end of each pipe is all that remains, so
@@ -300,15 +323,10 @@ pub async fn spawn_watched(
         drop((pid_w, release_r));
         child
     });
-    let pid = tokio::task::spawn_blocking(move || {
-        let mut buf = [0u8; 4];
-        // SAFETY: reading 4 bytes into a 4-byte buffer from an owned fd.
-        let n = unsafe { libc::read(pid_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
-        (n == 4).then(|| i32::from_ne_bytes(buf) as u32)
-    })
-    .await
-    .ok()
-    .flatten();
+    let pid = tokio::task::spawn_blocking(move || read_pid(&pid_r))
+        .await
+        .ok()
+        .flatten();
     let watched = match pid {
         Some(pid) => watch(pid),
         None => Ok(()),

@@ -343,21 +343,14 @@ mod tests {
 
     #[test]
     fn bad_patterns_name_the_flag() {
-        let e = Selector::new(&Patterns {
-            units: vec!["[".into()],
-            ..Default::default()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let error = |f: fn(&mut Patterns)| {
+            let mut p = Patterns::default();
+            f(&mut p);
+            Selector::new(&p).err().unwrap().to_string()
+        };
+        let e = error(|p| p.units = vec!["[".into()]);
         assert!(e.contains("--unit") && e.contains("\"[\""), "{e}");
-        let e = Selector::new(&Patterns {
-            exes: vec!["".into()],
-            ..Default::default()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let e = error(|p| p.exes = vec!["".into()]);
         assert!(e.contains("--exe") && e.contains("empty"), "{e}");
     }
 

@@ -78,7 +78,7 @@ pub(super) fn offsets_for(minor: u8) -> Option<PyOffsets> {
     Some(o)
 }
 
-/// Where [`CodeReader`] finds things in code, str and bytes objects.
+/// Where [`super::CodeReader`] finds things in code, str and bytes objects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CodeLayout {
     /// `co_qualname` (3.11+) or `co_name` (3.10, which has no qualname).

@@ -410,8 +410,29 @@ fn walk(pid: u32, py: &PyProcess, ident: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The script running under `interp`, stopped in `blocked_here`, with
+/// what it says of itself.
+struct Probe {
+    child: Reaped,
+    script: PathBuf,
+    main_ident: u64,
+    /// The main thread's frames, as the interpreter reports them.
+    truth: Vec<PyFrame>,
+}
+
 fn check_process(interp: &Interp, dir: &Path) {
     let label = interp.python.display().to_string();
+    let probe = start_probe(interp, dir, &label);
+    let pid = probe.child.0.id();
+    let py = inspect(pid)
+        .unwrap_or_else(|e| panic!("{label}: {e}"))
+        .unwrap_or_else(|| panic!("{label}: not recognised as CPython"));
+    assert_eq!(py.version, interp.version, "{label}");
+    check_runtime(interp, pid, &py, &label);
+    check_frames(interp, &probe, &py, &label);
+}
+
+fn start_probe(interp: &Interp, dir: &Path, label: &str) -> Probe {
     let script = dir.join(format!("probe_3{}_🐍.py", interp.version.1));
     std::fs::write(&script, SCRIPT).expect("write script");
     let mut child = Reaped(
@@ -456,18 +477,23 @@ fn check_process(interp: &Interp, dir: &Path) {
     // Let the reporting thread finish, so that only the main thread's
     // state is in the list while we walk it.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1 {
+    while crate::procfs::threads(pid).len() > 1 {
         assert!(
             Instant::now() < deadline,
             "{label}: reporter thread still alive"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    Probe {
+        child,
+        script,
+        main_ident,
+        truth,
+    }
+}
 
-    let py = inspect(pid)
-        .unwrap_or_else(|e| panic!("{label}: {e}"))
-        .unwrap_or_else(|| panic!("{label}: not recognised as CPython"));
-    assert_eq!(py.version, interp.version, "{label}");
+/// The `_PyRuntime` found: its size, the GIL range, 3.13's own offsets.
+fn check_runtime(interp: &Interp, pid: u32, py: &PyProcess, label: &str) {
     // The GIL range: _PyRuntime itself, which holds the GIL (3.10,
     // 3.11) or embeds the main interpreter that holds it (3.12+).
     assert!(
@@ -501,8 +527,14 @@ fn check_process(interp: &Interp, dir: &Path) {
         );
         assert_eq!(Some(dbg.code), CodeLayout::for_version((3, 13)));
     }
+}
 
-    let refs = walk(pid, &py, main_ident);
+/// The frames of the main thread, walked as the kernel would and read as
+/// the pipeline does.
+fn check_frames(interp: &Interp, probe: &Probe, py: &PyProcess, label: &str) {
+    let pid = probe.child.0.id();
+    let py = *py;
+    let refs = walk(pid, &py, probe.main_ident);
     let mut reader = CodeReader::new();
     let frames: Vec<PyFrame> = refs
         .iter()
@@ -514,9 +546,9 @@ fn check_process(interp: &Interp, dir: &Path) {
         .collect();
     eprintln!("{label}: {frames:?}");
     // Exactly what the interpreter reports of itself...
-    assert_eq!(frames, truth, "{label}");
+    assert_eq!(frames, probe.truth, "{label}");
     // ...and what the script says.
-    let file = script.to_str().expect("utf-8 path");
+    let file = probe.script.to_str().expect("utf-8 path");
     let (inner_line, caller_line) = (8, 15);
     assert_eq!(
         frames.first(),
