@@ -3,9 +3,9 @@
 //! nothing that is specific to one output.
 //!
 //! What it keeps per process (names, CPython state, maps snapshots,
-//! unwinders, perf maps, cached strict stacks) goes in one [`Pipeline::forget`]
-//! when the process execs or exits; what is keyed by binary (symbols,
-//! unwind tables) is shared by every process and stays.
+//! unwinders, perf maps, cached strict stacks) goes in one
+//! [`Pipeline::forget`] when the process execs or exits; what is keyed by
+//! binary (symbols, unwind tables) is shared by every process and stays.
 
 pub mod loops;
 
@@ -240,7 +240,7 @@ impl Pipeline {
                 None
             }
             Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
-            Record::Exec { pid, tid: _, comm } => {
+            Record::Exec { pid, comm, .. } => {
                 self.forget(pid);
                 self.process_names.insert(pid, comm.clone());
                 Some(Output::Exec { pid, comm })

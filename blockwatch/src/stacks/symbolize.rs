@@ -13,7 +13,7 @@
 //! A process may exit before its last events are read (it blocked, then
 //! quit). So the snapshot is taken when a process is first seen
 //! ([`Symbolizer::observe`], re-read while the process is young and loads
-//! its libraries, on exec and on addresses it does not cover), and the
+//! its libraries, after exec and on addresses it does not cover), and the
 //! binaries it maps are opened at once and kept open (a bounded number):
 //! after the exit, `/proc/PID` is gone but the open files still name the
 //! very binaries the process ran, for symbols and for unwind tables.
@@ -41,8 +41,9 @@ const MAPS_REFRESH: Duration = Duration::from_secs(1);
 /// that a process whose binaries we may not read costs nothing per event.
 const OPEN_RETRY: Duration = Duration::from_secs(10);
 
-/// Processes whose maps are kept. Exited processes are never announced to
-/// the symbolizer, so the least recently used snapshot goes when full.
+/// Processes whose maps are kept. The pipeline forgets a process when its
+/// exit record arrives (after its last events), but a lost exit record
+/// would leave its snapshot behind: the least recently used goes when full.
 const MAX_PROCESSES: usize = 1024;
 
 /// Resolved addresses kept per cache generation (so at most twice this).
