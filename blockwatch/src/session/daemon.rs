@@ -213,10 +213,9 @@ fn runtime_of(pid: u32) -> &'static str {
     if maps.contains("libnode") || exe == "node" || exe == "nodejs" {
         return "node";
     }
-    let tokio = procfs::threads(pid).into_iter().any(|tid| {
-        procfs::thread_comm(pid, tid)
-            .is_some_and(|c| c.starts_with("tokio-r"))
-    });
+    let tokio = procfs::threads(pid)
+        .into_iter()
+        .any(|tid| procfs::thread_comm(pid, tid).is_some_and(|c| c.starts_with("tokio-r")));
     if tokio { "tokio" } else { "unknown" }
 }
 

@@ -201,11 +201,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     };
 
     // Processes of explicitly tagged threads are not in WATCHED.
-    let tid_pids: Vec<u32> = args
-        .tids
-        .iter()
-        .filter_map(|&t| procfs::tgid(t))
-        .collect();
+    let tid_pids: Vec<u32> = args.tids.iter().filter_map(|&t| procfs::tgid(t)).collect();
     let started = Instant::now();
     // SAFETY: the ring buffer owns its map fd for its whole life.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
