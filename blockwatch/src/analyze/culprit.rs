@@ -4,6 +4,7 @@
 //! every blocking call ends up, so naming them would say nothing.
 
 use crate::event::Frame;
+use crate::text::basename;
 
 /// Something a frame is recognised by as not being the application.
 #[derive(Clone, Copy, Debug)]
@@ -91,10 +92,6 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::FunctionPrefix("__rust"),
     Rule::FunctionPrefix("rust_begin_unwind"),
 ];
-
-fn basename(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
-}
 
 impl Rule {
     fn matches(self, function: &str, module: Option<&str>) -> bool {

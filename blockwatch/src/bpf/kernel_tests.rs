@@ -158,7 +158,7 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let tids: Vec<u32> = crate::targets::threads_of(pid);
+    let tids: Vec<u32> = crate::procfs::threads(pid);
     assert!(tids.len() > 20, "threads running: {tids:?}");
     for tid in &tids {
         let tag = loaded
@@ -170,7 +170,7 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
         assert!(tag.tag == TAG_CANDIDATE || tag.tag == TAG_LOOP);
     }
     std::thread::sleep(Duration::from_millis(600));
-    let alive = crate::targets::threads_of(pid);
+    let alive = crate::procfs::threads(pid);
     for tid in tids.iter().filter(|t| !alive.contains(t)) {
         assert!(
             loaded.maps.threads.get(tid, 0).is_err(),

@@ -1,15 +1,11 @@
 //! How an event's syscall and culprit are spelled in each output, written
 //! once with the spellings side by side, so that outputs differ only where
 //! they mean to.
-//!
-//! Also home to the two string helpers every text output shares:
-//! [`clean`] for names taken from the traced process, [`basename`] for the
-//! paths of binaries.
 
 use std::borrow::Cow;
-use std::path::Path;
 
 use crate::event::{Event, Frame};
+use crate::text::basename;
 
 /// "Not in a syscall" in the text output: a table cell and an event
 /// header people read, where an empty-looking `-` is clearest.
@@ -74,28 +70,6 @@ pub fn frame_name<'a>(frame: Option<&'a Frame>, naming: &Naming) -> Cow<'a, str>
         )),
         _ => Cow::Borrowed(naming.unknown),
     }
-}
-
-/// Names taken from the traced process (thread names, paths, symbols)
-/// may hold control characters; they must not break the one-event-per-
-/// line layout or drive the terminal.
-pub fn clean(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        Cow::Owned(
-            s.chars()
-                .map(|c| if c.is_control() { '?' } else { c })
-                .collect(),
-        )
-    } else {
-        Cow::Borrowed(s)
-    }
-}
-
-pub fn basename(path: &str) -> &str {
-    Path::new(path)
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or(path)
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 use std::io::{self, Write};
 
 use crate::event::{Detector, Event};
-use crate::output::labels::clean;
 use crate::output::summary::Summary;
 use crate::output::{text, verdict};
+use crate::text::scrub as clean;
 
 /// `--output`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

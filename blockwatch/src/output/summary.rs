@@ -6,8 +6,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::event::{Class, Detector, Event};
-use crate::output::labels::{self, clean};
+use crate::output::labels;
 use crate::settings::duration::format_duration;
+use crate::text::scrub as clean;
 
 #[derive(Clone, Debug, Default)]
 struct Group {

@@ -5,8 +5,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::event::{Detector, Event, Frame};
-use crate::output::labels::{self, basename, clean};
+use crate::output::labels;
 use crate::settings::duration::format_duration;
+use crate::text::{basename, scrub as clean};
 
 /// ` file:line`, ` file`, or nothing.
 fn location(f: &Frame) -> String {

@@ -6,6 +6,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::event::{Detector, Event, Frame};
 use crate::settings::duration::format_duration;
+use crate::text::{basename, scrub};
 
 /// Identifies "the same blocking call": process, wait and stack, but not
 /// duration or time, so each is announced once.
@@ -31,10 +32,6 @@ fn place(f: &Frame) -> String {
         (None, _, Some(module)) => format!("{call} in {}", basename(module)),
         _ => call,
     }
-}
-
-fn basename(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// The verdict line; names and paths come from the watched process, so
@@ -70,9 +67,7 @@ pub fn verdict(ev: &Event) -> String {
             ev.comm, ev.pid,
         ),
     };
-    line.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    scrub(&line).into_owned()
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ pub fn header_counts(
 /// Samples of the current busy period of one thread.
 #[derive(Debug, Default)]
 struct Pending {
+    pid: u32,
     start_ns: u64,
     samples: Vec<LoopRecord>,
     total: u32,
@@ -54,8 +55,8 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct Loops {
     pending: HashMap<u32, Pending>,
-    /// Raw stack key -> symbolized stack and culprit.
-    strict_stacks: HashMap<u64, (Vec<Frame>, Option<Frame>)>,
+    /// (PID, raw stack key) -> symbolized stack and culprit.
+    strict_stacks: HashMap<(u32, u64), (Vec<Frame>, Option<Frame>)>,
 }
 
 /// Identifies a raw stack of a process: same key, same symbolized stack
@@ -84,6 +85,7 @@ impl Loops {
                 ..Pending::default()
             };
         }
+        p.pid = r.pid;
         p.total = p.total.saturating_add(1);
         if p.samples.len() < MAX_SAMPLES_PER_STALL {
             p.samples.push(r);
@@ -104,20 +106,22 @@ impl Loops {
         self.pending.remove(&tid);
     }
 
-    /// A process exec'd or exited: its cached stacks no longer hold.
-    pub fn forget_process(&mut self) {
-        self.strict_stacks.clear();
+    /// Process `pid` exec'd or exited: its cached stacks no longer hold,
+    /// and its threads' samples can never become a stall.
+    pub fn forget_process(&mut self, pid: u32) {
+        self.strict_stacks.retain(|k, _| k.0 != pid);
+        self.pending.retain(|_, p| p.pid != pid);
     }
 
-    pub fn cached_stack(&self, key: u64) -> Option<&(Vec<Frame>, Option<Frame>)> {
-        self.strict_stacks.get(&key)
+    pub fn cached_stack(&self, pid: u32, key: u64) -> Option<&(Vec<Frame>, Option<Frame>)> {
+        self.strict_stacks.get(&(pid, key))
     }
 
-    pub fn cache_stack(&mut self, key: u64, stack: Vec<Frame>, culprit: Option<Frame>) {
+    pub fn cache_stack(&mut self, pid: u32, key: u64, stack: Vec<Frame>, culprit: Option<Frame>) {
         if self.strict_stacks.len() >= MAX_CACHED_STACKS {
             self.strict_stacks.clear();
         }
-        self.strict_stacks.insert(key, (stack, culprit));
+        self.strict_stacks.insert((pid, key), (stack, culprit));
     }
 }
 
@@ -237,10 +241,17 @@ mod tests {
         assert_eq!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(2, 9, 10)));
         assert_ne!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(1, 1, 11)));
         let mut l = Loops::new();
-        l.cache_stack(1, vec![frame("f")], None);
-        assert!(l.cached_stack(1).is_some());
-        l.forget_process();
-        assert!(l.cached_stack(1).is_none());
+        l.cache_stack(1, 7, vec![frame("f")], None);
+        l.cache_stack(2, 7, vec![frame("g")], None);
+        l.sample(rec(5, 1, 1));
+        assert!(l.cached_stack(1, 7).is_some());
+        l.forget_process(1);
+        assert!(l.cached_stack(1, 7).is_none());
+        assert!(
+            l.take_samples(&rec(5, 1, 0)).0.is_empty(),
+            "pid 1's samples go"
+        );
+        assert!(l.cached_stack(2, 7).is_some(), "other processes' stay");
     }
 }
 

@@ -1,6 +1,11 @@
-//! Kernel records in, events out: decode, learn runtime parks, symbolize,
-//! classify. Shared by every front end (trace today); it owns nothing that
-//! is specific to one output.
+//! Kernel records in, events out: decode, learn runtime parks, build
+//! stacks, classify. Shared by every front end (trace and daemon); it owns
+//! nothing that is specific to one output.
+//!
+//! What it keeps per process (names, CPython state, maps snapshots,
+//! unwinders, perf maps, cached strict stacks) goes in one
+//! [`Pipeline::forget`] when the process execs or exits; what is keyed by
+//! binary (symbols, unwind tables) is shared by every process and stays.
 
 pub mod loops;
 
@@ -10,18 +15,16 @@ use std::time::{Duration, Instant, SystemTime};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
-use blockwatch_common::PyProc;
+use blockwatch_common::{PyFrameRef, PyProc};
 
-use crate::analyze::culprit;
 use crate::analyze::syscalls::{self, FdKind};
-use crate::event::{Class, Detector, Event, Frame, FrameKind, OffState};
-use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
-use crate::runtimes::python::{self, CodeReader, PyProcess};
+use crate::analyze::{culprit, gil};
+use crate::event::{Class, Detector, Event, Frame, OffState};
+use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record};
+use crate::procfs;
+use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
-use crate::stacks::perfmap::PerfMaps;
-use crate::stacks::symbolize::Symbolizer;
-use crate::stacks::unwind::StackUnwinder;
-use crate::targets;
+use crate::stacks::builder::StackBuilder;
 use loops::Loops;
 
 const NR_FUTEX: i64 = 202;
@@ -73,22 +76,31 @@ pub struct Stats {
 }
 
 pub struct Pipeline {
-    sym: Symbolizer,
-    unwinder: StackUnwinder,
+    stacks: StackBuilder,
     /// User-stack copies waiting for the block record of their wait (the
     /// kernel sends the copy just before it), by TID.
     user_stacks: HashMap<u32, decode::UserStackRecord>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset: Duration,
     process_names: HashMap<u32, String>,
-    /// Futex parks learned per thread, to drop waits that raced the
-    /// kernel map update.
-    parks: HashMap<u32, u64>,
-    perf_maps: PerfMaps,
+    /// Futex parks learned per thread (TID -> PID, futex), to drop waits
+    /// that raced the kernel map update.
+    parks: HashMap<u32, (u32, u64)>,
     interps: HashMap<u32, Interp>,
-    code: CodeReader,
     loops: Loops,
     pub stats: Stats,
+}
+
+/// What every event says of where and when it happened, whichever
+/// detector saw it.
+struct Origin {
+    pid: u32,
+    tid: u32,
+    thread: String,
+    syscall: i64,
+    start_ns: u64,
+    duration_ns: u64,
+    state: OffState,
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -112,15 +124,12 @@ impl Pipeline {
         let wall = clock_ns(libc::CLOCK_REALTIME);
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         Self {
-            sym: Symbolizer::new(),
-            unwinder: StackUnwinder::new(),
+            stacks: StackBuilder::new(),
             user_stacks: HashMap::new(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
             parks: HashMap::new(),
-            perf_maps: PerfMaps::new(),
             interps: HashMap::new(),
-            code: CodeReader::new(),
             loops: Loops::new(),
             stats: Stats::default(),
         }
@@ -128,7 +137,7 @@ impl Pipeline {
 
     /// Symbolization failures so far.
     pub fn symbol_failures(&self) -> u64 {
-        self.sym.failures()
+        self.stacks.symbol_failures()
     }
 
     /// Finds which of the watched processes `pids` run CPython and hands
@@ -142,7 +151,7 @@ impl Pipeline {
         pyprocs: &mut BpfHashMap<MapData, u32, PyProc>,
     ) {
         for pid in pids {
-            self.sym.observe(pid);
+            self.stacks.symbolizer().observe(pid);
             let now = Instant::now();
             let state = self.interps.entry(pid).or_insert(Interp::Unknown {
                 since: now,
@@ -221,49 +230,19 @@ impl Pipeline {
             }
         };
         match record {
-            Record::Block(mut b) => {
-                let copy = self
-                    .user_stacks
-                    .remove(&b.tid)
-                    .filter(|u| u.start_ns == b.start_ns);
-                if b.syscall == NR_FUTEX && self.parks.get(&b.tid) == Some(&b.args[0]) {
-                    return None;
-                }
-                b.ips = self
-                    .unwinder
-                    .stack(&mut self.sym, b.pid, &b.ips, copy.as_ref());
-                self.stats.events += 1;
-                Some(Output::Event(Box::new(self.enrich(b))))
-            }
+            Record::Block(b) => self.block(b).map(|e| Output::Event(Box::new(e))),
             Record::UserStack(u) => {
                 self.user_stacks.insert(u.tid, u);
                 None
             }
             Record::Probe(p) => {
-                if runtime::probe_is_park(&mut self.sym, &p) {
-                    info!(
-                        "tid {} parks on futex {:#x}: an event-loop worker",
-                        p.tid, p.uaddr
-                    );
-                    self.stats.parks_learned += 1;
-                    self.parks.insert(p.tid, p.uaddr);
-                    if let Err(e) = parks_map.insert(p.tid, p.uaddr, 0) {
-                        warn!("cannot record the park of tid {}: {e}", p.tid);
-                    }
-                }
+                self.probe(p, parks_map);
                 None
             }
             Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
-            Record::Exec { pid, tid, comm } => {
-                self.loops.forget_process();
-                self.sym.invalidate(pid);
-                self.unwinder.forget(pid);
-                self.perf_maps.forget(pid);
-                self.interps.remove(&pid);
-                self.code.forget(pid);
+            Record::Exec { pid, comm, .. } => {
+                self.forget(pid);
                 self.process_names.insert(pid, comm.clone());
-                self.parks.remove(&tid);
-                self.parks.remove(&pid);
                 Some(Output::Exec { pid, comm })
             }
             Record::Exit {
@@ -274,26 +253,64 @@ impl Pipeline {
                 self.parks.remove(&tid);
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);
-                if group_dead {
-                    self.loops.forget_process();
-                    // Kept until here so late events still carry the name.
-                    self.process_names.remove(&pid);
-                    self.perf_maps.forget(pid);
-                    self.interps.remove(&pid);
-                    self.code.forget(pid);
-                    self.unwinder.forget(pid);
-                    Some(Output::ProcessExit { pid })
-                } else {
-                    None
-                }
+                // Kept until the whole process is gone so that its other
+                // threads' late events still carry its name and symbols.
+                group_dead.then(|| {
+                    self.forget(pid);
+                    Output::ProcessExit { pid }
+                })
             }
+        }
+    }
+
+    /// Process `pid` exec'd or exited: drops exactly what was kept of it
+    /// (the next look at a new program starts afresh), and nothing of
+    /// other processes.
+    pub fn forget(&mut self, pid: u32) {
+        self.stacks.forget(pid);
+        self.interps.remove(&pid);
+        self.process_names.remove(&pid);
+        self.parks.retain(|_, (p, _)| *p != pid);
+        self.user_stacks.retain(|_, u| u.pid != pid);
+        self.loops.forget_process(pid);
+    }
+
+    /// A blocking wait, unless it is a runtime park that raced the kernel
+    /// map update.
+    fn block(&mut self, mut b: BlockRecord) -> Option<Event> {
+        let copy = self
+            .user_stacks
+            .remove(&b.tid)
+            .filter(|u| u.start_ns == b.start_ns);
+        if b.syscall == NR_FUTEX && self.parks.get(&b.tid).map(|p| p.1) == Some(b.args[0]) {
+            return None;
+        }
+        b.ips = self.stacks.native(b.pid, &b.ips, copy.as_ref());
+        self.stats.events += 1;
+        Some(self.enrich(b))
+    }
+
+    /// A futex wait to tell apart: a runtime's park is learned and handed
+    /// to the kernel, which treats it as idle from then on.
+    fn probe(&mut self, p: ProbeRecord, parks_map: &mut BpfHashMap<MapData, u32, u64>) {
+        if !runtime::probe_is_park(self.stacks.symbolizer(), &p) {
+            return;
+        }
+        info!(
+            "tid {} parks on futex {:#x}: an event-loop worker",
+            p.tid, p.uaddr
+        );
+        self.stats.parks_learned += 1;
+        self.parks.insert(p.tid, (p.pid, p.uaddr));
+        if let Err(e) = parks_map.insert(p.tid, p.uaddr, 0) {
+            warn!("cannot record the park of tid {}: {e}", p.tid);
         }
     }
 
     fn process_name(&mut self, pid: u32, fallback: &str) -> String {
         self.process_names
             .entry(pid)
-            .or_insert_with(|| targets::process_name(pid).unwrap_or_else(|| fallback.to_string()))
+            .or_insert_with(|| procfs::comm(pid).unwrap_or_else(|| fallback.to_string()))
             .clone()
     }
 
@@ -301,42 +318,70 @@ impl Pipeline {
         let stack = self.stack(b.pid, &b.ips, &b.py);
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
-        let fd_kind = syscalls::fd_arg(b.syscall, &b.args).and_then(|fd| {
-            std::fs::read_link(format!("/proc/{}/fd/{fd}", b.pid))
-                .ok()
-                .map(|l| FdKind::from_link(&l.to_string_lossy()))
-        });
+        let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
+            .and_then(|fd| procfs::fd_target(b.pid, fd))
+            .map(|l| FdKind::from_link(&l));
+        let runtime = python_of(&self.interps, b.pid).and_then(PyProcess::runtime);
+        let class = gil::refine(
+            syscalls::classify(b.syscall, &b.args, fd_kind),
+            b.syscall,
+            b.args[0],
+            runtime,
+        );
         let culprit = culprit::culprit(&stack);
-        let offender = culprit::offender(&stack);
-        let mut class = syscalls::classify(b.syscall, &b.args, fd_kind);
-        if class == Class::Lock
-            && syscalls::name(b.syscall) == Some("futex")
-            && let Some(Interp::Python(py)) = self.interps.get(&b.pid)
-            && py.is_gil_futex(b.args[0])
-        {
-            // Another thread holds the GIL: waiting for it blocks the loop
-            // as surely as a lock, but the fix differs (move the CPU work
-            // out of the process, or release the GIL in it).
-            class = Class::Gil;
-        }
-        Event {
-            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(b.start_ns),
+        let origin = Origin {
             pid: b.pid,
             tid: b.tid,
-            comm: self.process_name(b.pid, &b.thread),
             thread: b.thread,
-            syscall: syscalls::name(b.syscall),
-            syscall_nr: b.syscall,
-            class,
+            syscall: b.syscall,
+            start_ns: b.start_ns,
             duration_ns: b.duration_ns,
             state: b.state,
+        };
+        self.event(origin, class, Detector::Offcpu, stack, culprit)
+    }
+
+    fn event(
+        &mut self,
+        o: Origin,
+        class: Class,
+        detector: Detector,
+        stack: Vec<Frame>,
+        culprit: Option<Frame>,
+    ) -> Event {
+        let offender = culprit::offender(&stack);
+        Event {
+            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(o.start_ns),
+            pid: o.pid,
+            tid: o.tid,
+            comm: self.process_name(o.pid, &o.thread),
+            thread: o.thread,
+            syscall: syscalls::name(o.syscall),
+            syscall_nr: o.syscall,
+            class,
+            duration_ns: o.duration_ns,
+            state: o.state,
             stack,
             culprit,
             offender,
-            detector: Detector::Offcpu,
+            detector,
             busy_ns: None,
             samples: None,
         }
+    }
+
+    /// The frames of a stack of process `pid`, for every detector's events.
+    fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Vec<Frame> {
+        let interp = python_of(&self.interps, pid);
+        self.stacks.frames(pid, ips, py, interp)
+    }
+}
+
+/// Process `pid`'s interpreter, when it is known to run CPython.
+fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
+    match interps.get(&pid) {
+        Some(Interp::Python(py)) => Some(py),
+        _ => None,
     }
 }
 
@@ -348,120 +393,116 @@ impl Pipeline {
                 self.loops.sample(r);
                 None
             }
-            LoopKind::Strict => {
-                self.stats.strict += 1;
-                let key = loops::raw_stack_key(&r);
-                let (stack, culprit) = match self.loops.cached_stack(key) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let stack = self.stack(r.pid, &r.ips, &r.py);
-                        let culprit = culprit::culprit(&stack);
-                        self.loops.cache_stack(key, stack.clone(), culprit.clone());
-                        (stack, culprit)
-                    }
-                };
-                // The strict set holds no call whose class depends on
-                // the descriptor (see syscalls::is_strict).
-                let class = syscalls::classify(r.syscall, &r.args, None);
-                Some(self.loop_event(r, class, Detector::Strict, stack, culprit))
-            }
-            LoopKind::Stall => {
-                self.stats.stalls += 1;
-                let (samples, total) = self.loops.take_samples(&r);
-                let symbolized: Vec<_> = samples
-                    .iter()
-                    .map(|s| {
-                        let stack = self.stack(s.pid, &s.ips, &s.py);
-                        let culprit = culprit::culprit(&stack);
-                        (stack, culprit)
-                    })
-                    .collect();
-                let (stack, culprit) = loops::pick_stall_stack(symbolized);
-                let busy_ns = r.busy_ns;
-                let mut ev = self.loop_event(r, Class::Stall, Detector::Stall, stack, culprit);
-                ev.busy_ns = Some(busy_ns);
-                ev.samples = Some(total);
-                Some(ev)
-            }
+            LoopKind::Strict => Some(self.strict(r)),
+            LoopKind::Stall => Some(self.stall(r)),
         }
     }
 
-    fn loop_event(
-        &mut self,
-        r: LoopRecord,
-        class: Class,
-        detector: Detector,
-        stack: Vec<Frame>,
-        culprit: Option<Frame>,
-    ) -> Event {
-        let offender = culprit::offender(&stack);
-        Event {
-            ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(r.start_ns),
-            pid: r.pid,
-            tid: r.tid,
-            comm: self.process_name(r.pid, &r.thread),
-            thread: r.thread,
-            syscall: syscalls::name(r.syscall),
-            syscall_nr: r.syscall,
-            class,
-            duration_ns: r.duration_ns,
-            state: OffState::Running,
-            stack,
-            culprit,
-            offender,
-            detector,
-            busy_ns: None,
-            samples: None,
-        }
-    }
-
-    /// Native frames (ELF symbols, perf maps for JIT code) with the
-    /// CPython frames in place, for every detector's events.
-    fn stack(&mut self, pid: u32, ips: &[u64], py: &[blockwatch_common::PyFrameRef]) -> Vec<Frame> {
-        let mut stack = self.sym.symbolize(pid, ips);
-        // JIT code has no ELF symbols: its perf map, if it writes one.
-        for (i, f) in stack.iter_mut().enumerate() {
-            if f.function.is_none() && !f.inlined {
-                let addr = if i == 0 { f.address } else { f.address - 1 };
-                f.function = self.perf_maps.lookup(pid, addr);
+    fn strict(&mut self, r: LoopRecord) -> Event {
+        self.stats.strict += 1;
+        let key = loops::raw_stack_key(&r);
+        let (stack, culprit) = match self.loops.cached_stack(r.pid, key) {
+            Some(c) => c.clone(),
+            None => {
+                let stack = self.stack(r.pid, &r.ips, &r.py);
+                let culprit = culprit::culprit(&stack);
+                self.loops
+                    .cache_stack(r.pid, key, stack.clone(), culprit.clone());
+                (stack, culprit)
             }
-        }
-        // The interpreter frames are the Python code that called into the
-        // native frames above: they go where the interpreter's evaluation
-        // loop is on the native stack, before its own callers (down to
-        // main), or last when the native stack does not reach it.
-        let Some(Interp::Python(interp)) = self.interps.get(&pid) else {
-            return stack;
         };
-        let at = stack
+        // Strict calls are counted on the CPU, where the descriptor is not
+        // looked up: the strict set's descriptor-dependent calls (pread64
+        // and friends) take their class from the name alone, which is file.
+        let class = syscalls::classify(r.syscall, &r.args, None);
+        self.event(origin(r), class, Detector::Strict, stack, culprit)
+    }
+
+    fn stall(&mut self, r: LoopRecord) -> Event {
+        self.stats.stalls += 1;
+        let (samples, total) = self.loops.take_samples(&r);
+        let symbolized: Vec<_> = samples
             .iter()
-            .position(|f| {
-                f.function
-                    .as_deref()
-                    .is_some_and(|n| n.starts_with("_PyEval_EvalFrame"))
-            })
-            .unwrap_or(stack.len());
-        let python: Vec<Frame> = py
-            .iter()
-            .filter(|r| r.code != 0)
-            .map(|r| match self.code.frame(pid, interp, r.code, r.instr) {
-                Some(f) => Frame {
-                    address: r.code,
-                    function: Some(f.function),
-                    module: Some(f.file.clone()),
-                    file: Some(f.file),
-                    line: f.line,
-                    kind: FrameKind::Python,
-                    ..Frame::default()
-                },
-                None => Frame {
-                    address: r.code,
-                    kind: FrameKind::Python,
-                    ..Frame::default()
-                },
+            .map(|s| {
+                let stack = self.stack(s.pid, &s.ips, &s.py);
+                let culprit = culprit::culprit(&stack);
+                (stack, culprit)
             })
             .collect();
-        stack.splice(at..at, python);
-        stack
+        let (stack, culprit) = loops::pick_stall_stack(symbolized);
+        let busy_ns = r.busy_ns;
+        let mut ev = self.event(origin(r), Class::Stall, Detector::Stall, stack, culprit);
+        ev.busy_ns = Some(busy_ns);
+        ev.samples = Some(total);
+        ev
+    }
+}
+
+/// A loop thread's record happened on the CPU.
+fn origin(r: LoopRecord) -> Origin {
+    Origin {
+        pid: r.pid,
+        tid: r.tid,
+        thread: r.thread,
+        syscall: r.syscall,
+        start_ns: r.start_ns,
+        duration_ns: r.duration_ns,
+        state: OffState::Running,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Frame;
+
+    fn unknown() -> Interp {
+        let now = Instant::now();
+        Interp::Unknown {
+            since: now,
+            next: now,
+            gap: Duration::from_millis(100),
+            given_up: false,
+        }
+    }
+
+    fn user_stack(pid: u32, tid: u32) -> decode::UserStackRecord {
+        decode::UserStackRecord {
+            pid,
+            tid,
+            start_ns: 1,
+            ip: 0,
+            sp: 0,
+            bp: 0,
+            stack: Vec::new(),
+        }
+    }
+
+    /// Forgetting one process (its exec or exit) keeps every other's state.
+    #[test]
+    fn forget_drops_one_process_only() {
+        let me = std::process::id();
+        // No process has this PID (above any pid_max): it gets an empty
+        // snapshot, as an exited process would.
+        let other = u32::MAX - 1;
+        let mut p = Pipeline::new();
+        for (pid, tid) in [(me, me), (other, other - 1)] {
+            p.stacks.symbolizer().observe(pid);
+            p.process_names.insert(pid, format!("p{pid}"));
+            p.interps.insert(pid, unknown());
+            p.parks.insert(tid, (pid, 0x10));
+            p.user_stacks.insert(tid, user_stack(pid, tid));
+            p.loops.cache_stack(pid, 7, vec![Frame::default()], None);
+        }
+        p.forget(other);
+        assert!(p.stacks.knows(me) && !p.stacks.knows(other));
+        assert_eq!(p.process_names.keys().collect::<Vec<_>>(), [&me]);
+        assert_eq!(p.interps.keys().collect::<Vec<_>>(), [&me]);
+        assert_eq!(p.parks.keys().collect::<Vec<_>>(), [&me]);
+        assert_eq!(p.user_stacks.keys().collect::<Vec<_>>(), [&me]);
+        assert!(p.loops.cached_stack(me, 7).is_some());
+        assert!(p.loops.cached_stack(other, 7).is_none());
+        p.forget(me);
+        assert!(!p.stacks.knows(me) && p.process_names.is_empty() && p.parks.is_empty());
     }
 }

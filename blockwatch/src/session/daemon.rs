@@ -22,6 +22,7 @@ use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
+use crate::procfs;
 use crate::session::notify::{sd_notify, watchdog_interval};
 use crate::session::rate_limit::RateLimit;
 use crate::session::{Session, StartOptions, threshold_ns};
@@ -84,26 +85,28 @@ impl Rules {
 }
 
 fn is_kernel_thread(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).map_or(true, |c| c.is_empty())
+    procfs::cmdline(pid).is_none_or(|c| c.is_empty())
 }
 
 /// The runtime label of a process, guessed from what it maps and names.
 fn runtime_of(pid: u32) -> &'static str {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()
+    let maps = procfs::maps::read(pid).unwrap_or_default();
+    let maps_a = |lib: &str| {
+        maps.iter()
+            .any(|m| m.path().is_some_and(|p| p.contains(lib)))
+    };
+    let exe = procfs::exe(pid)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    if maps.contains("libpython") || exe.starts_with("python") {
+    if maps_a("libpython") || exe.starts_with("python") {
         return "python";
     }
-    if maps.contains("libnode") || exe == "node" || exe == "nodejs" {
+    if maps_a("libnode") || exe == "node" || exe == "nodejs" {
         return "node";
     }
-    let tokio = targets::threads_of(pid).into_iter().any(|tid| {
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-            .is_ok_and(|c| c.starts_with("tokio-r"))
-    });
+    let tokio = procfs::threads(pid)
+        .into_iter()
+        .any(|tid| procfs::thread_comm(pid, tid).is_some_and(|c| c.starts_with("tokio-r")));
     if tokio { "tokio" } else { "unknown" }
 }
 
@@ -132,7 +135,7 @@ impl State {
         cache
             .entry(pid)
             .or_insert_with(|| {
-                let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+                let cgroup = procfs::cgroup(pid)?;
                 container_of(&cgroup_paths(&cgroup))
             })
             .clone()
@@ -200,7 +203,7 @@ impl<'a> Tags<'a> {
                 state.container(pid);
             }
             // Gone between the scan and now: nothing to watch.
-            Err(e) if !Path::new(&format!("/proc/{pid}")).exists() => {
+            Err(e) if !procfs::exists(pid) => {
                 debug!("pid {pid} exited before it was watched: {e}")
             }
             Err(e) => warn!("cannot watch process {pid}: {e}"),
@@ -209,18 +212,18 @@ impl<'a> Tags<'a> {
 
     fn unwatch(&mut self, pid: u32) {
         let _ = self.watched.remove(&pid);
-        for tid in targets::threads_of(pid) {
+        for tid in procfs::threads(pid) {
             let _ = self.threads.remove(&tid);
         }
     }
 
     /// Watches every running process the rules select.
     fn scan(&mut self, state: &mut State) {
-        for pid in targets::all_pids() {
+        for pid in procfs::pids() {
             if state.watched.contains(&pid) {
                 continue;
             }
-            let Some(comm) = targets::process_name(pid) else {
+            let Some(comm) = procfs::comm(pid) else {
                 continue;
             };
             if let Some(rule) = state.rules.rule_for(pid, &comm) {
@@ -244,7 +247,7 @@ impl<'a> Tags<'a> {
                 .entry(tag.tgid)
                 .or_insert_with(|| {
                     (
-                        targets::process_name(tag.tgid).unwrap_or_else(|| "unknown".into()),
+                        procfs::comm(tag.tgid).unwrap_or_else(|| "unknown".into()),
                         runtime_of(tag.tgid),
                     )
                 })
@@ -409,9 +412,7 @@ impl Daemon {
         let state = &mut self.state;
         let mut maps = Tags::of(&mut self.session.maps);
         for pid in std::mem::take(&mut state.to_watch) {
-            if let Some(rule) =
-                targets::process_name(pid).and_then(|c| state.rules.rule_for(pid, &c))
-            {
+            if let Some(rule) = procfs::comm(pid).and_then(|c| state.rules.rule_for(pid, &c)) {
                 maps.watch(state, pid, rule);
             }
         }
@@ -479,7 +480,7 @@ impl Daemon {
             .copied()
             .filter(|&pid| {
                 !explicit.contains(&pid)
-                    && targets::process_name(pid)
+                    && procfs::comm(pid)
                         .and_then(|c| state.rules.rule_for(pid, &c))
                         .is_none()
             })
@@ -546,7 +547,7 @@ impl Daemon {
         // Exits the kernel did not report (processes it never
         // watched, lost records): /proc is the truth.
         for pid in m.agg.pids() {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
+            if !procfs::exists(pid) {
                 m.agg.process_exit(pid, now);
             }
         }
@@ -554,9 +555,7 @@ impl Daemon {
             debug!("series of {name} expired");
         }
         drop(m);
-        state
-            .runtimes
-            .retain(|pid, _| Path::new(&format!("/proc/{pid}")).exists());
+        state.runtimes.retain(|&pid, _| procfs::exists(pid));
         if let Some(line) = state.limit.flush(now) {
             eprintln!("{line}");
         }

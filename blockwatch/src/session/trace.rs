@@ -13,6 +13,7 @@ use crate::bpf::LoopDetectors;
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
+use crate::procfs;
 use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::DEFAULT_STALL_THRESHOLD;
 use crate::settings::duration::format_duration;
@@ -175,7 +176,7 @@ fn check_targets(args: &TraceArgs) -> anyhow::Result<Selector> {
         targets::validate_pid(pid)?;
     }
     for &tid in &args.tids {
-        targets::tgid_of(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
+        procfs::tgid(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
     }
     Ok(Selector::new(&args.patterns())?)
 }
@@ -208,9 +209,9 @@ async fn watch_targets(
             },
             0,
         )?;
-        for pid in targets::all_pids() {
+        for pid in procfs::pids() {
             if pid != std::process::id()
-                && targets::process_name(pid).is_some_and(|c| selector.selects(pid, &c))
+                && procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
             {
                 maps.watch_process(pid, rule).ok();
             }
@@ -236,11 +237,7 @@ async fn watch_until_stop(
     command: &mut Option<targets::Command>,
 ) -> anyhow::Result<Stop> {
     // Processes of explicitly tagged threads are not in WATCHED.
-    let tid_pids: Vec<u32> = args
-        .tids
-        .iter()
-        .filter_map(|&t| targets::tgid_of(t))
-        .collect();
+    let tid_pids: Vec<u32> = args.tids.iter().filter_map(|&t| procfs::tgid(t)).collect();
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,

@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::procfs;
+
 /// Re-read a map at most this often when an address is not in it (and
 /// sooner when it grew): JITs append as they compile, but events must not
 /// cost a file read each.
@@ -47,20 +49,9 @@ pub fn parse(text: &str) -> Vec<(u64, u64, String)> {
     entries
 }
 
-/// The PID the process has in its own PID namespace (the perf map's name).
-fn ns_pid(pid: u32) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .and_then(|v| v.split_whitespace().last()?.parse().ok())
-        })
-        .unwrap_or(pid)
-}
-
+/// The map is named after the PID the process has in its own PID namespace.
 fn map_path(pid: u32) -> PathBuf {
-    PathBuf::from(format!("/proc/{pid}/root/tmp/perf-{}.map", ns_pid(pid)))
+    procfs::in_root(pid, &format!("/tmp/perf-{}.map", procfs::ns_pid(pid)))
 }
 
 fn load(pid: u32) -> Option<Map> {
@@ -113,6 +104,11 @@ impl PerfMaps {
     /// The process is gone or exec'd.
     pub fn forget(&mut self, pid: u32) {
         self.maps.remove(&pid);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn knows(&self, pid: u32) -> bool {
+        self.maps.contains_key(&pid)
     }
 }
 

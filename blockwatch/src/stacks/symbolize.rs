@@ -13,7 +13,7 @@
 //! A process may exit before its last events are read (it blocked, then
 //! quit). So the snapshot is taken when a process is first seen
 //! ([`Symbolizer::observe`], re-read while the process is young and loads
-//! its libraries, on exec and on addresses it does not cover), and the
+//! its libraries, after exec and on addresses it does not cover), and the
 //! binaries it maps are opened at once and kept open (a bounded number):
 //! after the exit, `/proc/PID` is gone but the open files still name the
 //! very binaries the process ran, for symbols and for unwind tables.
@@ -29,6 +29,7 @@ use blazesym::{ErrorKind, Pid};
 use log::debug;
 
 use crate::event::Frame;
+use crate::procfs::{self, FileId, MapKind, Mapping, maps};
 
 /// A process's maps are re-read when an address falls outside all of its
 /// known mappings (it loaded a library since), but at most this often:
@@ -40,8 +41,9 @@ const MAPS_REFRESH: Duration = Duration::from_secs(1);
 /// that a process whose binaries we may not read costs nothing per event.
 const OPEN_RETRY: Duration = Duration::from_secs(10);
 
-/// Processes whose maps are kept. Exited processes are never announced to
-/// the symbolizer, so the least recently used snapshot goes when full.
+/// Processes whose maps are kept. The pipeline forgets a process when its
+/// exit record arrives (after its last events), but a lost exit record
+/// would leave its snapshot behind: the least recently used goes when full.
 const MAX_PROCESSES: usize = 1024;
 
 /// Resolved addresses kept per cache generation (so at most twice this).
@@ -60,17 +62,6 @@ const YOUNG_MAPS_REFRESH: Duration = Duration::from_millis(50);
 /// symbolized. Past this, the least recently used is closed (and reopened
 /// through its process if that is still alive).
 const MAX_PINNED: usize = 256;
-
-/// Identity of a mapped file, as `/proc/PID/maps` reports it. Paths are no
-/// identity: the same library has different paths in different mount
-/// namespaces, and an upgraded library has the same path as the old one
-/// that running processes still map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FileId {
-    /// `(major << 32) | minor`.
-    pub dev: u64,
-    pub inode: u64,
-}
 
 /// An executable mapping of a file in a process, for the unwinder.
 #[derive(Clone, Debug)]
@@ -92,113 +83,6 @@ enum Binary {
     Vdso,
 }
 
-#[derive(Clone, Debug)]
-enum Kind {
-    File {
-        id: FileId,
-        /// The path as the process sees it, without ` (deleted)`.
-        path: Rc<str>,
-        deleted: bool,
-    },
-    Vdso,
-    /// Anonymous memory (JIT code, heap, stack), with its name if the
-    /// kernel gives one (`[heap]`, `[anon:name]`).
-    Anon(Option<Rc<str>>),
-}
-
-#[derive(Clone, Debug)]
-struct Mapping {
-    start: u64,
-    end: u64,
-    /// Offset in the file of `start`.
-    offset: u64,
-    exec: bool,
-    kind: Kind,
-}
-
-impl Mapping {
-    fn module(&self) -> String {
-        match &self.kind {
-            Kind::File { path, .. } => path.to_string(),
-            Kind::Vdso => "[vdso]".to_string(),
-            Kind::Anon(Some(name)) => name.to_string(),
-            Kind::Anon(None) => "[anon]".to_string(),
-        }
-    }
-}
-
-/// Splits off the next space-separated field.
-fn field<'a>(rest: &mut &'a str) -> Option<&'a str> {
-    let s = rest.trim_start_matches(' ');
-    if s.is_empty() {
-        return None;
-    }
-    let end = s.find(' ').unwrap_or(s.len());
-    let (f, r) = s.split_at(end);
-    *rest = r;
-    Some(f)
-}
-
-/// One line of `/proc/PID/maps`:
-/// `start-end perms offset major:minor inode   pathname`.
-fn parse_maps_line(line: &str) -> Option<Mapping> {
-    let mut rest = line;
-    let (start, end) = field(&mut rest)?.split_once('-')?;
-    let start = u64::from_str_radix(start, 16).ok()?;
-    let end = u64::from_str_radix(end, 16).ok()?;
-    let exec = field(&mut rest)?.as_bytes().get(2) == Some(&b'x');
-    let offset = u64::from_str_radix(field(&mut rest)?, 16).ok()?;
-    let (major, minor) = field(&mut rest)?.split_once(':')?;
-    let dev = (u64::from_str_radix(major, 16).ok()? << 32) | u64::from_str_radix(minor, 16).ok()?;
-    let inode: u64 = field(&mut rest)?.parse().ok()?;
-    // The pathname may itself contain spaces: it is the rest of the line.
-    let name = rest.trim_start_matches(' ');
-    let kind = if name == "[vdso]" {
-        Kind::Vdso
-    } else if name.starts_with('/') && inode != 0 {
-        let (path, deleted) = match name.strip_suffix(" (deleted)") {
-            Some(p) => (p, true),
-            None => (name, false),
-        };
-        Kind::File {
-            id: FileId { dev, inode },
-            path: path.into(),
-            deleted,
-        }
-    } else if name.is_empty() {
-        Kind::Anon(None)
-    } else {
-        Kind::Anon(Some(name.into()))
-    };
-    Some(Mapping {
-        start,
-        end,
-        offset,
-        exec,
-        kind,
-    })
-}
-
-fn parse_maps(text: &str) -> Vec<Mapping> {
-    // Consecutive mappings of one file share its path.
-    let mut last_path: Option<Rc<str>> = None;
-    let mut maps: Vec<Mapping> = text
-        .lines()
-        .filter_map(parse_maps_line)
-        .map(|mut m| {
-            if let Kind::File { path, .. } = &mut m.kind {
-                match &last_path {
-                    Some(p) if **p == **path => *path = Rc::clone(p),
-                    _ => last_path = Some(Rc::clone(path)),
-                }
-            }
-            m
-        })
-        .collect();
-    maps.sort_by_key(|m| m.start);
-    maps
-}
-
 /// A snapshot of one process's address space.
 struct ProcMaps {
     maps: Vec<Mapping>,
@@ -211,9 +95,7 @@ struct ProcMaps {
 
 impl ProcMaps {
     fn find(&self, addr: u64) -> Option<&Mapping> {
-        let i = self.maps.partition_point(|m| m.start <= addr);
-        let m = self.maps.get(i.checked_sub(1)?)?;
-        (addr < m.end).then_some(m)
+        maps::find(&self.maps, addr)
     }
 }
 
@@ -372,8 +254,8 @@ fn frames_of(sym: &bz::Sym<'_>) -> Vec<Frame> {
 }
 
 fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
-    match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-        Ok(text) => Some(parse_maps(&text)),
+    match maps::read(pid) {
+        Ok(maps) => Some(maps),
         Err(e) => {
             debug!("cannot read the maps of process {pid}: {e}");
             None
@@ -437,7 +319,7 @@ impl Symbolizer {
             .iter()
             .filter(|m| m.exec)
             .filter_map(|m| match &m.kind {
-                Kind::File { id, path, .. } => Some(CodeMapping {
+                MapKind::File { id, path, .. } => Some(CodeMapping {
                     start: m.start,
                     end: m.end,
                     offset: m.offset,
@@ -475,7 +357,7 @@ impl Symbolizer {
         path: &str,
     ) -> Option<std::fs::File> {
         if !self.map_files_denied {
-            match std::fs::File::open(format!("/proc/{pid}/map_files/{start:x}-{end:x}")) {
+            match std::fs::File::open(maps::map_files(pid, start, end)) {
                 Ok(f) => return Some(f),
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     self.map_files_denied = true
@@ -483,7 +365,7 @@ impl Symbolizer {
                 Err(_) => {}
             }
         }
-        std::fs::File::open(format!("/proc/{pid}/root{path}"))
+        std::fs::File::open(procfs::in_root(pid, path))
             .ok()
             .filter(|f| is_file(f, id))
     }
@@ -498,7 +380,7 @@ impl Symbolizer {
             .iter()
             .filter(|m| m.exec)
             .filter_map(|m| match &m.kind {
-                Kind::File { id, path, .. } => Some((m.start, m.end, *id, Rc::clone(path))),
+                MapKind::File { id, path, .. } => Some((m.start, m.end, *id, Rc::clone(path))),
                 _ => None,
             })
             .collect();
@@ -511,15 +393,7 @@ impl Symbolizer {
             let Some(file) = self.open_through(pid, start, end, id, &path) else {
                 continue;
             };
-            if self.pins.len() >= MAX_PINNED
-                && let Some(lru) = self
-                    .pins
-                    .iter()
-                    .min_by_key(|(_, p)| p.last_used)
-                    .map(|(id, _)| *id)
-            {
-                self.pins.remove(&lru);
-            }
+            super::make_room(&mut self.pins, MAX_PINNED, |p| p.last_used);
             let pin = Pin {
                 file,
                 last_used: tick,
@@ -600,13 +474,19 @@ impl Symbolizer {
     /// the maps snapshot.
     pub fn is_code(&mut self, pid: u32, addr: u64) -> bool {
         self.mapping(pid, addr)
-            .is_some_and(|m| m.exec && matches!(m.kind, Kind::File { .. }))
+            .is_some_and(|m| m.exec && matches!(m.kind, MapKind::File { .. }))
     }
 
-    /// The process exec'd: drop its maps snapshot (the next look takes a
-    /// new one, young again).
-    pub fn invalidate(&mut self, pid: u32) {
+    /// The process exec'd or exited: drop its maps snapshot (the next
+    /// look takes a new one, young again). The binaries it mapped stay
+    /// open and symbolized for the other processes that map them.
+    pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn knows(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
     }
 
     /// Count of addresses that could not be symbolized so far (by
@@ -657,15 +537,7 @@ impl Symbolizer {
             self.pin_binaries(pid);
             return;
         }
-        if self.procs.len() >= MAX_PROCESSES
-            && let Some(&lru) = self
-                .procs
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(p, _)| p)
-        {
-            self.procs.remove(&lru);
-        }
+        super::make_room(&mut self.procs, MAX_PROCESSES, |s| s.last_used);
         // An unreadable process gets an empty snapshot, so that it is not
         // retried more often than a live one.
         self.generations += 1;
@@ -688,9 +560,9 @@ impl Symbolizer {
         let Some(m) = self.mapping(pid, addr) else {
             return (None, None);
         };
-        let module = Some(m.module());
+        let module = Some(m.name());
         let resolved = match &m.kind {
-            Kind::File { id, path, deleted } => {
+            MapKind::File { id, path, deleted } => {
                 let offset = addr - m.start + m.offset;
                 let key = (Binary::File(*id), offset);
                 match self.frames.get(key) {
@@ -702,7 +574,7 @@ impl Symbolizer {
                         }),
                 }
             }
-            Kind::Vdso => {
+            MapKind::Vdso => {
                 let offset = addr - m.start;
                 let key = (Binary::Vdso, offset);
                 match self.frames.get(key) {
@@ -713,7 +585,7 @@ impl Symbolizer {
                 }
             }
             // JIT code: nothing to read symbols from.
-            Kind::Anon(_) => None,
+            MapKind::Anon(_) => None,
         };
         (module, resolved)
     }
@@ -753,13 +625,10 @@ impl Symbolizer {
             candidates.push((pin.path(), false));
         }
         if !self.map_files_denied {
-            candidates.push((
-                PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
-                true,
-            ));
+            candidates.push((m.map_files(pid), true));
         }
         if !deleted {
-            candidates.push((PathBuf::from(format!("/proc/{pid}/root{path}")), false));
+            candidates.push((procfs::in_root(pid, path), false));
         }
         for (candidate, via_map_files) in candidates {
             if let Some(&owner) = self.path_owner.get(&candidate)
@@ -866,7 +735,7 @@ impl Symbolizer {
         let Some(maps) = read_maps(std::process::id()) else {
             return Vdso::Unavailable;
         };
-        let Some(m) = maps.iter().find(|m| matches!(m.kind, Kind::Vdso)) else {
+        let Some(m) = maps.iter().find(|m| matches!(m.kind, MapKind::Vdso)) else {
             return Vdso::Unavailable;
         };
         // blazesym would otherwise read /proc/self/maps on each lookup.
@@ -890,8 +759,8 @@ fn same_maps(a: &[Mapping], b: &[Mapping]) -> bool {
         && a.iter().zip(b).all(|(x, y)| {
             (x.start, x.end, x.offset, x.exec) == (y.start, y.end, y.offset, y.exec)
                 && match (&x.kind, &y.kind) {
-                    (Kind::File { id: i, .. }, Kind::File { id: j, .. }) => i == j,
-                    (Kind::Vdso, Kind::Vdso) | (Kind::Anon(_), Kind::Anon(_)) => true,
+                    (MapKind::File { id: i, .. }, MapKind::File { id: j, .. }) => i == j,
+                    (MapKind::Vdso, MapKind::Vdso) | (MapKind::Anon(_), MapKind::Anon(_)) => true,
                     _ => false,
                 }
         })
@@ -955,53 +824,6 @@ mod tests {
     /// The frame of each input address (inlined callees left out).
     fn outer(frames: &[Frame]) -> Vec<&Frame> {
         frames.iter().filter(|f| !f.inlined).collect()
-    }
-
-    #[test]
-    fn parses_maps_lines() {
-        let text = "\
-55d0c0a00000-55d0c0a21000 r--p 00000000 fd:01 1234                       /usr/bin/python3.11
-55d0c0a21000-55d0c0b00000 r-xp 00021000 fd:01 1234                       /usr/bin/python3.11
-7f0000000000-7f0000001000 r-xp 00001000 00:05 99 /memfd:jit code (deleted)
-7f0000002000-7f0000003000 rwxp 00000000 00:00 0 
-7f0000004000-7f0000005000 rw-p 00000000 00:00 0                          [heap]
-7ffd1000-7ffd3000 r-xp 00000000 00:00 0                          [vdso]
-garbage line
-";
-        let maps = parse_maps(text);
-        assert_eq!(maps.len(), 6);
-        assert_eq!(maps[0].start, 0x7ffd1000, "sorted by address");
-        assert!(matches!(maps[0].kind, Kind::Vdso));
-        let m = &maps[2];
-        assert_eq!(
-            (m.start, m.end, m.offset, m.exec),
-            (0x55d0c0a21000, 0x55d0c0b00000, 0x21000, true)
-        );
-        match &m.kind {
-            Kind::File { id, path, deleted } => {
-                assert_eq!(
-                    *id,
-                    FileId {
-                        dev: (0xfd << 32) | 1,
-                        inode: 1234
-                    }
-                );
-                assert_eq!(&**path, "/usr/bin/python3.11");
-                assert!(!deleted);
-            }
-            k => panic!("{k:?}"),
-        }
-        assert!(!maps[1].exec);
-        match &maps[3].kind {
-            Kind::File { path, deleted, .. } => {
-                assert_eq!(&**path, "/memfd:jit code");
-                assert!(deleted);
-            }
-            k => panic!("{k:?}"),
-        }
-        assert!(matches!(maps[4].kind, Kind::Anon(None)));
-        assert_eq!(maps[4].module(), "[anon]");
-        assert_eq!(maps[5].module(), "[heap]");
     }
 
     #[test]
@@ -1197,7 +1019,7 @@ garbage line
             eager.is_code(me(), copy),
             "re-read on a miss once old enough"
         );
-        lazy.invalidate(me());
+        lazy.forget(me());
         assert!(lazy.is_code(me(), copy));
         let frames = lazy.symbolize(me(), &[copy]);
         assert_eq!(outer(&frames)[0].function.as_deref(), Some(MARKER));
@@ -1384,9 +1206,9 @@ fn main() {
         let maps = read_maps(me()).unwrap();
         let m = maps
             .iter()
-            .find(|m| matches!(m.kind, Kind::File { .. }))
+            .find(|m| matches!(m.kind, MapKind::File { .. }))
             .unwrap();
-        std::fs::File::open(format!("/proc/self/map_files/{:x}-{:x}", m.start, m.end)).is_ok()
+        std::fs::File::open(m.map_files(me())).is_ok()
     }
 
     /// Another process, Rust with v0 mangling, whose binary is deleted

@@ -28,7 +28,8 @@ use log::debug;
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 
 use crate::ingest::decode::UserStackRecord;
-use crate::stacks::symbolize::{CodeMapping, FileId, Symbolizer};
+use crate::procfs::FileId;
+use crate::stacks::symbolize::{CodeMapping, Symbolizer};
 
 /// Bytes of unwind tables cached (tables a process unwinder still uses
 /// live on there until it goes, so the bound is approximate).
@@ -87,7 +88,6 @@ struct Tables {
 
 impl Tables {
     fn read(file: &std::fs::File, path: &str) -> Result<(TableKey, Tables), UnwindError> {
-        use std::os::unix::fs::MetadataExt as _;
         // SAFETY: a private read-only mapping; a binary truncated under us
         // would fault, which the loader's own mapping of it would too.
         let map = unsafe { memmap2::Mmap::map(file) }.map_err(|err| UnwindError::Map {
@@ -98,40 +98,13 @@ impl Tables {
             path: path.to_string(),
             err,
         })?;
-        let key = match elf.build_id() {
-            Ok(Some(id)) if !id.is_empty() => TableKey::BuildId(id.to_vec()),
-            _ => {
-                let meta = file.metadata().map_err(|err| UnwindError::Open {
-                    path: path.to_string(),
-                    err,
-                })?;
-                TableKey::File {
-                    path: path.to_string(),
-                    inode: meta.ino(),
-                    mtime: meta.mtime(),
-                }
-            }
-        };
-        let section = |name: &str| -> Option<(Range<u64>, Bytes)> {
-            let s = elf.section_by_name(name)?;
-            let data = s.uncompressed_data().ok()?;
-            (!data.is_empty()).then(|| {
-                (
-                    s.address()..s.address() + s.size(),
-                    Bytes(Arc::from(&*data)),
-                )
-            })
-        };
-        let range = |name: &str| {
-            elf.section_by_name(name)
-                .map(|s| s.address()..s.address() + s.size())
-        };
-        let eh_frame = section(".eh_frame");
-        let eh_frame_hdr = section(".eh_frame_hdr");
+        let key = table_key(&elf, file, path)?;
+        let eh_frame = section(&elf, ".eh_frame");
+        let eh_frame_hdr = section(&elf, ".eh_frame_hdr");
         // framehop reads .eh_frame when there is one: .debug_frame (usually
         // in separate debug files) is kept only for binaries without.
         let debug_frame = match eh_frame {
-            None => section(".debug_frame").map(|(_, b)| b),
+            None => section(&elf, ".debug_frame").map(|(_, b)| b),
             Some(_) => None,
         };
         if eh_frame.is_none() && debug_frame.is_none() {
@@ -139,22 +112,15 @@ impl Tables {
                 path: path.to_string(),
             });
         }
-        const PF_X: u32 = 1;
-        let segments = elf
-            .segments()
-            .filter(|s| {
-                matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
-            })
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, size, s.address())
-            })
-            .collect();
         let bytes = [&eh_frame, &eh_frame_hdr]
             .iter()
             .filter_map(|s| s.as_ref().map(|(_, b)| b.len()))
             .sum::<usize>()
             + debug_frame.as_ref().map_or(0, |b| b.len());
+        let range = |name: &str| {
+            elf.section_by_name(name)
+                .map(|s| s.address()..s.address() + s.size())
+        };
         Ok((
             key,
             Tables {
@@ -163,7 +129,7 @@ impl Tables {
                 debug_frame,
                 text: range(".text"),
                 got: range(".got"),
-                segments,
+                segments: code_segments(&elf),
                 bytes,
             },
         ))
@@ -194,6 +160,55 @@ impl Tables {
         };
         Some(Module::new(m.path.to_string(), m.start..m.end, bias, info))
     }
+}
+
+/// The build ID of a binary, else its path, inode and mtime.
+fn table_key(
+    elf: &object::File<'_>,
+    file: &std::fs::File,
+    path: &str,
+) -> Result<TableKey, UnwindError> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Ok(Some(id)) = elf.build_id()
+        && !id.is_empty()
+    {
+        return Ok(TableKey::BuildId(id.to_vec()));
+    }
+    let meta = file.metadata().map_err(|err| UnwindError::Open {
+        path: path.to_string(),
+        err,
+    })?;
+    Ok(TableKey::File {
+        path: path.to_string(),
+        inode: meta.ino(),
+        mtime: meta.mtime(),
+    })
+}
+
+/// A non-empty section's address range and (uncompressed) bytes.
+fn section(elf: &object::File<'_>, name: &str) -> Option<(Range<u64>, Bytes)> {
+    let s = elf.section_by_name(name)?;
+    let data = s.uncompressed_data().ok()?;
+    (!data.is_empty()).then(|| {
+        (
+            s.address()..s.address() + s.size(),
+            Bytes(Arc::from(&*data)),
+        )
+    })
+}
+
+/// Executable PT_LOAD segments: (file offset, file size, virtual address).
+fn code_segments(elf: &object::File<'_>) -> Vec<(u64, u64, u64)> {
+    const PF_X: u32 = 1;
+    elf.segments()
+        .filter(
+            |s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0),
+        )
+        .map(|s| {
+            let (offset, size) = s.file_range();
+            (offset, size, s.address())
+        })
+        .collect()
 }
 
 /// Unwind tables by binary, within a byte budget: the least recently used
@@ -234,12 +249,7 @@ impl TableCache {
         }
         self.bytes += size;
         while self.bytes > self.budget && self.tables.len() > 1 {
-            let Some(lru) = self
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
-            else {
+            let Some(lru) = super::least_recently_used(&self.tables, |(_, used)| *used) else {
                 break;
             };
             if let Some((t, _)) = self.tables.remove(&lru) {
@@ -444,15 +454,8 @@ impl StackUnwinder {
                     unwinder.add_module(module);
                 }
             }
-            if self.procs.len() >= MAX_PROCESSES
-                && !self.procs.contains_key(&pid)
-                && let Some(lru) = self
-                    .procs
-                    .iter()
-                    .min_by_key(|(_, p)| p.last_used)
-                    .map(|(p, _)| *p)
-            {
-                self.procs.remove(&lru);
+            if !self.procs.contains_key(&pid) {
+                super::make_room(&mut self.procs, MAX_PROCESSES, |p| p.last_used);
             }
             self.procs.insert(
                 pid,
@@ -596,19 +599,8 @@ mod tests {
                 bp = out(reg) bp,
             );
         }
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        let end = maps
-            .lines()
-            .find_map(|l| {
-                let (range, _) = l.split_once(' ')?;
-                let (a, b) = range.split_once('-')?;
-                let (a, b) = (
-                    u64::from_str_radix(a, 16).ok()?,
-                    u64::from_str_radix(b, 16).ok()?,
-                );
-                (a <= sp && sp < b).then_some(b)
-            })
-            .unwrap();
+        let maps = crate::procfs::maps::read(std::process::id()).unwrap();
+        let end = crate::procfs::maps::find(&maps, sp).unwrap().end;
         let len = (end - sp).min(blockwatch_common::MAX_USER_STACK as u64) as usize;
         // SAFETY: sp..sp+len is this thread's mapped stack, above the
         // live frame of this function.

@@ -16,6 +16,8 @@ use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, Threa
 use clap::ValueEnum;
 use log::debug;
 
+use crate::procfs;
+
 /// bpf(2) map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
 
@@ -74,51 +76,13 @@ pub fn tag_for(rule: &WatchRule, main_thread: bool) -> u8 {
     }
 }
 
-fn status_field(tid: u32, field: &str) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The process a thread belongs to.
-pub fn tgid_of(tid: u32) -> Option<u32> {
-    status_field(tid, "Tgid:")
-}
-
 /// Checks that `pid` names a live process (not a thread).
 pub fn validate_pid(pid: u32) -> Result<(), TargetError> {
-    match tgid_of(pid) {
+    match procfs::tgid(pid) {
         None => Err(TargetError::NoSuchPid(pid)),
         Some(tgid) if tgid != pid => Err(TargetError::NotAProcess(pid, tgid)),
         Some(_) => Ok(()),
     }
-}
-
-pub fn threads_of(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-pub fn process_name(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .ok()
-        .map(|s| s.trim_end().to_string())
-}
-
-/// Every live process on the host.
-pub fn all_pids() -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Process-name patterns (`--comm`).
@@ -160,7 +124,7 @@ impl TagMaps<'_> {
     pub fn watch_process(&mut self, pid: u32, rule: WatchRule) -> Result<usize, TargetError> {
         self.watched.insert(pid, rule, 0)?;
         let mut n = 0;
-        for tid in threads_of(pid) {
+        for tid in procfs::threads(pid) {
             let tag = tag_for(&rule, tid == pid);
             if tag == 0 {
                 continue;
@@ -182,7 +146,7 @@ impl TagMaps<'_> {
 
     /// Tags one thread as an event loop, whatever it does (`--tid`).
     pub fn tag_thread(&mut self, tid: u32) -> Result<u32, TargetError> {
-        let tgid = tgid_of(tid).ok_or(TargetError::NoSuchTid(tid))?;
+        let tgid = procfs::tgid(tid).ok_or(TargetError::NoSuchTid(tid))?;
         self.threads
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
         Ok(tgid)
@@ -271,6 +235,61 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The command `argv` (its program, `argv[0]`, resolved to `path`), run
+/// as `run_as`, whose child writes its PID to `fds[0]` and then waits for
+/// a byte on `fds[1]` before it execs.
+fn held_command(
+    path: &Path,
+    argv: &[OsString],
+    run_as: Option<&RunAs>,
+    fds: [std::os::fd::RawFd; 2],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(path);
+    let (program, args) = argv
+        .split_first()
+        .map_or((path.as_os_str(), &[][..]), |(p, a)| (p.as_os_str(), a));
+    cmd.arg0(program).args(args).kill_on_drop(false);
+    if let Some(u) = run_as {
+        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
+        if let Some(home) = &u.home {
+            cmd.env("HOME", home);
+        }
+    }
+    let ids = run_as.map(|u| (u.uid, u.gid, u.groups.clone()));
+    // SAFETY: the closure only makes async-signal-safe calls (getpid,
+    // write, read, setgroups, setgid, setuid, _exit) on data prepared
+    // before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = libc::getpid().to_ne_bytes();
+            let mut b = 0u8;
+            // Tell the parent who we are, then wait until it watches us.
+            if libc::write(fds[0], pid.as_ptr().cast(), 4) != 4
+                || libc::read(fds[1], (&mut b as *mut u8).cast(), 1) != 1
+            {
+                libc::_exit(126);
+            }
+            if let Some((uid, gid, groups)) = &ids
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The PID the held child reports (none if it died first).
+fn read_pid(pid_r: &OwnedFd) -> Option<u32> {
+    let mut buf = [0u8; 4];
+    // SAFETY: reading 4 bytes into a 4-byte buffer from an owned fd.
+    let n = unsafe { libc::read(pid_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
+    (n == 4).then(|| i32::from_ne_bytes(buf) as u32)
+}
+
 /// Starts `argv` and calls `watch` with its PID before it execs, so the
 /// command is watched from its first instruction (and its first thread).
 ///
@@ -296,39 +315,7 @@ pub async fn spawn_watched(
     let (pid_r, pid_w) = pipe().map_err(spawn_err)?;
     let (release_r, release_w) = pipe().map_err(spawn_err)?;
     let fds = [pid_w.as_raw_fd(), release_r.as_raw_fd()];
-
-    let mut cmd = tokio::process::Command::new(&path);
-    cmd.arg0(program).args(&argv[1..]).kill_on_drop(false);
-    if let Some(u) = &run_as {
-        cmd.env("USER", &u.name).env("LOGNAME", &u.name);
-        if let Some(home) = &u.home {
-            cmd.env("HOME", home);
-        }
-    }
-    let ids = run_as.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
-    // SAFETY: the closure only makes async-signal-safe calls (getpid,
-    // write, read, setgroups, setgid, setuid, _exit) on data prepared
-    // before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let pid = libc::getpid().to_ne_bytes();
-            let mut b = 0u8;
-            // Tell the parent who we are, then wait until it watches us.
-            if libc::write(fds[0], pid.as_ptr().cast(), 4) != 4
-                || libc::read(fds[1], (&mut b as *mut u8).cast(), 1) != 1
-            {
-                libc::_exit(126);
-            }
-            if let Some((uid, gid, groups)) = &ids
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = held_command(&path, argv, run_as.as_ref(), fds);
     let spawner = tokio::task::spawn_blocking(move || {
         let child = cmd.spawn();
         // Our copies: the child's end of each pipe is all that remains, so
@@ -336,15 +323,10 @@ pub async fn spawn_watched(
         drop((pid_w, release_r));
         child
     });
-    let pid = tokio::task::spawn_blocking(move || {
-        let mut buf = [0u8; 4];
-        // SAFETY: reading 4 bytes into a 4-byte buffer from an owned fd.
-        let n = unsafe { libc::read(pid_r.as_raw_fd(), buf.as_mut_ptr().cast(), 4) };
-        (n == 4).then(|| i32::from_ne_bytes(buf) as u32)
-    })
-    .await
-    .ok()
-    .flatten();
+    let pid = tokio::task::spawn_blocking(move || read_pid(&pid_r))
+        .await
+        .ok()
+        .flatten();
     let watched = match pid {
         Some(pid) => watch(pid),
         None => Ok(()),
@@ -387,8 +369,7 @@ mod tests {
     fn own_process_validates_and_its_threads_are_listed() {
         let me = std::process::id();
         validate_pid(me).unwrap();
-        assert!(threads_of(me).contains(&me));
-        assert_eq!(tgid_of(me), Some(me));
+        assert!(procfs::threads(me).contains(&me));
     }
 
     #[test]

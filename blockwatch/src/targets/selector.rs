@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
+use crate::procfs;
+
 #[derive(Debug, thiserror::Error)]
 #[error("invalid {flag} pattern {pattern:?}: {msg}")]
 pub struct SelectorError {
@@ -74,16 +76,16 @@ pub struct ProcessFacts {
 
 impl ProcessFacts {
     pub fn read(pid: u32) -> Option<Self> {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        let comm = procfs::comm(pid)?;
+        let exe = procfs::exe(pid);
+        let cmdline = procfs::cmdline(pid)
             .map(|raw| cmdline_text(&raw))
             .unwrap_or_default();
-        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        let cgroups = procfs::cgroup(pid)
             .map(|t| cgroup_paths(&t))
             .unwrap_or_default();
         Some(Self {
-            comm: comm.trim_end_matches('\n').to_string(),
+            comm,
             exe,
             cmdline,
             cgroups,
@@ -341,21 +343,14 @@ mod tests {
 
     #[test]
     fn bad_patterns_name_the_flag() {
-        let e = Selector::new(&Patterns {
-            units: vec!["[".into()],
-            ..Default::default()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let error = |f: fn(&mut Patterns)| {
+            let mut p = Patterns::default();
+            f(&mut p);
+            Selector::new(&p).err().unwrap().to_string()
+        };
+        let e = error(|p| p.units = vec!["[".into()]);
         assert!(e.contains("--unit") && e.contains("\"[\""), "{e}");
-        let e = Selector::new(&Patterns {
-            exes: vec!["".into()],
-            ..Default::default()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        let e = error(|p| p.exes = vec!["".into()]);
         assert!(e.contains("--exe") && e.contains("empty"), "{e}");
     }
 

@@ -76,10 +76,7 @@ pub fn syscall_label(ev: &Event) -> String {
 }
 
 fn cut(s: &str) -> String {
-    let clean: String = s
-        .chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
+    let clean = crate::text::scrub(s).into_owned();
     if clean.len() <= MAX_LABEL_LEN {
         return clean;
     }

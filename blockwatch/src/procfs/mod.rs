@@ -1,0 +1,161 @@
+//! Everything blockwatch reads of other processes through `/proc`, in one
+//! place: their memory maps ([`maps`]), threads, names, command lines,
+//! status fields, files as they see them, and their memory ([`mem`]).
+//!
+//! Readers answer `None` (or an empty list) when the process is gone or
+//! unreadable: a watched process may exit at any moment, and every caller
+//! has a fallback.
+
+pub mod maps;
+pub mod mem;
+
+use std::path::PathBuf;
+
+pub use maps::{FileId, MapKind, Mapping};
+
+/// The text after `field` (e.g. `Tgid:`) in `/proc/PID/status`.
+fn status_field(pid: u32, field: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_value(&status, field).map(str::to_string)
+}
+
+fn status_value<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(str::trim)
+}
+
+/// The process a thread belongs to.
+pub fn tgid(tid: u32) -> Option<u32> {
+    status_field(tid, "Tgid:")?.parse().ok()
+}
+
+/// The PID process `pid` has in its own PID namespace (the innermost of
+/// `NSpid:`), or `pid` itself when that cannot be told.
+pub fn ns_pid(pid: u32) -> u32 {
+    status_field(pid, "NSpid:")
+        .and_then(|v| innermost_pid(&v))
+        .unwrap_or(pid)
+}
+
+fn innermost_pid(nspid: &str) -> Option<u32> {
+    nspid.split_whitespace().last()?.parse().ok()
+}
+
+/// Numeric entries of a `/proc` directory.
+fn numbered(dir: &str) -> Vec<u32> {
+    std::fs::read_dir(dir)
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The threads of process `pid`.
+pub fn threads(pid: u32) -> Vec<u32> {
+    numbered(&format!("/proc/{pid}/task"))
+}
+
+/// Every live process on the host.
+pub fn pids() -> Vec<u32> {
+    numbered("/proc")
+}
+
+/// Whether `/proc` still has process (or thread) `pid`.
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A process's name (`comm`, at most 15 bytes), without the newline the
+/// kernel ends it with.
+pub fn comm(pid: u32) -> Option<String> {
+    let mut s = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    if s.ends_with('\n') {
+        s.pop();
+    }
+    Some(s)
+}
+
+/// A thread's name, as the kernel writes it (with its newline).
+pub fn thread_comm(pid: u32, tid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()
+}
+
+/// The raw command line: arguments each ended by a NUL; empty for kernel
+/// threads.
+pub fn cmdline(pid: u32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// The executable's path.
+pub fn exe(pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// The text of `/proc/PID/cgroup`.
+pub fn cgroup(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()
+}
+
+/// The target of the process's file descriptor `fd` (`socket:[123]`,
+/// `/var/log/x`, ...).
+pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .ok()
+        .map(|l| l.to_string_lossy().into_owned())
+}
+
+/// `path` as process `pid` sees it: through its root, so that a path in a
+/// container's mount namespace names the container's file.
+pub fn in_root(pid: u32, path: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root{path}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let status = "Name:\tpython3\nTgid:\t4242\nNSpid:\t4242\t17\n";
+        assert_eq!(status_value(status, "Tgid:"), Some("4242"));
+        assert_eq!(status_value(status, "Pid:"), None);
+        assert_eq!(
+            innermost_pid(status_value(status, "NSpid:").unwrap()),
+            Some(17)
+        );
+        assert_eq!(innermost_pid(""), None);
+    }
+
+    #[test]
+    fn own_process() {
+        let me = std::process::id();
+        assert_eq!(tgid(me), Some(me));
+        assert_eq!(ns_pid(me), me, "tests run in the host's PID namespace");
+        assert!(threads(me).contains(&me));
+        assert!(pids().contains(&me));
+        assert!(exists(me) && !exists(u32::MAX));
+        assert!(comm(me).is_some_and(|c| !c.is_empty() && !c.ends_with('\n')));
+        assert!(cmdline(me).is_some_and(|c| c.ends_with(&[0])));
+        assert_eq!(exe(me), std::env::current_exe().ok());
+        assert!(cgroup(me).is_some());
+        assert!(thread_comm(me, me).is_some());
+        assert_eq!(
+            in_root(me, "/etc"),
+            PathBuf::from(format!("/proc/{me}/root/etc"))
+        );
+    }
+
+    #[test]
+    fn gone_processes_read_as_nothing() {
+        let gone = u32::MAX;
+        assert_eq!(tgid(gone), None);
+        assert_eq!(ns_pid(gone), gone);
+        assert!(threads(gone).is_empty());
+        assert_eq!(comm(gone), None);
+        assert_eq!(cmdline(gone), None);
+        assert_eq!(fd_target(gone, 0), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! CPython interpreter frames, the user-space half.
+//!
+//! When a tagged CPython thread blocks, the kernel program walks that
+//! thread's interpreter frames and records, for each, the code object's
+//! address and an instruction value ([`blockwatch_common::PyFrameRef`]). It
+//! cannot follow strings or decode line tables, and it does not know where
+//! the interpreter keeps its state, so this module supplies both ends:
+//!
+//! - [`inspect`] finds a process's interpreter: the `_PyRuntime` symbol of
+//!   the python binary or `libpython3.X.so` it maps, the version, and the
+//!   structure offsets ([`PyOffsets`]) the kernel walk follows.
+//! - [`CodeReader`] turns a recorded (code, instr) pair into function,
+//!   file and line by reading the code object from the process's memory
+//!   afterwards: code objects outlive the calls that run them, and their
+//!   name, file and line table never change, so they are cached.
+//!
+//! CPython's internal structures change between minor versions but not
+//! within one, so offsets are tabled per minor version (3.10 to 3.13, x86-64
+//! release builds) and checked in tests against the headers of every
+//! installed build. 3.13 also describes its own layout in the
+//! `_Py_DebugOffsets` block at the start of `_PyRuntime`; when present it
+//! is preferred over the table, since it comes from the build that runs.
+//!
+//! By concern: `inspect` (finding the interpreter), `offsets` (the
+//! per-version layouts), `code` (code objects), `lines` (line tables),
+//! `mem` (reading the process through [`crate::procfs::mem`]).
+
+mod code;
+mod inspect;
+mod lines;
+mod mem;
+mod offsets;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use blockwatch_common::PyOffsets;
+
+pub use code::CodeReader;
+pub use inspect::inspect;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PyError {
+    #[error("reading {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a readable ELF file: {msg}", path.display())]
+    Elf { path: PathBuf, msg: String },
+    #[error("process {pid}: cannot place {} in its address space", path.display())]
+    NotMapped { pid: u32, path: PathBuf },
+}
+
+/// A CPython process, as the kernel walk needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyProcess {
+    pub version: (u8, u8),
+    /// Address of `_PyRuntime` in the process.
+    pub runtime_addr: u64,
+    /// Its size (`st_size`; 0 when the symbol table has none). The main
+    /// interpreter's GIL lies inside it (`ceval.gil` before 3.12, the
+    /// embedded main interpreter's `_gil` from 3.12), so a futex wait in
+    /// `[runtime_addr, runtime_addr + runtime_size)` is a wait for the GIL.
+    pub runtime_size: u64,
+    pub offsets: PyOffsets,
+}
+
+impl PyProcess {
+    /// Where `_PyRuntime` lies, when its size is known: the main
+    /// interpreter's GIL is inside (see `runtime_size`), which is what
+    /// [`crate::analyze::gil`] asks.
+    pub fn runtime(&self) -> Option<Range<u64>> {
+        (self.runtime_size > 0)
+            .then(|| self.runtime_addr..self.runtime_addr.saturating_add(self.runtime_size))
+    }
+}
+
+/// One resolved interpreter frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyFrame {
+    /// Qualified name (`Class.method`; plain name on 3.10).
+    pub function: String,
+    pub file: String,
+    pub line: Option<u32>,
+}

@@ -1,0 +1,133 @@
+//! One stack builder for every detector's events (blocking waits, strict
+//! calls, stall samples): the native walk (the kernel's frame pointers or
+//! the DWARF unwinder's walk of a stack copy), its symbols, JIT names from
+//! perf maps, and the CPython frames placed where the interpreter's
+//! evaluation loop is on the native stack.
+
+use blockwatch_common::PyFrameRef;
+
+use crate::event::{Frame, FrameKind};
+use crate::ingest::decode::UserStackRecord;
+use crate::runtimes::python::{CodeReader, PyProcess};
+use crate::stacks::perfmap::PerfMaps;
+use crate::stacks::symbolize::Symbolizer;
+use crate::stacks::unwind::StackUnwinder;
+
+/// The per-process caches stacks are built from. Caches keyed by binary
+/// (symbols, unwind tables) are shared by every process.
+pub struct StackBuilder {
+    sym: Symbolizer,
+    unwinder: StackUnwinder,
+    perf_maps: PerfMaps,
+    code: CodeReader,
+}
+
+impl Default for StackBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StackBuilder {
+    pub fn new() -> Self {
+        Self {
+            sym: Symbolizer::new(),
+            unwinder: StackUnwinder::new(),
+            perf_maps: PerfMaps::new(),
+            code: CodeReader::new(),
+        }
+    }
+
+    /// The symbolizer, for what is not a stack (a runtime's park probe)
+    /// and to snapshot a process's maps early.
+    pub fn symbolizer(&mut self) -> &mut Symbolizer {
+        &mut self.sym
+    }
+
+    /// Symbolization failures so far.
+    pub fn symbol_failures(&self) -> u64 {
+        self.sym.failures()
+    }
+
+    /// The native return addresses of a wait: the kernel's frame-pointer
+    /// walk `fp`, or the DWARF walk of the stack `copy` taken with it (see
+    /// [`crate::stacks::unwind::choose`]).
+    pub fn native(&mut self, pid: u32, fp: &[u64], copy: Option<&UserStackRecord>) -> Vec<u64> {
+        self.unwinder.stack(&mut self.sym, pid, fp, copy)
+    }
+
+    /// Native frames (ELF symbols, perf maps for JIT code) with the
+    /// CPython frames `py` in place when `interp` says the process runs
+    /// CPython.
+    pub fn frames(
+        &mut self,
+        pid: u32,
+        ips: &[u64],
+        py: &[PyFrameRef],
+        interp: Option<&PyProcess>,
+    ) -> Vec<Frame> {
+        let mut stack = self.sym.symbolize(pid, ips);
+        // JIT code has no ELF symbols: its perf map, if it writes one.
+        for (i, f) in stack.iter_mut().enumerate() {
+            if f.function.is_none() && !f.inlined {
+                let addr = if i == 0 { f.address } else { f.address - 1 };
+                f.function = self.perf_maps.lookup(pid, addr);
+            }
+        }
+        let Some(interp) = interp else {
+            return stack;
+        };
+        // The interpreter frames are the Python code that called into the
+        // native frames above: they go where the interpreter's evaluation
+        // loop is on the native stack, before its own callers (down to
+        // main), or last when the native stack does not reach it.
+        let at = stack
+            .iter()
+            .position(|f| {
+                f.function
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("_PyEval_EvalFrame"))
+            })
+            .unwrap_or(stack.len());
+        let python: Vec<Frame> = py
+            .iter()
+            .filter(|r| r.code != 0)
+            .map(|r| self.python_frame(pid, interp, r))
+            .collect();
+        stack.splice(at..at, python);
+        stack
+    }
+
+    fn python_frame(&mut self, pid: u32, interp: &PyProcess, r: &PyFrameRef) -> Frame {
+        let frame = Frame {
+            address: r.code,
+            kind: FrameKind::Python,
+            ..Frame::default()
+        };
+        match self.code.frame(pid, interp, r.code, r.instr) {
+            Some(f) => Frame {
+                function: Some(f.function),
+                module: Some(f.file.clone()),
+                file: Some(f.file),
+                line: f.line,
+                ..frame
+            },
+            None => frame,
+        }
+    }
+
+    /// Drops what is known of process `pid` (it exec'd or exited): its
+    /// maps snapshot, unwinder, perf map and code objects.
+    pub fn forget(&mut self, pid: u32) {
+        self.sym.forget(pid);
+        self.unwinder.forget(pid);
+        self.perf_maps.forget(pid);
+        self.code.forget(pid);
+    }
+
+    /// Whether anything of `pid` is kept (its maps snapshot, perf map).
+    #[cfg(test)]
+    pub(crate) fn knows(&self, pid: u32) -> bool {
+        self.sym.knows(pid) || self.perf_maps.knows(pid)
+    }
+}
