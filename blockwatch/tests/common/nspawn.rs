@@ -72,10 +72,7 @@ pub fn debian_root() -> PathBuf {
         root.display(),
         args.join(" ")
     );
-    let out = bounded(
-        Command::new("debootstrap").args(args),
-        DEBOOTSTRAP_TIMEOUT,
-    );
+    let out = bounded(Command::new("debootstrap").args(args), DEBOOTSTRAP_TIMEOUT);
     if !out.ok() {
         let _ = std::fs::remove_dir_all(&tmp);
         panic!(
@@ -252,10 +249,18 @@ impl Machine {
         let mut cmd = Command::new("systemd-nspawn");
         cmd.arg("--directory")
             .arg(boot.root)
-            .args(["--volatile=overlay", "--boot", "--register=no", "--keep-unit"])
+            .args([
+                "--volatile=overlay",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+            ])
             .arg(format!("--machine={name}"))
             .arg(format!("--capability={}", boot.capabilities.join(",")))
-            .arg(format!("--system-call-filter={}", boot.system_calls.join(" ")));
+            .arg(format!(
+                "--system-call-filter={}",
+                boot.system_calls.join(" ")
+            ));
         for (host, inside) in boot.binds_ro {
             cmd.arg(format!("--bind-ro={}:{inside}", host.display()));
         }
@@ -290,7 +295,10 @@ impl Machine {
                 );
             }
             for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-                let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok())
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
                 else {
                     continue;
                 };
