@@ -5,12 +5,16 @@
 //! the host's /sys/kernel/btf, /sys/kernel/tracing and /sys/fs/bpf. It must
 //! see a Python process of the host blocking in `time.sleep`.
 
+#[path = "common/bounded.rs"]
+mod bounded;
 mod common;
 
 use std::io::Read as _;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use bounded::bounded;
 
 const IMAGE: &str = concat!("localhost/blockwatch:", env!("CARGO_PKG_VERSION"));
 
@@ -129,42 +133,6 @@ impl Drop for Blocker {
     }
 }
 
-/// Runs `cmd` to its end or `timeout`, returning (exit code, stdout, stderr).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> (Option<i32>, String, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run podman");
-    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = pipe.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = read(Box::new(child.stdout.take().unwrap()));
-    let err = read(Box::new(child.stderr.take().unwrap()));
-    let end = Instant::now() + timeout;
-    let code = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status.code(),
-            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    (
-        code,
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    )
-}
-
 /// `trace` in the image, for a few seconds, reports the host's Python
 /// process blocking in `time.sleep`, with its Python culprit.
 #[test]
@@ -172,7 +140,7 @@ fn trace_in_the_image_sees_a_host_python_process() {
     let _serial = common::setup();
     require_image();
     let _blocker = Blocker::start("bwimgtrace");
-    let (code, stdout, stderr) = run_bounded(
+    let out = bounded(
         podman_run().args([
             "--rm",
             IMAGE,
@@ -186,13 +154,14 @@ fn trace_in_the_image_sees_a_host_python_process() {
         ]),
         Duration::from_secs(60),
     );
-    let report = format!("exit code {code:?}\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(
-        code,
-        Some(0),
-        "blockwatch trace in {IMAGE} failed\n{report}"
+    let report = format!("stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(
+        out.ok(),
+        "blockwatch trace in {IMAGE} {}\n{report}",
+        out.outcome()
     );
-    let seen = stdout
+    let seen = out
+        .stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|e| {
@@ -247,7 +216,7 @@ fn the_images_daemon_counts_a_host_python_process() {
         .expect("a free port")
         .port();
     let name = format!("blockwatch-test-{}", std::process::id());
-    let (code, _, stderr) = run_bounded(
+    let run = bounded(
         podman_run()
             .args(["--detach", "--network=host", "--name", &name])
             // The image's CMD and config, listening where the test can
@@ -263,17 +232,18 @@ fn the_images_daemon_counts_a_host_python_process() {
         Duration::from_secs(60),
     );
     let container = Container(name);
-    assert_eq!(
-        code,
-        Some(0),
-        "podman run --detach {IMAGE} failed: {stderr}"
+    assert!(
+        run.ok(),
+        "podman run --detach {IMAGE} {}: {}",
+        run.outcome(),
+        run.stderr
     );
     let logs = || {
-        let (_, out, err) = run_bounded(
+        bounded(
             podman().args(["logs", &container.0]),
             Duration::from_secs(10),
-        );
-        format!("{out}{err}")
+        )
+        .all()
     };
     let end = Instant::now() + Duration::from_secs(30);
     loop {
@@ -295,17 +265,17 @@ fn the_images_daemon_counts_a_host_python_process() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    let (code, _, stderr) = run_bounded(
+    let stop = bounded(
         podman().args(["stop", "--time=15", &container.0]),
         Duration::from_secs(30),
     );
-    assert_eq!(code, Some(0), "podman stop failed: {stderr}");
-    let (_, status, _) = run_bounded(
+    assert!(stop.ok(), "podman stop {}: {}", stop.outcome(), stop.stderr);
+    let status = bounded(
         podman().args(["inspect", "--format", "{{.State.ExitCode}}", &container.0]),
         Duration::from_secs(10),
     );
     assert_eq!(
-        status.trim(),
+        status.stdout.trim(),
         "0",
         "the daemon's exit code on SIGTERM\n{}",
         logs()

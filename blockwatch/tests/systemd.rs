@@ -10,6 +10,8 @@
 //! first time, Debian's package archive (the root is cached under
 //! `~/.cache/blockwatch`).
 
+#[path = "common/bounded.rs"]
+mod bounded;
 mod common;
 #[path = "common/nspawn.rs"]
 mod nspawn;
