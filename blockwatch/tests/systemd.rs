@@ -183,10 +183,14 @@ impl Rig {
     fn service_report(&self) -> String {
         let status = self.machine.sh(
             "systemctl status blockwatch.service --no-pager --lines=0; \
-             journalctl -u blockwatch.service --no-pager -o cat | tail -n 25",
+             journalctl -u blockwatch.service --no-pager -o cat | tail -n 25; \
+             systemctl status asyncio-blocker.service --no-pager --lines=5",
             Duration::from_secs(15),
         );
-        format!("--- blockwatch.service ---\n{}", status.all())
+        format!(
+            "--- blockwatch.service (and the Python service) ---\n{}",
+            status.all()
+        )
     }
 
     fn show(&self, properties: &str) -> String {
