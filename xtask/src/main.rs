@@ -1,8 +1,9 @@
-//! `cargo xtask <command>`: the project's setup, build, demo, test, fuzz
+//! `cargo xtask <command>`: the project's setup, build, demo, image, test, fuzz
 //! and bench entry points (the alias lives in `.cargo/config.toml`).
 
 mod bench;
 mod fuzz;
+mod image;
 mod run;
 mod setup;
 
@@ -30,9 +31,12 @@ enum Command {
     Build,
     /// Build, then trace examples/asyncio-demo.py with blockwatch (as root).
     Demo,
-    /// Build, then run the unit tests and, one at a time, the integration
-    /// tests against the real kernel (as root), then fuzz each fuzz target
-    /// for a bounded time.
+    /// Set up, then build a static blockwatch and the container image
+    /// localhost/blockwatch:VERSION (and :latest) with podman, FROM scratch.
+    Image,
+    /// Build (the binary, the subjects, the container image), then run the
+    /// unit tests and, one at a time, the integration tests against the real
+    /// kernel (as root), then fuzz each fuzz target for a bounded time.
     Test,
     /// Fuzz the record decoder and the config parser (cargo-fuzz, nightly).
     Fuzz {
@@ -72,6 +76,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Command::Demo => demo(),
+        Command::Image => setup::run().and_then(|()| image::build()).map(|tag| {
+            image::print_push_hint(&tag);
+            ExitCode::SUCCESS
+        }),
         Command::Test => test(),
         Command::Fuzz { time, targets } => setup::run()
             .and_then(|()| fuzz::run(std::time::Duration::from_secs(time), &targets))
@@ -167,6 +175,8 @@ fn test() -> anyhow::Result<ExitCode> {
     require_root("test", "the tests load BPF programs")?;
     build()?;
     build_subjects()?;
+    // blockwatch/tests/image.rs runs it (and fails when it is missing).
+    image::build()?;
     // Unit tests in parallel; the eBPF crate only builds for the BPF target.
     cargo(&[
         "test",
@@ -178,12 +188,14 @@ fn test() -> anyhow::Result<ExitCode> {
         "--bins",
     ])?;
     // Integration tests one at a time: they share the kernel and the CPUs,
-    // and measure durations.
+    // and measure durations. Every file runs even when one fails, so a
+    // failure in one says nothing about the others.
     cargo(&[
         "test",
         "--release",
         "-p",
         "blockwatch",
+        "--no-fail-fast",
         "--test",
         "*",
         "--",

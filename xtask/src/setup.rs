@@ -47,6 +47,31 @@ const PACKAGES: &[Package] = &[
         name: "wrk",
         command: Some("wrk"),
     },
+    // The systemd test builds a Debian root and boots it with nspawn.
+    Package {
+        name: "debootstrap",
+        command: Some("debootstrap"),
+    },
+    Package {
+        name: "systemd-container",
+        command: Some("systemd-nspawn"),
+    },
+    // `cargo xtask image` builds the container image, the image test runs
+    // it; `file` checks that the binary is static.
+    Package {
+        name: "podman",
+        command: Some("podman"),
+    },
+    Package {
+        name: "file",
+        command: Some("file"),
+    },
+    // The image test's OCI runtime: crun 1.8 (podman's default) refuses
+    // hosts with cgroup v1 and v2 controllers mounted side by side.
+    Package {
+        name: "runc",
+        command: Some("runc"),
+    },
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` and `test` are run with.
