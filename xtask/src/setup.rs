@@ -47,6 +47,16 @@ const PACKAGES: &[Package] = &[
         name: "wrk",
         command: Some("wrk"),
     },
+    // The pictures test reads `trace --pprof` output with `go tool pprof`.
+    Package {
+        name: "golang-go",
+        command: Some("go"),
+    },
+    // The pictures test renders the daemon's page and flame graph in it.
+    Package {
+        name: "chromium",
+        command: Some("chromium"),
+    },
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` and `test` are run with.

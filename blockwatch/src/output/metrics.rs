@@ -725,6 +725,7 @@ mod loop_metric_tests {
             detector,
             busy_ns: None,
             samples: None,
+            advice: String::new(),
         }
     }
 
@@ -788,6 +789,7 @@ mod tests {
             detector: Default::default(),
             busy_ns: None,
             samples: None,
+            advice: String::new(),
         }
     }
 

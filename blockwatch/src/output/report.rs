@@ -522,6 +522,7 @@ mod tests {
             detector: Default::default(),
             busy_ns: None,
             samples: None,
+            advice: String::new(),
         }
     }
 
@@ -555,6 +556,7 @@ mod tests {
             "stack",
             "culprit",
             "offender",
+            "advice",
             "detector",
         ]
         .into();
@@ -982,6 +984,7 @@ mod loop_report_tests {
             detector,
             busy_ns: (detector == Detector::Stall).then_some(us * 1500),
             samples: (detector == Detector::Stall).then_some(12),
+            advice: String::new(),
         }
     }
 

@@ -12,8 +12,8 @@ use log::{debug, info, warn};
 
 use blockwatch_common::PyProc;
 
-use crate::analyze::culprit;
 use crate::analyze::syscalls::{self, FdKind};
+use crate::analyze::{advice, culprit};
 use crate::event::{Class, Detector, Event, Frame, FrameKind, OffState};
 use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, Record};
 use crate::runtimes::python::{self, CodeReader, PyProcess};
@@ -330,6 +330,7 @@ impl Pipeline {
             class,
             duration_ns: b.duration_ns,
             state: b.state,
+            advice: advice::advise(class, syscalls::name(b.syscall), &stack),
             stack,
             culprit,
             offender,
@@ -406,6 +407,7 @@ impl Pipeline {
             class,
             duration_ns: r.duration_ns,
             state: OffState::Running,
+            advice: advice::advise(class, syscalls::name(r.syscall), &stack),
             stack,
             culprit,
             offender,
