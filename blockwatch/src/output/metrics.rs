@@ -322,23 +322,30 @@ fn cut(s: &str) -> String {
 #[derive(Debug, Default)]
 pub struct Folded {
     stacks: HashMap<String, HashMap<String, u64>>,
+    /// The culprits of the same events, for the flame graph's highlights
+    /// and the daemon's page.
+    pub culprits: crate::output::culprits::Culprits,
+}
+
+/// A frame's name in folded stacks: its function, else `[binary]`.
+pub fn folded_name(f: &Frame) -> String {
+    let name = f.function.clone().unwrap_or_else(|| {
+        f.module
+            .as_deref()
+            .and_then(|m| std::path::Path::new(m).file_name()?.to_str())
+            .map(|m| format!("[{m}]"))
+            .unwrap_or_else(|| "[unknown]".to_string())
+    });
+    fold_frame(&name)
 }
 
 impl Folded {
     /// Adds `ev` under `process` (the key that [`Folded::forget`] takes),
     /// with `root` as the outermost frame.
     pub fn add(&mut self, process: &str, root: &str, ev: &Event) {
+        self.culprits.add(process, root, ev);
         let mut frames = vec![fold_frame(root)];
-        frames.extend(ev.stack.iter().rev().map(|f| {
-            let name = f.function.clone().unwrap_or_else(|| {
-                f.module
-                    .as_deref()
-                    .and_then(|m| std::path::Path::new(m).file_name()?.to_str())
-                    .map(|m| format!("[{m}]"))
-                    .unwrap_or_else(|| "[unknown]".to_string())
-            });
-            fold_frame(&name)
-        }));
+        frames.extend(ev.stack.iter().rev().map(folded_name));
         let per = self.stacks.entry(process.to_string()).or_default();
         let mut key = frames.join(";");
         if !per.contains_key(&key) && per.len() >= MAX_STACKS_PER_PROCESS {
@@ -349,6 +356,7 @@ impl Folded {
 
     pub fn forget(&mut self, process: &str) {
         self.stacks.remove(process);
+        self.culprits.forget(process);
     }
 
     pub fn render(&self) -> String {

@@ -1,0 +1,128 @@
+//! The daemon's page at `/`: the heaviest culprits by blocking time with
+//! what to do about each, and links to the metrics and the flame graph.
+//! Plain HTML without scripts; every name comes from a watched process,
+//! so everything is escaped.
+
+use std::fmt::Write as _;
+
+use crate::output::culprits::Culprits;
+use crate::settings::duration::format_duration;
+
+/// Rows on the page: enough to act on, few enough to read.
+pub const TOP: usize = 20;
+
+/// HTML-escapes `s` for text and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The page for `culprits`.
+pub fn render(culprits: &Culprits) -> String {
+    let mut rows = String::new();
+    let top = culprits.top(TOP);
+    for t in &top {
+        let culprit = if t.place.is_empty() {
+            "unknown (no frame of the application)".to_string()
+        } else {
+            t.place.clone()
+        };
+        let _ = writeln!(
+            rows,
+            "<tr><td class=\"time\">{}</td><td class=\"count\">{}</td><td>{}</td>\
+             <td class=\"culprit\"><code>{}</code></td><td class=\"advice\">{}</td></tr>",
+            escape(&format_duration(std::time::Duration::from_nanos(
+                t.blocking_ns
+            ))),
+            t.events,
+            escape(&t.process),
+            escape(&culprit),
+            escape(&t.advice),
+        );
+    }
+    let body = if top.is_empty() {
+        "<p>No blocking calls recorded yet.</p>".to_string()
+    } else {
+        format!(
+            "<table>\n<thead><tr><th>blocked</th><th>calls</th><th>process</th>\
+             <th>culprit</th><th>what to do instead</th></tr></thead>\n<tbody>\n{rows}</tbody>\n</table>"
+        )
+    };
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <title>blockwatch</title>\n<style>\n{STYLE}</style>\n</head>\n<body>\n\
+         <h1>blockwatch: what blocks the event loops</h1>\n\
+         <p>Top culprits by blocking time since they were first seen. \
+         <a href=\"/flamegraph.svg\">Flame graph</a> · <a href=\"/metrics\">Metrics</a> · \
+         <a href=\"/stacks\">Folded stacks</a></p>\n{body}\n</body>\n</html>\n"
+    )
+}
+
+const STYLE: &str = "body { font-family: sans-serif; margin: 2em; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+td.time, td.count { text-align: right; white-space: nowrap; }
+td.culprit code { color: #b00; }
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Class, Event, Frame, OffState};
+
+    #[test]
+    fn names_and_advice_are_escaped() {
+        let frame = Frame {
+            function: Some("<script>alert(1)</script>".into()),
+            file: Some("/srv/a&b.py".into()),
+            line: Some(3),
+            ..Frame::default()
+        };
+        let ev = Event {
+            ts: std::time::SystemTime::UNIX_EPOCH,
+            pid: 1,
+            tid: 1,
+            comm: "py\"thon".into(),
+            thread: "t".into(),
+            syscall: Some("read"),
+            syscall_nr: 0,
+            class: Class::File,
+            duration_ns: 42_000_000,
+            state: OffState::Disk,
+            stack: vec![frame.clone()],
+            culprit: Some(frame.clone()),
+            offender: Some(frame),
+            advice: "use `asyncio.to_thread` <now>".into(),
+            detector: Default::default(),
+            busy_ns: None,
+            samples: None,
+        };
+        let mut c = Culprits::default();
+        c.add("py\"thon", "py\"thon", &ev);
+        let page = render(&c);
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt; at /srv/a&amp;b.py:3"));
+        assert!(page.contains("use `asyncio.to_thread` &lt;now&gt;"));
+        assert!(
+            page.contains("py&quot;thon") && page.contains("42.0ms"),
+            "{page}"
+        );
+        assert!(page.contains("href=\"/flamegraph.svg\"") && page.contains("href=\"/metrics\""));
+    }
+
+    #[test]
+    fn an_empty_page_says_so() {
+        assert!(render(&Culprits::default()).contains("No blocking calls recorded yet."));
+    }
+}
