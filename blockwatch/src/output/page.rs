@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::output::culprits::Culprits;
+use crate::output::metrics::Folded;
 use crate::settings::duration::format_duration;
 
 /// Rows on the page: enough to act on, few enough to read.
@@ -67,6 +68,29 @@ pub fn render(culprits: &Culprits) -> String {
          <a href=\"/flamegraph.svg\">Flame graph</a> · <a href=\"/metrics\">Metrics</a> · \
          <a href=\"/stacks\">Folded stacks</a></p>\n{body}\n</body>\n</html>\n"
     )
+}
+
+type Response = hyper::Response<http_body_util::Full<hyper::body::Bytes>>;
+
+/// `/`: the page for the daemon's folded stacks and culprits.
+pub fn reply(folded: &Folded) -> Response {
+    crate::output::http::reply(
+        hyper::StatusCode::OK,
+        "text/html; charset=utf-8",
+        render(&folded.culprits),
+    )
+}
+
+/// `/flamegraph.svg`: the flame graph of the same stacks.
+pub fn flamegraph_reply(folded: &Folded) -> Response {
+    match crate::output::flamegraph::svg(folded, "blockwatch: event-loop blocking time by stack") {
+        Ok(svg) => crate::output::http::reply(hyper::StatusCode::OK, "image/svg+xml", svg),
+        Err(e) => crate::output::http::reply(
+            hyper::StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain; charset=utf-8",
+            format!("{e}\n"),
+        ),
+    }
 }
 
 const STYLE: &str = "body { font-family: sans-serif; margin: 2em; }

@@ -15,6 +15,7 @@ use crate::bpf::loader::{self, Loaded};
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
+use crate::session::pictures::Pictures;
 use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
 
@@ -31,6 +32,7 @@ struct Sink {
     reporter: Reporter,
     watch: Watch,
     threads_seen: HashSet<u32>,
+    pictures: Pictures,
     /// First output error (stdout closed): ends the session.
     error: Option<std::io::Error>,
 }
@@ -40,6 +42,7 @@ impl Sink {
         match output {
             Output::Event(ev) => {
                 self.threads_seen.insert(ev.tid);
+                self.pictures.add(&ev);
                 if self.error.is_none()
                     && let Err(e) = self.reporter.event(&ev)
                 {
@@ -104,6 +107,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         targets::tgid_of(tid).ok_or(targets::TargetError::NoSuchTid(tid))?;
     }
     let selector = Selector::new(&args.patterns())?;
+    let pictures = Pictures::new(&args)?;
     loader::check_privileges()?;
 
     let threshold_ns = args.threshold.as_nanos().min(u64::MAX as u128) as u64;
@@ -196,6 +200,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
             keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
         },
         threads_seen: HashSet::new(),
+        pictures,
         error: None,
     };
 
@@ -257,6 +262,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     pipeline.drain(ring.get_mut(), &mut parks, |o| sink.take(o));
     sink.check()?;
     let mut reporter = sink.reporter;
+    for written in sink.pictures.write(started.elapsed())? {
+        reporter.diag(&written);
+    }
 
     let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
     let lost = counter(COUNTER_LOST_EVENTS);
