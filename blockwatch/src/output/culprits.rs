@@ -97,10 +97,35 @@ fn place(f: &Frame) -> String {
     }
 }
 
+/// An event for the output modules' tests: `svc[1]` blocked `ms` in a
+/// file read with `stack`, whose frame `culprit` is the culprit.
+#[cfg(test)]
+pub(crate) fn test_event(stack: Vec<Frame>, culprit: Option<usize>, ms: u64) -> Event {
+    let culprit = culprit.and_then(|i| stack.get(i).cloned());
+    Event {
+        ts: std::time::SystemTime::UNIX_EPOCH,
+        pid: 1,
+        tid: 1,
+        comm: "svc".into(),
+        thread: "svc".into(),
+        syscall: Some("read"),
+        syscall_nr: 0,
+        class: crate::event::Class::File,
+        duration_ns: ms * 1_000_000,
+        state: crate::event::OffState::Disk,
+        offender: culprit.clone(),
+        culprit,
+        stack,
+        advice: String::new(),
+        detector: Default::default(),
+        busy_ns: None,
+        samples: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Class, OffState};
 
     fn ev(function: Option<&str>, advice: &str, ms: u64) -> Event {
         let frame = function.map(|f| Frame {
@@ -109,25 +134,9 @@ mod tests {
             line: Some(7),
             ..Frame::default()
         });
-        Event {
-            ts: std::time::SystemTime::UNIX_EPOCH,
-            pid: 1,
-            tid: 1,
-            comm: "python3".into(),
-            thread: "python3".into(),
-            syscall: Some("clock_nanosleep"),
-            syscall_nr: 230,
-            class: Class::Sleep,
-            duration_ns: ms * 1_000_000,
-            state: OffState::Sleeping,
-            stack: frame.iter().cloned().collect(),
-            culprit: frame.clone(),
-            offender: frame,
-            advice: advice.into(),
-            detector: Default::default(),
-            busy_ns: None,
-            samples: None,
-        }
+        let mut ev = test_event(frame.into_iter().collect(), Some(0), ms);
+        ev.advice = advice.into();
+        ev
     }
 
     #[test]

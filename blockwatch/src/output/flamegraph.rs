@@ -78,7 +78,7 @@ fn empty(title: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Class, Event, Frame, OffState};
+    use crate::event::{Event, Frame};
 
     fn ev(functions: &[&str], culprit: usize, ms: u64) -> Event {
         let stack: Vec<Frame> = functions
@@ -88,25 +88,7 @@ mod tests {
                 ..Frame::default()
             })
             .collect();
-        Event {
-            ts: std::time::SystemTime::UNIX_EPOCH,
-            pid: 1,
-            tid: 1,
-            comm: "svc".into(),
-            thread: "svc".into(),
-            syscall: Some("read"),
-            syscall_nr: 0,
-            class: Class::File,
-            duration_ns: ms * 1_000_000,
-            state: OffState::Disk,
-            culprit: stack.get(culprit).cloned(),
-            offender: None,
-            stack,
-            advice: String::new(),
-            detector: Default::default(),
-            busy_ns: None,
-            samples: None,
-        }
+        crate::output::culprits::test_event(stack, Some(culprit), ms)
     }
 
     #[test]

@@ -103,7 +103,7 @@ td.culprit code { color: #b00; }
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Class, Event, Frame, OffState};
+    use crate::event::Frame;
 
     #[test]
     fn names_and_advice_are_escaped() {
@@ -113,25 +113,10 @@ mod tests {
             line: Some(3),
             ..Frame::default()
         };
-        let ev = Event {
-            ts: std::time::SystemTime::UNIX_EPOCH,
-            pid: 1,
-            tid: 1,
-            comm: "py\"thon".into(),
-            thread: "t".into(),
-            syscall: Some("read"),
-            syscall_nr: 0,
-            class: Class::File,
-            duration_ns: 42_000_000,
-            state: OffState::Disk,
-            stack: vec![frame.clone()],
-            culprit: Some(frame.clone()),
-            offender: Some(frame),
-            advice: "use `asyncio.to_thread` <now>".into(),
-            detector: Default::default(),
-            busy_ns: None,
-            samples: None,
-        };
+        let mut ev = crate::output::culprits::test_event(vec![frame], Some(0), 42);
+        ev.comm = "py\"thon".into();
+        ev.advice = "use `asyncio.to_thread` <now>".into();
+
         let mut c = Culprits::default();
         c.add("py\"thon", "py\"thon", &ev);
         let page = render(&c);

@@ -342,7 +342,7 @@ mod tests {
     use std::io::Read as _;
 
     use super::*;
-    use crate::event::{Class, FrameKind, OffState};
+    use crate::event::FrameKind;
 
     fn frame(function: &str, file: Option<&str>, line: Option<u32>, inlined: bool) -> Frame {
         Frame {
@@ -357,29 +357,15 @@ mod tests {
     }
 
     fn ev(ms: u64) -> Event {
-        Event {
-            ts: UNIX_EPOCH + std::time::Duration::from_secs(5),
-            pid: 7,
-            tid: 7,
-            comm: "svc".into(),
-            thread: "svc".into(),
-            syscall: Some("read"),
-            syscall_nr: 0,
-            class: Class::File,
-            duration_ns: ms * 1_000_000,
-            state: OffState::Disk,
-            stack: vec![
-                frame("read", None, None, false),
-                frame("load", Some("src/load.rs"), Some(9), true),
-                frame("main", Some("src/main.rs"), Some(3), false),
-            ],
-            culprit: None,
-            offender: None,
-            advice: String::new(),
-            detector: Default::default(),
-            busy_ns: None,
-            samples: None,
-        }
+        let stack = vec![
+            frame("read", None, None, false),
+            frame("load", Some("src/load.rs"), Some(9), true),
+            frame("main", Some("src/main.rs"), Some(3), false),
+        ];
+        let mut ev = crate::output::culprits::test_event(stack, None, ms);
+        ev.ts = UNIX_EPOCH + std::time::Duration::from_secs(5);
+        ev.pid = 7;
+        ev
     }
 
     fn decode(gz: &[u8]) -> proto::Profile {
