@@ -722,6 +722,7 @@ mod loop_metric_tests {
             tid: 10,
             comm: "svc".into(),
             thread: "svc".into(),
+            advice: String::new(),
             syscall,
             syscall_nr: if syscall.is_some() { 257 } else { -1 },
             class,
@@ -733,7 +734,6 @@ mod loop_metric_tests {
             detector,
             busy_ns: None,
             samples: None,
-            advice: String::new(),
         }
     }
 
@@ -786,6 +786,7 @@ mod tests {
             tid: pid,
             comm: comm.into(),
             thread: comm.into(),
+            advice: String::new(),
             syscall: Some("clock_nanosleep"),
             syscall_nr: 230,
             class: Class::Sleep,
@@ -797,7 +798,6 @@ mod tests {
             detector: Default::default(),
             busy_ns: None,
             samples: None,
-            advice: String::new(),
         }
     }
 

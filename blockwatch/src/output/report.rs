@@ -495,6 +495,7 @@ mod tests {
             tid: 1240,
             comm: "python3".into(),
             thread: "MainThread".into(),
+            advice: String::new(),
             syscall,
             syscall_nr: nr,
             class,
@@ -522,7 +523,6 @@ mod tests {
             detector: Default::default(),
             busy_ns: None,
             samples: None,
-            advice: String::new(),
         }
     }
 
@@ -969,6 +969,7 @@ mod loop_report_tests {
             tid: 5,
             comm: "python3".into(),
             thread: "python3".into(),
+            advice: String::new(),
             syscall,
             syscall_nr: if syscall.is_some() { 257 } else { -1 },
             class: if detector == Detector::Stall {
@@ -984,7 +985,6 @@ mod loop_report_tests {
             detector,
             busy_ns: (detector == Detector::Stall).then_some(us * 1500),
             samples: (detector == Detector::Stall).then_some(12),
-            advice: String::new(),
         }
     }
 

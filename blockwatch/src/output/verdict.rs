@@ -101,6 +101,7 @@ mod tests {
             tid: 123,
             comm: "python3".into(),
             thread: "python3".into(),
+            advice: String::new(),
             syscall: Some("clock_nanosleep"),
             syscall_nr: 230,
             class: Class::Sleep,
@@ -112,7 +113,6 @@ mod tests {
             detector: Default::default(),
             busy_ns: None,
             samples: None,
-            advice: String::new(),
         }
     }
 
