@@ -83,6 +83,11 @@ impl Culprits {
             .filter(|n| *n != "[unknown]")
             .collect()
     }
+
+    /// [`Culprits::names`], owned (to draw after a lock is released).
+    pub fn names_owned(&self) -> HashSet<String> {
+        self.names().into_iter().map(str::to_string).collect()
+    }
 }
 
 /// `function at file:line`, `function in binary`, or the function alone.

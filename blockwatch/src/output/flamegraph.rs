@@ -32,15 +32,24 @@ pub enum FlameError {
 /// The SVG of `folded`, titled `title`. With no stacks yet, a small SVG
 /// that says so (inferno draws nothing from nothing).
 pub fn svg(folded: &Folded, title: &str) -> Result<String, FlameError> {
-    let text = folded.render();
+    draw(&folded.render(), &folded.culprits.names(), title)
+}
+
+/// The SVG of folded-stack `text` (as [`Folded::render`] writes it), with
+/// the frames named in `culprits` highlighted.
+pub fn draw<S: AsRef<str>>(
+    text: &str,
+    culprits: &std::collections::HashSet<S>,
+    title: &str,
+) -> Result<String, FlameError> {
     if text.is_empty() {
         return Ok(empty(title));
     }
-    let culprits = folded.culprits.names();
     let mut palette = PaletteMap::default();
     let mut attrs = String::new();
-    for name in &culprits {
-        palette.insert(*name, CULPRIT);
+    for name in culprits {
+        let name = name.as_ref();
+        palette.insert(name, CULPRIT);
         attrs.push_str(&format!("{name}\tclass=culprit\n"));
     }
     let attrs = FuncFrameAttrsMap::from_reader(attrs.as_bytes()).map_err(FlameError::Draw)?;

@@ -116,7 +116,7 @@ fn route(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<Byt
         },
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/stacks" => reply(StatusCode::OK, TEXT, m().folded.render()),
-        "/flamegraph.svg" => crate::output::page::flamegraph_reply(&m().folded),
+        "/flamegraph.svg" => crate::output::page::flamegraph_reply(metrics),
         "/" => crate::output::page::reply(&m().folded),
         _ => reply(
             StatusCode::NOT_FOUND,

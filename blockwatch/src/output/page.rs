@@ -4,9 +4,10 @@
 //! so everything is escaped.
 
 use std::fmt::Write as _;
+use std::sync::Mutex;
 
 use crate::output::culprits::Culprits;
-use crate::output::metrics::Folded;
+use crate::output::metrics::{Folded, Metrics};
 use crate::settings::duration::format_duration;
 
 /// Rows on the page: enough to act on, few enough to read.
@@ -81,9 +82,18 @@ pub fn reply(folded: &Folded) -> Response {
     )
 }
 
-/// `/flamegraph.svg`: the flame graph of the same stacks.
-pub fn flamegraph_reply(folded: &Folded) -> Response {
-    match crate::output::flamegraph::svg(folded, "blockwatch: event-loop blocking time by stack") {
+/// `/flamegraph.svg`: the flame graph of the same stacks, drawn after the
+/// lock is released (events wait for it meanwhile).
+pub fn flamegraph_reply(metrics: &Mutex<Metrics>) -> Response {
+    let (stacks, culprits) = {
+        let m = metrics.lock().unwrap_or_else(|p| p.into_inner());
+        (m.folded.render(), m.folded.culprits.names_owned())
+    };
+    match crate::output::flamegraph::draw(
+        &stacks,
+        &culprits,
+        "blockwatch: event-loop blocking time by stack",
+    ) {
         Ok(svg) => crate::output::http::reply(hyper::StatusCode::OK, "image/svg+xml", svg),
         Err(e) => crate::output::http::reply(
             hyper::StatusCode::INTERNAL_SERVER_ERROR,

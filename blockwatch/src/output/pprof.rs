@@ -236,6 +236,9 @@ impl Pprof {
     /// Adds one event's blocking time under its stack.
     pub fn add(&mut self, ev: &Event) {
         self.first = Some(self.first.map_or(ev.ts, |t| t.min(ev.ts)));
+        // pprof takes the first mapping for the main binary: the
+        // outermost frame's (`_start` in the executable), not libc's.
+        self.mapping(ev.stack.last().and_then(|f| f.module.as_deref()));
         let mut ids = Vec::new();
         let mut group: Vec<&Frame> = Vec::new();
         for f in &ev.stack {
