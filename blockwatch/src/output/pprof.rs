@@ -237,8 +237,15 @@ impl Pprof {
     pub fn add(&mut self, ev: &Event) {
         self.first = Some(self.first.map_or(ev.ts, |t| t.min(ev.ts)));
         // pprof takes the first mapping for the main binary: the
-        // outermost frame's (`_start` in the executable), not libc's.
-        self.mapping(ev.stack.last().and_then(|f| f.module.as_deref()));
+        // outermost one that is no shared library (threads start in
+        // libc's clone).
+        let exe = ev
+            .stack
+            .iter()
+            .rev()
+            .filter_map(|f| f.module.as_deref())
+            .find(|m| !m.contains(".so"));
+        self.mapping(exe);
         let mut ids = Vec::new();
         let mut group: Vec<&Frame> = Vec::new();
         for f in &ev.stack {
