@@ -165,6 +165,9 @@ pub struct Event {
     /// packages: when the culprit is in a library, the line that called
     /// it; else the culprit itself (see [`crate::analyze::culprit::offender`]).
     pub offender: Option<Frame>,
+    /// What to do instead, for this runtime and call (see
+    /// [`crate::analyze::advice::advise`]); never empty.
+    pub advice: String,
     /// Which detector found it: `offcpu`, `strict` or `stall`.
     pub detector: Detector,
     /// Stalls: wall time from leaving the idle wait to reaching it again

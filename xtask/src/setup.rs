@@ -72,6 +72,16 @@ const PACKAGES: &[Package] = &[
         name: "runc",
         command: Some("runc"),
     },
+    // The pictures test reads `trace --pprof` output with `go tool pprof`.
+    Package {
+        name: "golang-go",
+        command: Some("go"),
+    },
+    // The pictures test renders the daemon's page and flame graph in it.
+    Package {
+        name: "chromium",
+        command: Some("chromium"),
+    },
 ];
 
 /// The cargo-fuzz release `cargo xtask fuzz` and `test` are run with.

@@ -1,5 +1,7 @@
-//! What a wait means: its syscall class and who is to blame for it.
+//! What a wait means: its syscall class, who is to blame for it and what
+//! to do instead.
 
+pub mod advice;
 pub mod culprit;
 pub mod gil;
 pub mod syscalls;

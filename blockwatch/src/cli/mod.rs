@@ -115,6 +115,16 @@ pub struct TraceArgs {
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 
+    /// At the end, write a flame graph (SVG) of blocking time by stack,
+    /// culprits in red, to FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub flamegraph: Option<std::path::PathBuf>,
+
+    /// At the end, write a pprof profile (gzipped profile.proto) of
+    /// blocking time to FILE, for `go tool pprof`, Pyroscope or Parca.
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<std::path::PathBuf>,
+
     /// Start this command and watch it and its children; blockwatch exits
     /// with its exit code. Runs as the invoking user under sudo.
     #[arg(last = true, value_name = "COMMAND")]

@@ -72,6 +72,7 @@ pub fn event(
         tid: 1240,
         comm: "python3".into(),
         thread: "MainThread".into(),
+        advice: String::new(),
         syscall,
         syscall_nr: nr,
         class,
@@ -99,6 +100,22 @@ pub fn event(
         detector: Default::default(),
         busy_ns: None,
         samples: None,
+    }
+}
+
+/// `svc[1]` blocked `ms` in a file read with `stack`, whose frame
+/// `culprit` (an index into it) is the culprit and offender: the
+/// pictures' tests.
+pub fn stack_event(stack: Vec<Frame>, culprit: Option<usize>, ms: u64) -> Event {
+    let culprit = culprit.and_then(|i| stack.get(i).cloned());
+    Event {
+        ts: UNIX_EPOCH,
+        pid: 1,
+        tid: 1,
+        comm: "svc".into(),
+        thread: "svc".into(),
+        stack,
+        ..event(culprit, Some("read"), 0, Class::File, ms)
     }
 }
 

@@ -1,7 +1,8 @@
 //! The daemon's HTTP endpoints: `/metrics` (Prometheus text format),
-//! `/healthz`, `/stacks` (folded stacks for flame graphs).
+//! `/healthz`, `/stacks` (folded stacks for flame graphs), and for people
+//! `/` (see [`crate::output::page`]) and `/flamegraph.svg`.
 //!
-//! Plain hyper 1: three GET routes do not need a framework, and every
+//! Plain hyper 1: a few GET routes do not need a framework, and every
 //! dependency is code running as root next to BPF programs.
 
 use std::convert::Infallible;
@@ -87,7 +88,7 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Mutex<Metrics>>) {
     });
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
@@ -115,15 +116,12 @@ fn route(req: &Request<Incoming>, metrics: &Mutex<Metrics>) -> Response<Full<Byt
         },
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/stacks" => reply(StatusCode::OK, TEXT, m().folded.render()),
-        "/" => reply(
-            StatusCode::OK,
-            TEXT,
-            "blockwatch daemon: /metrics, /healthz, /stacks\n".into(),
-        ),
+        "/flamegraph.svg" => crate::output::page::flamegraph_reply(metrics),
+        "/" => crate::output::page::reply(&m().folded),
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /metrics, /healthz or /stacks\n".into(),
+            "not found: try /, /metrics, /healthz, /stacks or /flamegraph.svg\n".into(),
         ),
     }
 }

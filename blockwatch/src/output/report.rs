@@ -189,6 +189,7 @@ mod tests {
             "stack",
             "culprit",
             "offender",
+            "advice",
             "detector",
         ]
         .into();

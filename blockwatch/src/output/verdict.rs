@@ -1,6 +1,7 @@
 //! The one-line verdict for a blocking stack, the sentence a user acts on:
 //! `blocking sleep (clock_nanosleep, 80.2ms) on the event loop of
-//! python3[123] in refresh() at app/report.py:41`.
+//! python3[123] in refresh() at app/report.py:41`, followed by the fix
+//! advice (`; fix: use ... instead of ...`).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -67,7 +68,17 @@ pub fn verdict(ev: &Event) -> String {
             ev.comm, ev.pid,
         ),
     };
-    scrub(&line).into_owned()
+    scrub(&with_advice(line, &ev.advice)).into_owned()
+}
+
+/// The verdict ends with what to do instead (empty only in tests that
+/// build events by hand).
+fn with_advice(line: String, advice: &str) -> String {
+    if advice.is_empty() {
+        line
+    } else {
+        format!("{line}; fix: {advice}")
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +182,16 @@ mod tests {
         assert_eq!(
             verdict(&ev),
             "stall (310ms on the CPU without reaching the idle wait) of the event loop of python3[123] in load() at app.py:3"
+        );
+    }
+
+    #[test]
+    fn the_verdict_says_what_to_do_instead() {
+        let mut ev = event(None);
+        ev.advice = "use `await asyncio.sleep(...)` instead of `time.sleep(...)`".into();
+        assert_eq!(
+            verdict(&ev),
+            "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123]; fix: use `await asyncio.sleep(...)` instead of `time.sleep(...)`"
         );
     }
 

@@ -18,7 +18,7 @@ use log::{debug, info, warn};
 use blockwatch_common::{PyFrameRef, PyProc};
 
 use crate::analyze::syscalls::{self, FdKind};
-use crate::analyze::{culprit, gil};
+use crate::analyze::{advice, culprit, gil};
 use crate::event::{Class, Detector, Event, Frame, OffState};
 use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record};
 use crate::procfs;
@@ -350,17 +350,19 @@ impl Pipeline {
         culprit: Option<Frame>,
     ) -> Event {
         let offender = culprit::offender(&stack);
+        let syscall = syscalls::name(o.syscall);
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(o.start_ns),
             pid: o.pid,
             tid: o.tid,
             comm: self.process_name(o.pid, &o.thread),
             thread: o.thread,
-            syscall: syscalls::name(o.syscall),
+            syscall,
             syscall_nr: o.syscall,
             class,
             duration_ns: o.duration_ns,
             state: o.state,
+            advice: advice::advise(class, syscall, &stack),
             stack,
             culprit,
             offender,

@@ -5,6 +5,7 @@
 
 pub mod daemon;
 mod notify;
+mod pictures;
 mod rate_limit;
 pub mod trace;
 

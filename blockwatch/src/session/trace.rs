@@ -14,6 +14,7 @@ use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
 use crate::procfs;
+use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::DEFAULT_STALL_THRESHOLD;
 use crate::settings::duration::format_duration;
@@ -33,6 +34,7 @@ struct Sink {
     reporter: Reporter,
     watch: Watch,
     threads_seen: HashSet<u32>,
+    pictures: Pictures,
     /// First output error (stdout closed): ends the session.
     error: Option<std::io::Error>,
 }
@@ -40,7 +42,12 @@ struct Sink {
 impl Sink {
     /// The sink, once its reporter has said what is watched and until
     /// when.
-    fn new(args: &TraceArgs, selector: Selector, command: Option<&targets::Command>) -> Self {
+    fn new(
+        args: &TraceArgs,
+        selector: Selector,
+        pictures: Pictures,
+        command: Option<&targets::Command>,
+    ) -> Self {
         let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
         let diag: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
         let mut reporter = Reporter::new(args.output, out, diag);
@@ -64,6 +71,7 @@ impl Sink {
                 keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
             },
             threads_seen: HashSet::new(),
+            pictures,
             error: None,
         }
     }
@@ -72,6 +80,7 @@ impl Sink {
         match output {
             Output::Event(ev) => {
                 self.threads_seen.insert(ev.tid);
+                self.pictures.add(&ev);
                 if self.error.is_none()
                     && let Err(e) = self.reporter.event(&ev)
                 {
@@ -124,13 +133,15 @@ impl Watch {
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let selector = check_targets(&args)?;
+    // Before the kernel work, so a bad output path fails at once.
+    let pictures = Pictures::new(&args)?;
     let mut session = Session::start(&StartOptions {
         threshold: args.threshold,
         user_stack_size: args.user_stack_size,
         loops: args.detectors.options(Some(DEFAULT_STALL_THRESHOLD)),
     })?;
     let mut command = watch_targets(&args, &selector, &mut session).await?;
-    let mut sink = Sink::new(&args, selector, command.as_ref());
+    let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
     let mut pipeline = Pipeline::new();
     let started = Instant::now();
     let stop =
@@ -143,6 +154,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     });
     sink.check()?;
     let mut reporter = sink.reporter;
+    for written in sink.pictures.write(started.elapsed())? {
+        reporter.diag(&written);
+    }
     report_losses(&mut reporter, &session, &pipeline);
 
     let exit_code = match &stop {

@@ -71,7 +71,7 @@ pub struct Event {
     pub samples: Option<u32>,
 }
 
-const EVENT_FIELDS: [&str; 13] = [
+const EVENT_FIELDS: [&str; 14] = [
     "ts",
     "pid",
     "tid",
@@ -85,6 +85,7 @@ const EVENT_FIELDS: [&str; 13] = [
     "stack",
     "culprit",
     "offender",
+    "advice",
 ];
 const CLASSES: [&str; 9] = [
     "file", "stat", "sleep", "lock", "gil", "net", "process", "other", "stall",

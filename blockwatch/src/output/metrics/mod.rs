@@ -6,7 +6,7 @@
 //! and which series expire, and is pure; [`Metrics`] applies its decisions
 //! to the registry: the blocking metrics here, the strict and stall ones
 //! in `loops.rs`. [`Folded`] (`folded.rs`) keeps the stacks `/stacks`
-//! serves.
+//! serves and their culprits, which `/` and `/flamegraph.svg` draw.
 
 mod aggregator;
 mod folded;
@@ -22,7 +22,7 @@ use prometheus::{
 };
 
 pub use aggregator::{Aggregator, Expired, OTHER, Placement, SeriesKey};
-pub use folded::Folded;
+pub use folded::{Folded, folded_name};
 use loops::LoopMetrics;
 
 use crate::event::{Detector, Event, Frame};
