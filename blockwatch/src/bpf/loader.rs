@@ -12,7 +12,7 @@ use aya::{
     programs::{BtfTracePoint, RawTracePoint},
 };
 use blockwatch_common::{
-    Config, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, NUM_COUNTERS, PyProc, ThreadTag,
+    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, PyProc, ThreadTag,
     WatchRule,
 };
 use log::{debug, info, warn};
@@ -348,13 +348,9 @@ fn load_error(program: &str, e: aya::programs::ProgramError) -> LoadError {
 }
 
 impl Loaded {
-    /// Sum of one `COUNTERS` slot over all CPUs.
-    pub fn counter(&self, index: u32) -> u64 {
-        debug_assert!(index < NUM_COUNTERS);
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+    /// One kernel counter, summed over all CPUs.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        crate::bpf::counters::Counters::read(&self.counters)[counter]
     }
 
     pub fn set_config(&mut self, config: Config) -> Result<(), LoadError> {
@@ -397,20 +393,10 @@ pub struct LoopOptions {
     pub stall_threshold: Option<std::time::Duration>,
 }
 
-/// The strict and stall detectors, once attached: their counters.
+/// The strict and stall detectors, once attached (their counters are in
+/// `Loaded::counters` with the others).
 pub struct LoopDetectors {
     pub options: LoopOptions,
-    counters: PerCpuArray<MapData, u64>,
-}
-
-impl LoopDetectors {
-    /// Sum of one `LOOP_COUNTERS` slot over all CPUs.
-    pub fn counter(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    }
 }
 
 /// Configures the strict and stall detectors and attaches what they need:
@@ -466,11 +452,7 @@ pub fn enable_loop_detectors(
             Err(e) => warn!("stalls are reported without stacks: {e}"),
         }
     }
-    let counters = PerCpuArray::try_from(
-        ebpf.take_map("LOOP_COUNTERS")
-            .ok_or(LoadError::Missing("LOOP_COUNTERS"))?,
-    )?;
-    Ok(LoopDetectors { options, counters })
+    Ok(LoopDetectors { options })
 }
 
 /// A cpu-clock perf event per online CPU, running `stall_sample`.
@@ -514,7 +496,7 @@ mod loop_tests {
     #[test]
     fn strict_and_stall_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");
-        let d = enable_loop_detectors(
+        enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions {
                 strict: true,
@@ -522,7 +504,7 @@ mod loop_tests {
             },
         )
         .expect("strict and stall programs");
-        assert_eq!(d.counter(blockwatch_common::LOOP_COUNTER_LOST), 0);
+        assert_eq!(loaded.counter(Counter::LostLoopRecords), 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
 use blockwatch_common::PyProc;
+use blockwatch_common::x86_64::NR_FUTEX;
 
 use crate::analyze::culprit;
 use crate::analyze::syscalls::{self, FdKind};
@@ -23,8 +24,6 @@ use crate::stacks::symbolize::Symbolizer;
 use crate::stacks::unwind::StackUnwinder;
 use crate::targets;
 use loops::Loops;
-
-const NR_FUTEX: i64 = 202;
 
 /// How long a watched process that is not (yet) recognisably CPython is
 /// looked at again, at each refresh: a shared libpython is mapped only

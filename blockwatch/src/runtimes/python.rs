@@ -27,15 +27,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use blockwatch_common::PyOffsets;
+use blockwatch_common::x86_64::USER_SPACE_END;
 use log::debug;
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 /// Marks an offset that does not apply to a version.
 const ABSENT: u32 = u32::MAX;
-
-/// Highest user-space address on x86-64 (47-bit address space). Anything
-/// above is no object pointer of the process.
-const USER_END: u64 = 0x0000_8000_0000_0000;
 
 /// Longest function or file name read. Real ones are far shorter; a longer
 /// length field means the pointer was not a str object.
@@ -361,7 +358,7 @@ fn read_mem(pid: u32, addr: u64, buf: &mut [u8]) -> bool {
     if addr == 0
         || addr
             .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > USER_END)
+            .is_none_or(|end| end > USER_SPACE_END)
     {
         return false;
     }
@@ -397,7 +394,7 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 /// Could this be a pointer to a Python object? Objects are at least
 /// 8-aligned, and live in user space.
 fn plausible_object(p: u64) -> bool {
-    (0x1000..USER_END).contains(&p) && p.is_multiple_of(8)
+    (0x1000..USER_SPACE_END).contains(&p) && p.is_multiple_of(8)
 }
 
 // ---------------------------------------------------------------------------

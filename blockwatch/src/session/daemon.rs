@@ -10,15 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use blockwatch_common::{
-    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS,
-    COUNTER_LOST_USER_STACKS, Config, TAG_LOOP, ThreadTag, WatchRule,
-};
+use blockwatch_common::{Config, TAG_LOOP, ThreadTag, WatchRule};
 use log::{debug, info, warn};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::bpf::counters::{Counters, KERNEL_DROPS};
 use crate::bpf::loader::{self, Loaded};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
@@ -396,7 +394,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     )?;
     // Strict mode and the stall threshold are read at start: a reload
     // that changes them says so and takes effect at restart.
-    let detectors = loader::enable_loop_detectors(
+    loader::enable_loop_detectors(
         &mut loaded.ebpf,
         loader::LoopOptions {
             strict: current.strict,
@@ -520,19 +518,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
                 } else {
                     pipeline.refresh_interpreters(state.watched.iter().copied(), &mut pyprocs);
                 }
-                let lost = counters.get(&COUNTER_LOST_EVENTS, 0).map(|v| v.iter().sum()).unwrap_or(0)
-                    + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
+                let counts = Counters::read(&counters);
                 let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
                 m.set_tagged(&tagged);
-                m.set_lost(lost);
-                for (what, index) in [
-                    ("stack", COUNTER_LOST_STACKS),
-                    ("user_stack", COUNTER_LOST_USER_STACKS),
-                    ("probe", COUNTER_LOST_PROBES),
-                    ("tag", COUNTER_LOST_TAGS),
-                ] {
-                    let total = counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-                    m.set_drops(what, total);
+                m.set_lost(counts.events_lost());
+                for c in KERNEL_DROPS {
+                    m.set_drops(c.label(), counts[c]);
                 }
                 m.set_symbolization_failures(pipeline.symbol_failures());
                 // Exits the kernel did not report (processes it never

@@ -4,13 +4,12 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use blockwatch_common::{
-    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS, Config,
-};
+use blockwatch_common::Config;
 use log::{debug, info, warn};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use crate::bpf::counters::Counters;
 use crate::bpf::loader::{self, Loaded};
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
@@ -258,32 +257,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     sink.check()?;
     let mut reporter = sink.reporter;
 
-    let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-    let lost = counter(COUNTER_LOST_EVENTS);
-    if lost > 0 {
-        reporter.diag(&format!(
-            "blockwatch: warning: {lost} events were lost (ring buffer full); raise --threshold to report fewer"
-        ));
-    }
-    for (i, what) in [
-        (COUNTER_LOST_PROBES, "futex probes"),
-        (COUNTER_LOST_STACKS, "stacks"),
-        (COUNTER_LOST_TAGS, "thread tags"),
-        (
-            blockwatch_common::COUNTER_LOST_USER_STACKS,
-            "user-stack copies (those stacks are frame pointers only)",
-        ),
-    ] {
-        let n = counter(i);
-        if n > 0 {
-            reporter.diag(&format!("blockwatch: warning: {n} {what} were lost"));
-        }
-    }
-    let lost_loop = detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
-    if lost_loop > 0 {
-        reporter.diag(&format!(
-            "blockwatch: warning: {lost_loop} strict-call, stall or stack-sample records were lost (ring buffer full)"
-        ));
+    for warning in Counters::read(&counters).warnings() {
+        reporter.diag(&warning);
     }
     if pipeline.stats.decode_errors > 0 {
         reporter.diag(&format!(
