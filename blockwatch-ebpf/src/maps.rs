@@ -107,6 +107,7 @@ pub(crate) fn user_stack_size() -> usize {
 
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
+    // Every `Counter` has its slot: the lookup cannot fail.
     if let Some(c) = COUNTERS.get_ptr_mut(counter.index()) {
         // SAFETY: per-CPU slot, no other writer while this program runs.
         unsafe { *c += 1 };

@@ -110,6 +110,7 @@ pub(crate) fn after_switch_out(tag: &ThreadTag, tid: u32) {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
@@ -141,6 +142,7 @@ pub(crate) fn before_switch_in(tag: &ThreadTag, tid: u32) {
     if stall_ns() == 0 {
         return;
     }
+    // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
@@ -175,6 +177,7 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if now.saturating_sub(st.busy_start_ns) < after {
         return;
     }
+    // Index 0 of a per-CPU array always exists: this cannot fail.
     let Some(py) = python::current_frames(&SAMPLE_SCRATCH, tag) else {
         return;
     };

@@ -38,6 +38,7 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     if tag.tag != TAG_LOOP {
         return;
     }
+    // Index 0 of an array always exists: this cannot fail.
     let Some(cfg) = loop_config() else {
         return;
     };
@@ -59,6 +60,7 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     if !cfg.counts_strict(nr) {
         return;
     }
+    // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
@@ -128,6 +130,7 @@ fn send_call<C: EbpfContext>(ctx: &C, call: &mut LoopFacts) {
         return;
     }
     count(Counter::StrictCalls);
+    // Index 0 of a per-CPU array always exists: this cannot fail.
     let Some(py) = python::current_frames(&STRICT_SCRATCH, tag) else {
         return;
     };

@@ -69,6 +69,9 @@ fn switch_out<C: EbpfContext>(
     how: Regs,
 ) {
     let regs = user_regs(prev, how);
+    // No registers (raw tracepoints, the task's stack unreadable): no
+    // syscall to judge the switch by. It never happens to a live task,
+    // so it is not counted.
     if regs.is_null() {
         return;
     }

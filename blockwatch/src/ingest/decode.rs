@@ -461,6 +461,31 @@ mod tests {
         );
     }
 
+    /// The fuzzer starts from seeds written in the record layout; one that
+    /// no longer decodes as its name says would start it from noise.
+    #[test]
+    fn fuzz_seeds_decode_as_named() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/decode");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/seeds/decode") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let record = decode(&std::fs::read(&path).unwrap());
+            let ok = match record {
+                Ok(Record::Block(_)) => name.starts_with("block"),
+                Ok(Record::Probe(_)) => name.starts_with("probe"),
+                Ok(Record::UserStack(_)) => name == "user-stack",
+                Ok(Record::Loop(_)) => name.starts_with("loop"),
+                Ok(Record::Exec { .. }) => name == "exec",
+                Ok(Record::Exit { .. }) => name.starts_with("exit"),
+                Err(_) => name.contains("short"),
+            };
+            assert!(ok, "seed {name}: {record:?}");
+            seen += 1;
+        }
+        assert!(seen >= 10, "{seen} seeds");
+    }
+
     fn loop_event(kind: RecordKind) -> LoopEvent {
         let mut comm = [0u8; COMM_LEN];
         comm[..7].copy_from_slice(b"python3");
