@@ -4,8 +4,8 @@
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
 use blockwatch_common::{
-    BlockEvent, Counter, LoopEvent, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES, ProbeEvent,
-    RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
+    BlockEvent, Counter, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
+    ProbeEvent, RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
 };
 
 use crate::{
@@ -48,7 +48,7 @@ pub(crate) fn send_block(tag: &ThreadTag, tid: u32, start: u64, duration: u64, n
         // No entry: its capture failed at switch-out, where it was counted.
         if let Some(stack) = STACKS.get_ptr(tid) {
             let len = (*stack).len;
-            if len > 0 && len <= (blockwatch_common::MAX_FRAMES * 8) as u64 {
+            if len > 0 && len <= (MAX_FRAMES * 8) as u64 {
                 (*ev).frames = (len / 8) as u32;
                 (*ev).ips = (*stack).ips;
             }

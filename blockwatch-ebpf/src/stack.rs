@@ -3,7 +3,9 @@
 //! its user stack for DWARF unwinding (`USER_STACKS`).
 
 use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
-use blockwatch_common::{Counter, MAX_FRAMES, MAX_USER_STACK, ThreadTag, UserStack};
+use blockwatch_common::{
+    Counter, MAX_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, ThreadTag, UserStack,
+};
 
 use crate::{
     maps::{SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size},
@@ -75,11 +77,7 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
     let o = off();
     let sp: u64 = kread(regs, o.pt_regs_sp);
     let h = &mut v.head;
-    h.header = blockwatch_common::RecordHeader::new(
-        blockwatch_common::RecordKind::UserStack,
-        tag.tgid,
-        tid,
-    );
+    h.header = RecordHeader::new(RecordKind::UserStack, tag.tgid, tid);
     h.start_ns = tag.out_ns;
     h.ip = kread(regs, o.pt_regs_ip);
     h.sp = sp;

@@ -11,6 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use blockwatch_common::{
     STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    x86_64::is_epoll_wait,
 };
 
 use crate::{
@@ -118,7 +119,7 @@ fn idle_or_probe<C: EbpfContext>(
 ) -> bool {
     // The first epoll fd a thread sleeps on is its loop's; a wait on
     // another epoll instance blocks the loop.
-    if blockwatch_common::x86_64::is_epoll_wait(nr) && tag.loop_epfd < 0 {
+    if is_epoll_wait(nr) && tag.loop_epfd < 0 {
         tag.loop_epfd = arg0 as i32;
     }
     let wait = idle::classify(tag, tid, nr, arg0, regs);
