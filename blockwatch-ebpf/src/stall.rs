@@ -1,14 +1,14 @@
 //! Loop stalls: a loop thread that stays on the CPU too long between two
 //! visits to its idle wait is stalled by CPU work (a slow callback).
 //!
-//! `sched_switch` (see `on_switch` in main.rs) calls in here for tagged
-//! loop threads: a busy period starts when the thread comes back from its
-//! idle wait and ends when it enters it again; its on-CPU time is summed
-//! over the switch-ins and switch-outs in between (time spent blocked or
-//! preempted is the off-CPU detector's business, not counted here). A busy
-//! period whose on-CPU time reaches `LoopConfig::stall_ns` is sent as
-//! `KIND_STALL` when it ends. A per-CPU cpu-clock perf event samples the
-//! user stack (and CPython frames) of busy loop threads (`KIND_SAMPLE`),
+//! `sched_switch` (switch.rs) calls in here for tagged loop threads: a
+//! busy period starts when the thread comes back from its idle wait and
+//! ends when it enters it again; its on-CPU time is summed over the
+//! switch-ins and switch-outs in between (time spent blocked or preempted
+//! is the off-CPU detector's business, not counted here). A busy period
+//! whose on-CPU time reaches `LoopConfig::stall_ns` is sent as a `Stall`
+//! record when it ends. A per-CPU cpu-clock perf event samples the user
+//! stack (and CPython frames) of busy loop threads (`Sample` records),
 //! which user space joins with the stall by (TID, busy start).
 //!
 //! With `--strict`, the syscall tracepoints see the idle wait's entry and
@@ -17,72 +17,46 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_stack, bpf_ktime_get_ns,
-        generated::bpf_get_current_task,
-    },
-    macros::{map, perf_event},
-    maps::{Array, HashMap, PerCpuArray},
-    programs::PerfEventContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
 };
-use blockwatch_common::*;
+use blockwatch_common::{Counter, LoopState, RecordKind, TAG_LOOP, ThreadTag};
 
-use crate::{EVENTS, THREADS, walk_python};
+use crate::{
+    maps::{
+        BPF_NOEXIST, LOOPSTATE, SAMPLE_SCRATCH, count, loop_config, stall_ns, thread, threshold_ns,
+    },
+    python,
+    record::{self, LoopFacts},
+};
 
-#[map]
-pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);
-#[map]
-pub(crate) static LOOPSTATE: HashMap<u32, LoopState> = HashMap::with_max_entries(16384, 0);
-#[map]
-pub(crate) static LOOP_COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(NUM_LOOP_COUNTERS, 0);
-/// Frame-walk scratch of the sampling program; its own, since it can
-/// interrupt the other programs on the same CPU.
-#[map]
-static SAMPLE_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
-
-#[inline(always)]
-pub(crate) fn loop_count(index: u32) {
-    if let Some(c) = LOOP_COUNTERS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, no other writer while this program runs.
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-pub(crate) fn config() -> Option<&'static LoopConfig> {
-    LOOP_CONFIG.get(0)
-}
-
-#[inline(always)]
-fn stall_ns() -> u64 {
-    config().map(|c| c.stall_ns).unwrap_or(0)
-}
-
-/// The thread's state, created on first use.
+/// The thread's state, created on first use; counted when the map is full.
 #[inline(always)]
 pub(crate) fn state(tid: u32) -> Option<&'static mut LoopState> {
-    if let Some(s) = LOOPSTATE.get_ptr_mut(tid) {
-        // SAFETY: map value pointer, valid for this program run.
-        return Some(unsafe { &mut *s });
+    if let Some(s) = existing_state(tid) {
+        return Some(s);
     }
     if LOOPSTATE
-        .insert(tid, &LoopState::default(), BPF_NOEXIST_FLAG)
+        .insert(tid, LoopState::default(), BPF_NOEXIST)
         .is_err()
     {
-        loop_count(LOOP_COUNTER_LOST_STATE);
+        count(Counter::LostLoopState);
         return None;
     }
-    // SAFETY: as above.
-    LOOPSTATE.get_ptr_mut(tid).map(|s| unsafe { &mut *s })
+    existing_state(tid)
 }
 
-const BPF_NOEXIST_FLAG: u64 = 1;
+/// The thread's state if it has one.
+#[inline(always)]
+pub(crate) fn existing_state(tid: u32) -> Option<&'static mut LoopState> {
+    // SAFETY: map value pointer, valid for this program run; only the
+    // thread's own programs touch its entry.
+    LOOPSTATE.get_ptr_mut(tid).map(|s| unsafe { &mut *s })
+}
 
 /// A TID that exited or was reused: its state must not carry over.
 #[inline(always)]
 pub(crate) fn forget(tid: u32) {
+    // Absent is fine: most threads never had any.
     let _ = LOOPSTATE.remove(tid);
 }
 
@@ -98,40 +72,32 @@ pub(crate) fn idle_reached(st: &mut LoopState, tid: u32, tgid: u32, now: u64) {
     }
     let limit = stall_ns();
     if limit != 0 && st.run_ns >= limit {
-        send_stall(st, tid, tgid, now);
+        let stall = LoopFacts {
+            kind: RecordKind::Stall,
+            pid: tgid,
+            tid,
+            syscall: -1,
+            args: [0; 3],
+            start_ns: st.busy_start_ns,
+            duration_ns: st.run_ns,
+            busy_ns: now.saturating_sub(st.busy_start_ns),
+        };
+        if record::send_loop(&stall) {
+            count(Counter::Stalls);
+        }
     }
     st.busy_start_ns = 0;
     st.in_ns = 0;
     st.run_ns = 0;
 }
 
+/// Back from the idle wait: a busy period begins, if none is running.
 #[inline(always)]
-fn send_stall(st: &LoopState, tid: u32, tgid: u32, now: u64) {
-    let Some(mut entry) = EVENTS.reserve::<LoopEvent>(0) else {
-        loop_count(LOOP_COUNTER_LOST);
-        return;
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: reserved record, exclusively ours; every field is written
-    // before submit (the stacks come with the samples).
-    unsafe {
-        (*ev).kind = KIND_STALL;
-        (*ev).pid = tgid;
-        (*ev).tid = tid;
-        (*ev)._pad = 0;
-        (*ev).syscall = -1;
-        (*ev).args = [0; 3];
-        (*ev).start_ns = st.busy_start_ns;
-        (*ev).duration_ns = st.run_ns;
-        (*ev).busy_ns = now.saturating_sub(st.busy_start_ns);
-        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-        // No stacks: they come with the samples (`ips` and `py` are
-        // left unwritten and never read).
-        (*ev).frames = 0;
-        (*ev).py_frames = 0;
+pub(crate) fn busy_from(st: &mut LoopState, now: u64) {
+    if st.busy_start_ns == 0 {
+        st.busy_start_ns = now;
+        st.run_ns = 0;
     }
-    entry.submit(0);
-    loop_count(LOOP_COUNTER_STALLS);
 }
 
 /// sched_switch, after the off-CPU detector handled `prev` (= `current`),
@@ -144,6 +110,7 @@ pub(crate) fn after_switch_out(tag: &ThreadTag, tid: u32) {
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
@@ -167,95 +134,64 @@ pub(crate) fn before_switch_in(tag: &ThreadTag, tid: u32) {
     // A strict syscall whose wait becomes an off-CPU event is counted
     // there, not twice.
     if tag.out_ns != 0
-        && now.saturating_sub(tag.out_ns) >= crate::threshold_ns()
-        && let Some(st) = LOOPSTATE.get_ptr_mut(tid)
+        && now.saturating_sub(tag.out_ns) >= threshold_ns()
+        && let Some(st) = existing_state(tid)
     {
-        // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*st).strict_offcpu = 1 };
+        st.strict_offcpu = 1;
     }
     if stall_ns() == 0 {
         return;
     }
+    // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
-    if st.busy_start_ns == 0 {
-        st.busy_start_ns = now;
-        st.run_ns = 0;
-    }
+    busy_from(st, now);
     st.in_ns = now;
 }
 
-/// Samples the user stack of a busy loop thread.
-#[perf_event]
-pub fn stall_sample(ctx: PerfEventContext) -> u32 {
+/// The cpu-clock perf event: samples the user stack of a busy loop thread
+/// once its busy period is old enough to become a stall.
+#[inline(always)]
+pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let tid = bpf_get_current_pid_tgid() as u32;
     if tid == 0 {
-        return 0;
+        return;
     }
-    let Some(tag) = THREADS.get_ptr_mut(tid) else {
-        return 0;
+    let Some(tag) = thread(tid) else {
+        return;
     };
-    // SAFETY: map value pointer, valid for this program run.
-    let tag = unsafe { &mut *tag };
     if tag.tag != TAG_LOOP {
-        return 0;
+        return;
     }
     // SAFETY: map value read, copied out at once.
     let Some(st) = (unsafe { LOOPSTATE.get(tid) }).copied() else {
-        return 0;
+        return;
     };
     if st.busy_start_ns == 0 || st.in_ns == 0 {
-        return 0;
+        return;
     }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let after = config().map(|c| c.sample_after_ns).unwrap_or(0);
+    let after = loop_config().map(|c| c.sample_after_ns).unwrap_or(0);
     if now.saturating_sub(st.busy_start_ns) < after {
-        return 0;
+        return;
     }
-    let Some(buf) = SAMPLE_SCRATCH.get_ptr_mut(0) else {
-        return 0;
+    // Index 0 of a per-CPU array always exists: this cannot fail.
+    let Some(py) = python::current_frames(&SAMPLE_SCRATCH, tag) else {
+        return;
     };
-    // SAFETY: per-CPU scratch, ours during this run.
-    let buf = unsafe { &mut *buf };
-    // SAFETY: no preconditions; the task is only read through
-    // bpf_probe_read_kernel.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    walk_python(tag, task, buf);
-    let Some(mut entry) = EVENTS.reserve::<LoopEvent>(0) else {
-        loop_count(LOOP_COUNTER_LOST);
-        return 0;
+    let sample = LoopFacts {
+        kind: RecordKind::Sample,
+        pid: tag.tgid,
+        tid,
+        syscall: -1,
+        args: [0; 3],
+        start_ns: st.busy_start_ns,
+        duration_ns: st.run_ns + now.saturating_sub(st.in_ns),
+        busy_ns: now.saturating_sub(st.busy_start_ns),
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: reserved record, exclusively ours, written in full.
-    unsafe {
-        (*ev).kind = KIND_SAMPLE;
-        (*ev).pid = tag.tgid;
-        (*ev).tid = tid;
-        (*ev)._pad = 0;
-        (*ev).syscall = -1;
-        (*ev).args = [0; 3];
-        (*ev).start_ns = st.busy_start_ns;
-        (*ev).duration_ns = st.run_ns + now.saturating_sub(st.in_ns);
-        (*ev).busy_ns = now.saturating_sub(st.busy_start_ns);
-        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
-        let n = bpf_get_stack(
-            ctx.as_ptr(),
-            (*ev).ips.as_mut_ptr() as *mut _,
-            (MAX_FRAMES * 8) as u32,
-            BPF_F_USER_STACK as u64,
-        );
-        (*ev).frames = if n > 0 { (n / 8) as u32 } else { 0 };
-        let py = buf.py_len;
-        (*ev).py_frames = if py <= MAX_PY_FRAMES as u64 {
-            py as u32
-        } else {
-            0
-        };
-        (*ev).py = buf.py;
+    if record::send_loop_with_stacks(ctx, &sample, py) {
+        count(Counter::Samples);
     }
-    entry.submit(0);
-    loop_count(LOOP_COUNTER_SAMPLES);
-    0
 }

@@ -7,14 +7,13 @@ use std::fmt::Display;
 
 use aya::{
     Btf, Ebpf,
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, MapData},
     programs::{BtfTracePoint, Program, ProgramError, RawTracePoint},
 };
 use blockwatch_common::LoopConfig;
 use log::{debug, info, warn};
 
 use crate::bpf::LoadError;
-use crate::bpf::load::take;
 
 /// Sampling frequency of busy loop threads, per CPU.
 pub const SAMPLE_HZ: u64 = 99;
@@ -135,20 +134,10 @@ pub struct LoopOptions {
     pub stall_threshold: Option<std::time::Duration>,
 }
 
-/// The strict and stall detectors, once attached: their counters.
+/// The strict and stall detectors, once attached (their counters are in
+/// `Maps::counters` with the others).
 pub struct LoopDetectors {
     pub options: LoopOptions,
-    counters: PerCpuArray<MapData, u64>,
-}
-
-impl LoopDetectors {
-    /// Sum of one `LOOP_COUNTERS` slot over all CPUs.
-    pub fn counter(&self, index: u32) -> u64 {
-        self.counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-    }
 }
 
 /// Configures the strict and stall detectors and attaches what they need:
@@ -183,8 +172,7 @@ pub fn enable_loop_detectors(
             Err(e) => warn!("stalls are reported without stacks: {e}"),
         }
     }
-    let counters = take(ebpf, "LOOP_COUNTERS")?;
-    Ok(LoopDetectors { options, counters })
+    Ok(LoopDetectors { options })
 }
 
 /// The detectors' kernel configuration.
@@ -243,7 +231,7 @@ mod tests {
     #[test]
     fn strict_and_stall_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");
-        let d = enable_loop_detectors(
+        enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions {
                 strict: true,
@@ -252,7 +240,10 @@ mod tests {
             &strict_numbers(),
         )
         .expect("strict and stall programs");
-        assert_eq!(d.counter(blockwatch_common::LOOP_COUNTER_LOST), 0);
+        assert_eq!(
+            loaded.counter(blockwatch_common::Counter::LostLoopRecords),
+            0
+        );
     }
 
     #[test]

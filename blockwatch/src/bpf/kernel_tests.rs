@@ -226,7 +226,6 @@ asyncio.run(main())
 #[test]
 fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     const NR_POLL: i64 = 7;
-    const NR_EPOLL_WAIT: i64 = 232;
     let mut loaded = bpf::load(20_000_000, false).expect("load (run as root)");
     let mut child = python(FOREIGN_WAITS_SUBJECT);
     let pid = child.id();
@@ -235,7 +234,8 @@ fn foreign_epoll_and_socket_timeouts_block_the_loop() {
     child.wait().unwrap();
     let b = blocks(&records);
     let by_nr = |nr| b.iter().find(|b| b.syscall == nr);
-    let ep = by_nr(NR_EPOLL_WAIT).unwrap_or_else(|| panic!("foreign epoll wait: {b:#?}"));
+    let ep = by_nr(blockwatch_common::x86_64::NR_EPOLL_WAIT)
+        .unwrap_or_else(|| panic!("foreign epoll wait: {b:#?}"));
     assert!(roughly(ep.duration_ns / 1_000_000, 80), "{b:#?}");
     let poll = by_nr(NR_POLL).unwrap_or_else(|| panic!("socket poll: {b:#?}"));
     assert!(roughly(poll.duration_ns / 1_000_000, 90), "{b:#?}");

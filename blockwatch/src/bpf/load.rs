@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, NUM_COUNTERS, PyProc, ThreadTag,
+    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, PyProc, ThreadTag,
     WatchRule,
 };
 use log::debug;
@@ -129,14 +129,9 @@ where
 }
 
 impl Loaded {
-    /// Sum of one `COUNTERS` slot over all CPUs.
-    pub fn counter(&self, index: u32) -> u64 {
-        debug_assert!(index < NUM_COUNTERS);
-        self.maps
-            .counters
-            .get(&index, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
+    /// One kernel counter, summed over all CPUs.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        crate::bpf::counters::Counters::read(&self.maps.counters)[counter]
     }
 }
 

@@ -6,10 +6,13 @@
 //! scheduler tracepoints (BTF or raw), and the strict and stall detectors
 //! to the syscall tracepoints and a perf event per CPU.
 //!
+//! [`counters`] sums the programs' per-CPU counters.
+//!
 //! Nothing here knows the pipeline: callers pass plain options in.
 
 pub mod attach;
 pub mod btf;
+pub mod counters;
 #[cfg(test)]
 mod kernel_tests;
 pub mod load;

@@ -4,20 +4,18 @@
 //! short or unknown record (a version mismatch, a truncated read) must
 //! become an error, never a panic or an out-of-bounds read.
 
+use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
-    BlockEvent, COMM_LEN, KIND_BLOCK, KIND_EXEC, KIND_EXIT, KIND_PROBE, MAX_FRAMES, MAX_PY_FRAMES,
-    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
-    TaskEvent,
+    BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
+    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
+    TaskEvent, UserStackHead,
 };
-use blockwatch_common::{KIND_USER_STACK, MAX_USER_STACK, USER_STACK_HEADER};
-
-use blockwatch_common::{KIND_SAMPLE, KIND_STALL, KIND_STRICT, LoopEvent};
 
 use crate::event::OffState;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("record of {0} bytes is too short to hold a kind")]
+    #[error("record of {0} bytes is too short to hold a record header")]
     Empty(usize),
     #[error("record kind {kind} needs {need} bytes, got {got}")]
     Short { kind: u32, need: usize, got: usize },
@@ -125,147 +123,155 @@ pub enum Record {
     },
 }
 
-fn read<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
-    let need = std::mem::size_of::<T>();
-    if bytes.len() < need {
-        return Err(DecodeError::Short {
-            kind,
-            need,
-            got: bytes.len(),
-        });
+/// The `T` at the start of `bytes`, if they are long enough.
+fn read_prefix<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
     }
     // SAFETY: length checked above; every T here is a plain-old-data
     // repr(C) type valid for any bit pattern; read_unaligned has no
     // alignment requirement.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
 }
 
-/// Addresses at or above this are not user space (x86-64, 47-bit).
-const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
+/// The record of kind `kind` that `bytes` hold, as its type `T`.
+fn read<T: Copy>(bytes: &[u8], kind: RecordKind) -> Result<T, DecodeError> {
+    read_prefix(bytes).ok_or(DecodeError::Short {
+        kind: kind as u32,
+        need: size_of::<T>(),
+        got: bytes.len(),
+    })
+}
 
 pub fn comm_str(comm: &[u8; COMM_LEN]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
+/// Decodes one ring-buffer record: its header names the kind, the kind
+/// the type the whole record is read as.
 pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
-    let kind = u32::from_ne_bytes(
-        bytes
-            .get(..4)
-            .and_then(|b| b.try_into().ok())
-            .ok_or(DecodeError::Empty(bytes.len()))?,
-    );
+    let header: RecordHeader = read_prefix(bytes).ok_or(DecodeError::Empty(bytes.len()))?;
+    let kind = RecordKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     match kind {
-        KIND_BLOCK => {
-            let ev: BlockEvent = read(bytes, kind)?;
-            let state = match ev.state {
-                STATE_SLEEPING => OffState::Sleeping,
-                STATE_DISK => OffState::Disk,
-                STATE_PREEMPTED => OffState::Preempted,
-                s => return Err(DecodeError::UnknownState(s)),
-            };
-            let frames = (ev.frames as usize).min(MAX_FRAMES);
-            Ok(Record::Block(BlockRecord {
-                pid: ev.pid,
-                tid: ev.tid,
-                state,
-                syscall: ev.syscall,
-                args: ev.args,
-                start_ns: ev.start_ns,
-                duration_ns: ev.duration_ns,
-                thread: comm_str(&ev.comm),
-                ips: ev.ips[..frames]
-                    .iter()
-                    .copied()
-                    // A frame-pointer walk through code built without them
-                    // ends in garbage: stop at the first impossible address.
-                    .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
-                    .collect(),
-                py: ev.py[..(ev.py_frames as usize).min(MAX_PY_FRAMES)].to_vec(),
-            }))
-        }
-        KIND_PROBE => {
-            let ev: ProbeEvent = read(bytes, kind)?;
-            let len = (ev.stack_len as usize).min(PROBE_STACK_BYTES);
-            Ok(Record::Probe(ProbeRecord {
-                pid: ev.pid,
-                tid: ev.tid,
-                uaddr: ev.uaddr,
-                ip: ev.ip,
-                sp: ev.sp,
-                stack: ev.stack[..len].to_vec(),
-            }))
-        }
-        KIND_USER_STACK => {
-            // Variable length: the header, then `len` bytes of stack.
-            let header = bytes.get(..USER_STACK_HEADER).ok_or(DecodeError::Short {
-                kind,
-                need: USER_STACK_HEADER,
-                got: bytes.len(),
-            })?;
-            let u32_at = |i: usize| u32::from_ne_bytes(header[i..i + 4].try_into().expect("4"));
-            let u64_at = |i: usize| u64::from_ne_bytes(header[i..i + 8].try_into().expect("8"));
-            let len = (u32_at(12) as usize).min(MAX_USER_STACK);
-            let stack = bytes
-                .get(USER_STACK_HEADER..USER_STACK_HEADER + len)
-                .ok_or(DecodeError::Short {
-                    kind,
-                    need: USER_STACK_HEADER + len,
-                    got: bytes.len(),
-                })?;
-            Ok(Record::UserStack(UserStackRecord {
-                pid: u32_at(4),
-                tid: u32_at(8),
-                start_ns: u64_at(16),
-                ip: u64_at(24),
-                sp: u64_at(32),
-                bp: u64_at(40),
-                stack: stack.to_vec(),
-            }))
-        }
-        KIND_STRICT | KIND_SAMPLE | KIND_STALL => {
-            let ev: LoopEvent = read(bytes, kind)?;
-            let frames = (ev.frames as usize).min(MAX_FRAMES);
-            Ok(Record::Loop(LoopRecord {
-                kind: match kind {
-                    KIND_STRICT => LoopKind::Strict,
-                    KIND_SAMPLE => LoopKind::Sample,
-                    _ => LoopKind::Stall,
-                },
-                pid: ev.pid,
-                tid: ev.tid,
-                syscall: ev.syscall,
-                args: ev.args,
-                start_ns: ev.start_ns,
-                duration_ns: ev.duration_ns,
-                busy_ns: ev.busy_ns,
-                thread: comm_str(&ev.comm),
-                ips: ev.ips[..frames]
-                    .iter()
-                    .copied()
-                    .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
-                    .collect(),
-                py: ev.py[..(ev.py_frames as usize).min(MAX_PY_FRAMES)].to_vec(),
-            }))
-        }
-        KIND_EXEC | KIND_EXIT => {
-            let ev: TaskEvent = read(bytes, kind)?;
-            Ok(if kind == KIND_EXEC {
-                Record::Exec {
-                    pid: ev.pid,
-                    tid: ev.tid,
-                    comm: comm_str(&ev.comm),
-                }
-            } else {
-                Record::Exit {
-                    pid: ev.pid,
-                    tid: ev.tid,
-                    group_dead: ev.aux != 0,
-                }
-            })
-        }
-        other => Err(DecodeError::UnknownKind(other)),
+        RecordKind::Block => decode_block(bytes),
+        RecordKind::Probe => decode_probe(bytes),
+        RecordKind::UserStack => decode_user_stack(bytes),
+        RecordKind::Strict | RecordKind::Sample | RecordKind::Stall => decode_loop(bytes, kind),
+        RecordKind::Exec | RecordKind::Exit => decode_task(bytes, kind),
     }
+}
+
+/// The frames of a recorded user stack: at most `n`, and none from the
+/// first impossible address on (a frame-pointer walk through code built
+/// without frame pointers ends in garbage).
+fn user_ips(ips: &[u64; MAX_FRAMES], n: u32) -> Vec<u64> {
+    ips[..(n as usize).min(MAX_FRAMES)]
+        .iter()
+        .copied()
+        .take_while(|&ip| (0x1000..USER_SPACE_END).contains(&ip))
+        .collect()
+}
+
+/// The first `n` recorded interpreter frames, at most all of them.
+fn py_frames(py: &[PyFrameRef; MAX_PY_FRAMES], n: u32) -> Vec<PyFrameRef> {
+    py[..(n as usize).min(MAX_PY_FRAMES)].to_vec()
+}
+
+fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let ev: BlockEvent = read(bytes, RecordKind::Block)?;
+    let state = match ev.state {
+        STATE_SLEEPING => OffState::Sleeping,
+        STATE_DISK => OffState::Disk,
+        STATE_PREEMPTED => OffState::Preempted,
+        s => return Err(DecodeError::UnknownState(s)),
+    };
+    Ok(Record::Block(BlockRecord {
+        pid: ev.header.pid,
+        tid: ev.header.tid,
+        state,
+        syscall: ev.syscall,
+        args: ev.args,
+        start_ns: ev.start_ns,
+        duration_ns: ev.duration_ns,
+        thread: comm_str(&ev.comm),
+        ips: user_ips(&ev.ips, ev.frames),
+        py: py_frames(&ev.py, ev.py_frames),
+    }))
+}
+
+fn decode_probe(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let ev: ProbeEvent = read(bytes, RecordKind::Probe)?;
+    let len = (ev.stack_len as usize).min(PROBE_STACK_BYTES);
+    Ok(Record::Probe(ProbeRecord {
+        pid: ev.header.pid,
+        tid: ev.header.tid,
+        uaddr: ev.uaddr,
+        ip: ev.ip,
+        sp: ev.sp,
+        stack: ev.stack[..len].to_vec(),
+    }))
+}
+
+/// Variable length: the fixed head, then `head.len` bytes of stack.
+fn decode_user_stack(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let kind = RecordKind::UserStack;
+    let head: UserStackHead = read(bytes, kind)?;
+    let start = size_of::<UserStackHead>();
+    let end = start + (head.len as usize).min(MAX_USER_STACK);
+    let stack = bytes.get(start..end).ok_or(DecodeError::Short {
+        kind: kind as u32,
+        need: end,
+        got: bytes.len(),
+    })?;
+    Ok(Record::UserStack(UserStackRecord {
+        pid: head.header.pid,
+        tid: head.header.tid,
+        start_ns: head.start_ns,
+        ip: head.ip,
+        sp: head.sp,
+        bp: head.bp,
+        stack: stack.to_vec(),
+    }))
+}
+
+fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
+    let ev: LoopEvent = read(bytes, kind)?;
+    Ok(Record::Loop(LoopRecord {
+        kind: match kind {
+            RecordKind::Strict => LoopKind::Strict,
+            RecordKind::Sample => LoopKind::Sample,
+            _ => LoopKind::Stall,
+        },
+        pid: ev.header.pid,
+        tid: ev.header.tid,
+        syscall: ev.syscall,
+        args: ev.args,
+        start_ns: ev.start_ns,
+        duration_ns: ev.duration_ns,
+        busy_ns: ev.busy_ns,
+        thread: comm_str(&ev.comm),
+        ips: user_ips(&ev.ips, ev.frames),
+        py: py_frames(&ev.py, ev.py_frames),
+    }))
+}
+
+fn decode_task(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
+    let ev: TaskEvent = read(bytes, kind)?;
+    let (pid, tid) = (ev.header.pid, ev.header.tid);
+    Ok(if kind == RecordKind::Exec {
+        Record::Exec {
+            pid,
+            tid,
+            comm: comm_str(&ev.comm),
+        }
+    } else {
+        Record::Exit {
+            pid,
+            tid,
+            group_dead: ev.aux != 0,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -285,9 +291,7 @@ mod tests {
         ips[0] = 0x7f00_0000_1000;
         ips[1] = 0x5500_0000_2000;
         BlockEvent {
-            kind: KIND_BLOCK,
-            pid: 10,
-            tid: 11,
+            header: RecordHeader::new(RecordKind::Block, 10, 11),
             state: STATE_SLEEPING,
             _pad: [0; 3],
             syscall: 230,
@@ -359,13 +363,15 @@ mod tests {
         let full = bytes_of(&block());
         assert!(matches!(
             decode(&full[..100]),
-            Err(DecodeError::Short {
-                kind: KIND_BLOCK,
-                ..
-            })
+            Err(DecodeError::Short { kind: 1, .. })
         ));
+        let unknown = RecordHeader {
+            kind: 77,
+            pid: 1,
+            tid: 1,
+        };
         assert_eq!(
-            decode(&77u32.to_ne_bytes()),
+            decode(&bytes_of(&unknown)),
             Err(DecodeError::UnknownKind(77))
         );
     }
@@ -373,9 +379,7 @@ mod tests {
     #[test]
     fn probe_stack_length_is_bounded() {
         let ev = ProbeEvent {
-            kind: KIND_PROBE,
-            pid: 1,
-            tid: 2,
+            header: RecordHeader::new(RecordKind::Probe, 1, 2),
             _pad: 0,
             uaddr: 0xdead,
             ip: 3,
@@ -391,18 +395,14 @@ mod tests {
     }
 
     fn user_stack_bytes(len: u32, stack: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        for v in [KIND_USER_STACK, 7, 8, len] {
-            b.extend_from_slice(&v.to_ne_bytes());
-        }
-        for v in [
-            1_000u64,
-            0x5555_0000_1234,
-            0x7ffd_0000_0100,
-            0x7ffd_0000_0200,
-        ] {
-            b.extend_from_slice(&v.to_ne_bytes());
-        }
+        let mut b = bytes_of(&UserStackHead {
+            header: RecordHeader::new(RecordKind::UserStack, 7, 8),
+            len,
+            start_ns: 1_000,
+            ip: 0x5555_0000_1234,
+            sp: 0x7ffd_0000_0100,
+            bp: 0x7ffd_0000_0200,
+        });
         b.extend_from_slice(stack);
         b
     }
@@ -422,10 +422,7 @@ mod tests {
         // A length past the record's end is an error, not a short read.
         assert!(matches!(
             decode(&user_stack_bytes(5, &[1, 2, 3, 4])),
-            Err(DecodeError::Short {
-                kind: KIND_USER_STACK,
-                ..
-            })
+            Err(DecodeError::Short { kind: 16, .. })
         ));
         assert!(matches!(
             decode(&bytes[..20]),
@@ -438,9 +435,7 @@ mod tests {
         let mut comm = [0u8; COMM_LEN];
         comm[..4].copy_from_slice(b"node");
         let ev = TaskEvent {
-            kind: KIND_EXIT,
-            pid: 5,
-            tid: 6,
+            header: RecordHeader::new(RecordKind::Exit, 5, 6),
             aux: 1,
             comm,
         };
@@ -453,7 +448,7 @@ mod tests {
             }
         );
         let ev = TaskEvent {
-            kind: KIND_EXEC,
+            header: RecordHeader::new(RecordKind::Exec, 5, 6),
             ..ev
         };
         assert_eq!(
@@ -465,22 +460,40 @@ mod tests {
             }
         );
     }
-}
 
-#[cfg(test)]
-mod loop_tests {
-    use super::*;
+    /// The fuzzer starts from seeds written in the record layout; one that
+    /// no longer decodes as its name says would start it from noise.
+    #[test]
+    fn fuzz_seeds_decode_as_named() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/decode");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/seeds/decode") {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let record = decode(&std::fs::read(&path).unwrap());
+            let ok = match record {
+                Ok(Record::Block(_)) => name.starts_with("block"),
+                Ok(Record::Probe(_)) => name.starts_with("probe"),
+                Ok(Record::UserStack(_)) => name == "user-stack",
+                Ok(Record::Loop(_)) => name.starts_with("loop"),
+                Ok(Record::Exec { .. }) => name == "exec",
+                Ok(Record::Exit { .. }) => name.starts_with("exit"),
+                Err(_) => name.contains("short"),
+            };
+            assert!(ok, "seed {name}: {record:?}");
+            seen += 1;
+        }
+        assert!(seen >= 10, "{seen} seeds");
+    }
 
-    fn loop_event(kind: u32) -> LoopEvent {
+    fn loop_event(kind: RecordKind) -> LoopEvent {
         let mut comm = [0u8; COMM_LEN];
         comm[..7].copy_from_slice(b"python3");
         let mut ips = [0u64; MAX_FRAMES];
         ips[0] = 0x7f00_0000_1000;
         ips[1] = 0xffff_ffff_8100_0000;
         LoopEvent {
-            kind,
-            pid: 10,
-            tid: 11,
+            header: RecordHeader::new(kind, 10, 11),
             _pad: 0,
             syscall: 257,
             args: [1, 2, 3],
@@ -495,18 +508,12 @@ mod loop_tests {
         }
     }
 
-    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
-        // SAFETY: reading the bytes of a repr(C) POD value.
-        unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
-            .to_vec()
-    }
-
     #[test]
     fn loop_records_decode_with_bounded_stacks() {
         for (raw, kind) in [
-            (KIND_STRICT, LoopKind::Strict),
-            (KIND_SAMPLE, LoopKind::Sample),
-            (KIND_STALL, LoopKind::Stall),
+            (RecordKind::Strict, LoopKind::Strict),
+            (RecordKind::Sample, LoopKind::Sample),
+            (RecordKind::Stall, LoopKind::Stall),
         ] {
             let Record::Loop(r) = decode(&bytes_of(&loop_event(raw))).unwrap() else {
                 panic!("not a loop record")
@@ -519,13 +526,10 @@ mod loop_tests {
             assert_eq!(r.ips, [0x7f00_0000_1000]);
             assert_eq!(r.py.len(), MAX_PY_FRAMES);
         }
-        let full = bytes_of(&loop_event(KIND_STALL));
+        let full = bytes_of(&loop_event(RecordKind::Stall));
         assert!(matches!(
             decode(&full[..200]),
-            Err(DecodeError::Short {
-                kind: KIND_STALL,
-                ..
-            })
+            Err(DecodeError::Short { kind: 7, .. })
         ));
     }
 }

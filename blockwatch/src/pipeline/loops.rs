@@ -287,7 +287,7 @@ asyncio.run(main())
     #[test]
     fn strict_calls_stalls_and_samples_from_the_kernel() {
         let mut loaded = bpf::load(1_000_000_000, false).expect("load (run as root)");
-        let detectors = bpf::enable_loop_detectors(
+        bpf::enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions {
                 strict: true,
@@ -354,7 +354,8 @@ asyncio.run(main())
             .filter(|r| r.tid == pid && r.start_ns == s.start_ns)
             .collect();
         assert!(!samples.is_empty(), "samples of the stall: {records:#?}");
-        assert!(detectors.counter(blockwatch_common::LOOP_COUNTER_STALLS) >= 1);
-        assert_eq!(detectors.counter(blockwatch_common::LOOP_COUNTER_LOST), 0);
+        assert!(loaded.counter(blockwatch_common::Counter::Stalls) >= 1);
+        let lost = loaded.counter(blockwatch_common::Counter::LostLoopRecords);
+        assert_eq!(lost, 0);
     }
 }

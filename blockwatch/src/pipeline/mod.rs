@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
+use blockwatch_common::x86_64::NR_FUTEX;
 use blockwatch_common::{PyFrameRef, PyProc};
 
 use crate::analyze::syscalls::{self, FdKind};
@@ -26,8 +27,6 @@ use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
 use loops::Loops;
-
-const NR_FUTEX: i64 = 202;
 
 /// How long a watched process that is not (yet) recognisably CPython is
 /// looked at again, at each refresh: a shared libpython is mapped only

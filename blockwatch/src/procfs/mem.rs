@@ -1,8 +1,6 @@
 //! Reading another process's memory.
 
-/// Highest user-space address on x86-64 (47-bit address space): nothing
-/// above is memory of the process.
-pub const USER_END: u64 = 0x0000_8000_0000_0000;
+pub use blockwatch_common::x86_64::USER_SPACE_END as USER_END;
 
 /// Reads exactly `buf.len()` bytes at `addr` in process `pid`.
 /// process_vm_readv rather than /proc/PID/mem: one syscall, no file

@@ -11,13 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use blockwatch_common::{
-    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS,
-    COUNTER_LOST_USER_STACKS, Config, TAG_LOOP, ThreadTag, WatchRule,
-};
+use blockwatch_common::{Config, TAG_LOOP, ThreadTag, WatchRule};
 use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::bpf::counters::{Counters, KERNEL_DROPS};
 use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
@@ -525,23 +523,12 @@ impl Daemon {
                 &mut self.session.maps.pyprocs,
             );
         }
-        let (counters, detectors) = (&self.session.maps.counters, &self.session.detectors);
-        let lost = counters
-            .get(&COUNTER_LOST_EVENTS, 0)
-            .map(|v| v.iter().sum())
-            .unwrap_or(0)
-            + detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
+        let counts = Counters::read(&self.session.maps.counters);
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         m.set_tagged(&tagged);
-        m.set_lost(lost);
-        for (what, index) in [
-            ("stack", COUNTER_LOST_STACKS),
-            ("user_stack", COUNTER_LOST_USER_STACKS),
-            ("probe", COUNTER_LOST_PROBES),
-            ("tag", COUNTER_LOST_TAGS),
-        ] {
-            let total = counters.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0);
-            m.set_drops(what, total);
+        m.set_lost(counts.events_lost());
+        for c in KERNEL_DROPS {
+            m.set_drops(c.label(), counts[c]);
         }
         m.set_symbolization_failures(self.pipeline.symbol_failures());
         // Exits the kernel did not report (processes it never

@@ -4,12 +4,11 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use blockwatch_common::{
-    COUNTER_LOST_EVENTS, COUNTER_LOST_PROBES, COUNTER_LOST_STACKS, COUNTER_LOST_TAGS, Config,
-};
+use blockwatch_common::Config;
 use log::{debug, info, warn};
 
 use crate::bpf::LoopDetectors;
+use crate::bpf::counters::Counters;
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::{Output, Pipeline};
@@ -309,33 +308,8 @@ async fn wait_for(
 
 /// Warns of what the kernel or the decoder lost.
 fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline) {
-    let (counters, detectors) = (&session.maps.counters, &session.detectors);
-    let counter = |i: u32| -> u64 { counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0) };
-    let lost = counter(COUNTER_LOST_EVENTS);
-    if lost > 0 {
-        reporter.diag(&format!(
-            "blockwatch: warning: {lost} events were lost (ring buffer full); raise --threshold to report fewer"
-        ));
-    }
-    for (i, what) in [
-        (COUNTER_LOST_PROBES, "futex probes"),
-        (COUNTER_LOST_STACKS, "stacks"),
-        (COUNTER_LOST_TAGS, "thread tags"),
-        (
-            blockwatch_common::COUNTER_LOST_USER_STACKS,
-            "user-stack copies (those stacks are frame pointers only)",
-        ),
-    ] {
-        let n = counter(i);
-        if n > 0 {
-            reporter.diag(&format!("blockwatch: warning: {n} {what} were lost"));
-        }
-    }
-    let lost_loop = detectors.counter(blockwatch_common::LOOP_COUNTER_LOST);
-    if lost_loop > 0 {
-        reporter.diag(&format!(
-            "blockwatch: warning: {lost_loop} strict-call, stall or stack-sample records were lost (ring buffer full)"
-        ));
+    for warning in Counters::read(&session.maps.counters).warnings() {
+        reporter.diag(&warning);
     }
     if pipeline.stats.decode_errors > 0 {
         reporter.diag(&format!(

@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
+pub use blockwatch_common::tag_for;
 use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, ThreadTag, WatchRule};
 use clap::ValueEnum;
 use log::debug;
@@ -63,16 +64,6 @@ impl ThreadsMode {
             follow_children: follow_children as u8,
             _pad: [0; 6],
         }
-    }
-}
-
-/// The tag a thread gets under `rule` (0: none); mirrors the kernel's.
-pub fn tag_for(rule: &WatchRule, main_thread: bool) -> u8 {
-    match rule.threads {
-        THREADS_ALL => TAG_LOOP,
-        THREADS_MAIN if main_thread => TAG_LOOP,
-        THREADS_MAIN => 0,
-        _ => blockwatch_common::TAG_CANDIDATE,
     }
 }
 

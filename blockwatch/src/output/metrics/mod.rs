@@ -155,7 +155,8 @@ impl Losses {
                         "blockwatch_kernel_drops_total",
                         "What the kernel programs could not record: `stack` (a frame-pointer stack), \
                          `user_stack` (a stack copy for unwinding: the event has a shorter stack), \
-                         `probe` (a futex wait to classify), `tag` (a new thread: the tag map is full).",
+                         `probe` (a futex wait to classify), `tag` (a new thread: the tag map is full), \
+                 `task` (an exec or exit record: a process that started or exited may be missed).",
                     ),
                     &["what"],
                 )?,

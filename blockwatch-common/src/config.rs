@@ -1,0 +1,113 @@
+//! What user space hands the kernel programs: the kernel's structure
+//! offsets (a global frozen before load) and the settings in `CONFIG` and
+//! `LOOP_CONFIG`, which may change while attached.
+
+/// Syscall numbers covered by [`LoopConfig::strict_nrs`].
+pub const STRICT_MAX_NR: usize = 512;
+
+/// Kernel structure offsets read from the running kernel's BTF by user
+/// space, handed to the programs as read-only globals before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_stack: u32,
+    pub pt_regs_orig_ax: u32,
+    pub pt_regs_ip: u32,
+    pub pt_regs_sp: u32,
+    pub pt_regs_di: u32,
+    pub pt_regs_si: u32,
+    pub pt_regs_dx: u32,
+    pub pt_regs_size: u32,
+    pub thread_size: u32,
+    /// `task_struct.thread.fsbase`: the thread pointer, i.e. its pthread_t.
+    pub task_fsbase: u32,
+    pub pt_regs_bp: u32,
+    /// `task_struct.flags` (`PF_EXITING` once the task began to exit).
+    pub task_flags: u32,
+}
+
+impl KernelOffsets {
+    /// All zero: the kernel's initialiser, overwritten before load.
+    pub const ZERO: Self = Self {
+        task_pid: 0,
+        task_tgid: 0,
+        task_comm: 0,
+        task_stack: 0,
+        pt_regs_orig_ax: 0,
+        pt_regs_ip: 0,
+        pt_regs_sp: 0,
+        pt_regs_di: 0,
+        pt_regs_si: 0,
+        pt_regs_dx: 0,
+        pt_regs_size: 0,
+        thread_size: 0,
+        task_fsbase: 0,
+        pt_regs_bp: 0,
+        task_flags: 0,
+    };
+}
+
+/// Runtime settings of the off-CPU detector, `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// Off-CPU time at or above which a wait becomes an event.
+    pub threshold_ns: u64,
+    /// Send `Exec` records for every exec on the host (process-name rules).
+    pub notify_all_execs: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Settings of the strict and stall detectors, `LOOP_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct LoopConfig {
+    /// On-CPU time of a busy period at or above which it is a stall; 0 off.
+    pub stall_ns: u64,
+    /// Busy periods are sampled once they have lasted this long.
+    pub sample_after_ns: u64,
+    /// 1 when the syscall tracepoints are attached (`--strict`).
+    pub strict: u8,
+    pub _pad: [u8; 7],
+    /// Bitmap of the syscalls strict mode counts (bit `nr % 64` of word
+    /// `nr / 64`), chosen by user space.
+    pub strict_nrs: [u64; STRICT_MAX_NR / 64],
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        Self {
+            stall_ns: 0,
+            sample_after_ns: 0,
+            strict: 0,
+            _pad: [0; 7],
+            strict_nrs: [0; STRICT_MAX_NR / 64],
+        }
+    }
+}
+
+impl LoopConfig {
+    /// Whether strict mode counts syscall `nr`.
+    #[inline(always)]
+    pub fn counts_strict(&self, nr: i64) -> bool {
+        if !(0..STRICT_MAX_NR as i64).contains(&nr) {
+            return false;
+        }
+        let nr = nr as usize;
+        match self.strict_nrs.get(nr / 64) {
+            Some(w) => w & (1u64 << (nr % 64)) != 0,
+            None => false,
+        }
+    }
+}
+
+pod!(KernelOffsets, Config, LoopConfig);
+
+const _: () = {
+    assert!(core::mem::size_of::<KernelOffsets>() == 60);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<LoopConfig>() == 24 + STRICT_MAX_NR / 8);
+};

@@ -1,0 +1,106 @@
+//! The kernel programs' counters: one per-CPU array (`COUNTERS`), one slot
+//! per [`Counter`], summed over CPUs by user space.
+
+/// Slots of the `COUNTERS` per-CPU array.
+pub const NUM_COUNTERS: usize = 12;
+
+/// What the kernel counts: mostly what it could not record, and why. Its
+/// slot is its place in this list.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Blocking events lost: the ring buffer was full.
+    LostEvents,
+    /// Futex probes lost: the ring buffer was full.
+    LostProbes,
+    /// Stacks captured at switch-out that could not be kept (`STACKS` full).
+    LostStacks,
+    /// Threads or processes that could not be tagged or watched (map full).
+    LostTags,
+    /// Blocking events sent.
+    Events,
+    /// User-stack copies that failed (no map entry, nothing readable) or
+    /// could not be sent.
+    LostUserStacks,
+    /// Strict-call, stall and sample records lost: the ring buffer was full.
+    LostLoopRecords,
+    /// Strict calls seen, sent or not.
+    StrictCalls,
+    /// Stalls sent.
+    Stalls,
+    /// Stack samples of busy loop threads sent.
+    Samples,
+    /// Threads whose strict and stall state could not be kept (`LOOPSTATE` full).
+    LostLoopState,
+    /// Exec and exit records lost: the ring buffer was full.
+    LostTaskRecords,
+}
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; NUM_COUNTERS] = [
+        Counter::LostEvents,
+        Counter::LostProbes,
+        Counter::LostStacks,
+        Counter::LostTags,
+        Counter::Events,
+        Counter::LostUserStacks,
+        Counter::LostLoopRecords,
+        Counter::StrictCalls,
+        Counter::Stalls,
+        Counter::Samples,
+        Counter::LostLoopState,
+        Counter::LostTaskRecords,
+    ];
+
+    /// Its slot in `COUNTERS`.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Its short name; for what the daemon exports as
+    /// `blockwatch_kernel_drops_total{what=...}`, that label's value.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Counter::LostEvents => "event",
+            Counter::LostProbes => "probe",
+            Counter::LostStacks => "stack",
+            Counter::LostTags => "tag",
+            Counter::Events => "events",
+            Counter::LostUserStacks => "user_stack",
+            Counter::LostLoopRecords => "loop_record",
+            Counter::StrictCalls => "strict",
+            Counter::Stalls => "stall",
+            Counter::Samples => "sample",
+            Counter::LostLoopState => "loop_state",
+            Counter::LostTaskRecords => "task",
+        }
+    }
+
+    /// What it counts, as `trace`'s warnings name it ("N ... were lost").
+    pub const fn what(self) -> &'static str {
+        match self {
+            Counter::LostEvents => "events",
+            Counter::LostProbes => "futex probes",
+            Counter::LostStacks => "stacks",
+            Counter::LostTags => "thread tags",
+            Counter::Events => "blocking events sent",
+            Counter::LostUserStacks => "user-stack copies (those stacks are frame pointers only)",
+            Counter::LostLoopRecords => "strict-call, stall or stack-sample records",
+            Counter::StrictCalls => "strict calls",
+            Counter::Stalls => "stalls",
+            Counter::Samples => "stack samples",
+            Counter::LostLoopState => "strict and stall thread states",
+            Counter::LostTaskRecords => "exec and exit records",
+        }
+    }
+}
+
+const _: () = {
+    let mut i = 0;
+    while i < NUM_COUNTERS {
+        assert!(Counter::ALL[i].index() as usize == i);
+        i += 1;
+    }
+};

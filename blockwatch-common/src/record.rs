@@ -1,0 +1,205 @@
+//! Ring-buffer records: what the kernel programs tell user space.
+//!
+//! Every record starts with a [`RecordHeader`] whose `kind` is a
+//! [`RecordKind`]; user space reads the kind, then the whole record as the
+//! type that kind names. The header is 12 bytes and each record's next
+//! field is 4 bytes wide, so the 8-byte fields after it stay aligned
+//! without padding.
+
+use crate::python::{MAX_PY_FRAMES, PyFrameRef};
+use crate::stack::{MAX_FRAMES, MAX_USER_STACK};
+
+/// Length of a task's `comm`.
+pub const COMM_LEN: usize = 16;
+/// Bytes of user stack copied for a futex probe (see [`ProbeEvent`]).
+pub const PROBE_STACK_BYTES: usize = 512;
+
+/// What a ring-buffer record is (its header's `kind`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// A blocking wait that ended ([`BlockEvent`]).
+    Block = 1,
+    /// A futex wait to classify ([`ProbeEvent`]).
+    Probe = 2,
+    /// A process image was replaced ([`TaskEvent`]).
+    Exec = 3,
+    /// A task exited ([`TaskEvent`]).
+    Exit = 4,
+    /// A blocking-class syscall that stayed on the CPU (`--strict`,
+    /// [`LoopEvent`]).
+    Strict = 5,
+    /// An on-CPU stack sample of a busy loop thread ([`LoopEvent`]).
+    Sample = 6,
+    /// A busy period whose on-CPU time reached the stall threshold, sent
+    /// when the thread reaches its idle wait again ([`LoopEvent`]).
+    Stall = 7,
+    /// A copy of a blocked thread's user stack ([`UserStack`]), sent just
+    /// before the `Block` record of the same wait. Numbered apart from the
+    /// others, which are dense.
+    UserStack = 16,
+}
+
+impl RecordKind {
+    /// The kind with this number, if any.
+    pub const fn from_u32(kind: u32) -> Option<Self> {
+        Some(match kind {
+            1 => Self::Block,
+            2 => Self::Probe,
+            3 => Self::Exec,
+            4 => Self::Exit,
+            5 => Self::Strict,
+            6 => Self::Sample,
+            7 => Self::Stall,
+            16 => Self::UserStack,
+            _ => return None,
+        })
+    }
+}
+
+/// The start of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// A [`RecordKind`]; a plain `u32` because user space reads it from
+    /// bytes that may hold any value.
+    pub kind: u32,
+    /// Process (TGID).
+    pub pid: u32,
+    /// Thread (TID).
+    pub tid: u32,
+}
+
+impl RecordHeader {
+    #[inline(always)]
+    pub const fn new(kind: RecordKind, pid: u32, tid: u32) -> Self {
+        Self {
+            kind: kind as u32,
+            pid,
+            tid,
+        }
+    }
+}
+
+/// Off-CPU state of a blocking wait.
+pub const STATE_SLEEPING: u8 = 0;
+pub const STATE_DISK: u8 = 1;
+pub const STATE_PREEMPTED: u8 = 2;
+
+/// A blocking wait that ended ([`RecordKind::Block`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockEvent {
+    pub header: RecordHeader,
+    /// `STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 3],
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Switch-out time, `CLOCK_MONOTONIC` nanoseconds.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Number of valid entries in `ips`.
+    pub frames: u32,
+    /// Number of valid entries in `py`.
+    pub py_frames: u32,
+    pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
+/// A futex wait of a watched thread whose meaning user space must decide
+/// ([`RecordKind::Probe`]): is this the runtime's park (idle) or a lock
+/// (blocking)?
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ProbeEvent {
+    pub header: RecordHeader,
+    pub _pad: u32,
+    pub uaddr: u64,
+    pub ip: u64,
+    pub sp: u64,
+    /// Bytes of `stack` that were read, from `sp` up.
+    pub stack_len: u64,
+    pub stack: [u8; PROBE_STACK_BYTES],
+}
+
+/// A process image was replaced ([`RecordKind::Exec`]) or a task exited
+/// ([`RecordKind::Exit`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskEvent {
+    pub header: RecordHeader,
+    /// For exec: the TID that called exec; for exit: 1 when the whole
+    /// thread group is gone.
+    pub aux: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// The fixed part of a [`UserStack`]: all of it but the stack bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UserStackHead {
+    pub header: RecordHeader,
+    /// Bytes of `bytes` that were copied, from `sp` up.
+    pub len: u32,
+    /// Switch-out time of the wait this copy belongs to (`BlockEvent::start_ns`).
+    pub start_ns: u64,
+    /// User registers at switch-out.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// The top of a blocked thread's user stack and its registers, copied at
+/// switch-out for DWARF unwinding in user space. Kept per TID in
+/// `USER_STACKS` (one entry per loop thread, rewritten by each of its
+/// waits); sent ([`RecordKind::UserStack`]), only its `head` and the first
+/// `head.len` bytes, when the wait becomes an event.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UserStack {
+    pub head: UserStackHead,
+    pub bytes: [u8; MAX_USER_STACK],
+}
+
+/// A strict call, a stack sample or a stall ([`RecordKind::Strict`],
+/// [`RecordKind::Sample`], [`RecordKind::Stall`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LoopEvent {
+    pub header: RecordHeader,
+    pub _pad: u32,
+    /// Strict: the syscall; otherwise -1.
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Strict: syscall entry; sample, stall: start of the busy period (a
+    /// sample belongs to the stall with the same TID and `start_ns`).
+    pub start_ns: u64,
+    /// Strict: time in the syscall; sample, stall: on-CPU time of the busy
+    /// period so far.
+    pub duration_ns: u64,
+    /// Sample, stall: wall time since the busy period began.
+    pub busy_ns: u64,
+    /// Thread name.
+    pub comm: [u8; COMM_LEN],
+    pub frames: u32,
+    pub py_frames: u32,
+    pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
+pod!(UserStack);
+
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<RecordHeader>() == 12);
+    assert!(offset_of!(RecordHeader, kind) == 0);
+    let stacks = 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES;
+    assert!(size_of::<BlockEvent>() == 88 + stacks);
+    assert!(size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
+    assert!(size_of::<TaskEvent>() == 32);
+    assert!(size_of::<UserStackHead>() == 48);
+    assert!(size_of::<UserStack>() == size_of::<UserStackHead>() + MAX_USER_STACK);
+    assert!(size_of::<LoopEvent>() == 96 + stacks);
+};

@@ -1,0 +1,118 @@
+//! Per-thread state and the rules that create it.
+//!
+//! A watched process ([`WatchRule`], `WATCHED`) gets its threads tagged
+//! ([`ThreadTag`], `THREADS`) by [`tag_for`], in the kernel for threads
+//! created while attached and in user space for those that already ran.
+
+/// Thread is watched but not (yet) known to run an event loop: nothing it
+/// does is reported, but the kernel watches for its first idle wait.
+pub const TAG_CANDIDATE: u8 = 1;
+/// Thread runs an event loop: blocking waits are reported.
+pub const TAG_LOOP: u8 = 2;
+
+/// `--threads loop`: tag threads once they idle in their runtime's wait.
+pub const THREADS_LOOP: u8 = 0;
+/// `--threads main`: tag only each process's main thread.
+pub const THREADS_MAIN: u8 = 1;
+/// `--threads all`: tag every thread.
+pub const THREADS_ALL: u8 = 2;
+
+/// How many futex probes a thread may send before the kernel stops asking.
+pub const PROBE_BUDGET: u8 = 16;
+
+/// A watched process (key: TGID in `WATCHED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchRule {
+    /// `THREADS_*`.
+    pub threads: u8,
+    /// Children forked by the process are watched with the same rule.
+    pub follow_children: u8,
+    pub _pad: [u8; 6],
+}
+
+/// The tag a thread of a process watched under `rule` starts with (0:
+/// none, the thread is not watched).
+#[inline(always)]
+pub const fn tag_for(rule: &WatchRule, main_thread: bool) -> u8 {
+    match rule.threads {
+        THREADS_ALL => TAG_LOOP,
+        THREADS_MAIN if main_thread => TAG_LOOP,
+        THREADS_MAIN => 0,
+        _ => TAG_CANDIDATE,
+    }
+}
+
+/// Per-thread state, kept by the kernel in `THREADS` (key: TID).
+///
+/// User space inserts entries for threads that existed before it attached
+/// (with `BPF_NOEXIST`, never overwriting the kernel's) and otherwise only
+/// reads them; everything it learns goes through `PARKS` instead, so the two
+/// sides never race on one value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadTag {
+    /// Switch-out time of a pending blocking wait; 0 when none is pending.
+    pub out_ns: u64,
+    /// Syscall number of the pending wait, or -1 when not in a syscall.
+    pub syscall: i64,
+    /// First syscall arguments of the pending wait (rdi, rsi, rdx).
+    pub args: [u64; 3],
+    /// The thread's CPython `PyThreadState`, once found; 0 unknown.
+    pub py_tstate: u64,
+    pub tgid: u32,
+    /// The loop's own epoll fd, learned from its first idle wait; -1 unknown.
+    pub loop_epfd: i32,
+    pub tag: u8,
+    /// `STATE_*` of the pending wait.
+    pub off_state: u8,
+    pub probe_budget: u8,
+    pub _pad: [u8; 5],
+}
+
+impl ThreadTag {
+    pub const fn new(tgid: u32, tag: u8) -> Self {
+        Self {
+            out_ns: 0,
+            syscall: -1,
+            args: [0; 3],
+            py_tstate: 0,
+            tgid,
+            loop_epfd: -1,
+            tag,
+            off_state: 0,
+            probe_budget: PROBE_BUDGET,
+            _pad: [0; 5],
+        }
+    }
+}
+
+/// Per-thread state of the strict and stall detectors (`LOOPSTATE`, key:
+/// TID), kept only by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopState {
+    /// When the thread left its idle wait; 0 while idle.
+    pub busy_start_ns: u64,
+    /// Last switch-in during the busy period; 0 while off the CPU.
+    pub in_ns: u64,
+    /// On-CPU time of the busy period up to `in_ns`.
+    pub run_ns: u64,
+    /// Entry time of a pending strict syscall; 0 when none.
+    pub strict_enter_ns: u64,
+    pub strict_nr: i64,
+    pub strict_args: [u64; 3],
+    /// The pending strict syscall became a `Block` record.
+    pub strict_offcpu: u8,
+    /// In the idle wait's syscall (strict mode sees its entry and exit).
+    pub in_idle: u8,
+    pub _pad: [u8; 6],
+}
+
+pod!(WatchRule, ThreadTag, LoopState);
+
+const _: () = {
+    assert!(core::mem::size_of::<WatchRule>() == 8);
+    assert!(core::mem::size_of::<ThreadTag>() == 64);
+    assert!(core::mem::size_of::<LoopState>() == 72);
+};

@@ -1,0 +1,64 @@
+//! The idle-wait test: is a loop thread's syscall its runtime's wait for
+//! work (idle), or something that blocks the loop?
+//!
+//! Used by `sched_switch` (a wait that sleeps) and, with `--strict`, by
+//! `sys_enter` (every call, so that a wait that returns at once also ends
+//! a busy period).
+
+use blockwatch_common::{
+    ThreadTag,
+    x86_64::{NR_IO_URING_ENTER, is_epoll_wait, is_futex_wait},
+};
+
+use crate::{
+    maps::{PARKS, off},
+    read::kread,
+};
+
+/// What a syscall is to a loop thread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// A wait on the loop's own epoll fd: idle.
+    Epoll,
+    /// A futex wait on the thread's runtime park: idle.
+    Park,
+    /// `io_uring_enter`: taken as idle, but no sign of a loop.
+    Ring,
+    /// A futex wait on another address: a lock, or a park user space has
+    /// yet to learn.
+    Futex,
+    /// Anything else, another epoll instance's wait included.
+    Other,
+}
+
+impl Wait {
+    #[inline(always)]
+    pub(crate) fn is_idle(self) -> bool {
+        matches!(self, Wait::Epoll | Wait::Park | Wait::Ring)
+    }
+}
+
+/// Classifies syscall `nr` of thread `tid`, whose first argument is `arg0`
+/// and whose user registers are at `regs` (the futex op is read from
+/// there only for a futex).
+#[inline(always)]
+pub(crate) fn classify(tag: &ThreadTag, tid: u32, nr: i64, arg0: u64, regs: *const u8) -> Wait {
+    if is_epoll_wait(nr) {
+        return if tag.loop_epfd >= 0 && arg0 as i32 == tag.loop_epfd {
+            Wait::Epoll
+        } else {
+            Wait::Other
+        };
+    }
+    if nr == NR_IO_URING_ENTER {
+        return Wait::Ring;
+    }
+    if !is_futex_wait(nr, kread(regs, off().pt_regs_si)) {
+        return Wait::Other;
+    }
+    // SAFETY: map value read, compared at once.
+    match unsafe { PARKS.get(tid) } {
+        Some(park) if *park == arg0 => Wait::Park,
+        _ => Wait::Futex,
+    }
+}

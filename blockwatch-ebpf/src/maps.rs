@@ -1,0 +1,160 @@
+//! Every map and frozen global of the kernel programs, and the accessors
+//! the logic reads them through.
+//!
+//! User space owns the settings (`CONFIG`, `LOOP_CONFIG`, the globals) and
+//! the process-level knowledge (`WATCHED`, `PARKS`, `PYPROCS`); the kernel
+//! owns the per-thread state (`THREADS`, `STACKS`, `USER_STACKS`,
+//! `LOOPSTATE`), and both read `COUNTERS` and the `EVENTS` ring buffer from
+//! their own end.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use blockwatch_common::{
+    Config, Counter, KernelOffsets, LoopConfig, LoopState, NUM_COUNTERS, PyProc, StackBuf,
+    ThreadTag, UserStack, WatchRule,
+};
+
+#[map]
+pub(crate) static THREADS: HashMap<u32, ThreadTag> = HashMap::with_max_entries(65536, 0);
+#[map]
+pub(crate) static WATCHED: HashMap<u32, WatchRule> = HashMap::with_max_entries(16384, 0);
+/// Futex addresses user space identified as a thread's runtime park (idle).
+#[map]
+pub(crate) static PARKS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+/// The stack of each thread with a pending blocking wait, captured at
+/// switch-out and sent at switch-in.
+#[map]
+pub(crate) static STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(4096, 0);
+/// CPython processes and their layout, from user space.
+#[map]
+pub(crate) static PYPROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub(crate) static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// One slot per [`Counter`].
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(NUM_COUNTERS as u32, 0);
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Frame-walk scratch of `sched_switch`. Each program that walks frames
+/// has its own: the sampling program can interrupt the others on the same
+/// CPU, and the syscall programs run apart from `sched_switch`.
+#[map]
+pub(crate) static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+/// Frame-walk scratch of `strict_exit`.
+#[map]
+pub(crate) static STRICT_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+/// Frame-walk scratch of `stall_sample`.
+#[map]
+pub(crate) static SAMPLE_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
+
+/// The top of the user stack of each loop thread's latest non-idle wait,
+/// for DWARF unwinding in user space.
+///
+/// Why a hash without preallocation, entries kept for the thread's life:
+/// a preallocated map would pin `max_entries` × 32 KiB (128 MiB) whether or
+/// not anything blocks; without preallocation memory follows the loop
+/// threads that actually blocked (a few per process). An entry is reused
+/// by every later wait of its thread rather than deleted at switch-in, so
+/// the hot path never allocates (freed elements of a non-preallocated map
+/// come back only after an RCU grace period, and a burst of waits on one
+/// CPU would run its allocator cache dry); exit and exec delete it. A
+/// per-CPU scratch could not hold it (per-CPU values stop at 32 KiB) and
+/// is not needed: the copy is made straight into the map value.
+#[map]
+pub(crate) static USER_STACKS: HashMap<u32, UserStack> =
+    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+/// One zeroed value, never written: the source of a new `USER_STACKS` entry
+/// (an update copies a whole value from somewhere).
+#[map]
+pub(crate) static USER_STACK_ZERO: Array<UserStack> = Array::with_max_entries(1, 0);
+
+/// Settings of the strict and stall detectors.
+#[map]
+pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);
+/// Per-thread state of the strict and stall detectors.
+#[map]
+pub(crate) static LOOPSTATE: HashMap<u32, LoopState> = HashMap::with_max_entries(16384, 0);
+
+/// Filled in by user space from the running kernel's BTF before load.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets::ZERO;
+
+/// Bytes of user stack copied per blocking wait, at most `MAX_USER_STACK`;
+/// 0 keeps frame pointers only. Set by user space before load.
+#[unsafe(no_mangle)]
+static USER_STACK_SIZE: u32 = 0;
+
+/// bpf(2) map update flag: fail if the key exists.
+pub(crate) const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+pub(crate) fn off() -> KernelOffsets {
+    // SAFETY: a plain read of a global the loader froze before load; the
+    // volatile read stops the compiler from folding the zero initialiser.
+    unsafe { core::ptr::read_volatile(&OFFSETS) }
+}
+
+#[inline(always)]
+pub(crate) fn user_stack_size() -> usize {
+    // SAFETY: as in `off`.
+    unsafe { core::ptr::read_volatile(&USER_STACK_SIZE) as usize }
+}
+
+#[inline(always)]
+pub(crate) fn count(counter: Counter) {
+    // Every `Counter` has its slot: the lookup cannot fail.
+    if let Some(c) = COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: per-CPU slot, no other writer while this program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Off-CPU time at or above which a wait is sent; none before user space
+/// configured it.
+#[inline(always)]
+pub(crate) fn threshold_ns() -> u64 {
+    CONFIG.get(0).map(|c| c.threshold_ns).unwrap_or(u64::MAX)
+}
+
+#[inline(always)]
+pub(crate) fn notify_all_execs() -> bool {
+    CONFIG
+        .get(0)
+        .map(|c| c.notify_all_execs != 0)
+        .unwrap_or(false)
+}
+
+#[inline(always)]
+pub(crate) fn loop_config() -> Option<&'static LoopConfig> {
+    LOOP_CONFIG.get(0)
+}
+
+/// Stall threshold; 0 while the stall detector is off.
+#[inline(always)]
+pub(crate) fn stall_ns() -> u64 {
+    loop_config().map(|c| c.stall_ns).unwrap_or(0)
+}
+
+/// The thread's tag, if it has one.
+#[inline(always)]
+pub(crate) fn thread(tid: u32) -> Option<&'static mut ThreadTag> {
+    // SAFETY: map value pointer, valid for this program run; only the
+    // thread's own switches and syscalls touch its entry, and the
+    // scheduler serialises those.
+    THREADS.get_ptr_mut(tid).map(|t| unsafe { &mut *t })
+}
+
+/// A per-CPU scratch buffer, exclusively this program's during its run.
+// The buffer is the map's (per-CPU) value, not part of the reference.
+#[allow(clippy::mut_from_ref)]
+#[inline(always)]
+pub(crate) fn scratch(map: &'static PerCpuArray<StackBuf>) -> Option<&'static mut StackBuf> {
+    // SAFETY: per-CPU value; a program runs to completion on its CPU, and
+    // each program that may interrupt another has its own map.
+    map.get_ptr_mut(0).map(|b| unsafe { &mut *b })
+}

@@ -1,0 +1,215 @@
+//! Sending records to user space through the `EVENTS` ring buffer. A
+//! record that cannot be sent (the buffer is full) is counted under its own
+//! [`Counter`], so user space can say what was lost.
+
+use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
+use blockwatch_common::{
+    BlockEvent, Counter, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
+    ProbeEvent, RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
+};
+
+use crate::{
+    maps::{EVENTS, STACKS, USER_STACKS, count, off, user_stack_size},
+    read::{kread, read_user},
+    stack,
+};
+
+/// Reserves a `T` in the ring buffer; counts `lost` when it is full.
+#[inline(always)]
+fn reserve<T: 'static>(lost: Counter) -> Option<RingBufEntry<T>> {
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(lost);
+    }
+    entry
+}
+
+/// A blocking wait of `tid` that began at `start` and lasted `duration`,
+/// with the stacks kept at its switch-out; `next` is the thread's task.
+#[inline(always)]
+pub(crate) fn send_block(tag: &ThreadTag, tid: u32, start: u64, duration: u64, next: *const u8) {
+    let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned record; every
+    // field is written before submit.
+    unsafe {
+        (*ev).header = RecordHeader::new(RecordKind::Block, tag.tgid, tid);
+        (*ev).state = tag.off_state;
+        (*ev)._pad = [0; 3];
+        (*ev).syscall = tag.syscall;
+        (*ev).args = tag.args;
+        (*ev).start_ns = start;
+        (*ev).duration_ns = duration;
+        (*ev).comm = kread(next, off().task_comm);
+        (*ev).frames = 0;
+        (*ev).py_frames = 0;
+        // No entry: its capture failed at switch-out, where it was counted.
+        if let Some(stack) = STACKS.get_ptr(tid) {
+            let len = (*stack).len;
+            if len > 0 && len <= (MAX_FRAMES * 8) as u64 {
+                (*ev).frames = (len / 8) as u32;
+                (*ev).ips = (*stack).ips;
+            }
+            let py = (*stack).py_len;
+            if py > 0 && py <= MAX_PY_FRAMES as u64 {
+                (*ev).py_frames = py as u32;
+                (*ev).py = (*stack).py;
+            }
+        }
+    }
+    entry.submit(0);
+    count(Counter::Events);
+}
+
+/// A futex wait on `uaddr` for user space to classify, with the top of the
+/// waiting thread's user stack (its registers at `regs`).
+#[inline(always)]
+pub(crate) fn send_probe(tid: u32, tgid: u32, uaddr: u64, regs: *const u8) {
+    let Some(mut entry) = reserve::<ProbeEvent>(Counter::LostProbes) else {
+        return;
+    };
+    let o = off();
+    let ev = entry.as_mut_ptr();
+    // SAFETY: reserved record, written in full before submit.
+    unsafe {
+        (*ev).header = RecordHeader::new(RecordKind::Probe, tgid, tid);
+        (*ev)._pad = 0;
+        (*ev).uaddr = uaddr;
+        (*ev).ip = kread(regs, o.pt_regs_ip);
+        let sp: u64 = kread(regs, o.pt_regs_sp);
+        (*ev).sp = sp;
+        let dst = (*ev).stack.as_mut_ptr();
+        // The top of a shallow stack may lie within 512 bytes of its end:
+        // retry with less rather than lose the probe.
+        (*ev).stack_len = if read_user(dst, PROBE_STACK_BYTES, sp) {
+            PROBE_STACK_BYTES as u64
+        } else if read_user(dst, 128, sp) {
+            128
+        } else {
+            0
+        };
+    }
+    entry.submit(0);
+}
+
+/// An exec or an exit (`kind`), named after the current task.
+#[inline(always)]
+pub(crate) fn send_task(kind: RecordKind, pid: u32, tid: u32, aux: u32) {
+    let Some(mut entry) = reserve::<TaskEvent>(Counter::LostTaskRecords) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: reserved record, written in full before submit.
+    unsafe {
+        (*ev).header = RecordHeader::new(kind, pid, tid);
+        (*ev).aux = aux;
+        // A name that cannot be read is empty; the record still counts.
+        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
+    }
+    entry.submit(0);
+}
+
+/// Sends the user stack copied at the start of the wait that began at
+/// `start`, just before its event. Counted when it cannot be sent.
+#[inline(always)]
+pub(crate) fn send_user_stack(tid: u32, start: u64) {
+    if user_stack_size() == 0 {
+        return;
+    }
+    // No entry, or one from an earlier wait: the copy failed at
+    // switch-out, where it was counted.
+    let Some(value) = USER_STACKS.get_ptr(tid) else {
+        return;
+    };
+    // SAFETY: map value pointer, valid for this run.
+    let head = unsafe { &(*value).head };
+    if head.start_ns != start {
+        return;
+    }
+    let len = head.len as usize;
+    // Never true (the copy is bounded); the check bounds the slice for the
+    // verifier.
+    if len > MAX_USER_STACK {
+        return;
+    }
+    const HEAD: usize = core::mem::size_of::<UserStackHead>();
+    // SAFETY: the head and the first `len` bytes of the value, which is
+    // HEAD + MAX_USER_STACK long.
+    let bytes = unsafe { core::slice::from_raw_parts(value as *const u8, HEAD + len) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_err() {
+        count(Counter::LostUserStacks);
+    }
+}
+
+/// What a strict, sample or stall record says, its stacks aside.
+pub(crate) struct LoopFacts {
+    pub kind: RecordKind,
+    pub pid: u32,
+    pub tid: u32,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    pub busy_ns: u64,
+}
+
+/// Writes everything of a loop record but its stacks (none, so far).
+///
+/// # Safety
+/// `ev` points at a reserved record, exclusively ours.
+#[inline(always)]
+unsafe fn fill_loop(ev: *mut LoopEvent, f: &LoopFacts) {
+    // SAFETY: as the caller promised.
+    unsafe {
+        (*ev).header = RecordHeader::new(f.kind, f.pid, f.tid);
+        (*ev)._pad = 0;
+        (*ev).syscall = f.syscall;
+        (*ev).args = f.args;
+        (*ev).start_ns = f.start_ns;
+        (*ev).duration_ns = f.duration_ns;
+        (*ev).busy_ns = f.busy_ns;
+        // A name that cannot be read is empty; the record still counts.
+        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
+        (*ev).frames = 0;
+        (*ev).py_frames = 0;
+    }
+}
+
+/// Sends a loop record without stacks (a stall: its stacks come with its
+/// samples; `ips` and `py` are left unwritten and never read). Whether it
+/// was sent.
+#[inline(always)]
+pub(crate) fn send_loop(f: &LoopFacts) -> bool {
+    let Some(mut entry) = reserve::<LoopEvent>(Counter::LostLoopRecords) else {
+        return false;
+    };
+    // SAFETY: a reserved record, exclusively ours.
+    unsafe { fill_loop(entry.as_mut_ptr(), f) };
+    entry.submit(0);
+    true
+}
+
+/// Sends a loop record with the current user stack (from `ctx`) and the
+/// CPython frames walked into `py`. Whether it was sent.
+#[inline(always)]
+pub(crate) fn send_loop_with_stacks<C: EbpfContext>(ctx: &C, f: &LoopFacts, py: &StackBuf) -> bool {
+    let Some(mut entry) = reserve::<LoopEvent>(Counter::LostLoopRecords) else {
+        return false;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: a reserved record, exclusively ours, written in full.
+    unsafe {
+        fill_loop(ev, f);
+        (*ev).frames = stack::user_ips(ctx, &mut (*ev).ips);
+        (*ev).py_frames = if py.py_len <= MAX_PY_FRAMES as u64 {
+            py.py_len as u32
+        } else {
+            0
+        };
+        (*ev).py = py.py;
+    }
+    entry.submit(0);
+    true
+}

@@ -1,0 +1,111 @@
+//! Stacks of a thread going off-CPU: the frame-pointer stack and CPython
+//! frames (kept in `STACKS` until it runs again), and a copy of the top of
+//! its user stack for DWARF unwinding (`USER_STACKS`).
+
+use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
+use blockwatch_common::{
+    Counter, MAX_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, ThreadTag, UserStack,
+};
+
+use crate::{
+    maps::{SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size},
+    python,
+    read::{kread, read_user},
+};
+
+/// Pages of user stack read by one helper call; a read that would cross the
+/// end of the stack mapping fails whole, so the copy goes page by page.
+const PAGE: usize = 4096;
+
+/// The user stack of `ctx`'s task, innermost first, into `ips`; how many
+/// frames were written.
+#[inline(always)]
+pub(crate) fn user_ips<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> u32 {
+    // SAFETY: the destination is MAX_FRAMES u64s long.
+    let n = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            ips.as_mut_ptr() as *mut _,
+            (MAX_FRAMES * 8) as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    // A failed walk is an event without a stack, not a lost event.
+    if n > 0 { (n / 8) as u32 } else { 0 }
+}
+
+/// Keeps the stack and CPython frames of `task` (`current`), going off-CPU
+/// in a wait, until it runs again.
+#[inline(always)]
+pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, tid: u32, task: *const u8) {
+    // Index 0 of a per-CPU array always exists: this cannot fail.
+    let Some(buf) = scratch(&SCRATCH) else {
+        return;
+    };
+    buf.len = user_ips(ctx, &mut buf.ips) as u64 * 8;
+    python::walk(tag, task, buf);
+    if STACKS.insert(tid, buf, 0).is_err() {
+        count(Counter::LostStacks);
+    }
+}
+
+/// The thread's `USER_STACKS` entry, created on its first wait.
+#[inline(always)]
+fn user_stack_entry(tid: u32) -> Option<&'static mut UserStack> {
+    if USER_STACKS.get_ptr_mut(tid).is_none() {
+        let zero = USER_STACK_ZERO.get(0)?;
+        USER_STACKS.insert(tid, zero, 0).ok()?;
+    }
+    // SAFETY: map value pointer, valid for this run; only this thread's
+    // switches touch its entry, and they are serialised by the scheduler.
+    USER_STACKS.get_ptr_mut(tid).map(|v| unsafe { &mut *v })
+}
+
+/// Copies the top of the user stack and the registers DWARF unwinding
+/// starts from into the thread's `USER_STACKS` entry. Counted when nothing
+/// could be copied.
+#[inline(always)]
+pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
+    let want = user_stack_size();
+    if want == 0 {
+        return;
+    }
+    let Some(v) = user_stack_entry(tid) else {
+        count(Counter::LostUserStacks);
+        return;
+    };
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    let h = &mut v.head;
+    h.header = RecordHeader::new(RecordKind::UserStack, tag.tgid, tid);
+    h.start_ns = tag.out_ns;
+    h.ip = kread(regs, o.pt_regs_ip);
+    h.sp = sp;
+    h.bp = kread(regs, o.pt_regs_bp);
+    h.len = 0;
+    let pages = want.div_ceil(PAGE);
+    // Bytes from sp to the end of its page: what is left to read when a
+    // whole page from sp + k * PAGE runs past the end of the stack.
+    let head = PAGE - (sp as usize & (PAGE - 1));
+    let mut copied = 0usize;
+    for k in 0..MAX_USER_STACK / PAGE {
+        if k >= pages {
+            break;
+        }
+        let at = k * PAGE;
+        // SAFETY: at + PAGE <= MAX_USER_STACK, inside `bytes`.
+        let dst = unsafe { v.bytes.as_mut_ptr().add(at) };
+        if read_user(dst, PAGE, sp + at as u64) {
+            copied = at + PAGE;
+            continue;
+        }
+        if head < PAGE && read_user(dst, head, sp + at as u64) {
+            copied = at + head;
+        }
+        break;
+    }
+    v.head.len = copied.min(want) as u32;
+    if copied == 0 {
+        count(Counter::LostUserStacks);
+    }
+}

@@ -1,0 +1,162 @@
+//! `sched_switch`, the off-CPU detector: when a tagged thread leaves the
+//! CPU for a reason other than its runtime's idle wait, the switch-out
+//! time, syscall and user stack are kept; when it comes back, waits over
+//! the threshold go to user space. Untagged threads pay one hash lookup
+//! per switch. The stall detector (stall.rs) hooks in on both sides.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+};
+use aya_log_ebpf::info;
+use blockwatch_common::{
+    STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    x86_64::is_epoll_wait,
+};
+
+use crate::{
+    idle::{self, Wait},
+    maps::{off, thread, threshold_ns},
+    read::{Regs, exiting, kread, user_regs},
+    record, stack, stall,
+};
+
+/// `prev_state` bit of a task in uninterruptible sleep (disk I/O).
+const TASK_UNINTERRUPTIBLE: u64 = 2;
+
+#[inline(always)]
+pub(crate) fn on_switch<C: EbpfContext>(
+    ctx: &C,
+    preempt: u64,
+    prev_state: u64,
+    prev: *const u8,
+    next: *const u8,
+    how: Regs,
+) {
+    // `prev` is still `current` here, so its TID and user memory are ours.
+    let prev_tid = bpf_get_current_pid_tgid() as u32;
+    // An exiting thread was untagged by sched_process_exit, and its exit
+    // releases its TID before its last switches: a new thread may already
+    // hold the TID, and that thread's tag (its pending wait) is not the
+    // exiting thread's to touch, switching out or in.
+    if prev_tid != 0
+        && !exiting(prev)
+        && let Some(tag) = thread(prev_tid)
+    {
+        let preempted = preempt & 1 != 0;
+        switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
+        stall::after_switch_out(tag, prev_tid);
+    }
+    let next_tid: u32 = kread(next, off().task_pid);
+    if next_tid != 0
+        && !exiting(next)
+        && let Some(tag) = thread(next_tid)
+    {
+        stall::before_switch_in(tag, next_tid);
+        if tag.out_ns != 0 {
+            switch_in(tag, next_tid, next);
+        }
+    }
+}
+
+#[inline(always)]
+fn switch_out<C: EbpfContext>(
+    ctx: &C,
+    tag: &mut ThreadTag,
+    tid: u32,
+    preempt: bool,
+    prev_state: u64,
+    prev: *const u8,
+    how: Regs,
+) {
+    let regs = user_regs(prev, how);
+    // No registers (raw tracepoints, the task's stack unreadable): no
+    // syscall to judge the switch by. It never happens to a live task,
+    // so it is not counted.
+    if regs.is_null() {
+        return;
+    }
+    let o = off();
+    let nr: i64 = kread(regs, o.pt_regs_orig_ax);
+    let arg0: u64 = kread(regs, o.pt_regs_di);
+    let voluntary = !preempt && prev_state & 0xff != 0;
+    if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs) {
+        return;
+    }
+    if tag.tag != TAG_LOOP {
+        return;
+    }
+    // Everything else blocks the loop, poll/select included: on a loop
+    // thread they are a socket waited on with a timeout (CPython's sockets
+    // do this), never the loop's own wait.
+    // SAFETY: no preconditions.
+    tag.out_ns = unsafe { bpf_ktime_get_ns() };
+    tag.syscall = nr;
+    tag.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
+    tag.off_state = if !voluntary {
+        STATE_PREEMPTED
+    } else if prev_state & TASK_UNINTERRUPTIBLE != 0 {
+        STATE_DISK
+    } else {
+        STATE_SLEEPING
+    };
+    stack::capture(ctx, tag, tid, prev);
+    stack::copy_user_stack(tag, tid, regs);
+}
+
+/// A voluntary switch-out in syscall `nr`: true when it is the thread's
+/// idle wait (which also shows a candidate runs a loop). A futex wait on
+/// an unknown address is sent to user space to classify, within the
+/// thread's probe budget.
+#[inline(always)]
+fn idle_or_probe<C: EbpfContext>(
+    ctx: &C,
+    tag: &mut ThreadTag,
+    tid: u32,
+    nr: i64,
+    arg0: u64,
+    regs: *const u8,
+) -> bool {
+    // The first epoll fd a thread sleeps on is its loop's; a wait on
+    // another epoll instance blocks the loop.
+    if is_epoll_wait(nr) && tag.loop_epfd < 0 {
+        tag.loop_epfd = arg0 as i32;
+    }
+    let wait = idle::classify(tag, tid, nr, arg0, regs);
+    match wait {
+        Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
+            tag.tag = TAG_LOOP;
+            if wait == Wait::Epoll {
+                info!(
+                    ctx,
+                    "tid {} is an event loop (epoll fd {})", tid, arg0 as i32
+                );
+            } else {
+                info!(ctx, "tid {} is an event loop (parks on futex)", tid);
+            }
+        }
+        // Not deduplicated by address: with parking_lot, a thread's locks
+        // and its park share one futex, so a first probe that caught a
+        // lock must not stop the park being learned.
+        Wait::Futex if tag.probe_budget > 0 => {
+            tag.probe_budget -= 1;
+            record::send_probe(tid, tag.tgid, arg0, regs);
+        }
+        _ => {}
+    }
+    wait.is_idle()
+}
+
+#[inline(always)]
+fn switch_in(tag: &mut ThreadTag, tid: u32, next: *const u8) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let start = tag.out_ns;
+    tag.out_ns = 0;
+    let duration = now.saturating_sub(start);
+    if duration < threshold_ns() {
+        return;
+    }
+    record::send_user_stack(tid, start);
+    record::send_block(tag, tid, start, duration, next);
+}

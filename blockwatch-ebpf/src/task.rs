@@ -1,0 +1,115 @@
+//! The task lifecycle keeps the tags right: new threads of a watched
+//! process are tagged before they first run, exec resets what was learned,
+//! exit forgets the TID so a reused one starts clean.
+//!
+//! Map removals here ignore their result on purpose: a key that is absent
+//! (the common case) is already what they want.
+
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use blockwatch_common::{Counter, RecordKind, ThreadTag, WatchRule, tag_for};
+
+use crate::{
+    maps::{PARKS, PYPROCS, STACKS, THREADS, USER_STACKS, WATCHED, count, notify_all_execs, off},
+    read::kread,
+    record, stall,
+};
+
+/// `clone` flag: the new task is a thread of its parent's process.
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+/// Runs in the parent, before the child `task` is first scheduled.
+#[inline(always)]
+pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
+    let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let child: u32 = kread(task, off().task_pid);
+    if child == 0 {
+        return;
+    }
+    // SAFETY: map value read, copied out at once.
+    let rule = unsafe { WATCHED.get(parent_tgid) }.copied();
+    let is_thread = clone_flags & CLONE_THREAD != 0;
+    let (tgid, rule) = match rule {
+        Some(rule) if is_thread => (parent_tgid, Some(rule)),
+        Some(rule) if rule.follow_children != 0 => {
+            if WATCHED.insert(child, rule, 0).is_err() {
+                count(Counter::LostTags);
+            }
+            (child, Some(rule))
+        }
+        _ => {
+            if !is_thread {
+                // A recycled PID must not inherit an old process's watch.
+                let _ = WATCHED.remove(child);
+            }
+            (0, None)
+        }
+    };
+    let _ = PARKS.remove(child);
+    stall::forget(child);
+    retag(child, tgid, rule, !is_thread);
+}
+
+/// Gives `tid` the tag `rule` calls for, or none.
+#[inline(always)]
+fn retag(tid: u32, tgid: u32, rule: Option<WatchRule>, main_thread: bool) {
+    match rule.map(|r| tag_for(&r, main_thread)) {
+        Some(t) if t != 0 => {
+            if THREADS.insert(tid, ThreadTag::new(tgid, t), 0).is_err() {
+                count(Counter::LostTags);
+            }
+        }
+        _ => {
+            let _ = THREADS.remove(tid);
+        }
+    }
+}
+
+/// The current process replaced its image; `old_pid` is the TID that
+/// called exec (it becomes the TGID).
+#[inline(always)]
+pub(crate) fn on_exec(old_pid: u32) {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new program: what was learned about the old one no longer holds.
+    if old_pid != tgid {
+        let _ = THREADS.remove(old_pid);
+        let _ = STACKS.remove(old_pid);
+        let _ = USER_STACKS.remove(old_pid);
+    }
+    let _ = USER_STACKS.remove(tgid);
+    let _ = PARKS.remove(tgid);
+    stall::forget(tgid);
+    stall::forget(old_pid);
+    let _ = PYPROCS.remove(tgid);
+    // SAFETY: map value read, copied out at once.
+    let rule = unsafe { WATCHED.get(tgid) }.copied();
+    if rule.is_some() {
+        retag(tgid, tgid, rule, true);
+    }
+    if rule.is_some() || notify_all_execs() {
+        record::send_task(RecordKind::Exec, tgid, old_pid, 0);
+    }
+}
+
+/// The current task exits; `group_dead` when it is the process's last.
+#[inline(always)]
+pub(crate) fn on_exit(group_dead: bool) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let was_tagged = THREADS.remove(tid).is_ok();
+    stall::forget(tid);
+    if was_tagged {
+        let _ = STACKS.remove(tid);
+        let _ = PARKS.remove(tid);
+    }
+    // Whether or not it is still tagged (user space may have untagged it):
+    // a copy is 32 KiB that would otherwise stay until the TID is reused.
+    let _ = USER_STACKS.remove(tid);
+    if group_dead {
+        let _ = PYPROCS.remove(tgid);
+    }
+    let watched = group_dead && WATCHED.remove(tgid).is_ok();
+    if was_tagged || watched {
+        record::send_task(RecordKind::Exit, tgid, tid, watched as u32);
+    }
+}
