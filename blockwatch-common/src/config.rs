@@ -27,6 +27,24 @@ pub struct KernelOffsets {
     pub pt_regs_bp: u32,
     /// `task_struct.flags` (`PF_EXITING` once the task began to exit).
     pub task_flags: u32,
+    /// `task_struct.thread_pid`: the task's `struct pid`, whose `numbers`
+    /// hold its PID in every namespace from the host's down.
+    pub task_thread_pid: u32,
+    /// `task_struct.group_leader`: the process's main thread.
+    pub task_group_leader: u32,
+    /// `pid.level`: how deep the task's own PID namespace is (0: host).
+    pub pid_level: u32,
+    /// `pid.numbers`: one `struct upid` per level.
+    pub pid_numbers: u32,
+    /// `sizeof(struct upid)`.
+    pub upid_size: u32,
+    /// `upid.nr`: the PID at that level.
+    pub upid_nr: u32,
+    /// `upid.ns`: the namespace of that level.
+    pub upid_ns: u32,
+    /// `pid_namespace.ns.inum`: the namespace's inode number, as
+    /// `/proc/PID/ns/pid` shows it.
+    pub pidns_inum: u32,
 }
 
 impl KernelOffsets {
@@ -47,6 +65,14 @@ impl KernelOffsets {
         task_fsbase: 0,
         pt_regs_bp: 0,
         task_flags: 0,
+        task_thread_pid: 0,
+        task_group_leader: 0,
+        pid_level: 0,
+        pid_numbers: 0,
+        upid_size: 0,
+        upid_nr: 0,
+        upid_ns: 0,
+        pidns_inum: 0,
     };
 }
 
@@ -107,7 +133,7 @@ impl LoopConfig {
 pod!(KernelOffsets, Config, LoopConfig);
 
 const _: () = {
-    assert!(core::mem::size_of::<KernelOffsets>() == 60);
+    assert!(core::mem::size_of::<KernelOffsets>() == 92);
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<LoopConfig>() == 24 + STRICT_MAX_NR / 8);
 };

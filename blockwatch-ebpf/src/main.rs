@@ -25,6 +25,7 @@ use aya_ebpf::{
 use read::Regs;
 
 mod idle;
+mod ids;
 mod maps;
 mod python;
 mod read;

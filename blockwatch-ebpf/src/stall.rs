@@ -15,10 +15,7 @@
 //! exit too (strict.rs), so a wait that returns at once (work was ready)
 //! also ends a busy period; without them only a wait that sleeps does.
 
-use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-};
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use blockwatch_common::{Counter, LoopState, RecordKind, TAG_LOOP, ThreadTag};
 
 use crate::{
@@ -154,7 +151,7 @@ pub(crate) fn before_switch_in(tag: &ThreadTag, tid: u32) {
 /// once its busy period is old enough to become a stall.
 #[inline(always)]
 pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = crate::ids::current_tid();
     if tid == 0 {
         return;
     }

@@ -11,10 +11,7 @@
 //! call whose wait became an off-CPU event (a `Block` record) is not sent
 //! again (`strict_offcpu`, set by sched_switch).
 
-use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-};
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use blockwatch_common::{Counter, LoopState, RecordKind, TAG_LOOP};
 
 use crate::{
@@ -30,7 +27,7 @@ use crate::{
 /// `regs`. The idle wait ends a busy period; a strict call is timed.
 #[inline(always)]
 pub(crate) fn on_enter(regs: *const u8, nr: i64) {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = crate::ids::current_tid();
     // SAFETY: map value read, copied out at once.
     let Some(tag) = (unsafe { THREADS.get(tid) }).copied() else {
         return;
@@ -75,7 +72,7 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
 /// of a strict call, which is sent unless its wait was already an event.
 #[inline(always)]
 pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let tid = crate::ids::current_tid();
     let Some(st) = existing_state(tid) else {
         return;
     };

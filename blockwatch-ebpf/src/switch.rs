@@ -4,10 +4,7 @@
 //! the threshold go to user space. Untagged threads pay one hash lookup
 //! per switch. The stall detector (stall.rs) hooks in on both sides.
 
-use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-};
+use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
 use blockwatch_common::{
     STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
@@ -16,6 +13,7 @@ use blockwatch_common::{
 
 use crate::{
     idle::{self, Wait},
+    ids,
     maps::{off, thread, threshold_ns},
     read::{Regs, exiting, kread, user_regs},
     record, stack, stall,
@@ -34,7 +32,7 @@ pub(crate) fn on_switch<C: EbpfContext>(
     how: Regs,
 ) {
     // `prev` is still `current` here, so its TID and user memory are ours.
-    let prev_tid = bpf_get_current_pid_tgid() as u32;
+    let prev_tid = ids::current_tid();
     // An exiting thread was untagged by sched_process_exit, and its exit
     // releases its TID before its last switches: a new thread may already
     // hold the TID, and that thread's tag (its pending wait) is not the
@@ -47,7 +45,7 @@ pub(crate) fn on_switch<C: EbpfContext>(
         switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
         stall::after_switch_out(tag, prev_tid);
     }
-    let next_tid: u32 = kread(next, off().task_pid);
+    let next_tid = ids::tid_of(next);
     if next_tid != 0
         && !exiting(next)
         && let Some(tag) = thread(next_tid)

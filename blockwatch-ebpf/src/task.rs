@@ -5,12 +5,11 @@
 //! Map removals here ignore their result on purpose: a key that is absent
 //! (the common case) is already what they want.
 
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use blockwatch_common::{Counter, RecordKind, ThreadTag, WatchRule, tag_for};
 
 use crate::{
-    maps::{PARKS, PYPROCS, STACKS, THREADS, USER_STACKS, WATCHED, count, notify_all_execs, off},
-    read::kread,
+    ids,
+    maps::{PARKS, PYPROCS, STACKS, THREADS, USER_STACKS, WATCHED, count, notify_all_execs},
     record, stall,
 };
 
@@ -20,8 +19,11 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// Runs in the parent, before the child `task` is first scheduled.
 #[inline(always)]
 pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
-    let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let child: u32 = kread(task, off().task_pid);
+    // Outside blockwatch's PID namespace, neither is watched.
+    let Some((parent_tgid, _)) = ids::current() else {
+        return;
+    };
+    let child = ids::tid_of(task);
     if child == 0 {
         return;
     }
@@ -68,7 +70,18 @@ fn retag(tid: u32, tgid: u32, rule: Option<WatchRule>, main_thread: bool) {
 /// called exec (it becomes the TGID).
 #[inline(always)]
 pub(crate) fn on_exec(old_pid: u32) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some((tgid, _)) = ids::current() else {
+        return;
+    };
+    // `old_pid` is a host PID. Inside a PID namespace the exec'ing thread's
+    // old number there is not at hand (it now belongs to the departed
+    // leader), so its cleanup is left to that TID's next task_newtask,
+    // which retags it.
+    let old_pid = if ids::in_host_namespace() {
+        old_pid
+    } else {
+        tgid
+    };
     // A new program: what was learned about the old one no longer holds.
     if old_pid != tgid {
         let _ = THREADS.remove(old_pid);
@@ -93,9 +106,9 @@ pub(crate) fn on_exec(old_pid: u32) {
 /// The current task exits; `group_dead` when it is the process's last.
 #[inline(always)]
 pub(crate) fn on_exit(group_dead: bool) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let tgid = (pid_tgid >> 32) as u32;
+    let Some((tgid, tid)) = ids::current() else {
+        return;
+    };
     let was_tagged = THREADS.remove(tid).is_ok();
     stall::forget(tid);
     if was_tagged {

@@ -2,7 +2,7 @@
 //! first) run with podman the way deploy/kubernetes/daemonset.yaml runs it:
 //! the host's PID namespace, the unit's five capabilities and no others,
 //! no seccomp or AppArmor profile, a read-only root with a tmpfs /tmp, and
-//! the host's /sys/kernel/btf, /sys/kernel/tracing and /sys/fs/bpf. It must
+//! the host's /sys/kernel/btf (no tracefs, no bpffs). It must
 //! see a Python process of the host blocking in `time.sleep`.
 
 #[path = "common/bounded.rs"]
@@ -64,8 +64,6 @@ fn podman_run() -> Command {
         "--read-only",
         "--tmpfs=/tmp",
         "--volume=/sys/kernel/btf:/sys/kernel/btf:ro",
-        "--volume=/sys/kernel/tracing:/sys/kernel/tracing",
-        "--volume=/sys/fs/bpf:/sys/fs/bpf",
     ]);
     // podman asks for 1M open files and 4M processes by default, which a
     // runtime without CAP_SYS_RESOURCE (as on this CI host) cannot grant:

@@ -110,6 +110,8 @@ pub fn run() -> anyhow::Result<()> {
     step("rust-src for the nightly toolchain", rust_src)?;
     step("bpf-linker", bpf_linker)?;
     step("cargo-fuzz", cargo_fuzz)?;
+    // blockwatch needs neither; bpftrace, the benchmark's point of
+    // comparison, needs tracefs.
     step("tracefs at /sys/kernel/tracing", || {
         mount("tracefs", "/sys/kernel/tracing")
     })?;

@@ -130,6 +130,14 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         task_fsbase: off("task_struct", "thread")? + off("thread_struct", "fsbase")?,
         pt_regs_bp: off("pt_regs", "bp")?,
         task_flags: off("task_struct", "flags")?,
+        task_thread_pid: off("task_struct", "thread_pid")?,
+        task_group_leader: off("task_struct", "group_leader")?,
+        pid_level: off("pid", "level")?,
+        pid_numbers: off("pid", "numbers")?,
+        upid_size: struct_size(&btf, "upid")? as u32,
+        upid_nr: off("upid", "nr")?,
+        upid_ns: off("upid", "ns")?,
+        pidns_inum: off("pid_namespace", "ns")? + off("ns_common", "inum")?,
         // x86-64's THREAD_SIZE without KASAN; only the raw-tracepoint
         // fallback uses it to find pt_regs at the top of the kernel stack.
         thread_size: 16384,

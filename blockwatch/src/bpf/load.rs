@@ -71,8 +71,9 @@ pub fn load_with_user_stack(
     preflight::check_privileges()?;
     let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
     debug!("kernel offsets: {offsets:?}");
-    preflight::prepare_system()?;
-    let mut ebpf = load_programs(&offsets, user_stack_size)?;
+    preflight::prepare_system();
+    let pid_ns = preflight::pid_namespace()?;
+    let mut ebpf = load_programs(&offsets, user_stack_size, pid_ns)?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -110,11 +111,16 @@ pub fn load_with_user_stack(
 
 /// Loads the programs into the kernel (not attached yet) with their
 /// read-only globals set.
-fn load_programs(offsets: &KernelOffsets, user_stack_size: u32) -> Result<Ebpf, LoadError> {
+fn load_programs(
+    offsets: &KernelOffsets,
+    user_stack_size: u32,
+    pid_ns: u32,
+) -> Result<Ebpf, LoadError> {
     let user_stack_size = user_stack_size.min(MAX_USER_STACK as u32);
     EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
         .override_global("USER_STACK_SIZE", &user_stack_size, true)
+        .override_global("PID_NS_INUM", &pid_ns, true)
         .load(PROGRAMS)
         .map_err(|e| LoadError::Load(e.to_string()))
 }

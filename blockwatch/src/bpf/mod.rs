@@ -1,5 +1,5 @@
 //! The kernel programs from user space, in the order a session needs them:
-//! [`preflight`] checks what loading needs (privileges, mounts) and says
+//! [`preflight`] checks what loading needs (privileges, the PID namespace) and says
 //! how to fix what is missing; [`load`](mod@load) loads the programs with
 //! their frozen globals (kernel offsets from [`btf`], the user-stack size)
 //! and takes the maps user space talks to; [`attach`] attaches them to the
@@ -34,15 +34,12 @@ pub enum LoadError {
     NotPrivileged { missing: String },
     #[error(transparent)]
     Btf(#[from] BtfError),
+    #[error("cannot read blockwatch's PID namespace (/proc/self/ns/pid): {0}")]
+    PidNamespace(std::io::Error),
     #[error(
-        "cannot mount {what} at {path}: {err} (mount it by hand: mount -t {fstype} none {path})"
+        "/proc belongs to another PID namespace than blockwatch, so the process IDs it shows are not the ones blockwatch sees: run blockwatch in the namespace /proc was mounted for, or mount /proc for this one (e.g. unshare --pid --fork --mount-proc)"
     )]
-    Mount {
-        what: &'static str,
-        path: &'static str,
-        fstype: &'static str,
-        err: std::io::Error,
-    },
+    ForeignProc,
     #[error("the kernel refused blockwatch's programs: {0} (run with -v for the verifier log)")]
     Load(String),
     #[error("cannot attach to tracepoint {tracepoint}: {err}")]

@@ -2,9 +2,10 @@
 //! kernel, so the user gets one line naming the problem and its fix rather
 //! than a verifier log.
 
-use log::{debug, info, warn};
+use log::{debug, info};
 
 use crate::bpf::LoadError;
+use crate::procfs;
 
 /// Checks the capabilities loading needs. Root is not enough on its own: a
 /// container or a unit may run root without CAP_BPF, and the kernel's
@@ -40,18 +41,35 @@ fn effective_caps() -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-/// The mounts and limits loading relies on: tracefs (required), bpffs
-/// (wanted), and RLIMIT_MEMLOCK raised on kernels that charge it.
-pub fn prepare_system() -> Result<(), LoadError> {
-    // Tracepoint attachment by name goes through tracefs on some kernels.
-    // blockwatch pins nothing in bpffs, so failing to mount it is only a
-    // warning.
-    ensure_mounted("tracefs", "/sys/kernel/tracing", "tracefs")?;
-    if let Err(e) = ensure_mounted("bpffs", "/sys/fs/bpf", "bpf") {
-        warn!("{e}");
-    }
+/// The limits loading relies on: RLIMIT_MEMLOCK raised on kernels that
+/// charge BPF memory to it.
+///
+/// Nothing needs tracefs or bpffs: BTF and raw tracepoints and perf events
+/// attach through bpf() and perf_event_open() alone (only classic
+/// tracepoints look their ids up in tracefs), and nothing is pinned. So a
+/// service without CAP_SYS_ADMIN, or a container without those mounts,
+/// runs as it is.
+pub fn prepare_system() {
     raise_memlock();
-    Ok(())
+}
+
+/// The PID namespace the kernel programs translate IDs to: 0 for the
+/// host's (no translation), else the inode number of blockwatch's own.
+/// Fails when `/proc` belongs to another namespace than blockwatch, where
+/// the IDs it reads there and the ones the kernel sends would disagree.
+pub fn pid_namespace() -> Result<u32, LoadError> {
+    let inum = procfs::own_pid_namespace().map_err(LoadError::PidNamespace)?;
+    if !procfs::proc_is_own_namespace() {
+        return Err(LoadError::ForeignProc);
+    }
+    if inum == procfs::HOST_PID_NAMESPACE {
+        return Ok(0);
+    }
+    info!(
+        "running in PID namespace pid:[{inum}]: watching the processes of that namespace, under their PIDs there"
+    );
+    // Namespace inodes are 32-bit in the kernel (`ns_common.inum`).
+    u32::try_from(inum).map_err(|_| LoadError::ForeignProc)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
@@ -64,57 +82,4 @@ fn raise_memlock() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         debug!("raising RLIMIT_MEMLOCK failed; fine on kernels since 5.11");
     }
-}
-
-fn is_mounted(path: &str, fstype: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| {
-            m.lines().any(|l| {
-                let mut f = l.split_whitespace();
-                let (_, mnt, ty) = (f.next(), f.next(), f.next());
-                mnt == Some(path) && ty == Some(fstype)
-            })
-        })
-        .unwrap_or(false)
-}
-
-fn ensure_mounted(
-    what: &'static str,
-    path: &'static str,
-    fstype: &'static str,
-) -> Result<(), LoadError> {
-    if is_mounted(path, fstype) {
-        return Ok(());
-    }
-    mount(path, fstype).map_err(|err| LoadError::Mount {
-        what,
-        path,
-        fstype,
-        err,
-    })?;
-    info!("mounted {what} at {path}");
-    Ok(())
-}
-
-fn mount(path: &str, fstype: &str) -> std::io::Result<()> {
-    use std::ffi::CString;
-    let (src, target, ty) = (
-        CString::new("none")?,
-        CString::new(path)?,
-        CString::new(fstype)?,
-    );
-    // SAFETY: valid NUL-terminated strings, no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            ty.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

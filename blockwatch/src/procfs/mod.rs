@@ -43,6 +43,27 @@ fn innermost_pid(nspid: &str) -> Option<u32> {
     nspid.split_whitespace().last()?.parse().ok()
 }
 
+/// Inode number of the host's (the initial) PID namespace, fixed by the
+/// kernel (`PROC_PID_INIT_INO`).
+pub const HOST_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// blockwatch's own PID namespace, as `/proc/self/ns/pid` names it.
+pub fn own_pid_namespace() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata("/proc/self/ns/pid")?.ino())
+}
+
+/// Whether this `/proc` belongs to blockwatch's own PID namespace: its PID
+/// for blockwatch (what `/proc/self` resolves to) is the one `getpid`
+/// gives. A `/proc` mounted for another namespace names every process by
+/// that namespace's numbers.
+pub fn proc_is_own_namespace() -> bool {
+    let Ok(link) = std::fs::read_link("/proc/self") else {
+        return false;
+    };
+    link.to_str().and_then(|s| s.parse::<u32>().ok()) == Some(std::process::id())
+}
+
 /// Numeric entries of a `/proc` directory.
 fn numbered(dir: &str) -> Vec<u32> {
     std::fs::read_dir(dir)
