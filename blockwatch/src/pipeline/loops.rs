@@ -152,10 +152,8 @@ pub fn pick_stall_stack(samples: Vec<(Vec<Frame>, Option<Frame>)>) -> (Vec<Frame
                 .then(b.2.cmp(&a.2))
         })
         .map(|(_, _, first)| *first);
-    match best {
-        Some(i) => samples.into_iter().nth(i).expect("index of a sample"),
-        None => (Vec::new(), None),
-    }
+    best.and_then(|i| samples.into_iter().nth(i))
+        .unwrap_or((Vec::new(), None))
 }
 
 #[cfg(test)]

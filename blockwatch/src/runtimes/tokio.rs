@@ -30,7 +30,7 @@ pub fn probe_is_park(sym: &mut Symbolizer, probe: &ProbeRecord) -> bool {
         .stack
         .chunks_exact(8)
         .take(SCAN_WORDS)
-        .map(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")));
+        .filter_map(|c| c.try_into().ok().map(u64::from_ne_bytes));
     for word in std::iter::once(probe.ip.wrapping_add(1)).chain(words) {
         // Return addresses point after the call: look up the call itself.
         let addr = word.wrapping_sub(1);

@@ -297,7 +297,7 @@ pub enum Choice {
 /// it is never worse except when it runs out of copied stack: then the
 /// frame-pointer walk continues it if the two meet.
 pub fn choose(fp: &Walk, dwarf: Option<&Walk>) -> Choice {
-    let Some(dwarf) = dwarf.filter(|d| !d.ips.is_empty()) else {
+    let Some((dwarf, &last)) = dwarf.and_then(|d| Some((d, d.ips.last()?))) else {
         return Choice::FramePointers;
     };
     if fp.complete {
@@ -306,7 +306,6 @@ pub fn choose(fp: &Walk, dwarf: Option<&Walk>) -> Choice {
     if dwarf.complete {
         return Choice::Dwarf;
     }
-    let last = *dwarf.ips.last().expect("not empty");
     // Skip the first frame: it is the same instruction pointer in both.
     match fp.ips.iter().skip(1).position(|&ip| ip == last) {
         Some(i) if i + 2 < fp.ips.len() && dwarf.ips.len() > 1 => {
@@ -367,7 +366,7 @@ impl StackUnwinder {
         };
         let fp_walk = Walk {
             ips: fp.to_vec(),
-            complete: fp.len() > 1 && sym.is_thread_root(pid, *fp.last().expect("len > 1")),
+            complete: fp.len() > 1 && fp.last().is_some_and(|&ip| sym.is_thread_root(pid, ip)),
             stopped: None,
         };
         if fp_walk.complete {
