@@ -177,7 +177,9 @@ fn test() -> anyhow::Result<ExitCode> {
     build_subjects()?;
     // blockwatch/tests/image.rs runs it (and fails when it is missing).
     image::build()?;
-    // Unit tests in parallel; the eBPF crate only builds for the BPF target.
+    // Unit tests one at a time too: the privileged ones among them load the
+    // kernel programs and time real waits, which a CPU-bound neighbour test
+    // would stretch. The eBPF crate only builds for the BPF target.
     cargo(&[
         "test",
         "--release",
@@ -186,6 +188,8 @@ fn test() -> anyhow::Result<ExitCode> {
         "blockwatch-ebpf",
         "--lib",
         "--bins",
+        "--",
+        "--test-threads=1",
     ])?;
     // Integration tests one at a time: they share the kernel and the CPUs,
     // and measure durations. Every file runs even when one fails, so a

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use blockwatch_common::{TAG_CANDIDATE, TAG_LOOP};
 
 use crate::bpf::{self, Loaded};
+use crate::event::OffState;
 use crate::ingest::decode::{self, BlockRecord, Record};
 use crate::targets::{TagMaps, ThreadsMode};
 
@@ -100,7 +101,13 @@ fn asyncio_sleep_is_reported(force_raw: bool) {
     watch(&mut loaded, pid, ThreadsMode::Loop);
     let records = until_exit(&mut loaded, pid);
     child.wait().unwrap();
-    let b = blocks(&records);
+    // On a loaded machine the loop may also be preempted for longer than
+    // the threshold: real lost time, reported as such, but not what this
+    // test is about (the idle waits must not be reported, the sleep must).
+    let b: Vec<_> = blocks(&records)
+        .into_iter()
+        .filter(|b| b.state != OffState::Preempted)
+        .collect();
     assert_eq!(
         b.len(),
         1,
