@@ -6,7 +6,7 @@
 //! A pure function of the event's facts, so every rule is tested with a
 //! frame list and nothing here reads the process.
 
-use crate::event::{Class, Frame, FrameKind};
+use crate::event::{Class, Frame, FrameKind, OffState};
 use crate::text::basename;
 
 /// The runtime whose event loop was blocked, told from the stack.
@@ -50,6 +50,21 @@ fn function(f: &Frame) -> &str {
 /// The advice for a wait of `class` in `syscall` with `stack` (innermost
 /// frame first). Never empty: an unknown case says so plainly.
 pub fn advise(class: Class, syscall: Option<&str>, stack: &[Frame]) -> String {
+    advise_wait(class, syscall, OffState::Sleeping, stack)
+}
+
+/// As [`advise`], knowing how the thread was off the CPU: a thread that
+/// was preempted outside any syscall was not blocked by its code at all,
+/// it waited for a CPU, and no change to the call it was in would help.
+pub fn advise_wait(
+    class: Class,
+    syscall: Option<&str>,
+    state: OffState,
+    stack: &[Frame],
+) -> String {
+    if state == OffState::Preempted && syscall.is_none() {
+        return PREEMPTED.to_string();
+    }
     let found = match runtime(stack) {
         Runtime::Python => python(class, stack),
         Runtime::Tokio => tokio(class, stack),
@@ -60,6 +75,8 @@ pub fn advise(class: Class, syscall: Option<&str>, stack: &[Frame]) -> String {
         .map(str::to_string)
         .unwrap_or_else(|| unknown(class, syscall))
 }
+
+const PREEMPTED: &str = "nothing to fix in the code: the loop thread was ready to run but waited for a CPU (an overloaded host, or a cgroup CPU limit); give the service more CPU or fewer neighbours";
 
 fn unknown(class: Class, syscall: Option<&str>) -> String {
     let what = match (class, syscall) {
@@ -234,6 +251,20 @@ mod tests {
     }
 
     const LIBC: &str = "/usr/lib/x86_64-linux-gnu/libc.so.6";
+
+    #[test]
+    fn a_preemption_outside_a_call_is_not_the_codes_fault() {
+        let stack = [py("handler", "/srv/app.py")];
+        let advice = advise_wait(Class::Other, None, OffState::Preempted, &stack);
+        assert_eq!(advice, PREEMPTED);
+        assert!(advice.contains("CPU"));
+        // Preempted inside a call: the call's advice still applies.
+        let stack = [native("read", LIBC), py("load", "/srv/app.py")];
+        assert_eq!(
+            advise_wait(Class::File, Some("read"), OffState::Preempted, &stack),
+            PY_FILE
+        );
+    }
 
     #[test]
     fn python_sleep_file_and_gil() {

@@ -361,7 +361,7 @@ impl Pipeline {
             class,
             duration_ns: o.duration_ns,
             state: o.state,
-            advice: advice::advise(class, syscall, &stack),
+            advice: advice::advise_wait(class, syscall, o.state, &stack),
             stack,
             culprit,
             offender,
