@@ -321,6 +321,14 @@ mod tests {
         assert_eq!(t.threshold, DEFAULT_THRESHOLD);
         assert_eq!(t.output, OutputFormat::Text);
         assert!(t.duration.is_none() && t.command.is_empty());
+        assert!(!t.all_frames);
+        let Command::Trace(t) = parse(&["trace", "--all-frames", "--pid", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not trace")
+        };
+        assert!(t.all_frames);
     }
 
     #[test]

@@ -299,6 +299,32 @@ mod tests {
     }
 
     #[test]
+    fn all_frames_reaches_the_text_and_json_keeps_every_frame() {
+        let libpython = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0";
+        let mut ev = read_event(80);
+        ev.stack = vec![
+            frame(0x1000, Some("time_sleep"), Some(libpython)),
+            Frame {
+                kind: crate::event::FrameKind::Python,
+                ..frame(0x2000, Some("handler"), Some("/srv/app.py"))
+            },
+            frame(0x3000, Some("_PyEval_EvalFrameDefault"), Some(libpython)),
+        ];
+        for (all, format, shown) in [
+            (false, OutputFormat::Text, false),
+            (true, OutputFormat::Text, true),
+            (false, OutputFormat::Json, true),
+        ] {
+            let (r, out, _) = reporter(format);
+            let mut r = r.all_frames(all);
+            r.event(&ev).unwrap();
+            let text = out.text();
+            assert_eq!(text.contains("_PyEval_EvalFrameDefault"), shown, "{text}");
+            assert!(text.contains("handler"), "{text}");
+        }
+    }
+
+    #[test]
     fn a_stack_is_announced_once() {
         let (mut r, out, _) = reporter(OutputFormat::Text);
         r.event(&read_event(80)).unwrap();
