@@ -3,7 +3,7 @@
 //! interpreter, or a runtime the application builds on. Those are where
 //! every blocking call ends up, so naming them would say nothing.
 
-use crate::event::Frame;
+use crate::event::{Frame, FrameKind};
 use crate::text::basename;
 
 /// Something a frame is recognised by as not being the application.
@@ -39,10 +39,15 @@ enum Rule {
     NodeLibraryJs,
 }
 
-/// Not the application. Add to it when a runtime's frames show up as
-/// culprits.
-const NOT_APPLICATION: &[Rule] = &[
-    // C runtime.
+/// Not the application, by whose code it is. Add to a group when a
+/// runtime's frames show up as culprits.
+const NOT_APPLICATION: &[&[Rule]] = &[C_RUNTIME, CPYTHON, NODE, RUST_RUNTIME];
+
+/// The interpreters among them: their native code is the machinery that
+/// runs the Python or JavaScript of a stack ([`is_interpreter_machinery`]).
+const INTERPRETERS: &[&[Rule]] = &[CPYTHON, NODE];
+
+const C_RUNTIME: &[Rule] = &[
     Rule::Library("libc"),
     // The kernel's vDSO: clock_gettime of a loop checking the time.
     Rule::ModuleName("[vdso]"),
@@ -58,6 +63,9 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::FunctionPrefix("__libc_start"),
     Rule::FunctionPrefix("start_thread"),
     Rule::FunctionPrefix("clone3"),
+];
+
+const CPYTHON: &[Rule] = &[
     // CPython: the interpreter, linked in or shared, and its own extension
     // modules (`_socket`, `select`, ... in lib-dynload).
     Rule::ModulePrefix("python3"),
@@ -66,6 +74,9 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::ApiPrefix("_Py"),
     Rule::ApiPrefix("Py"),
     Rule::PythonStdlib,
+];
+
+const NODE: &[Rule] = &[
     // Node: V8, libuv and Node's own C++, in the node binary or, as Debian
     // builds it, in libnode.
     Rule::ModuleName("node"),
@@ -77,6 +88,9 @@ const NOT_APPLICATION: &[Rule] = &[
     Rule::FunctionPrefix("node::"),
     Rule::FunctionPrefix("Builtins_"),
     Rule::NodeLibraryJs,
+];
+
+const RUST_RUNTIME: &[Rule] = &[
     // Rust: the standard library and the async runtime stack.
     Rule::RustCrate("std"),
     Rule::RustCrate("core"),
@@ -141,7 +155,52 @@ pub fn is_application(frame: &Frame) -> bool {
         return false;
     };
     let module = frame.module.as_deref();
-    !NOT_APPLICATION.iter().any(|r| r.matches(function, module))
+    !NOT_APPLICATION
+        .iter()
+        .copied()
+        .flatten()
+        .any(|r| r.matches(function, module))
+}
+
+/// How V8 names JavaScript functions in perf maps (`JS:~handler
+/// /srv/app.js:12:3` since V8 11, `LazyCompile:*handler …` before), as
+/// opposed to its builtins and stubs.
+const JS_NAME_PREFIXES: &[&str] = &[
+    "JS:",
+    "LazyCompile:",
+    "Function:",
+    "InterpretedFunction:",
+    "Script:",
+    "Eval:",
+];
+
+/// Whether `frame` is code an interpreter runs: a Python frame, or a
+/// JavaScript function named by V8's perf map. These are the frames a user
+/// reads and changes in an interpreted program's stack.
+pub fn is_interpreted(frame: &Frame) -> bool {
+    frame.kind == FrameKind::Python
+        || frame
+            .function
+            .as_deref()
+            .is_some_and(|f| JS_NAME_PREFIXES.iter().any(|p| f.starts_with(p)))
+}
+
+/// Whether `frame` is an interpreter's own native code, the machinery
+/// that runs the interpreted frames: CPython's evaluation loop, call paths
+/// and built-in modules (`time_sleep` in libpython, `_asyncio`), or Node's
+/// V8, libuv and builtins. Unnamed frames count by their module. The C
+/// library, C extensions and the application's own native code do not.
+pub fn is_interpreter_machinery(frame: &Frame) -> bool {
+    if is_interpreted(frame) {
+        return false;
+    }
+    let function = frame.function.as_deref().unwrap_or_default();
+    let module = frame.module.as_deref();
+    INTERPRETERS
+        .iter()
+        .copied()
+        .flatten()
+        .any(|r| r.matches(function, module))
 }
 
 /// The innermost frame (frames are innermost first) that belongs to the
@@ -441,5 +500,71 @@ mod tests {
             frame(Some("app::load"), Some("/app/server")),
         ];
         assert_eq!(culprit(&stack), Some(inlined));
+    }
+
+    #[test]
+    fn interpreted_frames_and_interpreter_machinery() {
+        let python = Frame {
+            kind: FrameKind::Python,
+            ..frame(Some("run"), Some("/usr/lib/python3.11/asyncio/events.py"))
+        };
+        assert!(is_interpreted(&python) && !is_interpreter_machinery(&python));
+        for js in [
+            "JS:~handleLogin /srv/app/server.js:17:26",
+            "JS:*spawnSync node:internal/child_process:1108:19",
+            "LazyCompile:*handler file:///srv/app/index.mjs:3:1",
+        ] {
+            let f = frame(Some(js), Some("[anon]"));
+            assert!(is_interpreted(&f) && !is_interpreter_machinery(&f), "{js}");
+        }
+        for (function, module) in [
+            (Some("_PyEval_EvalFrameDefault"), "/usr/bin/python3.11"),
+            (Some("time_sleep"), "/usr/lib/libpython3.11.so.1.0"),
+            (None, "/usr/lib/libpython3.11.so.1.0"),
+            (
+                Some("task_step"),
+                "/usr/lib/python3.11/lib-dynload/_asyncio.cpython-311-x86_64-linux-gnu.so",
+            ),
+            (Some("PyObject_Vectorcall"), "/opt/embedder/bin/app"),
+            (Some("Builtins_InterpreterEntryTrampoline"), "/usr/bin/node"),
+            (
+                Some("node::fs::Read(v8::FunctionCallbackInfo<v8::Value> const&)"),
+                "/usr/bin/node",
+            ),
+            (Some("uv_run"), "/usr/lib/x86_64-linux-gnu/libuv.so.1"),
+        ] {
+            let f = frame(function, Some(module));
+            assert!(
+                is_interpreter_machinery(&f) && !is_interpreted(&f),
+                "{function:?} {module}"
+            );
+        }
+        // Not the interpreter's: the C library, a C extension, the
+        // application's native code, a Rust runtime.
+        for (function, module) in [
+            (
+                "__GI___clock_nanosleep",
+                "/usr/lib/x86_64-linux-gnu/libc.so.6",
+            ),
+            (
+                "sqlite3PagerCommitPhaseOne",
+                "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0",
+            ),
+            (
+                "compress_block",
+                "/venv/lib/python3.11/site-packages/zstd.cpython-311-x86_64-linux-gnu.so",
+            ),
+            ("addon::Work(int)", "/app/build/Release/addon.node"),
+            (
+                "tokio::runtime::park::CachedParkThread::block_on",
+                "/opt/app/bin/server",
+            ),
+        ] {
+            let f = frame(Some(function), Some(module));
+            assert!(
+                !is_interpreter_machinery(&f) && !is_interpreted(&f),
+                "{function}"
+            );
+        }
     }
 }

@@ -115,6 +115,16 @@ pub struct TraceArgs {
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
 
+    /// Text output: show every native frame of Python and JavaScript
+    /// stacks. By default the interpreter's own frames (CPython's
+    /// evaluation loop and call machinery in libpython, Node's V8, libuv
+    /// and builtins) are folded into lines such as `… 12 interpreter frames
+    /// (libpython3.11.so.1.0)`, so the code you can change comes first;
+    /// the C library's call at the top, C extensions and your own native
+    /// code always show. JSON output has every frame either way.
+    #[arg(long)]
+    pub all_frames: bool,
+
     /// At the end, write a flame graph (SVG) of blocking time by stack,
     /// culprits in red, to FILE.
     #[arg(long, value_name = "FILE.svg")]
@@ -311,6 +321,14 @@ mod tests {
         assert_eq!(t.threshold, DEFAULT_THRESHOLD);
         assert_eq!(t.output, OutputFormat::Text);
         assert!(t.duration.is_none() && t.command.is_empty());
+        assert!(!t.all_frames);
+        let Command::Trace(t) = parse(&["trace", "--all-frames", "--pid", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not trace")
+        };
+        assert!(t.all_frames);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Reporter {
     summary: Summary,
     /// Stacks already announced with a verdict line.
     seen: std::collections::HashSet<u64>,
+    /// Which frames the text shows; JSON has them all.
+    frames: text::Frames,
 }
 
 impl Reporter {
@@ -49,7 +51,19 @@ impl Reporter {
             diag,
             summary: Summary::new(),
             seen: Default::default(),
+            frames: text::Frames::Folded,
         }
+    }
+
+    /// Text shows every frame of interpreted stacks (`--all-frames`)
+    /// rather than folding the interpreter's own.
+    pub fn all_frames(mut self, all: bool) -> Self {
+        self.frames = if all {
+            text::Frames::All
+        } else {
+            text::Frames::Folded
+        };
+        self
     }
 
     pub fn format(&self) -> OutputFormat {
@@ -79,7 +93,7 @@ impl Reporter {
                 if new_stack {
                     rendered = format!("{}\n", clean(&verdict::verdict(ev)));
                 }
-                rendered.push_str(&text::event(ev));
+                rendered.push_str(&text::event(ev, self.frames));
                 rendered.into_bytes()
             }
             OutputFormat::Json => {
@@ -279,9 +293,35 @@ mod tests {
         // Then the event as text::event writes it.
         assert_eq!(
             text.split_once('\n').unwrap().1,
-            text::event(&read_event(80))
+            text::event(&read_event(80), text::Frames::Folded)
         );
         assert!(diag.text().is_empty());
+    }
+
+    #[test]
+    fn all_frames_reaches_the_text_and_json_keeps_every_frame() {
+        let libpython = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0";
+        let mut ev = read_event(80);
+        ev.stack = vec![
+            frame(0x1000, Some("time_sleep"), Some(libpython)),
+            Frame {
+                kind: crate::event::FrameKind::Python,
+                ..frame(0x2000, Some("handler"), Some("/srv/app.py"))
+            },
+            frame(0x3000, Some("_PyEval_EvalFrameDefault"), Some(libpython)),
+        ];
+        for (all, format, shown) in [
+            (false, OutputFormat::Text, false),
+            (true, OutputFormat::Text, true),
+            (false, OutputFormat::Json, true),
+        ] {
+            let (r, out, _) = reporter(format);
+            let mut r = r.all_frames(all);
+            r.event(&ev).unwrap();
+            let text = out.text();
+            assert_eq!(text.contains("_PyEval_EvalFrameDefault"), shown, "{text}");
+            assert!(text.contains("handler"), "{text}");
+        }
     }
 
     #[test]

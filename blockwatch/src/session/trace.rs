@@ -49,7 +49,7 @@ impl Sink {
     ) -> Self {
         let out: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
         let diag: Box<dyn std::io::Write + Send> = Box::new(std::io::stderr());
-        let mut reporter = Reporter::new(args.output, out, diag);
+        let mut reporter = Reporter::new(args.output, out, diag).all_frames(args.all_frames);
         let what = describe_targets(args, command);
         reporter.diag(&format!(
             "blockwatch: watching {what} for event-loop waits ≥ {}; {}",
