@@ -1,6 +1,6 @@
 //! Reading another process's memory.
 
-pub use blockwatch_common::x86_64::USER_SPACE_END as USER_END;
+use blockwatch_common::x86_64::USER_SPACE_END;
 
 /// Reads exactly `buf.len()` bytes at `addr` in process `pid`.
 /// process_vm_readv rather than /proc/PID/mem: one syscall, no file
@@ -15,7 +15,7 @@ pub fn read(pid: u32, addr: u64, buf: &mut [u8]) -> bool {
     if addr == 0
         || addr
             .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > USER_END)
+            .is_none_or(|end| end > USER_SPACE_END)
     {
         return false;
     }
@@ -50,7 +50,7 @@ mod tests {
         assert_eq!(read_u64(me, &value as *const u64 as u64), Some(value));
         assert!(read(me, 0, &mut []), "nothing to read");
         assert_eq!(read_u64(me, 0), None);
-        assert_eq!(read_u64(me, USER_END - 4), None);
+        assert_eq!(read_u64(me, USER_SPACE_END - 4), None);
         assert_eq!(read_u64(me, u64::MAX - 3), None);
         assert_eq!(read_u64(u32::MAX, &value as *const u64 as u64), None);
     }
