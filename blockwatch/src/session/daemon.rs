@@ -21,6 +21,7 @@ use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::{Output, Pipeline};
 use crate::procfs;
+use crate::runtimes::python;
 use crate::session::notify::{sd_notify, watchdog_interval};
 use crate::session::rate_limit::RateLimit;
 use crate::session::{Session, StartOptions, threshold_ns};
@@ -71,7 +72,7 @@ impl Rules {
 
     /// The rule for a process of this name, if it is to be watched.
     fn rule_for(&self, pid: u32, comm: &str) -> Option<WatchRule> {
-        if pid == std::process::id() || self.exclude.matches(comm) {
+        if self.exclude.matches(comm) || targets::is_blockwatch(pid) {
             return None;
         }
         if self.select.selects(pid, comm) {
@@ -96,7 +97,15 @@ fn runtime_of(pid: u32) -> &'static str {
     let exe = procfs::exe(pid)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    if maps_a("libpython") || exe.starts_with("python") {
+    // Mapping libpython is not enough (blockwatch itself maps it to
+    // symbolize): the interpreter must be initialised.
+    let python = || {
+        python::inspect(pid)
+            .ok()
+            .flatten()
+            .is_some_and(|py| py.is_initialised(pid))
+    };
+    if (maps_a("libpython") || exe.starts_with("python")) && python() {
         return "python";
     }
     if maps_a("libnode") || exe == "node" || exe == "nodejs" {

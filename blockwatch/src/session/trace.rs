@@ -113,7 +113,7 @@ struct Watch {
 
 impl Watch {
     fn on_exec(&mut self, pid: u32, comm: &str) {
-        if self.selector.selects(pid, comm) {
+        if self.selector.selects(pid, comm) && !targets::is_blockwatch(pid) {
             self.to_watch.push(pid);
         }
     }
@@ -223,8 +223,8 @@ async fn watch_targets(
             0,
         )?;
         for pid in procfs::pids() {
-            if pid != std::process::id()
-                && procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
+            if procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
+                && !targets::is_blockwatch(pid)
             {
                 maps.watch_process(pid, rule).ok();
             }

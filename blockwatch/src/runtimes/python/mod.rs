@@ -77,6 +77,19 @@ impl PyProcess {
         (self.runtime_size > 0)
             .then(|| self.runtime_addr..self.runtime_addr.saturating_add(self.runtime_size))
     }
+
+    /// Whether process `pid` runs this interpreter: it has a main
+    /// interpreter with at least one thread state. A process that only
+    /// maps libpython (to symbolize it, or an embedder that never called
+    /// `Py_Initialize`) has a zeroed `_PyRuntime` and is no Python program.
+    pub fn is_initialised(&self, pid: u32) -> bool {
+        let head = |addr: u64, off: u32| {
+            mem::read_u64(pid, addr.wrapping_add(u64::from(off))).filter(|&p| p != 0)
+        };
+        head(self.runtime_addr, self.offsets.runtime_interpreters_head)
+            .and_then(|interp| head(interp, self.offsets.interp_threads_head))
+            .is_some()
+    }
 }
 
 /// One resolved interpreter frame.
