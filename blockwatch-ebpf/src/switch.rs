@@ -7,7 +7,7 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
 use blockwatch_common::{
-    STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
     x86_64::is_epoll_wait,
 };
 
@@ -124,6 +124,9 @@ fn idle_or_probe<C: EbpfContext>(
     match wait {
         Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
             tag.tag = TAG_LOOP;
+            // User space inspects the process for an interpreter at once,
+            // so the loop's first blocking call has its frames.
+            record::send_task(RecordKind::LoopFound, tag.tgid, tid, 0);
             if wait == Wait::Epoll {
                 info!(
                     ctx,
