@@ -335,7 +335,16 @@ fn auto_finds_loops_and_honours_excludes() {
             (n >= 3.0).then_some(())
         },
     );
-    let m = d.metrics();
+    // The gauge is set at the daemon's periodic refresh (every 2 s),
+    // which may come after the events: wait for it.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut m = d.metrics();
+    while sample(&m, "blockwatch_tagged_threads", &[("process", "bwdauto")]).is_none()
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        m = d.metrics();
+    }
     assert!(
         sample(
             &m,
