@@ -242,3 +242,32 @@ fn first_blocking_call_is_named_under_daemon_auto() {
         );
     }
 }
+
+/// A tokio worker is a known loop from its first park: with two workers
+/// that parked once (300 ms idle) and then three tasks that each
+/// `std::thread::sleep(70ms)`, every sleep is reported.
+#[test]
+fn tokio_workers_that_parked_once_report_every_blocking_call() {
+    let _serial = common::setup();
+    let bin = common::tokio_blocker();
+    for n in 0..RUNS {
+        let run = trace(&["--", &bin, "cold-workers"]);
+        run.assert_success();
+        let sleeps = run.events_where(|e| {
+            e.class == "sleep"
+                && e.culprit.as_ref().and_then(|c| c.function.as_deref())
+                    == Some("tokio_blocker::sleep_on_cold_worker")
+        });
+        assert_eq!(
+            sleeps.len(),
+            3,
+            "run {n}: the three 70 ms sleeps\n{}",
+            run.report()
+        );
+        assert!(
+            sleeps.iter().all(|e| (65.0..500.0).contains(&e.ms())),
+            "run {n}\n{}",
+            run.report()
+        );
+    }
+}
