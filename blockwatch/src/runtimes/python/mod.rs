@@ -21,6 +21,16 @@
 //! `_Py_DebugOffsets` block at the start of `_PyRuntime`; when present it
 //! is preferred over the table, since it comes from the build that runs.
 //!
+//! A process is inspected when it execs a python executable (again every
+//! few milliseconds until the loader has mapped libpython) and when the
+//! kernel reports its first loop thread, so the kernel can walk the frames
+//! of the loop's first blocking call. One case stays unnamed: a process
+//! that exits right after its blocking call ends, before the event is
+//! read, takes its code objects with it (the frames are recorded but
+//! cannot be read). Naming those needs the names read while the call
+//! still blocks (a record at switch-out, costly for every short wait) or
+//! by the kernel (strings and line tables in BPF).
+//!
 //! By concern: `inspect` (finding the interpreter), `offsets` (the
 //! per-version layouts), `code` (code objects), `lines` (line tables),
 //! `mem` (reading the process through [`crate::procfs::mem`]).
