@@ -271,3 +271,23 @@ fn tokio_workers_that_parked_once_report_every_blocking_call() {
         );
     }
 }
+
+/// `cargo xtask demo`'s first event (the first `time.sleep(0.15)` of
+/// examples/asyncio-demo.py) names its Python culprit.
+#[test]
+fn the_demos_first_event_names_its_culprit() {
+    let _serial = common::setup();
+    let script = repo_root().join("examples/asyncio-demo.py");
+    let script = script.to_str().expect("UTF-8 path");
+    for n in 0..RUNS {
+        let run = trace(&["--", common::PYTHON, script]);
+        run.assert_success();
+        let first = run.events.first();
+        assert_eq!(
+            first.and_then(|e| e.culprit.as_ref()?.function.as_deref()),
+            Some("rate_limited_lookup"),
+            "run {n}: the first event\n{}",
+            run.report()
+        );
+    }
+}
