@@ -114,6 +114,8 @@ pub struct Pipeline {
     /// Processes that exec'd a Python executable whose interpreter is not
     /// found yet, with when to stop looking.
     exec_retries: HashMap<u32, Instant>,
+    /// When to look at them again.
+    exec_retry_at: Instant,
     loops: Loops,
     pub stats: Stats,
 }
@@ -158,6 +160,7 @@ impl Pipeline {
             parks: HashMap::new(),
             interps: HashMap::new(),
             exec_retries: HashMap::new(),
+            exec_retry_at: Instant::now(),
             loops: Loops::new(),
             stats: Stats::default(),
         }
@@ -240,24 +243,30 @@ impl Pipeline {
         }
         self.inspect_now(pid, pyprocs);
         if !matches!(self.interps.get(&pid), Some(Interp::Python(_))) {
-            self.exec_retries
-                .insert(pid, Instant::now() + EXEC_RETRY_FOR);
+            let now = Instant::now();
+            if self.exec_retries.is_empty() {
+                self.exec_retry_at = now + EXEC_RETRY_GAP;
+            }
+            self.exec_retries.insert(pid, now + EXEC_RETRY_FOR);
         }
     }
 
-    /// When [`Pipeline::retry_execs`] is next due, if anything waits.
+    /// When [`Pipeline::retry_execs`] is next due, if anything waits (a
+    /// fixed time, so a busy ring buffer does not keep pushing it back).
     pub fn exec_retry_due(&self) -> Option<Instant> {
-        (!self.exec_retries.is_empty()).then(|| Instant::now() + EXEC_RETRY_GAP)
+        (!self.exec_retries.is_empty()).then_some(self.exec_retry_at)
     }
 
     /// Looks again at the processes [`Pipeline::inspect_at_exec`] has not
     /// found an interpreter in yet.
     pub fn retry_execs(&mut self, pyprocs: &mut BpfHashMap<MapData, u32, PyProc>) {
         let now = Instant::now();
+        self.exec_retry_at = now + EXEC_RETRY_GAP;
         let pids: Vec<u32> = self.exec_retries.keys().copied().collect();
         for pid in pids {
             let found = matches!(self.interps.get(&pid), Some(Interp::Python(_)));
-            if found || self.exec_retries[&pid] < now || !procfs::exists(pid) {
+            let expired = self.exec_retries.get(&pid).is_none_or(|&end| end < now);
+            if found || expired || !procfs::exists(pid) {
                 self.exec_retries.remove(&pid);
                 continue;
             }
