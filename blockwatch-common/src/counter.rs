@@ -32,7 +32,7 @@ pub enum Counter {
     Samples,
     /// Threads whose strict and stall state could not be kept (`LOOPSTATE` full).
     LostLoopState,
-    /// Exec and exit records lost: the ring buffer was full.
+    /// Exec, exit and loop-found records lost: the ring buffer was full.
     LostTaskRecords,
 }
 

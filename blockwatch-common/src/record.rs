@@ -34,6 +34,11 @@ pub enum RecordKind {
     /// A busy period whose on-CPU time reached the stall threshold, sent
     /// when the thread reaches its idle wait again ([`LoopEvent`]).
     Stall = 7,
+    /// A thread was first seen idling in its runtime's wait: it runs an
+    /// event loop ([`TaskEvent`], `aux` 0). Sent once per thread, at the
+    /// moment it becomes a loop thread, so user space can learn the
+    /// process's interpreter before the loop's first blocking call.
+    LoopFound = 8,
     /// A copy of a blocked thread's user stack ([`UserStack`]), sent just
     /// before the `Block` record of the same wait. Numbered apart from the
     /// others, which are dense.
@@ -51,6 +56,7 @@ impl RecordKind {
             5 => Self::Strict,
             6 => Self::Sample,
             7 => Self::Stall,
+            8 => Self::LoopFound,
             16 => Self::UserStack,
             _ => return None,
         })
@@ -124,14 +130,15 @@ pub struct ProbeEvent {
     pub stack: [u8; PROBE_STACK_BYTES],
 }
 
-/// A process image was replaced ([`RecordKind::Exec`]) or a task exited
-/// ([`RecordKind::Exit`]).
+/// A process image was replaced ([`RecordKind::Exec`]), a task exited
+/// ([`RecordKind::Exit`]) or a thread was found to run a loop
+/// ([`RecordKind::LoopFound`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TaskEvent {
     pub header: RecordHeader,
     /// For exec: the TID that called exec; for exit: 1 when the whole
-    /// thread group is gone.
+    /// thread group is gone; for a loop found: 0.
     pub aux: u32,
     pub comm: [u8; COMM_LEN],
 }

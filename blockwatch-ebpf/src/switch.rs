@@ -7,14 +7,14 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
 use blockwatch_common::{
-    STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
-    x86_64::is_epoll_wait,
+    PROBE_BUDGET, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP,
+    ThreadTag, x86_64::is_epoll_wait,
 };
 
 use crate::{
     idle::{self, Wait},
     ids,
-    maps::{off, thread, threshold_ns},
+    maps::{PARKS, off, thread, threshold_ns},
     read::{Regs, exiting, kread, user_regs},
     record, stack, stall,
 };
@@ -50,6 +50,13 @@ pub(crate) fn on_switch<C: EbpfContext>(
         && !exiting(next)
         && let Some(tag) = thread(next_tid)
     {
+        if tag.tag == TAG_CANDIDATE && tag.probe_budget < PROBE_BUDGET && park_learned(next_tid) {
+            // It last slept in a futex wait that was probed, and user space
+            // has since found that futex to be its runtime's park: it
+            // wakes from its first idle wait, and its first blocking call
+            // must count, not wait for a second park to be recognised.
+            become_loop(tag, next_tid);
+        }
         stall::before_switch_in(tag, next_tid);
         if tag.out_ns != 0 {
             switch_in(tag, next_tid, next);
@@ -123,7 +130,7 @@ fn idle_or_probe<C: EbpfContext>(
     let wait = idle::classify(tag, tid, nr, arg0, regs);
     match wait {
         Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
-            tag.tag = TAG_LOOP;
+            become_loop(tag, tid);
             if wait == Wait::Epoll {
                 info!(
                     ctx,
@@ -143,6 +150,22 @@ fn idle_or_probe<C: EbpfContext>(
         _ => {}
     }
     wait.is_idle()
+}
+
+/// Candidate `tid` was seen in its runtime's idle wait: it runs a loop.
+#[inline(always)]
+fn become_loop(tag: &mut ThreadTag, tid: u32) {
+    tag.tag = TAG_LOOP;
+    // User space inspects the process for an interpreter at once, so the
+    // loop's first blocking call has its frames.
+    record::send_task(RecordKind::LoopFound, tag.tgid, tid, 0);
+}
+
+/// Whether user space has learned `tid`'s runtime park.
+#[inline(always)]
+fn park_learned(tid: u32) -> bool {
+    // SAFETY: map value read, dropped at once.
+    unsafe { PARKS.get(tid) }.is_some()
 }
 
 #[inline(always)]

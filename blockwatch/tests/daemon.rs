@@ -335,7 +335,16 @@ fn auto_finds_loops_and_honours_excludes() {
             (n >= 3.0).then_some(())
         },
     );
-    let m = d.metrics();
+    // The gauge is set at the daemon's periodic refresh (every 2 s),
+    // which may come after the events: wait for it.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut m = d.metrics();
+    while sample(&m, "blockwatch_tagged_threads", &[("process", "bwdauto")]).is_none()
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        m = d.metrics();
+    }
     assert!(
         sample(
             &m,
@@ -757,4 +766,111 @@ fn systemd_notify_and_the_units_capabilities() {
         "events under the unit's capabilities",
         || (events_of(&d, "bwdnotify") >= 3.0).then_some(()),
     );
+}
+
+/// A program that loads libpython without ever starting the interpreter,
+/// then waits in epoll like an event loop: built with `cc` in `dir`.
+fn libpython_mapper(dir: &Path) -> Option<(PathBuf, String)> {
+    let lib = ["3.11.7", "3.12.1", "3.10.13", "3.13.0"]
+        .iter()
+        .find_map(|v| {
+            let minor = &v[..v.rfind('.')?];
+            let p = format!("/root/.pyenv/versions/{v}/lib/libpython{minor}.so.1.0");
+            Path::new(&p).exists().then_some(p)
+        })?;
+    let source = dir.join("bwdlibpy.c");
+    std::fs::write(
+        &source,
+        r#"#include <dlfcn.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+int main(int argc, char **argv) {
+    if (!dlopen(argv[1], RTLD_NOW | RTLD_GLOBAL)) { fprintf(stderr, "%s\n", dlerror()); return 1; }
+    int ep = epoll_create1(0);
+    struct epoll_event ev;
+    printf("ready\n");
+    fflush(stdout);
+    for (int i = 0; i < 600; i++) epoll_wait(ep, &ev, 1, 50);
+    return 0;
+}
+"#,
+    )
+    .unwrap();
+    let exe = dir.join("bwdlibpy");
+    let built = Command::new("cc")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc");
+    assert!(built.success(), "cc failed");
+    Some((exe, lib))
+}
+
+/// `--auto` never watches a blockwatch (itself or a `trace` running
+/// beside it), and a process that maps libpython without running it is
+/// not labelled a Python loop.
+#[test]
+fn auto_skips_blockwatch_and_libpython_mappers() {
+    let _serial = common::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&["--auto"]);
+    let sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let sleeper_pid = sleeper.id().to_string();
+    let second = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
+        .args(["trace", "--pid", &sleeper_pid])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("a second blockwatch");
+    let mapper = libpython_mapper(dir.path()).map(|(exe, lib)| {
+        Command::new(exe)
+            .arg(lib)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start bwdlibpy")
+    });
+    let m = if mapper.is_some() {
+        until(
+            Duration::from_secs(30),
+            "bwdlibpy's epoll loop is found",
+            || {
+                let m = d.metrics();
+                sample(&m, "blockwatch_tagged_threads", &[("process", "bwdlibpy")])
+                    .filter(|&n| n >= 1.0)
+                    .map(|_| m)
+            },
+        )
+    } else {
+        std::thread::sleep(Duration::from_secs(5));
+        d.metrics()
+    };
+    // The second blockwatch had as long to be found as bwdlibpy.
+    assert!(
+        sample(
+            &m,
+            "blockwatch_tagged_threads",
+            &[("process", "blockwatch")]
+        )
+        .is_none(),
+        "a blockwatch is never watched\n{m}"
+    );
+    if mapper.is_some() {
+        assert!(
+            sample(
+                &m,
+                "blockwatch_tagged_threads",
+                &[("process", "bwdlibpy"), ("runtime", "python")]
+            )
+            .is_none(),
+            "mapping libpython does not make a Python loop\n{m}"
+        );
+    }
+    for mut child in [Some(sleeper), Some(second), mapper].into_iter().flatten() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let status = d.terminate().expect("daemon stops on SIGTERM");
+    assert!(status.success(), "{status}: {}", d.stderr());
 }

@@ -209,25 +209,83 @@ pub fn culprit(frames: &[Frame]) -> Option<Frame> {
     frames.iter().find(|f| is_application(f)).cloned()
 }
 
-/// Python code installed as a package rather than written by the user:
-/// what `pip`/`apt` put in site-packages or dist-packages (requests,
-/// aiohttp, an integration's dependencies).
+/// Code installed as a package rather than written by the user: what
+/// `pip`/`apt` put in site-packages or dist-packages (requests, aiohttp,
+/// an integration's dependencies) and what `npm` put in node_modules. A
+/// perf map names a JavaScript function by its source location, so its
+/// name is checked as well as its module.
 pub fn is_third_party(frame: &Frame) -> bool {
-    frame
-        .module
-        .as_deref()
-        .is_some_and(|m| m.contains("/site-packages/") || m.contains("/dist-packages/"))
+    let installed = |s: &str| {
+        s.contains("/site-packages/")
+            || s.contains("/dist-packages/")
+            || s.contains("/node_modules/")
+    };
+    frame.module.as_deref().is_some_and(installed)
+        || frame.function.as_deref().is_some_and(installed)
+}
+
+/// Libraries the system or a runtime brings, by file name wherever they
+/// are installed: the application calls them, their own frames are not
+/// what a user edits.
+const SYSTEM_LIBRARIES: &[&str] = &[
+    "libsqlite3",
+    "libssl",
+    "libcrypto",
+    "libz",
+    "libffi",
+    "libbz2",
+    "liblzma",
+    "libexpat",
+    "libuuid",
+    "libgdbm",
+    "libreadline",
+    "libncursesw",
+    "libtinfo",
+    "libmpdec",
+];
+
+/// Directories the system's shared libraries live in.
+const LIBRARY_DIRS: &[&str] = &[
+    "/lib/",
+    "/lib64/",
+    "/usr/lib/",
+    "/usr/lib64/",
+    "/usr/local/lib/",
+];
+
+/// A shared library of the system rather than the application's own
+/// binary: any shared object under a library directory (libsqlite3,
+/// libcrypto, a `.so` an `apt install` brought), or one of
+/// [`SYSTEM_LIBRARIES`] wherever it lies.
+pub fn is_system_library(frame: &Frame) -> bool {
+    let Some(module) = frame.module.as_deref() else {
+        return false;
+    };
+    let name = basename(module);
+    let shared = name.ends_with(".so") || name.contains(".so.");
+    (shared && LIBRARY_DIRS.iter().any(|dir| module.starts_with(dir)))
+        || SYSTEM_LIBRARIES
+            .iter()
+            .any(|&stem| Rule::Library(stem).matches("", Some(module)))
 }
 
 /// The innermost frame of the user's own code: the application minus
-/// installed packages. When the culprit lies in a library (`requests`
-/// calling `poll`), this is the line that called the library, the one a
-/// user can change (Home Assistant's "integration frame"); otherwise it is
-/// the culprit itself.
+/// installed packages and system libraries. When the culprit lies in a
+/// library (`requests` calling `poll`, libsqlite3 syncing a commit), this
+/// is the line that called the library, the one a user can change (Home
+/// Assistant's "integration frame"); otherwise it is the culprit itself.
+/// A stack with no such frame (its interpreter frames unread) falls back
+/// to the innermost system library the application called, which says
+/// more than nothing; installed packages never stand in for the user.
 pub fn offender(frames: &[Frame]) -> Option<Frame> {
-    frames
-        .iter()
-        .find(|f| is_application(f) && !is_third_party(f))
+    let candidates = || {
+        frames
+            .iter()
+            .filter(|f| is_application(f) && !is_third_party(f))
+    };
+    candidates()
+        .find(|f| !is_system_library(f))
+        .or_else(|| candidates().next())
         .cloned()
 }
 
@@ -261,6 +319,121 @@ mod tests {
         // Only library code: no line of the user's to name.
         assert_eq!(offender(&stack[..4]), None);
         assert!(culprit(&stack[..4]).is_some());
+    }
+
+    #[test]
+    fn system_libraries_are_never_the_offender_beside_user_code() {
+        let sqlite = [
+            frame(
+                Some("fdatasync"),
+                Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ),
+            frame(
+                Some("sqlite3PagerCommitPhaseOne"),
+                Some("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0.8.6"),
+            ),
+            frame(
+                Some("pysqlite_connection_commit"),
+                Some("/usr/lib/python3.11/lib-dynload/_sqlite3.cpython-311-x86_64-linux-gnu.so"),
+            ),
+            frame(
+                Some("_PyEval_EvalFrameDefault"),
+                Some("/usr/bin/python3.11"),
+            ),
+            frame(Some("save"), Some("/srv/app/store.py")),
+            frame(Some("run"), Some("/usr/lib/python3.11/asyncio/events.py")),
+        ];
+        // The culprit keeps its meaning: the innermost application-side frame.
+        assert_eq!(
+            culprit(&sqlite).unwrap().function.as_deref(),
+            Some("sqlite3PagerCommitPhaseOne")
+        );
+        assert_eq!(offender(&sqlite).unwrap().function.as_deref(), Some("save"));
+
+        let crypto = [
+            frame(
+                Some("CRYPTO_strndup"),
+                Some("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"),
+            ),
+            frame(
+                Some("SSL_CTX_new_ex"),
+                Some("/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+            ),
+            frame(Some("connect"), Some("/srv/app/client.py")),
+        ];
+        assert_eq!(
+            offender(&crypto).unwrap().function.as_deref(),
+            Some("connect")
+        );
+
+        // Bundled elsewhere (a pyenv build, a vendored copy): by name.
+        for m in [
+            "/root/.pyenv/versions/3.12.1/lib/libsqlite3.so.0",
+            "/opt/vendor/libssl.so.3",
+            "/opt/vendor/libz.so.1",
+        ] {
+            assert!(is_system_library(&frame(Some("f"), Some(m))), "{m}");
+        }
+        for m in [
+            "/usr/local/lib/libmine.so",
+            "/usr/lib64/libfoo.so.2",
+            "/lib/x86_64-linux-gnu/libkeyutils.so.1",
+        ] {
+            assert!(is_system_library(&frame(Some("f"), Some(m))), "{m}");
+        }
+        // The application's own binary and sources are not.
+        for m in [
+            "/opt/app/bin/server",
+            "/srv/app/store.py",
+            "/usr/local/bin/app",
+        ] {
+            assert!(!is_system_library(&frame(Some("f"), Some(m))), "{m}");
+        }
+    }
+
+    #[test]
+    fn a_system_library_stands_in_when_no_user_frame_exists() {
+        let stack = [
+            frame(
+                Some("fdatasync"),
+                Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ),
+            frame(
+                Some("sqlite3PagerCommitPhaseOne"),
+                Some("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0"),
+            ),
+            frame(
+                Some("_PyEval_EvalFrameDefault"),
+                Some("/usr/bin/python3.11"),
+            ),
+        ];
+        assert_eq!(
+            offender(&stack).unwrap().function.as_deref(),
+            Some("sqlite3PagerCommitPhaseOne")
+        );
+    }
+
+    #[test]
+    fn node_modules_are_third_party() {
+        let stack = [
+            frame(Some("Builtins_CallFunction"), Some("/usr/bin/node")),
+            frame(
+                Some("JS:*readConfig /srv/app/node_modules/conf/index.js:10:3"),
+                Some("[anon]"),
+            ),
+            frame(
+                Some("JS:~handleLogin /srv/app/server.js:40:22"),
+                Some("[anon]"),
+            ),
+        ];
+        assert_eq!(
+            culprit(&stack).unwrap().function.as_deref(),
+            Some("JS:*readConfig /srv/app/node_modules/conf/index.js:10:3")
+        );
+        assert_eq!(
+            offender(&stack).unwrap().function.as_deref(),
+            Some("JS:~handleLogin /srv/app/server.js:40:22")
+        );
     }
 
     #[test]

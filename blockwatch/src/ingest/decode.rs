@@ -121,6 +121,12 @@ pub enum Record {
         tid: u32,
         group_dead: bool,
     },
+    /// Thread `tid` of `pid` was just seen idling in its loop's wait for
+    /// the first time.
+    LoopFound {
+        pid: u32,
+        tid: u32,
+    },
 }
 
 /// The `T` at the start of `bytes`, if they are long enough.
@@ -158,7 +164,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         RecordKind::Probe => decode_probe(bytes),
         RecordKind::UserStack => decode_user_stack(bytes),
         RecordKind::Strict | RecordKind::Sample | RecordKind::Stall => decode_loop(bytes, kind),
-        RecordKind::Exec | RecordKind::Exit => decode_task(bytes, kind),
+        RecordKind::Exec | RecordKind::Exit | RecordKind::LoopFound => decode_task(bytes, kind),
     }
 }
 
@@ -259,18 +265,18 @@ fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
 fn decode_task(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
     let ev: TaskEvent = read(bytes, kind)?;
     let (pid, tid) = (ev.header.pid, ev.header.tid);
-    Ok(if kind == RecordKind::Exec {
-        Record::Exec {
+    Ok(match kind {
+        RecordKind::Exec => Record::Exec {
             pid,
             tid,
             comm: comm_str(&ev.comm),
-        }
-    } else {
-        Record::Exit {
+        },
+        RecordKind::LoopFound => Record::LoopFound { pid, tid },
+        _ => Record::Exit {
             pid,
             tid,
             group_dead: ev.aux != 0,
-        }
+        },
     })
 }
 
@@ -459,6 +465,15 @@ mod tests {
                 comm: "node".into()
             }
         );
+        let ev = TaskEvent {
+            header: RecordHeader::new(RecordKind::LoopFound, 5, 7),
+            aux: 0,
+            ..ev
+        };
+        assert_eq!(
+            decode(&bytes_of(&ev)).unwrap(),
+            Record::LoopFound { pid: 5, tid: 7 }
+        );
     }
 
     /// The fuzzer starts from seeds written in the record layout; one that
@@ -478,6 +493,7 @@ mod tests {
                 Ok(Record::Loop(_)) => name.starts_with("loop"),
                 Ok(Record::Exec { .. }) => name == "exec",
                 Ok(Record::Exit { .. }) => name.starts_with("exit"),
+                Ok(Record::LoopFound { .. }) => name == "loop-found",
                 Err(_) => name.contains("short"),
             };
             assert!(ok, "seed {name}: {record:?}");

@@ -38,6 +38,12 @@ const PY_INSPECT_WINDOW: Duration = Duration::from_secs(30);
 /// it starts gets its Python frames) and doubles up to this.
 const PY_INSPECT_MAX_GAP: Duration = Duration::from_secs(2);
 
+/// After a Python executable's exec, its shared libpython is mapped by the
+/// loader a few milliseconds later: looked for this often...
+const EXEC_RETRY_GAP: Duration = Duration::from_millis(5);
+/// ...for this long (the interpreter's start-up, before any loop).
+const EXEC_RETRY_FOR: Duration = Duration::from_secs(2);
+
 enum Interp {
     Python(Box<PyProcess>),
     Unknown {
@@ -46,6 +52,25 @@ enum Interp {
         gap: Duration,
         given_up: bool,
     },
+}
+
+impl Interp {
+    /// Not yet known to be CPython: looked at again from `now` on.
+    fn unknown(now: Instant) -> Self {
+        Interp::Unknown {
+            since: now,
+            next: now,
+            gap: Duration::from_millis(100),
+            given_up: false,
+        }
+    }
+}
+
+/// The kernel maps the pipeline writes what it learns to: the runtime
+/// parks of futex-parking workers and the CPython interpreters.
+pub struct RuntimeMaps<'a> {
+    pub parks: &'a mut BpfHashMap<MapData, u32, u64>,
+    pub pyprocs: &'a mut BpfHashMap<MapData, u32, PyProc>,
 }
 
 /// What a record means to the front end.
@@ -86,6 +111,11 @@ pub struct Pipeline {
     /// that raced the kernel map update.
     parks: HashMap<u32, (u32, u64)>,
     interps: HashMap<u32, Interp>,
+    /// Processes that exec'd a Python executable whose interpreter is not
+    /// found yet, with when to stop looking.
+    exec_retries: HashMap<u32, Instant>,
+    /// When to look at them again.
+    exec_retry_at: Instant,
     loops: Loops,
     pub stats: Stats,
 }
@@ -129,6 +159,8 @@ impl Pipeline {
             process_names: HashMap::new(),
             parks: HashMap::new(),
             interps: HashMap::new(),
+            exec_retries: HashMap::new(),
+            exec_retry_at: Instant::now(),
             loops: Loops::new(),
             stats: Stats::default(),
         }
@@ -143,7 +175,8 @@ impl Pipeline {
     /// the kernel what it needs to walk their frames, and snapshots their
     /// memory maps (so that a process that exits right after blocking is
     /// still symbolized). Cheap to call periodically: a process is
-    /// inspected a bounded number of times.
+    /// inspected a bounded number of times. The timer is the fallback;
+    /// [`Pipeline::inspect_now`] runs at the moments that matter.
     pub fn refresh_interpreters(
         &mut self,
         pids: impl IntoIterator<Item = u32>,
@@ -152,12 +185,10 @@ impl Pipeline {
         for pid in pids {
             self.stacks.symbolizer().observe(pid);
             let now = Instant::now();
-            let state = self.interps.entry(pid).or_insert(Interp::Unknown {
-                since: now,
-                next: now,
-                gap: Duration::from_millis(100),
-                given_up: false,
-            });
+            let state = self
+                .interps
+                .entry(pid)
+                .or_insert_with(|| Interp::unknown(now));
             let Interp::Unknown {
                 since,
                 next,
@@ -172,24 +203,101 @@ impl Pipeline {
             }
             *next = now + *gap;
             *gap = (*gap * 2).min(PY_INSPECT_MAX_GAP);
-            match python::inspect(pid) {
-                Ok(Some(py)) => {
-                    let (major, minor) = py.version;
-                    let entry = PyProc {
-                        runtime: py.runtime_addr,
-                        offsets: py.offsets,
-                    };
-                    match pyprocs.insert(pid, entry, 0) {
-                        Ok(()) => {
-                            info!("pid {pid} runs CPython {major}.{minor}: interpreter frames on")
-                        }
-                        Err(e) => warn!("cannot hand pid {pid}'s interpreter to the kernel: {e}"),
+            self.inspect(pid, pyprocs);
+        }
+    }
+
+    /// Inspects process `pid` for CPython now, whatever the timer says:
+    /// when its loop is first seen (the kernel's [`Record::LoopFound`]) or
+    /// when it exec'd under watch. The kernel walks interpreter frames at
+    /// a blocking call's switch-out, so the interpreter must be known
+    /// before the loop's first blocking call, which may come a few
+    /// milliseconds after its first idle wait.
+    pub fn inspect_now(&mut self, pid: u32, pyprocs: &mut BpfHashMap<MapData, u32, PyProc>) {
+        if matches!(self.interps.get(&pid), Some(Interp::Python(_))) {
+            return;
+        }
+        self.stacks.symbolizer().observe(pid);
+        self.interps
+            .entry(pid)
+            .or_insert_with(|| Interp::unknown(Instant::now()));
+        self.inspect(pid, pyprocs);
+    }
+
+    /// A watched process exec'd: when it runs a Python executable, its
+    /// interpreter is found now (linked in: Debian's python3) or within
+    /// milliseconds, by [`Pipeline::retry_execs`], once the loader maps
+    /// libpython (pyenv's builds). Either way before its loop runs, and
+    /// the ELF files are parsed while nothing waits for them. Other
+    /// programs cost one readlink; an embedder is found when the kernel
+    /// reports its loop.
+    pub fn inspect_at_exec(&mut self, pid: u32, pyprocs: &mut BpfHashMap<MapData, u32, PyProc>) {
+        let python = procfs::exe(pid)
+            .and_then(|p| {
+                p.file_name()
+                    .map(|n| n.to_string_lossy().starts_with("python"))
+            })
+            .unwrap_or(false);
+        if !python {
+            return;
+        }
+        self.inspect_now(pid, pyprocs);
+        if !matches!(self.interps.get(&pid), Some(Interp::Python(_))) {
+            let now = Instant::now();
+            if self.exec_retries.is_empty() {
+                self.exec_retry_at = now + EXEC_RETRY_GAP;
+            }
+            self.exec_retries.insert(pid, now + EXEC_RETRY_FOR);
+        }
+    }
+
+    /// When [`Pipeline::retry_execs`] is next due, if anything waits (a
+    /// fixed time, so a busy ring buffer does not keep pushing it back).
+    pub fn exec_retry_due(&self) -> Option<Instant> {
+        (!self.exec_retries.is_empty()).then_some(self.exec_retry_at)
+    }
+
+    /// Looks again at the processes [`Pipeline::inspect_at_exec`] has not
+    /// found an interpreter in yet.
+    pub fn retry_execs(&mut self, pyprocs: &mut BpfHashMap<MapData, u32, PyProc>) {
+        let now = Instant::now();
+        self.exec_retry_at = now + EXEC_RETRY_GAP;
+        let pids: Vec<u32> = self.exec_retries.keys().copied().collect();
+        for pid in pids {
+            let found = matches!(self.interps.get(&pid), Some(Interp::Python(_)));
+            let expired = self.exec_retries.get(&pid).is_none_or(|&end| end < now);
+            if found || expired || !procfs::exists(pid) {
+                self.exec_retries.remove(&pid);
+                continue;
+            }
+            self.inspect_now(pid, pyprocs);
+        }
+    }
+
+    /// One look at process `pid`, whose state is `Interp::Unknown`.
+    fn inspect(&mut self, pid: u32, pyprocs: &mut BpfHashMap<MapData, u32, PyProc>) {
+        let Some(state) = self.interps.get_mut(&pid) else {
+            return;
+        };
+        match python::inspect(pid) {
+            Ok(Some(py)) => {
+                let (major, minor) = py.version;
+                let entry = PyProc {
+                    runtime: py.runtime_addr,
+                    offsets: py.offsets,
+                };
+                match pyprocs.insert(pid, entry, 0) {
+                    Ok(()) => {
+                        info!("pid {pid} runs CPython {major}.{minor}: interpreter frames on")
                     }
-                    *state = Interp::Python(Box::new(py));
+                    Err(e) => warn!("cannot hand pid {pid}'s interpreter to the kernel: {e}"),
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    debug!("pid {pid}: {e}");
+                *state = Interp::Python(Box::new(py));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                debug!("pid {pid}: {e}");
+                if let Interp::Unknown { given_up, .. } = state {
                     *given_up = true;
                 }
             }
@@ -201,11 +309,11 @@ impl Pipeline {
     pub fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
-        parks_map: &mut BpfHashMap<MapData, u32, u64>,
+        maps: &mut RuntimeMaps,
         mut out: impl FnMut(Output),
     ) {
         while let Some(item) = ring.next() {
-            let output = self.process(&item, parks_map);
+            let output = self.process(&item, maps);
             // Release the ring-buffer slot before the (slow) output.
             drop(item);
             if let Some(o) = output {
@@ -215,11 +323,7 @@ impl Pipeline {
     }
 
     /// Handles one record.
-    pub fn process(
-        &mut self,
-        bytes: &[u8],
-        parks_map: &mut BpfHashMap<MapData, u32, u64>,
-    ) -> Option<Output> {
+    pub fn process(&mut self, bytes: &[u8], maps: &mut RuntimeMaps) -> Option<Output> {
         let record = match decode::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -235,7 +339,12 @@ impl Pipeline {
                 None
             }
             Record::Probe(p) => {
-                self.probe(p, parks_map);
+                self.probe(p, maps.parks);
+                None
+            }
+            Record::LoopFound { pid, tid } => {
+                debug!("tid {tid} of pid {pid} runs an event loop");
+                self.inspect_now(pid, maps.pyprocs);
                 None
             }
             Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
@@ -268,6 +377,7 @@ impl Pipeline {
     pub fn forget(&mut self, pid: u32) {
         self.stacks.forget(pid);
         self.interps.remove(&pid);
+        self.exec_retries.remove(&pid);
         self.process_names.remove(&pid);
         self.parks.retain(|_, (p, _)| *p != pid);
         self.user_stacks.retain(|_, u| u.pid != pid);
@@ -458,13 +568,7 @@ mod tests {
     use crate::event::Frame;
 
     fn unknown() -> Interp {
-        let now = Instant::now();
-        Interp::Unknown {
-            since: now,
-            next: now,
-            gap: Duration::from_millis(100),
-            given_up: false,
-        }
+        Interp::unknown(Instant::now())
     }
 
     fn user_stack(pid: u32, tid: u32) -> decode::UserStackRecord {

@@ -19,10 +19,12 @@ use crate::bpf::counters::{Counters, KERNEL_DROPS};
 use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
-use crate::pipeline::{Output, Pipeline};
+use crate::pipeline::{Output, Pipeline, RuntimeMaps};
 use crate::procfs;
+use crate::runtimes::python;
 use crate::session::notify::{sd_notify, watchdog_interval};
 use crate::session::rate_limit::RateLimit;
+use crate::session::trace::sleep_until;
 use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::{self, Overrides, Settings};
 use crate::targets::selector::{Container, Selector, cgroup_paths, container_of};
@@ -71,7 +73,7 @@ impl Rules {
 
     /// The rule for a process of this name, if it is to be watched.
     fn rule_for(&self, pid: u32, comm: &str) -> Option<WatchRule> {
-        if pid == std::process::id() || self.exclude.matches(comm) {
+        if self.exclude.matches(comm) || targets::is_blockwatch(pid) {
             return None;
         }
         if self.select.selects(pid, comm) {
@@ -96,7 +98,15 @@ fn runtime_of(pid: u32) -> &'static str {
     let exe = procfs::exe(pid)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    if maps_a("libpython") || exe.starts_with("python") {
+    // Mapping libpython is not enough (blockwatch itself maps it to
+    // symbolize): the interpreter must be initialised.
+    let python = || {
+        python::inspect(pid)
+            .ok()
+            .flatten()
+            .is_some_and(|py| py.is_initialised(pid))
+    };
+    if (maps_a("libpython") || exe.starts_with("python")) && python() {
         return "python";
     }
     if maps_a("libnode") || exe == "node" || exe == "nodejs" {
@@ -387,13 +397,18 @@ impl Daemon {
         let mut watchdog_tick =
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
+            let retry = self.pipeline.exec_retry_due();
             tokio::select! {
                 guard = self.session.ring.readable_mut() => {
                     let mut guard = guard?;
                     let (state, metrics) = (&mut self.state, &self.metrics);
-                    self.pipeline.drain(guard.get_inner_mut(), &mut self.session.maps.parks, |o| state.take(o, metrics));
+                    let mut maps = RuntimeMaps { parks: &mut self.session.maps.parks, pyprocs: &mut self.session.maps.pyprocs };
+                    self.pipeline.drain(guard.get_inner_mut(), &mut maps, |o| state.take(o, metrics));
                     guard.clear_ready();
                     self.after_drain();
+                }
+                _ = sleep_until(retry), if retry.is_some() => {
+                    self.pipeline.retry_execs(&mut self.session.maps.pyprocs);
                 }
                 _ = sigterm.recv() => return Ok(()),
                 _ = sigint.recv() => return Ok(()),
@@ -409,10 +424,19 @@ impl Daemon {
     fn after_drain(&mut self) {
         let state = &mut self.state;
         let mut maps = Tags::of(&mut self.session.maps);
+        let mut execd = Vec::new();
         for pid in std::mem::take(&mut state.to_watch) {
-            if let Some(rule) = procfs::comm(pid).and_then(|c| state.rules.rule_for(pid, &c)) {
+            let Some(comm) = procfs::comm(pid) else {
+                continue;
+            };
+            if let Some(rule) = state.rules.rule_for(pid, &comm) {
                 maps.watch(state, pid, rule);
+                execd.push(pid);
             }
+        }
+        for pid in execd {
+            self.pipeline
+                .inspect_at_exec(pid, &mut self.session.maps.pyprocs);
         }
         let now = Instant::now();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());

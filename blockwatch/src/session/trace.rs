@@ -11,7 +11,7 @@ use crate::bpf::LoopDetectors;
 use crate::bpf::counters::Counters;
 use crate::cli::TraceArgs;
 use crate::output::report::{OutputFormat, Reporter};
-use crate::pipeline::{Output, Pipeline};
+use crate::pipeline::{Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
@@ -67,6 +67,7 @@ impl Sink {
                 selector,
                 rule: args.threads.rule(false),
                 to_watch: Vec::new(),
+                execd: Vec::new(),
                 keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
             },
             threads_seen: HashSet::new(),
@@ -106,6 +107,8 @@ struct Watch {
     rule: blockwatch_common::WatchRule,
     /// Processes matched by a selector that exec'd since the last drain.
     to_watch: Vec<u32>,
+    /// Other processes that exec'd since the last drain (watched or not).
+    execd: Vec<u32>,
     /// The session ends otherwise (the command's exit, Ctrl-C for explicit
     /// threads), not when the explicit processes are gone.
     keep_open: bool,
@@ -113,8 +116,10 @@ struct Watch {
 
 impl Watch {
     fn on_exec(&mut self, pid: u32, comm: &str) {
-        if self.selector.selects(pid, comm) {
+        if self.selector.selects(pid, comm) && !targets::is_blockwatch(pid) {
             self.to_watch.push(pid);
+        } else {
+            self.execd.push(pid);
         }
     }
 
@@ -148,9 +153,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
 
     // Events of the last moments (a command's final blocking call) are
     // already in the ring buffer: report them before the summary.
-    pipeline.drain(session.ring.get_mut(), &mut session.maps.parks, |o| {
-        sink.take(o)
-    });
+    let mut maps = RuntimeMaps {
+        parks: &mut session.maps.parks,
+        pyprocs: &mut session.maps.pyprocs,
+    };
+    pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
     sink.check()?;
     let mut reporter = sink.reporter;
     for written in sink.pictures.write(started.elapsed())? {
@@ -223,8 +230,8 @@ async fn watch_targets(
             0,
         )?;
         for pid in procfs::pids() {
-            if pid != std::process::id()
-                && procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
+            if procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
+                && !targets::is_blockwatch(pid)
             {
                 maps.watch_process(pid, rule).ok();
             }
@@ -266,10 +273,12 @@ async fn watch_until_stop(
     let has_command = command.is_some();
 
     loop {
+        let retry = pipeline.exec_retry_due();
         tokio::select! {
             guard = session.ring.readable_mut() => {
                 let mut guard = guard?;
-                pipeline.drain(guard.get_inner_mut(), &mut session.maps.parks, |o| sink.take(o));
+                let mut maps = RuntimeMaps { parks: &mut session.maps.parks, pyprocs: &mut session.maps.pyprocs };
+                pipeline.drain(guard.get_inner_mut(), &mut maps, |o| sink.take(o));
                 guard.clear_ready();
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
@@ -277,7 +286,20 @@ async fn watch_until_stop(
                     if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }
+                    pipeline.inspect_at_exec(pid, &mut session.maps.pyprocs);
                 }
+                // A watched program that exec'd (the command, a child):
+                // an interpreter linked into the executable is found now,
+                // before its loop runs; a shared libpython, mapped later by
+                // the loader, when the kernel reports the loop.
+                for pid in std::mem::take(&mut sink.watch.execd) {
+                    if session.maps.watched.get(&pid, 0).is_ok() {
+                        pipeline.inspect_at_exec(pid, &mut session.maps.pyprocs);
+                    }
+                }
+            }
+            _ = sleep_until(retry), if retry.is_some() => {
+                pipeline.retry_execs(&mut session.maps.pyprocs);
             }
             _ = &mut ctrl_c => return Ok(Stop::Interrupted),
             _ = sigterm.recv() => return Ok(Stop::Interrupted),
@@ -293,6 +315,14 @@ async fn watch_until_stop(
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`; never, without a time.
+pub(crate) async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -68,6 +68,33 @@ impl ThreadsMode {
 }
 
 /// Checks that `pid` names a live process (not a thread).
+/// Whether process `pid` is this blockwatch or another one: blockwatch
+/// never watches itself, and a second blockwatch (a `trace` beside the
+/// daemon) is a profiler, not an application; both map libpython and wait
+/// in epoll like the loops they look for. Recognised by the executable's
+/// file (same inode as ours) or its name.
+pub fn is_blockwatch(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    if pid == std::process::id() {
+        return true;
+    }
+    let identity = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    if let (Some(theirs), Some(ours)) = (
+        identity(&format!("/proc/{pid}/exe")),
+        identity("/proc/self/exe"),
+    ) && theirs == ours
+    {
+        return true;
+    }
+    procfs::exe(pid).is_some_and(|exe| {
+        exe.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            // A replaced binary reads `blockwatch (deleted)`.
+            n == "blockwatch" || n == "blockwatch (deleted)"
+        })
+    })
+}
+
 pub fn validate_pid(pid: u32) -> Result<(), TargetError> {
     match procfs::tgid(pid) {
         None => Err(TargetError::NoSuchPid(pid)),
@@ -354,6 +381,38 @@ mod tests {
         assert_eq!(tag_for(&m, false), 0);
         assert_eq!(tag_for(&a, false), TAG_LOOP);
         assert_eq!(m.follow_children, 1);
+    }
+
+    #[test]
+    fn blockwatch_is_recognised_by_pid_and_executable() {
+        assert!(is_blockwatch(std::process::id()));
+        // Another process of this very binary: a fork that sleeps.
+        // SAFETY: the child only calls async-signal-safe sleep and _exit.
+        let twin = unsafe { libc::fork() };
+        if twin == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::sleep(5);
+                libc::_exit(0);
+            }
+        }
+        assert!(twin > 0, "fork");
+        let twin_is = is_blockwatch(twin as u32);
+        let mut other = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let other_is = is_blockwatch(other.id());
+        // SAFETY: kill and waitpid on our own child.
+        unsafe {
+            libc::kill(twin, libc::SIGKILL);
+            libc::waitpid(twin, std::ptr::null_mut(), 0);
+        }
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(twin_is);
+        assert!(!other_is);
+        assert!(!is_blockwatch(1));
     }
 
     #[test]

@@ -30,6 +30,11 @@
 //! | `cpu-hog`        | a task computes for 300 ms of CPU time (`cpu_hog`):    |
 //! |                  | a stall of its worker (stall tests)                    |
 //!
+//! And one with no warm-up, for discovery: `cold-workers` idles 300 ms (each
+//! worker parks once), then spawns three tasks that each call
+//! `std::thread::sleep(70ms)` in `sleep_on_cold_worker`: all three are
+//! reported, the first ones included.
+//!
 //! The file goes to
 //! `$TOKIO_BLOCKER_DIR`, else `/var/tmp` (a disk, where `/tmp` may be tmpfs
 //! and make fsync free), and is deleted afterwards. Prints nothing.
@@ -42,7 +47,7 @@ use std::time::Duration;
 
 const SCENARIOS: [&str; 5] = ["idle", "timer", "spawn-blocking", "sleep", "fsync"];
 /// Scenarios run only when named.
-const EXTRA_SCENARIOS: [&str; 3] = ["async-sleep", "exit-after-block", "cpu-hog"];
+const EXTRA_SCENARIOS: [&str; 4] = ["async-sleep", "exit-after-block", "cpu-hog", "cold-workers"];
 const FILE_SIZE: usize = 64 << 20;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -88,6 +93,16 @@ async fn run(name: &str) -> std::io::Result<()> {
             warm_up().await;
             tokio::spawn(async_fn_that_sleeps_then_exits()).await?
         }
+        "cold-workers" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let tasks: Vec<_> = (0..3)
+                .map(|_| tokio::spawn(async { sleep_on_cold_worker() }))
+                .collect();
+            for task in tasks {
+                task.await?;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         "cpu-hog" => {
             warm_up().await;
             tokio::spawn(async { cpu_hog(Duration::from_millis(300)) }).await?;
@@ -96,6 +111,16 @@ async fn run(name: &str) -> std::io::Result<()> {
         _ => unreachable!("checked in main"),
     }
     Ok(())
+}
+
+/// A blocking call on a worker that has parked only once so far.
+#[inline(never)]
+fn sleep_on_cold_worker() -> std::time::Instant {
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(70)));
+    // Used after the call, so the sleep is no tail call and this
+    // function keeps its frame.
+    std::hint::black_box(start)
 }
 
 /// Nothing to do: the workers park.

@@ -21,6 +21,16 @@
 //! `_Py_DebugOffsets` block at the start of `_PyRuntime`; when present it
 //! is preferred over the table, since it comes from the build that runs.
 //!
+//! A process is inspected when it execs a python executable (again every
+//! few milliseconds until the loader has mapped libpython) and when the
+//! kernel reports its first loop thread, so the kernel can walk the frames
+//! of the loop's first blocking call. One case stays unnamed: a process
+//! that exits right after its blocking call ends, before the event is
+//! read, takes its code objects with it (the frames are recorded but
+//! cannot be read). Naming those needs the names read while the call
+//! still blocks (a record at switch-out, costly for every short wait) or
+//! by the kernel (strings and line tables in BPF).
+//!
 //! By concern: `inspect` (finding the interpreter), `offsets` (the
 //! per-version layouts), `code` (code objects), `lines` (line tables),
 //! `mem` (reading the process through [`crate::procfs::mem`]).
@@ -76,6 +86,19 @@ impl PyProcess {
     pub fn runtime(&self) -> Option<Range<u64>> {
         (self.runtime_size > 0)
             .then(|| self.runtime_addr..self.runtime_addr.saturating_add(self.runtime_size))
+    }
+
+    /// Whether process `pid` runs this interpreter: it has a main
+    /// interpreter with at least one thread state. A process that only
+    /// maps libpython (to symbolize it, or an embedder that never called
+    /// `Py_Initialize`) has a zeroed `_PyRuntime` and is no Python program.
+    pub fn is_initialised(&self, pid: u32) -> bool {
+        let head = |addr: u64, off: u32| {
+            mem::read_u64(pid, addr.wrapping_add(u64::from(off))).filter(|&p| p != 0)
+        };
+        head(self.runtime_addr, self.offsets.runtime_interpreters_head)
+            .and_then(|interp| head(interp, self.offsets.interp_threads_head))
+            .is_some()
     }
 }
 

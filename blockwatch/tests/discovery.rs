@@ -1,0 +1,293 @@
+//! End to end: a loop's first blocking call is named. The kernel reports
+//! the moment a thread becomes a loop thread and blockwatch inspects the
+//! process for CPython at once (and at exec), not on a timer, so a
+//! coroutine that blocks 20-30 ms after its loop first idles still carries
+//! its Python frames: in `trace -- COMMAND`, in `trace --comm` for a
+//! process started later, and in `daemon --auto`, on every interpreter.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Run, repo_root, subject, trace, trace_with_timeout};
+
+const INTERPRETERS: &[&str] = &[
+    "/usr/bin/python3",
+    "/root/.pyenv/versions/3.10.13/bin/python3",
+    "/root/.pyenv/versions/3.11.7/bin/python3",
+    "/root/.pyenv/versions/3.12.1/bin/python3",
+    "/root/.pyenv/versions/3.13.0/bin/python3",
+];
+
+/// Runs of each case per interpreter: discovery races the program.
+const RUNS: usize = 3;
+
+fn interpreters() -> Vec<&'static str> {
+    let present: Vec<_> = INTERPRETERS
+        .iter()
+        .copied()
+        .filter(|p| Path::new(p).exists())
+        .collect();
+    assert!(!present.is_empty(), "no CPython interpreter found");
+    present
+}
+
+/// A symlink to `python` named `name` (the process's comm), in `dir`.
+fn alias(dir: &Path, python: &str, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    std::os::unix::fs::symlink(python, &path).unwrap();
+    path
+}
+
+/// The subject's one blocking call, named `early_block`.
+fn assert_named(run: &Run, comm: Option<&str>, what: &str) {
+    let sleeps = run.events_where(|e| e.class == "sleep" && comm.is_none_or(|c| e.comm == c));
+    assert_eq!(sleeps.len(), 1, "{what}\n{}", run.report());
+    let culprit = sleeps[0]
+        .culprit
+        .as_ref()
+        .and_then(|c| c.function.as_deref());
+    assert_eq!(
+        culprit,
+        Some("early_block"),
+        "{what}: the first blocking call carries its Python frames\n{}",
+        run.report()
+    );
+}
+
+#[test]
+fn first_blocking_call_is_named_under_trace_command() {
+    let _serial = common::setup();
+    let script = subject("python_early_block.py");
+    for python in interpreters() {
+        for delay in ["0.03", "0.02"] {
+            for n in 0..RUNS {
+                let run = trace(&["--", python, &script, delay]);
+                run.assert_success();
+                assert_named(&run, None, &format!("{python}, {delay} s, run {n}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn first_blocking_call_is_named_under_trace_comm() {
+    let _serial = common::setup();
+    let script = subject("python_early_block.py");
+    let dir = tempfile::tempdir().unwrap();
+    for python in interpreters() {
+        let exe = alias(dir.path(), python, "bwdiscovcomm");
+        let script = script.clone();
+        let starter = std::thread::spawn(move || {
+            // Started once trace is attached; RUNS times, one after another.
+            std::thread::sleep(Duration::from_millis(1500));
+            (0..RUNS).all(|_| {
+                Command::new(&exe)
+                    .args([script.as_str(), "0.02"])
+                    .current_dir(repo_root())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+        });
+        let run = trace_with_timeout(
+            &["--comm", "bwdiscovcomm", "--duration", "6s"],
+            Duration::from_secs(30),
+        );
+        assert!(starter.join().unwrap(), "{python}: the subject ran");
+        run.assert_success();
+        let sleeps = run.events_where(|e| e.class == "sleep" && e.comm == "bwdiscovcomm");
+        assert_eq!(sleeps.len(), RUNS, "{python}\n{}", run.report());
+        for e in sleeps {
+            assert_eq!(
+                e.culprit.as_ref().and_then(|c| c.function.as_deref()),
+                Some("early_block"),
+                "{python}: each run's first blocking call is named\n{}",
+                run.report()
+            );
+        }
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// `blockwatch daemon --auto`, serving metrics; killed when dropped.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn auto() -> Daemon {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_blockwatch"))
+            .args(["daemon", "--auto", "--listen", &addr.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start blockwatch daemon");
+        let d = Daemon {
+            child,
+            addr,
+            stderr,
+            _dir: dir,
+        };
+        let end = Instant::now() + Duration::from_secs(30);
+        while !(http_get(addr, "/healthz").is_some_and(|r| r.0 == 200)
+            && d.stderr().contains("blockwatch: watching"))
+        {
+            assert!(Instant::now() < end, "daemon not serving: {}", d.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        d
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(self.addr, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of the `blockwatch_blocking_events_total` series with these labels.
+fn events(metrics: &str, want: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l
+                .strip_prefix("blockwatch_blocking_events_total")?
+                .strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            want.iter()
+                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.trim().parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[test]
+fn first_blocking_call_is_named_under_daemon_auto() {
+    let _serial = common::setup();
+    let script = subject("python_early_block.py");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::auto();
+    for (i, python) in interpreters().into_iter().enumerate() {
+        let name = format!("bwdiscovauto{i}");
+        let exe = alias(dir.path(), python, &name);
+        for _ in 0..RUNS {
+            let ok = Command::new(&exe)
+                .args([script.as_str(), "0.02"])
+                .current_dir(repo_root())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "{python}: the subject ran");
+        }
+        let process = [("process", name.as_str()), ("class", "sleep")];
+        let end = Instant::now() + Duration::from_secs(15);
+        let mut m = d.metrics();
+        while events(&m, &process) < RUNS as f64 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(200));
+            m = d.metrics();
+        }
+        let named = [
+            ("process", name.as_str()),
+            ("class", "sleep"),
+            ("culprit", "early_block"),
+        ];
+        assert_eq!(
+            (events(&m, &process), events(&m, &named)),
+            (RUNS as f64, RUNS as f64),
+            "{python}: every run's first blocking call counted under culprit early_block\n{m}\n{}",
+            d.stderr()
+        );
+    }
+}
+
+/// A tokio worker is a known loop from its first park: with two workers
+/// that parked once (300 ms idle) and then three tasks that each
+/// `std::thread::sleep(70ms)`, every sleep is reported.
+#[test]
+fn tokio_workers_that_parked_once_report_every_blocking_call() {
+    let _serial = common::setup();
+    let bin = common::tokio_blocker();
+    for n in 0..RUNS {
+        let run = trace(&["--", &bin, "cold-workers"]);
+        run.assert_success();
+        let sleeps = run.events_where(|e| {
+            e.class == "sleep"
+                && e.culprit.as_ref().and_then(|c| c.function.as_deref())
+                    == Some("tokio_blocker::sleep_on_cold_worker")
+        });
+        assert_eq!(
+            sleeps.len(),
+            3,
+            "run {n}: the three 70 ms sleeps\n{}",
+            run.report()
+        );
+        assert!(
+            sleeps.iter().all(|e| (65.0..500.0).contains(&e.ms())),
+            "run {n}\n{}",
+            run.report()
+        );
+    }
+}
+
+/// `cargo xtask demo`'s first event (the first `time.sleep(0.15)` of
+/// examples/asyncio-demo.py) names its Python culprit.
+#[test]
+fn the_demos_first_event_names_its_culprit() {
+    let _serial = common::setup();
+    let script = repo_root().join("examples/asyncio-demo.py");
+    let script = script.to_str().expect("UTF-8 path");
+    for n in 0..RUNS {
+        let run = trace(&["--", common::PYTHON, script]);
+        run.assert_success();
+        let first = run.events.first();
+        assert_eq!(
+            first.and_then(|e| e.culprit.as_ref()?.function.as_deref()),
+            Some("rate_limited_lookup"),
+            "run {n}: the first event\n{}",
+            run.report()
+        );
+    }
+}
