@@ -68,10 +68,16 @@ impl StackBuilder {
     ) -> Vec<Frame> {
         let mut stack = self.sym.symbolize(pid, ips);
         // JIT code has no ELF symbols: its perf map, if it writes one.
-        for (i, f) in stack.iter_mut().enumerate() {
-            if f.function.is_none() && !f.inlined {
-                let addr = if i == 0 { f.address } else { f.address - 1 };
-                f.function = self.perf_maps.lookup(pid, addr);
+        let jit: Vec<usize> = (0..stack.len())
+            .filter(|&i| stack[i].function.is_none() && !stack[i].inlined)
+            .collect();
+        if !jit.is_empty() {
+            let addrs: Vec<u64> = jit
+                .iter()
+                .map(|&i| stack[i].address - u64::from(i > 0))
+                .collect();
+            for (i, name) in jit.into_iter().zip(self.perf_maps.names(pid, &addrs)) {
+                stack[i].function = name;
             }
         }
         let Some(interp) = interp else {
