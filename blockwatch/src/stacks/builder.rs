@@ -8,6 +8,7 @@ use blockwatch_common::PyFrameRef;
 
 use crate::event::{Frame, FrameKind};
 use crate::ingest::decode::UserStackRecord;
+use crate::runtimes::node::{self, V8Layouts};
 use crate::runtimes::python::{CodeReader, PyProcess};
 use crate::stacks::perfmap::PerfMaps;
 use crate::stacks::symbolize::Symbolizer;
@@ -20,6 +21,10 @@ pub struct StackBuilder {
     unwinder: StackUnwinder,
     perf_maps: PerfMaps,
     code: CodeReader,
+    v8: V8Layouts,
+    /// The stack copy of the last [`StackBuilder::native`] call, for the
+    /// frames of the same event (V8 frames are read through it).
+    copy: Option<UserStackRecord>,
 }
 
 impl Default for StackBuilder {
@@ -35,6 +40,8 @@ impl StackBuilder {
             unwinder: StackUnwinder::new(),
             perf_maps: PerfMaps::new(),
             code: CodeReader::new(),
+            v8: V8Layouts::new(),
+            copy: None,
         }
     }
 
@@ -53,6 +60,7 @@ impl StackBuilder {
     /// walk `fp`, or the DWARF walk of the stack `copy` taken with it (see
     /// [`crate::stacks::unwind::choose`]).
     pub fn native(&mut self, pid: u32, fp: &[u64], copy: Option<&UserStackRecord>) -> Vec<u64> {
+        self.copy = copy.cloned();
         self.unwinder.stack(&mut self.sym, pid, fp, copy)
     }
 
@@ -67,6 +75,13 @@ impl StackBuilder {
         interp: Option<&PyProcess>,
     ) -> Vec<Frame> {
         let mut stack = self.sym.symbolize(pid, ips);
+        let copy = self
+            .copy
+            .take()
+            .filter(|c| c.pid == pid && ips.first() == Some(&c.ip));
+        if let Some(copy) = copy {
+            self.js_frames(pid, ips, &copy, &mut stack);
+        }
         // JIT code has no ELF symbols: its perf map, if it writes one.
         let jit: Vec<usize> = (0..stack.len())
             .filter(|&i| stack[i].function.is_none() && !stack[i].inlined)
@@ -104,6 +119,38 @@ impl StackBuilder {
         stack
     }
 
+    /// Names the frames V8 runs JavaScript in (JIT code, which has no
+    /// symbol, and V8's builtins such as the interpreter's trampoline)
+    /// from V8's own frames, when the process runs V8. Perf maps, read
+    /// after, name what this could not.
+    fn js_frames(&mut self, pid: u32, ips: &[u64], copy: &UserStackRecord, stack: &mut [Frame]) {
+        let v8_code = |f: &Frame| {
+            !f.inlined
+                && f.function
+                    .as_deref()
+                    .is_none_or(|n| n.starts_with("Builtins_"))
+        };
+        // Symbolization expands inlined frames: V8 code is never inlined
+        // into anything, so frame k of `ips` is the k-th frame not inlined.
+        let outer: Vec<usize> = (0..stack.len()).filter(|&i| !stack[i].inlined).collect();
+        if outer.len() != ips.len() || !stack.iter().any(v8_code) {
+            return;
+        }
+        let Some(layout) = self.v8.of(pid) else {
+            return;
+        };
+        let wanted = |k: usize| v8_code(&stack[outer[k]]);
+        let named = node::js_functions(&layout, &node::Process(pid), copy, ips, wanted);
+        for (k, f) in named.into_iter().enumerate() {
+            if let Some(f) = f {
+                let frame = &mut stack[outer[k]];
+                frame.function = Some(f.label());
+                frame.module = (!f.script.is_empty()).then(|| f.script.clone());
+                frame.file = frame.module.clone();
+            }
+        }
+    }
+
     fn python_frame(&mut self, pid: u32, interp: &PyProcess, r: &PyFrameRef) -> Frame {
         let frame = Frame {
             address: r.code,
@@ -129,6 +176,7 @@ impl StackBuilder {
         self.unwinder.forget(pid);
         self.perf_maps.forget(pid);
         self.code.forget(pid);
+        self.v8.forget(pid);
     }
 
     /// Whether anything of `pid` is kept (its maps snapshot, perf map).

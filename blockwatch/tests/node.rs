@@ -1,0 +1,126 @@
+//! End-to-end tests of Node with no flags: JavaScript functions are named
+//! from V8's own frames (the `v8dbg_*` layout in the node binary and the
+//! frame pointers V8 keeps), with the default stack copy; execSync's wait
+//! is a child-process wait. The real binary, as root, on the real kernel;
+//! run with `sudo -E cargo xtask test`.
+
+mod common;
+
+use common::{Event, Run, subject, trace};
+
+fn functions(e: &Event) -> Vec<&str> {
+    e.stack
+        .iter()
+        .map(|f| f.function.as_deref().unwrap_or("??"))
+        .collect()
+}
+
+fn culprit_function(e: &Event) -> &str {
+    e.culprit
+        .as_ref()
+        .and_then(|f| f.function.as_deref())
+        .unwrap_or("")
+}
+
+fn stacks_of(run: &Run) -> String {
+    run.events
+        .iter()
+        .map(|e| format!("{}\n    {}", e.summary(), functions(e).join("\n    ")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// subjects/node_no_flags.js under plain `node`: the execSync and the
+/// readFileSync, each in a function called once (interpreted, never
+/// compiled), are named by that function, and Node's own library code
+/// under it is named too but is not the culprit.
+#[test]
+fn plain_node_names_the_js_functions_that_block() {
+    let _serial = common::setup();
+    let dir = tempfile::tempdir().expect("a temporary folder");
+    let fifo = dir.path().join("settings.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let run = trace(&[
+        "--",
+        "node",
+        &subject("node_no_flags.js"),
+        fifo.to_str().expect("UTF-8 path"),
+    ]);
+    run.assert_success();
+
+    let execs = run.events_where(|e| e.syscall.as_deref() == Some("epoll_pwait"));
+    assert_eq!(execs.len(), 1, "the one execSync\n{}", run.report());
+    let e = execs[0];
+    assert_eq!(
+        e.class,
+        "process",
+        "execSync waits for a child\n{}",
+        e.summary()
+    );
+    assert!(
+        culprit_function(e).starts_with("rarelyRunReport ")
+            && culprit_function(e).ends_with("node_no_flags.js"),
+        "execSync's caller is the culprit, with its script; got {:?}\n{}",
+        e.culprit,
+        stacks_of(&run)
+    );
+    assert!(
+        functions(e)
+            .iter()
+            .any(|f| f.starts_with("execSync node:child_process")),
+        "Node's own execSync is named, under the culprit\n{}",
+        stacks_of(&run)
+    );
+    assert!(
+        functions(e).iter().any(|f| f.starts_with("main ")),
+        "the stack goes on to the async main() that called it\n{}",
+        stacks_of(&run)
+    );
+
+    let reads = run.events_where(|e| e.class == "file");
+    assert_eq!(reads.len(), 1, "the one readFileSync\n{}", run.report());
+    assert!(
+        culprit_function(reads[0]).starts_with("loadSettingsOnce "),
+        "readFileSync's caller is the culprit; got {:?}\n{}",
+        reads[0].culprit,
+        stacks_of(&run)
+    );
+    assert!(
+        functions(reads[0])
+            .iter()
+            .any(|f| f.starts_with("readFileSync node:fs")),
+        "{}",
+        stacks_of(&run)
+    );
+}
+
+/// subjects/node_blocker.js under plain `node`: both execSync waits are
+/// class process and named by their JS caller, and Atomics.wait by its own.
+#[test]
+fn plain_node_exec_sync_is_a_process_wait_named_by_its_caller() {
+    let _serial = common::setup();
+    let run = trace(&["--", "node", &subject("node_blocker.js")]);
+    run.assert_success();
+    let execs = run.events_where(|e| e.syscall.as_deref() == Some("epoll_pwait"));
+    assert_eq!(execs.len(), 2, "the two execSync\n{}", run.report());
+    for e in &execs {
+        assert_eq!(e.class, "process", "{}", e.summary());
+        assert!(
+            culprit_function(e).starts_with("blockingExecSync "),
+            "got {:?}\n{}",
+            e.culprit,
+            stacks_of(&run)
+        );
+    }
+    let locks = run.events_where(|e| e.class == "lock");
+    assert_eq!(locks.len(), 1, "{}", run.report());
+    assert!(
+        culprit_function(locks[0]).starts_with("blockingAtomicsWait "),
+        "{}",
+        stacks_of(&run)
+    );
+}
