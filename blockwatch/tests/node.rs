@@ -124,3 +124,30 @@ fn plain_node_exec_sync_is_a_process_wait_named_by_its_caller() {
         stacks_of(&run)
     );
 }
+
+/// subjects/node_stall.js under plain `node`: a timer callback computing
+/// for ~300 ms is one stall named by its JS function (read from the live
+/// stack while the samples arrive).
+#[test]
+fn plain_node_cpu_bound_handler_is_a_stall_named_by_its_function() {
+    let _serial = common::setup();
+    let run = trace(&["--", "node", &subject("node_stall.js")]);
+    run.assert_success();
+    let stalls = run.events_where(|e| e.class == "stall");
+    assert_eq!(stalls.len(), 1, "exactly the cpuHog(300)\n{}", run.report());
+    let e = stalls[0];
+    assert!(
+        culprit_function(e).starts_with("cpuHog ")
+            && culprit_function(e).ends_with("node_stall.js"),
+        "the JS function is the culprit; got {:?}\n{}",
+        e.culprit,
+        stacks_of(&run)
+    );
+    assert!(
+        functions(e)
+            .iter()
+            .any(|f| f.starts_with("listOnTimeout node:internal/timers")),
+        "Node's timers called it\n{}",
+        stacks_of(&run)
+    );
+}

@@ -391,6 +391,7 @@ impl Pipeline {
     fn loop_record(&mut self, r: LoopRecord) -> Option<Event> {
         match r.kind {
             LoopKind::Sample => {
+                self.stacks.sampled(r.pid, r.tid, &r.ips);
                 self.loops.sample(r);
                 None
             }

@@ -8,7 +8,9 @@ use blockwatch_common::PyFrameRef;
 
 use crate::event::{Frame, FrameKind};
 use crate::ingest::decode::UserStackRecord;
-use crate::runtimes::node::{self, V8Layouts};
+use std::collections::HashMap;
+
+use crate::runtimes::node::{self, JsFunction, V8Layouts};
 use crate::runtimes::python::{CodeReader, PyProcess};
 use crate::stacks::perfmap::PerfMaps;
 use crate::stacks::symbolize::Symbolizer;
@@ -25,7 +27,14 @@ pub struct StackBuilder {
     /// The stack copy of the last [`StackBuilder::native`] call, for the
     /// frames of the same event (V8 frames are read through it).
     copy: Option<UserStackRecord>,
+    /// JS functions of stall samples, read when each sample arrived (the
+    /// thread was still running them), by process and stack.
+    sampled: HashMap<(u32, Vec<u64>), Vec<Option<JsFunction>>>,
 }
+
+/// Sampled stacks whose JS functions are kept until their stall is
+/// reported (a stall has a few dozen samples).
+const MAX_SAMPLED: usize = 4096;
 
 impl Default for StackBuilder {
     fn default() -> Self {
@@ -42,6 +51,7 @@ impl StackBuilder {
             code: CodeReader::new(),
             v8: V8Layouts::new(),
             copy: None,
+            sampled: HashMap::new(),
         }
     }
 
@@ -79,9 +89,7 @@ impl StackBuilder {
             .copy
             .take()
             .filter(|c| c.pid == pid && ips.first() == Some(&c.ip));
-        if let Some(copy) = copy {
-            self.js_frames(pid, ips, &copy, &mut stack);
-        }
+        self.js_frames(pid, ips, copy.as_ref(), &mut stack);
         // JIT code has no ELF symbols: its perf map, if it writes one.
         let jit: Vec<usize> = (0..stack.len())
             .filter(|&i| stack[i].function.is_none() && !stack[i].inlined)
@@ -119,11 +127,41 @@ impl StackBuilder {
         stack
     }
 
+    /// A stall sample of thread `tid` just arrived: when it is a main
+    /// thread running V8, its JS functions are read from its live stack
+    /// now, while it still runs them, for when the stall is reported.
+    pub fn sampled(&mut self, pid: u32, tid: u32, ips: &[u64]) {
+        // Only a main thread's stack is known without a copy ([stack]).
+        if pid != tid || ips.len() < 2 || self.sampled.contains_key(&(pid, ips.to_vec())) {
+            return;
+        }
+        let Some(layout) = self.v8.of(pid) else {
+            return;
+        };
+        let Some(live) = node::live_main_stack(pid) else {
+            return;
+        };
+        let named = node::js_functions(&layout, &node::Process(pid), &live, ips, |_| true);
+        if named.iter().any(Option::is_some) {
+            if self.sampled.len() >= MAX_SAMPLED {
+                self.sampled.clear();
+            }
+            self.sampled.insert((pid, ips.to_vec()), named);
+        }
+    }
+
     /// Names the frames V8 runs JavaScript in (JIT code, which has no
     /// symbol, and V8's builtins such as the interpreter's trampoline)
-    /// from V8's own frames, when the process runs V8. Perf maps, read
-    /// after, name what this could not.
-    fn js_frames(&mut self, pid: u32, ips: &[u64], copy: &UserStackRecord, stack: &mut [Frame]) {
+    /// from V8's own frames, when the process runs V8: through the
+    /// event's stack copy, or as read when a stall sample arrived. Perf
+    /// maps, read after, name what this could not.
+    fn js_frames(
+        &mut self,
+        pid: u32,
+        ips: &[u64],
+        copy: Option<&UserStackRecord>,
+        stack: &mut [Frame],
+    ) {
         let v8_code = |f: &Frame| {
             !f.inlined
                 && f.function
@@ -136,17 +174,29 @@ impl StackBuilder {
         if outer.len() != ips.len() || !stack.iter().any(v8_code) {
             return;
         }
-        let Some(layout) = self.v8.of(pid) else {
-            return;
+        let named = match copy {
+            Some(copy) => {
+                let Some(layout) = self.v8.of(pid) else {
+                    return;
+                };
+                let wanted = |k: usize| v8_code(&stack[outer[k]]);
+                node::js_functions(&layout, &node::Process(pid), copy, ips, wanted)
+            }
+            None => match self.sampled.get(&(pid, ips.to_vec())) {
+                Some(named) => named.clone(),
+                None => return,
+            },
         };
-        let wanted = |k: usize| v8_code(&stack[outer[k]]);
-        let named = node::js_functions(&layout, &node::Process(pid), copy, ips, wanted);
         for (k, f) in named.into_iter().enumerate() {
-            if let Some(f) = f {
+            if let Some(f) = f
+                && v8_code(&stack[outer[k]])
+            {
                 let frame = &mut stack[outer[k]];
                 frame.function = Some(f.label());
-                frame.module = (!f.script.is_empty()).then(|| f.script.clone());
-                frame.file = frame.module.clone();
+                // The script is the module; no file: the label already
+                // names the script, and there is no line yet.
+                frame.module = (!f.script.is_empty()).then_some(f.script);
+                frame.file = None;
             }
         }
     }
@@ -177,6 +227,7 @@ impl StackBuilder {
         self.perf_maps.forget(pid);
         self.code.forget(pid);
         self.v8.forget(pid);
+        self.sampled.retain(|(p, _), _| *p != pid);
     }
 
     /// Whether anything of `pid` is kept (its maps snapshot, perf map).

@@ -270,6 +270,32 @@ pub fn js_functions<M: Memory>(
         .collect()
 }
 
+/// Most bytes of a live main-thread stack read for a stall sample: deep
+/// enough for Node's startup frames, the loop and the JavaScript it runs.
+const LIVE_STACK_BYTES: u64 = 256 << 10;
+
+/// The used top of process `pid`'s main-thread stack (its `[stack]`
+/// mapping), read now, as a stack copy: what a stall sample of a thread
+/// still busy is named from, since samples carry no copy of their own.
+/// Older frames below the live ones may be in it too; they were made by
+/// the same calls, so they name the same functions.
+pub fn live_main_stack(pid: u32) -> Option<UserStackRecord> {
+    let maps = procfs::maps::read(pid).ok()?;
+    let stack = maps.iter().find(|m| m.name() == "[stack]")?;
+    let start = stack.end.saturating_sub(LIVE_STACK_BYTES).max(stack.start);
+    let mut bytes = vec![0u8; (stack.end - start) as usize];
+    procfs::mem::read(pid, start, &mut bytes).then_some(())?;
+    Some(UserStackRecord {
+        pid,
+        tid: pid,
+        start_ns: 0,
+        ip: 0,
+        sp: start,
+        bp: 0,
+        stack: bytes,
+    })
+}
+
 /// The V8 layout of each process that runs V8, read from its executable
 /// once per binary.
 #[derive(Default)]
