@@ -151,3 +151,44 @@ fn plain_node_cpu_bound_handler_is_a_stall_named_by_its_function() {
         stacks_of(&run)
     );
 }
+
+/// Perf maps, Node's second source, read right when a JIT reuses code
+/// space: an old line (a larger start, still covering the address) and
+/// the newest line both cover a trampoline, and the newest names it, even
+/// when the map grew after blockwatch first read it. Node's frames are
+/// named from V8 before any perf map is asked, so this runs CPython 3.12's
+/// `-X perf` trampolines, which only the map names
+/// (subjects/perf_map_reuse.py writes the lines over its own trampoline).
+#[test]
+fn perf_map_code_space_reuse_names_the_newest_entry() {
+    let _serial = common::setup();
+    let python = "/root/.pyenv/versions/3.12.1/bin/python3";
+    assert!(std::path::Path::new(python).exists(), "no {python}");
+    let run = trace(&["--", python, "-X", "perf", &subject("perf_map_reuse.py")]);
+    run.assert_success();
+    let sleeps = run.events_where(|e| e.class == "sleep");
+    assert_eq!(sleeps.len(), 2, "{}", run.report());
+    let trampolines = |e: &Event| -> Vec<String> {
+        functions(e)
+            .into_iter()
+            .filter(|f| f.starts_with("py::") && f.contains("perf_map_reuse.py"))
+            .map(str::to_string)
+            .collect()
+    };
+    for e in &sleeps {
+        assert!(
+            !functions(e).iter().any(|f| f.contains("duplex_stale")),
+            "the older line never names the address\n{}",
+            stacks_of(&run)
+        );
+    }
+    // The first may be named before or after the map grew (blockwatch may
+    // read it late); the second is named after.
+    assert!(
+        trampolines(sleeps[1])
+            .iter()
+            .any(|f| f.starts_with("py::handle_login_recompiled:")),
+        "the newest line names the trampoline\n{}",
+        stacks_of(&run)
+    );
+}
