@@ -1,15 +1,16 @@
 //! One stack builder for every detector's events (blocking waits, strict
 //! calls, stall samples): the native walk (the kernel's frame pointers or
-//! the DWARF unwinder's walk of a stack copy), its symbols, JIT names from
-//! perf maps, and the CPython frames placed where the interpreter's
-//! evaluation loop is on the native stack.
+//! the DWARF unwinder's walk of a stack copy), its symbols, Node's
+//! JavaScript functions from V8's frames, other JIT names from perf maps,
+//! and the CPython frames placed where the interpreter's evaluation loop is
+//! on the native stack.
+
+use std::collections::HashMap;
 
 use blockwatch_common::PyFrameRef;
 
 use crate::event::{Frame, FrameKind};
 use crate::ingest::decode::UserStackRecord;
-use std::collections::HashMap;
-
 use crate::runtimes::node::{self, JsFunction, V8Layouts};
 use crate::runtimes::python::{CodeReader, PyProcess};
 use crate::stacks::perfmap::PerfMaps;
