@@ -7,12 +7,9 @@ pub const MAX_FRAMES: usize = 127;
 /// Most bytes of user stack copied per blocking wait (see
 /// [`UserStack`](crate::UserStack)).
 pub const MAX_USER_STACK: usize = 32 * 1024;
-/// Bytes of user stack copied per blocking wait unless configured otherwise.
-/// Node's `execSync` waits in a nested libuv loop whose poll keeps 12 KiB
-/// of events on the stack: 16 KiB stops in Node's C++, 32 KiB reaches the
-/// JavaScript that called it. Only the pages the stack has are copied, and
-/// only for non-idle waits.
-pub const DEFAULT_USER_STACK: u32 = 32 * 1024;
+/// Bytes of user stack copied per blocking wait unless configured otherwise
+/// (a wait in a nested event loop copies [`MAX_USER_STACK`]).
+pub const DEFAULT_USER_STACK: u32 = 16 * 1024;
 
 /// A user stack captured at switch-out, kept per TID in `STACKS` until the
 /// thread runs again; also the per-CPU scratch of the frame walks.

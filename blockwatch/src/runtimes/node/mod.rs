@@ -309,20 +309,29 @@ impl V8Layouts {
         Self::default()
     }
 
-    /// Process `pid`'s V8 layout, if its executable carries one.
+    /// Process `pid`'s V8 layout, if its executable carries one, or the
+    /// libnode it maps (Debian's node is a small executable over libnode).
     pub fn of(&mut self, pid: u32) -> Option<Arc<Layout>> {
         if let Some(l) = self.by_pid.get(&pid) {
             return l.clone();
         }
-        let layout = self.read(pid);
+        // /proc/PID/exe and map_files open the very binaries the process
+        // runs, inside another mount namespace or replaced on disk.
+        let layout = self
+            .read(pid, format!("/proc/{pid}/exe").into())
+            .or_else(|| {
+                let maps = procfs::maps::read(pid).ok()?;
+                let libnode = maps
+                    .iter()
+                    .find(|m| m.path().is_some_and(|p| p.contains("/libnode.so")))?;
+                self.read(pid, libnode.map_files(pid))
+            });
         self.by_pid.insert(pid, layout.clone());
         layout
     }
 
-    fn read(&mut self, pid: u32) -> Option<Arc<Layout>> {
-        // /proc/PID/exe opens the binary even inside another mount
-        // namespace, or after it was replaced on disk.
-        let file = std::fs::File::open(format!("/proc/{pid}/exe")).ok()?;
+    fn read(&mut self, pid: u32, path: std::path::PathBuf) -> Option<Arc<Layout>> {
+        let file = std::fs::File::open(path).ok()?;
         let meta = file.metadata().ok()?;
         self.by_binary
             .entry((meta.dev(), meta.ino()))
