@@ -172,7 +172,14 @@ impl StackBuilder {
         // Symbolization expands inlined frames: V8 code is never inlined
         // into anything, so frame k of `ips` is the k-th frame not inlined.
         let outer: Vec<usize> = (0..stack.len()).filter(|&i| !stack[i].inlined).collect();
-        if outer.len() != ips.len() || !stack.iter().any(v8_code) {
+        // V8's builtins (entry, trampolines) are on every stack that
+        // reaches JavaScript: other processes are never looked into.
+        let builtins = stack.iter().any(|f| {
+            f.function
+                .as_deref()
+                .is_some_and(|n| n.starts_with("Builtins_"))
+        });
+        if outer.len() != ips.len() || !builtins {
             return;
         }
         let named = match copy {
@@ -189,8 +196,11 @@ impl StackBuilder {
             },
         };
         for (k, f) in named.into_iter().enumerate() {
+            // No name and no script: V8's own closures (an await's
+            // resumption); the frame keeps what it had.
             if let Some(f) = f
                 && v8_code(&stack[outer[k]])
+                && !(f.name.is_empty() && f.script.is_empty())
             {
                 let frame = &mut stack[outer[k]];
                 frame.function = Some(f.label());
