@@ -7,7 +7,8 @@ pub const MAX_FRAMES: usize = 127;
 /// Most bytes of user stack copied per blocking wait (see
 /// [`UserStack`](crate::UserStack)).
 pub const MAX_USER_STACK: usize = 32 * 1024;
-/// Bytes of user stack copied per blocking wait unless configured otherwise.
+/// Bytes of user stack copied per blocking wait unless configured otherwise
+/// (a wait in a nested event loop copies [`MAX_USER_STACK`]).
 pub const DEFAULT_USER_STACK: u32 = 16 * 1024;
 
 /// A user stack captured at switch-out, kept per TID in `STACKS` until the

@@ -5,6 +5,7 @@
 use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
 use blockwatch_common::{
     Counter, MAX_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, ThreadTag, UserStack,
+    x86_64::is_epoll_wait,
 };
 
 use crate::{
@@ -66,9 +67,15 @@ fn user_stack_entry(tid: u32) -> Option<&'static mut UserStack> {
 /// could be copied.
 #[inline(always)]
 pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
-    let want = user_stack_size();
+    let mut want = user_stack_size();
     if want == 0 {
         return;
+    }
+    // An epoll wait that is not idle is on another epoll instance than the
+    // loop's own: a nested event loop (Node's execSync runs one), whose
+    // poll keeps 12 KiB of events on the stack above its caller.
+    if is_epoll_wait(tag.syscall) {
+        want = MAX_USER_STACK;
     }
     let Some(v) = user_stack_entry(tid) else {
         count(Counter::LostUserStacks);

@@ -21,7 +21,7 @@
 //!   writes (xattr sets, `utimensat`, `file_setattr`) are `file`, like
 //!   `chmod`.
 
-use crate::event::Class;
+use crate::event::{Class, Frame};
 
 /// Syscalls 0..=336, in order (`syscall_64.tbl`). Numbers 337..=423 are
 /// unused on x86-64 (387..=423 are reserved to keep the tables of all
@@ -556,6 +556,27 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
     }
 }
 
+/// The class of a wait given the stack it was waited from, when the stack
+/// says more than the syscall: Node's `execSync`/`spawnSync` wait for their
+/// child in a private libuv loop (its own epoll instance, a pipe read), which
+/// the syscall alone calls `net` or `other`, but it is a child-process wait.
+pub fn refine_by_stack(class: Class, stack: &[Frame]) -> Class {
+    if matches!(class, Class::Net | Class::Other) && stack.iter().any(is_sync_child_wait) {
+        Class::Process
+    } else {
+        class
+    }
+}
+
+/// Node's synchronous child-process machinery: the C++ runner, or the JS
+/// `spawnSync` it is called from (named from V8's frames or a perf map).
+fn is_sync_child_wait(f: &Frame) -> bool {
+    f.function.as_deref().is_some_and(|n| {
+        n.contains("node::SyncProcessRunner::")
+            || n.split([' ', ':', '~', '*']).any(|w| w == "spawnSync")
+    })
+}
+
 /// Syscalls of one class whose class follows from their name, and
 /// whether `--strict` counts them.
 struct Group {
@@ -783,6 +804,44 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 300, "only {checked} syscalls found in the header");
+    }
+
+    #[test]
+    fn node_sync_child_process_waits_are_process() {
+        let frame = |name: &str| Frame {
+            function: Some(name.to_string()),
+            ..Frame::default()
+        };
+        let exec_sync = [
+            frame("epoll_pwait"),
+            frame("uv_run"),
+            frame("node::SyncProcessRunner::TryInitializeAndRunLoop(v8::Local<v8::Value>)"),
+            frame("node::SyncProcessRunner::Run(v8::Local<v8::Value>)"),
+        ];
+        assert_eq!(refine_by_stack(Class::Net, &exec_sync), Class::Process);
+        assert_eq!(refine_by_stack(Class::Other, &exec_sync), Class::Process);
+        // Only the JS frames reached (perf map or V8 names).
+        for js in [
+            "spawnSync",
+            "LazyCompile:~spawnSync node:child_process:843",
+            "JS:*spawnSync",
+        ] {
+            let stack = [
+                frame("epoll_pwait"),
+                frame("Builtins_CallApiCallback"),
+                frame(js),
+            ];
+            assert_eq!(refine_by_stack(Class::Net, &stack), Class::Process, "{js}");
+        }
+        // A lock stays a lock; a loop's own epoll under other code stays net.
+        assert_eq!(refine_by_stack(Class::Lock, &exec_sync), Class::Lock);
+        let other = [
+            frame("epoll_pwait"),
+            frame("uv_run"),
+            frame("mySpawnSyncHelper"),
+        ];
+        assert_eq!(refine_by_stack(Class::Net, &other), Class::Net);
+        assert_eq!(refine_by_stack(Class::Net, &[]), Class::Net);
     }
 
     #[test]

@@ -173,7 +173,8 @@ pub struct DaemonArgs {
 
     /// Bytes of a blocked thread's user stack copied for DWARF unwinding
     /// (code without frame pointers), at most 32768; 0 uses frame
-    /// pointers only [default: 16384]. Read at start (a reload does not
+    /// pointers only [default: 16384]. A wait in a nested event loop
+    /// (Node's execSync) copies 32768. Read at start (a reload does not
     /// change it).
     #[arg(long, value_name = "BYTES", value_parser = parse_user_stack_size)]
     pub user_stack_size: Option<u32>,

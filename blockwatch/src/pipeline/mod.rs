@@ -432,7 +432,7 @@ impl Pipeline {
             .map(|l| FdKind::from_link(&l));
         let runtime = python_of(&self.interps, b.pid).and_then(PyProcess::runtime);
         let class = gil::refine(
-            syscalls::classify(b.syscall, &b.args, fd_kind),
+            syscalls::refine_by_stack(syscalls::classify(b.syscall, &b.args, fd_kind), &stack),
             b.syscall,
             b.args[0],
             runtime,
@@ -501,6 +501,7 @@ impl Pipeline {
     fn loop_record(&mut self, r: LoopRecord) -> Option<Event> {
         match r.kind {
             LoopKind::Sample => {
+                self.stacks.sampled(r.pid, r.tid, &r.ips);
                 self.loops.sample(r);
                 None
             }

@@ -1,4 +1,5 @@
 //! What blockwatch knows about each runtime that the kernel cannot.
 
+pub mod node;
 pub mod python;
 pub mod tokio;

@@ -1,13 +1,17 @@
 //! One stack builder for every detector's events (blocking waits, strict
 //! calls, stall samples): the native walk (the kernel's frame pointers or
-//! the DWARF unwinder's walk of a stack copy), its symbols, JIT names from
-//! perf maps, and the CPython frames placed where the interpreter's
-//! evaluation loop is on the native stack.
+//! the DWARF unwinder's walk of a stack copy), its symbols, Node's
+//! JavaScript functions from V8's frames, other JIT names from perf maps,
+//! and the CPython frames placed where the interpreter's evaluation loop is
+//! on the native stack.
+
+use std::collections::HashMap;
 
 use blockwatch_common::PyFrameRef;
 
 use crate::event::{Frame, FrameKind};
 use crate::ingest::decode::UserStackRecord;
+use crate::runtimes::node::{self, JsFunction, V8Layouts};
 use crate::runtimes::python::{CodeReader, PyProcess};
 use crate::stacks::perfmap::PerfMaps;
 use crate::stacks::symbolize::Symbolizer;
@@ -20,7 +24,18 @@ pub struct StackBuilder {
     unwinder: StackUnwinder,
     perf_maps: PerfMaps,
     code: CodeReader,
+    v8: V8Layouts,
+    /// The stack copy of the last [`StackBuilder::native`] call, for the
+    /// frames of the same event (V8 frames are read through it).
+    copy: Option<UserStackRecord>,
+    /// JS functions of stall samples, read when each sample arrived (the
+    /// thread was still running them), by process and stack.
+    sampled: HashMap<(u32, Vec<u64>), Vec<Option<JsFunction>>>,
 }
+
+/// Sampled stacks whose JS functions are kept until their stall is
+/// reported (a stall has a few dozen samples).
+const MAX_SAMPLED: usize = 4096;
 
 impl Default for StackBuilder {
     fn default() -> Self {
@@ -35,6 +50,9 @@ impl StackBuilder {
             unwinder: StackUnwinder::new(),
             perf_maps: PerfMaps::new(),
             code: CodeReader::new(),
+            v8: V8Layouts::new(),
+            copy: None,
+            sampled: HashMap::new(),
         }
     }
 
@@ -53,6 +71,7 @@ impl StackBuilder {
     /// walk `fp`, or the DWARF walk of the stack `copy` taken with it (see
     /// [`crate::stacks::unwind::choose`]).
     pub fn native(&mut self, pid: u32, fp: &[u64], copy: Option<&UserStackRecord>) -> Vec<u64> {
+        self.copy = copy.cloned();
         self.unwinder.stack(&mut self.sym, pid, fp, copy)
     }
 
@@ -67,11 +86,22 @@ impl StackBuilder {
         interp: Option<&PyProcess>,
     ) -> Vec<Frame> {
         let mut stack = self.sym.symbolize(pid, ips);
+        let copy = self
+            .copy
+            .take()
+            .filter(|c| c.pid == pid && ips.first() == Some(&c.ip));
+        self.js_frames(pid, ips, copy.as_ref(), &mut stack);
         // JIT code has no ELF symbols: its perf map, if it writes one.
-        for (i, f) in stack.iter_mut().enumerate() {
-            if f.function.is_none() && !f.inlined {
-                let addr = if i == 0 { f.address } else { f.address - 1 };
-                f.function = self.perf_maps.lookup(pid, addr);
+        let jit: Vec<usize> = (0..stack.len())
+            .filter(|&i| stack[i].function.is_none() && !stack[i].inlined)
+            .collect();
+        if !jit.is_empty() {
+            let addrs: Vec<u64> = jit
+                .iter()
+                .map(|&i| stack[i].address - u64::from(i > 0))
+                .collect();
+            for (i, name) in jit.into_iter().zip(self.perf_maps.names(pid, &addrs)) {
+                stack[i].function = name;
             }
         }
         let Some(interp) = interp else {
@@ -96,6 +126,90 @@ impl StackBuilder {
             .collect();
         stack.splice(at..at, python);
         stack
+    }
+
+    /// A stall sample of thread `tid` just arrived: when it is a main
+    /// thread running V8, its JS functions are read from its live stack
+    /// now, while it still runs them, for when the stall is reported.
+    pub fn sampled(&mut self, pid: u32, tid: u32, ips: &[u64]) {
+        // Only a main thread's stack is known without a copy ([stack]).
+        if pid != tid || ips.len() < 2 || self.sampled.contains_key(&(pid, ips.to_vec())) {
+            return;
+        }
+        let Some(layout) = self.v8.of(pid) else {
+            return;
+        };
+        let Some(live) = node::live_main_stack(pid) else {
+            return;
+        };
+        let named = node::js_functions(&layout, &node::Process(pid), &live, ips, |_| true);
+        if named.iter().any(Option::is_some) {
+            if self.sampled.len() >= MAX_SAMPLED {
+                self.sampled.clear();
+            }
+            self.sampled.insert((pid, ips.to_vec()), named);
+        }
+    }
+
+    /// Names the frames V8 runs JavaScript in (JIT code, which has no
+    /// symbol, and V8's builtins such as the interpreter's trampoline)
+    /// from V8's own frames, when the process runs V8: through the
+    /// event's stack copy, or as read when a stall sample arrived. Perf
+    /// maps, read after, name what this could not.
+    fn js_frames(
+        &mut self,
+        pid: u32,
+        ips: &[u64],
+        copy: Option<&UserStackRecord>,
+        stack: &mut [Frame],
+    ) {
+        let v8_code = |f: &Frame| {
+            !f.inlined
+                && f.function
+                    .as_deref()
+                    .is_none_or(|n| n.starts_with("Builtins_"))
+        };
+        // Symbolization expands inlined frames: V8 code is never inlined
+        // into anything, so frame k of `ips` is the k-th frame not inlined.
+        let outer: Vec<usize> = (0..stack.len()).filter(|&i| !stack[i].inlined).collect();
+        // V8's builtins (entry, trampolines) are on every stack that
+        // reaches JavaScript: other processes are never looked into.
+        let builtins = stack.iter().any(|f| {
+            f.function
+                .as_deref()
+                .is_some_and(|n| n.starts_with("Builtins_"))
+        });
+        if outer.len() != ips.len() || !builtins {
+            return;
+        }
+        let named = match copy {
+            Some(copy) => {
+                let Some(layout) = self.v8.of(pid) else {
+                    return;
+                };
+                let wanted = |k: usize| v8_code(&stack[outer[k]]);
+                node::js_functions(&layout, &node::Process(pid), copy, ips, wanted)
+            }
+            None => match self.sampled.get(&(pid, ips.to_vec())) {
+                Some(named) => named.clone(),
+                None => return,
+            },
+        };
+        for (k, f) in named.into_iter().enumerate() {
+            // No name and no script: V8's own closures (an await's
+            // resumption); the frame keeps what it had.
+            if let Some(f) = f
+                && v8_code(&stack[outer[k]])
+                && !(f.name.is_empty() && f.script.is_empty())
+            {
+                let frame = &mut stack[outer[k]];
+                frame.function = Some(f.label());
+                // The script is the module; no file: the label already
+                // names the script, and there is no line yet.
+                frame.module = (!f.script.is_empty()).then_some(f.script);
+                frame.file = None;
+            }
+        }
     }
 
     fn python_frame(&mut self, pid: u32, interp: &PyProcess, r: &PyFrameRef) -> Frame {
@@ -123,6 +237,8 @@ impl StackBuilder {
         self.unwinder.forget(pid);
         self.perf_maps.forget(pid);
         self.code.forget(pid);
+        self.v8.forget(pid);
+        self.sampled.retain(|(p, _), _| *p != pid);
     }
 
     /// Whether anything of `pid` is kept (its maps snapshot, perf map).
