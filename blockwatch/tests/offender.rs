@@ -42,8 +42,9 @@ fn sqlite_commit_and_ssl_context_blame_the_users_function() {
     for python in present {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let db_dir = dir.path().to_str().expect("UTF-8 temp path");
-        // 1 ms: an fsync of SQLite's journal on the test disk takes a few.
-        let run = trace(&["--threshold", "1ms", "--", python, &script, db_dir]);
+        // 100 µs: an fsync of SQLite's journal on the test disk takes from
+        // 0.1 to a few ms (five commits once all took under 1 ms).
+        let run = trace(&["--threshold", "100us", "--", python, &script, db_dir]);
         run.assert_success();
 
         let commits = in_library(&run, "libsqlite3");
@@ -64,13 +65,28 @@ fn sqlite_commit_and_ssl_context_blame_the_users_function() {
             );
         }
 
-        let ssl: Vec<_> = [in_library(&run, "libcrypto"), in_library(&run, "libssl")].concat();
+        // OpenSSL's time is on the CPU (a stall, named from samples) and,
+        // when the CA bundle is not cached, in short waits inside
+        // libcrypto: whichever blockwatch saw, it is blamed on make_client.
+        let in_make_client: Vec<_> = run.events_where(|e| {
+            e.is_main_thread()
+                && e.stack
+                    .iter()
+                    .any(|f| f.function.as_deref() == Some("make_client"))
+        });
         assert!(
-            ssl.iter()
-                .any(|e| function(e.offender.as_ref()) == Some("make_client")),
-            "{python}: time inside OpenSSL is blamed on make_client\n{}",
+            !in_make_client.is_empty(),
+            "{python}: ssl.create_default_context() is seen\n{}",
             run.report()
         );
+        for e in &in_make_client {
+            assert_eq!(
+                function(e.offender.as_ref()),
+                Some("make_client"),
+                "{python}: time inside OpenSSL is blamed on make_client\n{}",
+                run.report()
+            );
+        }
 
         // With the user's function in the stack, no system library is ever
         // the offender.
