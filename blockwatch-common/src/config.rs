@@ -45,6 +45,13 @@ pub struct KernelOffsets {
     /// `pid_namespace.ns.inum`: the namespace's inode number, as
     /// `/proc/PID/ns/pid` shows it.
     pub pidns_inum: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.fd`,
+    /// `fdtable.max_fds` and `file.f_op`: which file a task's fd holds.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_f_op: u32,
 }
 
 impl KernelOffsets {
@@ -73,6 +80,11 @@ impl KernelOffsets {
         upid_nr: 0,
         upid_ns: 0,
         pidns_inum: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdtable_fd: 0,
+        fdtable_max_fds: 0,
+        file_f_op: 0,
     };
 }
 
@@ -133,7 +145,7 @@ impl LoopConfig {
 pod!(KernelOffsets, Config, LoopConfig);
 
 const _: () = {
-    assert!(core::mem::size_of::<KernelOffsets>() == 92);
+    assert!(core::mem::size_of::<KernelOffsets>() == 112);
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<LoopConfig>() == 24 + STRICT_MAX_NR / 8);
 };

@@ -68,6 +68,13 @@ pub struct ThreadTag {
     pub off_state: u8,
     pub probe_budget: u8,
     pub _pad: [u8; 5],
+    /// The `struct file` of the loop's epoll fd, kept when the thread was
+    /// found to run a loop (0 for threads tagged as loops from the start):
+    /// when that fd no longer holds it, the loop has ended.
+    pub loop_file: u64,
+    /// That file's `f_op`: a different file with the same operations at the
+    /// same fd is a new epoll instance, i.e. a new loop.
+    pub loop_fops: u64,
 }
 
 impl ThreadTag {
@@ -83,6 +90,8 @@ impl ThreadTag {
             off_state: 0,
             probe_budget: PROBE_BUDGET,
             _pad: [0; 5],
+            loop_file: 0,
+            loop_fops: 0,
         }
     }
 }
@@ -113,6 +122,6 @@ pod!(WatchRule, ThreadTag, LoopState);
 
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
-    assert!(core::mem::size_of::<ThreadTag>() == 64);
+    assert!(core::mem::size_of::<ThreadTag>() == 80);
     assert!(core::mem::size_of::<LoopState>() == 72);
 };

@@ -62,3 +62,56 @@ pub(crate) fn classify(tag: &ThreadTag, tid: u32, nr: i64, arg0: u64, regs: *con
         _ => Wait::Futex,
     }
 }
+
+/// The `struct file` that `task`'s descriptor `fd` holds; 0 when none.
+#[inline(always)]
+pub(crate) fn fd_file(task: *const u8, fd: i32) -> u64 {
+    if fd < 0 {
+        return 0;
+    }
+    let o = off();
+    let files = kread::<u64>(task, o.task_files) as *const u8;
+    if files.is_null() {
+        return 0;
+    }
+    let fdt = kread::<u64>(files, o.files_fdt) as *const u8;
+    if fdt.is_null() || fd as u32 >= kread::<u32>(fdt, o.fdtable_max_fds) {
+        return 0;
+    }
+    let fds = kread::<u64>(fdt, o.fdtable_fd) as *const u8;
+    if fds.is_null() {
+        return 0;
+    }
+    kread(fds, fd as u32 * 8)
+}
+
+/// What became of the loop a thread was found to run, judged by the file
+/// its epoll fd held then.
+pub(crate) enum LoopFd {
+    /// The fd still holds the loop's epoll instance.
+    Same,
+    /// Another epoll instance took the fd (`asyncio.run` again, reusing the
+    /// number): a new loop in the same thread.
+    Replaced(u64),
+    /// The fd was closed or holds something else: the loop has ended
+    /// (interpreter finalization, a script after `asyncio.run`).
+    Ended,
+}
+
+#[inline(always)]
+pub(crate) fn loop_fd(tag: &ThreadTag, task: *const u8) -> LoopFd {
+    let file = fd_file(task, tag.loop_epfd);
+    if file == tag.loop_file {
+        LoopFd::Same
+    } else if file != 0 && file_ops(file) == tag.loop_fops {
+        LoopFd::Replaced(file)
+    } else {
+        LoopFd::Ended
+    }
+}
+
+/// A file's `f_op`: the same for every epoll instance.
+#[inline(always)]
+pub(crate) fn file_ops(file: u64) -> u64 {
+    kread(file as *const u8, off().file_f_op)
+}

@@ -12,7 +12,7 @@ use blockwatch_common::{
 };
 
 use crate::{
-    idle::{self, Wait},
+    idle::{self, LoopFd, Wait},
     ids,
     maps::{PARKS, off, thread, threshold_ns},
     read::{Regs, exiting, kread, user_regs},
@@ -55,7 +55,7 @@ pub(crate) fn on_switch<C: EbpfContext>(
             // has since found that futex to be its runtime's park: it
             // wakes from its first idle wait, and its first blocking call
             // must count, not wait for a second park to be recognised.
-            become_loop(tag, next_tid);
+            become_loop(tag, next_tid, next);
         }
         stall::before_switch_in(tag, next_tid);
         if tag.out_ns != 0 {
@@ -85,11 +85,33 @@ fn switch_out<C: EbpfContext>(
     let nr: i64 = kread(regs, o.pt_regs_orig_ax);
     let arg0: u64 = kread(regs, o.pt_regs_di);
     let voluntary = !preempt && prev_state & 0xff != 0;
-    if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs) {
+    if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev) {
         return;
     }
     if tag.tag != TAG_LOOP {
         return;
+    }
+    // A loop found by its idle wait lives as long as its epoll instance:
+    // what the thread does after closing it (finalization, the rest of a
+    // script) is no loop's time, and a new instance is a new loop.
+    if tag.loop_file != 0 {
+        match idle::loop_fd(tag, prev) {
+            LoopFd::Same => {}
+            LoopFd::Replaced(file) => tag.loop_file = file,
+            LoopFd::Ended => {
+                info!(ctx, "tid {} left its event loop", tid);
+                tag.tag = TAG_CANDIDATE;
+                tag.loop_epfd = -1;
+                tag.loop_file = 0;
+                tag.loop_fops = 0;
+                // Its busy period (stall accounting) ended with the loop.
+                stall::forget(tid);
+                if voluntary {
+                    let _idle = idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev);
+                }
+                return;
+            }
+        }
     }
     // Everything else blocks the loop, poll/select included: on a loop
     // thread they are a socket waited on with a timeout (CPython's sockets
@@ -121,6 +143,7 @@ fn idle_or_probe<C: EbpfContext>(
     nr: i64,
     arg0: u64,
     regs: *const u8,
+    task: *const u8,
 ) -> bool {
     // The first epoll fd a thread sleeps on is its loop's; a wait on
     // another epoll instance blocks the loop.
@@ -130,7 +153,7 @@ fn idle_or_probe<C: EbpfContext>(
     let wait = idle::classify(tag, tid, nr, arg0, regs);
     match wait {
         Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
-            become_loop(tag, tid);
+            become_loop(tag, tid, task);
             if wait == Wait::Epoll {
                 info!(
                     ctx,
@@ -154,8 +177,15 @@ fn idle_or_probe<C: EbpfContext>(
 
 /// Candidate `tid` was seen in its runtime's idle wait: it runs a loop.
 #[inline(always)]
-fn become_loop(tag: &mut ThreadTag, tid: u32) {
+fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     tag.tag = TAG_LOOP;
+    // Remembered so that the loop's end, or a new loop, is noticed.
+    tag.loop_file = idle::fd_file(task, tag.loop_epfd);
+    tag.loop_fops = if tag.loop_file != 0 {
+        idle::file_ops(tag.loop_file)
+    } else {
+        0
+    };
     // User space inspects the process for an interpreter at once, so the
     // loop's first blocking call has its frames.
     record::send_task(RecordKind::LoopFound, tag.tgid, tid, 0);

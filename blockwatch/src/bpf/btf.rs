@@ -138,6 +138,11 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         upid_nr: off("upid", "nr")?,
         upid_ns: off("upid", "ns")?,
         pidns_inum: off("pid_namespace", "ns")? + off("ns_common", "inum")?,
+        task_files: off("task_struct", "files")?,
+        files_fdt: off("files_struct", "fdt")?,
+        fdtable_fd: off("fdtable", "fd")?,
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        file_f_op: off("file", "f_op")?,
         // x86-64's THREAD_SIZE without KASAN; only the raw-tracepoint
         // fallback uses it to find pt_regs at the top of the kernel stack.
         thread_size: 16384,
