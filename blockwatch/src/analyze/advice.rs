@@ -49,19 +49,9 @@ fn function(f: &Frame) -> &str {
 
 /// The advice for a wait of `class` in `syscall` with `stack` (innermost
 /// frame first). Never empty: an unknown case says so plainly.
-pub fn advise(class: Class, syscall: Option<&str>, stack: &[Frame]) -> String {
-    advise_wait(class, syscall, OffState::Sleeping, stack)
-}
-
-/// As [`advise`], knowing how the thread was off the CPU: a thread that
-/// was preempted outside any syscall was not blocked by its code at all,
-/// it waited for a CPU, and no change to the call it was in would help.
-pub fn advise_wait(
-    class: Class,
-    syscall: Option<&str>,
-    state: OffState,
-    stack: &[Frame],
-) -> String {
+/// A thread preempted outside any syscall (`state`) was not blocked by its
+/// code: it waited for a CPU, and no change to a call would help.
+pub fn advise(class: Class, syscall: Option<&str>, state: OffState, stack: &[Frame]) -> String {
     if state == OffState::Preempted && syscall.is_none() {
         return PREEMPTED.to_string();
     }
@@ -233,6 +223,11 @@ fn node(class: Class, stack: &[Frame]) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// The advice for a thread that slept in the call (most cases).
+    fn advise(class: Class, syscall: Option<&str>, stack: &[Frame]) -> String {
+        super::advise(class, syscall, OffState::Sleeping, stack)
+    }
+
     fn py(function: &str, file: &str) -> Frame {
         Frame {
             function: Some(function.into()),
@@ -255,13 +250,13 @@ mod tests {
     #[test]
     fn a_preemption_outside_a_call_is_not_the_codes_fault() {
         let stack = [py("handler", "/srv/app.py")];
-        let advice = advise_wait(Class::Other, None, OffState::Preempted, &stack);
+        let advice = super::advise(Class::Other, None, OffState::Preempted, &stack);
         assert_eq!(advice, PREEMPTED);
         assert!(advice.contains("CPU"));
         // Preempted inside a call: the call's advice still applies.
         let stack = [native("read", LIBC), py("load", "/srv/app.py")];
         assert_eq!(
-            advise_wait(Class::File, Some("read"), OffState::Preempted, &stack),
+            super::advise(Class::File, Some("read"), OffState::Preempted, &stack),
             PY_FILE
         );
     }

@@ -471,7 +471,7 @@ impl Pipeline {
             class,
             duration_ns: o.duration_ns,
             state: o.state,
-            advice: advice::advise_wait(class, syscall, o.state, &stack),
+            advice: advice::advise(class, syscall, o.state, &stack),
             stack,
             culprit,
             offender,
