@@ -5,34 +5,12 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Alias, python_alias, repo_root, subject};
-
-/// A port nobody listens on (bound then released; the race with another
-/// program taking it in between is acceptable in a test).
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-/// `GET path` over HTTP/1.0 (the server closes after the reply).
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
-}
+use common::{Alias, free_addr, python_alias, repo_root, subject};
 
 fn until<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + deadline;
@@ -873,4 +851,9 @@ fn auto_skips_blockwatch_and_libpython_mappers() {
     }
     let status = d.terminate().expect("daemon stops on SIGTERM");
     assert!(status.success(), "{status}: {}", d.stderr());
+}
+
+/// The status and body of `GET path`.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    common::http_get(addr, path).map(|(status, _, body)| (status, body))
 }

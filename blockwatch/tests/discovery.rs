@@ -7,34 +7,15 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Run, repo_root, subject, trace, trace_with_timeout};
 
-const INTERPRETERS: &[&str] = &[
-    "/usr/bin/python3",
-    "/root/.pyenv/versions/3.10.13/bin/python3",
-    "/root/.pyenv/versions/3.11.7/bin/python3",
-    "/root/.pyenv/versions/3.12.1/bin/python3",
-    "/root/.pyenv/versions/3.13.0/bin/python3",
-];
-
 /// Runs of each case per interpreter: discovery races the program.
 const RUNS: usize = 3;
-
-fn interpreters() -> Vec<&'static str> {
-    let present: Vec<_> = INTERPRETERS
-        .iter()
-        .copied()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!present.is_empty(), "no CPython interpreter found");
-    present
-}
 
 /// A symlink to `python` named `name` (the process's comm), in `dir`.
 fn alias(dir: &Path, python: &str, name: &str) -> PathBuf {
@@ -64,7 +45,7 @@ fn assert_named(run: &Run, comm: Option<&str>, what: &str) {
 fn first_blocking_call_is_named_under_trace_command() {
     let _serial = common::setup();
     let script = subject("python_early_block.py");
-    for python in interpreters() {
+    for python in common::interpreters() {
         for delay in ["0.03", "0.02"] {
             for n in 0..RUNS {
                 let run = trace(&["--", python, &script, delay]);
@@ -80,7 +61,7 @@ fn first_blocking_call_is_named_under_trace_comm() {
     let _serial = common::setup();
     let script = subject("python_early_block.py");
     let dir = tempfile::tempdir().unwrap();
-    for python in interpreters() {
+    for python in common::interpreters() {
         let exe = alias(dir.path(), python, "bwdiscovcomm");
         let script = script.clone();
         let starter = std::thread::spawn(move || {
@@ -111,17 +92,6 @@ fn first_blocking_call_is_named_under_trace_comm() {
             );
         }
     }
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
 }
 
 /// `blockwatch daemon --auto`, serving metrics; killed when dropped.
@@ -211,7 +181,7 @@ fn first_blocking_call_is_named_under_daemon_auto() {
     let script = subject("python_early_block.py");
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::auto();
-    for (i, python) in interpreters().into_iter().enumerate() {
+    for (i, python) in common::interpreters().into_iter().enumerate() {
         let name = format!("bwdiscovauto{i}");
         let exe = alias(dir.path(), python, &name);
         for _ in 0..RUNS {
@@ -290,4 +260,9 @@ fn the_demos_first_event_names_its_culprit() {
             run.report()
         );
     }
+}
+
+/// The status and body of `GET path`.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    common::http_get(addr, path).map(|(status, _, body)| (status, body))
 }

@@ -6,27 +6,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Run, subject, trace};
-
-const INTERPRETERS: &[&str] = &[
-    "/usr/bin/python3",
-    "/root/.pyenv/versions/3.10.13/bin/python3",
-    "/root/.pyenv/versions/3.11.7/bin/python3",
-    "/root/.pyenv/versions/3.12.1/bin/python3",
-    "/root/.pyenv/versions/3.13.0/bin/python3",
-];
-
-fn present() -> Vec<&'static str> {
-    let found: Vec<_> = INTERPRETERS
-        .iter()
-        .copied()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!found.is_empty(), "no CPython interpreter found");
-    found
-}
 
 fn culprit(e: &common::Event) -> Option<&str> {
     e.culprit.as_ref().and_then(|c| c.function.as_deref())
@@ -40,7 +20,7 @@ fn waits(run: &Run) -> Vec<&common::Event> {
 #[test]
 fn a_second_asyncio_run_is_a_loop_and_the_time_between_is_not() {
     let _serial = common::setup();
-    for python in present() {
+    for python in common::interpreters() {
         let run = trace(&[
             "--threshold",
             "30ms",
@@ -81,7 +61,7 @@ fn a_second_asyncio_run_is_a_loop_and_the_time_between_is_not() {
 #[test]
 fn loops_in_two_threads_are_each_watched() {
     let _serial = common::setup();
-    for python in present() {
+    for python in common::interpreters() {
         let run = trace(&[
             "--threshold",
             "30ms",

@@ -5,17 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{Event, Run, subject, trace};
-
-const INTERPRETERS: &[&str] = &[
-    "/usr/bin/python3",
-    "/root/.pyenv/versions/3.10.13/bin/python3",
-    "/root/.pyenv/versions/3.11.7/bin/python3",
-    "/root/.pyenv/versions/3.12.1/bin/python3",
-    "/root/.pyenv/versions/3.13.0/bin/python3",
-];
 
 fn function(frame: Option<&common::Frame>) -> Option<&str> {
     frame.and_then(|f| f.function.as_deref())
@@ -34,12 +24,7 @@ fn in_library<'a>(run: &'a Run, lib: &str) -> Vec<&'a Event> {
 fn sqlite_commit_and_ssl_context_blame_the_users_function() {
     let _serial = common::setup();
     let script = subject("python_offender.py");
-    let present: Vec<_> = INTERPRETERS
-        .iter()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!present.is_empty(), "no CPython interpreter found");
-    for python in present {
+    for python in common::interpreters() {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let db_dir = dir.path().to_str().expect("UTF-8 temp path");
         // 100 µs: an fsync of SQLite's journal on the test disk takes from

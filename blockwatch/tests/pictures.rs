@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Background, python_alias, repo_root, subject, trace};
+use common::{Background, free_addr, http_get, python_alias, repo_root, subject, trace};
 
 /// The coroutine of subjects/asyncio_blocker.py that calls time.sleep.
 const CULPRIT: &str = "blocking_sleep_in_coroutine";
@@ -223,24 +222,6 @@ fn check_pprof(path: &Path) {
 }
 
 // --- the daemon's page -----------------------------------------------------
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((status, head.to_lowercase(), body.to_string()))
-}
 
 /// A daemon on a free port, killed when dropped.
 struct Daemon {

@@ -5,17 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{subject, trace};
-
-const INTERPRETERS: &[&str] = &[
-    "/usr/bin/python3",
-    "/root/.pyenv/versions/3.10.13/bin/python3",
-    "/root/.pyenv/versions/3.11.7/bin/python3",
-    "/root/.pyenv/versions/3.12.1/bin/python3",
-    "/root/.pyenv/versions/3.13.0/bin/python3",
-];
 
 #[test]
 fn python_culprit_is_the_blocking_function_and_line() {
@@ -27,12 +17,7 @@ fn python_culprit_is_the_blocking_function_and_line() {
         .position(|l| l.trim() == "time.sleep(0.08)")
         .expect("the subject's blocking line") as u32
         + 1;
-    let present: Vec<_> = INTERPRETERS
-        .iter()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!present.is_empty(), "no CPython interpreter found");
-    for python in present {
+    for python in common::interpreters() {
         let run = trace(&["--", python, &script]);
         run.assert_success();
         let sleeps = run.events_where(|e| e.class == "sleep");
@@ -90,12 +75,7 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
     let source = std::fs::read_to_string(&script).unwrap();
     let line = |what| Some(marked_line(&source, what));
     let library = std::fs::read_to_string(subject("site-packages/slowlib/__init__.py")).unwrap();
-    let present: Vec<_> = INTERPRETERS
-        .iter()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!present.is_empty(), "no CPython interpreter found");
-    for python in present {
+    for python in common::interpreters() {
         // Below CPython's 5 ms switch interval: each GIL wait lasts ~5 ms.
         let run = trace(&["--strict", "--threshold", "2ms", "--", python, &script]);
         run.assert_success();
@@ -189,12 +169,9 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
 fn python_perf_trampolines_are_named_from_the_perf_map() {
     let _serial = common::setup();
     let script = subject("asyncio_blocker.py");
-    let present: Vec<_> = INTERPRETERS[3..]
-        .iter()
-        .filter(|p| Path::new(p).exists())
-        .collect();
-    assert!(!present.is_empty(), "no CPython 3.12+ found");
-    for python in present {
+    // 3.12 and 3.13: the last two, oldest first.
+    let newest = &common::INTERPRETERS[3..];
+    for python in common::present(newest) {
         let run = trace(&["--", python, "-X", "perf", &script]);
         run.assert_success();
         let sleeps = run.events_where(|e| e.class == "sleep");

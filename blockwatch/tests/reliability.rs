@@ -8,8 +8,8 @@
 mod common;
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,7 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use blockwatch_common::{ThreadTag, WatchRule};
 use serde_json::Value;
 
-use common::{Alias, python_alias};
+use common::{Alias, free_addr, python_alias};
 
 const BIN: &str = env!("CARGO_BIN_EXE_blockwatch");
 
@@ -841,23 +841,6 @@ fn ring_buffer_overflow_is_counted_and_reported() {
 // Daemon killed and restarted
 // ---------------------------------------------------------------------------
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.starts_with("HTTP/1")
-        .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
-}
-
 /// The summed `blockwatch_blocking_events_total` of process `name`.
 fn daemon_events(addr: SocketAddr, name: &str) -> f64 {
     let body = http_get(addr, "/metrics").unwrap_or_default();
@@ -1091,4 +1074,9 @@ fn missing_privileges_name_the_capability() {
             bw.report()
         );
     }
+}
+
+/// The body of `GET path`.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    common::http_get(addr, path).map(|(_, _, body)| body)
 }

@@ -500,3 +500,54 @@ impl Drop for TestCgroup {
         }
     }
 }
+
+/// The CPython interpreters the tests run on, where present: Debian's and
+/// the pyenv builds (3.10–3.13, oldest first).
+pub const INTERPRETERS: &[&str] = &[
+    "/usr/bin/python3",
+    "/root/.pyenv/versions/3.10.13/bin/python3",
+    "/root/.pyenv/versions/3.11.7/bin/python3",
+    "/root/.pyenv/versions/3.12.1/bin/python3",
+    "/root/.pyenv/versions/3.13.0/bin/python3",
+];
+
+/// Those of `candidates` this machine has; fails when it has none.
+pub fn present(candidates: &[&'static str]) -> Vec<&'static str> {
+    let found: Vec<_> = candidates
+        .iter()
+        .copied()
+        .filter(|p| Path::new(p).exists())
+        .collect();
+    assert!(!found.is_empty(), "no CPython interpreter found");
+    found
+}
+
+/// Every interpreter of [`INTERPRETERS`] this machine has.
+pub fn interpreters() -> Vec<&'static str> {
+    present(INTERPRETERS)
+}
+
+pub fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+/// `GET path` over HTTP/1.0 (the server closes after the reply): the
+/// status, the head (lower-cased) and the body; None when there is no
+/// server or no reply.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if !text.starts_with("HTTP/1") {
+        return None;
+    }
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((status, head.to_lowercase(), body.to_string()))
+}
