@@ -6,29 +6,7 @@
 
 mod common;
 
-use common::{Event, Run, subject, trace};
-
-fn functions(e: &Event) -> Vec<&str> {
-    e.stack
-        .iter()
-        .map(|f| f.function.as_deref().unwrap_or("??"))
-        .collect()
-}
-
-fn culprit_function(e: &Event) -> &str {
-    e.culprit
-        .as_ref()
-        .and_then(|f| f.function.as_deref())
-        .unwrap_or("")
-}
-
-fn stacks_of(run: &Run) -> String {
-    run.events
-        .iter()
-        .map(|e| format!("{}\n    {}", e.summary(), functions(e).join("\n    ")))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use common::{Event, subject, trace};
 
 /// subjects/node_no_flags.js under plain `node`: the execSync and the
 /// readFileSync, each in a function called once (interpreted, never
@@ -62,39 +40,40 @@ fn plain_node_names_the_js_functions_that_block() {
         e.summary()
     );
     assert!(
-        culprit_function(e).starts_with("rarelyRunReport ")
-            && culprit_function(e).ends_with("node_no_flags.js"),
+        e.culprit_function().starts_with("rarelyRunReport ")
+            && e.culprit_function().ends_with("node_no_flags.js"),
         "execSync's caller is the culprit, with its script; got {:?}\n{}",
         e.culprit,
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(e)
+        e.functions()
             .iter()
             .any(|f| f.starts_with("execSync node:child_process")),
         "Node's own execSync is named, under the culprit\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(e).iter().any(|f| f.starts_with("main ")),
+        e.functions().iter().any(|f| f.starts_with("main ")),
         "the stack goes on to the async main() that called it\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 
     let reads = run.events_where(|e| e.class == "file");
     assert_eq!(reads.len(), 1, "the one readFileSync\n{}", run.report());
     assert!(
-        culprit_function(reads[0]).starts_with("loadSettingsOnce "),
+        reads[0].culprit_function().starts_with("loadSettingsOnce "),
         "readFileSync's caller is the culprit; got {:?}\n{}",
         reads[0].culprit,
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(reads[0])
+        reads[0]
+            .functions()
             .iter()
             .any(|f| f.starts_with("readFileSync node:fs")),
         "{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -110,18 +89,20 @@ fn plain_node_exec_sync_is_a_process_wait_named_by_its_caller() {
     for e in &execs {
         assert_eq!(e.class, "process", "{}", e.summary());
         assert!(
-            culprit_function(e).starts_with("blockingExecSync "),
+            e.culprit_function().starts_with("blockingExecSync "),
             "got {:?}\n{}",
             e.culprit,
-            stacks_of(&run)
+            run.stacks()
         );
     }
     let locks = run.events_where(|e| e.class == "lock");
     assert_eq!(locks.len(), 1, "{}", run.report());
     assert!(
-        culprit_function(locks[0]).starts_with("blockingAtomicsWait "),
+        locks[0]
+            .culprit_function()
+            .starts_with("blockingAtomicsWait "),
         "{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -137,18 +118,18 @@ fn plain_node_cpu_bound_handler_is_a_stall_named_by_its_function() {
     assert_eq!(stalls.len(), 1, "exactly the cpuHog(300)\n{}", run.report());
     let e = stalls[0];
     assert!(
-        culprit_function(e).starts_with("cpuHog ")
-            && culprit_function(e).ends_with("node_stall.js"),
+        e.culprit_function().starts_with("cpuHog ")
+            && e.culprit_function().ends_with("node_stall.js"),
         "the JS function is the culprit; got {:?}\n{}",
         e.culprit,
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(e)
+        e.functions()
             .iter()
             .any(|f| f.starts_with("listOnTimeout node:internal/timers")),
         "Node's timers called it\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -169,7 +150,7 @@ fn perf_map_code_space_reuse_names_the_newest_entry() {
     let sleeps = run.events_where(|e| e.class == "sleep");
     assert_eq!(sleeps.len(), 2, "{}", run.report());
     let trampolines = |e: &Event| -> Vec<String> {
-        functions(e)
+        e.functions()
             .into_iter()
             .filter(|f| f.starts_with("py::") && f.contains("perf_map_reuse.py"))
             .map(str::to_string)
@@ -177,9 +158,9 @@ fn perf_map_code_space_reuse_names_the_newest_entry() {
     };
     for e in &sleeps {
         assert!(
-            !functions(e).iter().any(|f| f.contains("duplex_stale")),
+            !e.functions().iter().any(|f| f.contains("duplex_stale")),
             "the older line never names the address\n{}",
-            stacks_of(&run)
+            run.stacks()
         );
     }
     // The first may be named before or after the map grew (blockwatch may
@@ -189,6 +170,6 @@ fn perf_map_code_space_reuse_names_the_newest_entry() {
             .iter()
             .any(|f| f.starts_with("py::handle_login_recompiled:")),
         "the newest line names the trampoline\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }

@@ -43,45 +43,15 @@ fn tokio_blocker_without_frame_pointers() -> String {
         .clone()
 }
 
-fn functions(e: &Event) -> Vec<&str> {
-    e.stack
-        .iter()
-        .map(|f| f.function.as_deref().unwrap_or("??"))
-        .collect()
-}
-
-fn culprit_function(e: &Event) -> &str {
-    e.culprit
-        .as_ref()
-        .and_then(|f| f.function.as_deref())
-        .unwrap_or("")
-}
-
 /// The stack goes all the way to where the thread started.
 fn reaches_thread_root(e: &Event) -> bool {
-    functions(e)
+    e.functions()
         .iter()
         .any(|f| matches!(*f, "start_thread" | "clone3" | "__clone3" | "_start"))
 }
 
 fn sleeps(run: &Run) -> Vec<&Event> {
     run.events_where(|e| e.class == "sleep" && e.syscall.as_deref() == Some("clock_nanosleep"))
-}
-
-fn stacks_of(run: &Run) -> String {
-    let mut s = String::new();
-    for e in &run.events {
-        s += &format!("{}\n", e.summary());
-        for f in &e.stack {
-            s += &format!(
-                "    {} {} ({})\n",
-                f.address,
-                f.function.as_deref().unwrap_or("??"),
-                f.module.as_deref().unwrap_or("?")
-            );
-        }
-    }
-    s
 }
 
 /// An async fn of a tokio program built without frame pointers calls
@@ -99,7 +69,7 @@ fn check_async_fn_is_the_culprit(extra: &[&str]) {
         1,
         "expected the one std::thread::sleep(90ms) in async_fn_that_sleeps\n{}\n{}",
         run.report(),
-        stacks_of(&run)
+        run.stacks()
     );
     let e = sleeps[0];
     assert!(
@@ -109,20 +79,21 @@ fn check_async_fn_is_the_culprit(extra: &[&str]) {
         run.report()
     );
     assert!(
-        culprit_function(e).starts_with("tokio_blocker::async_fn_that_sleeps"),
+        e.culprit_function()
+            .starts_with("tokio_blocker::async_fn_that_sleeps"),
         "the async fn must be the culprit, demangled; got {:?}\n{}",
         e.culprit,
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
         reaches_thread_root(e),
         "the DWARF-unwound stack reaches the worker thread's start\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(e).iter().any(|f| f.starts_with("tokio::")),
+        e.functions().iter().any(|f| f.starts_with("tokio::")),
         "the stack goes through tokio's scheduler\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -162,7 +133,7 @@ fn user_stack_size_is_configurable() {
     assert!(
         !sleeps[0].stack.is_empty(),
         "frame pointers still give the first frames\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 
     let run = common::blockwatch(&["trace", "--user-stack-size", "40000", "--pid", "1"]);
@@ -188,21 +159,22 @@ fn process_that_exits_right_after_blocking_is_symbolized() {
     );
     let e = sleeps[0];
     assert!(
-        functions(e)
+        e.functions()
             .iter()
             .any(|f| f.starts_with("tokio_blocker::async_fn_that_sleeps_then_exits")),
         "the stack names the function that blocked\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        culprit_function(e).starts_with("tokio_blocker::async_fn_that_sleeps_then_exits"),
+        e.culprit_function()
+            .starts_with("tokio_blocker::async_fn_that_sleeps_then_exits"),
         "{}",
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
         e.stack.iter().all(|f| f.module.is_some()),
         "every frame's module is known\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -244,19 +216,20 @@ fn node_js_function_is_the_culprit_with_perf_maps() {
         run.report()
     );
     assert!(
-        culprit_function(waits[0]).contains("blockingAtomicsWait"),
+        waits[0].culprit_function().contains("blockingAtomicsWait"),
         "Atomics.wait's caller is the culprit; got {:?}\n{}",
         waits[0].culprit,
-        stacks_of(&run)
+        run.stacks()
     );
     assert!(
-        functions(waits[0])
+        waits[0]
+            .functions()
             .iter()
             // Perf maps write `~main`/`*main` (interpreted/compiled);
             // V8's own frames, read first, give `main`.
             .any(|f| f.contains("~main ") || f.contains("*main ") || f.starts_with("main ")),
         "the stack goes on to the async main() that called it\n{}",
-        stacks_of(&run)
+        run.stacks()
     );
 }
 
@@ -276,17 +249,17 @@ fn node_js_caller_of_exec_sync_is_the_culprit_with_a_larger_copy() {
     );
     for e in &execs {
         assert!(
-            culprit_function(e).contains("blockingExecSync"),
+            e.culprit_function().contains("blockingExecSync"),
             "execSync's caller is the culprit; got {:?}\n{}",
             e.culprit,
-            stacks_of(&run)
+            run.stacks()
         );
         assert!(
-            functions(e)
+            e.functions()
                 .iter()
                 .any(|f| f.contains("node:child_process")),
             "Node's own execSync is on the stack, under the culprit\n{}",
-            stacks_of(&run)
+            run.stacks()
         );
     }
 }
@@ -303,7 +276,7 @@ fn python_frames_sit_inside_the_unwound_native_stack() {
     let sleeps = sleeps(&run);
     assert_eq!(sleeps.len(), 3, "{}", run.report());
     for e in sleeps {
-        let names = functions(e);
+        let names = e.functions();
         let at = |want: &dyn Fn(&str) -> bool| names.iter().position(|n| want(n));
         let libc = at(&|n| n.contains("clock_nanosleep"));
         let python = at(&|n| n == "blocking_sleep_in_coroutine");
@@ -311,18 +284,18 @@ fn python_frames_sit_inside_the_unwound_native_stack() {
         assert!(
             matches!((libc, python, eval), (Some(l), Some(p), Some(v)) if l < p && p < v),
             "libc, then the Python frames, then the evaluation loop\n{}",
-            stacks_of(&run)
+            run.stacks()
         );
         assert!(
             names.contains(&"_start"),
             "the native stack is complete\n{}",
-            stacks_of(&run)
+            run.stacks()
         );
         assert_eq!(
-            culprit_function(e),
+            e.culprit_function(),
             "blocking_sleep_in_coroutine",
             "{}",
-            stacks_of(&run)
+            run.stacks()
         );
     }
 }

@@ -103,6 +103,22 @@ impl Event {
     }
 
     /// `pid/tid thread syscall class 80.1ms state @ culprit`.
+    /// The stack's function names, innermost first (`??` when unknown).
+    pub fn functions(&self) -> Vec<&str> {
+        self.stack
+            .iter()
+            .map(|f| f.function.as_deref().unwrap_or("??"))
+            .collect()
+    }
+
+    /// The culprit's function name, or "" when there is none.
+    pub fn culprit_function(&self) -> &str {
+        self.culprit
+            .as_ref()
+            .and_then(|f| f.function.as_deref())
+            .unwrap_or("")
+    }
+
     pub fn summary(&self) -> String {
         let culprit = self
             .culprit
@@ -174,6 +190,24 @@ pub struct Run {
 }
 
 impl Run {
+    /// Every event with its whole stack (address, function, module), for
+    /// assertion messages about stacks.
+    pub fn stacks(&self) -> String {
+        let mut s = String::new();
+        for e in &self.events {
+            s += &format!("{}\n", e.summary());
+            for f in &e.stack {
+                s += &format!(
+                    "    {} {} ({})\n",
+                    f.address,
+                    f.function.as_deref().unwrap_or("??"),
+                    f.module.as_deref().unwrap_or("?")
+                );
+            }
+        }
+        s
+    }
+
     /// Everything about the run, for assertion messages.
     pub fn report(&self) -> String {
         let mut s = format!(
