@@ -14,6 +14,8 @@
 //!   strict and stall detectors' state) and the watch rules behind it.
 //! - [`stack`]: stack sizes and the stack kept while a thread is off-CPU.
 //! - [`python`]: what the kernel needs to walk CPython frames.
+//! - [`clock`]: a loop's iteration clock, which ends episodes of loops
+//!   that never sleep.
 //! - [`config`]: what user space hands the kernel (settings, offsets).
 //! - [`x86_64`]: syscall numbers and address bounds of the architecture.
 #![no_std]
@@ -33,6 +35,7 @@ macro_rules! pod {
     };
 }
 
+pub mod clock;
 pub mod config;
 pub mod counter;
 pub mod python;
@@ -41,6 +44,7 @@ pub mod stack;
 pub mod tag;
 pub mod x86_64;
 
+pub use clock::*;
 pub use config::*;
 pub use counter::*;
 pub use python::*;

@@ -107,21 +107,30 @@ pub struct LoopState {
     pub in_ns: u64,
     /// On-CPU time of the busy period up to `in_ns`.
     pub run_ns: u64,
-    /// Entry time of a pending strict syscall; 0 when none.
-    pub strict_enter_ns: u64,
-    pub strict_nr: i64,
-    pub strict_args: [u64; 3],
-    /// The pending strict syscall became a `Block` record.
-    pub strict_offcpu: u8,
     /// In the idle wait's syscall (strict mode sees its entry and exit).
     pub in_idle: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 7],
 }
 
-pod!(WatchRule, ThreadTag, LoopState);
+/// The pending strict syscall of a loop thread (`STRICT_CALLS`, key: TID),
+/// kept only by the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StrictCall {
+    /// Entry time of a pending strict syscall; 0 when none.
+    pub enter_ns: u64,
+    pub nr: i64,
+    pub args: [u64; 3],
+    /// The pending strict syscall became a `Block` record.
+    pub offcpu: u8,
+    pub _pad: [u8; 7],
+}
+
+pod!(WatchRule, ThreadTag, LoopState, StrictCall);
 
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 72);
+    assert!(core::mem::size_of::<LoopState>() == 32);
+    assert!(core::mem::size_of::<StrictCall>() == 48);
 };

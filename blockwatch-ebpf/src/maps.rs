@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use blockwatch_common::{
     Config, Counter, KernelOffsets, LoopConfig, LoopState, NUM_COUNTERS, PyProc, StackBuf,
-    ThreadTag, UserStack, WatchRule,
+    StrictCall, ThreadTag, UserStack, WatchRule,
 };
 
 #[map]
@@ -79,6 +79,9 @@ pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0)
 /// Per-thread state of the strict and stall detectors.
 #[map]
 pub(crate) static LOOPSTATE: HashMap<u32, LoopState> = HashMap::with_max_entries(16384, 0);
+/// The pending strict syscall of each loop thread.
+#[map]
+pub(crate) static STRICT_CALLS: HashMap<u32, StrictCall> = HashMap::with_max_entries(16384, 0);
 
 /// Filled in by user space from the running kernel's BTF before load.
 #[unsafe(no_mangle)]

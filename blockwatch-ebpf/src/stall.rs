@@ -132,9 +132,9 @@ pub(crate) fn before_switch_in(tag: &ThreadTag, tid: u32) {
     // there, not twice.
     if tag.out_ns != 0
         && now.saturating_sub(tag.out_ns) >= threshold_ns()
-        && let Some(st) = existing_state(tid)
+        && let Some(call) = crate::strict::pending_call(tid)
     {
-        st.strict_offcpu = 1;
+        call.offcpu = 1;
     }
     if stall_ns() == 0 {
         return;

@@ -12,11 +12,11 @@
 //! again (`strict_offcpu`, set by sched_switch).
 
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
-use blockwatch_common::{Counter, LoopState, RecordKind, TAG_LOOP};
+use blockwatch_common::{Counter, RecordKind, StrictCall, TAG_LOOP};
 
 use crate::{
     idle,
-    maps::{STRICT_SCRATCH, THREADS, count, loop_config, off, thread},
+    maps::{BPF_NOEXIST, STRICT_CALLS, STRICT_SCRATCH, THREADS, count, loop_config, off, thread},
     python,
     read::kread,
     record::{self, LoopFacts},
@@ -57,15 +57,46 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     if !cfg.counts_strict(nr) {
         return;
     }
-    // No state: counted (LostLoopState) by `state`.
-    let Some(st) = state(tid) else {
+    // No state: counted (LostLoopState) by `call_state`.
+    let Some(call) = call_state(tid) else {
         return;
     };
     // SAFETY: no preconditions.
-    st.strict_enter_ns = unsafe { bpf_ktime_get_ns() };
-    st.strict_nr = nr;
-    st.strict_args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
-    st.strict_offcpu = 0;
+    call.enter_ns = unsafe { bpf_ktime_get_ns() };
+    call.nr = nr;
+    call.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
+    call.offcpu = 0;
+}
+
+/// The thread's pending-call slot, created on first use; counted when the
+/// map is full.
+#[inline(always)]
+fn call_state(tid: u32) -> Option<&'static mut StrictCall> {
+    if STRICT_CALLS.get_ptr_mut(tid).is_none()
+        && STRICT_CALLS
+            .insert(tid, StrictCall::default(), BPF_NOEXIST)
+            .is_err()
+    {
+        count(Counter::LostLoopState);
+        return None;
+    }
+    // SAFETY: map value pointer, valid for this program run; only the
+    // thread's own programs touch its entry.
+    STRICT_CALLS.get_ptr_mut(tid).map(|c| unsafe { &mut *c })
+}
+
+/// The thread's pending strict call, if it ever made one.
+#[inline(always)]
+pub(crate) fn pending_call(tid: u32) -> Option<&'static mut StrictCall> {
+    // SAFETY: as in `call_state`.
+    STRICT_CALLS.get_ptr_mut(tid).map(|c| unsafe { &mut *c })
+}
+
+/// A TID that exited or was reused: its pending call must not carry over.
+#[inline(always)]
+pub(crate) fn forget(tid: u32) {
+    // Absent is fine: most threads never made a strict call.
+    let _ = STRICT_CALLS.remove(tid);
 }
 
 /// `sys_exit` of the current thread: back from its idle wait, or the end
@@ -73,12 +104,11 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
 #[inline(always)]
 pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
     let tid = crate::ids::current_tid();
-    let Some(st) = existing_state(tid) else {
-        return;
-    };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if st.in_idle != 0 {
+    if let Some(st) = existing_state(tid)
+        && st.in_idle != 0
+    {
         // Back from the idle wait, slept or not: the loop is busy again.
         st.in_idle = 0;
         busy_from(st, now);
@@ -87,7 +117,10 @@ pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
         }
         return;
     }
-    if let Some(mut call) = end_call(st, tid, now) {
+    let Some(pending) = pending_call(tid) else {
+        return;
+    };
+    if let Some(mut call) = end_call(pending, tid, now) {
         send_call(ctx, &mut call);
     }
 }
@@ -96,21 +129,21 @@ pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
 /// anything (none pending, or its wait was an off-CPU event). Its `pid`
 /// comes from the thread's tag, in `send_call`.
 #[inline(always)]
-fn end_call(st: &mut LoopState, tid: u32, now: u64) -> Option<LoopFacts> {
-    let enter = st.strict_enter_ns;
+fn end_call(st: &mut StrictCall, tid: u32, now: u64) -> Option<LoopFacts> {
+    let enter = st.enter_ns;
     if enter == 0 {
         return None;
     }
-    st.strict_enter_ns = 0;
-    if st.strict_offcpu != 0 {
+    st.enter_ns = 0;
+    if st.offcpu != 0 {
         return None;
     }
     Some(LoopFacts {
         kind: RecordKind::Strict,
         pid: 0,
         tid,
-        syscall: st.strict_nr,
-        args: st.strict_args,
+        syscall: st.nr,
+        args: st.args,
         start_ns: enter,
         duration_ns: now.saturating_sub(enter),
         busy_ns: 0,

@@ -48,6 +48,7 @@ pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
     };
     let _ = PARKS.remove(child);
     stall::forget(child);
+    crate::strict::forget(child);
     retag(child, tgid, rule, !is_thread);
 }
 
@@ -91,7 +92,9 @@ pub(crate) fn on_exec(old_pid: u32) {
     let _ = USER_STACKS.remove(tgid);
     let _ = PARKS.remove(tgid);
     stall::forget(tgid);
+    crate::strict::forget(tgid);
     stall::forget(old_pid);
+    crate::strict::forget(old_pid);
     let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
     let rule = unsafe { WATCHED.get(tgid) }.copied();
@@ -111,6 +114,7 @@ pub(crate) fn on_exit(group_dead: bool) {
     };
     let was_tagged = THREADS.remove(tid).is_ok();
     stall::forget(tid);
+    crate::strict::forget(tid);
     if was_tagged {
         let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);

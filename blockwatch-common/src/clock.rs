@@ -1,0 +1,42 @@
+//! A loop's iteration clock: a value the runtime itself rewrites once per
+//! iteration of its event loop, which the kernel reads (at a sample, at a
+//! switch-out) to see that an iteration ended even when the loop never
+//! sleeps in its idle wait (a saturated server). User space finds it once
+//! per loop thread (`blockwatch::runtimes::clock`) and hands it to the
+//! kernel in the `CLOCKS` map, keyed by TID.
+
+/// No clock known for the thread: only its idle waits end episodes.
+pub const CLOCK_NONE: u32 = 0;
+/// A `u64` at `addr` that the runtime rewrites at the start of every
+/// iteration: libuv's `uv_loop_t.time` (Node, uvloop), in milliseconds.
+pub const CLOCK_WORD: u32 = 1;
+/// CPython asyncio: the `end_time` local of `BaseEventLoop._run_once`, a
+/// float computed once per iteration before its callbacks run. The kernel
+/// finds the frame running `code` (the `_run_once` code object) in the
+/// thread's frame chain and reads the object pointer at `offset` bytes
+/// from that frame (the frame object on 3.10, the `_PyInterpreterFrame`
+/// on 3.11+), then the float's bits at `value_offset` in that object.
+pub const CLOCK_PY_LOCAL: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopClock {
+    /// `CLOCK_*`.
+    pub kind: u32,
+    pub _pad: u32,
+    /// `CLOCK_WORD`: the address of the word.
+    pub addr: u64,
+    /// `CLOCK_PY_LOCAL`: the `_run_once` code object.
+    pub code: u64,
+    /// `CLOCK_PY_LOCAL`: byte offset of the local's slot in the frame.
+    pub offset: u64,
+    /// `CLOCK_PY_LOCAL`: byte offset of the value in the object
+    /// (`PyFloatObject.ob_fval`).
+    pub value_offset: u64,
+}
+
+pod!(LoopClock);
+
+const _: () = {
+    assert!(core::mem::size_of::<LoopClock>() == 40);
+};
