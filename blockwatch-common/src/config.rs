@@ -92,21 +92,18 @@ impl KernelOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Config {
-    /// Off-CPU time at or above which a wait becomes an event.
+    /// Episode wall time at or above which it is sent; CPU samples of an
+    /// episode begin at half of it.
     pub threshold_ns: u64,
     /// Send `Exec` records for every exec on the host (process-name rules).
     pub notify_all_execs: u8,
     pub _pad: [u8; 7],
 }
 
-/// Settings of the strict and stall detectors, `LOOP_CONFIG[0]`.
+/// Settings of strict mode, `LOOP_CONFIG[0]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct LoopConfig {
-    /// On-CPU time of a busy period at or above which it is a stall; 0 off.
-    pub stall_ns: u64,
-    /// Busy periods are sampled once they have lasted this long.
-    pub sample_after_ns: u64,
     /// 1 when the syscall tracepoints are attached (`--strict`).
     pub strict: u8,
     pub _pad: [u8; 7],
@@ -118,8 +115,6 @@ pub struct LoopConfig {
 impl Default for LoopConfig {
     fn default() -> Self {
         Self {
-            stall_ns: 0,
-            sample_after_ns: 0,
             strict: 0,
             _pad: [0; 7],
             strict_nrs: [0; STRICT_MAX_NR / 64],
@@ -147,5 +142,5 @@ pod!(KernelOffsets, Config, LoopConfig);
 const _: () = {
     assert!(core::mem::size_of::<KernelOffsets>() == 112);
     assert!(core::mem::size_of::<Config>() == 16);
-    assert!(core::mem::size_of::<LoopConfig>() == 24 + STRICT_MAX_NR / 8);
+    assert!(core::mem::size_of::<LoopConfig>() == 8 + STRICT_MAX_NR / 8);
 };

@@ -22,15 +22,16 @@ pub enum Counter {
     /// User-stack copies that failed (no map entry, nothing readable) or
     /// could not be sent.
     LostUserStacks,
-    /// Strict-call, stall and sample records lost: the ring buffer was full.
+    /// Strict-call and sample records lost: the ring buffer was full.
     LostLoopRecords,
     /// Strict calls seen, sent or not.
     StrictCalls,
-    /// Stalls sent.
-    Stalls,
-    /// Stack samples of busy loop threads sent.
+    /// Episodes ended by a change of their loop's iteration clock (a loop
+    /// that did not sleep between iterations).
+    ClockEnds,
+    /// Stack samples of loop threads in long episodes sent.
     Samples,
-    /// Threads whose strict and stall state could not be kept (`LOOPSTATE` full).
+    /// Threads whose episode or strict state could not be kept (map full).
     LostLoopState,
     /// Exec, exit and loop-found records lost: the ring buffer was full.
     LostTaskRecords,
@@ -47,7 +48,7 @@ impl Counter {
         Counter::LostUserStacks,
         Counter::LostLoopRecords,
         Counter::StrictCalls,
-        Counter::Stalls,
+        Counter::ClockEnds,
         Counter::Samples,
         Counter::LostLoopState,
         Counter::LostTaskRecords,
@@ -71,7 +72,7 @@ impl Counter {
             Counter::LostUserStacks => "user_stack",
             Counter::LostLoopRecords => "loop_record",
             Counter::StrictCalls => "strict",
-            Counter::Stalls => "stall",
+            Counter::ClockEnds => "clock_end",
             Counter::Samples => "sample",
             Counter::LostLoopState => "loop_state",
             Counter::LostTaskRecords => "task",
@@ -85,13 +86,13 @@ impl Counter {
             Counter::LostProbes => "futex probes",
             Counter::LostStacks => "stacks",
             Counter::LostTags => "thread tags",
-            Counter::Events => "blocking events sent",
+            Counter::Events => "episodes sent",
             Counter::LostUserStacks => "user-stack copies (those stacks are frame pointers only)",
-            Counter::LostLoopRecords => "strict-call, stall or stack-sample records",
+            Counter::LostLoopRecords => "strict-call or stack-sample records",
             Counter::StrictCalls => "strict calls",
-            Counter::Stalls => "stalls",
+            Counter::ClockEnds => "episodes ended by their loop's clock",
             Counter::Samples => "stack samples",
-            Counter::LostLoopState => "strict and stall thread states",
+            Counter::LostLoopState => "episode and strict thread states",
             Counter::LostTaskRecords => "exec and exit records",
         }
     }

@@ -18,7 +18,7 @@ pub const PROBE_STACK_BYTES: usize = 512;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordKind {
-    /// A blocking wait that ended ([`BlockEvent`]).
+    /// A loop episode at or over the threshold ([`BlockEvent`]).
     Block = 1,
     /// A futex wait to classify ([`ProbeEvent`]).
     Probe = 2,
@@ -29,18 +29,17 @@ pub enum RecordKind {
     /// A blocking-class syscall that stayed on the CPU (`--strict`,
     /// [`LoopEvent`]).
     Strict = 5,
-    /// An on-CPU stack sample of a busy loop thread ([`LoopEvent`]).
+    /// An on-CPU stack sample of a loop thread in a long episode
+    /// ([`LoopEvent`], `start_ns` the episode's start).
     Sample = 6,
-    /// A busy period whose on-CPU time reached the stall threshold, sent
-    /// when the thread reaches its idle wait again ([`LoopEvent`]).
-    Stall = 7,
     /// A thread was first seen idling in its runtime's wait: it runs an
-    /// event loop ([`TaskEvent`], `aux` 0). Sent once per thread, at the
+    /// event loop ([`TaskEvent`], `aux` its loop's epoll fd, or -1 for a
+    /// loop that parks on a futex). Sent once per thread, at the
     /// moment it becomes a loop thread, so user space can learn the
     /// process's interpreter before the loop's first blocking call.
     LoopFound = 8,
     /// A copy of a blocked thread's user stack ([`UserStack`]), sent just
-    /// before the `Block` record of the same wait. Numbered apart from the
+    /// before the `Block` record whose longest wait it belongs to. Numbered apart from the
     /// others, which are dense.
     UserStack = 16,
 }
@@ -55,7 +54,6 @@ impl RecordKind {
             4 => Self::Exit,
             5 => Self::Strict,
             6 => Self::Sample,
-            7 => Self::Stall,
             8 => Self::LoopFound,
             16 => Self::UserStack,
             _ => return None,
@@ -91,20 +89,39 @@ impl RecordHeader {
 pub const STATE_SLEEPING: u8 = 0;
 pub const STATE_DISK: u8 = 1;
 pub const STATE_PREEMPTED: u8 = 2;
+/// An episode without a wait: it never left the CPU.
+pub const STATE_RUNNING: u8 = 3;
 
-/// A blocking wait that ended ([`RecordKind::Block`]).
+/// A loop episode at or over the threshold ([`RecordKind::Block`]): one
+/// iteration of the loop, from leaving its idle wait to entering it again
+/// (or a single wait of a thread that runs no loop yet). `state`,
+/// `syscall`, `args` and the stacks are those of its longest wait; with
+/// no wait, `state` is `STATE_RUNNING`, `syscall` -1 and the stacks come
+/// from the episode's samples.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct BlockEvent {
     pub header: RecordHeader,
-    /// `STATE_*`.
+    /// `STATE_*` of the longest wait.
     pub state: u8,
     pub _pad: [u8; 3],
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Switch-out time, `CLOCK_MONOTONIC` nanoseconds.
+    /// Episode start, `CLOCK_MONOTONIC` nanoseconds.
     pub start_ns: u64,
+    /// Episode wall time: how long the loop was unavailable.
     pub duration_ns: u64,
+    /// On-CPU time of the episode.
+    pub run_ns: u64,
+    /// Off-CPU time of the episode by `STATE_*` (sleeping, disk, preempted).
+    pub off_ns: [u64; 3],
+    /// The longest wait: its switch-out time (the key of its `UserStack`)
+    /// and its length.
+    pub wait_start_ns: u64,
+    pub wait_ns: u64,
+    /// Waits and CPU samples in the episode.
+    pub waits: u32,
+    pub samples: u32,
     pub comm: [u8; COMM_LEN],
     /// Number of valid entries in `ips`.
     pub frames: u32,
@@ -150,7 +167,8 @@ pub struct UserStackHead {
     pub header: RecordHeader,
     /// Bytes of `bytes` that were copied, from `sp` up.
     pub len: u32,
-    /// Switch-out time of the wait this copy belongs to (`BlockEvent::start_ns`).
+    /// Switch-out time of the wait this copy belongs to
+    /// (`BlockEvent::wait_start_ns`).
     pub start_ns: u64,
     /// User registers at switch-out.
     pub ip: u64,
@@ -159,10 +177,10 @@ pub struct UserStackHead {
 }
 
 /// The top of a blocked thread's user stack and its registers, copied at
-/// switch-out for DWARF unwinding in user space. Kept per TID in
-/// `USER_STACKS` (one entry per loop thread, rewritten by each of its
-/// waits); sent ([`RecordKind::UserStack`]), only its `head` and the first
-/// `head.len` bytes, when the wait becomes an event.
+/// switch-out for DWARF unwinding in user space. Kept in `USER_STACKS`,
+/// two slots per loop thread (the episode's longest wait so far, and the
+/// wait in progress); sent ([`RecordKind::UserStack`]), only its `head`
+/// and the first `head.len` bytes, when its episode is reported.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct UserStack {
@@ -170,8 +188,8 @@ pub struct UserStack {
     pub bytes: [u8; MAX_USER_STACK],
 }
 
-/// A strict call, a stack sample or a stall ([`RecordKind::Strict`],
-/// [`RecordKind::Sample`], [`RecordKind::Stall`]).
+/// A strict call or a stack sample ([`RecordKind::Strict`],
+/// [`RecordKind::Sample`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LoopEvent {
@@ -180,13 +198,13 @@ pub struct LoopEvent {
     /// Strict: the syscall; otherwise -1.
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Strict: syscall entry; sample, stall: start of the busy period (a
-    /// sample belongs to the stall with the same TID and `start_ns`).
+    /// Strict: syscall entry; sample: start of the episode (a sample
+    /// belongs to the `Block` record with the same TID and `start_ns`).
     pub start_ns: u64,
-    /// Strict: time in the syscall; sample, stall: on-CPU time of the busy
-    /// period so far.
+    /// Strict: time in the syscall; sample: on-CPU time of the episode so
+    /// far.
     pub duration_ns: u64,
-    /// Sample, stall: wall time since the busy period began.
+    /// Sample: wall time since the episode began.
     pub busy_ns: u64,
     /// Thread name.
     pub comm: [u8; COMM_LEN],
@@ -203,7 +221,7 @@ const _: () = {
     assert!(size_of::<RecordHeader>() == 12);
     assert!(offset_of!(RecordHeader, kind) == 0);
     let stacks = 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES;
-    assert!(size_of::<BlockEvent>() == 88 + stacks);
+    assert!(size_of::<BlockEvent>() == 144 + stacks);
     assert!(size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
     assert!(size_of::<TaskEvent>() == 32);
     assert!(size_of::<UserStackHead>() == 48);

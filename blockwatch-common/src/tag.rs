@@ -96,20 +96,48 @@ impl ThreadTag {
     }
 }
 
-/// Per-thread state of the strict and stall detectors (`LOOPSTATE`, key:
-/// TID), kept only by the kernel.
+/// Per-thread state of a loop thread's current episode (`LOOPSTATE`, key:
+/// TID), kept only by the kernel (blockwatch-ebpf/src/episode.rs).
+///
+/// An episode is one iteration of the loop: from leaving the runtime's
+/// idle wait to entering it again (or, on a loop that never sleeps, to
+/// the next change of its iteration clock). Everything the thread did in
+/// between is summed here: on-CPU time, off-CPU time by how it was off,
+/// and the longest single wait, whose stacks are kept in slot `max_slot`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopState {
-    /// When the thread left its idle wait; 0 while idle.
-    pub busy_start_ns: u64,
-    /// Last switch-in during the busy period; 0 while off the CPU.
+    /// When the episode began; 0 while the thread is in its idle wait.
+    pub start_ns: u64,
+    /// Last switch-in during the episode; 0 while off the CPU.
     pub in_ns: u64,
-    /// On-CPU time of the busy period up to `in_ns`.
+    /// On-CPU time of the episode up to `in_ns`.
     pub run_ns: u64,
+    /// Off-CPU time of the episode, by `STATE_*` (sleeping, disk, preempted).
+    pub off_ns: [u64; 3],
+    /// The episode's longest wait: when it began and how long it lasted.
+    pub max_start_ns: u64,
+    pub max_ns: u64,
+    pub max_syscall: i64,
+    pub max_args: [u64; 3],
+    /// The iteration clock's value at its last read, and when that read
+    /// was (the latest moment the iteration it names is known to run).
+    pub clock: u64,
+    pub clock_ns: u64,
+    /// Waits and CPU samples of the episode.
+    pub waits: u32,
+    pub samples: u32,
+    /// `STATE_*` of the longest wait.
+    pub max_state: u8,
+    /// The stack slot (0 or 1) holding the longest wait's stacks; the other
+    /// takes the next wait's.
+    pub max_slot: u8,
     /// In the idle wait's syscall (strict mode sees its entry and exit).
     pub in_idle: u8,
-    pub _pad: [u8; 7],
+    /// 1 once the thread was seen in its idle wait: before, it runs no
+    /// loop yet, and each of its waits is an episode of its own.
+    pub looped: u8,
+    pub _pad: [u8; 4],
 }
 
 /// The pending strict syscall of a loop thread (`STRICT_CALLS`, key: TID),
@@ -131,6 +159,6 @@ pod!(WatchRule, ThreadTag, LoopState, StrictCall);
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 32);
+    assert!(core::mem::size_of::<LoopState>() == 128);
     assert!(core::mem::size_of::<StrictCall>() == 48);
 };

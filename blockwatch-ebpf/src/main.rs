@@ -1,13 +1,14 @@
 //! blockwatch's kernel programs: the entry points, one short function
 //! each; the logic lives in the modules below.
 //!
-//! - switch.rs: `sched_switch`, the off-CPU detector (idle.rs tells a
-//!   loop's idle wait from a blocking one; stack.rs and python.rs capture
-//!   the stacks).
+//! - switch.rs: `sched_switch`, where episodes begin and end and waits are
+//!   timed (idle.rs tells a loop's idle wait from a blocking one; stack.rs
+//!   and python.rs capture the stacks).
+//! - episode.rs: a loop thread's episode, its iteration clock, and the
+//!   cpu-clock sampler.
 //! - task.rs: `task_newtask`, `sched_process_exec`, `sched_process_exit`
 //!   keep the thread tags right.
 //! - strict.rs: `sys_enter`/`sys_exit` for `--strict`.
-//! - stall.rs: busy periods of loop threads, and the cpu-clock sampler.
 //! - record.rs sends the ring-buffer records; maps.rs holds every map and
 //!   frozen global; read.rs reads kernel and user memory.
 //!
@@ -24,6 +25,7 @@ use aya_ebpf::{
 
 use read::Regs;
 
+mod episode;
 mod idle;
 mod ids;
 mod maps;
@@ -31,7 +33,6 @@ mod python;
 mod read;
 mod record;
 mod stack;
-mod stall;
 mod strict;
 mod switch;
 mod task;
@@ -110,10 +111,10 @@ pub fn strict_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// cpu-clock, per CPU, while the stall detector is on.
+/// cpu-clock, per CPU: loop threads' iteration clocks and CPU stacks.
 #[perf_event]
-pub fn stall_sample(ctx: PerfEventContext) -> u32 {
-    stall::on_sample(&ctx);
+pub fn episode_sample(ctx: PerfEventContext) -> u32 {
+    episode::on_sample(&ctx);
     0
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, KernelOffsets, LoopConfig, LoopState, NUM_COUNTERS, PyProc, StackBuf,
+    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, NUM_COUNTERS, PyProc, StackBuf,
     StrictCall, ThreadTag, UserStack, WatchRule,
 };
 
@@ -27,7 +27,7 @@ pub(crate) static PARKS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0)
 /// The stack of each thread with a pending blocking wait, captured at
 /// switch-out and sent at switch-in.
 #[map]
-pub(crate) static STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(4096, 0);
+pub(crate) static STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(8192, 0);
 /// CPython processes and their layout, from user space.
 #[map]
 pub(crate) static PYPROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
@@ -48,7 +48,7 @@ pub(crate) static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries
 /// Frame-walk scratch of `strict_exit`.
 #[map]
 pub(crate) static STRICT_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
-/// Frame-walk scratch of `stall_sample`.
+/// Frame-walk scratch of `episode_sample`.
 #[map]
 pub(crate) static SAMPLE_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 
@@ -67,18 +67,21 @@ pub(crate) static SAMPLE_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_
 /// is not needed: the copy is made straight into the map value.
 #[map]
 pub(crate) static USER_STACKS: HashMap<u32, UserStack> =
-    HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(8192, BPF_F_NO_PREALLOC);
 /// One zeroed value, never written: the source of a new `USER_STACKS` entry
 /// (an update copies a whole value from somewhere).
 #[map]
 pub(crate) static USER_STACK_ZERO: Array<UserStack> = Array::with_max_entries(1, 0);
 
-/// Settings of the strict and stall detectors.
+/// Settings of the sampler and of strict mode.
 #[map]
 pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);
-/// Per-thread state of the strict and stall detectors.
+/// Each loop thread's current episode (episode.rs).
 #[map]
 pub(crate) static LOOPSTATE: HashMap<u32, LoopState> = HashMap::with_max_entries(16384, 0);
+/// Each loop thread's iteration clock, found by user space.
+#[map]
+pub(crate) static CLOCKS: HashMap<u32, LoopClock> = HashMap::with_max_entries(16384, 0);
 /// The pending strict syscall of each loop thread.
 #[map]
 pub(crate) static STRICT_CALLS: HashMap<u32, StrictCall> = HashMap::with_max_entries(16384, 0);
@@ -135,12 +138,6 @@ pub(crate) fn notify_all_execs() -> bool {
 #[inline(always)]
 pub(crate) fn loop_config() -> Option<&'static LoopConfig> {
     LOOP_CONFIG.get(0)
-}
-
-/// Stall threshold; 0 while the stall detector is off.
-#[inline(always)]
-pub(crate) fn stall_ns() -> u64 {
-    loop_config().map(|c| c.stall_ns).unwrap_or(0)
 }
 
 /// The thread's tag, if it has one.

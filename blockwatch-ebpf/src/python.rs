@@ -3,7 +3,7 @@
 //! Written once for every detector that records stacks.
 
 use aya_ebpf::{helpers::generated::bpf_get_current_task, maps::PerCpuArray};
-use blockwatch_common::{PyFrameRef, PyProc, StackBuf, ThreadTag};
+use blockwatch_common::{MAX_PY_FRAMES, PyFrameRef, PyProc, StackBuf, ThreadTag};
 
 use crate::{
     maps::{PYPROCS, off, scratch},
@@ -41,10 +41,10 @@ pub(crate) fn current_frames(
     Some(buf)
 }
 
-/// Walks the current thread's CPython frames (its memory is readable) into
-/// `buf.py`; returns how many were found.
+/// The innermost CPython frame of the current thread (its memory is
+/// readable); 0 when it has none or its thread state is not found.
 #[inline(always)]
-fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) -> usize {
+fn innermost(tag: &mut ThreadTag, py: &PyProc, fsbase: u64) -> u64 {
     let o = &py.offsets;
     // The thread's PyThreadState is found once by its pthread_t and then
     // only re-checked: a thread keeps its tstate for life.
@@ -63,6 +63,15 @@ fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) ->
     if o.cframe_current_frame != u32::MAX && frame != 0 {
         frame = uread(frame + o.cframe_current_frame as u64);
     }
+    frame
+}
+
+/// Walks the current thread's CPython frames into `buf.py`; returns how
+/// many were found.
+#[inline(always)]
+fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) -> usize {
+    let o = &py.offsets;
+    let mut frame = innermost(tag, py, fsbase);
     // One slot per frame, shims included (as code 0, skipped by user
     // space): a count that diverged per path would defeat state pruning.
     let mut n = 0usize;
@@ -86,6 +95,29 @@ fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) ->
         frame = uread(frame + o.frame_previous as u64);
     }
     n
+}
+
+/// The innermost frame of `task` (`current`) that runs code object `code`;
+/// 0 when none of its first `MAX_PY_FRAMES` frames does.
+#[inline(always)]
+pub(crate) fn frame_running(tag: &mut ThreadTag, task: *const u8, code: u64) -> u64 {
+    // SAFETY: map value read, copied out at once.
+    let Some(py) = (unsafe { PYPROCS.get(tag.tgid) }).copied() else {
+        return 0;
+    };
+    let fsbase: u64 = kread(task, off().task_fsbase);
+    let o = &py.offsets;
+    let mut frame = innermost(tag, &py, fsbase);
+    for _ in 0..MAX_PY_FRAMES {
+        if frame == 0 {
+            break;
+        }
+        if uread::<u64>(frame + o.frame_code as u64) == code {
+            return frame;
+        }
+        frame = uread(frame + o.frame_previous as u64);
+    }
+    0
 }
 
 /// The `PyThreadState` whose pthread_t is `fsbase`, in the first

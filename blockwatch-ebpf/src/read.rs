@@ -19,6 +19,18 @@ pub(crate) fn kread<T: Copy + Default>(base: *const u8, offset: u32) -> T {
     unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T).unwrap_or_default() }
 }
 
+/// Copies `len` bytes of kernel memory (a map value) from `src` to `dst` in
+/// one helper call: a plain copy of a large array is unrolled byte by byte
+/// and runs the verifier out of instructions.
+#[inline(always)]
+pub(crate) fn kcopy(dst: *mut u8, len: usize, src: *const u8) -> bool {
+    // SAFETY: `dst` holds at least `len` bytes; the helper faults safely.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(dst as *mut _, len as u32, src as *const _)
+            == 0
+    }
+}
+
 /// The `T` at `addr` in the current task's user memory; zero on a fault.
 #[inline(always)]
 pub(crate) fn uread<T: Copy + Default>(addr: u64) -> T {

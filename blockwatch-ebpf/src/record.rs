@@ -4,13 +4,13 @@
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
 use blockwatch_common::{
-    BlockEvent, Counter, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
-    ProbeEvent, RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
+    BlockEvent, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
+    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
 };
 
 use crate::{
     maps::{EVENTS, STACKS, USER_STACKS, count, off, user_stack_size},
-    read::{kread, read_user},
+    read::{kcopy, kread, read_user},
     stack,
 };
 
@@ -24,10 +24,15 @@ fn reserve<T: 'static>(lost: Counter) -> Option<RingBufEntry<T>> {
     entry
 }
 
-/// A blocking wait of `tid` that began at `start` and lasted `duration`,
-/// with the stacks kept at its switch-out; `next` is the thread's task.
+/// The episode `st` of `tid`, `wall` long, with its longest wait's stacks
+/// (slot `st.max_slot`), sent after that wait's user-stack copy; `task`
+/// is the thread's task.
 #[inline(always)]
-pub(crate) fn send_block(tag: &ThreadTag, tid: u32, start: u64, duration: u64, next: *const u8) {
+pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64, task: *const u8) {
+    let key = stack::slot_key(tid, st.max_slot);
+    if st.waits != 0 {
+        send_user_stack(key, st.max_start_ns);
+    }
     let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
         return;
     };
@@ -36,26 +41,47 @@ pub(crate) fn send_block(tag: &ThreadTag, tid: u32, start: u64, duration: u64, n
     // field is written before submit.
     unsafe {
         (*ev).header = RecordHeader::new(RecordKind::Block, tag.tgid, tid);
-        (*ev).state = tag.off_state;
+        (*ev).state = st.max_state;
         (*ev)._pad = [0; 3];
-        (*ev).syscall = tag.syscall;
-        (*ev).args = tag.args;
-        (*ev).start_ns = start;
-        (*ev).duration_ns = duration;
-        (*ev).comm = kread(next, off().task_comm);
+        (*ev).syscall = st.max_syscall;
+        (*ev).args = st.max_args;
+        (*ev).start_ns = st.start_ns;
+        (*ev).duration_ns = wall;
+        (*ev).run_ns = st.run_ns;
+        (*ev).off_ns = st.off_ns;
+        (*ev).wait_start_ns = st.max_start_ns;
+        (*ev).wait_ns = st.max_ns;
+        (*ev).waits = st.waits;
+        (*ev).samples = st.samples;
+        (*ev).comm = kread(task, off().task_comm);
         (*ev).frames = 0;
         (*ev).py_frames = 0;
-        // No entry: its capture failed at switch-out, where it was counted.
-        if let Some(stack) = STACKS.get_ptr(tid) {
+        // No wait, no stacks of one; no entry: its capture failed at
+        // switch-out, where it was counted.
+        if st.waits != 0
+            && let Some(stack) = STACKS.get_ptr(key)
+        {
             let len = (*stack).len;
-            if len > 0 && len <= (MAX_FRAMES * 8) as u64 {
+            if len > 0
+                && len <= (MAX_FRAMES * 8) as u64
+                && kcopy(
+                    (*ev).ips.as_mut_ptr() as *mut u8,
+                    size_of::<[u64; MAX_FRAMES]>(),
+                    (*stack).ips.as_ptr() as *const u8,
+                )
+            {
                 (*ev).frames = (len / 8) as u32;
-                (*ev).ips = (*stack).ips;
             }
             let py = (*stack).py_len;
-            if py > 0 && py <= MAX_PY_FRAMES as u64 {
+            if py > 0
+                && py <= MAX_PY_FRAMES as u64
+                && kcopy(
+                    (*ev).py.as_mut_ptr() as *mut u8,
+                    size_of::<[PyFrameRef; MAX_PY_FRAMES]>(),
+                    (*stack).py.as_ptr() as *const u8,
+                )
+            {
                 (*ev).py_frames = py as u32;
-                (*ev).py = (*stack).py;
             }
         }
     }
@@ -111,16 +137,17 @@ pub(crate) fn send_task(kind: RecordKind, pid: u32, tid: u32, aux: u32) {
     entry.submit(0);
 }
 
-/// Sends the user stack copied at the start of the wait that began at
-/// `start`, just before its event. Counted when it cannot be sent.
+/// Sends the user stack in slot `key`, copied at the start of the wait
+/// that began at `start`, just before its episode. Counted when it cannot
+/// be sent.
 #[inline(always)]
-pub(crate) fn send_user_stack(tid: u32, start: u64) {
+pub(crate) fn send_user_stack(key: u32, start: u64) {
     if user_stack_size() == 0 {
         return;
     }
     // No entry, or one from an earlier wait: the copy failed at
     // switch-out, where it was counted.
-    let Some(value) = USER_STACKS.get_ptr(tid) else {
+    let Some(value) = USER_STACKS.get_ptr(key) else {
         return;
     };
     // SAFETY: map value pointer, valid for this run.
@@ -143,7 +170,7 @@ pub(crate) fn send_user_stack(tid: u32, start: u64) {
     }
 }
 
-/// What a strict, sample or stall record says, its stacks aside.
+/// What a strict or sample record says, its stacks aside.
 pub(crate) struct LoopFacts {
     pub kind: RecordKind,
     pub pid: u32,
@@ -175,20 +202,6 @@ unsafe fn fill_loop(ev: *mut LoopEvent, f: &LoopFacts) {
         (*ev).frames = 0;
         (*ev).py_frames = 0;
     }
-}
-
-/// Sends a loop record without stacks (a stall: its stacks come with its
-/// samples; `ips` and `py` are left unwritten and never read). Whether it
-/// was sent.
-#[inline(always)]
-pub(crate) fn send_loop(f: &LoopFacts) -> bool {
-    let Some(mut entry) = reserve::<LoopEvent>(Counter::LostLoopRecords) else {
-        return false;
-    };
-    // SAFETY: a reserved record, exclusively ours.
-    unsafe { fill_loop(entry.as_mut_ptr(), f) };
-    entry.submit(0);
-    true
 }
 
 /// Sends a loop record with the current user stack (from `ctx`) and the

@@ -1,6 +1,10 @@
 //! Stacks of a thread going off-CPU: the frame-pointer stack and CPython
-//! frames (kept in `STACKS` until it runs again), and a copy of the top of
-//! its user stack for DWARF unwinding (`USER_STACKS`).
+//! frames (`STACKS`), and a copy of the top of its user stack for DWARF
+//! unwinding (`USER_STACKS`). Each loop thread has two slots in both: one
+//! holds its episode's longest wait so far, the other takes the wait in
+//! progress (episode.rs swaps them when the new wait is longer), so the
+//! stacks reported are the longest wait's without copying them twice.
+//! CPU samples copy the user stack straight into the ring buffer.
 
 use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
 use blockwatch_common::{
@@ -9,10 +13,29 @@ use blockwatch_common::{
 };
 
 use crate::{
-    maps::{SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size},
+    maps::{
+        EVENTS, SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size,
+    },
     python,
-    read::{kread, read_user},
+    read::{Regs, kread, read_user, user_regs},
 };
+
+/// The key of `tid`'s stack slot `slot` (0 or 1) in `STACKS` and
+/// `USER_STACKS`. TIDs stay below 2^22 (`PID_MAX_LIMIT`), so bit 30 is free.
+#[inline(always)]
+pub(crate) fn slot_key(tid: u32, slot: u8) -> u32 {
+    tid | ((slot as u32 & 1) << 30)
+}
+
+/// Drops both of `tid`'s slots (exit, exec).
+#[inline(always)]
+pub(crate) fn forget(tid: u32) {
+    for slot in 0..2 {
+        // Absent is fine: most threads never blocked.
+        let _ = STACKS.remove(slot_key(tid, slot));
+        let _ = USER_STACKS.remove(slot_key(tid, slot));
+    }
+}
 
 /// Pages of user stack read by one helper call; a read that would cross the
 /// end of the stack mapping fails whole, so the copy goes page by page.
@@ -36,37 +59,37 @@ pub(crate) fn user_ips<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> 
 }
 
 /// Keeps the stack and CPython frames of `task` (`current`), going off-CPU
-/// in a wait, until it runs again.
+/// in a wait, in slot `key`.
 #[inline(always)]
-pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, tid: u32, task: *const u8) {
+pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, key: u32, task: *const u8) {
     // Index 0 of a per-CPU array always exists: this cannot fail.
     let Some(buf) = scratch(&SCRATCH) else {
         return;
     };
     buf.len = user_ips(ctx, &mut buf.ips) as u64 * 8;
     python::walk(tag, task, buf);
-    if STACKS.insert(tid, buf, 0).is_err() {
+    if STACKS.insert(key, buf, 0).is_err() {
         count(Counter::LostStacks);
     }
 }
 
-/// The thread's `USER_STACKS` entry, created on its first wait.
+/// The `USER_STACKS` entry `key`, created on its first wait.
 #[inline(always)]
-fn user_stack_entry(tid: u32) -> Option<&'static mut UserStack> {
-    if USER_STACKS.get_ptr_mut(tid).is_none() {
+fn user_stack_entry(key: u32) -> Option<&'static mut UserStack> {
+    if USER_STACKS.get_ptr_mut(key).is_none() {
         let zero = USER_STACK_ZERO.get(0)?;
-        USER_STACKS.insert(tid, zero, 0).ok()?;
+        USER_STACKS.insert(key, zero, 0).ok()?;
     }
     // SAFETY: map value pointer, valid for this run; only this thread's
     // switches touch its entry, and they are serialised by the scheduler.
-    USER_STACKS.get_ptr_mut(tid).map(|v| unsafe { &mut *v })
+    USER_STACKS.get_ptr_mut(key).map(|v| unsafe { &mut *v })
 }
 
 /// Copies the top of the user stack and the registers DWARF unwinding
-/// starts from into the thread's `USER_STACKS` entry. Counted when nothing
-/// could be copied.
+/// starts from into `USER_STACKS` slot `key`. Counted when nothing could
+/// be copied.
 #[inline(always)]
-pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
+pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, key: u32, regs: *const u8) {
     let mut want = user_stack_size();
     if want == 0 {
         return;
@@ -77,15 +100,24 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
     if is_epoll_wait(tag.syscall) {
         want = MAX_USER_STACK;
     }
-    let Some(v) = user_stack_entry(tid) else {
+    let Some(v) = user_stack_entry(key) else {
         count(Counter::LostUserStacks);
         return;
     };
+    if !fill(v, tag.tgid, tid, tag.out_ns, regs, want) {
+        count(Counter::LostUserStacks);
+    }
+}
+
+/// Fills `v` with the registers at `regs` and up to `want` bytes of the
+/// current task's user stack; whether anything was copied.
+#[inline(always)]
+fn fill(v: &mut UserStack, pid: u32, tid: u32, start_ns: u64, regs: *const u8, want: usize) -> bool {
     let o = off();
     let sp: u64 = kread(regs, o.pt_regs_sp);
     let h = &mut v.head;
-    h.header = RecordHeader::new(RecordKind::UserStack, tag.tgid, tid);
-    h.start_ns = tag.out_ns;
+    h.header = RecordHeader::new(RecordKind::UserStack, pid, tid);
+    h.start_ns = start_ns;
     h.ip = kread(regs, o.pt_regs_ip);
     h.sp = sp;
     h.bp = kread(regs, o.pt_regs_bp);
@@ -112,7 +144,41 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
         break;
     }
     v.head.len = copied.min(want) as u32;
-    if copied == 0 {
-        count(Counter::LostUserStacks);
+    copied != 0
+}
+
+/// Sends a copy of the current task's user stack for a CPU sample of the
+/// episode that began at `start_ns`, just before the sample's record;
+/// whether it was sent (with stacks off, there is nothing to send and the
+/// sample goes alone). Counted when it cannot be.
+#[inline(always)]
+pub(crate) fn send_sample_stack<C: EbpfContext>(
+    _ctx: &C,
+    tag: &ThreadTag,
+    tid: u32,
+    start_ns: u64,
+) -> bool {
+    let want = user_stack_size();
+    if want == 0 {
+        return true;
     }
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() } as *const u8;
+    // The sample may interrupt kernel code: the user registers are those
+    // saved at the top of the task's kernel stack.
+    let regs = user_regs(task, Regs::StackTop);
+    if regs.is_null() {
+        return true;
+    }
+    let Some(mut entry) = EVENTS.reserve::<UserStack>(0) else {
+        count(Counter::LostLoopRecords);
+        return false;
+    };
+    // SAFETY: a reserved record, exclusively ours; `fill` writes the head
+    // and the bytes it reports in `len`, the only ones user space reads.
+    let v = unsafe { &mut *entry.as_mut_ptr() };
+    fill(v, tag.tgid, tid, start_ns, regs, want);
+    entry.submit(0);
+    true
 }

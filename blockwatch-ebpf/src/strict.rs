@@ -9,9 +9,12 @@
 //! Which syscalls count is a bitmap user space fills
 //! (`LoopConfig::strict_nrs`); the runtimes' idle waits are never in it. A
 //! call whose wait became an off-CPU event (a `Block` record) is not sent
-//! again (`strict_offcpu`, set by sched_switch).
+//! again (`StrictCall::offcpu`).
 
-use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
+};
 use blockwatch_common::{Counter, RecordKind, StrictCall, TAG_LOOP};
 
 use crate::{
@@ -20,7 +23,7 @@ use crate::{
     python,
     read::kread,
     record::{self, LoopFacts},
-    stall::{busy_from, existing_state, idle_reached, state},
+    episode::{self, begin, existing_state, state},
 };
 
 /// `sys_enter` of the current thread: syscall `nr`, user registers at
@@ -41,15 +44,16 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     };
     let o = off();
     let arg0: u64 = kread(regs, o.pt_regs_di);
-    // The loop's own idle wait ends a busy period (stall.rs), whether or
+    // The loop's own idle wait ends its episode (episode.rs), whether or
     // not it then sleeps.
     if idle::classify(&tag, tid, nr, arg0, regs).is_idle() {
-        if cfg.stall_ns != 0
-            && let Some(st) = state(tid)
-        {
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            idle_reached(st, tid, tag.tgid, now);
+        // SAFETY: no preconditions; the task is only read through
+        // bpf_probe_read_kernel.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        episode::idle_reached(&tag, tid, task, now);
+        if let Some(st) = state(tid) {
             st.in_idle = 1;
         }
         return;
@@ -109,9 +113,9 @@ pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
     if let Some(st) = existing_state(tid)
         && st.in_idle != 0
     {
-        // Back from the idle wait, slept or not: the loop is busy again.
+        // Back from the idle wait, slept or not: an episode begins.
         st.in_idle = 0;
-        busy_from(st, now);
+        begin(st, now);
         if st.in_ns == 0 {
             st.in_ns = now;
         }

@@ -1,8 +1,9 @@
-//! `sched_switch`, the off-CPU detector: when a tagged thread leaves the
-//! CPU for a reason other than its runtime's idle wait, the switch-out
-//! time, syscall and user stack are kept; when it comes back, waits over
-//! the threshold go to user space. Untagged threads pay one hash lookup
-//! per switch. The stall detector (stall.rs) hooks in on both sides.
+//! `sched_switch`: where a loop thread's episodes (episode.rs) begin and
+//! end. When a tagged thread enters its runtime's idle wait, its episode
+//! ends; when it leaves the CPU for anything else, the switch-out time,
+//! syscall and stacks of that wait are kept, and when it comes back the
+//! wait is added to its episode. Untagged threads pay one hash lookup per
+//! switch.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
@@ -12,11 +13,12 @@ use blockwatch_common::{
 };
 
 use crate::{
+    episode,
     idle::{self, LoopFd, Wait},
     ids,
-    maps::{PARKS, off, thread, threshold_ns},
+    maps::{PARKS, off, thread},
     read::{Regs, exiting, kread, user_regs},
-    record, stack, stall,
+    record, stack,
 };
 
 /// `prev_state` bit of a task in uninterruptible sleep (disk I/O).
@@ -43,7 +45,6 @@ pub(crate) fn on_switch<C: EbpfContext>(
     {
         let preempted = preempt & 1 != 0;
         switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
-        stall::after_switch_out(tag, prev_tid);
     }
     let next_tid = ids::tid_of(next);
     if next_tid != 0
@@ -57,9 +58,11 @@ pub(crate) fn on_switch<C: EbpfContext>(
             // must count, not wait for a second park to be recognised.
             become_loop(tag, next_tid, next);
         }
-        stall::before_switch_in(tag, next_tid);
-        if tag.out_ns != 0 {
-            switch_in(tag, next_tid, next);
+        if tag.tag == TAG_LOOP {
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            episode::back_on_cpu(tag, next_tid, next, now);
+            tag.out_ns = 0;
         }
     }
 }
@@ -85,7 +88,12 @@ fn switch_out<C: EbpfContext>(
     let nr: i64 = kread(regs, o.pt_regs_orig_ax);
     let arg0: u64 = kread(regs, o.pt_regs_di);
     let voluntary = !preempt && prev_state & 0xff != 0;
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev) {
+        if tag.tag == TAG_LOOP {
+            episode::idle_reached(tag, tid, prev, now);
+        }
         return;
     }
     if tag.tag != TAG_LOOP {
@@ -104,8 +112,8 @@ fn switch_out<C: EbpfContext>(
                 tag.loop_epfd = -1;
                 tag.loop_file = 0;
                 tag.loop_fops = 0;
-                // Its busy period (stall accounting) ended with the loop.
-                stall::forget(tid);
+                // Its episode and its clock ended with the loop.
+                episode::forget(tid);
                 if voluntary {
                     let _idle = idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev);
                 }
@@ -116,8 +124,8 @@ fn switch_out<C: EbpfContext>(
     // Everything else blocks the loop, poll/select included: on a loop
     // thread they are a socket waited on with a timeout (CPython's sockets
     // do this), never the loop's own wait.
-    // SAFETY: no preconditions.
-    tag.out_ns = unsafe { bpf_ktime_get_ns() };
+    let slot = episode::wait_begins(tag, tid, prev, now);
+    tag.out_ns = now;
     tag.syscall = nr;
     tag.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
     tag.off_state = if !voluntary {
@@ -127,8 +135,9 @@ fn switch_out<C: EbpfContext>(
     } else {
         STATE_SLEEPING
     };
-    stack::capture(ctx, tag, tid, prev);
-    stack::copy_user_stack(tag, tid, regs);
+    let key = stack::slot_key(tid, slot);
+    stack::capture(ctx, tag, key, prev);
+    stack::copy_user_stack(tag, tid, key, regs);
 }
 
 /// A voluntary switch-out in syscall `nr`: true when it is the thread's
@@ -188,7 +197,7 @@ fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     };
     // User space inspects the process for an interpreter at once, so the
     // loop's first blocking call has its frames.
-    record::send_task(RecordKind::LoopFound, tag.tgid, tid, 0);
+    record::send_task(RecordKind::LoopFound, tag.tgid, tid, tag.loop_epfd as u32);
 }
 
 /// Whether user space has learned `tid`'s runtime park.
@@ -196,18 +205,4 @@ fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
 fn park_learned(tid: u32) -> bool {
     // SAFETY: map value read, dropped at once.
     unsafe { PARKS.get(tid) }.is_some()
-}
-
-#[inline(always)]
-fn switch_in(tag: &mut ThreadTag, tid: u32, next: *const u8) {
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let start = tag.out_ns;
-    tag.out_ns = 0;
-    let duration = now.saturating_sub(start);
-    if duration < threshold_ns() {
-        return;
-    }
-    record::send_user_stack(tid, start);
-    record::send_block(tag, tid, start, duration, next);
 }

@@ -9,8 +9,9 @@ use blockwatch_common::{Counter, RecordKind, ThreadTag, WatchRule, tag_for};
 
 use crate::{
     ids,
-    maps::{PARKS, PYPROCS, STACKS, THREADS, USER_STACKS, WATCHED, count, notify_all_execs},
-    record, stall,
+    episode,
+    maps::{PARKS, PYPROCS, THREADS, WATCHED, count, notify_all_execs},
+    record, stack,
 };
 
 /// `clone` flag: the new task is a thread of its parent's process.
@@ -47,7 +48,7 @@ pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
         }
     };
     let _ = PARKS.remove(child);
-    stall::forget(child);
+    episode::forget(child);
     crate::strict::forget(child);
     retag(child, tgid, rule, !is_thread);
 }
@@ -86,14 +87,13 @@ pub(crate) fn on_exec(old_pid: u32) {
     // A new program: what was learned about the old one no longer holds.
     if old_pid != tgid {
         let _ = THREADS.remove(old_pid);
-        let _ = STACKS.remove(old_pid);
-        let _ = USER_STACKS.remove(old_pid);
+        stack::forget(old_pid);
     }
-    let _ = USER_STACKS.remove(tgid);
+    stack::forget(tgid);
     let _ = PARKS.remove(tgid);
-    stall::forget(tgid);
+    episode::forget(tgid);
     crate::strict::forget(tgid);
-    stall::forget(old_pid);
+    episode::forget(old_pid);
     crate::strict::forget(old_pid);
     let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
@@ -113,15 +113,14 @@ pub(crate) fn on_exit(group_dead: bool) {
         return;
     };
     let was_tagged = THREADS.remove(tid).is_ok();
-    stall::forget(tid);
+    episode::forget(tid);
     crate::strict::forget(tid);
     if was_tagged {
-        let _ = STACKS.remove(tid);
         let _ = PARKS.remove(tid);
     }
     // Whether or not it is still tagged (user space may have untagged it):
     // a copy is 32 KiB that would otherwise stay until the TID is reused.
-    let _ = USER_STACKS.remove(tid);
+    stack::forget(tid);
     if group_dead {
         let _ = PYPROCS.remove(tgid);
     }

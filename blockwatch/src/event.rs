@@ -71,16 +71,18 @@ impl OffState {
     }
 }
 
-/// Which detector reported an event.
+/// What took the largest share of a reported episode, or strict mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Detector {
-    /// A wait off the CPU at or over `--threshold` (the default detector).
+    /// An episode at or over `--threshold` whose time went mostly to
+    /// waits off the CPU: the event names its longest wait.
     #[default]
     Offcpu,
     /// A blocking-class syscall that stayed on the CPU (`--strict`).
     Strict,
-    /// CPU work that kept the loop from its idle wait (`--stall-threshold`).
+    /// An episode at or over `--threshold` whose time went mostly to CPU
+    /// work: the event names the stack most CPU samples share.
     Stall,
 }
 
@@ -138,7 +140,8 @@ fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
 }
 
-/// A wait that blocked a tagged event-loop thread.
+/// A loop episode at or over the threshold (what blocked a tagged
+/// event-loop thread), or a strict call.
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
     /// When the wait began (wall clock), RFC 3339 with microseconds.
@@ -150,13 +153,17 @@ pub struct Event {
     pub comm: String,
     /// Name of the blocked thread.
     pub thread: String,
-    /// Syscall name, or null when the thread was not in a syscall
-    /// (preempted, or a page fault).
+    /// Syscall name of the episode's longest wait (or the strict call),
+    /// or null when it was not in a syscall (preempted, a page fault) or
+    /// the episode never left the CPU.
     pub syscall: Option<&'static str>,
     /// Raw syscall number (x86-64), -1 when not in a syscall.
     pub syscall_nr: i64,
     pub class: Class,
+    /// Episodes: wall time; strict calls: time in the call.
     pub duration_ns: u64,
+    /// How the longest wait was off the CPU; `running` for an episode that
+    /// never left it, and for strict calls.
     pub state: OffState,
     pub stack: Vec<Frame>,
     /// The innermost frame that belongs to the application, or null.
@@ -168,16 +175,41 @@ pub struct Event {
     /// What to do instead, for this runtime and call (see
     /// [`crate::analyze::advice::advise`]); never empty.
     pub advice: String,
-    /// Which detector found it: `offcpu`, `strict` or `stall`.
+    /// What took most of the episode (`offcpu`: waits, `stall`: CPU
+    /// work), or `strict` for a strict call.
     pub detector: Detector,
-    /// Stalls: wall time from leaving the idle wait to reaching it again
-    /// (`duration_ns` is the on-CPU part).
+    /// Episodes (not strict calls): where the time went.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub busy_ns: Option<u64>,
-    /// Stalls: on-CPU stack samples taken during the stall (`stack` is
-    /// the one most of them share).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub samples: Option<u32>,
+    pub episode: Option<Episode>,
+}
+
+/// Where a reported episode's time went. `Event::duration_ns` is its wall
+/// time: from the loop leaving its idle wait to entering it again, while
+/// no other task on that loop could run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Episode {
+    /// On the CPU: callbacks' own work.
+    pub cpu_ns: u64,
+    /// Off the CPU in interruptible sleep (timers, locks, sockets).
+    pub sleeping_ns: u64,
+    /// Off the CPU in uninterruptible sleep (disk I/O, page faults).
+    pub disk_ns: u64,
+    /// Runnable but not running: the CPU went to another task.
+    pub preempted_ns: u64,
+    /// Waits in the episode; the event's `syscall`, `state` and (for
+    /// `offcpu`) stack are its longest one's.
+    pub waits: u32,
+    pub longest_wait_ns: u64,
+    /// CPU stack samples taken in the episode (`stall`: `stack` is the
+    /// one most of them share).
+    pub samples: u32,
+}
+
+impl Episode {
+    /// Off-CPU time of every kind.
+    pub fn offcpu_ns(&self) -> u64 {
+        self.sleeping_ns + self.disk_ns + self.preempted_ns
+    }
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

@@ -1,7 +1,7 @@
 //! Attaches the loaded programs: the scheduler and task-lifecycle
-//! tracepoints (tp_btf, or their raw-tracepoint twins), and for the strict
-//! and stall detectors the raw syscall tracepoints and a cpu-clock perf
-//! event per CPU.
+//! tracepoints (tp_btf, or their raw-tracepoint twins), the episode
+//! sampler (a cpu-clock perf event per CPU) and, for strict mode, the raw
+//! syscall tracepoints.
 
 use std::fmt::Display;
 
@@ -15,8 +15,11 @@ use log::{debug, info, warn};
 
 use crate::bpf::LoadError;
 
-/// Sampling frequency of busy loop threads, per CPU.
-pub const SAMPLE_HZ: u64 = 99;
+/// Sampling frequency of loop threads, per CPU: how often a loop that
+/// never sleeps has its iteration clock read (an episode's end is known to
+/// within this period) and a long episode its stack sampled. Not a
+/// multiple of the kernel's timer rates, so it does not beat with them.
+pub const SAMPLE_HZ: u64 = 199;
 
 /// (tp_btf program, raw_tracepoint twin, tracepoint name)
 const ATTACHMENTS: &[(&str, &str, &str)] = &[
@@ -125,24 +128,24 @@ fn load_error(program: &str, e: ProgramError) -> LoadError {
     LoadError::Load(format!("{program}: {e}"))
 }
 
-/// What the strict and stall detectors are asked to do.
+/// What the loop detectors beyond `sched_switch` are asked to do.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoopOptions {
     /// `--strict`: attach the syscall tracepoints.
     pub strict: bool,
-    /// `--stall-threshold`; `None` leaves the stall detector off.
-    pub stall_threshold: Option<std::time::Duration>,
 }
 
-/// The strict and stall detectors, once attached (their counters are in
+/// The loop detectors, once attached (their counters are in
 /// `Maps::counters` with the others).
 pub struct LoopDetectors {
     pub options: LoopOptions,
+    /// Whether the episode sampler runs (perf events may be refused).
+    pub sampler: bool,
 }
 
-/// Configures the strict and stall detectors and attaches what they need:
-/// the syscall tracepoints for `strict` (every syscall on the host pays for
-/// them), a cpu-clock perf event per CPU for stall samples.
+/// Configures strict mode and attaches what the loop detectors need: a
+/// cpu-clock perf event per CPU for the episode sampler, and the syscall
+/// tracepoints for `strict` (every syscall on the host pays for them).
 /// `strict_syscalls` are the syscall numbers strict mode reports. Call
 /// after [`load`](crate::bpf::load()), before taking `ebpf` apart.
 pub fn enable_loop_detectors(
@@ -164,29 +167,28 @@ pub fn enable_loop_detectors(
         }
         info!("strict mode: attached raw_syscalls sys_enter/sys_exit");
     }
-    if cfg.stall_ns != 0 {
-        // Stalls are still measured without the sampler, only not named:
-        // a host that refuses perf events loses stacks, not the session.
-        match attach_stall_sampler(ebpf) {
-            Ok(()) => info!("stall detector: busy loop threads sampled at {SAMPLE_HZ} Hz"),
-            Err(e) => warn!("stalls are reported without stacks: {e}"),
+    // Episodes are still measured without the sampler: a host that refuses
+    // perf events loses the stacks of CPU-bound episodes and the iteration
+    // ends of loops that never sleep, not the session.
+    let sampler = match attach_sampler(ebpf) {
+        Ok(()) => {
+            info!("episode sampler: loop threads sampled at {SAMPLE_HZ} Hz");
+            true
         }
-    }
-    Ok(LoopDetectors { options })
+        Err(e) => {
+            warn!(
+                "loop threads are not sampled ({e}): CPU-bound episodes have no stack, \
+                 and a loop that never sleeps looks like one long episode"
+            );
+            false
+        }
+    };
+    Ok(LoopDetectors { options, sampler })
 }
 
-/// The detectors' kernel configuration.
+/// Strict mode's kernel configuration.
 fn loop_config(options: LoopOptions, strict_syscalls: &[i64]) -> LoopConfig {
-    let stall_ns = options
-        .stall_threshold
-        .map(|d| d.as_nanos().clamp(1, u64::MAX as u128) as u64)
-        .unwrap_or(0);
     let mut cfg = LoopConfig {
-        stall_ns,
-        // Samples from a quarter of the threshold on: a stall's first
-        // moments name it as well as its last, and shorter busy periods
-        // (the common case) are not sent at all.
-        sample_after_ns: stall_ns / 4,
         strict: options.strict as u8,
         ..Default::default()
     };
@@ -199,14 +201,14 @@ fn loop_config(options: LoopOptions, strict_syscalls: &[i64]) -> LoopConfig {
     cfg
 }
 
-/// A cpu-clock perf event per online CPU, running `stall_sample`.
-fn attach_stall_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+/// A cpu-clock perf event per online CPU, running `episode_sample`.
+fn attach_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     use aya::programs::perf_event::{
         PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
     };
     const WHAT: &str = "perf event cpu-clock";
-    let prog: &mut PerfEvent = program(ebpf, "stall_sample", WHAT)?;
-    prog.load().map_err(|e| load_error("stall_sample", e))?;
+    let prog: &mut PerfEvent = program(ebpf, "episode_sample", WHAT)?;
+    prog.load().map_err(|e| load_error("episode_sample", e))?;
     let cpus =
         aya::util::online_cpus().map_err(|(what, e)| attach_error(WHAT, format!("{what}: {e}")))?;
     for cpu in cpus {
@@ -229,17 +231,15 @@ mod tests {
 
     // Privileged, like bpf::load's tests: a verifier rejection fails here.
     #[test]
-    fn strict_and_stall_programs_load_and_attach() {
+    fn strict_and_sampler_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");
-        enable_loop_detectors(
+        let detectors = enable_loop_detectors(
             &mut loaded.ebpf,
-            LoopOptions {
-                strict: true,
-                stall_threshold: Some(std::time::Duration::from_millis(100)),
-            },
+            LoopOptions { strict: true },
             &strict_numbers(),
         )
-        .expect("strict and stall programs");
+        .expect("strict and sampler programs");
+        assert!(detectors.sampler, "the episode sampler attached");
         assert_eq!(
             loaded.counter(blockwatch_common::Counter::LostLoopRecords),
             0
@@ -251,10 +251,7 @@ mod tests {
         let mut loaded = load(10_000_000, true).expect("load (run as root)");
         enable_loop_detectors(
             &mut loaded.ebpf,
-            LoopOptions {
-                strict: true,
-                stall_threshold: None,
-            },
+            LoopOptions { strict: true },
             &strict_numbers(),
         )
         .expect("strict programs");

@@ -26,7 +26,10 @@ use crate::targets::selector::Patterns;
 An event loop (Python asyncio, tokio workers, libuv/Node) must never wait on \
 disk, sleep, locks or blocking sockets: while one call blocks, every task on \
 that loop waits. blockwatch watches the event-loop threads of the processes you \
-name with eBPF, and reports each wait longer than a threshold with its stack.\n\n\
+name with eBPF, and reports each loop episode (one iteration of the loop, from \
+leaving its idle wait to entering it again) that lasted at least a threshold, \
+whatever filled it (one long wait, many short ones, CPU work, preemption), \
+with the stack of what took the most time.\n\n\
 Needs root (or CAP_BPF and CAP_PERFMON) and a kernel with BTF."
 )]
 pub struct Cli {
@@ -93,7 +96,9 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub matching: MatchArgs,
 
-    /// Report waits at least this long (e.g. 5ms, 100us, 1s).
+    /// Report loop episodes at least this long (e.g. 5ms, 100us, 1s): one
+    /// iteration of the loop, whatever filled it. A thread that runs no
+    /// loop yet has each of its waits judged alone.
     #[arg(long, value_name = "DURATION", value_parser = clap_duration, default_value = "10ms")]
     pub threshold: Duration,
 
@@ -167,7 +172,8 @@ pub struct DaemonArgs {
     #[arg(long, value_enum)]
     pub threads: Option<ThreadsMode>,
 
-    /// Report waits at least this long [default: 10ms].
+    /// Report loop episodes at least this long, whatever filled them
+    /// [default: 10ms].
     #[arg(long, value_name = "DURATION", value_parser = clap_duration)]
     pub threshold: Option<Duration>,
 
@@ -232,7 +238,7 @@ impl MatchArgs {
     }
 }
 
-/// `--strict` and `--stall-threshold`, shared by trace and daemon.
+/// `--strict`, shared by trace and daemon.
 #[derive(Clone, Debug, Default, Args)]
 pub struct DetectorArgs {
     /// Strict syscall mode: also count every blocking-class syscall (open,
@@ -247,25 +253,17 @@ pub struct DetectorArgs {
     #[arg(long)]
     pub strict: bool,
 
-    /// Report a loop thread that stays on the CPU this long without
-    /// reaching its idle wait (a CPU-heavy callback) as a `stall`, with
-    /// stacks sampled at 99 Hz while it runs; `off` disables
-    /// [default: 100ms, asyncio's slow_callback_duration].
-    #[arg(long, value_name = "DURATION|off", value_parser = parse_stall_threshold)]
+    /// Gone: CPU work counts toward --threshold like any other part of a
+    /// loop episode. Kept so that old command lines say what changed.
+    #[arg(long, hide = true, value_parser = parse_stall_threshold)]
     pub stall_threshold: Option<Duration>,
 }
 
 impl DetectorArgs {
-    /// The detectors' options, `default_stall` applying when the flag was
-    /// not given (a zero duration turns the stall detector off).
-    pub fn options(&self, default_stall: Option<Duration>) -> LoopOptions {
-        let stall = match self.stall_threshold {
-            Some(d) => Some(d),
-            None => default_stall,
-        };
+    /// The detectors' options.
+    pub fn options(&self) -> LoopOptions {
         LoopOptions {
             strict: self.strict,
-            stall_threshold: stall.filter(|d| !d.is_zero()),
         }
     }
 }
@@ -282,7 +280,6 @@ impl DaemonArgs {
             pids: self.pids.clone(),
             container_labels: self.container_labels,
             strict: self.detectors.strict,
-            stall_threshold: self.detectors.stall_threshold,
             user_stack_size: self.user_stack_size,
         }
     }
@@ -306,7 +303,7 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::*;
-    use crate::settings::{DEFAULT_LISTEN, DEFAULT_STALL_THRESHOLD, DEFAULT_THRESHOLD};
+    use crate::settings::{DEFAULT_LISTEN, DEFAULT_THRESHOLD};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("blockwatch").chain(args.iter().copied()))
@@ -451,32 +448,13 @@ mod tests {
 
     #[test]
     fn detector_flags_become_options() {
-        let d = |s: Option<Duration>| DetectorArgs {
-            strict: true,
-            stall_threshold: s,
-        };
-        let o = d(None).options(Some(DEFAULT_STALL_THRESHOLD));
-        assert!(o.strict);
-        assert_eq!(o.stall_threshold, Some(Duration::from_millis(100)));
-        assert_eq!(
-            d(Some(Duration::ZERO))
-                .options(Some(DEFAULT_STALL_THRESHOLD))
-                .stall_threshold,
-            None
-        );
-        assert_eq!(
-            d(Some(Duration::from_secs(1)))
-                .options(None)
-                .stall_threshold,
-            Some(Duration::from_secs(1))
-        );
-        let Command::Trace(t) = parse(&["trace", "--stall-threshold", "off", "-p", "1"])
-            .unwrap()
-            .command
-        else {
+        let Command::Trace(t) = parse(&["trace", "--strict", "-p", "1"]).unwrap().command else {
             panic!("not trace")
         };
-        assert_eq!(t.detectors.stall_threshold, Some(Duration::ZERO));
+        assert!(t.detectors.options().strict);
+        // The stall threshold is gone; an old command line is told why.
+        let err = parse(&["trace", "--stall-threshold", "off", "-p", "1"]).unwrap_err();
+        assert!(err.to_string().contains("episodes"), "{err}");
     }
 
     /// The defaults the help quotes in prose are the ones settings applies.
@@ -494,8 +472,6 @@ mod tests {
             format!("[default: {DEFAULT_LISTEN}]"),
             format!("[default: {}ms]", DEFAULT_THRESHOLD.as_millis()),
             format!("[default: {DEFAULT_USER_STACK_SIZE}]"),
-            format!("[default: {}ms,", DEFAULT_STALL_THRESHOLD.as_millis()),
-            format!("sampled at {} Hz", crate::bpf::SAMPLE_HZ),
         ] {
             assert!(daemon.contains(&default), "{default} in\n{daemon}");
         }

@@ -7,7 +7,7 @@
 use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
     BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
-    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
+    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_RUNNING, STATE_SLEEPING,
     TaskEvent, UserStackHead,
 };
 
@@ -25,17 +25,30 @@ pub enum DecodeError {
     UnknownState(u8),
 }
 
-/// A blocking wait of a tagged thread, as the kernel saw it.
+/// A loop episode at or over the threshold, as the kernel saw it: its wall
+/// time, where that time went, and its longest wait (`state`, `syscall`,
+/// `args`, the stacks).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockRecord {
     pub pid: u32,
     pub tid: u32,
+    /// How the longest wait was off the CPU; `Running` when there was none.
     pub state: OffState,
     pub syscall: i64,
     pub args: [u64; 3],
-    /// `CLOCK_MONOTONIC` nanoseconds at switch-out.
+    /// `CLOCK_MONOTONIC` nanoseconds at the episode's start.
     pub start_ns: u64,
+    /// The episode's wall time.
     pub duration_ns: u64,
+    /// On-CPU time, and off-CPU time sleeping, in disk waits, preempted.
+    pub run_ns: u64,
+    pub off_ns: [u64; 3],
+    /// The longest wait: its switch-out (its user stack's key) and length.
+    pub wait_start_ns: u64,
+    pub wait_ns: u64,
+    pub waits: u32,
+    /// CPU samples the kernel sent for the episode.
+    pub samples: u32,
     /// Thread name.
     pub thread: String,
     /// User stack, innermost first.
@@ -56,8 +69,10 @@ pub struct ProbeRecord {
     pub stack: Vec<u8>,
 }
 
-/// The top of a blocked thread's user stack, sent just before the
-/// [`BlockRecord`] of the same wait (same `tid` and `start_ns`).
+/// The top of a thread's user stack: a blocked thread's, sent just before
+/// the [`BlockRecord`] whose longest wait it is (same `tid`, `start_ns` =
+/// its `wait_start_ns`), or a CPU sample's, sent just before the sample
+/// (same `tid` and `start_ns`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UserStackRecord {
     pub pid: u32,
@@ -76,13 +91,11 @@ pub struct UserStackRecord {
 pub enum LoopKind {
     /// A blocking-class syscall that stayed on the CPU (`--strict`).
     Strict,
-    /// An on-CPU stack sample of a busy loop thread.
+    /// An on-CPU stack sample of a loop thread in a long episode.
     Sample,
-    /// A busy period over the stall threshold, ended.
-    Stall,
 }
 
-/// A record of the strict and stall detectors (`LoopEvent`).
+/// A strict call or a CPU sample (`LoopEvent`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoopRecord {
     pub kind: LoopKind,
@@ -91,11 +104,11 @@ pub struct LoopRecord {
     /// Strict: the syscall; otherwise -1.
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Strict: syscall entry; sample, stall: start of the busy period.
+    /// Strict: syscall entry; sample: start of its episode.
     pub start_ns: u64,
-    /// Strict: time in the syscall; sample, stall: on-CPU time so far.
+    /// Strict: time in the syscall; sample: the episode's on-CPU time so far.
     pub duration_ns: u64,
-    /// Sample, stall: wall time since the busy period began.
+    /// Sample: wall time since the episode began.
     pub busy_ns: u64,
     pub thread: String,
     pub ips: Vec<u64>,
@@ -107,7 +120,7 @@ pub enum Record {
     Block(BlockRecord),
     UserStack(UserStackRecord),
     Probe(ProbeRecord),
-    /// A strict call, a stall or a stall's stack sample.
+    /// A strict call or an episode's CPU sample.
     Loop(LoopRecord),
     /// Process `pid` exec'd (from thread `tid`).
     Exec {
@@ -163,7 +176,7 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         RecordKind::Block => decode_block(bytes),
         RecordKind::Probe => decode_probe(bytes),
         RecordKind::UserStack => decode_user_stack(bytes),
-        RecordKind::Strict | RecordKind::Sample | RecordKind::Stall => decode_loop(bytes, kind),
+        RecordKind::Strict | RecordKind::Sample => decode_loop(bytes, kind),
         RecordKind::Exec | RecordKind::Exit | RecordKind::LoopFound => decode_task(bytes, kind),
     }
 }
@@ -190,6 +203,7 @@ fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
         STATE_SLEEPING => OffState::Sleeping,
         STATE_DISK => OffState::Disk,
         STATE_PREEMPTED => OffState::Preempted,
+        STATE_RUNNING => OffState::Running,
         s => return Err(DecodeError::UnknownState(s)),
     };
     Ok(Record::Block(BlockRecord {
@@ -200,6 +214,12 @@ fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
         args: ev.args,
         start_ns: ev.start_ns,
         duration_ns: ev.duration_ns,
+        run_ns: ev.run_ns,
+        off_ns: ev.off_ns,
+        wait_start_ns: ev.wait_start_ns,
+        wait_ns: ev.wait_ns,
+        waits: ev.waits,
+        samples: ev.samples,
         thread: comm_str(&ev.comm),
         ips: user_ips(&ev.ips, ev.frames),
         py: py_frames(&ev.py, ev.py_frames),
@@ -246,8 +266,7 @@ fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
     Ok(Record::Loop(LoopRecord {
         kind: match kind {
             RecordKind::Strict => LoopKind::Strict,
-            RecordKind::Sample => LoopKind::Sample,
-            _ => LoopKind::Stall,
+            _ => LoopKind::Sample,
         },
         pid: ev.header.pid,
         tid: ev.header.tid,
@@ -304,6 +323,12 @@ mod tests {
             args: [1, 0, 0x7ffd_0000],
             start_ns: 5_000,
             duration_ns: 80_000_000,
+            run_ns: 1_000,
+            off_ns: [79_999_000, 0, 0],
+            wait_start_ns: 5_500,
+            wait_ns: 79_999_000,
+            waits: 1,
+            samples: 0,
             comm,
             frames: 2,
             py_frames: 1,

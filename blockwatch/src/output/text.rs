@@ -8,7 +8,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::analyze::culprit;
-use crate::event::{Detector, Event, Frame};
+use crate::event::{Detector, Episode, Event, Frame};
 use crate::output::labels;
 use crate::settings::duration::format_duration;
 use crate::text::{basename, scrub as clean};
@@ -164,6 +164,42 @@ fn frame_line(i: usize, f: &Frame) -> String {
     s
 }
 
+/// Where an episode's time went, for its header line: ` [cpu 140.2ms, 12
+/// samples; preempted 9.8ms]`. Nothing for an episode that was one wait
+/// and little else, which the line already says.
+fn episode_note(detector: Detector, e: &Episode) -> Option<String> {
+    let ms = |ns: u64| format_duration(Duration::from_nanos(ns));
+    let total = e.cpu_ns + e.offcpu_ns();
+    let single_wait = e.waits == 1 && e.cpu_ns * 10 < total.max(1);
+    if detector == Detector::Offcpu && single_wait {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if e.cpu_ns > 0 {
+        parts.push(match detector {
+            Detector::Stall => format!("cpu {}, {} samples", ms(e.cpu_ns), e.samples),
+            _ => format!("cpu {}", ms(e.cpu_ns)),
+        });
+    }
+    for (what, ns) in [
+        ("sleeping", e.sleeping_ns),
+        ("disk", e.disk_ns),
+        ("preempted", e.preempted_ns),
+    ] {
+        if ns > 0 {
+            parts.push(format!("{what} {}", ms(ns)));
+        }
+    }
+    if e.waits > 1 {
+        parts.push(format!(
+            "{} waits, longest {}",
+            e.waits,
+            ms(e.longest_wait_ns)
+        ));
+    }
+    (!parts.is_empty()).then(|| format!(" [{}]", parts.join("; ")))
+}
+
 /// One event in text form: a header line, then the stack.
 pub fn event(ev: &Event, frames: Frames) -> String {
     let mut s = format!(
@@ -187,14 +223,12 @@ pub fn event(ev: &Event, frames: Frames) -> String {
                 " [strict: first call from this stack; repeats are counted in the summary]\n",
             );
         }
-        Detector::Stall => {
-            s.pop();
-            s.push_str(&format!(
-                " [stall: busy {}, {} stack samples]\n",
-                format_duration(Duration::from_nanos(ev.busy_ns.unwrap_or(ev.duration_ns))),
-                ev.samples.unwrap_or(0)
-            ));
-        }
+        Detector::Stall => {}
+    }
+    if let Some(note) = ev.episode.as_ref().and_then(|e| episode_note(ev.detector, e)) {
+        s.pop();
+        s.push_str(&note);
+        s.push('\n');
     }
     if ev.stack.is_empty() {
         s.push_str("    (no stack)\n");

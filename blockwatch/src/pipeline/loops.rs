@@ -4,10 +4,11 @@
 //!
 //! - Strict calls come one record per call; their stacks repeat, so the
 //!   symbolized stack of each distinct raw stack is cached.
-//! - Stack samples of a busy loop thread are kept (raw, a bounded number)
-//!   until the busy period ends: as a stall (`KIND_STALL`, same TID and
-//!   busy start), they are symbolized and the stack most of them share
-//!   becomes the stall's; otherwise the next busy period replaces them.
+//! - CPU samples of a loop thread's long episode are kept (unwound, a
+//!   bounded number) until the episode is reported (a `Block` record with
+//!   the same TID and start): when CPU work took most of it, they are
+//!   symbolized and the stack most of them share becomes the event's;
+//!   otherwise the next episode replaces them.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -22,24 +23,11 @@ pub const MAX_SAMPLES_PER_STALL: usize = 32;
 /// Distinct raw strict stacks whose symbolization is cached.
 const MAX_CACHED_STACKS: usize = 4096;
 
-/// `, 12 strict calls, 1 stall over 100ms` for the session's last line,
-/// naming only the detectors that ran.
-pub fn header_counts(
-    options: &crate::bpf::LoopOptions,
-    strict: u64,
-    stalls: u64,
-) -> Option<String> {
-    let mut s = String::new();
-    if options.strict {
-        s.push_str(&format!(", {strict} strict calls"));
-    }
-    if let Some(t) = options.stall_threshold {
-        s.push_str(&format!(
-            ", {stalls} stalls over {}",
-            crate::settings::duration::format_duration(t)
-        ));
-    }
-    (!s.is_empty()).then_some(s)
+/// `, 12 strict calls` for the session's last line, when strict mode ran.
+pub fn header_counts(options: &crate::bpf::LoopOptions, strict: u64) -> Option<String> {
+    options
+        .strict
+        .then(|| format!(", {strict} strict calls"))
 }
 
 /// Samples of the current busy period of one thread.
@@ -92,11 +80,11 @@ impl Loops {
         }
     }
 
-    /// The samples of the busy period that `stall` ends, and how many were
-    /// taken in all (more than returned when the period was long).
-    pub fn take_samples(&mut self, stall: &LoopRecord) -> (Vec<LoopRecord>, u32) {
-        match self.pending.remove(&stall.tid) {
-            Some(p) if p.start_ns == stall.start_ns => (p.samples, p.total),
+    /// The samples of thread `tid`'s episode that began at `start_ns`, and
+    /// how many were taken in all (more than returned when it was long).
+    pub fn take_samples(&mut self, tid: u32, start_ns: u64) -> (Vec<LoopRecord>, u32) {
+        match self.pending.remove(&tid) {
+            Some(p) if p.start_ns == start_ns => (p.samples, p.total),
             _ => (Vec::new(), 0),
         }
     }
@@ -190,16 +178,16 @@ mod tests {
         l.sample(rec(5, 100, 1));
         l.sample(rec(5, 100, 2));
         l.sample(rec(6, 100, 3));
-        let (s, n) = l.take_samples(&rec(5, 100, 0));
+        let (s, n) = l.take_samples(5, 100);
         assert_eq!((s.len(), n), (2, 2));
         // Taken once.
-        assert_eq!(l.take_samples(&rec(5, 100, 0)).1, 0);
+        assert_eq!(l.take_samples(5, 100).1, 0);
         // A new busy period replaces the old one's samples.
         l.sample(rec(6, 200, 4));
-        assert_eq!(l.take_samples(&rec(6, 100, 0)).1, 0);
+        assert_eq!(l.take_samples(6, 100).1, 0);
         l.sample(rec(7, 1, 1));
         l.thread_exit(7);
-        assert_eq!(l.take_samples(&rec(7, 1, 0)).1, 0);
+        assert_eq!(l.take_samples(7, 1).1, 0);
     }
 
     #[test]
@@ -208,7 +196,7 @@ mod tests {
         for i in 0..100 {
             l.sample(rec(5, 1, i));
         }
-        let (s, n) = l.take_samples(&rec(5, 1, 0));
+        let (s, n) = l.take_samples(5, 1);
         assert_eq!((s.len(), n), (MAX_SAMPLES_PER_STALL, 100));
     }
 
@@ -246,7 +234,7 @@ mod tests {
         l.forget_process(1);
         assert!(l.cached_stack(1, 7).is_none());
         assert!(
-            l.take_samples(&rec(5, 1, 0)).0.is_empty(),
+            l.take_samples(5, 1).0.is_empty(),
             "pid 1's samples go"
         );
         assert!(l.cached_stack(2, 7).is_some(), "other processes' stay");

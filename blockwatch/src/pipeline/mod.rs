@@ -20,7 +20,7 @@ use blockwatch_common::{PyFrameRef, PyProc};
 
 use crate::analyze::syscalls::{self, FdKind};
 use crate::analyze::{advice, culprit, gil};
-use crate::event::{Class, Detector, Event, Frame, OffState};
+use crate::event::{Class, Detector, Episode, Event, Frame, OffState};
 use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record};
 use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
@@ -94,15 +94,16 @@ pub struct Stats {
     pub events: u64,
     pub parks_learned: u64,
     pub decode_errors: u64,
-    /// Strict calls (`--strict`) and stalls reported.
+    /// Strict calls (`--strict`) reported, and episodes (of `events`) that
+    /// were mostly CPU work.
     pub strict: u64,
     pub stalls: u64,
 }
 
 pub struct Pipeline {
     stacks: StackBuilder,
-    /// User-stack copies waiting for the block record of their wait (the
-    /// kernel sends the copy just before it), by TID.
+    /// User-stack copies waiting for the record they belong to (the kernel
+    /// sends a copy just before its episode or sample), by TID.
     user_stacks: HashMap<u32, decode::UserStackRecord>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset: Duration,
@@ -384,19 +385,73 @@ impl Pipeline {
         self.loops.forget_process(pid);
     }
 
-    /// A blocking wait, unless it is a runtime park that raced the kernel
-    /// map update.
+    /// A reported episode, unless its only wait is a runtime park that
+    /// raced the kernel map update.
     fn block(&mut self, mut b: BlockRecord) -> Option<Event> {
         let copy = self
             .user_stacks
             .remove(&b.tid)
-            .filter(|u| u.start_ns == b.start_ns);
-        if b.syscall == NR_FUTEX && self.parks.get(&b.tid).map(|p| p.1) == Some(b.args[0]) {
+            .filter(|u| b.waits != 0 && u.start_ns == b.wait_start_ns);
+        if b.waits == 1
+            && b.syscall == NR_FUTEX
+            && self.parks.get(&b.tid).map(|p| p.1) == Some(b.args[0])
+        {
             return None;
         }
-        b.ips = self.stacks.native(b.pid, &b.ips, copy.as_ref());
+        let (samples, taken) = self.loops.take_samples(b.tid, b.start_ns);
+        let episode = Episode {
+            cpu_ns: b.run_ns,
+            sleeping_ns: b.off_ns[0],
+            disk_ns: b.off_ns[1],
+            preempted_ns: b.off_ns[2],
+            waits: b.waits,
+            longest_wait_ns: b.wait_ns,
+            samples: taken.max(b.samples),
+        };
         self.stats.events += 1;
-        Some(self.enrich(b))
+        // The loop wanted the CPU more than it waited: preemption is time
+        // lost while running (a long callback is what the scheduler
+        // preempts), so it counts with the CPU. Then CPU work took the
+        // largest share, and the stack most samples share names it, not
+        // whatever the loop last waited on; unless the loop barely ran
+        // and was mostly kept off the CPU, the host's doing, which its
+        // longest wait, a preemption, says.
+        let waited = episode.sleeping_ns + episode.disk_ns;
+        let mostly_cpu = b.waits == 0
+            || (episode.cpu_ns + episode.preempted_ns > waited
+                && episode.cpu_ns * 4 >= episode.preempted_ns);
+        let mut ev = if mostly_cpu && (!samples.is_empty() || b.waits == 0) {
+            self.stats.stalls += 1;
+            self.cpu_bound(b, samples)
+        } else {
+            b.ips = self.stacks.native(b.pid, &b.ips, copy.as_ref());
+            self.enrich(b)
+        };
+        ev.episode = Some(episode);
+        Some(ev)
+    }
+
+    /// An episode that was mostly CPU work, named by its samples.
+    fn cpu_bound(&mut self, b: BlockRecord, samples: Vec<LoopRecord>) -> Event {
+        let symbolized: Vec<_> = samples
+            .iter()
+            .map(|s| {
+                let stack = self.stack(s.pid, &s.ips, &s.py);
+                let culprit = culprit::culprit(&stack);
+                (stack, culprit)
+            })
+            .collect();
+        let (stack, culprit) = loops::pick_stall_stack(symbolized);
+        let origin = Origin {
+            pid: b.pid,
+            tid: b.tid,
+            thread: b.thread,
+            syscall: -1,
+            start_ns: b.start_ns,
+            duration_ns: b.duration_ns,
+            state: OffState::Running,
+        };
+        self.event(origin, Class::Stall, Detector::Stall, stack, culprit)
     }
 
     /// A futex wait to tell apart: a runtime's park is learned and handed
@@ -476,8 +531,7 @@ impl Pipeline {
             culprit,
             offender,
             detector,
-            busy_ns: None,
-            samples: None,
+            episode: None,
         }
     }
 
@@ -496,17 +550,22 @@ fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
     }
 }
 
-/// The strict and stall detectors' records (see [`crate::pipeline::loops`]).
+/// Strict calls and episodes' CPU samples (see [`crate::pipeline::loops`]).
 impl Pipeline {
-    fn loop_record(&mut self, r: LoopRecord) -> Option<Event> {
+    fn loop_record(&mut self, mut r: LoopRecord) -> Option<Event> {
         match r.kind {
             LoopKind::Sample => {
+                let copy = self
+                    .user_stacks
+                    .remove(&r.tid)
+                    .filter(|u| u.start_ns == r.start_ns);
+                // Unwound now: the copy is of this moment's stack.
+                r.ips = self.stacks.unwind(r.pid, &r.ips, copy.as_ref());
                 self.stacks.sampled(r.pid, r.tid, &r.ips);
                 self.loops.sample(r);
                 None
             }
             LoopKind::Strict => Some(self.strict(r)),
-            LoopKind::Stall => Some(self.stall(r)),
         }
     }
 
@@ -530,24 +589,6 @@ impl Pipeline {
         self.event(origin(r), class, Detector::Strict, stack, culprit)
     }
 
-    fn stall(&mut self, r: LoopRecord) -> Event {
-        self.stats.stalls += 1;
-        let (samples, total) = self.loops.take_samples(&r);
-        let symbolized: Vec<_> = samples
-            .iter()
-            .map(|s| {
-                let stack = self.stack(s.pid, &s.ips, &s.py);
-                let culprit = culprit::culprit(&stack);
-                (stack, culprit)
-            })
-            .collect();
-        let (stack, culprit) = loops::pick_stall_stack(symbolized);
-        let busy_ns = r.busy_ns;
-        let mut ev = self.event(origin(r), Class::Stall, Detector::Stall, stack, culprit);
-        ev.busy_ns = Some(busy_ns);
-        ev.samples = Some(total);
-        ev
-    }
 }
 
 /// A loop thread's record happened on the CPU.

@@ -293,7 +293,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // The port first: a taken port is the likeliest start failure and
     // needs no kernel work to report.
     let listener = crate::output::http::bind(current.listen).await?;
-    // Strict mode, the stall threshold and the user-stack size are read at
+    // Strict mode and the user-stack size are read at
     // start: a reload that changes them says so and takes effect at
     // restart.
     let session = Session::start(&StartOptions {
@@ -301,7 +301,6 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
         user_stack_size: current.user_stack_size,
         loops: LoopOptions {
             strict: current.strict,
-            stall_threshold: current.stall_threshold,
         },
     })?;
     let mut daemon = Daemon::new(session, current, rules, overrides, config_path)?;
@@ -591,14 +590,8 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
             current.listen, new.listen
         );
     }
-    if (new.strict, new.stall_threshold, new.user_stack_size)
-        != (
-            current.strict,
-            current.stall_threshold,
-            current.user_stack_size,
-        )
-    {
-        warn!("strict, stall_threshold and user_stack_size changes take effect at restart");
+    if (new.strict, new.user_stack_size) != (current.strict, current.user_stack_size) {
+        warn!("strict and user_stack_size changes take effect at restart");
     }
     if new.container_labels != current.container_labels {
         // The label names of every series would change under Prometheus.
@@ -614,7 +607,6 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
     Ok(Settings {
         listen: current.listen,
         strict: current.strict,
-        stall_threshold: current.stall_threshold,
         user_stack_size: current.user_stack_size,
         container_labels: current.container_labels,
         ..new

@@ -15,7 +15,6 @@ use crate::pipeline::{Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
-use crate::settings::DEFAULT_STALL_THRESHOLD;
 use crate::settings::duration::format_duration;
 use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
@@ -142,7 +141,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let mut session = Session::start(&StartOptions {
         threshold: args.threshold,
         user_stack_size: args.user_stack_size,
-        loops: args.detectors.options(Some(DEFAULT_STALL_THRESHOLD)),
+        loops: args.detectors.options(),
     })?;
     let mut command = watch_targets(&args, &selector, &mut session).await?;
     let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
@@ -349,18 +348,18 @@ fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline
     }
 }
 
-/// `12 blocking calls over 10ms, 3 strict calls` for the last line.
+/// `12 loop episodes over 10ms (2 mostly CPU work), 3 strict calls` for
+/// the last line.
 fn describe_found(args: &TraceArgs, pipeline: &Pipeline, detectors: &LoopDetectors) -> String {
     let mut found = format!(
-        "{} blocking calls over {}",
+        "{} loop episodes over {} ({} mostly CPU work)",
         pipeline.stats.events,
         format_duration(args.threshold),
-    );
-    if let Some(more) = crate::pipeline::loops::header_counts(
-        &detectors.options,
-        pipeline.stats.strict,
         pipeline.stats.stalls,
-    ) {
+    );
+    if let Some(more) =
+        crate::pipeline::loops::header_counts(&detectors.options, pipeline.stats.strict)
+    {
         found.push_str(&more);
     }
     found

@@ -19,7 +19,7 @@ use clap::ValueEnum as _;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::settings::duration::{clap_duration, format_duration, parse_duration};
+use crate::settings::duration::{format_duration, parse_duration};
 use crate::targets::ThreadsMode;
 use crate::targets::selector::{Patterns, Selector};
 
@@ -27,9 +27,6 @@ use crate::targets::selector::{Patterns, Selector};
 pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9747));
 /// `--threshold`: waits shorter than this are not reported.
 pub const DEFAULT_THRESHOLD: Duration = Duration::from_millis(10);
-/// Default `--stall-threshold`: asyncio's own `slow_callback_duration`
-/// (what `PYTHONASYNCIODEBUG=1` warns about) is 100 ms.
-pub const DEFAULT_STALL_THRESHOLD: Duration = Duration::from_millis(100);
 /// Bytes of a blocked thread's user stack copied for DWARF unwinding; the
 /// kernel programs' own default, so that both sides agree.
 pub const DEFAULT_USER_STACK_SIZE: u32 = blockwatch_common::DEFAULT_USER_STACK;
@@ -57,16 +54,14 @@ pub fn check_user_stack_size(n: i64) -> Result<u32, String> {
     Ok(n as u32)
 }
 
-/// `--stall-threshold` and the `stall_threshold` key: `off` (as
-/// `Duration::ZERO`) or a duration with its unit.
-pub fn parse_stall_threshold(s: &str) -> Result<Duration, String> {
-    if s.eq_ignore_ascii_case("off") {
-        return Ok(Duration::ZERO);
-    }
-    match clap_duration(s)? {
-        d if d.is_zero() => Err("use `off` to disable stall detection".into()),
-        d => Ok(d),
-    }
+/// Why `--stall-threshold` and the `stall_threshold` key are gone.
+pub const STALL_THRESHOLD_GONE: &str = "the stall threshold is gone: blockwatch reports loop \
+     episodes, and an iteration of the loop at or over `threshold` is reported whatever filled \
+     it, CPU work included; remove it (set `threshold` instead)";
+
+/// `--stall-threshold`, kept only to say what replaced it.
+pub fn parse_stall_threshold(_: &str) -> Result<Duration, String> {
+    Err(STALL_THRESHOLD_GONE.into())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,8 +153,6 @@ pub struct Settings {
     pub log_per_minute: u32,
     /// Strict syscall mode (`strict = true`, `--strict`).
     pub strict: bool,
-    /// Stall threshold; `None` when stall detection is off.
-    pub stall_threshold: Option<Duration>,
     /// Bytes of user stack copied per blocking event (0: frame pointers
     /// only).
     pub user_stack_size: u32,
@@ -180,7 +173,6 @@ impl Default for Settings {
             container_labels: false,
             log_per_minute: DEFAULT_LOG_PER_MINUTE,
             strict: false,
-            stall_threshold: Some(DEFAULT_STALL_THRESHOLD),
             user_stack_size: DEFAULT_USER_STACK_SIZE,
         }
     }
@@ -198,8 +190,6 @@ pub struct Overrides {
     pub pids: Vec<u32>,
     pub container_labels: bool,
     pub strict: bool,
-    /// `Duration::ZERO`: off.
-    pub stall_threshold: Option<Duration>,
     pub user_stack_size: Option<u32>,
 }
 
@@ -240,9 +230,6 @@ impl Settings {
         }
         if o.strict {
             self.strict = true;
-        }
-        if let Some(d) = o.stall_threshold {
-            self.stall_threshold = (!d.is_zero()).then_some(d);
         }
         if let Some(n) = o.user_stack_size {
             self.user_stack_size = n;
@@ -391,12 +378,10 @@ impl Source<'_> {
             s.user_stack_size = check_user_stack_size(*n.get_ref())
                 .map_err(|e| self.invalid(Some(n.span()), Some("user_stack_size"), e))?;
         }
-        if let Some(t) = &file.stall_threshold {
-            s.stall_threshold = match parse_stall_threshold(t.get_ref()) {
-                Ok(d) if d.is_zero() => None,
-                Ok(d) => Some(d),
-                Err(e) => return Err(self.invalid(Some(t.span()), Some("stall_threshold"), e)),
-            };
+        if file.stall_threshold.is_some() {
+            // Not an error: a daemon upgraded with its old config must
+            // still start.
+            log::warn!("config key `stall_threshold` ignored: {STALL_THRESHOLD_GONE}");
         }
         Ok(())
     }

@@ -75,6 +75,14 @@ impl StackBuilder {
         self.unwinder.stack(&mut self.sym, pid, fp, copy)
     }
 
+    /// The native return addresses of a CPU sample, as [`Self::native`]
+    /// finds them, without keeping `copy` for the next symbolization: a
+    /// sample is symbolized later, with its episode, when the copy is gone
+    /// (its JS frames are named from the live stack, [`Self::sampled`]).
+    pub fn unwind(&mut self, pid: u32, fp: &[u64], copy: Option<&UserStackRecord>) -> Vec<u64> {
+        self.unwinder.stack(&mut self.sym, pid, fp, copy)
+    }
+
     /// Native frames (ELF symbols, perf maps for JIT code) with the
     /// CPython frames `py` in place when `interp` says the process runs
     /// CPython.
@@ -128,9 +136,10 @@ impl StackBuilder {
         stack
     }
 
-    /// A stall sample of thread `tid` just arrived: when it is a main
-    /// thread running V8, its JS functions are read from its live stack
-    /// now, while it still runs them, for when the stall is reported.
+    /// A CPU sample of thread `tid` just arrived (`ips` unwound): when it
+    /// is a main thread running V8, its JS functions are read from its live
+    /// stack now, while it still runs them, for when its episode is
+    /// reported.
     pub fn sampled(&mut self, pid: u32, tid: u32, ips: &[u64]) {
         // Only a main thread's stack is known without a copy ([stack]).
         if pid != tid || ips.len() < 2 || self.sampled.contains_key(&(pid, ips.to_vec())) {

@@ -1,0 +1,360 @@
+//! Loop episodes: what one iteration of an event loop cost.
+//!
+//! An episode begins when a loop thread comes back from its runtime's idle
+//! wait and ends when it enters it again. Everything in between is time
+//! no other task on that loop could run, and is summed in the thread's
+//! `LoopState`: on-CPU time, off-CPU time by how the thread was off
+//! (sleeping, disk, preempted), and its longest wait, whose stacks
+//! `switch.rs` keeps in one of two slots. An episode at or over the
+//! threshold is sent once, as one `Block` record, whatever filled it.
+//!
+//! A loop whose idle wait returns at once (work always ready) never sleeps
+//! in it, so `sched_switch` cannot see its iterations end. Its iteration
+//! clock can: a value the runtime rewrites every iteration (`CLOCKS`,
+//! found by user space), read here at each CPU sample and each switch-out
+//! of the thread. When it changed, the episode ended no earlier than the
+//! last read that still saw the old value; that lower bound is what is
+//! reported, so a loop that iterates is never reported for the sum of its
+//! iterations. The clock is also a timestamp of the new iteration's start
+//! (both runtimes take it from `CLOCK_MONOTONIC`), which is where the next
+//! episode begins.
+//!
+//! A thread that has never been seen in its idle wait runs no loop yet
+//! (a thread tagged by rule, a script before its `asyncio.run`): each of
+//! its waits is an episode of its own, sent when it ends.
+//!
+//! With `--strict`, the syscall tracepoints see the idle wait's entry and
+//! exit (strict.rs), so a wait that returns at once also ends an episode.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
+};
+use blockwatch_common::{
+    CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, STATE_PREEMPTED, STATE_RUNNING,
+    TAG_LOOP, ThreadTag,
+};
+
+use crate::{
+    maps::{BPF_NOEXIST, CLOCKS, LOOPSTATE, SAMPLE_SCRATCH, count, thread, threshold_ns},
+    python,
+    read::uread,
+    record::{self, LoopFacts},
+    stack,
+};
+
+/// The thread's state, created on first use; counted when the map is full.
+#[inline(always)]
+pub(crate) fn state(tid: u32) -> Option<&'static mut LoopState> {
+    if let Some(s) = existing_state(tid) {
+        return Some(s);
+    }
+    let fresh = LoopState {
+        max_syscall: -1,
+        ..LoopState::default()
+    };
+    if LOOPSTATE.insert(tid, fresh, BPF_NOEXIST).is_err() {
+        count(Counter::LostLoopState);
+        return None;
+    }
+    existing_state(tid)
+}
+
+/// The thread's state if it has one.
+#[inline(always)]
+pub(crate) fn existing_state(tid: u32) -> Option<&'static mut LoopState> {
+    // SAFETY: map value pointer, valid for this program run; only the
+    // thread's own programs touch its entry.
+    LOOPSTATE.get_ptr_mut(tid).map(|s| unsafe { &mut *s })
+}
+
+/// A TID that exited or was reused, or a loop that ended: its episode and
+/// clock must not carry over.
+#[inline(always)]
+pub(crate) fn forget(tid: u32) {
+    // Absent is fine: most threads never had any.
+    let _ = LOOPSTATE.remove(tid);
+    let _ = CLOCKS.remove(tid);
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Sends the episode `st` of `tid` if it lasted until `end` at least the
+/// threshold, then clears it; `task` names the thread in the record.
+#[inline(always)]
+fn close(st: &mut LoopState, tag: &ThreadTag, tid: u32, end: u64, task: *const u8) {
+    if st.in_ns != 0 && end > st.in_ns {
+        st.run_ns += end - st.in_ns;
+    }
+    let wall = end.saturating_sub(st.start_ns);
+    if st.start_ns != 0 && wall >= threshold_ns() {
+        if st.waits == 0 {
+            st.max_state = STATE_RUNNING;
+        }
+        record::send_episode(tag, tid, st, wall, task);
+    }
+    st.start_ns = 0;
+    st.in_ns = 0;
+    st.run_ns = 0;
+    st.off_ns = [0; 3];
+    st.max_start_ns = 0;
+    st.max_ns = 0;
+    st.max_syscall = -1;
+    st.max_args = [0; 3];
+    st.max_state = 0;
+    st.waits = 0;
+    st.samples = 0;
+}
+
+/// `current` (= `task`), a loop thread, enters its idle wait at `now`:
+/// its episode ends.
+#[inline(always)]
+pub(crate) fn idle_reached(tag: &ThreadTag, tid: u32, task: *const u8, now: u64) {
+    // No state: counted (LostLoopState) by `state`.
+    let Some(st) = state(tid) else {
+        return;
+    };
+    st.looped = 1;
+    close(st, tag, tid, now, task);
+}
+
+/// Back from the idle wait at `now`: an episode begins, if none runs.
+#[inline(always)]
+pub(crate) fn begin(st: &mut LoopState, now: u64) {
+    if st.start_ns == 0 {
+        st.start_ns = now;
+        st.run_ns = 0;
+    }
+}
+
+/// The value of `tid`'s iteration clock, and the start of the iteration it
+/// names in `CLOCK_MONOTONIC` nanoseconds (0 when unknown); None when the
+/// thread has no clock or it cannot be read now.
+#[inline(always)]
+fn clock(tag: &mut ThreadTag, tid: u32, task: *const u8) -> Option<(u64, u64)> {
+    // SAFETY: map value read, copied out at once.
+    let c = (unsafe { CLOCKS.get(tid) }).copied()?;
+    match c.kind {
+        CLOCK_WORD => {
+            let ms: u64 = uread(c.addr);
+            // A plain product: checked ones need 128-bit helpers BPF
+            // lacks. A value this large is garbage, and 0 means unknown.
+            let ns = if ms < u64::MAX / 1_000_000 {
+                ms * 1_000_000
+            } else {
+                0
+            };
+            Some((ms, ns))
+        }
+        CLOCK_PY_LOCAL => {
+            let frame = python::frame_running(tag, task, c.code);
+            if frame == 0 {
+                return None;
+            }
+            let obj: u64 = uread(frame + c.offset);
+            // NULL: the iteration is between its select and its callbacks
+            // (a new `_run_once` frame): a value of its own.
+            let bits: u64 = if obj == 0 {
+                0
+            } else {
+                uread(obj + c.value_offset)
+            };
+            Some((bits, seconds_to_ns(bits)))
+        }
+        _ => None,
+    }
+}
+
+/// Nanoseconds in the IEEE 754 double `bits` (seconds), without floating
+/// point (BPF has none); 0 for a negative value, one under a second, or
+/// one over 2^33 seconds.
+#[inline(always)]
+pub(crate) fn seconds_to_ns(bits: u64) -> u64 {
+    let exp = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    if bits >> 63 != 0 || !(0..=32).contains(&exp) {
+        return 0;
+    }
+    let mant = (bits & ((1 << 52) - 1)) | (1 << 52);
+    // The value in fixed point with 20 fractional bits (about 1 µs).
+    let fixed = mant >> (32 - exp) as u64;
+    (fixed >> 20) * 1_000_000_000 + (((fixed & 0xf_ffff) * 1_000_000_000) >> 20)
+}
+
+/// Reads the iteration clock of `tid` (`current`, on the CPU since at
+/// least `st.in_ns`) at `now`. When it changed, the episode ended: it is
+/// closed at the last read that saw the old value, and the next begins
+/// where the clock says the new iteration began.
+#[inline(always)]
+pub(crate) fn observe_clock(
+    st: &mut LoopState,
+    tag: &mut ThreadTag,
+    tid: u32,
+    task: *const u8,
+    now: u64,
+) {
+    let Some((value, began)) = clock(tag, tid, task) else {
+        return;
+    };
+    let seen = st.clock_ns;
+    st.clock_ns = now;
+    if value == st.clock || st.start_ns == 0 {
+        st.clock = value;
+        return;
+    }
+    st.clock = value;
+    let end = if seen > st.start_ns { seen } else { st.start_ns };
+    // Not `clamp`: it panics when its bounds cross, and BPF cannot.
+    let next = if began < end {
+        end
+    } else if began > now {
+        now
+    } else {
+        began
+    };
+    let on_cpu = st.in_ns != 0;
+    let long = end - st.start_ns >= threshold_ns();
+    close(st, tag, tid, end, task);
+    if long {
+        count(Counter::ClockEnds);
+    }
+    st.start_ns = next;
+    st.in_ns = if on_cpu { next } else { 0 };
+}
+
+/// sched_switch: `tid` (`current` = `task`) leaves the CPU for a wait that
+/// is not its idle wait, at `now`; the wait's stacks go to the slot
+/// returned.
+#[inline(always)]
+pub(crate) fn wait_begins(tag: &mut ThreadTag, tid: u32, task: *const u8, now: u64) -> u8 {
+    // No state: counted (LostLoopState) by `state`; the wait is then not
+    // part of any episode.
+    let Some(st) = state(tid) else {
+        return 0;
+    };
+    if st.looped == 0 {
+        // No loop yet: the wait is an episode of its own.
+        st.start_ns = now;
+        st.in_ns = 0;
+        return st.max_slot ^ 1;
+    }
+    observe_clock(st, tag, tid, task, now);
+    begin(st, now);
+    if st.in_ns != 0 {
+        st.run_ns += now.saturating_sub(st.in_ns);
+        st.in_ns = 0;
+    }
+    st.max_slot ^ 1
+}
+
+/// sched_switch: `tid` (the task `next`) comes back to the CPU at `now`
+/// from the wait `tag` describes (`tag.out_ns` its switch-out, 0 when it
+/// comes back from its idle wait instead).
+#[inline(always)]
+pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) {
+    let Some(st) = state(tid) else {
+        return;
+    };
+    if tag.out_ns != 0 {
+        // The slot `wait_begins` gave the wait: `max_slot` has not changed
+        // since, as nothing ran on the thread.
+        let slot = st.max_slot ^ 1;
+        let waited = now.saturating_sub(tag.out_ns);
+        let i = if tag.off_state <= STATE_PREEMPTED {
+            tag.off_state as usize
+        } else {
+            0
+        };
+        st.off_ns[i] += waited;
+        st.waits += 1;
+        if waited > st.max_ns {
+            st.max_ns = waited;
+            st.max_start_ns = tag.out_ns;
+            st.max_syscall = tag.syscall;
+            st.max_args = tag.args;
+            st.max_state = tag.off_state;
+            st.max_slot = slot;
+        }
+        if st.looped == 0 {
+            close(st, tag, tid, now, next);
+            return;
+        }
+    }
+    if st.looped == 0 {
+        return;
+    }
+    begin(st, now);
+    st.in_ns = now;
+}
+
+/// The cpu-clock perf event: on a loop thread in an episode, reads its
+/// iteration clock, and samples its stacks once the episode is old enough
+/// to be reported.
+#[inline(always)]
+pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
+    let tid = crate::ids::current_tid();
+    if tid == 0 {
+        return;
+    }
+    let Some(tag) = thread(tid) else {
+        return;
+    };
+    if tag.tag != TAG_LOOP {
+        return;
+    }
+    let Some(st) = existing_state(tid) else {
+        return;
+    };
+    if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {
+        return;
+    }
+    let now = now();
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    observe_clock(st, tag, tid, task, now);
+    // Samples from half the threshold on: they name an episode that will
+    // be reported, and the short ones (nearly all) send none.
+    if now.saturating_sub(st.start_ns) < threshold_ns() / 2 {
+        return;
+    }
+    // Index 0 of a per-CPU array always exists: this cannot fail.
+    let Some(py) = python::current_frames(&SAMPLE_SCRATCH, tag) else {
+        return;
+    };
+    let sample = LoopFacts {
+        kind: RecordKind::Sample,
+        pid: tag.tgid,
+        tid,
+        syscall: -1,
+        args: [0; 3],
+        start_ns: st.start_ns,
+        duration_ns: st.run_ns + now.saturating_sub(st.in_ns),
+        busy_ns: now.saturating_sub(st.start_ns),
+    };
+    if stack::send_sample_stack(ctx, tag, tid, st.start_ns)
+        && record::send_loop_with_stacks(ctx, &sample, py)
+    {
+        st.samples += 1;
+        count(Counter::Samples);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_to_ns;
+
+    #[test]
+    fn doubles_become_nanoseconds() {
+        for s in [1.0f64, 1.5, 12345.678901, 86400.25, 4.0e9] {
+            let got = seconds_to_ns(s.to_bits()) as f64;
+            assert!((got - s * 1e9).abs() < 2000.0, "{s}: {got}");
+        }
+        assert_eq!(seconds_to_ns(0.5f64.to_bits()), 0);
+        assert_eq!(seconds_to_ns((-3.0f64).to_bits()), 0);
+        assert_eq!(seconds_to_ns(0), 0);
+    }
+}
