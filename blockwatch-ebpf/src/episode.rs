@@ -206,7 +206,11 @@ pub(crate) fn observe_clock(
         return;
     }
     st.clock = value;
-    let end = if seen > st.start_ns { seen } else { st.start_ns };
+    let end = if seen > st.start_ns {
+        seen
+    } else {
+        st.start_ns
+    };
     // Not `clamp`: it panics when its bounds cross, and BPF cannot.
     let next = if began < end {
         end

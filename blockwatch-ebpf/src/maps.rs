@@ -13,8 +13,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, NUM_COUNTERS, PyProc, StackBuf,
-    StrictCall, ThreadTag, UserStack, WatchRule,
+    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, NUM_COUNTERS, PyProc,
+    StackBuf, StrictCall, ThreadTag, UserStack, WatchRule,
 };
 
 #[map]

@@ -26,8 +26,11 @@ pub(crate) fn kread<T: Copy + Default>(base: *const u8, offset: u32) -> T {
 pub(crate) fn kcopy(dst: *mut u8, len: usize, src: *const u8) -> bool {
     // SAFETY: `dst` holds at least `len` bytes; the helper faults safely.
     unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(dst as *mut _, len as u32, src as *const _)
-            == 0
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            dst as *mut _,
+            len as u32,
+            src as *const _,
+        ) == 0
     }
 }
 

@@ -4,8 +4,9 @@
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
 use blockwatch_common::{
-    BlockEvent, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
-    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, TaskEvent, ThreadTag, UserStackHead,
+    BlockEvent, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK,
+    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, TaskEvent,
+    ThreadTag, UserStackHead,
 };
 
 use crate::{

@@ -112,7 +112,14 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, key: u32, regs: *const 
 /// Fills `v` with the registers at `regs` and up to `want` bytes of the
 /// current task's user stack; whether anything was copied.
 #[inline(always)]
-fn fill(v: &mut UserStack, pid: u32, tid: u32, start_ns: u64, regs: *const u8, want: usize) -> bool {
+fn fill(
+    v: &mut UserStack,
+    pid: u32,
+    tid: u32,
+    start_ns: u64,
+    regs: *const u8,
+    want: usize,
+) -> bool {
     let o = off();
     let sp: u64 = kread(regs, o.pt_regs_sp);
     let h = &mut v.head;

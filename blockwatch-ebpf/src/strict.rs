@@ -18,12 +18,12 @@ use aya_ebpf::{
 use blockwatch_common::{Counter, RecordKind, StrictCall, TAG_LOOP};
 
 use crate::{
+    episode::{self, begin, existing_state, state},
     idle,
     maps::{BPF_NOEXIST, STRICT_CALLS, STRICT_SCRATCH, THREADS, count, loop_config, off, thread},
     python,
     read::kread,
     record::{self, LoopFacts},
-    episode::{self, begin, existing_state, state},
 };
 
 /// `sys_enter` of the current thread: syscall `nr`, user registers at

@@ -8,8 +8,7 @@
 use blockwatch_common::{Counter, RecordKind, ThreadTag, WatchRule, tag_for};
 
 use crate::{
-    ids,
-    episode,
+    episode, ids,
     maps::{PARKS, PYPROCS, THREADS, WATCHED, count, notify_all_execs},
     record, stack,
 };

@@ -220,6 +220,7 @@ async def main():
     await asyncio.sleep(0.3)              # the loop's own epoll: idle
     ep = select.epoll()
     ep.poll(0.08)                         # another epoll instance: blocks
+    await asyncio.sleep(0.1)              # (two episodes, one for each)
     a, b = socket.socketpair()
     a.settimeout(0.09)
     try:

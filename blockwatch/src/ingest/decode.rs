@@ -7,8 +7,8 @@
 use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
     BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
-    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_RUNNING, STATE_SLEEPING,
-    TaskEvent, UserStackHead,
+    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_RUNNING,
+    STATE_SLEEPING, TaskEvent, UserStackHead,
 };
 
 use crate::event::OffState;
@@ -554,7 +554,6 @@ mod tests {
         for (raw, kind) in [
             (RecordKind::Strict, LoopKind::Strict),
             (RecordKind::Sample, LoopKind::Sample),
-            (RecordKind::Stall, LoopKind::Stall),
         ] {
             let Record::Loop(r) = decode(&bytes_of(&loop_event(raw))).unwrap() else {
                 panic!("not a loop record")
@@ -567,10 +566,14 @@ mod tests {
             assert_eq!(r.ips, [0x7f00_0000_1000]);
             assert_eq!(r.py.len(), MAX_PY_FRAMES);
         }
-        let full = bytes_of(&loop_event(RecordKind::Stall));
+        let full = bytes_of(&loop_event(RecordKind::Sample));
         assert!(matches!(
             decode(&full[..200]),
-            Err(DecodeError::Short { kind: 7, .. })
+            Err(DecodeError::Short { kind: 6, .. })
         ));
+        // The stall record (kind 7) is gone with the stall detector.
+        let mut gone = full.clone();
+        gone[..4].copy_from_slice(&7u32.to_ne_bytes());
+        assert!(matches!(decode(&gone), Err(DecodeError::UnknownKind(7))));
     }
 }

@@ -98,8 +98,7 @@ pub fn event(
         offender: culprit.clone(),
         culprit,
         detector: Default::default(),
-        busy_ns: None,
-        samples: None,
+        episode: None,
     }
 }
 

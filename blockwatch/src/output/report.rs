@@ -140,7 +140,7 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
-    use crate::event::{Class, Frame, OffState};
+    use crate::event::{Class, Episode, Frame, OffState};
     use crate::output::fixtures::{Sink, event, frame, read_event};
 
     fn reporter(format: OutputFormat) -> (Reporter, Sink, Sink) {
@@ -171,8 +171,11 @@ mod tests {
             state: OffState::Running,
             stack: vec![f.clone()],
             detector,
-            busy_ns: stall.then_some(us * 1500),
-            samples: stall.then_some(12),
+            episode: stall.then(|| Episode {
+                cpu_ns: us * 1000,
+                samples: 12,
+                ..Episode::default()
+            }),
             ..event(Some(f), syscall, 0, class, 0)
         }
     }
@@ -423,21 +426,23 @@ mod tests {
                 assert_eq!(lines.len(), 4, "{out}");
                 assert_eq!(lines[0]["detector"], "strict");
                 assert_eq!(lines[0]["state"], "running");
-                assert!(lines[0].get("busy_ns").is_none());
+                assert!(lines[0].get("episode").is_none());
                 assert_eq!(lines[2]["detector"], "stall");
                 assert_eq!(lines[2]["class"], "stall");
-                assert_eq!(lines[2]["busy_ns"], 450_000_000u64);
-                assert_eq!(lines[2]["samples"], 12);
+                assert_eq!(lines[2]["episode"]["cpu_ns"], 300_000_000u64);
+                assert_eq!(lines[2]["episode"]["samples"], 12);
                 assert!(diag.contains("strict: "), "{diag}");
             } else {
                 assert_eq!(out.matches("[strict: first call").count(), 2, "{out}");
-                assert_eq!(
-                    out.matches("[stall: busy 450ms, 12 stack samples]").count(),
-                    1
-                );
+                assert_eq!(out.matches("[cpu 300ms, 12 samples]").count(), 1, "{out}");
                 let summary = out.split("blockwatch: done\n").nth(1).unwrap();
                 let lines: Vec<&str> = summary.lines().collect();
-                assert_eq!(lines[0], "no blocking calls over the threshold were seen");
+                // CPU-bound episodes are episodes: in the main table.
+                assert_eq!(
+                    lines[1].split_whitespace().collect::<Vec<_>>(),
+                    ["500ms", "2", "300ms", "-", "stall", "hog"],
+                    "{summary}"
+                );
                 // The first row of the table under `title`.
                 let first_row = |title: &str| -> Vec<&str> {
                     let at = lines.iter().position(|l| l.starts_with(title)).unwrap();
@@ -446,10 +451,6 @@ mod tests {
                 assert_eq!(
                     first_row("strict: "),
                     ["50.0us", "5", "10.0us", "openat", "file", "load"]
-                );
-                assert_eq!(
-                    first_row("stalls: "),
-                    ["500ms", "2", "300ms", "-", "stall", "hog"]
                 );
             }
         }

@@ -1,6 +1,7 @@
-//! The end-of-trace summary: events grouped by (culprit, syscall), one
-//! table for the off-CPU waits and one each for strict calls and stalls,
-//! sorted by total time.
+//! The end-of-trace summary: reported loop episodes grouped by (culprit,
+//! syscall), whatever took most of them (waits, or CPU work as class
+//! `stall`), and strict calls in a table of their own, each sorted by total
+//! time.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -22,9 +23,8 @@ struct Group {
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
     groups: HashMap<(String, String), Group>,
-    /// Strict calls and stalls, tabled apart from the off-CPU waits.
+    /// Strict calls, tabled apart from the episodes.
     strict: HashMap<(String, String), Group>,
-    stalls: HashMap<(String, String), Group>,
 }
 
 impl Summary {
@@ -33,12 +33,12 @@ impl Summary {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.groups.is_empty() && self.strict.is_empty() && self.stalls.is_empty()
+        self.groups.is_empty() && self.strict.is_empty()
     }
 
     /// Number of events added.
     pub fn events(&self) -> u64 {
-        [&self.groups, &self.strict, &self.stalls]
+        [&self.groups, &self.strict]
             .iter()
             .flat_map(|g| g.values())
             .map(|g| g.count)
@@ -53,9 +53,8 @@ impl Summary {
             labels::syscall(ev, labels::NO_SYSCALL_TEXT).into_owned(),
         );
         let groups = match ev.detector {
-            Detector::Offcpu => &mut self.groups,
+            Detector::Offcpu | Detector::Stall => &mut self.groups,
             Detector::Strict => &mut self.strict,
-            Detector::Stall => &mut self.stalls,
         };
         let g = groups.entry(key).or_default();
         g.count += 1;
@@ -77,12 +76,6 @@ impl Summary {
                 "\n\nstrict: blocking-class syscalls that stayed on the CPU (TOTAL: time in the calls)\n",
             );
             out.push_str(&render_groups(&self.strict));
-        }
-        if !self.stalls.is_empty() {
-            out.push_str(
-                "\n\nstalls: CPU work that kept the loop from its idle wait (TOTAL: on-CPU time)\n",
-            );
-            out.push_str(&render_groups(&self.stalls));
         }
         out
     }

@@ -225,7 +225,11 @@ pub fn event(ev: &Event, frames: Frames) -> String {
         }
         Detector::Stall => {}
     }
-    if let Some(note) = ev.episode.as_ref().and_then(|e| episode_note(ev.detector, e)) {
+    if let Some(note) = ev
+        .episode
+        .as_ref()
+        .and_then(|e| episode_note(ev.detector, e))
+    {
         s.pop();
         s.push_str(&note);
         s.push('\n');

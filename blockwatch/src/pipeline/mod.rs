@@ -588,7 +588,6 @@ impl Pipeline {
         let class = syscalls::classify(r.syscall, &r.args, None);
         self.event(origin(r), class, Detector::Strict, stack, culprit)
     }
-
 }
 
 /// A loop thread's record happened on the CPU.

@@ -605,40 +605,22 @@ new_stacks_per_minute = 3
     }
 
     #[test]
-    fn strict_and_stall_threshold_keys() {
+    fn strict_key_and_the_stall_threshold_that_is_gone() {
+        let s = p("strict = true\n").unwrap();
+        assert!(s.strict);
+        assert!(!p("").unwrap().strict);
+        // An old config still loads (a daemon upgraded with its config
+        // must start); the key is ignored with a warning.
         let s = p("strict = true\nstall_threshold = \"250ms\"\n").unwrap();
         assert!(s.strict);
-        assert_eq!(s.stall_threshold, Some(Duration::from_millis(250)));
-        let s = p("stall_threshold = \"off\"\n").unwrap();
-        assert!(!s.strict);
-        assert_eq!(s.stall_threshold, None);
-        assert_eq!(
-            p("").unwrap().stall_threshold,
-            Some(DEFAULT_STALL_THRESHOLD)
-        );
-        let e = p("\nstall_threshold = \"100\"\n").unwrap_err().to_string();
-        assert!(
-            e.contains("line 2") && e.contains("`stall_threshold`"),
-            "{e}"
-        );
         let mut s = p("strict = false\n").unwrap();
         s.apply(&Overrides {
             strict: true,
-            stall_threshold: Some(Duration::ZERO),
             ..Default::default()
         })
         .unwrap();
-        assert!(s.strict && s.stall_threshold.is_none());
-    }
-
-    #[test]
-    fn stall_threshold_parses_off_and_durations() {
-        assert_eq!(parse_stall_threshold("off"), Ok(Duration::ZERO));
-        assert_eq!(
-            parse_stall_threshold("250ms"),
-            Ok(Duration::from_millis(250))
-        );
-        assert!(parse_stall_threshold("0ms").is_err());
-        assert!(parse_stall_threshold("100").is_err());
+        assert!(s.strict);
+        let e = parse_stall_threshold("100ms").unwrap_err();
+        assert!(e.contains("episodes") && e.contains("threshold"), "{e}");
     }
 }

@@ -1,4 +1,4 @@
-//! The metrics of the strict and stall detectors. Their culprit labels
+//! The metrics of strict mode. Their culprit labels
 //! share each process's top-N budget with the blocking metrics (one
 //! [`super::Aggregator`]), so they add no cardinality of their own beyond
 //! `syscall`.
@@ -10,8 +10,6 @@ use super::{MetricsError, Tally};
 pub(super) struct LoopMetrics {
     /// Strict calls, by class, syscall and culprit.
     pub(super) strict: Tally,
-    /// Stalls, by culprit (a stall is in no syscall and of one class).
-    pub(super) stalls: Tally,
 }
 
 impl LoopMetrics {
@@ -32,18 +30,6 @@ impl LoopMetrics {
                     "Time event-loop threads spent in blocking-class syscalls that stayed on the CPU (--strict).",
                 ),
                 &with(&["class", "syscall", "culprit"]),
-            )?,
-            stalls: Tally::new(
-                registry,
-                Opts::new(
-                    "blockwatch_stalls_total",
-                    "Event-loop stalls: CPU work over the stall threshold without reaching the idle wait.",
-                ),
-                Opts::new(
-                    "blockwatch_stall_seconds_total",
-                    "On-CPU time of event-loop stalls.",
-                ),
-                &with(&["culprit"]),
             )?,
         })
     }

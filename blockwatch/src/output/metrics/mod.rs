@@ -180,7 +180,7 @@ pub struct Metrics {
     containers: bool,
     pub agg: Aggregator,
     pub folded: Folded,
-    /// Strict calls and stalls.
+    /// Strict calls.
     loops: LoopMetrics,
 }
 
@@ -208,18 +208,18 @@ impl Metrics {
             &registry,
             Opts::new(
                 "blockwatch_blocking_events_total",
-                "Blocking waits on event-loop threads at or over the threshold.",
+                "Loop episodes (iterations of an event loop) at or over the threshold, by what took most of them (class stall: CPU work).",
             ),
             Opts::new(
                 "blockwatch_blocking_seconds_total",
-                "Time event-loop threads spent in blocking waits at or over the threshold.",
+                "Wall time of loop episodes at or over the threshold: time no other task on the loop could run.",
             ),
             &with(&["class", "syscall", "culprit"]),
         )?;
         let durations = HistogramVec::new(
             HistogramOpts::new(
                 "blockwatch_blocking_duration_seconds",
-                "Duration of blocking waits on event-loop threads.",
+                "Wall time of loop episodes at or over the threshold.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
             &with(&["class"]),
@@ -284,17 +284,11 @@ impl Metrics {
             self.remove_series(&process, k);
         }
         let values = labels(&process, &[class, &syscall, &placement.culprit]);
-        match ev.detector {
-            Detector::Offcpu => {}
-            Detector::Strict => {
-                self.loops.strict.add(&values, secs);
-                return culprit;
-            }
-            Detector::Stall => {
-                let values = labels(&process, &[&placement.culprit]);
-                self.loops.stalls.add(&values, secs);
-                return culprit;
-            }
+        // Every episode is a blocking event, CPU-bound ones as class
+        // `stall`; strict calls have their own series.
+        if ev.detector == Detector::Strict {
+            self.loops.strict.add(&values, secs);
+            return culprit;
         }
         self.blocking.add(&values, secs);
         self.durations
@@ -308,9 +302,6 @@ impl Metrics {
         let values = labels(process, &[&k.class, &k.syscall, &k.culprit]);
         self.blocking.remove(&values);
         self.loops.strict.remove(&values);
-        if k.class == crate::event::Class::Stall.as_str() {
-            self.loops.stalls.remove(&labels(process, &[&k.culprit]));
-        }
     }
 
     /// Drops the series of processes gone for the expiry time.
@@ -416,27 +407,37 @@ mod tests {
     }
 
     #[test]
-    fn strict_calls_and_stalls_have_their_own_series() {
+    fn strict_calls_have_their_own_series_and_cpu_episodes_are_episodes() {
         let mut m = Metrics::new(20, Duration::from_secs(1)).unwrap();
         for _ in 0..3 {
             m.observe(&loop_ev(Detector::Strict, Class::File, Some("openat"), 1));
         }
-        m.observe(&loop_ev(Detector::Stall, Class::Stall, None, 300));
         let text = m.render().unwrap();
         for want in [
             r#"blockwatch_strict_calls_total{class="file",culprit="handler",process="svc",syscall="openat"} 3"#,
             r#"blockwatch_strict_seconds_total{class="file",culprit="handler",process="svc",syscall="openat"} 0.003"#,
-            r#"blockwatch_stalls_total{culprit="handler",process="svc"} 1"#,
-            r#"blockwatch_stall_seconds_total{culprit="handler",process="svc"} 0.3"#,
         ] {
             assert!(text.contains(want), "{want}\n{text}");
         }
-        // Neither counts as a blocking wait, nor feeds /stacks.
+        // Strict calls are no episodes, and feed no /stacks.
         assert!(
             !text.contains("blockwatch_blocking_events_total{"),
             "{text}"
         );
         assert!(m.folded.render().is_empty());
+        m.observe(&loop_ev(Detector::Stall, Class::Stall, None, 300));
+        let text = m.render().unwrap();
+        for want in [
+            r#"blockwatch_blocking_events_total{class="stall",culprit="handler",process="svc",syscall="none"} 1"#,
+            r#"blockwatch_blocking_seconds_total{class="stall",culprit="handler",process="svc",syscall="none"} 0.3"#,
+        ] {
+            assert!(text.contains(want), "{want}\n{text}");
+        }
+        assert!(!text.contains("blockwatch_stall"), "gone: {text}");
+        assert!(
+            !m.folded.render().is_empty(),
+            "a CPU-bound episode has a stack"
+        );
         let t = Instant::now();
         m.agg.process_exit(10, t);
         m.expire(t + Duration::from_secs(2));
