@@ -32,13 +32,15 @@ use aya_ebpf::{
 };
 use blockwatch_common::{
     CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, STATE_PREEMPTED, STATE_RUNNING,
-    TAG_LOOP, ThreadTag,
+    TAG_LOOP, ThreadTag, x86_64::is_futex_wait,
 };
 
 use crate::{
-    maps::{BPF_NOEXIST, CLOCKS, LOOPSTATE, SAMPLE_SCRATCH, count, thread, threshold_ns},
+    maps::{
+        BPF_NOEXIST, CLOCKS, LOOPSTATE, PARKS, SAMPLE_SCRATCH, count, off, thread, threshold_ns,
+    },
     python,
-    read::uread,
+    read::{Regs, kread, uread, user_regs},
     record::{self, LoopFacts},
     stack,
 };
@@ -262,6 +264,15 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     let Some(st) = state(tid) else {
         return;
     };
+    if tag.out_ns != 0 && st.looped != 0 && parked(tag, tid) {
+        // The wait was the runtime's park after all: user space learned it
+        // while the thread slept in it (its first parks are probed). Idle,
+        // so the episode ended where the wait began.
+        close(st, tag, tid, tag.out_ns, next);
+        begin(st, now);
+        st.in_ns = now;
+        return;
+    }
     if tag.out_ns != 0 {
         // The slot `wait_begins` gave the wait: `max_slot` has not changed
         // since, as nothing ran on the thread.
@@ -292,6 +303,16 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     }
     begin(st, now);
     st.in_ns = now;
+}
+
+/// Whether the wait `tag` describes is a futex wait on `tid`'s learned park.
+#[inline(always)]
+fn parked(tag: &ThreadTag, tid: u32) -> bool {
+    if !is_futex_wait(tag.syscall, tag.args[1]) {
+        return false;
+    }
+    // SAFETY: map value read, compared at once.
+    matches!(unsafe { PARKS.get(tid) }, Some(park) if *park == tag.args[0])
 }
 
 /// The cpu-clock perf event: on a loop thread in an episode, reads its
@@ -325,6 +346,24 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if now.saturating_sub(st.start_ns) < threshold_ns() / 2 {
         return;
     }
+    // The sample may interrupt kernel code: the user registers are those
+    // saved at the top of the task's kernel stack. Whether the thread was
+    // in a syscall, and which, names CPU time spent in the kernel for it
+    // (a large read copying from the page cache).
+    let regs = user_regs(task, Regs::StackTop);
+    let (syscall, args) = if regs.is_null() {
+        (-1, [0; 3])
+    } else {
+        let o = off();
+        (
+            kread(regs, o.pt_regs_orig_ax),
+            [
+                kread(regs, o.pt_regs_di),
+                kread(regs, o.pt_regs_si),
+                kread(regs, o.pt_regs_dx),
+            ],
+        )
+    };
     // Index 0 of a per-CPU array always exists: this cannot fail.
     let Some(py) = python::current_frames(&SAMPLE_SCRATCH, tag) else {
         return;
@@ -333,13 +372,13 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
         kind: RecordKind::Sample,
         pid: tag.tgid,
         tid,
-        syscall: -1,
-        args: [0; 3],
+        syscall,
+        args,
         start_ns: st.start_ns,
         duration_ns: st.run_ns + now.saturating_sub(st.in_ns),
         busy_ns: now.saturating_sub(st.start_ns),
     };
-    if stack::send_sample_stack(ctx, tag, tid, st.start_ns)
+    if stack::send_sample_stack(tag, tid, st.start_ns, regs)
         && record::send_loop_with_stacks(ctx, &sample, py)
     {
         st.samples += 1;

@@ -17,7 +17,7 @@ use crate::{
         EVENTS, SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size,
     },
     python,
-    read::{Regs, kread, read_user, user_regs},
+    read::{kread, read_user},
 };
 
 /// The key of `tid`'s stack slot `slot` (0 or 1) in `STACKS` and
@@ -154,28 +154,15 @@ fn fill(
     copied != 0
 }
 
-/// Sends a copy of the current task's user stack for a CPU sample of the
-/// episode that began at `start_ns`, just before the sample's record;
-/// whether it was sent (with stacks off, there is nothing to send and the
-/// sample goes alone). Counted when it cannot be.
+/// Sends a copy of the current task's user stack (its user registers at
+/// `regs`, null when unknown) for a CPU sample of the episode that began at
+/// `start_ns`, just before the sample's record; whether the sample may
+/// follow (with stacks off, or no registers, it goes alone). Counted when
+/// the copy cannot be sent.
 #[inline(always)]
-pub(crate) fn send_sample_stack<C: EbpfContext>(
-    _ctx: &C,
-    tag: &ThreadTag,
-    tid: u32,
-    start_ns: u64,
-) -> bool {
+pub(crate) fn send_sample_stack(tag: &ThreadTag, tid: u32, start_ns: u64, regs: *const u8) -> bool {
     let want = user_stack_size();
-    if want == 0 {
-        return true;
-    }
-    // SAFETY: no preconditions; the task is only read through
-    // bpf_probe_read_kernel.
-    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() } as *const u8;
-    // The sample may interrupt kernel code: the user registers are those
-    // saved at the top of the task's kernel stack.
-    let regs = user_regs(task, Regs::StackTop);
-    if regs.is_null() {
+    if want == 0 || regs.is_null() {
         return true;
     }
     let Some(mut entry) = EVENTS.reserve::<UserStack>(0) else {

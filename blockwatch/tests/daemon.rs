@@ -338,11 +338,12 @@ fn auto_finds_loops_and_honours_excludes() {
     assert!(status.success(), "{status}: {}", d.stderr());
 }
 
-/// `strict = true` in the config and the default stall threshold: the
-/// daemon counts subjects/asyncio_strict.py's strict calls and its stall,
-/// by process and culprit, and logs each new stack once.
+/// `strict = true` in the config (with the old `stall_threshold` key, which
+/// no longer stops a daemon from starting): the daemon counts
+/// subjects/asyncio_strict.py's strict calls and its CPU-bound episode, by
+/// process and culprit, and logs each new stack once.
 #[test]
-fn daemon_exports_strict_and_stall_metrics() {
+fn daemon_exports_strict_and_cpu_episode_metrics() {
     let _serial = common::setup();
     let alias = python_alias("bwdstrict");
     let dir = tempfile::tempdir().unwrap();
@@ -373,7 +374,11 @@ fn daemon_exports_strict_and_stall_metrics() {
                 ("class", "file"),
             ],
         );
-        let stalls = of(&m, "blockwatch_stalls_total", &[("process", "bwdstrict")]);
+        let stalls = of(
+            &m,
+            "blockwatch_blocking_events_total",
+            &[("process", "bwdstrict"), ("class", "stall")],
+        );
         (opens >= 3.0 && stalls >= 1.0).then_some(m)
     });
     assert!(
@@ -386,33 +391,45 @@ fn daemon_exports_strict_and_stall_metrics() {
     );
     let stall_secs = of(
         &metrics,
-        "blockwatch_stall_seconds_total",
-        &[("process", "bwdstrict")],
+        "blockwatch_blocking_seconds_total",
+        &[("process", "bwdstrict"), ("class", "stall")],
     );
-    assert!((0.1..2.0).contains(&stall_secs), "{stall_secs}\n{metrics}");
+    assert!((0.25..3.0).contains(&stall_secs), "{stall_secs}\n{metrics}");
     assert!(
         of(
             &metrics,
-            "blockwatch_stalls_total",
+            "blockwatch_blocking_events_total",
             &[
                 ("process", "bwdstrict"),
+                ("class", "stall"),
                 ("culprit", "cpu_hog.<locals>.<genexpr>")
             ]
         ) + of(
             &metrics,
-            "blockwatch_stalls_total",
-            &[("process", "bwdstrict"), ("culprit", "cpu_hog")]
+            "blockwatch_blocking_events_total",
+            &[
+                ("process", "bwdstrict"),
+                ("class", "stall"),
+                ("culprit", "cpu_hog")
+            ]
         ) >= 1.0,
         "{metrics}"
     );
-    // The journal: each new stack once, strict calls and stalls alike.
+    assert!(!metrics.contains("blockwatch_stall"), "gone\n{metrics}");
+    // The journal: each new stack once, strict calls and CPU episodes
+    // alike; the ignored key is said so.
+    assert!(
+        d.stderr().contains("`stall_threshold` ignored"),
+        "{}",
+        d.stderr()
+    );
     let journal = d.stderr();
     assert!(
         journal.contains("strict) on the event loop of bwdstrict["),
         "{journal}"
     );
     assert!(
-        journal.contains("without reaching the idle wait) of the event loop of bwdstrict["),
+        journal.contains("mostly CPU work without reaching the idle wait) of the event loop of bwdstrict["),
         "{journal}"
     );
 }

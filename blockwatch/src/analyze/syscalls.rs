@@ -561,7 +561,11 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
 /// child in a private libuv loop (its own epoll instance, a pipe read), which
 /// the syscall alone calls `net` or `other`, but it is a child-process wait.
 pub fn refine_by_stack(class: Class, stack: &[Frame]) -> Class {
-    if matches!(class, Class::Net | Class::Other) && stack.iter().any(is_sync_child_wait) {
+    // Every wait inside a synchronous spawn is for the child, reading its
+    // pipes included.
+    if matches!(class, Class::Net | Class::Other | Class::File)
+        && stack.iter().any(is_sync_child_wait)
+    {
         Class::Process
     } else {
         class

@@ -63,8 +63,14 @@ pub fn verdict(ev: &Event) -> String {
             "blocking {} call ({what}, {duration} on the CPU, strict) on the event loop of {}[{}]{culprit}",
             ev.class, ev.comm, ev.pid,
         ),
+        // CPU time the kernel spent for one call (a large read from the
+        // page cache) names that call.
+        Detector::Stall if ev.syscall.is_some() => format!(
+            "blocking {} ({what}, {duration}, mostly on the CPU in the call) on the event loop of {}[{}]{culprit}",
+            ev.class, ev.comm, ev.pid,
+        ),
         Detector::Stall => format!(
-            "stall ({duration} on the CPU without reaching the idle wait) of the event loop of {}[{}]{culprit}",
+            "stall ({duration}, mostly CPU work without reaching the idle wait) of the event loop of {}[{}]{culprit}",
             ev.comm, ev.pid,
         ),
     };
@@ -181,7 +187,7 @@ mod tests {
         ev.duration_ns = 310_000_000;
         assert_eq!(
             verdict(&ev),
-            "stall (310ms on the CPU without reaching the idle wait) of the event loop of python3[123] in load() at app.py:3"
+            "stall (310ms, mostly CPU work without reaching the idle wait) of the event loop of python3[123] in load() at app.py:3"
         );
     }
 

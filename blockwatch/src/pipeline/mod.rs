@@ -431,8 +431,12 @@ impl Pipeline {
         Some(ev)
     }
 
-    /// An episode that was mostly CPU work, named by its samples.
+    /// An episode that was mostly CPU work, named by its samples: their
+    /// most common culprit, and the syscall most of them were in, if any
+    /// (CPU time the kernel spends for a call, such as a large read copying
+    /// from the page cache, is that call's).
     fn cpu_bound(&mut self, b: BlockRecord, samples: Vec<LoopRecord>) -> Event {
+        let in_call = sampled_syscall(&samples);
         let symbolized: Vec<_> = samples
             .iter()
             .map(|s| {
@@ -442,16 +446,25 @@ impl Pipeline {
             })
             .collect();
         let (stack, culprit) = loops::pick_stall_stack(symbolized);
+        let class = match in_call {
+            Some((nr, args)) => {
+                let fd_kind = syscalls::fd_arg(nr, &args)
+                    .and_then(|fd| procfs::fd_target(b.pid, fd))
+                    .map(|l| FdKind::from_link(&l));
+                syscalls::refine_by_stack(syscalls::classify(nr, &args, fd_kind), &stack)
+            }
+            None => Class::Stall,
+        };
         let origin = Origin {
             pid: b.pid,
             tid: b.tid,
             thread: b.thread,
-            syscall: -1,
+            syscall: in_call.map_or(-1, |c| c.0),
             start_ns: b.start_ns,
             duration_ns: b.duration_ns,
             state: OffState::Running,
         };
-        self.event(origin, Class::Stall, Detector::Stall, stack, culprit)
+        self.event(origin, class, Detector::Stall, stack, culprit)
     }
 
     /// A futex wait to tell apart: a runtime's park is learned and handed
@@ -588,6 +601,20 @@ impl Pipeline {
         let class = syscalls::classify(r.syscall, &r.args, None);
         self.event(origin(r), class, Detector::Strict, stack, culprit)
     }
+}
+
+/// The syscall (and its arguments) at least half of `samples` were taken
+/// in; None when they were mostly in user code.
+fn sampled_syscall(samples: &[LoopRecord]) -> Option<(i64, [u64; 3])> {
+    let mut counts: HashMap<i64, (usize, [u64; 3])> = HashMap::new();
+    for s in samples.iter().filter(|s| s.syscall >= 0) {
+        counts.entry(s.syscall).or_insert((0, s.args)).0 += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(nr, (n, _))| (*n, -nr))
+        .filter(|(_, (n, _))| 2 * n >= samples.len())
+        .map(|(nr, (_, args))| (nr, args))
 }
 
 /// A loop thread's record happened on the CPU.

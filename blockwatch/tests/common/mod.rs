@@ -64,11 +64,22 @@ pub struct Event {
     pub offender: Option<Frame>,
     /// `offcpu`, `strict` or `stall` (README, JSON schema).
     pub detector: String,
-    /// Stalls only.
+    /// Episodes (not strict calls): where the time went.
     #[serde(default)]
-    pub busy_ns: Option<u64>,
-    #[serde(default)]
-    pub samples: Option<u32>,
+    pub episode: Option<Episode>,
+}
+
+/// An event's `episode` object (README, JSON schema).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Episode {
+    pub cpu_ns: u64,
+    pub sleeping_ns: u64,
+    pub disk_ns: u64,
+    pub preempted_ns: u64,
+    pub waits: u32,
+    pub longest_wait_ns: u64,
+    pub samples: u32,
 }
 
 const EVENT_FIELDS: [&str; 14] = [
@@ -161,6 +172,18 @@ impl Event {
         }
         if !DETECTORS.contains(&event.detector.as_str()) {
             return Err(format!("unknown detector {:?}", event.detector));
+        }
+        // Every episode says where its time went, and that adds up to no
+        // more than its wall time; a strict call is no episode.
+        match (&event.episode, event.detector.as_str()) {
+            (None, "strict") => {}
+            (Some(e), "offcpu" | "stall") => {
+                let parts = e.cpu_ns + e.sleeping_ns + e.disk_ns + e.preempted_ns;
+                if parts > event.duration_ns + 1_000_000 || e.longest_wait_ns > event.duration_ns {
+                    return Err(format!("episode {e:?} over {} ns", event.duration_ns));
+                }
+            }
+            (e, d) => return Err(format!("detector {d} with episode {e:?}")),
         }
         for frame in event
             .stack
