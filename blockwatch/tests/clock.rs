@@ -1,0 +1,292 @@
+//! The loop clocks (`blockwatch::runtimes::clock`) against real event loops:
+//! Node's default loop and asyncio on every interpreter the tests use. Each
+//! subject's loop is found while it idles, then driven from stdin: the
+//! clock must change while the loop ticks and while it is saturated (never
+//! sleeping), and hold still through one long callback.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use blockwatch::runtimes::clock;
+use blockwatch::runtimes::python::{self, PyProcess};
+use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_WORD, LoopClock};
+
+/// A subject driven through its stdin, killed when dropped.
+struct Subject {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    label: String,
+}
+
+impl Subject {
+    fn start(program: &str, args: &[&str]) -> Subject {
+        let label = format!("{program} {}", args.join(" "));
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let s = Subject {
+            child,
+            stdin,
+            lines,
+            label,
+        };
+        s.expect("ready");
+        s
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("subject's stdin");
+        self.stdin.flush().expect("subject's stdin");
+    }
+
+    /// Waits for `word`; the instant it was read.
+    fn expect(&self, word: &str) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == word => return Instant::now(),
+                Ok(_) => {}
+                Err(_) => panic!("{}: no {word:?}", self.label),
+            }
+        }
+    }
+
+    /// The loop's thread, asleep in epoll_wait, and its epoll fd, once the
+    /// loop idles: the thread the kernel would report as a new loop. The
+    /// main thread when `main` (Node has other threads that poll their own
+    /// epoll), else the only other thread that waits there.
+    fn idle_loop(&self, main: bool) -> (u32, i32) {
+        let pid = self.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: Vec<(u32, i32)> = blockwatch::procfs::threads(pid)
+                .into_iter()
+                .filter_map(|tid| Some((tid, clock::epoll_fd_waited(pid, tid)?)))
+                .collect();
+            let (mains, others): (Vec<_>, Vec<_>) = waiting.iter().partition(|w| w.0 == pid);
+            match (main, mains.as_slice(), others.as_slice()) {
+                (true, [one], _) | (false, _, [one]) => return *one,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no loop thread in epoll_wait ({waiting:?})",
+                self.label
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Subject {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the test knows of one found loop.
+struct Loop<'a> {
+    subject: &'a mut Subject,
+    tid: u32,
+    clock: LoopClock,
+    py: Option<PyProcess>,
+}
+
+impl Loop<'_> {
+    fn read(&self) -> Option<u64> {
+        clock::read(self.subject.pid(), self.tid, &self.clock, self.py.as_ref())
+    }
+
+    /// Reads in a tight loop for `span`: (times the value changed between
+    /// two reads, distinct non-zero values).
+    fn changes(&self, span: Duration) -> (usize, usize) {
+        let end = Instant::now() + span;
+        let mut seen = std::collections::HashSet::new();
+        let mut last = None;
+        let mut changes = 0;
+        while Instant::now() < end {
+            let v = self.read();
+            if last.is_some() && v != last {
+                changes += 1;
+            }
+            last = v;
+            if let Some(v) = v.filter(|&v| v != 0) {
+                seen.insert(v);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        (changes, seen.len())
+    }
+
+    /// (a) a loop that ticks every 1 ms, (b) one 300 ms callback, (c) a
+    /// saturated loop; `plausible` checks a value against our own clock.
+    fn check(&mut self, plausible: impl Fn(u64) -> bool) {
+        let label = self.subject.label.clone();
+
+        self.subject.send("tick");
+        self.subject.expect("ticking");
+        // asyncio's clock is 0 while the loop sleeps in its select (the
+        // rest of each tick): changes count, to and from 0.
+        let (changes, distinct) = self.changes(Duration::from_millis(150));
+        eprintln!("{label}: ticking: {changes} changes, {distinct} values");
+        assert!(
+            changes >= 10 && distinct >= 5,
+            "{label}: {changes} changes, {distinct} values in 150 ms of 1 ms ticks"
+        );
+        self.subject.expect("ticked");
+
+        self.subject.send("busy");
+        let start = self.subject.expect("busy");
+        std::thread::sleep(
+            (start + Duration::from_millis(80)).saturating_duration_since(Instant::now()),
+        );
+        let early = self.read();
+        std::thread::sleep(
+            (start + Duration::from_millis(250)).saturating_duration_since(Instant::now()),
+        );
+        let late = self.read();
+        let late_at = start.elapsed();
+        eprintln!("{label}: busy callback: {early:?} at +80 ms, {late:?} at +{late_at:?}");
+        assert!(
+            early.is_some_and(|v| v != 0 && plausible(v)),
+            "{label}: {early:?}"
+        );
+        assert_eq!(early, late, "{label}: the clock moved within one callback");
+        self.subject.expect("done");
+
+        self.subject.send("saturate");
+        self.subject.expect("saturating");
+        let (changes, distinct) = self.changes(Duration::from_millis(200));
+        eprintln!("{label}: saturated: {changes} changes, {distinct} values");
+        assert!(
+            distinct >= 10,
+            "{label}: {distinct} clock values in 200 ms of a saturated loop"
+        );
+        self.subject.expect("saturated");
+    }
+}
+
+fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) },
+        0
+    );
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn check_asyncio(python: &str, args: &[&str]) {
+    let script = common::subject("clock_asyncio.py");
+    let mut all = vec![script.as_str()];
+    all.extend_from_slice(args);
+    let mut subject = Subject::start(python, &all);
+    let label = subject.label.clone();
+    let pid = subject.pid();
+    let (tid, epfd) = subject.idle_loop(args.is_empty());
+    assert_eq!(tid == pid, args.is_empty(), "{label}: the loop's thread");
+    let py = python::inspect(pid)
+        .unwrap_or_else(|e| panic!("{label}: {e}"))
+        .unwrap_or_else(|| panic!("{label}: not CPython"));
+    let found =
+        clock::find(pid, tid, epfd, Some(&py)).unwrap_or_else(|| panic!("{label}: no clock"));
+    eprintln!("{label}: {found:x?}");
+    assert_eq!(found.kind, CLOCK_PY_LOCAL, "{label}");
+    assert_eq!(found.value_offset, 16, "{label}");
+    // While the loop idles, `_run_once` waits in its select: end_time is
+    // not set yet.
+    assert_eq!(
+        clock::read(pid, tid, &found, Some(&py)),
+        Some(0),
+        "{label}: end_time is unset in the select"
+    );
+    // Another thread of the process runs no loop.
+    if tid != pid {
+        assert_eq!(clock::read(pid, pid, &found, Some(&py)), None, "{label}");
+    }
+    let mut l = Loop {
+        subject: &mut subject,
+        tid,
+        clock: found,
+        py: Some(py),
+    };
+    // asyncio's loop.time() is time.monotonic(), in seconds.
+    l.check(|bits| (f64::from_bits(bits) - monotonic().as_secs_f64()).abs() < 5.0);
+}
+
+#[test]
+fn asyncio_clock_on_every_interpreter() {
+    let _guard = common::setup();
+    for python in common::interpreters() {
+        check_asyncio(python, &[]);
+        check_asyncio(python, &["--thread"]);
+    }
+}
+
+#[test]
+fn node_default_loop_clock() {
+    let _guard = common::setup();
+    let script = common::subject("clock_node.js");
+    let mut subject = Subject::start("node", &[&script]);
+    let label = subject.label.clone();
+    let pid = subject.pid();
+    let (tid, epfd) = subject.idle_loop(true);
+    assert_eq!(tid, pid, "{label}: Node's loop runs on its main thread");
+    let found = clock::find(pid, tid, epfd, None).unwrap_or_else(|| panic!("{label}: no clock"));
+    eprintln!("{label}: epoll fd {epfd}, {found:x?}");
+    assert_eq!(found.kind, CLOCK_WORD);
+    // (c) The loop found is the one polling the thread's epoll fd: its
+    // backend_fd (offset 64) sits 544 - 64 bytes before its time.
+    let backend_fd =
+        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
+    assert_eq!(backend_fd, Some(epfd), "{label}");
+    // Another fd, another thread: no clock.
+    assert_eq!(clock::find(pid, tid, epfd + 1, None), None);
+    assert_eq!(clock::find(pid, tid + 1, epfd, None), None);
+
+    let mut l = Loop {
+        subject: &mut subject,
+        tid,
+        clock: found,
+        py: None,
+    };
+    // libuv's time is CLOCK_MONOTONIC(_COARSE) in ms.
+    let idle = l.read().expect("readable");
+    let now = monotonic().as_millis() as u64;
+    assert!(
+        idle <= now + 10 && now - idle < 60_000,
+        "{label}: {idle} vs {now}"
+    );
+    l.check(|ms| {
+        let now = monotonic().as_millis() as u64;
+        ms <= now + 10 && now - ms < 1000
+    });
+}

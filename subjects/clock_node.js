@@ -1,0 +1,71 @@
+// Test subject for the loop clock: Node's main loop driven from stdin.
+//
+//     node clock_node.js
+//
+// Prints "ready" once its loop idles (asleep in epoll_wait, waiting for
+// stdin). Then, for each line read:
+// - "tick": a timer every 1 ms for 200 ms, each computing for 0.3 ms
+//   ("ticking", then "ticked");
+// - "busy": one callback that computes for 300 ms ("busy" as it starts,
+//   "done" after);
+// - "saturate": setImmediate chains for 300 ms, so the loop never sleeps
+//   ("saturating", then "saturated").
+// Exits when stdin closes. (stdout is a pipe: Node writes it synchronously.)
+"use strict";
+
+function say(word) {
+  process.stdout.write(word + "\n");
+}
+
+function spin(ms) {
+  const end = process.hrtime.bigint() + BigInt(Math.round(ms * 1e6));
+  let n = 0;
+  while (process.hrtime.bigint() < end) n++;
+  return n;
+}
+
+function tick() {
+  say("ticking");
+  const until = Date.now() + 200;
+  const t = setInterval(() => {
+    spin(0.3);
+    if (Date.now() >= until) {
+      clearInterval(t);
+      say("ticked");
+    }
+  }, 1);
+}
+
+function busy() {
+  setImmediate(() => {
+    say("busy");
+    spin(300);
+    say("done");
+  });
+}
+
+function saturate() {
+  say("saturating");
+  const until = Date.now() + 300;
+  const chain = () => {
+    if (Date.now() < until) setImmediate(chain);
+    else say("saturated");
+  };
+  setImmediate(chain);
+}
+
+let pending = "";
+process.stdin.setEncoding("utf8");
+process.stdin.on("data", (data) => {
+  pending += data;
+  let i;
+  while ((i = pending.indexOf("\n")) >= 0) {
+    const line = pending.slice(0, i).trim();
+    pending = pending.slice(i + 1);
+    if (line === "tick") tick();
+    else if (line === "busy") busy();
+    else if (line === "saturate") saturate();
+  }
+});
+process.stdin.on("end", () => process.exit(0));
+setImmediate(() => say("ready"));
