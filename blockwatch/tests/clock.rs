@@ -216,9 +216,10 @@ fn check_asyncio(python: &str, args: &[&str]) {
     let py = python::inspect(pid)
         .unwrap_or_else(|e| panic!("{label}: {e}"))
         .unwrap_or_else(|| panic!("{label}: not CPython"));
+    let t = Instant::now();
     let found =
         clock::find(pid, tid, epfd, Some(&py)).unwrap_or_else(|| panic!("{label}: no clock"));
-    eprintln!("{label}: {found:x?}");
+    eprintln!("{label}: {found:x?}, found in {:?}", t.elapsed());
     assert_eq!(found.kind, CLOCK_PY_LOCAL, "{label}");
     assert_eq!(found.value_offset, 16, "{label}");
     // While the loop idles, `_run_once` waits in its select: end_time is
@@ -260,8 +261,12 @@ fn node_default_loop_clock() {
     let pid = subject.pid();
     let (tid, epfd) = subject.idle_loop(true);
     assert_eq!(tid, pid, "{label}: Node's loop runs on its main thread");
+    let t = Instant::now();
     let found = clock::find(pid, tid, epfd, None).unwrap_or_else(|| panic!("{label}: no clock"));
-    eprintln!("{label}: epoll fd {epfd}, {found:x?}");
+    eprintln!(
+        "{label}: epoll fd {epfd}, {found:x?}, found in {:?}",
+        t.elapsed()
+    );
     assert_eq!(found.kind, CLOCK_WORD);
     // (c) The loop found is the one polling the thread's epoll fd: its
     // backend_fd (offset 64) sits 544 - 64 bytes before its time.

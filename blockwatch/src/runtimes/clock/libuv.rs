@@ -36,7 +36,7 @@ pub(super) const LOOP_NWATCHERS: usize = 112;
 pub(super) const LOOP_NFDS: usize = 116;
 pub(super) const LOOP_TIME: usize = 544;
 /// Bytes of a `uv_loop_t` read to check it (through `time`).
-const LOOP_CHECKED: usize = LOOP_TIME + 8;
+pub(super) const LOOP_CHECKED: usize = LOOP_TIME + 8;
 
 /// The static default loop's symbol (`uv_default_loop` returns it).
 const DEFAULT_LOOP: &[u8] = b"default_loop_struct";
@@ -67,6 +67,17 @@ pub(super) fn find(pid: u32, tid: u32, epfd: i32) -> Option<LoopClock> {
     if tid != pid || epfd < 0 {
         return None;
     }
+    let addr = find_loop(pid, epfd, true)?;
+    Some(LoopClock {
+        kind: CLOCK_WORD,
+        addr: addr.checked_add(LOOP_TIME as u64)?,
+        ..LoopClock::default()
+    })
+}
+
+/// The address of the `uv_loop_t` polling `epfd` in process `pid`: the
+/// default loop's symbol first (when `by_symbol`), else a scan.
+pub(super) fn find_loop(pid: u32, epfd: i32, by_symbol: bool) -> Option<u64> {
     let maps = maps::read(pid).ok()?;
     let exe = procfs::exe(pid);
     let now = now_ms()?;
@@ -88,18 +99,15 @@ pub(super) fn find(pid: u32, tid: u32, epfd: i32) -> Option<LoopClock> {
         };
         let found = info
             .default_loop
+            .filter(|_| by_symbol)
             .map(|sym| bias.wrapping_add(sym))
             .filter(|&addr| {
                 let mut b = [0u8; LOOP_CHECKED];
                 mem::read(pid, addr, &mut b) && is_loop(&b, epfd, now)
             })
             .or_else(|| scan(pid, &info, bias, epfd, now));
-        if let Some(addr) = found {
-            return Some(LoopClock {
-                kind: CLOCK_WORD,
-                addr: addr.checked_add(LOOP_TIME as u64)?,
-                ..LoopClock::default()
-            });
+        if found.is_some() {
+            return found;
         }
     }
     None
