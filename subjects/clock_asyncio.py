@@ -1,8 +1,9 @@
 """Test subject for the loop clock: an asyncio loop driven from stdin.
 
-    python3 clock_asyncio.py [--thread]
+    python3 clock_asyncio.py [--thread] [--uvloop]
 
-With --thread the loop runs in a second thread (the main thread joins it).
+With --thread the loop runs in a second thread (the main thread joins it);
+with --uvloop it is uvloop's loop rather than asyncio's own.
 Prints "ready" once its loop runs and idles (asleep in epoll_wait on its
 selector, waiting for stdin). Then, for each line read:
 
@@ -95,11 +96,16 @@ async def main():
 
 
 if __name__ == "__main__":
+    run = asyncio.run
+    if "--uvloop" in sys.argv[1:]:
+        import uvloop
+
+        run = uvloop.run
     if "--thread" in sys.argv[1:]:
         import threading
 
-        t = threading.Thread(target=asyncio.run, args=(main(),), name="loop")
+        t = threading.Thread(target=run, args=(main(),), name="loop")
         t.start()
         t.join()
     else:
-        asyncio.run(main())
+        run(main())

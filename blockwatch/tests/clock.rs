@@ -1,5 +1,6 @@
 //! The loop clocks (`blockwatch::runtimes::clock`) against real event loops:
-//! Node's default loop and asyncio on every interpreter the tests use. Each
+//! Node's default loop, asyncio on every interpreter the tests use, and
+//! uvloop (installed from PyPI into a cached venv on first use). Each
 //! subject's loop is found while it idles, then driven from stdin: the
 //! clock must change while the loop ticks and while it is saturated (never
 //! sleeping), and hold still through one long callback.
@@ -7,6 +8,7 @@
 mod common;
 
 use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
@@ -252,6 +254,100 @@ fn asyncio_clock_on_every_interpreter() {
     }
 }
 
+/// A Python with uvloop: a venv under ~/.cache/blockwatch made once, from
+/// the newest interpreter the tests use that can make one (uvloop is on
+/// PyPI, as wheels).
+fn uvloop_python() -> PathBuf {
+    let home = std::env::var_os("HOME").expect("HOME is set");
+    let dir = Path::new(&home).join(".cache/blockwatch/uvloop-venv");
+    let python = dir.join("bin/python");
+    let has_uvloop = || {
+        Command::new(&python)
+            .args(["-c", "import uvloop"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_uvloop() {
+        return python;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let made = common::interpreters().into_iter().rev().any(|base| {
+        Command::new(base)
+            .args(["-m", "venv"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    assert!(
+        made,
+        "no interpreter could make a venv at {}",
+        dir.display()
+    );
+    let pip = Command::new(dir.join("bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "uvloop",
+        ])
+        .status()
+        .expect("pip");
+    assert!(
+        pip.success() && has_uvloop(),
+        "installing uvloop from PyPI failed"
+    );
+    python
+}
+
+fn check_uvloop(python: &Path, thread: bool) {
+    let script = common::subject("clock_asyncio.py");
+    let mut args = vec![script.as_str(), "--uvloop"];
+    if thread {
+        args.push("--thread");
+    }
+    let mut subject = Subject::start(python.to_str().expect("UTF-8 path"), &args);
+    let label = subject.label.clone();
+    let pid = subject.pid();
+    let (tid, epfd) = subject.idle_loop(!thread);
+    let py = python::inspect(pid)
+        .unwrap_or_else(|e| panic!("{label}: {e}"))
+        .unwrap_or_else(|| panic!("{label}: not CPython"));
+    let t = Instant::now();
+    let found =
+        clock::find(pid, tid, epfd, Some(&py)).unwrap_or_else(|| panic!("{label}: no clock"));
+    eprintln!("{label}: {found:x?}, found in {:?}", t.elapsed());
+    assert_eq!(found.kind, CLOCK_WORD, "{label}: uvloop's own libuv loop");
+    let backend_fd =
+        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
+    assert_eq!(backend_fd, Some(epfd), "{label}");
+    // The next fd is libuv's io_uring, which its heap state holds where a
+    // loop holds its epoll fd.
+    assert_eq!(clock::find(pid, tid, epfd + 1, Some(&py)), None, "{label}");
+    let mut l = Loop {
+        subject: &mut subject,
+        tid,
+        clock: found,
+        py: Some(py),
+    };
+    l.check(libuv_time_is_now);
+}
+
+/// libuv's time is CLOCK_MONOTONIC(_COARSE) in ms, refreshed every
+/// iteration.
+fn libuv_time_is_now(ms: u64) -> bool {
+    let now = monotonic().as_millis() as u64;
+    ms <= now + 10 && now - ms < 1000
+}
+
+#[test]
+fn uvloop_clock() {
+    let _guard = common::setup();
+    let python = uvloop_python();
+    check_uvloop(&python, false);
+    check_uvloop(&python, true);
+}
+
 #[test]
 fn node_default_loop_clock() {
     let _guard = common::setup();
@@ -290,8 +386,5 @@ fn node_default_loop_clock() {
         idle <= now + 10 && now - idle < 60_000,
         "{label}: {idle} vs {now}"
     );
-    l.check(|ms| {
-        let now = monotonic().as_millis() as u64;
-        ms <= now + 10 && now - ms < 1000
-    });
+    l.check(libuv_time_is_now);
 }

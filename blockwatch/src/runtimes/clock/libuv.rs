@@ -13,6 +13,9 @@
 //! same checks, `backend_fd` first: that also proves it is the loop this
 //! thread runs.
 //!
+//! uvloop (Python's libuv loop) keeps each loop in `malloc`ed memory: it
+//! is found by the same checks, scanning the heap.
+//!
 //! The offsets are those of libuv 1.x on x86-64 glibc (the struct is part
 //! of libuv's ABI, stable through 1.x), checked against libuv's headers and
 //! a running node in the tests.
@@ -33,6 +36,12 @@ pub(super) const LOOP_HANDLE_QUEUE: usize = 16;
 pub(super) const LOOP_STOP_FLAG: usize = 48;
 pub(super) const LOOP_BACKEND_FD: usize = 64;
 pub(super) const LOOP_NWATCHERS: usize = 112;
+/// `wq_async`, a `uv_async_t` that `uv_loop_init` initialises: its
+/// `uv_handle_t.loop` (at +8) points back at the loop, its `type` (+16)
+/// is `UV_ASYNC`.
+pub(super) const LOOP_WQ_ASYNC_LOOP: usize = 176 + 8;
+pub(super) const LOOP_WQ_ASYNC_TYPE: usize = 176 + 16;
+const UV_ASYNC: u32 = 1;
 pub(super) const LOOP_NFDS: usize = 116;
 pub(super) const LOOP_TIME: usize = 544;
 /// Bytes of a `uv_loop_t` read to check it (through `time`).
@@ -45,6 +54,9 @@ const DEFAULT_LOOP: &[u8] = b"default_loop_struct";
 const TIME_SLACK_MS: u64 = 1000;
 /// Bytes of writable segments scanned per object at most.
 const MAX_SCAN: u64 = 64 << 20;
+/// Bytes of heap and anonymous memory scanned for a uvloop loop at most
+/// (about 50 ms of reading and checking).
+const MAX_HEAP_SCAN: u64 = 256 << 20;
 const SCAN_CHUNK: usize = 64 << 10;
 /// Parsed ELF files kept; cleared when full.
 const MAX_ELF_CACHE: usize = 64;
@@ -60,14 +72,17 @@ struct ElfInfo {
     writable: Vec<(u64, u64)>,
 }
 
-/// The clock of the default loop, when thread `tid` of `pid` is the main
-/// thread and runs it on `epfd`. Worker threads' loops are heap-allocated
-/// by Node's `Worker` (found by no symbol); they are out of scope.
+/// The clock of the libuv loop that thread `tid` of `pid` runs on `epfd`:
+/// the default loop on the main thread, or a uvloop loop on any thread.
+/// Node's worker threads run loops that `Worker` allocates on the heap,
+/// found by no symbol; they are out of scope (a heap scan as for uvloop
+/// could serve them, at the cost of scanning V8's large heap).
 pub(super) fn find(pid: u32, tid: u32, epfd: i32) -> Option<LoopClock> {
-    if tid != pid || epfd < 0 {
+    if epfd < 0 {
         return None;
     }
-    let addr = find_loop(pid, epfd, true)?;
+    let default = || (tid == pid).then(|| find_loop(pid, epfd, true)).flatten();
+    let addr = default().or_else(|| find_uvloop(pid, epfd))?;
     Some(LoopClock {
         kind: CLOCK_WORD,
         addr: addr.checked_add(LOOP_TIME as u64)?,
@@ -103,7 +118,7 @@ pub(super) fn find_loop(pid: u32, epfd: i32, by_symbol: bool) -> Option<u64> {
             .map(|sym| bias.wrapping_add(sym))
             .filter(|&addr| {
                 let mut b = [0u8; LOOP_CHECKED];
-                mem::read(pid, addr, &mut b) && is_loop(&b, epfd, now)
+                mem::read(pid, addr, &mut b) && is_loop(&b, addr, epfd, now)
             })
             .or_else(|| scan(pid, &info, bias, epfd, now));
         if found.is_some() {
@@ -111,6 +126,37 @@ pub(super) fn find_loop(pid: u32, epfd: i32, by_symbol: bool) -> Option<u64> {
         }
     }
     None
+}
+
+/// uvloop's extension module (`uvloop/loop.cpython-*.so`), which bundles
+/// libuv.
+fn is_uvloop(path: &str) -> bool {
+    let mut parts = path.rsplit('/');
+    let (Some(base), Some(dir)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    dir == "uvloop" && base.starts_with("loop.") && base.ends_with(".so")
+}
+
+/// A uvloop loop on `epfd`: uvloop `malloc`s each `uv_loop_t` (in its
+/// `Loop`'s constructor) and no Python frame leads to it while the loop
+/// iterates in C, so the heap is scanned: `[heap]` first (the main
+/// thread's arena), then anonymous memory (other threads' arenas), within
+/// [`MAX_HEAP_SCAN`] bytes. A closed loop's `backend_fd` is -1, so stale
+/// copies in freed memory do not match.
+fn find_uvloop(pid: u32, epfd: i32) -> Option<u64> {
+    let maps = maps::read(pid).ok()?;
+    if !maps.iter().any(|m| m.path().is_some_and(is_uvloop)) {
+        return None;
+    }
+    let now = now_ms()?;
+    let heap = |m: &&Mapping| matches!(&m.kind, MapKind::Anon(Some(n)) if &**n == "[heap]");
+    let anon = |m: &&Mapping| matches!(m.kind, MapKind::Anon(None)) && !m.exec;
+    let mut budget = MAX_HEAP_SCAN;
+    maps.iter()
+        .filter(heap)
+        .chain(maps.iter().filter(anon))
+        .find_map(|m| scan_range(pid, m.start, m.end - m.start, epfd, now, &mut budget))
 }
 
 /// Node's executable (whatever its name), a node library, or libuv.
@@ -122,10 +168,10 @@ fn may_hold_libuv(path: &str, exe: Option<&Path>) -> bool {
         || exe.is_some_and(|e| e == Path::new(path))
 }
 
-/// Whether `b` (the first [`LOOP_CHECKED`] bytes of a candidate) is an
-/// initialised `uv_loop_t` polling `epfd`, whose time is no later than
-/// `now` (ms of CLOCK_MONOTONIC).
-pub(super) fn is_loop(b: &[u8], epfd: i32, now: u64) -> bool {
+/// Whether `b` (the first [`LOOP_CHECKED`] bytes of a candidate at `addr`)
+/// is an initialised `uv_loop_t` polling `epfd`, whose time is no later
+/// than `now` (ms of CLOCK_MONOTONIC).
+pub(super) fn is_loop(b: &[u8], addr: u64, epfd: i32, now: u64) -> bool {
     let u32_at = |o: usize| {
         b.get(o..o + 4)
             .and_then(|s| s.try_into().ok())
@@ -139,8 +185,11 @@ pub(super) fn is_loop(b: &[u8], epfd: i32, now: u64) -> bool {
     let pointer = |p: Option<u64>| {
         p.is_some_and(|p| (0x1000..USER_SPACE_END).contains(&p) && p.is_multiple_of(8))
     };
-    let (Some(fd), Some(stop), Some(nwatchers), Some(nfds), Some(time)) = (
-        u32_at(LOOP_BACKEND_FD),
+    // The fd first: a scan tries every 8-byte step.
+    if u32_at(LOOP_BACKEND_FD).map(i64::from) != Some(i64::from(epfd)) {
+        return false;
+    }
+    let (Some(stop), Some(nwatchers), Some(nfds), Some(time)) = (
         u32_at(LOOP_STOP_FLAG),
         u32_at(LOOP_NWATCHERS),
         u32_at(LOOP_NFDS),
@@ -148,9 +197,12 @@ pub(super) fn is_loop(b: &[u8], epfd: i32, now: u64) -> bool {
     ) else {
         return false;
     };
-    // uv_loop_init links the handle queue to itself and sets the time, so
-    // an uninitialised (zeroed) loop fails here.
-    i64::from(fd) == i64::from(epfd)
+    // uv_loop_init links the handle queue, sets the time and initialises
+    // wq_async, whose pointer back at the loop is what a scan of the heap
+    // needs: other structures hold an fd and plausible words at the same
+    // places (libuv's own io_uring state does).
+    u64_at(LOOP_WQ_ASYNC_LOOP) == Some(addr)
+        && u32_at(LOOP_WQ_ASYNC_TYPE) == Some(UV_ASYNC)
         && stop <= 1
         && nfds <= nwatchers
         && pointer(u64_at(LOOP_HANDLE_QUEUE))
@@ -162,27 +214,42 @@ pub(super) fn is_loop(b: &[u8], epfd: i32, now: u64) -> bool {
 /// The address of a loop on `epfd` in the object's writable segments.
 fn scan(pid: u32, info: &ElfInfo, bias: u64, epfd: i32, now: u64) -> Option<u64> {
     let mut budget = MAX_SCAN;
+    info.writable.iter().find_map(|&(vaddr, memsz)| {
+        scan_range(pid, bias.wrapping_add(vaddr), memsz, epfd, now, &mut budget)
+    })
+}
+
+/// The address of a loop on `epfd` in `[start, start + len)`, read in
+/// chunks while `budget` (bytes) lasts; unreadable chunks are skipped.
+fn scan_range(
+    pid: u32,
+    start: u64,
+    len: u64,
+    epfd: i32,
+    now: u64,
+    budget: &mut u64,
+) -> Option<u64> {
     let mut buf = vec![0u8; SCAN_CHUNK + LOOP_CHECKED];
-    for &(vaddr, memsz) in &info.writable {
-        let start = bias.wrapping_add(vaddr) & !7;
-        let end = start.checked_add(memsz.min(budget))?;
-        budget = budget.saturating_sub(memsz);
-        let mut at = start;
-        while at < end {
-            // Overlapping chunks, so a loop across a chunk's end is seen.
-            let len = usize::try_from(end - at).ok()?.min(buf.len());
-            let chunk = buf.get_mut(..len)?;
-            if !mem::read(pid, at, chunk) {
-                break;
-            }
-            let last = len.saturating_sub(LOOP_CHECKED);
-            for off in (0..=last).step_by(8) {
-                if chunk.get(off..).is_some_and(|c| is_loop(c, epfd, now)) {
-                    return Some(at + off as u64);
-                }
-            }
-            at += (last as u64 + 8).max(8);
+    let mut at = start.checked_add(7)? & !7;
+    let end = start.checked_add(len)?;
+    while at < end && *budget > 0 {
+        // Overlapping chunks, so a loop across a chunk's end is seen.
+        let n = usize::try_from(end - at).ok()?.min(buf.len());
+        if n < LOOP_CHECKED {
+            break;
         }
+        *budget = budget.saturating_sub(n as u64);
+        let chunk = buf.get_mut(..n)?;
+        if mem::read(pid, at, chunk) {
+            let found = (0..=n - LOOP_CHECKED).step_by(8).find(|&off| {
+                let c = chunk.get(off..);
+                c.is_some_and(|c| is_loop(c, at + off as u64, epfd, now))
+            });
+            if let Some(off) = found {
+                return Some(at + off as u64);
+            }
+        }
+        at += (n - LOOP_CHECKED) as u64 + 8;
     }
     None
 }

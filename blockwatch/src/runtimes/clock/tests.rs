@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::libuv::{
     LOOP_BACKEND_FD, LOOP_CHECKED, LOOP_HANDLE_QUEUE, LOOP_NFDS, LOOP_NWATCHERS, LOOP_STOP_FLAG,
-    LOOP_TIME, find_loop, is_loop, now_ms,
+    LOOP_TIME, LOOP_WQ_ASYNC_LOOP, LOOP_WQ_ASYNC_TYPE, find_loop, is_loop, now_ms,
 };
 use super::*;
 
@@ -29,8 +29,11 @@ fn epoll_waits_from_proc_syscall() {
     assert_eq!(epoll_fd_waited(u32::MAX, u32::MAX), None);
 }
 
-/// A `uv_loop_t` as `uv_loop_init` leaves it, polling fd 7, its time
-/// `now - 5` ms.
+/// Where the test's loop lies.
+const AT: u64 = 0x5555_0000_2000;
+
+/// A `uv_loop_t` at [`AT`] as `uv_loop_init` leaves it, polling fd 7, its
+/// time `now - 5` ms.
 fn loop_bytes(now: u64) -> Vec<u8> {
     let mut b = vec![0u8; LOOP_CHECKED];
     let mut put = |off: usize, v: &[u8]| b[off..off + v.len()].copy_from_slice(v);
@@ -41,6 +44,8 @@ fn loop_bytes(now: u64) -> Vec<u8> {
     put(LOOP_NWATCHERS, &64u32.to_le_bytes());
     put(LOOP_NFDS, &3u32.to_le_bytes());
     put(LOOP_TIME, &(now - 5).to_le_bytes());
+    put(LOOP_WQ_ASYNC_LOOP, &AT.to_le_bytes());
+    put(LOOP_WQ_ASYNC_TYPE, &1u32.to_le_bytes());
     b
 }
 
@@ -48,14 +53,14 @@ fn loop_bytes(now: u64) -> Vec<u8> {
 fn loop_checks() {
     let now = 1_000_000;
     let good = loop_bytes(now);
-    assert!(is_loop(&good, 7, now));
-    assert!(!is_loop(&good, 8, now), "another epoll fd");
-    assert!(!is_loop(&good[..LOOP_TIME], 7, now), "short");
-    assert!(!is_loop(&vec![0u8; LOOP_CHECKED], 0, now), "zeroed");
+    assert!(is_loop(&good, AT, 7, now));
+    assert!(!is_loop(&good, AT, 8, now), "another epoll fd");
+    assert!(!is_loop(&good[..LOOP_TIME], AT, 7, now), "short");
+    assert!(!is_loop(&vec![0u8; LOOP_CHECKED], AT, 0, now), "zeroed");
     let spoilt = |off: usize, v: &[u8]| {
         let mut b = good.clone();
         b[off..off + v.len()].copy_from_slice(v);
-        is_loop(&b, 7, now)
+        is_loop(&b, AT, 7, now)
     };
     assert!(!spoilt(LOOP_STOP_FLAG, &2u32.to_le_bytes()));
     assert!(!spoilt(LOOP_NFDS, &65u32.to_le_bytes()));
