@@ -10,11 +10,18 @@
 //   "done" after);
 // - "saturate": setImmediate chains for 300 ms, so the loop never sleeps
 //   ("saturating", then "saturated").
-// Exits when stdin closes. (stdout is a pipe: Node writes it synchronously.)
+// - "worker": starts a worker thread (which prints "ready" once its loop
+//   runs) and hands it every later line: the same commands, run on the
+//   worker's own loop.
+// Exits when stdin closes. (Both threads write stdout with writeSync, so a
+// marker is out before the work it announces.)
 "use strict";
 
+const fs = require("fs");
+const { Worker, isMainThread, parentPort } = require("worker_threads");
+
 function say(word) {
-  process.stdout.write(word + "\n");
+  fs.writeSync(1, word + "\n");
 }
 
 function spin(ms) {
@@ -54,6 +61,19 @@ function saturate() {
   setImmediate(chain);
 }
 
+function run(line) {
+  if (line === "tick") tick();
+  else if (line === "busy") busy();
+  else if (line === "saturate") saturate();
+}
+
+if (!isMainThread) {
+  parentPort.on("message", run);
+  setImmediate(() => say("ready"));
+  return;
+}
+
+let worker = null;
 let pending = "";
 process.stdin.setEncoding("utf8");
 process.stdin.on("data", (data) => {
@@ -62,9 +82,9 @@ process.stdin.on("data", (data) => {
   while ((i = pending.indexOf("\n")) >= 0) {
     const line = pending.slice(0, i).trim();
     pending = pending.slice(i + 1);
-    if (line === "tick") tick();
-    else if (line === "busy") busy();
-    else if (line === "saturate") saturate();
+    if (worker) worker.postMessage(line);
+    else if (line === "worker") worker = new Worker(__filename);
+    else run(line);
   }
 });
 process.stdin.on("end", () => process.exit(0));

@@ -1,5 +1,6 @@
 //! The loop clocks (`blockwatch::runtimes::clock`) against real event loops:
-//! Node's default loop, asyncio on every interpreter the tests use, and
+//! Node's default loop and a worker thread's, asyncio on every interpreter
+//! the tests use, and
 //! uvloop (installed from PyPI into a cached venv on first use). Each
 //! subject's loop is found while it idles, then driven from stdin: the
 //! clock must change while the loop ticks and while it is saturated (never
@@ -77,6 +78,15 @@ impl Subject {
         }
     }
 
+    /// The threads asleep in epoll_wait, with their epoll fds.
+    fn waiting(&self) -> Vec<(u32, i32)> {
+        let pid = self.pid();
+        blockwatch::procfs::threads(pid)
+            .into_iter()
+            .filter_map(|tid| Some((tid, clock::epoll_fd_waited(pid, tid)?)))
+            .collect()
+    }
+
     /// The loop's thread, asleep in epoll_wait, and its epoll fd, once the
     /// loop idles: the thread the kernel would report as a new loop. The
     /// main thread when `main` (Node has other threads that poll their own
@@ -85,10 +95,7 @@ impl Subject {
         let pid = self.pid();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let waiting: Vec<(u32, i32)> = blockwatch::procfs::threads(pid)
-                .into_iter()
-                .filter_map(|tid| Some((tid, clock::epoll_fd_waited(pid, tid)?)))
-                .collect();
+            let waiting = self.waiting();
             let (mains, others): (Vec<_>, Vec<_>) = waiting.iter().partition(|w| w.0 == pid);
             match (main, mains.as_slice(), others.as_slice()) {
                 (true, [one], _) | (false, _, [one]) => return *one,
@@ -386,5 +393,64 @@ fn node_default_loop_clock() {
         idle <= now + 10 && now - idle < 60_000,
         "{label}: {idle} vs {now}"
     );
+    l.check(libuv_time_is_now);
+}
+
+/// A worker thread's loop: its own `uv_loop_t`, on its stack.
+#[test]
+fn node_worker_loop_clock() {
+    let _guard = common::setup();
+    let script = common::subject("clock_node.js");
+    let mut subject = Subject::start("node", &[&script]);
+    let label = format!("{} (worker)", subject.label);
+    let pid = subject.pid();
+    let (_, main_epfd) = subject.idle_loop(true);
+    let main_clock = clock::find(pid, pid, main_epfd, None).expect("the main loop's clock");
+    let before = subject.waiting();
+    subject.send("worker");
+    subject.expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (tid, epfd) = loop {
+        let new: Vec<(u32, i32)> = subject
+            .waiting()
+            .into_iter()
+            .filter(|w| !before.contains(w))
+            .collect();
+        if let [one] = new.as_slice() {
+            break *one;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{label}: no new loop thread: {new:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_ne!(tid, pid);
+    let t = Instant::now();
+    let found = clock::find(pid, tid, epfd, None).unwrap_or_else(|| panic!("{label}: no clock"));
+    eprintln!(
+        "{label}: thread {tid}, epoll fd {epfd}, {found:x?}, found in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(found.kind, CLOCK_WORD);
+    assert_ne!(
+        found.addr, main_clock.addr,
+        "{label}: the worker's own loop"
+    );
+    let backend_fd =
+        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
+    assert_eq!(backend_fd, Some(epfd), "{label}");
+    assert_eq!(
+        clock::find(pid, tid, main_epfd, None),
+        None,
+        "{label}: not the main loop"
+    );
+    let mut l = Loop {
+        subject: &mut subject,
+        tid,
+        clock: found,
+        py: None,
+    };
+    l.subject.label = label;
     l.check(libuv_time_is_now);
 }

@@ -12,11 +12,11 @@
 //! - CPython asyncio: the `end_time` local of `BaseEventLoop._run_once`
 //!   (`CLOCK_PY_LOCAL`), see [`crate::runtimes::python::clock`].
 //!
-//! Not found, so ended only at idle waits: Node's worker threads (each
-//! runs its own heap-allocated loop, which no symbol names), uvloop (its
-//! `uv_loop_t` is malloc'd and its `Loop` object is reachable from no
-//! Python frame while it iterates in C), and tokio, whose workers park
-//! between polls anyway.
+//! - Node's worker threads: each runs its own `uv_loop_t`, which lives on
+//!   the worker thread's stack; uvloop's are `malloc`ed (see [`libuv`]).
+//!
+//! Not found, so ended only at idle waits: loops of other runtimes, and
+//! tokio, whose workers park between polls anyway.
 
 mod libuv;
 
@@ -59,6 +59,21 @@ pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -
 pub fn epoll_fd_waited(pid: u32, tid: u32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
     parse_epoll_wait(&text)
+}
+
+/// The user stack pointer of a thread asleep in a syscall, from
+/// `/proc/PID/task/TID/syscall` (`nr args×6 sp pc`).
+fn syscall_sp(pid: u32, tid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    parse_sp(&text)
+}
+
+fn parse_sp(text: &str) -> Option<u64> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    if fields.len() != 9 {
+        return None; // running, or not in a syscall
+    }
+    u64::from_str_radix(fields.get(7)?.strip_prefix("0x")?, 16).ok()
 }
 
 fn parse_epoll_wait(text: &str) -> Option<i32> {

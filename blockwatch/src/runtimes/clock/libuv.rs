@@ -13,8 +13,10 @@
 //! same checks, `backend_fd` first: that also proves it is the loop this
 //! thread runs.
 //!
-//! uvloop (Python's libuv loop) keeps each loop in `malloc`ed memory: it
-//! is found by the same checks, scanning the heap.
+//! A Node worker thread runs its own loop, kept on its stack: it is found
+//! by the same checks, scanning the thread's live stack. uvloop (Python's
+//! libuv loop) keeps each loop in `malloc`ed memory: it is found by
+//! scanning the heap.
 //!
 //! The offsets are those of libuv 1.x on x86-64 glibc (the struct is part
 //! of libuv's ABI, stable through 1.x), checked against libuv's headers and
@@ -54,6 +56,8 @@ const DEFAULT_LOOP: &[u8] = b"default_loop_struct";
 const TIME_SLACK_MS: u64 = 1000;
 /// Bytes of writable segments scanned per object at most.
 const MAX_SCAN: u64 = 64 << 20;
+/// Bytes of a thread's live stack scanned at most.
+const MAX_STACK_SCAN: u64 = 8 << 20;
 /// Bytes of heap and anonymous memory scanned for a uvloop loop at most
 /// (about 50 ms of reading and checking).
 const MAX_HEAP_SCAN: u64 = 256 << 20;
@@ -73,16 +77,18 @@ struct ElfInfo {
 }
 
 /// The clock of the libuv loop that thread `tid` of `pid` runs on `epfd`:
-/// the default loop on the main thread, or a uvloop loop on any thread.
-/// Node's worker threads run loops that `Worker` allocates on the heap,
-/// found by no symbol; they are out of scope (a heap scan as for uvloop
-/// could serve them, at the cost of scanning V8's large heap).
+/// the default loop on the main thread, a loop on the thread's own stack
+/// (Node's workers), or a uvloop loop on any thread.
 pub(super) fn find(pid: u32, tid: u32, epfd: i32) -> Option<LoopClock> {
     if epfd < 0 {
         return None;
     }
-    let default = || (tid == pid).then(|| find_loop(pid, epfd, true)).flatten();
-    let addr = default().or_else(|| find_uvloop(pid, epfd))?;
+    let addr = if tid == pid {
+        find_loop(pid, epfd, true)
+    } else {
+        find_on_stack(pid, tid, epfd)
+    };
+    let addr = addr.or_else(|| find_uvloop(pid, epfd))?;
     Some(LoopClock {
         kind: CLOCK_WORD,
         addr: addr.checked_add(LOOP_TIME as u64)?,
@@ -126,6 +132,24 @@ pub(super) fn find_loop(pid: u32, epfd: i32, by_symbol: bool) -> Option<u64> {
         }
     }
     None
+}
+
+/// A loop on thread `tid`'s own stack, above its stack pointer: a Node
+/// worker thread keeps its `uv_loop_t` in the `WorkerThreadData` of the
+/// function that runs the worker (a few tens of KiB above the wait).
+fn find_on_stack(pid: u32, tid: u32, epfd: i32) -> Option<u64> {
+    let maps = maps::read(pid).ok()?;
+    let exe = procfs::exe(pid);
+    let node = maps
+        .iter()
+        .any(|m| m.path().is_some_and(|p| may_hold_libuv(p, exe.as_deref())));
+    if !node {
+        return None;
+    }
+    let sp = super::syscall_sp(pid, tid)?;
+    let stack = maps::find(&maps, sp)?;
+    let mut budget = MAX_STACK_SCAN;
+    scan_range(pid, sp, stack.end - sp, epfd, now_ms()?, &mut budget)
 }
 
 /// uvloop's extension module (`uvloop/loop.cpython-*.so`), which bundles

@@ -27,6 +27,9 @@ fn epoll_waits_from_proc_syscall() {
     assert_eq!(parse_epoll_wait(&line(232, "0x1ffffffff")), None);
     assert_eq!(parse_epoll_wait(""), None);
     assert_eq!(epoll_fd_waited(u32::MAX, u32::MAX), None);
+    assert_eq!(parse_sp(&line(232, "0xe")), Some(0x7ffd0f00));
+    assert_eq!(parse_sp("running\n"), None);
+    assert_eq!(parse_sp("-1 0x7ffd0f00 0x7f1234\n"), None);
 }
 
 /// Where the test's loop lies.
