@@ -19,8 +19,9 @@
 //! scanning the heap.
 //!
 //! The offsets are those of libuv 1.x on x86-64 glibc (the struct is part
-//! of libuv's ABI, stable through 1.x), checked against libuv's headers and
-//! a running node in the tests.
+//! of libuv's ABI, stable through 1.x): computed from libuv 1.44's headers
+//! (`offsetof` in a C program), and checked in the tests against real
+//! loops, Node 20's libuv 1.46 and the one uvloop bundles.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,13 +39,13 @@ pub(super) const LOOP_HANDLE_QUEUE: usize = 16;
 pub(super) const LOOP_STOP_FLAG: usize = 48;
 pub(super) const LOOP_BACKEND_FD: usize = 64;
 pub(super) const LOOP_NWATCHERS: usize = 112;
+pub(super) const LOOP_NFDS: usize = 116;
 /// `wq_async`, a `uv_async_t` that `uv_loop_init` initialises: its
 /// `uv_handle_t.loop` (at +8) points back at the loop, its `type` (+16)
 /// is `UV_ASYNC`.
 pub(super) const LOOP_WQ_ASYNC_LOOP: usize = 176 + 8;
 pub(super) const LOOP_WQ_ASYNC_TYPE: usize = 176 + 16;
 const UV_ASYNC: u32 = 1;
-pub(super) const LOOP_NFDS: usize = 116;
 pub(super) const LOOP_TIME: usize = 544;
 /// Bytes of a `uv_loop_t` read to check it (through `time`).
 pub(super) const LOOP_CHECKED: usize = LOOP_TIME + 8;
@@ -58,8 +59,7 @@ const TIME_SLACK_MS: u64 = 1000;
 const MAX_SCAN: u64 = 64 << 20;
 /// Bytes of a thread's live stack scanned at most.
 const MAX_STACK_SCAN: u64 = 8 << 20;
-/// Bytes of heap and anonymous memory scanned for a uvloop loop at most
-/// (about 50 ms of reading and checking).
+/// Bytes of heap and anonymous memory scanned for a uvloop loop at most.
 const MAX_HEAP_SCAN: u64 = 256 << 20;
 const SCAN_CHUNK: usize = 64 << 10;
 /// Parsed ELF files kept; cleared when full.
@@ -136,16 +136,10 @@ pub(super) fn find_loop(pid: u32, epfd: i32, by_symbol: bool) -> Option<u64> {
 
 /// A loop on thread `tid`'s own stack, above its stack pointer: a Node
 /// worker thread keeps its `uv_loop_t` in the `WorkerThreadData` of the
-/// function that runs the worker (a few tens of KiB above the wait).
+/// function that runs the worker, a few tens of KiB above the wait. Cheap
+/// enough to try on any thread (a thread's live stack is small).
 fn find_on_stack(pid: u32, tid: u32, epfd: i32) -> Option<u64> {
     let maps = maps::read(pid).ok()?;
-    let exe = procfs::exe(pid);
-    let node = maps
-        .iter()
-        .any(|m| m.path().is_some_and(|p| may_hold_libuv(p, exe.as_deref())));
-    if !node {
-        return None;
-    }
     let sp = super::syscall_sp(pid, tid)?;
     let stack = maps::find(&maps, sp)?;
     let mut budget = MAX_STACK_SCAN;
