@@ -7,11 +7,11 @@ with --uvloop it is uvloop's loop rather than asyncio's own.
 Prints "ready" once its loop runs and idles (asleep in epoll_wait on its
 selector, waiting for stdin). Then, for each line read:
 
-- "tick": a callback every 1 ms for 200 ms, each computing for 0.3 ms, so
+- "tick": a callback every 1 ms for 400 ms, each computing for 0.3 ms, so
   a reader sees the loop in its callbacks as well as asleep in its select
   (prints "ticking", then "ticked");
-- "busy": one callback that computes for 300 ms (prints "busy" as it
-  starts, "done" after);
+- "busy": one callback that computes for 300 ms (prints "busy NS" as it
+  starts, "done NS" after, NS the time.monotonic_ns() of each moment);
 - "saturate": call_soon chains for 300 ms, so work is always ready and the
   loop never sleeps (prints "saturating", then "saturated").
 
@@ -44,9 +44,9 @@ def tick(loop, until):
 
 
 def busy():
-    say("busy")
+    say("busy %d" % time.monotonic_ns())
     spin(0.3)
-    say("done")
+    say("done %d" % time.monotonic_ns())
 
 
 def chain(loop, until):
@@ -59,7 +59,7 @@ def chain(loop, until):
 def on_line(loop, line, done):
     if line == "tick":
         say("ticking")
-        tick(loop, loop.time() + 0.2)
+        tick(loop, loop.time() + 0.4)
     elif line == "busy":
         loop.call_soon(busy)
     elif line == "saturate":

@@ -4,10 +4,10 @@
 //
 // Prints "ready" once its loop idles (asleep in epoll_wait, waiting for
 // stdin). Then, for each line read:
-// - "tick": a timer every 1 ms for 200 ms, each computing for 0.3 ms
+// - "tick": a timer every 1 ms for 400 ms, each computing for 0.3 ms
 //   ("ticking", then "ticked");
-// - "busy": one callback that computes for 300 ms ("busy" as it starts,
-//   "done" after);
+// - "busy": one callback that computes for 300 ms ("busy NS" as it
+//   starts, "done NS" after, NS the CLOCK_MONOTONIC time of each moment);
 // - "saturate": setImmediate chains for 300 ms, so the loop never sleeps
 //   ("saturating", then "saturated").
 // - "worker": starts a worker thread (which prints "ready" once its loop
@@ -33,7 +33,7 @@ function spin(ms) {
 
 function tick() {
   say("ticking");
-  const until = Date.now() + 200;
+  const until = Date.now() + 400;
   const t = setInterval(() => {
     spin(0.3);
     if (Date.now() >= until) {
@@ -45,9 +45,9 @@ function tick() {
 
 function busy() {
   setImmediate(() => {
-    say("busy");
+    say(`busy ${process.hrtime.bigint()}`);
     spin(300);
-    say("done");
+    say(`done ${process.hrtime.bigint()}`);
   });
 }
 
