@@ -6,17 +6,21 @@
 //! sleeps. It is found once per loop thread, when the kernel reports the
 //! thread as a new loop (the thread is then asleep in its idle wait).
 //!
-//! - Node (and any program with libuv's default loop in its executable,
-//!   `libnode.so` or `libuv.so`): `uv_loop_t.time` of the default loop
-//!   (`CLOCK_WORD`), see [`libuv`].
-//! - CPython asyncio: the `end_time` local of `BaseEventLoop._run_once`
-//!   (`CLOCK_PY_LOCAL`), see [`crate::runtimes::python::clock`].
-//!
-//! - Node's worker threads: each runs its own `uv_loop_t`, which lives on
-//!   the worker thread's stack; uvloop's are `malloc`ed (see [`libuv`]).
+//! - libuv (`CLOCK_WORD`, `clock/libuv.rs`): `uv_loop_t.time` of the loop the
+//!   thread polls. Node's main thread runs the default loop (in its
+//!   executable, `libnode.so` or `libuv.so`); a Node worker thread runs its
+//!   own, on its stack; uvloop `malloc`s its loops.
+//! - CPython asyncio (`CLOCK_PY_LOCAL`, see
+//!   `python/clock.rs`): the `end_time` local of
+//!   `BaseEventLoop._run_once`.
 //!
 //! Not found, so ended only at idle waits: loops of other runtimes, and
 //! tokio, whose workers park between polls anyway.
+//!
+//! The kernel's reading of a `CLOCK_PY_LOCAL` clock gives 0 while the
+//! iteration is in its select (the local is not set yet) and the time of
+//! the iteration once its callbacks run: a change either way is an
+//! iteration boundary.
 
 mod libuv;
 
@@ -53,9 +57,10 @@ pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -
 }
 
 /// The epoll fd thread `tid` of `pid` is asleep on now, from
-/// `/proc/PID/task/TID/syscall` (`epoll_wait` or `epoll_pwait`, the fd its
-/// first argument); None when it is not asleep in one. The kernel learns a
-/// loop's fd the same way, from the wait it sleeps in.
+/// `/proc/PID/task/TID/syscall` (`epoll_wait`, `epoll_pwait` or
+/// `epoll_pwait2`, the fd its first argument); None when it is not asleep
+/// in one. The kernel learns a loop's fd the same way, from the wait it
+/// sleeps in.
 pub fn epoll_fd_waited(pid: u32, tid: u32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
     parse_epoll_wait(&text)
