@@ -367,7 +367,13 @@ fn check_uvloop(python: &Path, thread: bool) {
     assert_eq!(backend_fd, Some(epfd), "{label}");
     // The next fd is libuv's io_uring, which its heap state holds where a
     // loop holds its epoll fd.
+    let t = Instant::now();
     assert_eq!(clock::find(pid, tid, epfd + 1, Some(&py)), None, "{label}");
+    eprintln!(
+        "{label}: no loop on fd {}, scanned in {:?}",
+        epfd + 1,
+        t.elapsed()
+    );
     let mut l = Loop {
         subject: &mut subject,
         tid,
