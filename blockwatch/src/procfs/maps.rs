@@ -1,5 +1,6 @@
 //! `/proc/PID/maps`: one parser for every reader (the symbolizer, the
-//! unwinder through it, CPython inspection).
+//! unwinder through it, CPython inspection, the loop clocks), and where a
+//! mapped ELF file was loaded.
 
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -157,6 +158,27 @@ pub fn find(maps: &[Mapping], addr: u64) -> Option<&Mapping> {
     let i = maps.partition_point(|m| m.start <= addr);
     let m = maps.get(i.checked_sub(1)?)?;
     (addr < m.end).then_some(m)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(4096)
+}
+
+/// Load bias of a mapped ELF file, given its PT_LOAD segments as
+/// `(p_vaddr, p_offset)` and the mappings of that file: the loader maps
+/// each segment at `bias + page_down(p_vaddr)` from file offset
+/// `page_down(p_offset)`.
+pub fn load_bias(loads: &[(u64, u64)], mappings: &[&Mapping]) -> Option<u64> {
+    let mask = !(page_size() - 1);
+    mappings.iter().find_map(|m| {
+        let &(vaddr, _) = loads.iter().find(|(_, off)| off & mask == m.offset)?;
+        Some(m.start.wrapping_sub(vaddr & mask))
+    })
 }
 
 #[cfg(test)]

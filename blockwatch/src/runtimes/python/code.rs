@@ -10,7 +10,8 @@ use super::PyProcess;
 use super::lines::{line_310, line_311};
 use super::mem::{plausible_object, read_mem, read_u64, u32_at, u64_at};
 use super::offsets::{
-    BYTES_SVAL, CodeLayout, OB_SIZE, OB_TYPE, TP_NAME, UNICODE_LENGTH, UNICODE_STATE,
+    BYTES_SVAL, CodeLayout, LocalsLayout, OB_SIZE, OB_TYPE, TP_NAME, TUPLE_ITEMS, UNICODE_LENGTH,
+    UNICODE_STATE,
 };
 
 /// Longest function or file name read. Real ones are far shorter; a longer
@@ -23,6 +24,10 @@ const MAX_TABLE_BYTES: u64 = 1 << 20;
 
 /// Code objects longer than this (in 2-byte code units) are not believed.
 const MAX_CODE_UNITS: u64 = 1 << 24;
+
+/// Local slots believed in one code object (CPython's own limit on
+/// arguments and locals is far above any real function's count).
+const MAX_LOCALS: u64 = 1 << 16;
 
 /// Resolved code objects kept per cache generation (so at most twice this,
 /// i.e. 16k): a busy service has a few thousand hot functions at most.
@@ -76,6 +81,7 @@ struct Types {
     code: Option<u64>,
     str: Option<u64>,
     bytes: Option<u64>,
+    tuple: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +89,7 @@ enum Kind {
     Code,
     Str,
     Bytes,
+    Tuple,
 }
 
 impl Kind {
@@ -91,6 +98,7 @@ impl Kind {
             Kind::Code => b"code",
             Kind::Str => b"str",
             Kind::Bytes => b"bytes",
+            Kind::Tuple => b"tuple",
         }
     }
 }
@@ -141,6 +149,41 @@ impl CodeReader {
         self.types.remove(&pid);
     }
 
+    /// The names of code object `code`'s local slots, in slot order
+    /// (arguments, then locals, then cells and free variables). Not
+    /// cached: it is read once per loop.
+    pub(super) fn local_names(
+        &mut self,
+        pid: u32,
+        py: &PyProcess,
+        code: u64,
+    ) -> Option<Vec<String>> {
+        let layout = CodeLayout::for_version(py.version)?;
+        let locals = LocalsLayout::for_version(py.version)?;
+        if !plausible_object(code) {
+            return None;
+        }
+        self.check_type(pid, Kind::Code, read_u64(pid, code.checked_add(OB_TYPE)?)?)?;
+        let tuple = read_u64(pid, code.checked_add(u64::from(locals.code_local_names))?)?;
+        let mut head = [0u8; TUPLE_ITEMS as usize];
+        if !plausible_object(tuple) || !read_mem(pid, tuple, &mut head) {
+            return None;
+        }
+        self.check_type(pid, Kind::Tuple, u64_at(&head, OB_TYPE as usize)?)?;
+        let len = u64_at(&head, OB_SIZE as usize)?;
+        if len > MAX_LOCALS {
+            return None;
+        }
+        let mut items = vec![0u8; len as usize * 8];
+        if !read_mem(pid, tuple.checked_add(TUPLE_ITEMS)?, &mut items) {
+            return None;
+        }
+        items
+            .chunks_exact(8)
+            .map(|c| self.read_str(pid, &layout, u64_at(c, 0)?))
+            .collect()
+    }
+
     fn load(&mut self, pid: u32, layout: &CodeLayout, code: u64) -> Option<Code> {
         let mut head = [0u8; 256];
         let head = head.get_mut(..layout.header_len())?;
@@ -176,6 +219,7 @@ impl CodeReader {
             Kind::Code => &mut types.code,
             Kind::Str => &mut types.str,
             Kind::Bytes => &mut types.bytes,
+            Kind::Tuple => &mut types.tuple,
         };
         if let Some(t) = *known {
             return (t == ob_type).then_some(());

@@ -127,25 +127,6 @@ fn elf_of(pid: u32, m: &Mapping, id: FileId, path: &str) -> Result<ElfInfo, PyEr
     Ok(info)
 }
 
-fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n)
-        .ok()
-        .filter(|n| n.is_power_of_two())
-        .unwrap_or(4096)
-}
-
-/// Load bias of a mapped ELF file: the loader maps each PT_LOAD segment at
-/// `bias + page_down(p_vaddr)` from file offset `page_down(p_offset)`.
-fn load_bias(info: &ElfInfo, mappings: &[&Mapping]) -> Option<u64> {
-    let mask = !(page_size() - 1);
-    mappings.iter().find_map(|m| {
-        let &(vaddr, _) = info.loads.iter().find(|(_, off)| off & mask == m.offset)?;
-        Some(m.start.wrapping_sub(vaddr & mask))
-    })
-}
-
 /// A mapped file that may be the interpreter: (is a library, version from
 /// its name, path, identity).
 type Candidate<'a> = (bool, Option<(u8, u8)>, &'a str, FileId);
@@ -198,7 +179,7 @@ pub fn inspect(pid: u32) -> Result<Option<PyProcess>, PyError> {
             pid,
             path: path.into(),
         };
-        let bias = load_bias(&info, &mappings).ok_or_else(not_mapped)?;
+        let bias = maps::load_bias(&info.loads, &mappings).ok_or_else(not_mapped)?;
         let runtime_addr = bias.wrapping_add(runtime_sym);
         if maps::find(&maps, runtime_addr).is_none() {
             return Err(not_mapped());

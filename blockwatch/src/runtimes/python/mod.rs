@@ -31,10 +31,12 @@
 //! still blocks (a record at switch-out, costly for every short wait) or
 //! by the kernel (strings and line tables in BPF).
 //!
-//! By concern: `inspect` (finding the interpreter), `offsets` (the
+//! By concern: `inspect` (finding the interpreter), `clock` (asyncio's
+//! iteration clock, for [`crate::runtimes::clock`]), `offsets` (the
 //! per-version layouts), `code` (code objects), `lines` (line tables),
 //! `mem` (reading the process through [`crate::procfs::mem`]).
 
+pub(crate) mod clock;
 mod code;
 mod inspect;
 mod lines;

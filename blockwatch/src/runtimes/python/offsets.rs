@@ -157,6 +157,45 @@ impl CodeLayout {
     }
 }
 
+/// Where a frame keeps its locals and a thread state its thread's TID,
+/// for the loop clock ([`super::clock`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct LocalsLayout {
+    /// `PyThreadState.native_thread_id` (3.11+; 3.10's thread state does
+    /// not record the TID).
+    pub(super) tstate_native_thread_id: Option<u32>,
+    /// Where a frame's local slots start: `PyFrameObject.f_localsplus`
+    /// (3.10), `_PyInterpreterFrame.localsplus` (3.11+).
+    pub(super) frame_localsplus: u32,
+    /// The tuple of names of those slots, in slot order:
+    /// `co_varnames` (3.10), `co_localsplusnames` (3.11+).
+    pub(super) code_local_names: u32,
+}
+
+impl LocalsLayout {
+    pub(super) fn for_version(version: (u8, u8)) -> Option<LocalsLayout> {
+        if version.0 != 3 {
+            return None;
+        }
+        let (native, localsplus, names) = match version.1 {
+            10 => (None, 352, 72),
+            11 | 13 => (Some(160), 72, 96),
+            12 => (Some(144), 72, 96),
+            _ => return None,
+        };
+        Some(LocalsLayout {
+            tstate_native_thread_id: native,
+            frame_localsplus: localsplus,
+            code_local_names: names,
+        })
+    }
+}
+
+/// `PyTupleObject.ob_item`, 3.10-3.13.
+pub(super) const TUPLE_ITEMS: u64 = 24;
+/// `PyFloatObject.ob_fval`, 3.10-3.13.
+pub(super) const FLOAT_VALUE: u64 = 16;
+
 // Offsets shared by 3.10-3.13 (PyObject, PyVarObject, PyTypeObject,
 // PyBytesObject, PyASCIIObject heads), checked by the header test too.
 pub(super) const OB_TYPE: u64 = 8;

@@ -113,6 +113,8 @@ fn offsets_program(minor: u8) -> String {
         "offsetof(PyASCIIObject, hash) + sizeof(Py_hash_t)",
     );
     p("ascii_size", "sizeof(PyASCIIObject)");
+    p("tuple_items", "offsetof(PyTupleObject, ob_item)");
+    p("float_value", "offsetof(PyFloatObject, ob_fval)");
     p("compact_size", "sizeof(PyCompactUnicodeObject)");
     // The state bits we decode: a compact ASCII 1-byte string.
     c.push_str(
@@ -133,7 +135,21 @@ fn offsets_program(minor: u8) -> String {
         p("frame_instr", "offsetof(PyFrameObject, f_lasti)");
         p("frame_instr_size", "sizeof(((PyFrameObject *)0)->f_lasti)");
         p("code_name", "offsetof(PyCodeObject, co_name)");
+        p("frame_localsplus", "offsetof(PyFrameObject, f_localsplus)");
+        p("code_local_names", "offsetof(PyCodeObject, co_varnames)");
     } else {
+        p(
+            "tstate_native_thread_id",
+            "offsetof(PyThreadState, native_thread_id)",
+        );
+        p(
+            "frame_localsplus",
+            "offsetof(_PyInterpreterFrame, localsplus)",
+        );
+        p(
+            "code_local_names",
+            "offsetof(PyCodeObject, co_localsplusnames)",
+        );
         p(
             "interp_threads_head",
             "offsetof(PyInterpreterState, threads.head)",
@@ -199,7 +215,16 @@ fn offsets_program(minor: u8) -> String {
 fn expected(minor: u8) -> Vec<(&'static str, u32)> {
     let o = offsets_for(minor).expect("tabled version");
     let l = CodeLayout::for_version((3, minor)).expect("tabled version");
+    let locals = LocalsLayout::for_version((3, minor)).expect("tabled version");
     let mut e = vec![
+        (
+            "tstate_native_thread_id",
+            locals.tstate_native_thread_id.unwrap_or(ABSENT),
+        ),
+        ("frame_localsplus", locals.frame_localsplus),
+        ("code_local_names", locals.code_local_names),
+        ("tuple_items", TUPLE_ITEMS as u32),
+        ("float_value", FLOAT_VALUE as u32),
         ("runtime_interpreters_head", o.runtime_interpreters_head),
         ("interp_threads_head", o.interp_threads_head),
         ("tstate_next", o.tstate_next),
