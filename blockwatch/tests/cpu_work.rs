@@ -31,7 +31,10 @@ fn culprit_fn(e: &Event) -> &str {
 /// The summary's main table (stderr in JSON mode), as whitespace-separated
 /// cells: TOTAL COUNT MAX SYSCALL CLASS CULPRIT.
 fn summary_rows(run: &Run) -> Vec<Vec<&str>> {
-    let mut lines = run.stderr.lines().skip_while(|l| !l.trim_start().starts_with("TOTAL"));
+    let mut lines = run
+        .stderr
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("TOTAL"));
     lines.next();
     lines
         .take_while(|l| !l.trim().is_empty())

@@ -429,7 +429,9 @@ fn daemon_exports_strict_and_cpu_episode_metrics() {
         "{journal}"
     );
     assert!(
-        journal.contains("mostly CPU work without reaching the idle wait) of the event loop of bwdstrict["),
+        journal.contains(
+            "mostly CPU work without reaching the idle wait) of the event loop of bwdstrict["
+        ),
         "{journal}"
     );
 }

@@ -215,7 +215,9 @@ fn first_blocking_call_is_named_under_daemon_auto() {
 
 /// A tokio worker is a known loop from its first park: with two workers
 /// that parked once (300 ms idle) and then three tasks that each
-/// `std::thread::sleep(70ms)`, every sleep is reported.
+/// `std::thread::sleep(70ms)`, every sleep is reported. A worker that runs
+/// two of the tasks back to back without parking in between was
+/// unavailable for both: one episode of ~140 ms with two sleeps.
 #[test]
 fn tokio_workers_that_parked_once_report_every_blocking_call() {
     let _serial = common::setup();
@@ -228,14 +230,19 @@ fn tokio_workers_that_parked_once_report_every_blocking_call() {
                 && e.culprit.as_ref().and_then(|c| c.function.as_deref())
                     == Some("tokio_blocker::sleep_on_cold_worker")
         });
-        assert_eq!(
-            sleeps.len(),
-            3,
-            "run {n}: the three 70 ms sleeps\n{}",
+        let slept_ms: f64 = sleeps
+            .iter()
+            .map(|e| e.episode.as_ref().map_or(0, |p| p.sleeping_ns) as f64 / 1e6)
+            .sum();
+        assert!(
+            (1..=3).contains(&sleeps.len()) && (205.0..1500.0).contains(&slept_ms),
+            "run {n}: the three 70 ms sleeps, in one episode each or two in one\n{}",
             run.report()
         );
         assert!(
-            sleeps.iter().all(|e| (65.0..500.0).contains(&e.ms())),
+            sleeps.iter().all(|e| (65.0..1500.0).contains(&e.ms())
+                && (65.0..500.0)
+                    .contains(&(e.episode.as_ref().map_or(0, |p| p.longest_wait_ns) as f64 / 1e6))),
             "run {n}\n{}",
             run.report()
         );

@@ -162,6 +162,9 @@ fn text_output_names_strict_calls_and_stalls() {
         out.contains("stall (") && out.contains(" in cpu_hog"),
         "{out}"
     );
-    assert!(out.contains(" samples"), "the CPU episode's breakdown\n{out}");
+    assert!(
+        out.contains(" samples"),
+        "the CPU episode's breakdown\n{out}"
+    );
     assert!(out.contains("\nstrict: "), "{out}");
 }

@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, PyProc, ThreadTag,
-    WatchRule,
+    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, LoopClock, MAX_USER_STACK, PyProc,
+    ThreadTag, WatchRule,
 };
 use log::debug;
 
@@ -49,6 +49,8 @@ pub struct Maps {
     pub parks: HashMap<MapData, u32, u64>,
     /// CPython processes and their layout, by PID.
     pub pyprocs: HashMap<MapData, u32, PyProc>,
+    /// Each loop thread's iteration clock, by TID.
+    pub clocks: HashMap<MapData, u32, LoopClock>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
 }
@@ -100,6 +102,7 @@ pub fn load_with_user_stack(
             watched: take(&mut ebpf, "WATCHED")?,
             parks: take(&mut ebpf, "PARKS")?,
             pyprocs: take(&mut ebpf, "PYPROCS")?,
+            clocks: take(&mut ebpf, "CLOCKS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             config,
         },

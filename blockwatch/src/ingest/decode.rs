@@ -139,6 +139,8 @@ pub enum Record {
     LoopFound {
         pid: u32,
         tid: u32,
+        /// The loop's epoll fd; -1 for a loop that parks on a futex.
+        epfd: i32,
     },
 }
 
@@ -290,7 +292,11 @@ fn decode_task(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
             tid,
             comm: comm_str(&ev.comm),
         },
-        RecordKind::LoopFound => Record::LoopFound { pid, tid },
+        RecordKind::LoopFound => Record::LoopFound {
+            pid,
+            tid,
+            epfd: ev.aux as i32,
+        },
         _ => Record::Exit {
             pid,
             tid,
@@ -492,12 +498,16 @@ mod tests {
         );
         let ev = TaskEvent {
             header: RecordHeader::new(RecordKind::LoopFound, 5, 7),
-            aux: 0,
+            aux: 9,
             ..ev
         };
         assert_eq!(
             decode(&bytes_of(&ev)).unwrap(),
-            Record::LoopFound { pid: 5, tid: 7 }
+            Record::LoopFound {
+                pid: 5,
+                tid: 7,
+                epfd: 9
+            }
         );
     }
 

@@ -16,7 +16,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
 use blockwatch_common::x86_64::NR_FUTEX;
-use blockwatch_common::{PyFrameRef, PyProc};
+use blockwatch_common::{LoopClock, PyFrameRef, PyProc};
 
 use crate::analyze::syscalls::{self, FdKind};
 use crate::analyze::{advice, culprit, gil};
@@ -71,6 +71,18 @@ impl Interp {
 pub struct RuntimeMaps<'a> {
     pub parks: &'a mut BpfHashMap<MapData, u32, u64>,
     pub pyprocs: &'a mut BpfHashMap<MapData, u32, PyProc>,
+    pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
+}
+
+impl<'a> RuntimeMaps<'a> {
+    /// The maps of a loaded session that the pipeline writes.
+    pub fn of(maps: &'a mut crate::bpf::Maps) -> Self {
+        Self {
+            parks: &mut maps.parks,
+            pyprocs: &mut maps.pyprocs,
+            clocks: &mut maps.clocks,
+        }
+    }
 }
 
 /// What a record means to the front end.
@@ -98,6 +110,8 @@ pub struct Stats {
     /// were mostly CPU work.
     pub strict: u64,
     pub stalls: u64,
+    /// Loops whose iteration clock was found.
+    pub clocks: u64,
 }
 
 pub struct Pipeline {
@@ -118,6 +132,9 @@ pub struct Pipeline {
     /// When to look at them again.
     exec_retry_at: Instant,
     loops: Loops,
+    /// `BLOCKWATCH_NO_LOOP_CLOCK` is set: no iteration clock is looked for
+    /// (the benchmark's measure of what reading them costs).
+    no_clock: bool,
     pub stats: Stats,
 }
 
@@ -163,6 +180,7 @@ impl Pipeline {
             exec_retries: HashMap::new(),
             exec_retry_at: Instant::now(),
             loops: Loops::new(),
+            no_clock: std::env::var_os("BLOCKWATCH_NO_LOOP_CLOCK").is_some(),
             stats: Stats::default(),
         }
     }
@@ -305,6 +323,33 @@ impl Pipeline {
         }
     }
 
+    /// Finds the iteration clock of the loop `tid` was just found to run
+    /// (its idle wait on `epfd`) and hands it to the kernel, which then
+    /// sees that loop's iterations end even when it never sleeps. Found
+    /// anew for each new loop: the kernel drops a thread's clock when its
+    /// loop ends.
+    fn find_clock(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        epfd: i32,
+        clocks: &mut BpfHashMap<MapData, u32, LoopClock>,
+    ) {
+        if self.no_clock {
+            return;
+        }
+        let python = python_of(&self.interps, pid);
+        let Some(clock) = crate::runtimes::clock::find(pid, tid, epfd, python) else {
+            debug!("tid {tid} of pid {pid}: no iteration clock known");
+            return;
+        };
+        debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
+        self.stats.clocks += 1;
+        if let Err(e) = clocks.insert(tid, clock, 0) {
+            warn!("cannot hand the loop clock of tid {tid} to the kernel: {e}");
+        }
+    }
+
     /// Drains every record the kernel has written, handing each output to
     /// `out`. Learned parks are written to `parks_map`.
     pub fn drain(
@@ -343,9 +388,10 @@ impl Pipeline {
                 self.probe(p, maps.parks);
                 None
             }
-            Record::LoopFound { pid, tid } => {
+            Record::LoopFound { pid, tid, epfd } => {
                 debug!("tid {tid} of pid {pid} runs an event loop");
                 self.inspect_now(pid, maps.pyprocs);
+                self.find_clock(pid, tid, epfd, maps.clocks);
                 None
             }
             Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),

@@ -401,7 +401,7 @@ impl Daemon {
                 guard = self.session.ring.readable_mut() => {
                     let mut guard = guard?;
                     let (state, metrics) = (&mut self.state, &self.metrics);
-                    let mut maps = RuntimeMaps { parks: &mut self.session.maps.parks, pyprocs: &mut self.session.maps.pyprocs };
+                    let mut maps = RuntimeMaps::of(&mut self.session.maps);
                     self.pipeline.drain(guard.get_inner_mut(), &mut maps, |o| state.take(o, metrics));
                     guard.clear_ready();
                     self.after_drain();

@@ -152,10 +152,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
 
     // Events of the last moments (a command's final blocking call) are
     // already in the ring buffer: report them before the summary.
-    let mut maps = RuntimeMaps {
-        parks: &mut session.maps.parks,
-        pyprocs: &mut session.maps.pyprocs,
-    };
+    let mut maps = RuntimeMaps::of(&mut session.maps);
     pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
     sink.check()?;
     let mut reporter = sink.reporter;
@@ -276,7 +273,7 @@ async fn watch_until_stop(
         tokio::select! {
             guard = session.ring.readable_mut() => {
                 let mut guard = guard?;
-                let mut maps = RuntimeMaps { parks: &mut session.maps.parks, pyprocs: &mut session.maps.pyprocs };
+                let mut maps = RuntimeMaps::of(&mut session.maps);
                 pipeline.drain(guard.get_inner_mut(), &mut maps, |o| sink.take(o));
                 guard.clear_ready();
                 sink.check()?;
