@@ -845,8 +845,10 @@ fn ensure_bpftrace() -> bool {
     }
 }
 
-/// A Python with aiohttp: a venv under ~/.cache/blockwatch, made once.
-fn aiohttp_venv() -> anyhow::Result<PathBuf> {
+/// A Python with aiohttp: a venv under ~/.cache/blockwatch, made once. The
+/// bench's HTTP server and blockwatch/tests/episodes.rs (which finds it at
+/// this path) run on it.
+pub fn aiohttp_venv() -> anyhow::Result<PathBuf> {
     let dir = home()
         .context("HOME is not set")?
         .join(".cache/blockwatch/bench-venv");
@@ -858,7 +860,7 @@ fn aiohttp_venv() -> anyhow::Result<PathBuf> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    print!("bench: aiohttp in {} ... ", dir.display());
+    print!("xtask: aiohttp in {} ... ", dir.display());
     let _ = std::io::stdout().flush();
     if has_aiohttp() {
         println!("already present");
