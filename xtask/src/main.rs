@@ -47,9 +47,9 @@ enum Command {
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::target_names()))]
         targets: Vec<String>,
     },
-    /// Build, then measure what blockwatch costs (host tax, an aiohttp
-    /// server under wrk, pipeline throughput, symbolization) against bare
-    /// runs and bpftrace, as root; prints tables of ratios.
+    /// Build, then measure what blockwatch costs (host tax, an aiohttp and
+    /// a Node server under wrk, pipeline throughput, symbolization) against
+    /// bare runs and bpftrace, as root; prints tables of ratios.
     Bench {
         /// Fewer repetitions and shorter runs (about two minutes).
         #[arg(long)]
