@@ -6,7 +6,9 @@
 //!   under `trace` (watching another, idle process), `daemon --auto`
 //!   (watching everything), `trace --strict` and the bpftrace equivalent
 //!   (syscall tracepoint with a TID filter, sched_switch with a map lookup);
-//! - http: an aiohttp server under wrk, bare and watched;
+//! - http: an aiohttp server and a Node `http` server under wrk, bare and
+//!   watched, with the events `trace --pid` reported (a healthy saturated
+//!   loop should have none);
 //! - pipeline: slow events per second reported before any is lost, the
 //!   daemon's memory idle and under load;
 //! - symbolize: stacks per second cold and warm, and what copying user
@@ -291,20 +293,39 @@ impl Bench {
 
     // ---------------------------------------------------------------- http
 
+    /// The same wrk load on an asyncio server (aiohttp) and a Node `http`
+    /// server, each bare and watched: what watching a saturated loop costs
+    /// in each runtime.
     fn http(&self, opts: &Options) -> anyhow::Result<()> {
-        println!("\n== asyncio HTTP server (aiohttp) under wrk ==");
         let python = aiohttp_venv()?;
-        setup::ensure_packages(&[Package {
-            name: "wrk",
-            command: Some("wrk"),
-        }])?;
+        setup::ensure_packages(&[
+            Package {
+                name: "wrk",
+                command: Some("wrk"),
+            },
+            Package {
+                name: "nodejs",
+                command: Some("node"),
+            },
+        ])?;
+        let mut aiohttp = Command::new(&python);
+        aiohttp.arg(root_dir().join("bench/http_server.py"));
+        self.http_server("asyncio HTTP server (aiohttp)", aiohttp, opts)?;
+        let mut node = Command::new("node");
+        node.arg(root_dir().join("subjects/node_http_server.js"));
+        self.http_server("Node http server", node, opts)
+    }
+
+    /// `server PORT` (which prints "ready" when it accepts connections)
+    /// under wrk, bare and under each tracer, interleaved.
+    fn http_server(&self, title: &str, mut server: Command, opts: &Options) -> anyhow::Result<()> {
+        println!("\n== {title} under wrk ==");
         let port = free_port();
-        let mut server = Command::new(&python)
-            .arg(root_dir().join("bench/http_server.py"))
+        let mut server = server
             .arg(port.to_string())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting the aiohttp server")?;
+            .with_context(|| format!("starting the {title}"))?;
         let ready = {
             use std::io::BufRead as _;
             let out = server.stdout.take().expect("piped");
@@ -314,7 +335,8 @@ impl Bench {
         };
         if !ready {
             let _ = server.kill();
-            bail!("the aiohttp server did not start");
+            let _ = server.wait();
+            bail!("the {title} did not start");
         }
         let pid = server.id().to_string();
         let tracers = [
@@ -332,6 +354,7 @@ impl Bench {
         let secs = (opts.secs * 2.0).max(2.0).round() as u64;
         let mut rps: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let mut p99: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let mut reports: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let result = (|| -> anyhow::Result<()> {
             // Warm up the server (imports, first connections).
             wrk(&url, 1)?;
@@ -349,6 +372,9 @@ impl Bench {
                     running.stop()?;
                     rps.entry(ti).or_default().push(r);
                     p99.entry(ti).or_default().push(p);
+                    if tracer.reports_json() {
+                        reports.entry(ti).or_default().push(json_lines() as f64);
+                    }
                 }
             }
             Ok(())
@@ -357,7 +383,7 @@ impl Bench {
         let _ = server.kill();
         let _ = server.wait();
         result?;
-        print_http(&tracers, &rps, &p99);
+        print_http(&tracers, &rps, &p99, &reports);
         println!("(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch)");
         Ok(())
     }
@@ -720,6 +746,12 @@ struct Running {
 }
 
 impl Tracer {
+    /// A blockwatch `trace -o json`: its stdout is its events.
+    fn reports_json(&self) -> bool {
+        matches!(self, Tracer::Blockwatch { args, .. }
+            if args.first().is_some_and(|a| a == "trace") && args.iter().any(|a| a == "json"))
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Tracer::Bare => "bare",
@@ -845,8 +877,10 @@ fn ensure_bpftrace() -> bool {
     }
 }
 
-/// A Python with aiohttp: a venv under ~/.cache/blockwatch, made once.
-fn aiohttp_venv() -> anyhow::Result<PathBuf> {
+/// A Python with aiohttp: a venv under ~/.cache/blockwatch, made once. The
+/// bench's HTTP server and blockwatch/tests/episodes.rs (which finds it at
+/// this path) run on it.
+pub fn aiohttp_venv() -> anyhow::Result<PathBuf> {
     let dir = home()
         .context("HOME is not set")?
         .join(".cache/blockwatch/bench-venv");
@@ -858,7 +892,7 @@ fn aiohttp_venv() -> anyhow::Result<PathBuf> {
             .status()
             .is_ok_and(|s| s.success())
     };
-    print!("bench: aiohttp in {} ... ", dir.display());
+    print!("xtask: aiohttp in {} ... ", dir.display());
     let _ = std::io::stdout().flush();
     if has_aiohttp() {
         println!("already present");
@@ -985,6 +1019,45 @@ fn print_table(header: &[String], rows: &[Vec<String>]) {
     }
 }
 
+/// Requests/s and p99 latency per tracer, as ratios to the bare run (index
+/// 0), and the events a `trace` reported per run (median).
+fn print_http(
+    tracers: &[Tracer],
+    rps: &BTreeMap<usize, Vec<f64>>,
+    p99: &BTreeMap<usize, Vec<f64>>,
+    reports: &BTreeMap<usize, Vec<f64>>,
+) {
+    let bare_rps = median(&rps[&0]);
+    let bare_p99 = median(&p99[&0]);
+    let rows: Vec<Vec<String>> = tracers
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| {
+            let r = median(&rps[&ti]);
+            let p = median(&p99[&ti]);
+            vec![
+                t.label().to_string(),
+                format!("{r:.0} ({:.2}×)", r / bare_rps),
+                format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
+                reports
+                    .get(&ti)
+                    .map_or("-".into(), |v| format!("{:.0}", median(v))),
+            ]
+        })
+        .collect();
+    print_table(
+        &["blockwatch", "requests/s", "p99 latency", "events reported"].map(String::from),
+        &rows,
+    );
+}
+
+/// Non-empty lines of the last tracer's stdout: with `-o json`, its events.
+fn json_lines() -> usize {
+    std::fs::read_to_string(bench_dir().join("tracer.stdout"))
+        .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1010,31 +1083,4 @@ mod tests {
         assert_eq!(lost_events(s), 1234);
         assert_eq!(lost_events("blockwatch: 3 blocking calls"), 0);
     }
-}
-
-/// Requests/s and p99 latency per tracer, as ratios to the bare run (index 0).
-fn print_http(
-    tracers: &[Tracer],
-    rps: &BTreeMap<usize, Vec<f64>>,
-    p99: &BTreeMap<usize, Vec<f64>>,
-) {
-    let bare_rps = median(&rps[&0]);
-    let bare_p99 = median(&p99[&0]);
-    let rows: Vec<Vec<String>> = tracers
-        .iter()
-        .enumerate()
-        .map(|(ti, t)| {
-            let r = median(&rps[&ti]);
-            let p = median(&p99[&ti]);
-            vec![
-                t.label().to_string(),
-                format!("{r:.0} ({:.2}×)", r / bare_rps),
-                format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
-            ]
-        })
-        .collect();
-    print_table(
-        &["blockwatch", "requests/s", "p99 latency"].map(String::from),
-        &rows,
-    );
 }

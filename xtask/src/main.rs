@@ -47,9 +47,9 @@ enum Command {
         #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::target_names()))]
         targets: Vec<String>,
     },
-    /// Build, then measure what blockwatch costs (host tax, an aiohttp
-    /// server under wrk, pipeline throughput, symbolization) against bare
-    /// runs and bpftrace, as root; prints tables of ratios.
+    /// Build, then measure what blockwatch costs (host tax, an aiohttp and
+    /// a Node server under wrk, pipeline throughput, symbolization) against
+    /// bare runs and bpftrace, as root; prints tables of ratios.
     Bench {
         /// Fewer repetitions and shorter runs (about two minutes).
         #[arg(long)]
@@ -129,7 +129,14 @@ fn bench_cmd(opts: bench::Options) -> anyhow::Result<ExitCode> {
 }
 
 fn build_subjects() -> anyhow::Result<()> {
-    cargo(&["build", "--release", "-p", "tokio-blocker"])
+    cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "tokio-blocker",
+        "-p",
+        "tokio-server",
+    ])
 }
 
 fn require_root(task: &str, why: &str) -> anyhow::Result<()> {
@@ -175,6 +182,9 @@ fn test() -> anyhow::Result<ExitCode> {
     require_root("test", "the tests load BPF programs")?;
     build()?;
     build_subjects()?;
+    // blockwatch/tests/episodes.rs serves HTTP with aiohttp from this venv
+    // (and fails when it is missing).
+    bench::aiohttp_venv()?;
     // blockwatch/tests/image.rs runs it (and fails when it is missing).
     image::build()?;
     // Unit tests one at a time too: the privileged ones among them load the

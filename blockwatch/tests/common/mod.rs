@@ -325,7 +325,123 @@ pub fn blockwatch_with_timeout(args: &[&str], timeout: Duration) -> Run {
         .recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|_| "<stderr still open 10 s after blockwatch exited>".into());
 
-    // With --output json, stdout holds events and nothing else.
+    let events = parse_events(&args, &stdout, &stderr);
+    Run {
+        args,
+        code: status.code(),
+        events,
+        stdout,
+        stderr,
+        elapsed,
+        timed_out,
+    }
+}
+
+/// `blockwatch trace --output json <args>` running in the background while
+/// the test drives what it watches; [`Watch::stop`] ends it as a user's
+/// Ctrl-C does and returns the run. Killed if dropped while running.
+pub struct Watch {
+    child: Option<Child>,
+    args: Vec<String>,
+    started: Instant,
+    stdout: mpsc::Receiver<String>,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Watch {
+    /// Starts blockwatch and waits (at most 60 s) until it says it is
+    /// watching.
+    pub fn start(args: &[&str]) -> Watch {
+        let mut full = vec!["trace", "--output", "json"];
+        full.extend(args);
+        let args: Vec<String> = full.iter().map(|a| a.to_string()).collect();
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let stderr = dir.path().join("stderr");
+        let bin = env!("CARGO_BIN_EXE_blockwatch");
+        let mut child = Command::new(bin)
+            .args(&args)
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("a stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let stdout = read_in_background(child.stdout.take().expect("piped"));
+        let mut watch = Watch {
+            child: Some(child),
+            args,
+            started: Instant::now(),
+            stdout,
+            stderr,
+            _dir: dir,
+        };
+        let end = watch.started + Duration::from_secs(60);
+        while !watch.stderr().contains("blockwatch: watching") {
+            let exited = watch
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() >= end {
+                let run = watch.stop();
+                panic!("blockwatch did not start watching\n{}", run.report());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        watch
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGINT, as Ctrl-C (SIGKILL 30 s later, and the run is marked
+    /// `timed_out`), and what blockwatch printed.
+    pub fn stop(mut self) -> Run {
+        let mut child = self.child.take().expect("stopped once");
+        signal(child.id(), libc::SIGINT);
+        let grace = Instant::now() + Duration::from_secs(30);
+        let (status, timed_out) = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break (status, false);
+            }
+            if Instant::now() >= grace {
+                let _ = child.kill();
+                break (child.wait().expect("wait for killed blockwatch"), true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = self
+            .stdout
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| "<stdout still open 10 s after blockwatch exited>".into());
+        let stderr = self.stderr();
+        let events = parse_events(&self.args, &stdout, &stderr);
+        Run {
+            args: std::mem::take(&mut self.args),
+            code: status.code(),
+            events,
+            stdout,
+            stderr,
+            elapsed: self.started.elapsed(),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The events of a run's stdout when `args` asked for `--output json`
+/// (stdout then holds events and nothing else); fails the test on a line
+/// that is not one.
+fn parse_events(args: &[String], stdout: &str, stderr: &str) -> Vec<Event> {
     let json = args
         .windows(2)
         .any(|w| w[0] == "--output" && w[1] == "json");
@@ -344,15 +460,7 @@ pub fn blockwatch_with_timeout(args: &[&str], timeout: Duration) -> Run {
             ),
         }
     }
-    Run {
-        args,
-        code: status.code(),
-        events,
-        stdout,
-        stderr,
-        elapsed,
-        timed_out,
-    }
+    events
 }
 
 fn read_in_background(mut r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
@@ -402,10 +510,21 @@ pub fn subject(name: &str) -> String {
 
 /// `target/<profile>/tokio-blocker`, next to the blockwatch binary.
 pub fn tokio_blocker() -> String {
+    subject_binary("tokio-blocker")
+}
+
+/// `target/<profile>/tokio-server`, next to the blockwatch binary.
+pub fn tokio_server() -> String {
+    subject_binary("tokio-server")
+}
+
+/// A subject built by the workspace (`subjects/NAME`), next to the
+/// blockwatch binary.
+fn subject_binary(name: &str) -> String {
     let dir = Path::new(env!("CARGO_BIN_EXE_blockwatch"))
         .parent()
         .expect("the binary has a folder");
-    let p = dir.join("tokio-blocker");
+    let p = dir.join(name);
     assert!(
         p.is_file(),
         "{} is missing: run `cargo xtask test`, which builds it",
@@ -423,14 +542,21 @@ pub struct Background {
 impl Background {
     /// Start a Python subject and wait until it prints "ready".
     pub fn python(python: &str, script: &str, args: &[&str]) -> Background {
-        let mut child = Command::new(python)
-            .arg(script)
+        let mut all = vec![script];
+        all.extend(args);
+        Background::spawn(python, &all)
+    }
+
+    /// Start `program args…` and wait until it prints "ready".
+    pub fn spawn(program: &str, args: &[&str]) -> Background {
+        let what = format!("{program} {}", args.join(" "));
+        let mut child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {python} {script}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stdout = child.stdout.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -444,7 +570,7 @@ impl Background {
             Ok(Some(line)) if line.trim() == "ready" => process,
             other => {
                 process.kill();
-                panic!("{python} {script} did not print `ready`: {other:?}");
+                panic!("{what} did not print `ready`: {other:?}");
             }
         }
     }
