@@ -124,6 +124,9 @@ pub struct LoopState {
     /// was (the latest moment the iteration it names is known to run).
     pub clock: u64,
     pub clock_ns: u64,
+    /// When the episode's latest wait ended: where an episode cut short by
+    /// the thread's exit is known to have run to.
+    pub wait_end_ns: u64,
     /// Waits and CPU samples of the episode.
     pub waits: u32,
     pub samples: u32,
@@ -159,6 +162,6 @@ pod!(WatchRule, ThreadTag, LoopState, StrictCall);
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 128);
+    assert!(core::mem::size_of::<LoopState>() == 136);
     assert!(core::mem::size_of::<StrictCall>() == 48);
 };

@@ -36,6 +36,7 @@ use blockwatch_common::{
 };
 
 use crate::{
+    idle::{self, LoopFd},
     maps::{
         BPF_NOEXIST, CLOCKS, LOOPSTATE, PARKS, SAMPLE_SCRATCH, count, off, thread, threshold_ns,
     },
@@ -285,6 +286,7 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
         };
         st.off_ns[i] += waited;
         st.waits += 1;
+        st.wait_end_ns = now;
         if waited > st.max_ns {
             st.max_ns = waited;
             st.max_start_ns = tag.out_ns;
@@ -303,6 +305,35 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     }
     begin(st, now);
     st.in_ns = now;
+}
+
+/// sched_process_exit: `tid` (`current` = `task`) exits in an episode.
+/// A process that exits right after its last blocking call (a runtime
+/// shut down by `exit`) never brings its loop back to the idle wait, so the
+/// episode is sent now, up to the end of its latest wait: what follows is
+/// the exit's own work. A loop whose epoll instance is closed has ended,
+/// and what the thread did since (interpreter finalization) is no loop's.
+#[inline(always)]
+pub(crate) fn thread_exits(tid: u32, task: *const u8) {
+    let Some(tag) = thread(tid) else {
+        return;
+    };
+    if tag.tag != TAG_LOOP {
+        return;
+    }
+    let Some(st) = existing_state(tid) else {
+        return;
+    };
+    if st.looped == 0 || st.start_ns == 0 || st.wait_end_ns <= st.start_ns {
+        return;
+    }
+    if tag.loop_file != 0 && !matches!(idle::loop_fd(tag, task), LoopFd::Same) {
+        return;
+    }
+    // Its CPU time since the latest wait is the exit's.
+    st.in_ns = 0;
+    let end = st.wait_end_ns;
+    close(st, tag, tid, end, task);
 }
 
 /// Whether the wait `tag` describes is a futex wait on `tid`'s learned park.

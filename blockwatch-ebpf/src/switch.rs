@@ -188,6 +188,12 @@ fn idle_or_probe<C: EbpfContext>(
 #[inline(always)]
 fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     tag.tag = TAG_LOOP;
+    // A new loop starts with no episode, whatever the thread's state
+    // held: a loop that ended, or a tag user space wrote over the
+    // kernel's (a process matched at exec while its thread already ran
+    // its loop), would otherwise leave an episode open with none of the
+    // waits it saw.
+    episode::forget(tid);
     // Remembered so that the loop's end, or a new loop, is noticed.
     tag.loop_file = idle::fd_file(task, tag.loop_epfd);
     tag.loop_fops = if tag.loop_file != 0 {

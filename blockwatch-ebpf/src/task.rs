@@ -111,6 +111,10 @@ pub(crate) fn on_exit(group_dead: bool) {
     let Some((tgid, tid)) = ids::current() else {
         return;
     };
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() } as *const u8;
+    episode::thread_exits(tid, task);
     let was_tagged = THREADS.remove(tid).is_ok();
     episode::forget(tid);
     crate::strict::forget(tid);

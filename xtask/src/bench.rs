@@ -94,7 +94,6 @@ struct Bench {
     /// Flags `blockwatch trace --help` lists (others are being added).
     has_strict: bool,
     has_user_stack_size: bool,
-    has_stall_threshold: bool,
 }
 
 impl Bench {
@@ -123,7 +122,6 @@ impl Bench {
             workload,
             has_strict: help.contains("--strict"),
             has_user_stack_size: help.contains("--user-stack-size"),
-            has_stall_threshold: help.contains("--stall-threshold"),
         })
     }
 
@@ -142,9 +140,21 @@ impl Bench {
         }
     }
 
+    /// blockwatch with `args`; leading `NAME=VALUE` arguments are set in
+    /// its environment instead (a variant of a run, such as no loop clock).
     fn blockwatch_cmd(&self, args: &[String]) -> Command {
         let mut cmd = Command::new(&self.blockwatch);
-        cmd.args(args);
+        let env = args
+            .iter()
+            .take_while(|a| a.split_once('=').is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_')));
+        let mut n = 0;
+        for kv in env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+            n += 1;
+        }
+        cmd.args(&args[n..]);
         cmd
     }
 
@@ -200,25 +210,6 @@ impl Bench {
                 args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
             },
         ];
-        if self.has_stall_threshold {
-            // The stall detector's sampling is part of the default: this
-            // column tells its share.
-            tracers.insert(
-                2,
-                Tracer::Blockwatch {
-                    label: "trace, stalls off",
-                    args: strings(&[
-                        "trace",
-                        "-o",
-                        "json",
-                        "--stall-threshold",
-                        "off",
-                        "--pid",
-                        &pid,
-                    ]),
-                },
-            );
-        }
         if self.has_strict {
             tracers.push(Tracer::Blockwatch {
                 label: "trace --strict",
@@ -344,6 +335,20 @@ impl Bench {
             Tracer::Blockwatch {
                 label: "trace --pid (watched)",
                 args: strings(&["trace", "-o", "json", "--pid", &pid]),
+            },
+            // The same without the loop's iteration clock: what reading it
+            // at each sample and switch-out (the episode boundary of a loop
+            // that never sleeps) costs, beside the rest.
+            Tracer::Blockwatch {
+                label: "trace --pid, no loop clock",
+                args: strings(&[
+                    "BLOCKWATCH_NO_LOOP_CLOCK=1",
+                    "trace",
+                    "-o",
+                    "json",
+                    "--pid",
+                    &pid,
+                ]),
             },
             Tracer::Blockwatch {
                 label: "daemon --auto",
@@ -749,7 +754,7 @@ impl Tracer {
     /// A blockwatch `trace -o json`: its stdout is its events.
     fn reports_json(&self) -> bool {
         matches!(self, Tracer::Blockwatch { args, .. }
-            if args.first().is_some_and(|a| a == "trace") && args.iter().any(|a| a == "json"))
+            if args.iter().any(|a| a == "trace") && args.iter().any(|a| a == "json"))
     }
 
     fn label(&self) -> &'static str {
