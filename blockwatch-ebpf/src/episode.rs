@@ -305,6 +305,9 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     }
     begin(st, now);
     st.in_ns = now;
+    // An iteration ends only while its thread runs: the one under way
+    // before the wait is under way still, whatever the clock said.
+    st.clock_ns = now;
 }
 
 /// sched_process_exit: `tid` (`current` = `task`) exits in an episode.
