@@ -287,6 +287,13 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
         st.off_ns[i] += waited;
         st.waits += 1;
         st.wait_end_ns = now;
+        // A strict call whose wait alone reaches the threshold is reported
+        // as (part of) an episode, not counted again as strict.
+        if waited >= threshold_ns()
+            && let Some(call) = crate::strict::pending_call(tid)
+        {
+            call.offcpu = 1;
+        }
         if waited > st.max_ns {
             st.max_ns = waited;
             st.max_start_ns = tag.out_ns;

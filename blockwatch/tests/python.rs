@@ -109,17 +109,23 @@ fn python_blocking_calls_are_named_on_every_interpreter() {
             run.report()
         );
 
-        // One episode (or a few) of the loop taking the GIL back again and
-        // again while the executor spins: named gil, made of many waits.
+        // crunch(0.5) is one episode of ~500 ms: the loop computes in
+        // 5 ms slices and waits for the GIL in between while the executor
+        // spins, about half and half. Named after the GIL wait (class gil)
+        // when the waits took more of it, else as CPU work (class stall)
+        // whose time off the CPU is those GIL waits; either way many waits.
+        let waits = |e: &&common::Event| e.episode.as_ref().map_or(0, |p| p.waits);
         let gil = by("gil", "crunch");
+        let cpu = by("stall", "crunch");
         assert!(
-            !gil.is_empty()
-                && gil.iter().all(|e| e.syscall.as_deref() == Some("futex"))
+            gil.len() + cpu.len() == 1
                 && gil
                     .iter()
-                    .map(|e| e.episode.as_ref().map_or(0, |p| p.waits))
-                    .sum::<u32>()
-                    >= 3,
+                    .all(|e| e.syscall.as_deref() == Some("futex") && waits(e) >= 3)
+                && cpu.iter().all(|e| waits(e) >= 3
+                    && e.episode
+                        .as_ref()
+                        .is_some_and(|p| p.sleeping_ns >= 50_000_000)),
             "{python}: the loop waits for the GIL in crunch() while the executor spins\n{}",
             run.report()
         );

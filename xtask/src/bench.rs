@@ -144,9 +144,10 @@ impl Bench {
     /// its environment instead (a variant of a run, such as no loop clock).
     fn blockwatch_cmd(&self, args: &[String]) -> Command {
         let mut cmd = Command::new(&self.blockwatch);
-        let env = args
-            .iter()
-            .take_while(|a| a.split_once('=').is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_')));
+        let env = args.iter().take_while(|a| {
+            a.split_once('=')
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        });
         let mut n = 0;
         for kv in env {
             if let Some((k, v)) = kv.split_once('=') {
