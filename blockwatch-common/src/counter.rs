@@ -2,7 +2,7 @@
 //! per [`Counter`], summed over CPUs by user space.
 
 /// Slots of the `COUNTERS` per-CPU array.
-pub const NUM_COUNTERS: usize = 12;
+pub const NUM_COUNTERS: usize = 13;
 
 /// What the kernel counts: mostly what it could not record, and why. Its
 /// slot is its place in this list.
@@ -22,9 +22,11 @@ pub enum Counter {
     /// User-stack copies that failed (no map entry, nothing readable) or
     /// could not be sent.
     LostUserStacks,
-    /// Strict-call, stall and sample records lost: the ring buffer was full.
+    /// Strict-site, stall and sample records lost: the ring buffer was full
+    /// (a strict site's count is kept in the kernel either way).
     LostLoopRecords,
-    /// Strict calls seen, sent or not.
+    /// Strict calls counted (in `STRICT_COUNTS` or, when it was full, under
+    /// [`Counter::LostStrictSites`]).
     StrictCalls,
     /// Stalls sent.
     Stalls,
@@ -34,6 +36,8 @@ pub enum Counter {
     LostLoopState,
     /// Exec, exit and loop-found records lost: the ring buffer was full.
     LostTaskRecords,
+    /// Strict calls counted without a call site: `STRICT_COUNTS` was full.
+    LostStrictSites,
 }
 
 impl Counter {
@@ -51,6 +55,7 @@ impl Counter {
         Counter::Samples,
         Counter::LostLoopState,
         Counter::LostTaskRecords,
+        Counter::LostStrictSites,
     ];
 
     /// Its slot in `COUNTERS`.
@@ -75,6 +80,7 @@ impl Counter {
             Counter::Samples => "sample",
             Counter::LostLoopState => "loop_state",
             Counter::LostTaskRecords => "task",
+            Counter::LostStrictSites => "strict_site",
         }
     }
 
@@ -93,6 +99,7 @@ impl Counter {
             Counter::Samples => "stack samples",
             Counter::LostLoopState => "strict and stall thread states",
             Counter::LostTaskRecords => "exec and exit records",
+            Counter::LostStrictSites => "strict calls' call sites",
         }
     }
 }

@@ -26,8 +26,10 @@ pub enum RecordKind {
     Exec = 3,
     /// A task exited ([`TaskEvent`]).
     Exit = 4,
-    /// A blocking-class syscall that stayed on the CPU (`--strict`,
-    /// [`LoopEvent`]).
+    /// The first blocking-class syscall of a strict call site that stayed
+    /// on the CPU (`--strict`, [`StrictEvent`]): its stacks, sent once per
+    /// site; the counts are in the `STRICT_COUNTS` map. Preceded by the
+    /// [`UserStack`] copied at the call (same TID and `start_ns`).
     Strict = 5,
     /// An on-CPU stack sample of a busy loop thread ([`LoopEvent`]).
     Sample = 6,
@@ -170,8 +172,8 @@ pub struct UserStack {
     pub bytes: [u8; MAX_USER_STACK],
 }
 
-/// A strict call, a stack sample or a stall ([`RecordKind::Strict`],
-/// [`RecordKind::Sample`], [`RecordKind::Stall`]).
+/// A stack sample or a stall ([`RecordKind::Sample`],
+/// [`RecordKind::Stall`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LoopEvent {
@@ -196,6 +198,30 @@ pub struct LoopEvent {
     pub py: [PyFrameRef; MAX_PY_FRAMES],
 }
 
+/// The first call of a strict call site ([`RecordKind::Strict`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StrictEvent {
+    pub header: RecordHeader,
+    pub _pad: u32,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Syscall entry, `CLOCK_MONOTONIC` nanoseconds (the `UserStack` copy
+    /// of the call has the same `start_ns`).
+    pub start_ns: u64,
+    /// Time in the syscall.
+    pub duration_ns: u64,
+    /// The call site (`StrictKey::site`; the key's other fields are the
+    /// header's and `syscall`).
+    pub site: u64,
+    /// Thread name.
+    pub comm: [u8; COMM_LEN],
+    pub frames: u32,
+    pub py_frames: u32,
+    pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
 pod!(UserStack);
 
 const _: () = {
@@ -209,4 +235,5 @@ const _: () = {
     assert!(size_of::<UserStackHead>() == 48);
     assert!(size_of::<UserStack>() == size_of::<UserStackHead>() + MAX_USER_STACK);
     assert!(size_of::<LoopEvent>() == 96 + stacks);
+    assert!(size_of::<StrictEvent>() == 96 + stacks);
 };

@@ -50,16 +50,18 @@ pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, tid: u32, ta
     }
 }
 
-/// The thread's `USER_STACKS` entry, created on its first wait.
+/// The `USER_STACKS` entry at `key` (a TID, or a TID with
+/// `STRICT_COPY_KEY` for its strict calls), created on first use.
 #[inline(always)]
-fn user_stack_entry(tid: u32) -> Option<&'static mut UserStack> {
-    if USER_STACKS.get_ptr_mut(tid).is_none() {
+fn user_stack_entry(key: u32) -> Option<&'static mut UserStack> {
+    if USER_STACKS.get_ptr_mut(key).is_none() {
         let zero = USER_STACK_ZERO.get(0)?;
-        USER_STACKS.insert(tid, zero, 0).ok()?;
+        USER_STACKS.insert(key, zero, 0).ok()?;
     }
     // SAFETY: map value pointer, valid for this run; only this thread's
-    // switches touch its entry, and they are serialised by the scheduler.
-    USER_STACKS.get_ptr_mut(tid).map(|v| unsafe { &mut *v })
+    // switches (and, under its other key, its syscalls) touch the entry,
+    // and they are serialised by the scheduler.
+    USER_STACKS.get_ptr_mut(key).map(|v| unsafe { &mut *v })
 }
 
 /// Copies the top of the user stack and the registers DWARF unwinding
@@ -77,15 +79,30 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, regs: *const u8) {
     if is_epoll_wait(tag.syscall) {
         want = MAX_USER_STACK;
     }
-    let Some(v) = user_stack_entry(tid) else {
+    copy_user_stack_at(tid, tag.tgid, tid, tag.out_ns, want, regs);
+}
+
+/// Copies `want` bytes of the current thread's user stack (registers at
+/// `regs`) into `USER_STACKS[key]`, for the record of what began at
+/// `start_ns`. Counted when nothing could be copied.
+#[inline(always)]
+pub(crate) fn copy_user_stack_at(
+    key: u32,
+    tgid: u32,
+    tid: u32,
+    start_ns: u64,
+    want: usize,
+    regs: *const u8,
+) {
+    let Some(v) = user_stack_entry(key) else {
         count(Counter::LostUserStacks);
         return;
     };
     let o = off();
     let sp: u64 = kread(regs, o.pt_regs_sp);
     let h = &mut v.head;
-    h.header = RecordHeader::new(RecordKind::UserStack, tag.tgid, tid);
-    h.start_ns = tag.out_ns;
+    h.header = RecordHeader::new(RecordKind::UserStack, tgid, tid);
+    h.start_ns = start_ns;
     h.ip = kread(regs, o.pt_regs_ip);
     h.sp = sp;
     h.bp = kread(regs, o.pt_regs_bp);

@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, PyProc, ThreadTag,
-    WatchRule,
+    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, MAX_USER_STACK, PyProc, StrictKey,
+    StrictTally, ThreadTag, WatchRule,
 };
 use log::debug;
 
@@ -51,6 +51,9 @@ pub struct Maps {
     pub pyprocs: HashMap<MapData, u32, PyProc>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Strict calls counted per (thread, syscall, call site); user space
+    /// reads them and deletes a thread's entries once it is gone.
+    pub strict_counts: HashMap<MapData, StrictKey, StrictTally>,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -101,6 +104,7 @@ pub fn load_with_user_stack(
             parks: take(&mut ebpf, "PARKS")?,
             pyprocs: take(&mut ebpf, "PYPROCS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
+            strict_counts: take(&mut ebpf, "STRICT_COUNTS")?,
             config,
         },
         events: take(&mut ebpf, "EVENTS")?,

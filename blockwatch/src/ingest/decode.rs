@@ -8,7 +8,7 @@ use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
     BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
     ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING,
-    TaskEvent, UserStackHead,
+    StrictEvent, StrictKey, TaskEvent, UserStackHead,
 };
 
 use crate::event::OffState;
@@ -71,29 +71,60 @@ pub struct UserStackRecord {
     pub stack: Vec<u8>,
 }
 
+/// The first call of a strict call site (`--strict`): its stacks, sent
+/// once per site (the kernel counts the calls in `STRICT_COUNTS`), just
+/// after the [`UserStackRecord`] copied at the call (same `tid` and
+/// `start_ns`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StrictRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// `CLOCK_MONOTONIC` nanoseconds at syscall entry.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// The call site's hash (`StrictKey::site`).
+    pub site: u64,
+    pub thread: String,
+    pub ips: Vec<u64>,
+    pub py: Vec<PyFrameRef>,
+}
+
+impl StrictRecord {
+    /// The site's key in the kernel's `STRICT_COUNTS`.
+    pub fn key(&self) -> StrictKey {
+        StrictKey {
+            tgid: self.pid,
+            tid: self.tid,
+            nr: self.syscall as u32,
+            _pad: 0,
+            site: self.site,
+        }
+    }
+}
+
 /// What a [`LoopRecord`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoopKind {
-    /// A blocking-class syscall that stayed on the CPU (`--strict`).
-    Strict,
     /// An on-CPU stack sample of a busy loop thread.
     Sample,
     /// A busy period over the stall threshold, ended.
     Stall,
 }
 
-/// A record of the strict and stall detectors (`LoopEvent`).
+/// A record of the stall detector (`LoopEvent`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoopRecord {
     pub kind: LoopKind,
     pub pid: u32,
     pub tid: u32,
-    /// Strict: the syscall; otherwise -1.
+    /// -1: no syscall.
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Strict: syscall entry; sample, stall: start of the busy period.
+    /// Start of the busy period.
     pub start_ns: u64,
-    /// Strict: time in the syscall; sample, stall: on-CPU time so far.
+    /// On-CPU time so far.
     pub duration_ns: u64,
     /// Sample, stall: wall time since the busy period began.
     pub busy_ns: u64,
@@ -107,7 +138,9 @@ pub enum Record {
     Block(BlockRecord),
     UserStack(UserStackRecord),
     Probe(ProbeRecord),
-    /// A strict call, a stall or a stall's stack sample.
+    /// A strict call site's first call.
+    Strict(StrictRecord),
+    /// A stall or a stall's stack sample.
     Loop(LoopRecord),
     /// Process `pid` exec'd (from thread `tid`).
     Exec {
@@ -163,7 +196,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         RecordKind::Block => decode_block(bytes),
         RecordKind::Probe => decode_probe(bytes),
         RecordKind::UserStack => decode_user_stack(bytes),
-        RecordKind::Strict | RecordKind::Sample | RecordKind::Stall => decode_loop(bytes, kind),
+        RecordKind::Strict => decode_strict(bytes),
+        RecordKind::Sample | RecordKind::Stall => decode_loop(bytes, kind),
         RecordKind::Exec | RecordKind::Exit | RecordKind::LoopFound => decode_task(bytes, kind),
     }
 }
@@ -245,7 +279,6 @@ fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
     let ev: LoopEvent = read(bytes, kind)?;
     Ok(Record::Loop(LoopRecord {
         kind: match kind {
-            RecordKind::Strict => LoopKind::Strict,
             RecordKind::Sample => LoopKind::Sample,
             _ => LoopKind::Stall,
         },
@@ -256,6 +289,22 @@ fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
         start_ns: ev.start_ns,
         duration_ns: ev.duration_ns,
         busy_ns: ev.busy_ns,
+        thread: comm_str(&ev.comm),
+        ips: user_ips(&ev.ips, ev.frames),
+        py: py_frames(&ev.py, ev.py_frames),
+    }))
+}
+
+fn decode_strict(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let ev: StrictEvent = read(bytes, RecordKind::Strict)?;
+    Ok(Record::Strict(StrictRecord {
+        pid: ev.header.pid,
+        tid: ev.header.tid,
+        syscall: ev.syscall,
+        args: ev.args,
+        start_ns: ev.start_ns,
+        duration_ns: ev.duration_ns,
+        site: ev.site,
         thread: comm_str(&ev.comm),
         ips: user_ips(&ev.ips, ev.frames),
         py: py_frames(&ev.py, ev.py_frames),
@@ -491,6 +540,7 @@ mod tests {
                 Ok(Record::Probe(_)) => name.starts_with("probe"),
                 Ok(Record::UserStack(_)) => name == "user-stack",
                 Ok(Record::Loop(_)) => name.starts_with("loop"),
+                Ok(Record::Strict(_)) => name == "strict",
                 Ok(Record::Exec { .. }) => name == "exec",
                 Ok(Record::Exit { .. }) => name.starts_with("exit"),
                 Ok(Record::LoopFound { .. }) => name == "loop-found",
@@ -527,7 +577,6 @@ mod tests {
     #[test]
     fn loop_records_decode_with_bounded_stacks() {
         for (raw, kind) in [
-            (RecordKind::Strict, LoopKind::Strict),
             (RecordKind::Sample, LoopKind::Sample),
             (RecordKind::Stall, LoopKind::Stall),
         ] {
@@ -546,6 +595,39 @@ mod tests {
         assert!(matches!(
             decode(&full[..200]),
             Err(DecodeError::Short { kind: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn strict_records_decode_with_their_site_and_bounded_stacks() {
+        let l = loop_event(RecordKind::Strict);
+        let ev = StrictEvent {
+            header: l.header,
+            _pad: 0,
+            syscall: 262,
+            args: l.args,
+            start_ns: 5,
+            duration_ns: 12_000,
+            site: 0xfeed,
+            comm: l.comm,
+            frames: l.frames,
+            py_frames: l.py_frames,
+            ips: l.ips,
+            py: l.py,
+        };
+        let Record::Strict(r) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!("not a strict record")
+        };
+        assert_eq!((r.pid, r.tid, r.syscall, r.site), (10, 11, 262, 0xfeed));
+        assert_eq!((r.start_ns, r.duration_ns), (5, 12_000));
+        assert_eq!(r.ips, [0x7f00_0000_1000]);
+        assert_eq!(r.py.len(), MAX_PY_FRAMES);
+        let key = r.key();
+        assert_eq!((key.tgid, key.tid, key.nr, key.site), (10, 11, 262, 0xfeed));
+        let full = bytes_of(&ev);
+        assert!(matches!(
+            decode(&full[..200]),
+            Err(DecodeError::Short { kind: 5, .. })
         ));
     }
 }
