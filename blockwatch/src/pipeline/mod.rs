@@ -3,9 +3,10 @@
 //! nothing that is specific to one output.
 //!
 //! What it keeps per process (names, CPython state, maps snapshots,
-//! unwinders, perf maps, cached strict stacks) goes in one
-//! [`Pipeline::forget`] when the process execs or exits; what is keyed by
-//! binary (symbols, unwind tables) is shared by every process and stays.
+//! unwinders, perf maps) goes in one [`Pipeline::forget`] when the process
+//! execs or exits; what is keyed by binary (symbols, unwind tables) is
+//! shared by every process and stays. Strict call sites go with their
+//! thread ([`strict`]).
 
 pub mod loops;
 pub mod strict;
