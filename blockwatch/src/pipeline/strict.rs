@@ -141,6 +141,13 @@ impl StrictSites {
             None => self.pending.remove(&key).unwrap_or_default().seen,
         };
         self.sites.insert(key, Site { event, seen });
+        debug!(
+            "strict call site {:#x} of tid {} (syscall {}); {} sites known",
+            key.site,
+            key.tid,
+            key.nr,
+            self.sites.len()
+        );
         let keys = self.by_tid.entry(key.tid).or_default();
         if !keys.contains(&key) {
             keys.push(key);
