@@ -9,7 +9,9 @@
 //! Which syscalls count is a bitmap user space fills
 //! (`LoopConfig::strict_nrs`); the runtimes' idle waits are never in it. A
 //! call whose wait became an off-CPU event (a `Block` record) is not counted
-//! again (`strict_offcpu`, set by sched_switch).
+//! again (`StrictCall::offcpu`, set at its switch-in). A preemption on the
+//! way back to user space comes after `sys_exit`: that call is counted, and
+//! its wait, if long enough, is an off-CPU event as well.
 //!
 //! Counting is exact and needs no ring-buffer space: each call adds to its
 //! call site's entry in `STRICT_COUNTS` (key: thread, syscall, site hash;
@@ -150,9 +152,9 @@ pub(crate) fn on_exit(ctx: &RawTracePointContext) {
     }
 }
 
-/// Ends the pending strict call of `tid`; what to send about it, if
+/// Ends the pending strict call of `tid`; what to count of it, if
 /// anything (none pending, or its wait was an off-CPU event). Its `pid`
-/// comes from the thread's tag, in `send_call`.
+/// comes from the thread's tag, in `count_call`.
 #[inline(always)]
 fn end_call(st: &mut StrictCall, tid: u32, now: u64) -> Option<LoopFacts> {
     let enter = st.enter_ns;
