@@ -214,6 +214,23 @@ mod tests {
     }
 
     #[test]
+    fn the_last_line_counts_strict_calls_and_says_what_had_no_site() {
+        let strict = crate::bpf::LoopOptions {
+            strict: true,
+            stall_threshold: None,
+        };
+        assert_eq!(
+            header_counts(&strict, 40_000, 0, 0).as_deref(),
+            Some(", 40000 strict calls")
+        );
+        assert_eq!(
+            header_counts(&strict, 39_988, 12, 0).as_deref(),
+            Some(", 40000 strict calls (12 of them at no call site: the strict-call map was full)")
+        );
+        assert_eq!(header_counts(&Default::default(), 5, 1, 0), None);
+    }
+
+    #[test]
     fn forgetting_a_process_drops_its_samples_only() {
         let mut l = Loops::new();
         l.sample(rec(5, 1, 1));
