@@ -2,7 +2,8 @@
 //! (`--stall-threshold`): the real binary, as root, on the real kernel,
 //! against `subjects/asyncio_strict.py` (see its timeline), and strict
 //! mode's exact counts and unwound stacks against
-//! `subjects/asyncio_stat_loop.py`, `asyncio_open_twice.py` and
+//! `subjects/asyncio_stat_loop.py`, `asyncio_many_sites.py`,
+//! `asyncio_open_twice.py` and
 //! `node_strict_read.js`. The daemon's
 //! metrics of both are tested in tests/daemon.rs. Run them with `sudo -E cargo xtask test`.
 
@@ -383,6 +384,74 @@ fn strict_counts_every_call_exactly() {
             run.stderr
         );
     }
+}
+
+/// 17,000 call sites, each called once: more than the kernel's site map
+/// holds, and more first-call stacks than the ring buffer takes at once.
+/// Every call is still counted: under its culprit, under `<unknown>` when
+/// its stack was lost, or, past the map, in the closing line's total with
+/// the number that had no call site next to it.
+#[test]
+fn strict_counts_stay_exact_past_the_site_map_and_the_ring_buffer() {
+    let _serial = common::setup();
+    let run = trace(&[
+        "--strict",
+        "--stall-threshold",
+        "off",
+        "--threshold",
+        "30s",
+        "--",
+        PYTHON,
+        &subject("asyncio_many_sites.py"),
+        "17000",
+    ]);
+    run.assert_success();
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("blocking calls over") && l.contains(" strict calls"))
+        .unwrap_or_else(|| panic!("no closing line\n{}", run.stderr));
+    let number_before = |what: &str| -> u64 {
+        let head = &line[..line.find(what).unwrap_or_else(|| panic!("{what}: {line}"))];
+        let digits = head
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or("");
+        digits
+            .parse()
+            .unwrap_or_else(|_| panic!("a number before {what:?}: {line}"))
+    };
+    let total = number_before(" strict calls");
+    let no_site = number_before(" of them at no call site");
+    assert!(no_site > 0, "the map filled: {line}");
+    let stats = ["newfstatat", "statx", "stat"];
+    let rows: u64 = summary_rows(&run, "strict:")
+        .iter()
+        .filter(|r| r.get(3).is_some_and(|s| stats.contains(s)))
+        .map(|r| r[1].parse::<u64>().expect("a count"))
+        .sum();
+    assert!(total >= 17_000, "{line}");
+    // 17,000 first calls' stacks (27 MB without their copies) never fit
+    // the 4 MiB ring buffer: the lost ones are counted under `<unknown>`.
+    assert!(
+        run.stderr.contains("stack-sample records were lost"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        summary_rows(&run, "strict:")
+            .iter()
+            .any(|r| r.last() == Some(&"<unknown>") && r[1] != "0"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(rows + no_site, total, "{}", run.stderr);
+    assert_eq!(
+        rows + no_site,
+        17_000,
+        "every os.stat counted, none else on the loop\n{}",
+        run.stderr
+    );
 }
 
 /// open() from one line, of a cached file (strict: it never leaves the
