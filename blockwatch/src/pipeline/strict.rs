@@ -212,7 +212,17 @@ impl StrictSites {
         pid: u32,
         unknown: impl FnMut(&StrictKey) -> Event,
     ) -> Vec<StrictCalls> {
-        let keys = self.keys_where(|k| k.tgid == pid);
+        // Called at every exec the kernel reports (on a host's worth of
+        // them with name rules): one look per thread with sites, not per
+        // site. A thread's sites share its process.
+        let mut keys: Vec<StrictKey> = self
+            .by_tid
+            .values()
+            .filter(|ks| ks.first().is_some_and(|k| k.tgid == pid))
+            .flatten()
+            .copied()
+            .collect();
+        keys.extend(self.pending.keys().filter(|k| k.tgid == pid));
         self.last_reads(map, keys, unknown)
     }
 
