@@ -2,7 +2,7 @@
 //! per [`Counter`], summed over CPUs by user space.
 
 /// Slots of the `COUNTERS` per-CPU array.
-pub const NUM_COUNTERS: usize = 12;
+pub const NUM_COUNTERS: usize = 13;
 
 /// What the kernel counts: mostly what it could not record, and why. Its
 /// slot is its place in this list.
@@ -22,9 +22,11 @@ pub enum Counter {
     /// User-stack copies that failed (no map entry, nothing readable) or
     /// could not be sent.
     LostUserStacks,
-    /// Strict-call and sample records lost: the ring buffer was full.
+    /// Strict-site and sample records lost: the ring buffer was full (a
+    /// strict site's count is kept in the kernel either way).
     LostLoopRecords,
-    /// Strict calls seen, sent or not.
+    /// Strict calls counted (in `STRICT_COUNTS` or, when it was full, under
+    /// [`Counter::LostStrictSites`]).
     StrictCalls,
     /// Episodes ended by a change of their loop's iteration clock (a loop
     /// that did not sleep between iterations).
@@ -35,6 +37,8 @@ pub enum Counter {
     LostLoopState,
     /// Exec, exit and loop-found records lost: the ring buffer was full.
     LostTaskRecords,
+    /// Strict calls counted without a call site: `STRICT_COUNTS` was full.
+    LostStrictSites,
 }
 
 impl Counter {
@@ -52,6 +56,7 @@ impl Counter {
         Counter::Samples,
         Counter::LostLoopState,
         Counter::LostTaskRecords,
+        Counter::LostStrictSites,
     ];
 
     /// Its slot in `COUNTERS`.
@@ -76,6 +81,7 @@ impl Counter {
             Counter::Samples => "sample",
             Counter::LostLoopState => "loop_state",
             Counter::LostTaskRecords => "task",
+            Counter::LostStrictSites => "strict_site",
         }
     }
 
@@ -94,6 +100,7 @@ impl Counter {
             Counter::Samples => "stack samples",
             Counter::LostLoopState => "episode and strict thread states",
             Counter::LostTaskRecords => "exec and exit records",
+            Counter::LostStrictSites => "strict calls' call sites",
         }
     }
 }

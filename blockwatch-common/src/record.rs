@@ -26,8 +26,10 @@ pub enum RecordKind {
     Exec = 3,
     /// A task exited ([`TaskEvent`]).
     Exit = 4,
-    /// A blocking-class syscall that stayed on the CPU (`--strict`,
-    /// [`LoopEvent`]).
+    /// The first blocking-class syscall of a strict call site that stayed
+    /// on the CPU (`--strict`, [`StrictEvent`]): its stacks, sent once per
+    /// site; the counts are in the `STRICT_COUNTS` map. Preceded by the
+    /// [`UserStack`] copied at the call (same TID and `start_ns`).
     Strict = 5,
     /// An on-CPU stack sample of a loop thread in a long episode
     /// ([`LoopEvent`], `start_ns` the episode's start).
@@ -38,8 +40,9 @@ pub enum RecordKind {
     /// moment it becomes a loop thread, so user space can learn the
     /// process's interpreter before the loop's first blocking call.
     LoopFound = 8,
-    /// A copy of a blocked thread's user stack ([`UserStack`]), sent just
-    /// before the `Block` record whose longest wait it belongs to. Numbered apart from the
+    /// A copy of a thread's user stack ([`UserStack`]), sent just before
+    /// the record it belongs to: the `Block` record of its longest wait, a
+    /// `Strict` site's first call, or a `Sample`. Numbered apart from the
     /// others, which are dense.
     UserStack = 16,
 }
@@ -188,24 +191,47 @@ pub struct UserStack {
     pub bytes: [u8; MAX_USER_STACK],
 }
 
-/// A strict call or a stack sample ([`RecordKind::Strict`],
-/// [`RecordKind::Sample`]).
+/// A stack sample ([`RecordKind::Sample`]).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct LoopEvent {
     pub header: RecordHeader,
     pub _pad: u32,
-    /// Strict: the syscall; otherwise -1.
+    /// The syscall the thread was in when sampled, or -1, and its
+    /// arguments.
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Strict: syscall entry; sample: start of the episode (a sample
-    /// belongs to the `Block` record with the same TID and `start_ns`).
+    /// Start of the episode (a sample belongs to the `Block` record with
+    /// the same TID and `start_ns`).
     pub start_ns: u64,
-    /// Strict: time in the syscall; sample: on-CPU time of the episode so
-    /// far.
+    /// On-CPU time of the episode so far.
     pub duration_ns: u64,
-    /// Sample: wall time since the episode began.
+    /// Wall time since the episode began.
     pub busy_ns: u64,
+    /// Thread name.
+    pub comm: [u8; COMM_LEN],
+    pub frames: u32,
+    pub py_frames: u32,
+    pub ips: [u64; MAX_FRAMES],
+    pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
+/// The first call of a strict call site ([`RecordKind::Strict`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct StrictEvent {
+    pub header: RecordHeader,
+    pub _pad: u32,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// Syscall entry, `CLOCK_MONOTONIC` nanoseconds (the `UserStack` copy
+    /// of the call has the same `start_ns`).
+    pub start_ns: u64,
+    /// Time in the syscall.
+    pub duration_ns: u64,
+    /// The call site (`StrictKey::site`; the key's other fields are the
+    /// header's and `syscall`).
+    pub site: u64,
     /// Thread name.
     pub comm: [u8; COMM_LEN],
     pub frames: u32,
@@ -227,4 +253,5 @@ const _: () = {
     assert!(size_of::<UserStackHead>() == 48);
     assert!(size_of::<UserStack>() == size_of::<UserStackHead>() + MAX_USER_STACK);
     assert!(size_of::<LoopEvent>() == 96 + stacks);
+    assert!(size_of::<StrictEvent>() == 96 + stacks);
 };

@@ -157,11 +157,64 @@ pub struct StrictCall {
     pub _pad: [u8; 7],
 }
 
-pod!(WatchRule, ThreadTag, LoopState, StrictCall);
+/// The top bit of a `USER_STACKS` key: the entry is the stack copy of the
+/// thread's strict call, not of its off-CPU wait. TIDs stay below 2^22
+/// (`PID_MAX_LIMIT`), so the two key spaces never meet, and a strict call
+/// (made while the thread runs) never overwrites the copy a pending wait
+/// still needs.
+pub const STRICT_COPY_KEY: u32 = 1 << 31;
+
+/// One strict call site of one loop thread (`STRICT_COUNTS` key).
+///
+/// `site` is a hash the kernel computes cheaply at every call: the
+/// syscall's user `ip` and `sp`, the return addresses of the frames whose
+/// frame pointers lie on the thread's stack above `sp`, and the CPython
+/// (code, instruction) pairs. `sp` is the depth of the call path: the same
+/// path gives the same depth, and it tells apart callers that frame
+/// pointers cannot (JS functions calling `readFileSync`, code built without
+/// frame pointers). Two sites that collide are counted as one, under the
+/// stack that was recorded first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StrictKey {
+    pub tgid: u32,
+    pub tid: u32,
+    /// The syscall number.
+    pub nr: u32,
+    pub _pad: u32,
+    pub site: u64,
+}
+
+/// What the kernel counted at one strict call site (`STRICT_COUNTS`
+/// value). Only the thread itself updates it; user space reads it and
+/// deletes it once the thread is gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StrictTally {
+    pub calls: u64,
+    /// Time in the calls.
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// 1 once the site's `Strict` record (its stacks) was sent; 0 while
+    /// the ring buffer had no room, and the next call tries again.
+    pub sent: u32,
+    pub _pad: u32,
+}
+
+pod!(
+    WatchRule,
+    ThreadTag,
+    LoopState,
+    StrictCall,
+    StrictKey,
+    StrictTally
+);
 
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
     assert!(core::mem::size_of::<LoopState>() == 136);
     assert!(core::mem::size_of::<StrictCall>() == 48);
+    assert!(core::mem::size_of::<StrictKey>() == 24);
+    assert!(core::mem::size_of::<StrictTally>() == 32);
 };

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use blockwatch_common::{
     Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, NUM_COUNTERS, PyProc,
-    StackBuf, StrictCall, ThreadTag, UserStack, WatchRule,
+    StackBuf, StrictCall, StrictKey, StrictTally, ThreadTag, UserStack, WatchRule,
 };
 
 #[map]
@@ -85,6 +85,18 @@ pub(crate) static CLOCKS: HashMap<u32, LoopClock> = HashMap::with_max_entries(16
 /// The pending strict syscall of each loop thread.
 #[map]
 pub(crate) static STRICT_CALLS: HashMap<u32, StrictCall> = HashMap::with_max_entries(16384, 0);
+/// Every strict call, counted per (thread, syscall, call site). User space
+/// reads it and deletes a thread's entries once the thread is gone, so
+/// it holds the call sites of live loop threads; a call whose site finds
+/// it full is counted under `Counter::LostStrictSites`. Not preallocated:
+/// memory follows the sites in use, a new site allocates once, and an
+/// entry user space deletes is freed only after the programs that may
+/// hold it are done (RCU), never reused under them.
+#[map]
+pub(crate) static STRICT_COUNTS: HashMap<StrictKey, StrictTally> =
+    HashMap::with_max_entries(STRICT_SITES, BPF_F_NO_PREALLOC);
+/// Entries of `STRICT_COUNTS`.
+pub(crate) const STRICT_SITES: u32 = 16384;
 
 /// Filled in by user space from the running kernel's BTF before load.
 #[unsafe(no_mangle)]

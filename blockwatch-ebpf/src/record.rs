@@ -5,8 +5,8 @@
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
 use blockwatch_common::{
     BlockEvent, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK,
-    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, TaskEvent,
-    ThreadTag, UserStackHead,
+    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, StrictEvent,
+    TaskEvent, ThreadTag, UserStackHead,
 };
 
 use crate::{
@@ -32,7 +32,7 @@ fn reserve<T: 'static>(lost: Counter) -> Option<RingBufEntry<T>> {
 pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64, task: *const u8) {
     let key = stack::slot_key(tid, st.max_slot);
     if st.waits != 0 {
-        send_user_stack(key, st.max_start_ns);
+        send_user_stack_at(key, st.max_start_ns);
     }
     let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
         return;
@@ -138,11 +138,9 @@ pub(crate) fn send_task(kind: RecordKind, pid: u32, tid: u32, aux: u32) {
     entry.submit(0);
 }
 
-/// Sends the user stack in slot `key`, copied at the start of the wait
-/// that began at `start`, just before its episode. Counted when it cannot
-/// be sent.
+/// Sends the copy in `USER_STACKS[key]` if it is the one taken at `start`.
 #[inline(always)]
-pub(crate) fn send_user_stack(key: u32, start: u64) {
+pub(crate) fn send_user_stack_at(key: u32, start: u64) {
     if user_stack_size() == 0 {
         return;
     }
@@ -223,6 +221,44 @@ pub(crate) fn send_loop_with_stacks<C: EbpfContext>(ctx: &C, f: &LoopFacts, py: 
             0
         };
         (*ev).py = py.py;
+    }
+    entry.submit(0);
+    true
+}
+
+/// The first call of a strict call site ([`StrictEvent`]): what `f` says,
+/// the site, and the stacks in `buf` (frame pointers, CPython frames).
+/// Whether it was sent; counted as lost when the buffer is full.
+#[inline(always)]
+pub(crate) fn send_strict(f: &LoopFacts, site: u64, buf: &StackBuf) -> bool {
+    let Some(mut entry) = reserve::<StrictEvent>(Counter::LostLoopRecords) else {
+        return false;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: a reserved record, exclusively ours, written in full.
+    unsafe {
+        (*ev).header = RecordHeader::new(RecordKind::Strict, f.pid, f.tid);
+        (*ev)._pad = 0;
+        (*ev).syscall = f.syscall;
+        (*ev).args = f.args;
+        (*ev).start_ns = f.start_ns;
+        (*ev).duration_ns = f.duration_ns;
+        (*ev).site = site;
+        // A name that cannot be read is empty; the record still counts.
+        (*ev).comm = bpf_get_current_comm().unwrap_or_default();
+        let len = buf.len;
+        (*ev).frames = if len <= (MAX_FRAMES * 8) as u64 {
+            (len / 8) as u32
+        } else {
+            0
+        };
+        (*ev).ips = buf.ips;
+        (*ev).py_frames = if buf.py_len <= MAX_PY_FRAMES as u64 {
+            buf.py_len as u32
+        } else {
+            0
+        };
+        (*ev).py = buf.py;
     }
     entry.submit(0);
     true

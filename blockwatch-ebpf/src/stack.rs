@@ -73,7 +73,8 @@ pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, key: u32, ta
     }
 }
 
-/// The `USER_STACKS` entry `key`, created on its first wait.
+/// The `USER_STACKS` entry at `key` (a TID's stack slot, or a TID with
+/// `STRICT_COPY_KEY` for its strict calls), created on first use.
 #[inline(always)]
 fn user_stack_entry(key: u32) -> Option<&'static mut UserStack> {
     if USER_STACKS.get_ptr_mut(key).is_none() {
@@ -81,7 +82,8 @@ fn user_stack_entry(key: u32) -> Option<&'static mut UserStack> {
         USER_STACKS.insert(key, zero, 0).ok()?;
     }
     // SAFETY: map value pointer, valid for this run; only this thread's
-    // switches touch its entry, and they are serialised by the scheduler.
+    // switches (and, under its other key, its syscalls) touch the entry,
+    // and they are serialised by the scheduler.
     USER_STACKS.get_ptr_mut(key).map(|v| unsafe { &mut *v })
 }
 
@@ -100,11 +102,26 @@ pub(crate) fn copy_user_stack(tag: &ThreadTag, tid: u32, key: u32, regs: *const 
     if is_epoll_wait(tag.syscall) {
         want = MAX_USER_STACK;
     }
+    copy_user_stack_at(key, tag.tgid, tid, tag.out_ns, want, regs);
+}
+
+/// Copies `want` bytes of the current thread's user stack (registers at
+/// `regs`) into `USER_STACKS[key]`, for the record of what began at
+/// `start_ns`. Counted when nothing could be copied.
+#[inline(always)]
+pub(crate) fn copy_user_stack_at(
+    key: u32,
+    tgid: u32,
+    tid: u32,
+    start_ns: u64,
+    want: usize,
+    regs: *const u8,
+) {
     let Some(v) = user_stack_entry(key) else {
         count(Counter::LostUserStacks);
         return;
     };
-    if !fill(v, tag.tgid, tid, tag.out_ns, regs, want) {
+    if !fill(v, tgid, tid, start_ns, regs, want) {
         count(Counter::LostUserStacks);
     }
 }

@@ -8,26 +8,53 @@
 //! same as the off-CPU detector's: one `THREADS` lookup, loop threads only.
 //! Which syscalls count is a bitmap user space fills
 //! (`LoopConfig::strict_nrs`); the runtimes' idle waits are never in it. A
-//! call whose wait became an off-CPU event (a `Block` record) is not sent
-//! again (`StrictCall::offcpu`).
+//! call whose wait became an off-CPU event (a `Block` record) is not counted
+//! again (`StrictCall::offcpu`, set at its switch-in). A preemption on the
+//! way back to user space comes after `sys_exit`: that call is counted, and
+//! its wait, if long enough, is an off-CPU event as well.
+//!
+//! Counting is exact and needs no ring-buffer space: each call adds to its
+//! call site's entry in `STRICT_COUNTS` (key: thread, syscall, site hash;
+//! see `StrictKey`). Only a site's first call sends records: the copy of
+//! the top of the user stack (`USER_STACKS`, under the thread's
+//! `STRICT_COPY_KEY` key, for DWARF unwinding as off-CPU waits are) and a
+//! `Strict` record with the frame-pointer and CPython stacks. When the ring
+//! buffer has no room the site stays unsent and its next call tries again.
 
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
+    programs::RawTracePointContext,
 };
-use blockwatch_common::{Counter, RecordKind, StrictCall, TAG_LOOP};
+use blockwatch_common::{
+    Counter, MAX_PY_FRAMES, RecordKind, STRICT_COPY_KEY, StackBuf, StrictCall, StrictKey,
+    StrictTally, TAG_LOOP, x86_64::USER_SPACE_END,
+};
 
 use crate::{
     episode::{self, begin, existing_state, state},
     idle,
-    maps::{BPF_NOEXIST, STRICT_CALLS, STRICT_SCRATCH, THREADS, count, loop_config, off, thread},
+    maps::{
+        BPF_NOEXIST, STRICT_CALLS, STRICT_COUNTS, STRICT_SCRATCH, THREADS, USER_STACKS, count,
+        loop_config, off, thread, user_stack_size,
+    },
     python,
-    read::kread,
+    read::{kread, uread},
     record::{self, LoopFacts},
+    stack,
 };
 
+/// Frames of the frame-pointer chain a site's hash follows: the nearest
+/// callers, where two call sites at the same depth differ. Each costs two
+/// user reads on every call; measured on Node's readFileSync (whose V8
+/// frames keep a chain), 16 frames cost about 0.5 us a call, none 0.
+const SITE_FRAMES: usize = 4;
+/// A frame pointer more than this above `sp` is taken to be off the
+/// thread's stack (code without frame pointers uses rbp for data).
+const STACK_WINDOW: u64 = 1 << 20;
+
 /// `sys_enter` of the current thread: syscall `nr`, user registers at
-/// `regs`. The idle wait ends a busy period; a strict call is timed.
+/// `regs`. The idle wait ends an episode; a strict call is timed.
 #[inline(always)]
 pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     let tid = crate::ids::current_tid();
@@ -96,17 +123,21 @@ pub(crate) fn pending_call(tid: u32) -> Option<&'static mut StrictCall> {
     STRICT_CALLS.get_ptr_mut(tid).map(|c| unsafe { &mut *c })
 }
 
-/// A TID that exited or was reused: its pending call must not carry over.
+/// A TID that exited or was reused: its pending call and its strict stack
+/// copy must not carry over. (Its `STRICT_COUNTS` entries are user space's
+/// to read, then delete.)
 #[inline(always)]
 pub(crate) fn forget(tid: u32) {
     // Absent is fine: most threads never made a strict call.
     let _ = STRICT_CALLS.remove(tid);
+    let _ = USER_STACKS.remove(tid | STRICT_COPY_KEY);
 }
 
-/// `sys_exit` of the current thread: back from its idle wait, or the end
-/// of a strict call, which is sent unless its wait was already an event.
+/// `sys_exit` of the current thread (`sys_exit(pt_regs *regs, long ret)`):
+/// back from its idle wait, or the end of a strict call, which is counted
+/// unless its wait was already an event.
 #[inline(always)]
-pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
+pub(crate) fn on_exit(ctx: &RawTracePointContext) {
     let tid = crate::ids::current_tid();
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -125,13 +156,13 @@ pub(crate) fn on_exit<C: EbpfContext>(ctx: &C) {
         return;
     };
     if let Some(mut call) = end_call(pending, tid, now) {
-        send_call(ctx, &mut call);
+        count_call(ctx, &mut call, ctx.arg(0));
     }
 }
 
-/// Ends the pending strict call of `tid`; what to send about it, if
+/// Ends the pending strict call of `tid`; what to count of it, if
 /// anything (none pending, or its wait was an off-CPU event). Its `pid`
-/// comes from the thread's tag, in `send_call`.
+/// comes from the thread's tag, in `count_call`.
 #[inline(always)]
 fn end_call(st: &mut StrictCall, tid: u32, now: u64) -> Option<LoopFacts> {
     let enter = st.enter_ns;
@@ -154,9 +185,10 @@ fn end_call(st: &mut StrictCall, tid: u32, now: u64) -> Option<LoopFacts> {
     })
 }
 
-/// Counts a strict call of a loop thread and sends it with its stacks.
+/// Counts a strict call of a loop thread (user registers at `regs`) under
+/// its call site; the site's first call also sends its stacks.
 #[inline(always)]
-fn send_call<C: EbpfContext>(ctx: &C, call: &mut LoopFacts) {
+fn count_call<C: EbpfContext>(ctx: &C, call: &mut LoopFacts, regs: *const u8) {
     let Some(tag) = thread(call.tid) else {
         return;
     };
@@ -165,10 +197,108 @@ fn send_call<C: EbpfContext>(ctx: &C, call: &mut LoopFacts) {
     }
     count(Counter::StrictCalls);
     // Index 0 of a per-CPU array always exists: this cannot fail.
-    let Some(py) = python::current_frames(&STRICT_SCRATCH, tag) else {
+    let Some(buf) = python::current_frames(&STRICT_SCRATCH, tag) else {
         return;
     };
     call.pid = tag.tgid;
-    // Counted as lost by `send_loop_with_stacks` when the buffer is full.
-    let _ = record::send_loop_with_stacks(ctx, call, py);
+    let key = StrictKey {
+        tgid: tag.tgid,
+        tid: call.tid,
+        nr: call.syscall as u32,
+        _pad: 0,
+        site: site(regs, buf),
+    };
+    let Some(tally) = tally(&key) else {
+        count(Counter::LostStrictSites);
+        return;
+    };
+    tally.calls += 1;
+    tally.total_ns += call.duration_ns;
+    if call.duration_ns > tally.max_ns {
+        tally.max_ns = call.duration_ns;
+    }
+    if tally.sent == 0 && send_site(ctx, call, key.site, buf, regs) {
+        tally.sent = 1;
+    }
+}
+
+/// The site's entry in `STRICT_COUNTS`, created at its first call; None
+/// when the map is full.
+#[inline(always)]
+fn tally(key: &StrictKey) -> Option<&'static mut StrictTally> {
+    if STRICT_COUNTS.get_ptr_mut(key).is_none() {
+        // Fails when full, or (impossible: only this thread makes its
+        // keys) when the key exists; either way the lookup below says.
+        let _ = STRICT_COUNTS.insert(key, StrictTally::default(), BPF_NOEXIST);
+    }
+    // SAFETY: map value pointer, valid for this program run; only the
+    // thread itself updates its keys, and its syscalls are serialised.
+    STRICT_COUNTS.get_ptr_mut(key).map(|t| unsafe { &mut *t })
+}
+
+/// The call site of the current syscall (user registers at `regs`, the
+/// CPython frames in `buf`): its `ip` and `sp`, the return addresses of
+/// the frame-pointer chain while it stays on the stack, and each CPython
+/// frame's (code, instruction). See `StrictKey`.
+#[inline(always)]
+fn site(regs: *const u8, buf: &StackBuf) -> u64 {
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    let mut h = mix(mix(0x6a09_e667_f3bc_c908, kread(regs, o.pt_regs_ip)), sp);
+    // Only frames whose pointer lies above the previous one on the stack:
+    // in code built without frame pointers rbp holds data, and following
+    // it would read values that change from call to call.
+    let mut fp: u64 = kread(regs, o.pt_regs_bp);
+    for _ in 0..SITE_FRAMES {
+        if fp <= sp || fp - sp >= STACK_WINDOW || fp & 7 != 0 {
+            break;
+        }
+        let ret: u64 = uread(fp + 8);
+        if !(0x1000..USER_SPACE_END).contains(&ret) {
+            break;
+        }
+        h = mix(h, ret);
+        let next: u64 = uread(fp);
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+    for i in 0..MAX_PY_FRAMES {
+        if i as u64 >= buf.py_len {
+            break;
+        }
+        let f = buf.py[i];
+        h = mix(mix(h, f.code), f.instr);
+    }
+    h
+}
+
+/// One step of the site hash (a multiply-xorshift mix).
+#[inline(always)]
+fn mix(h: u64, x: u64) -> u64 {
+    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
+}
+
+/// Sends a site's first call: the copy of the top of the user stack, then
+/// the `Strict` record with the frame-pointer and CPython stacks (the copy
+/// first, so that user space has it when the record comes). Whether the
+/// record was sent.
+#[inline(always)]
+fn send_site<C: EbpfContext>(
+    ctx: &C,
+    call: &LoopFacts,
+    site: u64,
+    buf: &mut StackBuf,
+    regs: *const u8,
+) -> bool {
+    buf.len = stack::user_ips(ctx, &mut buf.ips) as u64 * 8;
+    let size = user_stack_size();
+    if size != 0 {
+        let key = call.tid | STRICT_COPY_KEY;
+        stack::copy_user_stack_at(key, call.pid, call.tid, call.start_ns, size, regs);
+        record::send_user_stack_at(key, call.start_ns);
+    }
+    record::send_strict(call, site, buf)
 }

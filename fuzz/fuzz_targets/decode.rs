@@ -17,6 +17,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(b.py.len() <= MAX_PY_FRAMES);
             assert!(!b.thread.contains('\0'), "a thread name with its NUL");
         }
+        Record::Strict(s) => {
+            assert!(s.ips.len() <= MAX_FRAMES);
+            assert!(s.py.len() <= MAX_PY_FRAMES);
+            assert!(!s.thread.contains('\0'), "a thread name with its NUL");
+        }
         Record::Exec { comm, .. } => assert!(!comm.contains('\0')),
         _ => {}
     }

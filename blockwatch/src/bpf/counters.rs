@@ -10,12 +10,13 @@ use blockwatch_common::{Counter, NUM_COUNTERS};
 
 /// What the daemon exports as `blockwatch_kernel_drops_total{what}`, the
 /// label being each counter's [`Counter::label`].
-pub const KERNEL_DROPS: [Counter; 5] = [
+pub const KERNEL_DROPS: [Counter; 6] = [
     Counter::LostStacks,
     Counter::LostUserStacks,
     Counter::LostProbes,
     Counter::LostTags,
     Counter::LostTaskRecords,
+    Counter::LostStrictSites,
 ];
 
 /// Every kernel counter, summed over CPUs.
@@ -49,7 +50,12 @@ impl Counters {
     pub fn warnings(&self) -> Vec<String> {
         let advice = |c: Counter| match c {
             Counter::LostEvents => " (ring buffer full); raise --threshold to report fewer",
-            Counter::LostLoopRecords => " (ring buffer full)",
+            Counter::LostLoopRecords => {
+                " (ring buffer full; a strict call site's calls are counted all the same)"
+            }
+            Counter::LostStrictSites => {
+                " (the strict-call map was full): counted in the total, under no culprit"
+            }
             Counter::LostTaskRecords => {
                 " (ring buffer full): processes that started or exited meanwhile may have been missed"
             }
@@ -63,6 +69,7 @@ impl Counters {
             Counter::LostUserStacks,
             Counter::LostLoopRecords,
             Counter::LostTaskRecords,
+            Counter::LostStrictSites,
         ]
         .into_iter()
         .filter(|&c| self[c] > 0)
@@ -131,6 +138,9 @@ mod tests {
     #[test]
     fn drop_labels_are_the_exported_ones() {
         let labels: Vec<_> = KERNEL_DROPS.iter().map(|c| c.label()).collect();
-        assert_eq!(labels, ["stack", "user_stack", "probe", "tag", "task"]);
+        assert_eq!(
+            labels,
+            ["stack", "user_stack", "probe", "tag", "task", "strict_site"]
+        );
     }
 }

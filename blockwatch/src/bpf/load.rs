@@ -10,7 +10,7 @@ use aya::{
 };
 use blockwatch_common::{
     Config, Counter, DEFAULT_USER_STACK, KernelOffsets, LoopClock, MAX_USER_STACK, PyProc,
-    ThreadTag, WatchRule,
+    StrictKey, StrictTally, ThreadTag, WatchRule,
 };
 use log::debug;
 
@@ -53,6 +53,9 @@ pub struct Maps {
     pub clocks: HashMap<MapData, u32, LoopClock>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Strict calls counted per (thread, syscall, call site); user space
+    /// reads them and deletes a thread's entries once it is gone.
+    pub strict_counts: HashMap<MapData, StrictKey, StrictTally>,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -104,6 +107,7 @@ pub fn load_with_user_stack(
             pyprocs: take(&mut ebpf, "PYPROCS")?,
             clocks: take(&mut ebpf, "CLOCKS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
+            strict_counts: take(&mut ebpf, "STRICT_COUNTS")?,
             config,
         },
         events: take(&mut ebpf, "EVENTS")?,

@@ -8,7 +8,7 @@ use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
     BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
     ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_RUNNING,
-    STATE_SLEEPING, TaskEvent, UserStackHead,
+    STATE_SLEEPING, StrictEvent, StrictKey, TaskEvent, UserStackHead,
 };
 
 use crate::event::OffState;
@@ -86,27 +86,58 @@ pub struct UserStackRecord {
     pub stack: Vec<u8>,
 }
 
+/// The first call of a strict call site (`--strict`): its stacks, sent
+/// once per site (the kernel counts the calls in `STRICT_COUNTS`), just
+/// after the [`UserStackRecord`] copied at the call (same `tid` and
+/// `start_ns`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StrictRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub syscall: i64,
+    pub args: [u64; 3],
+    /// `CLOCK_MONOTONIC` nanoseconds at syscall entry.
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// The call site's hash (`StrictKey::site`).
+    pub site: u64,
+    pub thread: String,
+    pub ips: Vec<u64>,
+    pub py: Vec<PyFrameRef>,
+}
+
+impl StrictRecord {
+    /// The site's key in the kernel's `STRICT_COUNTS`.
+    pub fn key(&self) -> StrictKey {
+        StrictKey {
+            tgid: self.pid,
+            tid: self.tid,
+            nr: self.syscall as u32,
+            _pad: 0,
+            site: self.site,
+        }
+    }
+}
+
 /// What a [`LoopRecord`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoopKind {
-    /// A blocking-class syscall that stayed on the CPU (`--strict`).
-    Strict,
     /// An on-CPU stack sample of a loop thread in a long episode.
     Sample,
 }
 
-/// A strict call or a CPU sample (`LoopEvent`).
+/// An episode's CPU sample (`LoopEvent`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoopRecord {
     pub kind: LoopKind,
     pub pid: u32,
     pub tid: u32,
-    /// Strict: the syscall; otherwise -1.
+    /// -1: no syscall.
     pub syscall: i64,
     pub args: [u64; 3],
-    /// Strict: syscall entry; sample: start of its episode.
+    /// Start of its episode.
     pub start_ns: u64,
-    /// Strict: time in the syscall; sample: the episode's on-CPU time so far.
+    /// The episode's on-CPU time so far.
     pub duration_ns: u64,
     /// Sample: wall time since the episode began.
     pub busy_ns: u64,
@@ -120,7 +151,9 @@ pub enum Record {
     Block(BlockRecord),
     UserStack(UserStackRecord),
     Probe(ProbeRecord),
-    /// A strict call or an episode's CPU sample.
+    /// A strict call site's first call.
+    Strict(StrictRecord),
+    /// An episode's CPU sample.
     Loop(LoopRecord),
     /// Process `pid` exec'd (from thread `tid`).
     Exec {
@@ -178,7 +211,8 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         RecordKind::Block => decode_block(bytes),
         RecordKind::Probe => decode_probe(bytes),
         RecordKind::UserStack => decode_user_stack(bytes),
-        RecordKind::Strict | RecordKind::Sample => decode_loop(bytes, kind),
+        RecordKind::Strict => decode_strict(bytes),
+        RecordKind::Sample => decode_loop(bytes, kind),
         RecordKind::Exec | RecordKind::Exit | RecordKind::LoopFound => decode_task(bytes, kind),
     }
 }
@@ -266,10 +300,7 @@ fn decode_user_stack(bytes: &[u8]) -> Result<Record, DecodeError> {
 fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
     let ev: LoopEvent = read(bytes, kind)?;
     Ok(Record::Loop(LoopRecord {
-        kind: match kind {
-            RecordKind::Strict => LoopKind::Strict,
-            _ => LoopKind::Sample,
-        },
+        kind: LoopKind::Sample,
         pid: ev.header.pid,
         tid: ev.header.tid,
         syscall: ev.syscall,
@@ -277,6 +308,22 @@ fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
         start_ns: ev.start_ns,
         duration_ns: ev.duration_ns,
         busy_ns: ev.busy_ns,
+        thread: comm_str(&ev.comm),
+        ips: user_ips(&ev.ips, ev.frames),
+        py: py_frames(&ev.py, ev.py_frames),
+    }))
+}
+
+fn decode_strict(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let ev: StrictEvent = read(bytes, RecordKind::Strict)?;
+    Ok(Record::Strict(StrictRecord {
+        pid: ev.header.pid,
+        tid: ev.header.tid,
+        syscall: ev.syscall,
+        args: ev.args,
+        start_ns: ev.start_ns,
+        duration_ns: ev.duration_ns,
+        site: ev.site,
         thread: comm_str(&ev.comm),
         ips: user_ips(&ev.ips, ev.frames),
         py: py_frames(&ev.py, ev.py_frames),
@@ -526,6 +573,7 @@ mod tests {
                 Ok(Record::Probe(_)) => name.starts_with("probe"),
                 Ok(Record::UserStack(_)) => name == "user-stack",
                 Ok(Record::Loop(_)) => name.starts_with("loop"),
+                Ok(Record::Strict(_)) => name == "strict",
                 Ok(Record::Exec { .. }) => name == "exec",
                 Ok(Record::Exit { .. }) => name.starts_with("exit"),
                 Ok(Record::LoopFound { .. }) => name == "loop-found",
@@ -560,22 +608,17 @@ mod tests {
     }
 
     #[test]
-    fn loop_records_decode_with_bounded_stacks() {
-        for (raw, kind) in [
-            (RecordKind::Strict, LoopKind::Strict),
-            (RecordKind::Sample, LoopKind::Sample),
-        ] {
-            let Record::Loop(r) = decode(&bytes_of(&loop_event(raw))).unwrap() else {
-                panic!("not a loop record")
-            };
-            assert_eq!(r.kind, kind);
-            assert_eq!((r.pid, r.tid, r.syscall), (10, 11, 257));
-            assert_eq!((r.start_ns, r.duration_ns, r.busy_ns), (5, 12_000, 20_000));
-            assert_eq!(r.thread, "python3");
-            // Kernel addresses end the stack; counts are clamped.
-            assert_eq!(r.ips, [0x7f00_0000_1000]);
-            assert_eq!(r.py.len(), MAX_PY_FRAMES);
-        }
+    fn sample_records_decode_with_bounded_stacks() {
+        let Record::Loop(r) = decode(&bytes_of(&loop_event(RecordKind::Sample))).unwrap() else {
+            panic!("not a loop record")
+        };
+        assert_eq!(r.kind, LoopKind::Sample);
+        assert_eq!((r.pid, r.tid, r.syscall), (10, 11, 257));
+        assert_eq!((r.start_ns, r.duration_ns, r.busy_ns), (5, 12_000, 20_000));
+        assert_eq!(r.thread, "python3");
+        // Kernel addresses end the stack; counts are clamped.
+        assert_eq!(r.ips, [0x7f00_0000_1000]);
+        assert_eq!(r.py.len(), MAX_PY_FRAMES);
         let full = bytes_of(&loop_event(RecordKind::Sample));
         assert!(matches!(
             decode(&full[..200]),
@@ -585,5 +628,38 @@ mod tests {
         let mut gone = full.clone();
         gone[..4].copy_from_slice(&7u32.to_ne_bytes());
         assert!(matches!(decode(&gone), Err(DecodeError::UnknownKind(7))));
+    }
+
+    #[test]
+    fn strict_records_decode_with_their_site_and_bounded_stacks() {
+        let l = loop_event(RecordKind::Strict);
+        let ev = StrictEvent {
+            header: l.header,
+            _pad: 0,
+            syscall: 262,
+            args: l.args,
+            start_ns: 5,
+            duration_ns: 12_000,
+            site: 0xfeed,
+            comm: l.comm,
+            frames: l.frames,
+            py_frames: l.py_frames,
+            ips: l.ips,
+            py: l.py,
+        };
+        let Record::Strict(r) = decode(&bytes_of(&ev)).unwrap() else {
+            panic!("not a strict record")
+        };
+        assert_eq!((r.pid, r.tid, r.syscall, r.site), (10, 11, 262, 0xfeed));
+        assert_eq!((r.start_ns, r.duration_ns), (5, 12_000));
+        assert_eq!(r.ips, [0x7f00_0000_1000]);
+        assert_eq!(r.py.len(), MAX_PY_FRAMES);
+        let key = r.key();
+        assert_eq!((key.tgid, key.tid, key.nr, key.site), (10, 11, 262, 0xfeed));
+        let full = bytes_of(&ev);
+        assert!(matches!(
+            decode(&full[..200]),
+            Err(DecodeError::Short { kind: 5, .. })
+        ));
     }
 }

@@ -8,7 +8,7 @@
 
 pub mod culprits;
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 pub mod flamegraph;
 pub mod http;
 pub mod labels;

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use crate::event::{Detector, Event};
 use crate::output::summary::Summary;
 use crate::output::{text, verdict};
+use crate::pipeline::strict::StrictCalls;
 use crate::text::scrub as clean;
 
 /// `--output`.
@@ -75,13 +76,20 @@ impl Reporter {
         &self.summary
     }
 
+    /// Adds the calls the kernel counted at one strict call site to the
+    /// summary; the site's stack is shown by its own event.
+    pub fn strict_calls(&mut self, c: &StrictCalls) {
+        self.summary.add_strict(c);
+    }
+
     /// Reports one event and adds it to the summary. The output is
     /// flushed: people pipe it into `jq` or watch it with `tail -f`.
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         self.summary.add(ev);
         let new_stack = self.seen.insert(verdict::stack_key(ev));
-        // Strict calls repeat by the thousand: each stack is shown once,
-        // all are counted in the summary.
+        // A strict call site's event comes once per site, and sites of one
+        // stack (other threads, other depths) are shown once; the calls
+        // are counted in the summary (`strict_calls`).
         if ev.detector == Detector::Strict && !new_stack {
             return Ok(());
         }
@@ -410,6 +418,16 @@ mod tests {
             }
             r.event(&loop_event(Detector::Strict, "other", Some("openat"), 10))
                 .unwrap();
+            // The calls come from the kernel's counts, not the events.
+            assert_eq!(r.summary().events(), 0);
+            for (function, calls) in [("load", 5), ("other", 1)] {
+                r.strict_calls(&StrictCalls {
+                    event: loop_event(Detector::Strict, function, Some("openat"), 10),
+                    calls,
+                    total_ns: calls * 10_000,
+                    max_ns: 10_000,
+                });
+            }
             r.event(&loop_event(Detector::Stall, "hog", None, 300_000))
                 .unwrap();
             r.event(&loop_event(Detector::Stall, "hog", None, 200_000))

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::event::{Class, Detector, Event};
 use crate::output::labels;
+use crate::pipeline::strict::StrictCalls;
 use crate::settings::duration::format_duration;
 use crate::text::scrub as clean;
 
@@ -36,7 +37,7 @@ impl Summary {
         self.groups.is_empty() && self.strict.is_empty()
     }
 
-    /// Number of events added.
+    /// Number of events (strict: calls) added.
     pub fn events(&self) -> u64 {
         [&self.groups, &self.strict]
             .iter()
@@ -45,22 +46,19 @@ impl Summary {
             .sum()
     }
 
+    /// Adds one event. A strict call site's event only shows its stack:
+    /// its calls are counted by [`Summary::add_strict`].
     pub fn add(&mut self, ev: &Event) {
-        // The culprit column: the function, or `<unknown>` with the
-        // module when only that is known.
-        let key = (
-            clean(&labels::frame_name(ev.culprit.as_ref(), &labels::SUMMARY)).into_owned(),
-            labels::syscall(ev, labels::NO_SYSCALL_TEXT).into_owned(),
-        );
         let groups = match ev.detector {
             Detector::Offcpu | Detector::Stall => &mut self.groups,
-            Detector::Strict => &mut self.strict,
+            Detector::Strict => return,
         };
-        let g = groups.entry(key).or_default();
-        g.count += 1;
-        g.total_ns = g.total_ns.saturating_add(ev.duration_ns);
-        g.max_ns = g.max_ns.max(ev.duration_ns);
-        g.classes.insert(ev.class);
+        add_to(groups, ev, 1, ev.duration_ns, ev.duration_ns);
+    }
+
+    /// Adds the calls the kernel counted at one strict call site.
+    pub fn add_strict(&mut self, c: &StrictCalls) {
+        add_to(&mut self.strict, &c.event, c.calls, c.total_ns, c.max_ns);
     }
 
     /// A table sorted by total time, most first, with a totals line; or
@@ -79,6 +77,28 @@ impl Summary {
         }
         out
     }
+}
+
+/// Adds `count` events of `total_ns`, the longest `max_ns`, to the group
+/// of `ev`'s culprit and syscall.
+fn add_to(
+    groups: &mut HashMap<(String, String), Group>,
+    ev: &Event,
+    count: u64,
+    total_ns: u64,
+    max_ns: u64,
+) {
+    // The culprit column: the function, or `<unknown>` with the module
+    // when only that is known.
+    let key = (
+        clean(&labels::frame_name(ev.culprit.as_ref(), &labels::SUMMARY)).into_owned(),
+        labels::syscall(ev, labels::NO_SYSCALL_TEXT).into_owned(),
+    );
+    let g = groups.entry(key).or_default();
+    g.count = g.count.saturating_add(count);
+    g.total_ns = g.total_ns.saturating_add(total_ns);
+    g.max_ns = g.max_ns.max(max_ns);
+    g.classes.insert(ev.class);
 }
 
 /// One table of groups, sorted by total time, with a totals line.

@@ -2,8 +2,8 @@
 //! blockwatch-ebpf/src/{strict,stall}.rs): what the pipeline keeps between
 //! records, and the pure decisions, unit-tested without a kernel.
 //!
-//! - Strict calls come one record per call; their stacks repeat, so the
-//!   symbolized stack of each distinct raw stack is cached.
+//! - Strict calls are counted in the kernel, per call site
+//!   ([`crate::pipeline::strict`]).
 //! - CPU samples of a loop thread's long episode are kept (unwound, a
 //!   bounded number) until the episode is reported (a `Block` record with
 //!   the same TID and start): when CPU work took most of it, they are
@@ -11,7 +11,6 @@
 //!   otherwise the next episode replaces them.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 
 use crate::event::Frame;
 use crate::ingest::decode::LoopRecord;
@@ -20,12 +19,25 @@ use crate::ingest::decode::LoopRecord;
 /// a third of a second, and the first samples of a stall name it as well
 /// as the last ones.
 pub const MAX_SAMPLES_PER_STALL: usize = 32;
-/// Distinct raw strict stacks whose symbolization is cached.
-const MAX_CACHED_STACKS: usize = 4096;
 
-/// `, 12 strict calls` for the session's last line, when strict mode ran.
-pub fn header_counts(options: &crate::bpf::LoopOptions, strict: u64) -> Option<String> {
-    options.strict.then(|| format!(", {strict} strict calls"))
+/// `, 12 strict calls` for the session's last line, when strict mode ran;
+/// strict calls the kernel counted without a call site (`strict_lost`: its
+/// map was full) are said next to the count.
+pub fn header_counts(
+    options: &crate::bpf::LoopOptions,
+    strict: u64,
+    strict_lost: u64,
+) -> Option<String> {
+    let mut s = String::new();
+    if options.strict {
+        s.push_str(&format!(", {} strict calls", strict + strict_lost));
+        if strict_lost > 0 {
+            s.push_str(&format!(
+                " ({strict_lost} of them at no call site: the strict-call map was full)"
+            ));
+        }
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 /// Samples of the current busy period of one thread.
@@ -41,20 +53,6 @@ struct Pending {
 #[derive(Debug, Default)]
 pub struct Loops {
     pending: HashMap<u32, Pending>,
-    /// (PID, raw stack key) -> symbolized stack and culprit.
-    strict_stacks: HashMap<(u32, u64), (Vec<Frame>, Option<Frame>)>,
-}
-
-/// Identifies a raw stack of a process: same key, same symbolized stack
-/// (until the process execs).
-pub fn raw_stack_key(r: &LoopRecord) -> u64 {
-    let mut h = DefaultHasher::new();
-    r.pid.hash(&mut h);
-    r.ips.hash(&mut h);
-    for f in &r.py {
-        (f.code, f.instr).hash(&mut h);
-    }
-    h.finish()
 }
 
 impl Loops {
@@ -92,22 +90,10 @@ impl Loops {
         self.pending.remove(&tid);
     }
 
-    /// Process `pid` exec'd or exited: its cached stacks no longer hold,
-    /// and its threads' samples can never become a stall.
+    /// Process `pid` exec'd or exited: its threads' samples can never
+    /// become a stall.
     pub fn forget_process(&mut self, pid: u32) {
-        self.strict_stacks.retain(|k, _| k.0 != pid);
         self.pending.retain(|_, p| p.pid != pid);
-    }
-
-    pub fn cached_stack(&self, pid: u32, key: u64) -> Option<&(Vec<Frame>, Option<Frame>)> {
-        self.strict_stacks.get(&(pid, key))
-    }
-
-    pub fn cache_stack(&mut self, pid: u32, key: u64, stack: Vec<Frame>, culprit: Option<Frame>) {
-        if self.strict_stacks.len() >= MAX_CACHED_STACKS {
-            self.strict_stacks.clear();
-        }
-        self.strict_stacks.insert((pid, key), (stack, culprit));
     }
 }
 
@@ -221,18 +207,29 @@ mod tests {
     }
 
     #[test]
-    fn raw_keys_tell_stacks_apart() {
-        assert_eq!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(2, 9, 10)));
-        assert_ne!(raw_stack_key(&rec(1, 1, 10)), raw_stack_key(&rec(1, 1, 11)));
+    fn the_last_line_counts_strict_calls_and_says_what_had_no_site() {
+        let strict = crate::bpf::LoopOptions { strict: true };
+        assert_eq!(
+            header_counts(&strict, 40_000, 0).as_deref(),
+            Some(", 40000 strict calls")
+        );
+        assert_eq!(
+            header_counts(&strict, 39_988, 12).as_deref(),
+            Some(", 40000 strict calls (12 of them at no call site: the strict-call map was full)")
+        );
+        assert_eq!(header_counts(&Default::default(), 5, 1), None);
+    }
+
+    #[test]
+    fn forgetting_a_process_drops_its_samples_only() {
         let mut l = Loops::new();
-        l.cache_stack(1, 7, vec![frame("f")], None);
-        l.cache_stack(2, 7, vec![frame("g")], None);
         l.sample(rec(5, 1, 1));
-        assert!(l.cached_stack(1, 7).is_some());
+        let mut other = rec(6, 1, 1);
+        other.pid = 2;
+        l.sample(other);
         l.forget_process(1);
-        assert!(l.cached_stack(1, 7).is_none());
         assert!(l.take_samples(5, 1).0.is_empty(), "pid 1's samples go");
-        assert!(l.cached_stack(2, 7).is_some(), "other processes' stay");
+        assert_eq!(l.take_samples(6, 1).1, 1, "other processes' stay");
     }
 }
 
@@ -244,7 +241,7 @@ mod kernel_tests {
     use std::time::{Duration, Instant};
 
     use crate::bpf::{self, LoopOptions};
-    use crate::ingest::decode::{self, LoopKind, LoopRecord, Record};
+    use crate::ingest::decode::{self, LoopKind, LoopRecord, Record, StrictRecord};
     use crate::targets::{TagMaps, ThreadsMode};
 
     const SUBJECT: &str = r#"
@@ -288,12 +285,14 @@ asyncio.run(main())
         .expect("watch");
         let start = Instant::now();
         let mut records: Vec<LoopRecord> = Vec::new();
+        let mut sites: Vec<StrictRecord> = Vec::new();
         let mut episodes = Vec::new();
         let mut exited = false;
         while !exited && start.elapsed() < Duration::from_secs(15) {
             while let Some(item) = loaded.events.next() {
                 match decode::decode(&item).expect("decodable record") {
                     Record::Loop(l) => records.push(l),
+                    Record::Strict(s) => sites.push(s),
                     Record::Block(b) if b.pid == pid => episodes.push(b),
                     Record::Exit {
                         pid: p,
@@ -309,18 +308,35 @@ asyncio.run(main())
         assert!(exited, "the subject did not exit in time");
         let of =
             |k: LoopKind| -> Vec<&LoopRecord> { records.iter().filter(|r| r.kind == k).collect() };
-        // newfstatat (262) or statx (332), depending on the libc.
-        let stats: Vec<_> = of(LoopKind::Strict)
-            .into_iter()
-            .filter(|r| r.syscall == 262 || r.syscall == 332)
+        // newfstatat (262) or statx (332), depending on the libc: the 20
+        // os.stat of one call site, counted in the kernel, its stacks sent
+        // once.
+        let counts: Vec<_> = loaded
+            .maps
+            .strict_counts
+            .iter()
+            .map(|e| e.expect("a STRICT_COUNTS entry"))
             .collect();
-        assert!(stats.len() >= 20, "20 os.stat on the loop: {stats:#?}");
         assert!(
-            of(LoopKind::Strict).iter().all(|r| r.tid == pid),
-            "only the loop thread: {records:#?}"
+            counts.iter().all(|(k, _)| k.tid == pid && k.tgid == pid),
+            "only the loop thread: {counts:#?}"
         );
-        assert!(stats.iter().all(|r| r.duration_ns < 50_000_000));
-        assert!(stats.iter().all(|r| !r.ips.is_empty()), "user stacks");
+        let stats: Vec<_> = counts
+            .iter()
+            .filter(|(k, _)| k.nr == 262 || k.nr == 332)
+            .collect();
+        let calls: u64 = stats.iter().map(|(_, t)| t.calls).sum();
+        assert_eq!(calls, 20, "20 os.stat on the loop: {counts:#?}");
+        assert!(
+            stats
+                .iter()
+                .all(|(_, t)| t.sent == 1 && t.max_ns < 50_000_000)
+        );
+        for (key, _) in &stats {
+            let sent: Vec<_> = sites.iter().filter(|s| s.key() == *key).collect();
+            assert_eq!(sent.len(), 1, "one record per site: {sites:#?}");
+            assert!(!sent[0].ips.is_empty(), "user stacks");
+        }
         // The spin is one episode over 100 ms, mostly on the CPU (the
         // machine may preempt it too), and nothing else is.
         assert_eq!(episodes.len(), 1, "{episodes:#?}");

@@ -3,11 +3,13 @@
 //! nothing that is specific to one output.
 //!
 //! What it keeps per process (names, CPython state, maps snapshots,
-//! unwinders, perf maps, cached strict stacks) goes in one
-//! [`Pipeline::forget`] when the process execs or exits; what is keyed by
-//! binary (symbols, unwind tables) is shared by every process and stays.
+//! unwinders, perf maps) goes in one [`Pipeline::forget`] when the process
+//! execs or exits; what is keyed by binary (symbols, unwind tables) is
+//! shared by every process and stays. Strict call sites go with their
+//! thread ([`strict`]).
 
 pub mod loops;
+pub mod strict;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,17 +18,20 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
 use blockwatch_common::x86_64::NR_FUTEX;
-use blockwatch_common::{LoopClock, PyFrameRef, PyProc};
+use blockwatch_common::{LoopClock, PyFrameRef, PyProc, StrictKey, StrictTally};
 
 use crate::analyze::syscalls::{self, FdKind};
 use crate::analyze::{advice, culprit, gil};
 use crate::event::{Class, Detector, Episode, Event, Frame, OffState};
-use crate::ingest::decode::{self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record};
+use crate::ingest::decode::{
+    self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record, StrictRecord,
+};
 use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
 use loops::Loops;
+use strict::{StrictCalls, StrictSites};
 
 /// How long a watched process that is not (yet) recognisably CPython is
 /// looked at again, at each refresh: a shared libpython is mapped only
@@ -67,11 +72,13 @@ impl Interp {
 }
 
 /// The kernel maps the pipeline writes what it learns to: the runtime
-/// parks of futex-parking workers and the CPython interpreters.
+/// parks of futex-parking workers and the CPython interpreters; and the
+/// strict counts, which it reads and deletes as threads go.
 pub struct RuntimeMaps<'a> {
     pub parks: &'a mut BpfHashMap<MapData, u32, u64>,
     pub pyprocs: &'a mut BpfHashMap<MapData, u32, PyProc>,
     pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
+    pub strict: &'a mut BpfHashMap<MapData, StrictKey, StrictTally>,
 }
 
 impl<'a> RuntimeMaps<'a> {
@@ -81,6 +88,7 @@ impl<'a> RuntimeMaps<'a> {
             parks: &mut maps.parks,
             pyprocs: &mut maps.pyprocs,
             clocks: &mut maps.clocks,
+            strict: &mut maps.strict_counts,
         }
     }
 }
@@ -89,6 +97,9 @@ impl<'a> RuntimeMaps<'a> {
 #[derive(Debug)]
 pub enum Output {
     Event(Box<Event>),
+    /// Strict calls of one call site counted since the last read (the
+    /// site's own event, once per stack, is an [`Output::Event`]).
+    StrictCalls(Box<StrictCalls>),
     /// Process `pid` now runs a program named `comm`.
     Exec {
         pid: u32,
@@ -106,7 +117,7 @@ pub struct Stats {
     pub events: u64,
     pub parks_learned: u64,
     pub decode_errors: u64,
-    /// Strict calls (`--strict`) reported, and episodes (of `events`) that
+    /// Strict calls (`--strict`) counted, and episodes (of `events`) that
     /// were mostly CPU work.
     pub strict: u64,
     pub stalls: u64,
@@ -135,6 +146,10 @@ pub struct Pipeline {
     /// `BLOCKWATCH_NO_LOOP_CLOCK` is set: no iteration clock is looked for
     /// (the benchmark's measure of what reading them costs).
     no_clock: bool,
+    strict: StrictSites,
+    /// Outputs of the record being handled beyond its own (strict counts
+    /// read at a thread's exit), sent before it.
+    queued: Vec<Output>,
     pub stats: Stats,
 }
 
@@ -181,6 +196,8 @@ impl Pipeline {
             exec_retry_at: Instant::now(),
             loops: Loops::new(),
             no_clock: std::env::var_os("BLOCKWATCH_NO_LOOP_CLOCK").is_some(),
+            strict: StrictSites::new(),
+            queued: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -362,9 +379,51 @@ impl Pipeline {
             let output = self.process(&item, maps);
             // Release the ring-buffer slot before the (slow) output.
             drop(item);
+            for o in self.queued.drain(..) {
+                out(o);
+            }
             if let Some(o) = output {
                 out(o);
             }
+        }
+    }
+
+    /// Reads the kernel's strict counts: each call site's calls since the
+    /// last read (see [`strict`] for when). Drain the ring buffer first,
+    /// so the sites' records are in.
+    pub fn read_strict(
+        &mut self,
+        map: &mut BpfHashMap<MapData, StrictKey, StrictTally>,
+        mode: strict::Read,
+        mut out: impl FnMut(Output),
+    ) {
+        let mut sites = std::mem::take(&mut self.strict);
+        let alive = |pid, tid| procfs::thread_exists(pid, tid);
+        let calls = sites.read(map, mode, alive, |k| self.unknown_site(k));
+        self.strict = sites;
+        for c in calls {
+            self.stats.strict += c.calls;
+            out(Output::StrictCalls(Box::new(c)));
+        }
+    }
+
+    /// Queues the last strict counts of thread `tid` (`pid` None) or of
+    /// process `pid`'s old program, read before they are deleted.
+    fn strict_last(
+        &mut self,
+        map: &mut BpfHashMap<MapData, StrictKey, StrictTally>,
+        tid: u32,
+        pid: Option<u32>,
+    ) {
+        let mut sites = std::mem::take(&mut self.strict);
+        let calls = match pid {
+            None => sites.thread_exit(map, tid, |k| self.unknown_site(k)),
+            Some(pid) => sites.exec(map, pid, |k| self.unknown_site(k)),
+        };
+        self.strict = sites;
+        for c in calls {
+            self.stats.strict += c.calls;
+            self.queued.push(Output::StrictCalls(Box::new(c)));
         }
     }
 
@@ -394,8 +453,10 @@ impl Pipeline {
                 self.find_clock(pid, tid, epfd, maps.clocks);
                 None
             }
+            Record::Strict(r) => Some(Output::Event(Box::new(self.strict_site(r)))),
             Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
             Record::Exec { pid, comm, .. } => {
+                self.strict_last(maps.strict, 0, Some(pid));
                 self.forget(pid);
                 self.process_names.insert(pid, comm.clone());
                 Some(Output::Exec { pid, comm })
@@ -408,6 +469,7 @@ impl Pipeline {
                 self.parks.remove(&tid);
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);
+                self.strict_last(maps.strict, tid, None);
                 // Kept until the whole process is gone so that its other
                 // threads' late events still carry its name and symbols.
                 group_dead.then(|| {
@@ -609,7 +671,8 @@ fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
     }
 }
 
-/// Strict calls and episodes' CPU samples (see [`crate::pipeline::loops`]).
+/// Episodes' CPU samples (see [`crate::pipeline::loops`]) and strict call
+/// sites (see [`crate::pipeline::strict`]).
 impl Pipeline {
     fn loop_record(&mut self, mut r: LoopRecord) -> Option<Event> {
         match r.kind {
@@ -624,28 +687,54 @@ impl Pipeline {
                 self.loops.sample(r);
                 None
             }
-            LoopKind::Strict => Some(self.strict(r)),
         }
     }
 
-    fn strict(&mut self, r: LoopRecord) -> Event {
-        self.stats.strict += 1;
-        let key = loops::raw_stack_key(&r);
-        let (stack, culprit) = match self.loops.cached_stack(r.pid, key) {
-            Some(c) => c.clone(),
-            None => {
-                let stack = self.stack(r.pid, &r.ips, &r.py);
-                let culprit = culprit::culprit(&stack);
-                self.loops
-                    .cache_stack(r.pid, key, stack.clone(), culprit.clone());
-                (stack, culprit)
-            }
-        };
+    /// A strict call site's first call: its event, unwound from its stack
+    /// copy as off-CPU waits are, and remembered for the site's counts.
+    fn strict_site(&mut self, r: StrictRecord) -> Event {
+        let copy = self
+            .user_stacks
+            .remove(&r.tid)
+            .filter(|u| u.start_ns == r.start_ns);
+        let ips = self.stacks.native(r.pid, &r.ips, copy.as_ref());
+        let stack = self.stack(r.pid, &ips, &r.py);
+        let culprit = culprit::culprit(&stack);
         // Strict calls are counted on the CPU, where the descriptor is not
         // looked up: the strict set's descriptor-dependent calls (pread64
         // and friends) take their class from the name alone, which is file.
         let class = syscalls::classify(r.syscall, &r.args, None);
-        self.event(origin(r), class, Detector::Strict, stack, culprit)
+        let key = r.key();
+        let origin = Origin {
+            pid: r.pid,
+            tid: r.tid,
+            thread: r.thread,
+            syscall: r.syscall,
+            start_ns: r.start_ns,
+            duration_ns: r.duration_ns,
+            state: OffState::Running,
+        };
+        let ev = self.event(origin, class, Detector::Strict, stack, culprit);
+        self.strict.site_found(key, ev.clone());
+        ev
+    }
+
+    /// The event of a strict call site whose record never came: no stack.
+    fn unknown_site(&mut self, key: &StrictKey) -> Event {
+        let syscall = key.nr as i64;
+        let origin = Origin {
+            pid: key.tgid,
+            tid: key.tid,
+            thread: procfs::thread_comm(key.tgid, key.tid)
+                .map(|t| t.trim_end().to_string())
+                .unwrap_or_default(),
+            syscall,
+            start_ns: 0,
+            duration_ns: 0,
+            state: OffState::Running,
+        };
+        let class = syscalls::classify(syscall, &[0; 3], None);
+        self.event(origin, class, Detector::Strict, Vec::new(), None)
     }
 }
 
@@ -663,23 +752,9 @@ fn sampled_syscall(samples: &[LoopRecord]) -> Option<(i64, [u64; 3])> {
         .map(|(nr, (_, args))| (nr, args))
 }
 
-/// A loop thread's record happened on the CPU.
-fn origin(r: LoopRecord) -> Origin {
-    Origin {
-        pid: r.pid,
-        tid: r.tid,
-        thread: r.thread,
-        syscall: r.syscall,
-        start_ns: r.start_ns,
-        duration_ns: r.duration_ns,
-        state: OffState::Running,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Frame;
 
     fn unknown() -> Interp {
         Interp::unknown(Instant::now())
@@ -711,7 +786,6 @@ mod tests {
             p.interps.insert(pid, unknown());
             p.parks.insert(tid, (pid, 0x10));
             p.user_stacks.insert(tid, user_stack(pid, tid));
-            p.loops.cache_stack(pid, 7, vec![Frame::default()], None);
         }
         p.forget(other);
         assert!(p.stacks.knows(me) && !p.stacks.knows(other));
@@ -719,8 +793,6 @@ mod tests {
         assert_eq!(p.interps.keys().collect::<Vec<_>>(), [&me]);
         assert_eq!(p.parks.keys().collect::<Vec<_>>(), [&me]);
         assert_eq!(p.user_stacks.keys().collect::<Vec<_>>(), [&me]);
-        assert!(p.loops.cached_stack(me, 7).is_some());
-        assert!(p.loops.cached_stack(other, 7).is_none());
         p.forget(me);
         assert!(!p.stacks.knows(me) && p.process_names.is_empty() && p.parks.is_empty());
     }

@@ -89,6 +89,11 @@ pub fn exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether thread `tid` of process `pid` is still listed.
+pub fn thread_exists(pid: u32, tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+}
+
 /// A process's name (`comm`, at most 15 bytes), without the newline the
 /// kernel ends it with.
 pub fn comm(pid: u32) -> Option<String> {

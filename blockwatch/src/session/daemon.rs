@@ -19,6 +19,7 @@ use crate::bpf::counters::{Counters, KERNEL_DROPS};
 use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
+use crate::pipeline::strict::Read as StrictRead;
 use crate::pipeline::{Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::runtimes::python;
@@ -35,6 +36,9 @@ use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
 const MAX_SEEN_STACKS: usize = 100_000;
 /// How often gauges (tagged threads) and expiry are refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
+/// How often the kernel's strict counts are read into the metrics (so a
+/// scrape sees the calls of at most this long ago).
+const STRICT_READ: Duration = Duration::from_secs(1);
 
 fn settings(file: Option<&Path>, o: &Overrides) -> anyhow::Result<Settings> {
     let mut s = match file {
@@ -174,6 +178,13 @@ impl State {
                         eprintln!("{}", crate::output::verdict::verdict(&ev));
                     }
                 }
+            }
+            Output::StrictCalls(c) => {
+                let container = self.container(c.event.pid);
+                metrics
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .observe_strict(&c, container.as_ref());
             }
             Output::Exec { pid, comm } => {
                 self.runtimes.remove(&pid);
@@ -392,6 +403,8 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sighup = signal(SignalKind::hangup())?;
         let mut refresh = tokio::time::interval(REFRESH);
+        let mut strict_read = tokio::time::interval(STRICT_READ);
+        let strict = self.session.detectors.options.strict;
         let watchdog = watchdog_interval();
         let mut watchdog_tick =
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
@@ -413,9 +426,27 @@ impl Daemon {
                 _ = sigint.recv() => return Ok(()),
                 _ = sighup.recv() => self.reload(),
                 _ = refresh.tick() => self.refresh(),
+                _ = strict_read.tick(), if strict => self.read_strict(),
                 _ = watchdog_tick.tick(), if watchdog.is_some() => sd_notify("WATCHDOG=1"),
             }
         }
+    }
+
+    /// The strict calls counted since the last read, into the metrics (the
+    /// ring buffer first, so the call sites' records are in).
+    fn read_strict(&mut self) {
+        let (state, metrics) = (&mut self.state, &self.metrics);
+        let mut maps = RuntimeMaps::of(&mut self.session.maps);
+        self.pipeline
+            .drain(self.session.ring.get_mut(), &mut maps, |o| {
+                state.take(o, metrics)
+            });
+        self.pipeline.read_strict(
+            &mut self.session.maps.strict_counts,
+            StrictRead::Periodic,
+            |o| state.take(o, metrics),
+        );
+        self.after_drain();
     }
 
     /// Watches the processes that exec'd into a selected name, forgets

@@ -4,13 +4,15 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use blockwatch_common::Config;
+use blockwatch_common::{Config, Counter};
 use log::{debug, info, warn};
 
 use crate::bpf::LoopDetectors;
 use crate::bpf::counters::Counters;
 use crate::cli::TraceArgs;
+use crate::event::Detector;
 use crate::output::report::{OutputFormat, Reporter};
+use crate::pipeline::strict::Read as StrictRead;
 use crate::pipeline::{Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::session::pictures::Pictures;
@@ -18,6 +20,10 @@ use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::duration::format_duration;
 use crate::targets::selector::Selector;
 use crate::targets::{self, TagMaps};
+
+/// Strict counts are read every this many ticks (a second): a thread gone
+/// without its exit record is found, and its counts kept, that soon.
+const STRICT_READ_TICKS: u64 = 10;
 
 /// Why the session ended.
 enum Stop {
@@ -79,12 +85,20 @@ impl Sink {
         match output {
             Output::Event(ev) => {
                 self.threads_seen.insert(ev.tid);
-                self.pictures.add(&ev);
+                // A strict call site's time comes with its counts.
+                if ev.detector != Detector::Strict {
+                    self.pictures.add(&ev);
+                }
                 if self.error.is_none()
                     && let Err(e) = self.reporter.event(&ev)
                 {
                     self.error = Some(e);
                 }
+            }
+            Output::StrictCalls(c) => {
+                self.threads_seen.insert(c.event.tid);
+                self.pictures.add(&c.weighted_event());
+                self.reporter.strict_calls(&c);
             }
             Output::Exec { pid, comm } => self.watch.on_exec(pid, &comm),
             Output::ProcessExit { pid } => self.watch.on_process_exit(pid),
@@ -151,9 +165,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         watch_until_stop(&args, &mut session, &mut pipeline, &mut sink, &mut command).await?;
 
     // Events of the last moments (a command's final blocking call) are
-    // already in the ring buffer: report them before the summary.
-    let mut maps = RuntimeMaps::of(&mut session.maps);
-    pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
+    // already in the ring buffer: report them before the summary. Then the
+    // strict counts, a last time: first those whose sites are known, then,
+    // once the records sent meanwhile are in, all.
+    for mode in [StrictRead::Periodic, StrictRead::Final] {
+        let mut maps = RuntimeMaps::of(&mut session.maps);
+        pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
+        pipeline.read_strict(&mut session.maps.strict_counts, mode, |o| sink.take(o));
+    }
     sink.check()?;
     let mut reporter = sink.reporter;
     for written in sink.pictures.write(started.elapsed())? {
@@ -166,7 +185,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         _ => 0,
     };
     let why = describe_stop(&stop, command.as_ref());
-    let found = describe_found(&args, &pipeline, &session.detectors);
+    let strict_lost = Counters::read(&session.maps.counters)[Counter::LostStrictSites];
+    let found = describe_found(&args, &pipeline, &session.detectors, strict_lost);
     let header = format!(
         "blockwatch: {found} in {:.1}s on {} threads; {why}",
         started.elapsed().as_secs_f64(),
@@ -266,6 +286,7 @@ async fn watch_until_stop(
     // Often enough that a Python program blocking soon after it starts
     // has its interpreter known (its Python frames) by then.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut ticks = 0u64;
     let has_command = command.is_some();
 
     loop {
@@ -304,6 +325,13 @@ async fn watch_until_stop(
                 return Ok(Stop::CommandExited(status.context("waiting for the command")?));
             }
             _ = tick.tick() => {
+                ticks += 1;
+                if session.detectors.options.strict && ticks.is_multiple_of(STRICT_READ_TICKS) {
+                    let mut maps = RuntimeMaps::of(&mut session.maps);
+                    pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
+                    pipeline.read_strict(&mut session.maps.strict_counts, StrictRead::Periodic, |o| sink.take(o));
+                    sink.check()?;
+                }
                 let pids: Vec<u32> = session.maps.watched.keys().filter_map(Result::ok).chain(tid_pids.iter().copied()).collect();
                 pipeline.refresh_interpreters(pids, &mut session.maps.pyprocs);
                 if sink.watch.all_gone() {
@@ -346,17 +374,24 @@ fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline
 }
 
 /// `12 loop episodes over 10ms (2 mostly CPU work), 3 strict calls` for
-/// the last line.
-fn describe_found(args: &TraceArgs, pipeline: &Pipeline, detectors: &LoopDetectors) -> String {
+/// the last line; `strict_lost` strict calls were counted at no call site.
+fn describe_found(
+    args: &TraceArgs,
+    pipeline: &Pipeline,
+    detectors: &LoopDetectors,
+    strict_lost: u64,
+) -> String {
     let mut found = format!(
         "{} loop episodes over {} ({} mostly CPU work)",
         pipeline.stats.events,
         format_duration(args.threshold),
         pipeline.stats.stalls,
     );
-    if let Some(more) =
-        crate::pipeline::loops::header_counts(&detectors.options, pipeline.stats.strict)
-    {
+    if let Some(more) = crate::pipeline::loops::header_counts(
+        &detectors.options,
+        pipeline.stats.strict,
+        strict_lost,
+    ) {
         found.push_str(&more);
     }
     found

@@ -27,6 +27,7 @@ use loops::LoopMetrics;
 
 use crate::event::{Detector, Event, Frame};
 use crate::output::labels;
+use crate::pipeline::strict::StrictCalls;
 use crate::targets::selector::Container;
 
 /// The culprit label when no frame belongs to the application.
@@ -113,7 +114,12 @@ impl Tally {
     }
 
     fn add(&self, values: &[&str], secs: f64) {
-        self.count.with_label_values(values).inc();
+        self.add_n(values, 1, secs);
+    }
+
+    /// `n` events of `secs` in all.
+    fn add_n(&self, values: &[&str], n: u64, secs: f64) {
+        self.count.with_label_values(values).inc_by(n);
         self.seconds.with_label_values(values).inc_by(secs);
     }
 
@@ -156,7 +162,8 @@ impl Losses {
                         "What the kernel programs could not record: `stack` (a frame-pointer stack), \
                          `user_stack` (a stack copy for unwinding: the event has a shorter stack), \
                          `probe` (a futex wait to classify), `tag` (a new thread: the tag map is full), \
-                 `task` (an exec or exit record: a process that started or exited may be missed).",
+                 `task` (an exec or exit record: a process that started or exited may be missed), \
+                 `strict_site` (a strict call counted at no call site: the strict-call map was full).",
                     ),
                     &["what"],
                 )?,
@@ -270,8 +277,12 @@ impl Metrics {
     }
 
     /// Counts one event of a process in `container`; returns its culprit
-    /// label.
+    /// label. A strict call site's event counts nothing: its calls come
+    /// from the kernel's counts ([`Metrics::observe_strict`]).
     pub fn observe_in(&mut self, ev: &Event, container: Option<&Container>) -> String {
+        if ev.detector == Detector::Strict {
+            return culprit_label(ev.culprit.as_ref());
+        }
         let process = self.key(&ev.comm, container);
         let class = ev.class.as_str();
         let syscall = syscall_label(ev);
@@ -285,9 +296,8 @@ impl Metrics {
         }
         let values = labels(&process, &[class, &syscall, &placement.culprit]);
         // Every episode is a blocking event, CPU-bound ones as class
-        // `stall`; strict calls have their own series.
+        // `stall`; strict calls are counted by `observe_strict`.
         if ev.detector == Detector::Strict {
-            self.loops.strict.add(&values, secs);
             return culprit;
         }
         self.blocking.add(&values, secs);
@@ -296,6 +306,25 @@ impl Metrics {
             .observe(secs);
         self.folded.add(&process, &display(&process), ev);
         culprit
+    }
+
+    /// Counts the calls the kernel counted at one strict call site of a
+    /// process in `container`.
+    pub fn observe_strict(&mut self, c: &StrictCalls, container: Option<&Container>) {
+        let ev = &c.event;
+        let process = self.key(&ev.comm, container);
+        let class = ev.class.as_str();
+        let syscall = syscall_label(ev);
+        let culprit = culprit_label(ev.culprit.as_ref());
+        let secs = c.total_ns as f64 / 1e9;
+        let placement = self
+            .agg
+            .record(ev.pid, &process, class, &syscall, &culprit, secs);
+        for k in &placement.removed {
+            self.remove_series(&process, k);
+        }
+        let values = labels(&process, &[class, &syscall, &placement.culprit]);
+        self.loops.strict.add_n(&values, c.calls, secs);
     }
 
     fn remove_series(&self, process: &str, k: &SeriesKey) {
@@ -409,8 +438,24 @@ mod tests {
     #[test]
     fn strict_calls_have_their_own_series_and_cpu_episodes_are_episodes() {
         let mut m = Metrics::new(20, Duration::from_secs(1)).unwrap();
-        for _ in 0..3 {
-            m.observe(&loop_ev(Detector::Strict, Class::File, Some("openat"), 1));
+        // A site's event counts nothing; the kernel's counts do.
+        let site = loop_ev(Detector::Strict, Class::File, Some("openat"), 1);
+        assert_eq!(m.observe(&site), "handler");
+        assert!(
+            !m.render()
+                .unwrap()
+                .contains("blockwatch_strict_calls_total{")
+        );
+        for calls in [2, 1] {
+            m.observe_strict(
+                &StrictCalls {
+                    event: site.clone(),
+                    calls,
+                    total_ns: calls * 1_000_000,
+                    max_ns: 1_000_000,
+                },
+                None,
+            );
         }
         let text = m.render().unwrap();
         for want in [
