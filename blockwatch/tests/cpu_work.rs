@@ -14,20 +14,6 @@ fn stalls(run: &Run) -> Vec<&Event> {
     run.events_where(|e| e.detector == "stall")
 }
 
-fn names(e: &Event) -> Vec<&str> {
-    e.stack
-        .iter()
-        .filter_map(|f| f.function.as_deref())
-        .collect()
-}
-
-fn culprit_fn(e: &Event) -> &str {
-    e.culprit
-        .as_ref()
-        .and_then(|f| f.function.as_deref())
-        .unwrap_or("")
-}
-
 /// The summary's main table (stderr in JSON mode), as whitespace-separated
 /// cells: TOTAL COUNT MAX SYSCALL CLASS CULPRIT.
 fn summary_rows(run: &Run) -> Vec<Vec<&str>> {
@@ -78,9 +64,9 @@ fn a_cpu_bound_coroutine_is_a_stall() {
     );
     assert!(ep.samples >= 1, "{}", run.report());
     assert!(
-        culprit_fn(e).starts_with("cpu_hog"),
+        e.culprit_function().starts_with("cpu_hog"),
         "the stall's culprit is the Python function, got {:?}: {:#?}",
-        culprit_fn(e),
+        e.culprit_function(),
         e.stack
     );
     let rows = summary_rows(&run);
@@ -126,7 +112,7 @@ fn a_cpu_bound_node_callback_is_a_stall() {
         run.report()
     );
     assert!(
-        names(e).iter().any(|n| n.contains("cpuHog")),
+        e.functions().iter().any(|n| n.contains("cpuHog")),
         "the JS function is in the stack: {:#?}",
         e.stack
     );
@@ -157,7 +143,7 @@ fn a_cpu_bound_tokio_task_is_a_stall() {
         run.report()
     );
     assert_eq!(
-        culprit_fn(e),
+        e.culprit_function(),
         "tokio_blocker::cpu_hog",
         "{:#?}\n{}",
         e.stack,

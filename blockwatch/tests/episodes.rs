@@ -34,6 +34,15 @@ use common::{Background, Event, Run, Watch, subject, trace};
 /// below the 150 ms slow handler. Under other load they can fail; rerun.
 const SERVER_THRESHOLD: &str = "50ms";
 
+/// tokio's: its workers have no iteration clock blockwatch can read (the
+/// runtime keeps its tick in a heap-allocated core), so a worker's episode
+/// ends only when it parks, and a worker saturated by wrk parks rarely: its
+/// episodes span several task polls, healthy ones measured at 56–66 ms
+/// (mostly its own writev calls) with this suite's other work on the host.
+/// The slow handler's 150 ms still stands well above 100 ms (see README,
+/// *A loop that never sleeps*).
+const TOKIO_THRESHOLD: &str = "100ms";
+
 /// The slow handlers compute for this long (wall time, without syscalls).
 const SLOW_MS: f64 = 150.0;
 
@@ -73,7 +82,7 @@ struct Loaded {
 /// Watches `server` (listening on `addr`) with `trace --pid` for the
 /// whole of `wrk -t1 -c16 -d5s` on `/`; 3 s in, still under load, sends one
 /// `GET /slow`.
-fn watch_under_load(server: &Background, addr: SocketAddr) -> Loaded {
+fn watch_under_load(server: &Background, addr: SocketAddr, threshold: &str) -> Loaded {
     let url = format!("http://{addr}/");
     // Warm the server up unwatched: first connections, lazy imports, JIT.
     let warm = Command::new("wrk")
@@ -83,7 +92,7 @@ fn watch_under_load(server: &Background, addr: SocketAddr) -> Loaded {
     assert!(warm.status.success(), "warm-up wrk failed: {warm:?}");
 
     let pid = server.pid().to_string();
-    let watch = Watch::start(&["--threshold", SERVER_THRESHOLD, "--pid", &pid]);
+    let watch = Watch::start(&["--threshold", threshold, "--pid", &pid]);
     let wrk = Command::new("wrk")
         .args(["-t1", "-c16", "-d5s", &url])
         .stdout(Stdio::piped())
@@ -169,7 +178,7 @@ fn aiohttp_under_load_reports_only_the_slow_handler() {
         &python,
         &[&subject("aiohttp_server.py"), &addr.port().to_string()],
     );
-    let loaded = watch_under_load(&server, addr);
+    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD);
     check_one_report_of_the_slow_handler("aiohttp", &loaded, |f| f == "slow_handler");
     assert!(loaded.run.events[0].is_main_thread());
 }
@@ -184,7 +193,7 @@ fn node_http_under_load_reports_only_the_slow_handler() {
         "node",
         &[&subject("node_http_server.js"), &addr.port().to_string()],
     );
-    let loaded = watch_under_load(&server, addr);
+    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD);
     check_one_report_of_the_slow_handler("node", &loaded, |f| f.starts_with("slowHandler "));
     assert!(loaded.run.events[0].is_main_thread());
 }
@@ -196,7 +205,7 @@ fn tokio_hyper_under_load_reports_only_the_slow_handler() {
     let _serial = common::setup();
     let addr = common::free_addr();
     let server = Background::spawn(&common::tokio_server(), &[&addr.port().to_string()]);
-    let loaded = watch_under_load(&server, addr);
+    let loaded = watch_under_load(&server, addr, TOKIO_THRESHOLD);
     check_one_report_of_the_slow_handler("tokio", &loaded, |f| {
         f.starts_with("tokio_server::slow_handler")
     });

@@ -254,7 +254,7 @@ fn strict_counts_stay_exact_past_the_site_map_and_the_ring_buffer() {
     let line = run
         .stderr
         .lines()
-        .find(|l| l.contains("blocking calls over") && l.contains(" strict calls"))
+        .find(|l| l.contains("loop episodes over") && l.contains(" strict calls"))
         .unwrap_or_else(|| panic!("no closing line\n{}", run.stderr));
     let number_before = |what: &str| -> u64 {
         let head = &line[..line.find(what).unwrap_or_else(|| panic!("{what}: {line}"))];

@@ -18,16 +18,21 @@ pub enum Runtime {
     Unknown,
 }
 
-/// Says which runtime `stack` belongs to: CPython frames or an
-/// interpreter binary, a tokio frame, or Node's binary or V8's frames.
-pub fn runtime(stack: &[Frame]) -> Runtime {
+/// Says which runtime `stack` of thread `thread` belongs to: CPython
+/// frames or an interpreter binary, a tokio frame or worker name (a stack
+/// cut short, as when its process exited before it was unwound, still
+/// comes from a worker named by tokio), or Node's binary or V8's frames.
+pub fn runtime(stack: &[Frame], thread: &str) -> Runtime {
     if stack.iter().any(|f| {
         f.kind == FrameKind::Python
             || module(f).starts_with("python")
             || module(f).starts_with("libpython")
     }) {
         Runtime::Python
-    } else if stack.iter().any(|f| function(f).contains("tokio::")) {
+    } else if stack.iter().any(|f| function(f).contains("tokio::"))
+        || thread.starts_with("tokio-runtime-w")
+        || thread.starts_with("tokio-rt-worker")
+    {
         Runtime::Tokio
     } else if stack.iter().any(|f| {
         let m = module(f);
@@ -48,14 +53,21 @@ fn function(f: &Frame) -> &str {
 }
 
 /// The advice for a wait of `class` in `syscall` with `stack` (innermost
-/// frame first). Never empty: an unknown case says so plainly.
+/// frame first) of thread `thread`. Never empty: an unknown case says so
+/// plainly.
 /// A thread preempted outside any syscall (`state`) was not blocked by its
 /// code: it waited for a CPU, and no change to a call would help.
-pub fn advise(class: Class, syscall: Option<&str>, state: OffState, stack: &[Frame]) -> String {
+pub fn advise(
+    class: Class,
+    syscall: Option<&str>,
+    state: OffState,
+    stack: &[Frame],
+    thread: &str,
+) -> String {
     if state == OffState::Preempted && syscall.is_none() {
         return PREEMPTED.to_string();
     }
-    let found = match runtime(stack) {
+    let found = match runtime(stack, thread) {
         Runtime::Python => python(class, stack),
         Runtime::Tokio => tokio(class, stack),
         Runtime::Node => node(class, stack),
@@ -225,7 +237,7 @@ mod tests {
 
     /// The advice for a thread that slept in the call (most cases).
     fn advise(class: Class, syscall: Option<&str>, stack: &[Frame]) -> String {
-        super::advise(class, syscall, OffState::Sleeping, stack)
+        super::advise(class, syscall, OffState::Sleeping, stack, "")
     }
 
     fn py(function: &str, file: &str) -> Frame {
@@ -250,13 +262,13 @@ mod tests {
     #[test]
     fn a_preemption_outside_a_call_is_not_the_codes_fault() {
         let stack = [py("handler", "/srv/app.py")];
-        let advice = super::advise(Class::Other, None, OffState::Preempted, &stack);
+        let advice = super::advise(Class::Other, None, OffState::Preempted, &stack, "");
         assert_eq!(advice, PREEMPTED);
         assert!(advice.contains("CPU"));
         // Preempted inside a call: the call's advice still applies.
         let stack = [native("read", LIBC), py("load", "/srv/app.py")];
         assert_eq!(
-            super::advise(Class::File, Some("read"), OffState::Preempted, &stack),
+            super::advise(Class::File, Some("read"), OffState::Preempted, &stack, ""),
             PY_FILE
         );
     }
@@ -319,7 +331,7 @@ mod tests {
             native("svc::handler", "/srv/svc"),
             tokio_frame.clone(),
         ];
-        assert_eq!(runtime(&sleep), Runtime::Tokio);
+        assert_eq!(runtime(&sleep, ""), Runtime::Tokio);
         assert_eq!(
             advise(Class::Sleep, Some("clock_nanosleep"), &sleep),
             RS_SLEEP
@@ -330,6 +342,20 @@ mod tests {
             tokio_frame.clone(),
         ];
         assert_eq!(advise(Class::File, Some("fsync"), &fs), RS_FILE);
+        // A stack cut short (no tokio frame) on a worker tokio named.
+        let short = [native("fsync", LIBC)];
+        assert_eq!(runtime(&short, "tokio-rt-worker"), Runtime::Tokio);
+        assert_eq!(runtime(&short, "tokio-runtime-w"), Runtime::Tokio);
+        assert_eq!(
+            super::advise(
+                Class::File,
+                Some("fsync"),
+                OffState::Disk,
+                &short,
+                "tokio-rt-worker"
+            ),
+            RS_FILE
+        );
         assert!(RS_FILE.contains("tokio::fs") && RS_FILE.contains("spawn_blocking"));
         let lock = [native("syscall", LIBC), tokio_frame];
         assert_eq!(advise(Class::Lock, Some("futex"), &lock), RS_LOCK);
@@ -346,7 +372,7 @@ mod tests {
                 "/usr/bin/node",
             ),
         ];
-        assert_eq!(runtime(&exec), Runtime::Node);
+        assert_eq!(runtime(&exec, ""), Runtime::Node);
         assert_eq!(advise(Class::Other, Some("epoll_wait"), &exec), JS_EXEC);
         let read = [
             native("read", LIBC),
@@ -365,7 +391,7 @@ mod tests {
     #[test]
     fn unknown_cases_say_so() {
         let stack = [native("read", LIBC), native("main", "/srv/c-app")];
-        assert_eq!(runtime(&stack), Runtime::Unknown);
+        assert_eq!(runtime(&stack, ""), Runtime::Unknown);
         assert_eq!(
             advise(Class::File, Some("read"), &stack),
             "no specific advice: move the blocking file call (read) off the event loop"

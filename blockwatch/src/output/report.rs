@@ -383,14 +383,14 @@ mod tests {
         r.finish("blockwatch: 0 blocking calls").unwrap();
         assert_eq!(
             out.text(),
-            "blockwatch: 0 blocking calls\nno blocking calls over the threshold were seen\n"
+            "blockwatch: 0 blocking calls\nno loop episodes over the threshold were seen\n"
         );
         let (r, out, diag) = reporter(OutputFormat::Json);
         r.finish("blockwatch: 0 blocking calls").unwrap();
         assert!(out.text().is_empty());
         assert!(
             diag.text()
-                .ends_with("no blocking calls over the threshold were seen\n")
+                .ends_with("no loop episodes over the threshold were seen\n")
         );
     }
 

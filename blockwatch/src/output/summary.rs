@@ -65,7 +65,7 @@ impl Summary {
     /// a sentence when nothing was seen. No trailing newline.
     pub fn render(&self) -> String {
         let mut out = if self.groups.is_empty() {
-            "no blocking calls over the threshold were seen".to_string()
+            "no loop episodes over the threshold were seen".to_string()
         } else {
             render_groups(&self.groups)
         };
@@ -183,7 +183,7 @@ mod tests {
     fn summary_empty() {
         let s = Summary::new();
         assert!(s.is_empty());
-        assert_eq!(s.render(), "no blocking calls over the threshold were seen");
+        assert_eq!(s.render(), "no loop episodes over the threshold were seen");
     }
 
     #[test]

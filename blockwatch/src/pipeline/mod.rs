@@ -636,6 +636,7 @@ impl Pipeline {
     ) -> Event {
         let offender = culprit::offender(&stack);
         let syscall = syscalls::name(o.syscall);
+        let advice = advice::advise(class, syscall, o.state, &stack, &o.thread);
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(o.start_ns),
             pid: o.pid,
@@ -647,7 +648,7 @@ impl Pipeline {
             class,
             duration_ns: o.duration_ns,
             state: o.state,
-            advice: advice::advise(class, syscall, o.state, &stack),
+            advice,
             stack,
             culprit,
             offender,
