@@ -127,6 +127,9 @@ pub struct LoopState {
     /// When the episode's latest wait ended: where an episode cut short by
     /// the thread's exit is known to have run to.
     pub wait_end_ns: u64,
+    /// The frame whose local is the iteration clock (`CLOCK_PY_LOCAL`),
+    /// once found; 0 before.
+    pub clock_frame: u64,
     /// Waits and CPU samples of the episode.
     pub waits: u32,
     pub samples: u32,
@@ -213,7 +216,7 @@ pod!(
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 136);
+    assert!(core::mem::size_of::<LoopState>() == 144);
     assert!(core::mem::size_of::<StrictCall>() == 48);
     assert!(core::mem::size_of::<StrictKey>() == 24);
     assert!(core::mem::size_of::<StrictTally>() == 32);

@@ -116,13 +116,22 @@ fn close(st: &mut LoopState, tag: &ThreadTag, tid: u32, end: u64, task: *const u
 /// `current` (= `task`), a loop thread, enters its idle wait at `now`:
 /// its episode ends.
 #[inline(always)]
-pub(crate) fn idle_reached(tag: &ThreadTag, tid: u32, task: *const u8, now: u64) {
+pub(crate) fn idle_reached(tag: &mut ThreadTag, tid: u32, task: *const u8, now: u64) {
     // No state: counted (LostLoopState) by `state`.
     let Some(st) = state(tid) else {
         return;
     };
     st.looped = 1;
     close(st, tag, tid, now, task);
+    // In its idle wait the loop's stack is at its shallowest: the place
+    // to find the frame its clock lives in, once.
+    if st.clock_frame == 0
+        // SAFETY: map value read, copied out at once.
+        && let Some(c) = unsafe { CLOCKS.get(tid) }.copied()
+        && c.kind == CLOCK_PY_LOCAL
+    {
+        st.clock_frame = python::frame_running(tag, task, c.code);
+    }
 }
 
 /// Back from the idle wait at `now`: an episode begins, if none runs.
@@ -138,7 +147,7 @@ pub(crate) fn begin(st: &mut LoopState, now: u64) {
 /// names in `CLOCK_MONOTONIC` nanoseconds (0 when unknown); None when the
 /// thread has no clock or it cannot be read now.
 #[inline(always)]
-fn clock(tag: &mut ThreadTag, tid: u32, task: *const u8) -> Option<(u64, u64)> {
+fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> Option<(u64, u64)> {
     // SAFETY: map value read, copied out at once.
     let c = (unsafe { CLOCKS.get(tid) }).copied()?;
     match c.kind {
@@ -154,7 +163,16 @@ fn clock(tag: &mut ThreadTag, tid: u32, task: *const u8) -> Option<(u64, u64)> {
             Some((ms, ns))
         }
         CLOCK_PY_LOCAL => {
-            let frame = python::frame_running(tag, task, c.code);
+            // The `_run_once` frame sits at the same address iteration
+            // after iteration (the interpreter's frame stack, or 3.10's
+            // reused frame object): kept once found, checked at each read,
+            // so a deep callback, whose frames a walk could not get past,
+            // still has its clock read.
+            let mut frame = st.clock_frame;
+            if frame == 0 || !python::frame_runs(tag, frame, c.code) {
+                frame = python::frame_running(tag, task, c.code);
+                st.clock_frame = frame;
+            }
             if frame == 0 {
                 return None;
             }
@@ -199,7 +217,7 @@ pub(crate) fn observe_clock(
     task: *const u8,
     now: u64,
 ) {
-    let Some((value, began)) = clock(tag, tid, task) else {
+    let Some((value, began)) = clock(st, tag, tid, task) else {
         return;
     };
     let seen = st.clock_ns;

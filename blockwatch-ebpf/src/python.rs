@@ -97,6 +97,17 @@ fn py_walk(tag: &mut ThreadTag, py: &PyProc, fsbase: u64, buf: &mut StackBuf) ->
     n
 }
 
+/// Whether CPython frame `frame` of `tag`'s process runs code object
+/// `code`.
+#[inline(always)]
+pub(crate) fn frame_runs(tag: &ThreadTag, frame: u64, code: u64) -> bool {
+    // SAFETY: map value read, copied out at once.
+    let Some(py) = (unsafe { PYPROCS.get(tag.tgid) }).copied() else {
+        return false;
+    };
+    uread::<u64>(frame + py.offsets.frame_code as u64) == code
+}
+
 /// The innermost frame of `task` (`current`) that runs code object `code`;
 /// 0 when none of its first `MAX_PY_FRAMES` frames does.
 #[inline(always)]

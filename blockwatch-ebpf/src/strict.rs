@@ -59,7 +59,7 @@ const STACK_WINDOW: u64 = 1 << 20;
 pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     let tid = crate::ids::current_tid();
     // SAFETY: map value read, copied out at once.
-    let Some(tag) = (unsafe { THREADS.get(tid) }).copied() else {
+    let Some(mut tag) = (unsafe { THREADS.get(tid) }).copied() else {
         return;
     };
     if tag.tag != TAG_LOOP {
@@ -79,7 +79,7 @@ pub(crate) fn on_enter(regs: *const u8, nr: i64) {
         let task = unsafe { bpf_get_current_task() } as *const u8;
         // SAFETY: no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
-        episode::idle_reached(&tag, tid, task, now);
+        episode::idle_reached(&mut tag, tid, task, now);
         if let Some(st) = state(tid) {
             st.in_idle = 1;
         }
