@@ -24,7 +24,9 @@ pub struct LoopClock {
     /// `CLOCK_*`.
     pub kind: u32,
     pub _pad: u32,
-    /// `CLOCK_WORD`: the address of the word.
+    /// `CLOCK_WORD`: the address of the word. `CLOCK_PY_LOCAL`: where user
+    /// space found the `_run_once` frame (the kernel checks it, and walks
+    /// the thread's frames when it no longer holds).
     pub addr: u64,
     /// `CLOCK_PY_LOCAL`: the `_run_once` code object.
     pub code: u64,

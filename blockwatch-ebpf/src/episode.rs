@@ -32,7 +32,8 @@ use aya_ebpf::{
 };
 use blockwatch_common::{
     CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, STATE_PREEMPTED, STATE_RUNNING,
-    TAG_LOOP, ThreadTag, x86_64::is_futex_wait,
+    TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    x86_64::{is_epoll_wait, is_futex_wait},
 };
 
 use crate::{
@@ -169,6 +170,9 @@ fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> 
             // so a deep callback, whose frames a walk could not get past,
             // still has its clock read.
             let mut frame = st.clock_frame;
+            if frame == 0 {
+                frame = c.addr;
+            }
             if frame == 0 || !python::frame_runs(tag, frame, c.code) {
                 frame = python::frame_running(tag, task, c.code);
                 st.clock_frame = frame;
@@ -364,6 +368,42 @@ pub(crate) fn thread_exits(tid: u32, task: *const u8) {
     close(st, tag, tid, end, task);
 }
 
+/// The sampler caught candidate `tid` (`current`) inside an epoll wait on
+/// its first epoll fd: it runs a loop, one so busy that its wait returns
+/// at once and it may never sleep in it (a server saturated when
+/// blockwatch attached), so that sleep cannot be what finds it. Its first
+/// episode begins now.
+#[inline(always)]
+fn found_busy(tag: &mut ThreadTag, tid: u32) {
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let regs = user_regs(task, Regs::StackTop);
+    if regs.is_null() {
+        return;
+    }
+    let o = off();
+    let nr: i64 = kread(regs, o.pt_regs_orig_ax);
+    if !is_epoll_wait(nr) {
+        return;
+    }
+    let epfd = kread::<u64>(regs, o.pt_regs_di) as i32;
+    if tag.loop_epfd < 0 {
+        tag.loop_epfd = epfd;
+    }
+    if epfd != tag.loop_epfd {
+        return;
+    }
+    crate::switch::become_loop(tag, tid, task);
+    let Some(st) = state(tid) else {
+        return;
+    };
+    let now = now();
+    st.looped = 1;
+    st.start_ns = now;
+    st.in_ns = now;
+}
+
 /// Whether the wait `tag` describes is a futex wait on `tid`'s learned park.
 #[inline(always)]
 fn parked(tag: &ThreadTag, tid: u32) -> bool {
@@ -386,6 +426,10 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let Some(tag) = thread(tid) else {
         return;
     };
+    if tag.tag == TAG_CANDIDATE {
+        found_busy(tag, tid);
+        return;
+    }
     if tag.tag != TAG_LOOP {
         return;
     }

@@ -186,7 +186,7 @@ fn idle_or_probe<C: EbpfContext>(
 
 /// Candidate `tid` was seen in its runtime's idle wait: it runs a loop.
 #[inline(always)]
-fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
+pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     tag.tag = TAG_LOOP;
     // A new loop starts with no episode, whatever the thread's state
     // held: a loop that ended, or a tag user space wrote over the

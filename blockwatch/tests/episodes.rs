@@ -82,7 +82,14 @@ struct Loaded {
 /// Watches `server` (listening on `addr`) with `trace --pid` for the
 /// whole of `wrk -t1 -c16 -d5s` on `/`; 3 s in, still under load, sends one
 /// `GET /slow`.
-fn watch_under_load(server: &Background, addr: SocketAddr, threshold: &str) -> Loaded {
+/// With `attach_busy`, trace attaches 1 s into the load, to a loop that
+/// may never sleep in its idle wait again (found by the sampler instead).
+fn watch_under_load(
+    server: &Background,
+    addr: SocketAddr,
+    threshold: &str,
+    attach_busy: bool,
+) -> Loaded {
     let url = format!("http://{addr}/");
     // Warm the server up unwatched: first connections, lazy imports, JIT.
     let warm = Command::new("wrk")
@@ -92,14 +99,26 @@ fn watch_under_load(server: &Background, addr: SocketAddr, threshold: &str) -> L
     assert!(warm.status.success(), "warm-up wrk failed: {warm:?}");
 
     let pid = server.pid().to_string();
-    let watch = Watch::start(&["--threshold", threshold, "--pid", &pid]);
+    let start_watch = || Watch::start(&["--threshold", threshold, "--pid", &pid]);
+    let early = (!attach_busy).then(start_watch);
     let wrk = Command::new("wrk")
         .args(["-t1", "-c16", "-d5s", &url])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("wrk runs");
-    std::thread::sleep(Duration::from_secs(3));
+    let watch = match early {
+        Some(w) => {
+            std::thread::sleep(Duration::from_secs(3));
+            w
+        }
+        None => {
+            std::thread::sleep(Duration::from_secs(1));
+            let w = start_watch();
+            std::thread::sleep(Duration::from_secs(2));
+            w
+        }
+    };
     let sent = Instant::now();
     let reply = common::http_get(addr, "/slow");
     let slow = sent.elapsed();
@@ -178,9 +197,29 @@ fn aiohttp_under_load_reports_only_the_slow_handler() {
         &python,
         &[&subject("aiohttp_server.py"), &addr.port().to_string()],
     );
-    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD);
+    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD, false);
     check_one_report_of_the_slow_handler("aiohttp", &loaded, |f| f == "slow_handler");
     assert!(loaded.run.events[0].is_main_thread());
+}
+
+/// The same aiohttp server, attached to while wrk already saturates it:
+/// its loop may never sleep in its idle wait while blockwatch watches, so
+/// the sampler finds it in its epoll wait, and its clock (looked for again
+/// if its frames were caught changing) ends its episodes: again zero
+/// reports, then exactly one for `/slow`.
+#[test]
+fn aiohttp_attached_while_saturated_reports_only_the_slow_handler() {
+    let _serial = common::setup();
+    let python = aiohttp_python();
+    let addr = common::free_addr();
+    let server = Background::spawn(
+        &python,
+        &[&subject("aiohttp_server.py"), &addr.port().to_string()],
+    );
+    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD, true);
+    check_one_report_of_the_slow_handler("aiohttp (attached busy)", &loaded, |f| {
+        f == "slow_handler"
+    });
 }
 
 /// Node's `http` (plain `node`): zero reports under load, then exactly
@@ -193,7 +232,7 @@ fn node_http_under_load_reports_only_the_slow_handler() {
         "node",
         &[&subject("node_http_server.js"), &addr.port().to_string()],
     );
-    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD);
+    let loaded = watch_under_load(&server, addr, SERVER_THRESHOLD, false);
     check_one_report_of_the_slow_handler("node", &loaded, |f| f.starts_with("slowHandler "));
     assert!(loaded.run.events[0].is_main_thread());
 }
@@ -205,7 +244,7 @@ fn tokio_hyper_under_load_reports_only_the_slow_handler() {
     let _serial = common::setup();
     let addr = common::free_addr();
     let server = Background::spawn(&common::tokio_server(), &[&addr.port().to_string()]);
-    let loaded = watch_under_load(&server, addr, TOKIO_THRESHOLD);
+    let loaded = watch_under_load(&server, addr, TOKIO_THRESHOLD, false);
     check_one_report_of_the_slow_handler("tokio", &loaded, |f| {
         f.starts_with("tokio_server::slow_handler")
     });

@@ -48,6 +48,10 @@ const PY_INSPECT_MAX_GAP: Duration = Duration::from_secs(2);
 const EXEC_RETRY_GAP: Duration = Duration::from_millis(5);
 /// ...for this long (the interpreter's start-up, before any loop).
 const EXEC_RETRY_FOR: Duration = Duration::from_secs(2);
+/// A CPython loop's clock not found at its discovery is looked for again
+/// this often, this many times.
+const CLOCK_RETRY_GAP: Duration = Duration::from_millis(100);
+const CLOCK_TRIES: u32 = 50;
 
 enum Interp {
     Python(Box<PyProcess>),
@@ -146,6 +150,10 @@ pub struct Pipeline {
     /// `BLOCKWATCH_NO_LOOP_CLOCK` is set: no iteration clock is looked for
     /// (the benchmark's measure of what reading them costs).
     no_clock: bool,
+    /// Loop threads of CPython processes whose clock was not found yet:
+    /// TID -> (PID, epoll fd, tries so far); and when to look again.
+    clock_retries: HashMap<u32, (u32, i32, u32)>,
+    clock_retry_at: Instant,
     strict: StrictSites,
     /// Outputs of the record being handled beyond its own (strict counts
     /// read at a thread's exit), sent before it.
@@ -196,6 +204,8 @@ impl Pipeline {
             exec_retry_at: Instant::now(),
             loops: Loops::new(),
             no_clock: std::env::var_os("BLOCKWATCH_NO_LOOP_CLOCK").is_some(),
+            clock_retries: HashMap::new(),
+            clock_retry_at: Instant::now(),
             strict: StrictSites::new(),
             queued: Vec::new(),
             stats: Stats::default(),
@@ -358,8 +368,17 @@ impl Pipeline {
         let python = python_of(&self.interps, pid);
         let Some(clock) = crate::runtimes::clock::find(pid, tid, epfd, python) else {
             debug!("tid {tid} of pid {pid}: no iteration clock known");
+            // A CPython thread's frames are read while it runs: a chain
+            // caught mid-change hides `_run_once` now, not next time.
+            if python.is_some() {
+                let tries = self.clock_retries.get(&tid).map_or(0, |r| r.2) + 1;
+                if tries <= CLOCK_TRIES {
+                    self.clock_retries.insert(tid, (pid, epfd, tries));
+                }
+            }
             return;
         };
+        self.clock_retries.remove(&tid);
         debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
         self.stats.clocks += 1;
         if let Err(e) = clocks.insert(tid, clock, 0) {
@@ -427,8 +446,28 @@ impl Pipeline {
         }
     }
 
+    /// Looks again for the clocks not found at their loop's discovery, at
+    /// most every `CLOCK_RETRY_GAP` (called with each record, which a loop
+    /// without its clock keeps coming).
+    fn retry_clocks(&mut self, clocks: &mut BpfHashMap<MapData, u32, LoopClock>) {
+        let now = Instant::now();
+        if self.clock_retries.is_empty() || now < self.clock_retry_at {
+            return;
+        }
+        self.clock_retry_at = now + CLOCK_RETRY_GAP;
+        let due: Vec<_> = self
+            .clock_retries
+            .iter()
+            .map(|(&tid, &(pid, epfd, _))| (pid, tid, epfd))
+            .collect();
+        for (pid, tid, epfd) in due {
+            self.find_clock(pid, tid, epfd, clocks);
+        }
+    }
+
     /// Handles one record.
     pub fn process(&mut self, bytes: &[u8], maps: &mut RuntimeMaps) -> Option<Output> {
+        self.retry_clocks(maps.clocks);
         let record = match decode::decode(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -490,6 +529,7 @@ impl Pipeline {
         self.process_names.remove(&pid);
         self.parks.retain(|_, (p, _)| *p != pid);
         self.user_stacks.retain(|_, u| u.pid != pid);
+        self.clock_retries.retain(|_, r| r.0 != pid);
         self.loops.forget_process(pid);
     }
 

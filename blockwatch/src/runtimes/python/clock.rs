@@ -47,14 +47,17 @@ pub(crate) fn find(pid: u32, tid: u32, py: &PyProcess) -> Option<LoopClock> {
     let locals = LocalsLayout::for_version(py.version)?;
     let tstate = tstate_of(pid, tid, py, &locals)?;
     let mut reader = CodeReader::new();
-    let code = frames(pid, py, tstate)
+    let (frame, code) = frames(pid, py, tstate)
         .into_iter()
-        .map(|(_, code)| code)
-        .find(|&code| is_run_once(&mut reader, pid, py, code))?;
+        .find(|&(_, code)| is_run_once(&mut reader, pid, py, code))?;
     let names = reader.local_names(pid, py, code)?;
     let index = names.iter().position(|n| n == END_TIME)?;
     Some(LoopClock {
         kind: CLOCK_PY_LOCAL,
+        // Where the `_run_once` frame is now: it stays there iteration
+        // after iteration, and the kernel, whose walks stop at a depth a
+        // busy server's callbacks exceed, starts from it.
+        addr: frame,
         code,
         offset: u64::from(locals.frame_localsplus) + 8 * index as u64,
         value_offset: FLOAT_VALUE,
