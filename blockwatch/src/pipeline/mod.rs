@@ -127,6 +127,8 @@ pub struct Stats {
     pub stalls: u64,
     /// Loops whose iteration clock was found.
     pub clocks: u64,
+    /// Episodes dropped because their parts did not add up.
+    pub inconsistent: u64,
 }
 
 pub struct Pipeline {
@@ -544,6 +546,20 @@ impl Pipeline {
             && b.syscall == NR_FUTEX
             && self.parks.get(&b.tid).map(|p| p.1) == Some(b.args[0])
         {
+            return None;
+        }
+        // Where the time went adds up to the wall time, within the gaps
+        // an iteration boundary leaves. An episode whose parts come to less
+        // than half of it lost track of a wait (seen under load, with a
+        // thread's tag rewritten while it slept): its wall time cannot be
+        // trusted, and it is dropped rather than reported as CPU work.
+        let parts = b.run_ns + b.off_ns.iter().sum::<u64>();
+        if parts.saturating_mul(2) < b.duration_ns {
+            debug!(
+                "episode of tid {} dropped: {} ns accounted of {} ns",
+                b.tid, parts, b.duration_ns
+            );
+            self.stats.inconsistent += 1;
             return None;
         }
         let (samples, taken) = self.loops.take_samples(b.tid, b.start_ns);
