@@ -49,8 +49,8 @@ const EXEC_RETRY_GAP: Duration = Duration::from_millis(5);
 /// ...for this long (the interpreter's start-up, before any loop).
 const EXEC_RETRY_FOR: Duration = Duration::from_secs(2);
 /// A CPython loop's clock not found at its discovery is looked for again
-/// this often, this many times.
-const CLOCK_RETRY_GAP: Duration = Duration::from_millis(100);
+/// this often, this many times (a second in all).
+const CLOCK_RETRY_GAP: Duration = Duration::from_millis(20);
 const CLOCK_TRIES: u32 = 50;
 
 enum Interp {
@@ -129,6 +129,8 @@ pub struct Stats {
     pub clocks: u64,
     /// Episodes dropped because their parts did not add up.
     pub inconsistent: u64,
+    /// CPU-bound episodes of loops whose clock was still being looked for.
+    pub unclocked: u64,
 }
 
 pub struct Pipeline {
@@ -572,7 +574,6 @@ impl Pipeline {
             longest_wait_ns: b.wait_ns,
             samples: taken.max(b.samples),
         };
-        self.stats.events += 1;
         // The loop wanted the CPU more than it waited: preemption is time
         // lost while running (a long callback is what the scheduler
         // preempts), so it counts with the CPU. Then CPU work took the
@@ -584,6 +585,18 @@ impl Pipeline {
         let mostly_cpu = b.waits == 0
             || (episode.cpu_ns + episode.preempted_ns > waited
                 && episode.cpu_ns * 4 >= episode.preempted_ns);
+        // A CPython loop whose clock is still being looked for cannot have
+        // its iterations told apart: a CPU-bound "episode" may be many of
+        // them. Its waits are still reported.
+        if mostly_cpu && self.clock_retries.contains_key(&b.tid) {
+            debug!(
+                "CPU-bound episode of tid {} not reported: its loop's clock is not found yet",
+                b.tid
+            );
+            self.stats.unclocked += 1;
+            return None;
+        }
+        self.stats.events += 1;
         let mut ev = if mostly_cpu && (!samples.is_empty() || b.waits == 0) {
             self.stats.stalls += 1;
             self.cpu_bound(b, samples)
