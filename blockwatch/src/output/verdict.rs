@@ -53,10 +53,19 @@ pub fn verdict(ev: &Event) -> String {
     {
         culprit.push_str(&format!(", called from {}", place(o)));
     }
-    let duration = format_duration(std::time::Duration::from_nanos(ev.duration_ns));
+    let ms = |ns: u64| format_duration(std::time::Duration::from_nanos(ns));
+    let duration = ms(ev.duration_ns);
+    // The call named is the episode's longest wait: when it was only part
+    // of the episode, both lengths are said, lest the call seem longer.
+    let call = match &ev.episode {
+        Some(e) if e.waits > 1 && e.longest_wait_ns * 10 < ev.duration_ns * 9 => {
+            format!("{what} {}, in a {duration} episode", ms(e.longest_wait_ns))
+        }
+        _ => format!("{what}, {duration}"),
+    };
     let line = match ev.detector {
         Detector::Offcpu => format!(
-            "blocking {} ({what}, {duration}) on the event loop of {}[{}]{culprit}",
+            "blocking {} ({call}) on the event loop of {}[{}]{culprit}",
             ev.class, ev.comm, ev.pid,
         ),
         Detector::Strict => format!(
@@ -124,6 +133,26 @@ mod tests {
             verdict(&event(Some(f))),
             "blocking sleep (clock_nanosleep, 80.2ms) on the event loop of python3[123] in refresh() at app/report.py:41"
         );
+    }
+
+    #[test]
+    fn a_wait_that_was_part_of_its_episode_says_both_lengths() {
+        let f = python_frame("refresh", "app/report.py", 41);
+        let mut ev = event(Some(f));
+        ev.duration_ns = 254_000_000;
+        ev.episode = Some(crate::event::Episode {
+            sleeping_ns: 250_000_000,
+            waits: 4,
+            longest_wait_ns: 150_000_000,
+            ..Default::default()
+        });
+        assert_eq!(
+            verdict(&ev),
+            "blocking sleep (clock_nanosleep 150ms, in a 254ms episode) on the event loop of python3[123] in refresh() at app/report.py:41"
+        );
+        // One wait that is nearly the whole episode: one length.
+        ev.episode.as_mut().unwrap().longest_wait_ns = 250_000_000;
+        assert!(verdict(&ev).contains("(clock_nanosleep, 254ms)"));
     }
 
     #[test]
