@@ -119,17 +119,9 @@ impl StrictRecord {
     }
 }
 
-/// What a [`LoopRecord`] reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LoopKind {
-    /// An on-CPU stack sample of a loop thread in a long episode.
-    Sample,
-}
-
 /// An episode's CPU sample (`LoopEvent`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoopRecord {
-    pub kind: LoopKind,
     pub pid: u32,
     pub tid: u32,
     /// -1: no syscall.
@@ -300,7 +292,6 @@ fn decode_user_stack(bytes: &[u8]) -> Result<Record, DecodeError> {
 fn decode_loop(bytes: &[u8], kind: RecordKind) -> Result<Record, DecodeError> {
     let ev: LoopEvent = read(bytes, kind)?;
     Ok(Record::Loop(LoopRecord {
-        kind: LoopKind::Sample,
         pid: ev.header.pid,
         tid: ev.header.tid,
         syscall: ev.syscall,
@@ -612,7 +603,6 @@ mod tests {
         let Record::Loop(r) = decode(&bytes_of(&loop_event(RecordKind::Sample))).unwrap() else {
             panic!("not a loop record")
         };
-        assert_eq!(r.kind, LoopKind::Sample);
         assert_eq!((r.pid, r.tid, r.syscall), (10, 11, 257));
         assert_eq!((r.start_ns, r.duration_ns, r.busy_ns), (5, 12_000, 20_000));
         assert_eq!(r.thread, "python3");

@@ -131,11 +131,9 @@ pub fn pick_stall_stack(samples: Vec<(Vec<Frame>, Option<Frame>)>) -> (Vec<Frame
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::decode::LoopKind;
 
     fn rec(tid: u32, start_ns: u64, ip: u64) -> LoopRecord {
         LoopRecord {
-            kind: LoopKind::Sample,
             pid: 1,
             tid,
             syscall: -1,
@@ -241,7 +239,7 @@ mod kernel_tests {
     use std::time::{Duration, Instant};
 
     use crate::bpf::{self, LoopOptions};
-    use crate::ingest::decode::{self, LoopKind, LoopRecord, Record, StrictRecord};
+    use crate::ingest::decode::{self, LoopRecord, Record, StrictRecord};
     use crate::targets::{TagMaps, ThreadsMode};
 
     const SUBJECT: &str = r#"
@@ -306,8 +304,6 @@ asyncio.run(main())
         }
         child.wait().unwrap();
         assert!(exited, "the subject did not exit in time");
-        let of =
-            |k: LoopKind| -> Vec<&LoopRecord> { records.iter().filter(|r| r.kind == k).collect() };
         // newfstatat (262) or statx (332), depending on the libc: the 20
         // os.stat of one call site, counted in the kernel, its stacks sent
         // once.
@@ -349,8 +345,8 @@ asyncio.run(main())
                 && e.run_ns + off <= e.duration_ns + 1_000_000,
             "{e:#?}"
         );
-        let samples: Vec<_> = of(LoopKind::Sample)
-            .into_iter()
+        let samples: Vec<&LoopRecord> = records
+            .iter()
             .filter(|r| r.tid == pid && r.start_ns == e.start_ns)
             .collect();
         assert!(!samples.is_empty(), "samples of the episode: {records:#?}");

@@ -23,9 +23,7 @@ use blockwatch_common::{LoopClock, PyFrameRef, PyProc, StrictKey, StrictTally};
 use crate::analyze::syscalls::{self, FdKind};
 use crate::analyze::{advice, culprit, gil};
 use crate::event::{Class, Detector, Episode, Event, Frame, OffState};
-use crate::ingest::decode::{
-    self, BlockRecord, LoopKind, LoopRecord, ProbeRecord, Record, StrictRecord,
-};
+use crate::ingest::decode::{self, BlockRecord, LoopRecord, ProbeRecord, Record, StrictRecord};
 use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
@@ -497,7 +495,10 @@ impl Pipeline {
                 None
             }
             Record::Strict(r) => Some(Output::Event(Box::new(self.strict_site(r)))),
-            Record::Loop(l) => self.loop_record(l).map(|e| Output::Event(Box::new(e))),
+            Record::Loop(l) => {
+                self.sample(l);
+                None
+            }
             Record::Exec { pid, comm, .. } => {
                 self.strict_last(maps.strict, 0, Some(pid));
                 self.forget(pid);
@@ -744,20 +745,16 @@ fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
 /// Episodes' CPU samples (see [`crate::pipeline::loops`]) and strict call
 /// sites (see [`crate::pipeline::strict`]).
 impl Pipeline {
-    fn loop_record(&mut self, mut r: LoopRecord) -> Option<Event> {
-        match r.kind {
-            LoopKind::Sample => {
-                let copy = self
-                    .user_stacks
-                    .remove(&r.tid)
-                    .filter(|u| u.start_ns == r.start_ns);
-                // Unwound now: the copy is of this moment's stack.
-                r.ips = self.stacks.unwind(r.pid, &r.ips, copy.as_ref());
-                self.stacks.sampled(r.pid, r.tid, &r.ips);
-                self.loops.sample(r);
-                None
-            }
-        }
+    /// A CPU sample of a long episode, kept until the episode is reported.
+    fn sample(&mut self, mut r: LoopRecord) {
+        let copy = self
+            .user_stacks
+            .remove(&r.tid)
+            .filter(|u| u.start_ns == r.start_ns);
+        // Unwound now: the copy is of this moment's stack.
+        r.ips = self.stacks.unwind(r.pid, &r.ips, copy.as_ref());
+        self.stacks.sampled(r.pid, r.tid, &r.ips);
+        self.loops.sample(r);
     }
 
     /// A strict call site's first call: its event, unwound from its stack
