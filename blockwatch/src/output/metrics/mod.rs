@@ -283,26 +283,14 @@ impl Metrics {
         if ev.detector == Detector::Strict {
             return culprit_label(ev.culprit.as_ref());
         }
-        let process = self.key(&ev.comm, container);
-        let class = ev.class.as_str();
-        let syscall = syscall_label(ev);
-        let culprit = culprit_label(ev.culprit.as_ref());
         let secs = ev.duration_ns as f64 / 1e9;
-        let placement = self
-            .agg
-            .record(ev.pid, &process, class, &syscall, &culprit, secs);
-        for k in &placement.removed {
-            self.remove_series(&process, k);
-        }
-        let values = labels(&process, &[class, &syscall, &placement.culprit]);
+        let (process, syscall, placed, culprit) = self.place(ev, container, secs);
+        let values = labels(&process, &[ev.class.as_str(), &syscall, &placed]);
         // Every episode is a blocking event, CPU-bound ones as class
-        // `stall`; strict calls are counted by `observe_strict`.
-        if ev.detector == Detector::Strict {
-            return culprit;
-        }
+        // `stall`.
         self.blocking.add(&values, secs);
         self.durations
-            .with_label_values(&labels(&process, &[class]))
+            .with_label_values(&labels(&process, &[ev.class.as_str()]))
             .observe(secs);
         self.folded.add(&process, &display(&process), ev);
         culprit
@@ -311,20 +299,33 @@ impl Metrics {
     /// Counts the calls the kernel counted at one strict call site of a
     /// process in `container`.
     pub fn observe_strict(&mut self, c: &StrictCalls, container: Option<&Container>) {
-        let ev = &c.event;
+        let secs = c.total_ns as f64 / 1e9;
+        let (process, syscall, placed, _) = self.place(&c.event, container, secs);
+        let values = labels(&process, &[c.event.class.as_str(), &syscall, &placed]);
+        self.loops.strict.add_n(&values, c.calls, secs);
+    }
+
+    /// Gives `secs` of `ev` (of a process in `container`) its place in the
+    /// process's top culprits, dropping the series that fell out: the
+    /// process key, the syscall label, the culprit label its series get
+    /// (an "other" bucket past the top N), and its own culprit label.
+    fn place(
+        &mut self,
+        ev: &Event,
+        container: Option<&Container>,
+        secs: f64,
+    ) -> (String, String, String, String) {
         let process = self.key(&ev.comm, container);
         let class = ev.class.as_str();
         let syscall = syscall_label(ev);
         let culprit = culprit_label(ev.culprit.as_ref());
-        let secs = c.total_ns as f64 / 1e9;
         let placement = self
             .agg
             .record(ev.pid, &process, class, &syscall, &culprit, secs);
         for k in &placement.removed {
             self.remove_series(&process, k);
         }
-        let values = labels(&process, &[class, &syscall, &placement.culprit]);
-        self.loops.strict.add_n(&values, c.calls, secs);
+        (process, syscall, placement.culprit, culprit)
     }
 
     fn remove_series(&self, process: &str, k: &SeriesKey) {
