@@ -123,8 +123,6 @@ pub struct Stats {
     /// were mostly CPU work.
     pub strict: u64,
     pub stalls: u64,
-    /// Loops whose iteration clock was found.
-    pub clocks: u64,
     /// Episodes dropped because their parts did not add up.
     pub inconsistent: u64,
     /// CPU-bound episodes of loops whose clock was still being looked for.
@@ -382,7 +380,6 @@ impl Pipeline {
         };
         self.clock_retries.remove(&tid);
         debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
-        self.stats.clocks += 1;
         if let Err(e) = clocks.insert(tid, clock, 0) {
             warn!("cannot hand the loop clock of tid {tid} to the kernel: {e}");
         }

@@ -387,6 +387,20 @@ fn describe_found(
         format_duration(args.threshold),
         pipeline.stats.stalls,
     );
+    // Never silent about what was not reported.
+    let st = &pipeline.stats;
+    if st.unclocked > 0 {
+        found.push_str(&format!(
+            ", {} CPU-bound episodes not reported while their loop's clock was looked for",
+            st.unclocked
+        ));
+    }
+    if st.inconsistent > 0 {
+        found.push_str(&format!(
+            ", {} episodes dropped whose parts did not add up",
+            st.inconsistent
+        ));
+    }
     if let Some(more) = crate::pipeline::loops::header_counts(
         &detectors.options,
         pipeline.stats.strict,
