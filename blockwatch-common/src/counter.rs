@@ -2,7 +2,7 @@
 //! per [`Counter`], summed over CPUs by user space.
 
 /// Slots of the `COUNTERS` per-CPU array.
-pub const NUM_COUNTERS: usize = 13;
+pub const NUM_COUNTERS: usize = 15;
 
 /// What the kernel counts: mostly what it could not record, and why. Its
 /// slot is its place in this list.
@@ -39,6 +39,11 @@ pub enum Counter {
     LostTaskRecords,
     /// Strict calls counted without a call site: `STRICT_COUNTS` was full.
     LostStrictSites,
+    /// Waits at a known call site (`KNOWN_SITES`): no stack taken or sent.
+    SiteHits,
+    /// Waits at a known call site whose callers were not the ones user
+    /// space unwound there: their stacks were taken and sent.
+    SiteMisses,
 }
 
 impl Counter {
@@ -57,6 +62,8 @@ impl Counter {
         Counter::LostLoopState,
         Counter::LostTaskRecords,
         Counter::LostStrictSites,
+        Counter::SiteHits,
+        Counter::SiteMisses,
     ];
 
     /// Its slot in `COUNTERS`.
@@ -82,6 +89,8 @@ impl Counter {
             Counter::LostLoopState => "loop_state",
             Counter::LostTaskRecords => "task",
             Counter::LostStrictSites => "strict_site",
+            Counter::SiteHits => "site_hit",
+            Counter::SiteMisses => "site_miss",
         }
     }
 
@@ -101,6 +110,8 @@ impl Counter {
             Counter::LostLoopState => "episode and strict thread states",
             Counter::LostTaskRecords => "exec and exit records",
             Counter::LostStrictSites => "strict calls' call sites",
+            Counter::SiteHits => "waits at known call sites",
+            Counter::SiteMisses => "waits at known call sites with other callers",
         }
     }
 }

@@ -107,9 +107,14 @@ pub struct BlockEvent {
     pub header: RecordHeader,
     /// `STATE_*` of the longest wait.
     pub state: u8,
-    pub _pad: [u8; 3],
+    /// 1 when the longest wait's call site is in `KNOWN_SITES`: no user
+    /// stack is sent (`frames` is 0), user space has it under `site`.
+    pub site_known: u8,
+    pub _pad: [u8; 2],
     pub syscall: i64,
     pub args: [u64; 3],
+    /// The longest wait's call site (see [`SiteKey`](crate::SiteKey)).
+    pub site: u64,
     /// Episode start, `CLOCK_MONOTONIC` nanoseconds.
     pub start_ns: u64,
     /// Episode wall time: how long the loop was unavailable.
@@ -247,7 +252,7 @@ const _: () = {
     assert!(size_of::<RecordHeader>() == 12);
     assert!(offset_of!(RecordHeader, kind) == 0);
     let stacks = 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES;
-    assert!(size_of::<BlockEvent>() == 144 + stacks);
+    assert!(size_of::<BlockEvent>() == 152 + stacks);
     assert!(size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
     assert!(size_of::<TaskEvent>() == 32);
     assert!(size_of::<UserStackHead>() == 48);

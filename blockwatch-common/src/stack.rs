@@ -26,7 +26,46 @@ pub struct StackBuf {
 
 pod!(StackBuf);
 
+/// A call site whose native stack user space already has (`KNOWN_SITES`):
+/// a wait there sends no stack, only the site. `site` is the kernel's hash
+/// of the user `ip` and `sp` and the CPython (code, instruction) pairs
+/// (blockwatch-ebpf/src/stack.rs `wait_site`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SiteKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub site: u64,
+}
+
+pod!(SiteKey);
+
+/// Return addresses checked per known site.
+pub const SITE_CHECKS: usize = 8;
+
+/// What makes a wait at a [`SiteKey`] the same stack as the one user space
+/// unwound there: the words at `offs[i]` bytes above `sp` hold `vals[i]`,
+/// the return addresses of its nearest `n` callers, where they were found.
+/// Code without frame pointers keeps data in `rbp`, so the frame-pointer
+/// chain cannot tell two callers at the same depth apart; these words can.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCheck {
+    pub n: u32,
+    pub _pad: u32,
+    pub offs: [u32; SITE_CHECKS],
+    pub vals: [u64; SITE_CHECKS],
+}
+
+pod!(SiteCheck);
+
+/// Entries of `KNOWN_SITES`, and of user space's matching cache: one per
+/// (process, call site) at which a watched thread waited.
+pub const MAX_KNOWN_SITES: u32 = 16384;
+
 const _: () = {
+    assert!(core::mem::size_of::<SiteKey>() == 16);
+    assert!(core::mem::size_of::<SiteCheck>() == 8 + 12 * SITE_CHECKS);
     assert!(core::mem::size_of::<StackBuf>() == 16 + 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES);
     // The kernel copies user stacks page by page.
     assert!(MAX_USER_STACK.is_multiple_of(4096));

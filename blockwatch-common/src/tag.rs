@@ -143,7 +143,12 @@ pub struct LoopState {
     /// 1 once the thread was seen in its idle wait: before, it runs no
     /// loop yet, and each of its waits is an episode of its own.
     pub looped: u8,
-    pub _pad: [u8; 4],
+    /// Bit `slot` set: that slot's wait is at a site in `KNOWN_SITES`, and
+    /// its user stacks were not taken.
+    pub slot_known: u8,
+    pub _pad: [u8; 3],
+    /// Each slot's call site (see `SiteKey`).
+    pub slot_site: [u64; 2],
 }
 
 /// The pending strict syscall of a loop thread (`STRICT_CALLS`, key: TID),
@@ -216,7 +221,7 @@ pod!(
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 144);
+    assert!(core::mem::size_of::<LoopState>() == 160);
     assert!(core::mem::size_of::<StrictCall>() == 48);
     assert!(core::mem::size_of::<StrictKey>() == 24);
     assert!(core::mem::size_of::<StrictTally>() == 32);

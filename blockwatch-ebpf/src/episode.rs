@@ -96,7 +96,8 @@ fn close(st: &mut LoopState, tag: &ThreadTag, tid: u32, end: u64, task: *const u
     }
     let wall = end.saturating_sub(st.start_ns);
     if st.start_ns != 0 && wall >= threshold_ns() {
-        if st.waits == 0 {
+        // No wait to name it by (none, or only preemptions).
+        if st.max_ns == 0 {
             st.max_state = STATE_RUNNING;
         }
         record::send_episode(tag, tid, st, wall, task);
@@ -255,20 +256,31 @@ pub(crate) fn observe_clock(
 }
 
 /// sched_switch: `tid` (`current` = `task`) leaves the CPU for a wait that
-/// is not its idle wait, at `now`; the wait's stacks go to the slot
-/// returned.
+/// is not its idle wait, at `now`. Returns its state and the slot the
+/// wait's stacks go to, or None when they are not needed.
+///
+/// A loop thread's preemption takes no stacks: it is time the host took,
+/// summed with the episode's other parts but never the wait an episode is
+/// named by (a long one is named by its CPU samples), and a busy server is
+/// preempted thousands of times a second, each of which would otherwise
+/// pay for a stack walk and a 16 KiB copy.
 #[inline(always)]
-pub(crate) fn wait_begins(tag: &mut ThreadTag, tid: u32, task: *const u8, now: u64) -> u8 {
+pub(crate) fn wait_begins(
+    tag: &mut ThreadTag,
+    tid: u32,
+    task: *const u8,
+    now: u64,
+    preempted: bool,
+) -> Option<(&'static mut LoopState, u8)> {
     // No state: counted (LostLoopState) by `state`; the wait is then not
     // part of any episode.
-    let Some(st) = state(tid) else {
-        return 0;
-    };
+    let st = state(tid)?;
     if st.looped == 0 {
         // No loop yet: the wait is an episode of its own.
         st.start_ns = now;
         st.in_ns = 0;
-        return st.max_slot ^ 1;
+        let slot = st.max_slot ^ 1;
+        return Some((st, slot));
     }
     observe_clock(st, tag, tid, task, now);
     begin(st, now);
@@ -276,7 +288,24 @@ pub(crate) fn wait_begins(tag: &mut ThreadTag, tid: u32, task: *const u8, now: u
         st.run_ns += now.saturating_sub(st.in_ns);
         st.in_ns = 0;
     }
-    st.max_slot ^ 1
+    if preempted {
+        return None;
+    }
+    let slot = st.max_slot ^ 1;
+    Some((st, slot))
+}
+
+/// The wait in `slot` was at call site `site`, `known` to user space (its
+/// native stack was not taken).
+#[inline(always)]
+pub(crate) fn slot_site(st: &mut LoopState, slot: u8, site: u64, known: bool) {
+    let bit = 1u8 << (slot & 1);
+    st.slot_site[(slot & 1) as usize] = site;
+    st.slot_known = if known {
+        st.slot_known | bit
+    } else {
+        st.slot_known & !bit
+    };
 }
 
 /// sched_switch: `tid` (the task `next`) comes back to the CPU at `now`
@@ -316,7 +345,8 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
         {
             call.offcpu = 1;
         }
-        if waited > st.max_ns {
+        // A loop's preemption has no stacks (see `wait_begins`).
+        if waited > st.max_ns && (tag.off_state != STATE_PREEMPTED || st.looped == 0) {
             st.max_ns = waited;
             st.max_start_ns = tag.out_ns;
             st.max_syscall = tag.syscall;

@@ -2,7 +2,8 @@
 //! the logic reads them through.
 //!
 //! User space owns the settings (`CONFIG`, `LOOP_CONFIG`, the globals) and
-//! the process-level knowledge (`WATCHED`, `PARKS`, `PYPROCS`); the kernel
+//! the process-level knowledge (`WATCHED`, `PARKS`, `PYPROCS`,
+//! `KNOWN_SITES`); the kernel
 //! owns the per-thread state (`THREADS`, `STACKS`, `USER_STACKS`,
 //! `LOOPSTATE`), and both read `COUNTERS` and the `EVENTS` ring buffer from
 //! their own end.
@@ -13,8 +14,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, NUM_COUNTERS, PyProc,
-    StackBuf, StrictCall, StrictKey, StrictTally, ThreadTag, UserStack, WatchRule,
+    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, MAX_KNOWN_SITES,
+    NUM_COUNTERS, PyProc, SiteCheck, SiteKey, StackBuf, StrictCall, StrictKey, StrictTally,
+    ThreadTag, UserStack, WatchRule,
 };
 
 #[map]
@@ -97,6 +99,15 @@ pub(crate) static STRICT_COUNTS: HashMap<StrictKey, StrictTally> =
     HashMap::with_max_entries(STRICT_SITES, BPF_F_NO_PREALLOC);
 /// Entries of `STRICT_COUNTS`.
 pub(crate) const STRICT_SITES: u32 = 16384;
+/// Call sites whose native stack user space already unwound (it adds a
+/// site after the first full stack from it, and deletes a process's sites
+/// when it execs or exits). A wait at a known site takes no stack and
+/// sends none: at a busy loop the same few sites block again and again,
+/// and copying 16 KiB of stack per wait is what limited the event rate.
+/// Full, it only means more sites send their stacks.
+#[map]
+pub(crate) static KNOWN_SITES: HashMap<SiteKey, SiteCheck> =
+    HashMap::with_max_entries(MAX_KNOWN_SITES, BPF_F_NO_PREALLOC);
 
 /// Filled in by user space from the running kernel's BTF before load.
 #[unsafe(no_mangle)]

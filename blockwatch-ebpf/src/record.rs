@@ -31,7 +31,9 @@ fn reserve<T: 'static>(lost: Counter) -> Option<RingBufEntry<T>> {
 #[inline(always)]
 pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64, task: *const u8) {
     let key = stack::slot_key(tid, st.max_slot);
-    if st.waits != 0 {
+    let slot = (st.max_slot & 1) as usize;
+    let known = (st.slot_known >> slot) & 1;
+    if st.max_ns != 0 && known == 0 {
         send_user_stack_at(key, st.max_start_ns);
     }
     let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
@@ -43,7 +45,13 @@ pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64,
     unsafe {
         (*ev).header = RecordHeader::new(RecordKind::Block, tag.tgid, tid);
         (*ev).state = st.max_state;
-        (*ev)._pad = [0; 3];
+        (*ev).site_known = if st.max_ns != 0 { known } else { 0 };
+        (*ev)._pad = [0; 2];
+        (*ev).site = if st.max_ns != 0 {
+            st.slot_site[slot]
+        } else {
+            0
+        };
         (*ev).syscall = st.max_syscall;
         (*ev).args = st.max_args;
         (*ev).start_ns = st.start_ns;
@@ -59,7 +67,7 @@ pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64,
         (*ev).py_frames = 0;
         // No wait, no stacks of one; no entry: its capture failed at
         // switch-out, where it was counted.
-        if st.waits != 0
+        if st.max_ns != 0
             && let Some(stack) = STACKS.get_ptr(key)
         {
             let len = (*stack).len;

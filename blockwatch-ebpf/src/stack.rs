@@ -5,19 +5,27 @@
 //! progress (episode.rs swaps them when the new wait is longer), so the
 //! stacks reported are the longest wait's without copying them twice.
 //! CPU samples copy the user stack straight into the ring buffer.
+//!
+//! A wait at a call site user space already has the native stack of
+//! (`KNOWN_SITES`, keyed by [`wait_site`] and checked by `site_known`)
+//! keeps only its CPython frames:
+//! the frame-pointer walk and the 16 KiB copy are skipped, and the record
+//! names the site instead.
 
 use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
 use blockwatch_common::{
-    Counter, MAX_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, ThreadTag, UserStack,
-    x86_64::is_epoll_wait,
+    Counter, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, SITE_CHECKS,
+    SiteKey, StackBuf, ThreadTag, UserStack,
+    x86_64::{USER_SPACE_END, is_epoll_wait},
 };
 
 use crate::{
     maps::{
-        EVENTS, SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch, user_stack_size,
+        EVENTS, KNOWN_SITES, SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch,
+        user_stack_size,
     },
     python,
-    read::{kread, read_user},
+    read::{kread, read_user, uread},
 };
 
 /// The key of `tid`'s stack slot `slot` (0 or 1) in `STACKS` and
@@ -36,6 +44,15 @@ pub(crate) fn forget(tid: u32) {
         let _ = USER_STACKS.remove(slot_key(tid, slot));
     }
 }
+
+/// Frames of the frame-pointer chain a site's hash follows: the nearest
+/// callers, where two call sites at the same depth differ. Each costs two
+/// user reads on every call; measured on Node's readFileSync (whose V8
+/// frames keep a chain), 16 frames cost about 0.5 us a call, none 0.
+const SITE_FRAMES: usize = 4;
+/// A frame pointer more than this above `sp` is taken to be off the
+/// thread's stack (code without frame pointers uses rbp for data).
+const STACK_WINDOW: u64 = 1 << 20;
 
 /// Pages of user stack read by one helper call; a read that would cross the
 /// end of the stack mapping fails whole, so the copy goes page by page.
@@ -58,19 +75,39 @@ pub(crate) fn user_ips<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> 
     if n > 0 { (n / 8) as u32 } else { 0 }
 }
 
-/// Keeps the stack and CPython frames of `task` (`current`), going off-CPU
-/// in a wait, in slot `key`.
+/// Keeps the stacks of `task` (`current`), going off-CPU in a wait (user
+/// registers at `regs`), in slot `key`: its CPython frames always, and its
+/// frame-pointer stack and user-stack copy only when user space does not
+/// already have its call site's native stack. Returns the site and whether
+/// it was known.
 #[inline(always)]
-pub(crate) fn capture<C: EbpfContext>(ctx: &C, tag: &mut ThreadTag, key: u32, task: *const u8) {
+pub(crate) fn capture<C: EbpfContext>(
+    ctx: &C,
+    tag: &mut ThreadTag,
+    tid: u32,
+    key: u32,
+    task: *const u8,
+    regs: *const u8,
+) -> (u64, bool) {
     // Index 0 of a per-CPU array always exists: this cannot fail.
     let Some(buf) = scratch(&SCRATCH) else {
-        return;
+        return (0, false);
     };
-    buf.len = user_ips(ctx, &mut buf.ips) as u64 * 8;
     python::walk(tag, task, buf);
+    let site = wait_site(regs, buf);
+    let known = site_known(tag.tgid, site, regs);
+    buf.len = if known {
+        0
+    } else {
+        user_ips(ctx, &mut buf.ips) as u64 * 8
+    };
     if STACKS.insert(key, buf, 0).is_err() {
         count(Counter::LostStacks);
     }
+    if !known {
+        copy_user_stack(tag, tid, key, regs);
+    }
+    (site, known)
 }
 
 /// The `USER_STACKS` entry at `key` (a TID's stack slot, or a TID with
@@ -192,4 +229,91 @@ pub(crate) fn send_sample_stack(tag: &ThreadTag, tid: u32, start_ns: u64, regs: 
     fill(v, tag.tgid, tid, start_ns, regs, want);
     entry.submit(0);
     true
+}
+
+/// The call site of a wait (user registers at `regs`, the CPython frames
+/// in `buf`): its `ip` and `sp` and each CPython frame's (code,
+/// instruction). Which native callers led there is checked apart, against
+/// the words user space found them in (`site_known`).
+#[inline(always)]
+pub(crate) fn wait_site(regs: *const u8, buf: &StackBuf) -> u64 {
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    let mut h = mix(mix(0x6a09_e667_f3bc_c908, kread(regs, o.pt_regs_ip)), sp);
+    for i in 0..MAX_PY_FRAMES {
+        if i as u64 >= buf.py_len {
+            break;
+        }
+        let f = buf.py[i];
+        h = mix(mix(h, f.code), f.instr);
+    }
+    h
+}
+
+/// Whether user space has the native stack of a wait at `site` of process
+/// `tgid` (user registers at `regs`): the site is known, and its callers'
+/// return addresses are where user space found them.
+#[inline(always)]
+fn site_known(tgid: u32, site: u64, regs: *const u8) -> bool {
+    let Some(check) = KNOWN_SITES.get_ptr(SiteKey {
+        tgid,
+        _pad: 0,
+        site,
+    }) else {
+        return false;
+    };
+    // SAFETY: map value pointer, valid for this program run; user space
+    // replaces values whole, and a torn read only fails the check.
+    let check = unsafe { &*check };
+    let sp: u64 = kread(regs, off().pt_regs_sp);
+    for i in 0..SITE_CHECKS {
+        if i as u32 >= check.n {
+            break;
+        }
+        let word: u64 = uread(sp + check.offs[i] as u64);
+        if word != check.vals[i] {
+            count(Counter::SiteMisses);
+            return false;
+        }
+    }
+    count(Counter::SiteHits);
+    true
+}
+
+/// The call site of the current syscall (user registers at `regs`, the
+/// CPython frames in `buf`), for strict counts: [`wait_site`] and the
+/// return addresses of the frame-pointer chain while it stays on the
+/// stack. See `StrictKey`.
+#[inline(always)]
+pub(crate) fn site_hash(regs: *const u8, buf: &StackBuf) -> u64 {
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    let mut h = wait_site(regs, buf);
+    // Only frames whose pointer lies above the previous one on the stack:
+    // in code built without frame pointers rbp holds data, and following
+    // it would read values that change from call to call.
+    let mut fp: u64 = kread(regs, o.pt_regs_bp);
+    for _ in 0..SITE_FRAMES {
+        if fp <= sp || fp - sp >= STACK_WINDOW || fp & 7 != 0 {
+            break;
+        }
+        let ret: u64 = uread(fp + 8);
+        if !(0x1000..USER_SPACE_END).contains(&ret) {
+            break;
+        }
+        h = mix(h, ret);
+        let next: u64 = uread(fp);
+        if next <= fp {
+            break;
+        }
+        fp = next;
+    }
+    h
+}
+
+/// One step of the site hash (a multiply-xorshift mix).
+#[inline(always)]
+fn mix(h: u64, x: u64) -> u64 {
+    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 29)
 }

@@ -27,8 +27,7 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use blockwatch_common::{
-    Counter, MAX_PY_FRAMES, RecordKind, STRICT_COPY_KEY, StackBuf, StrictCall, StrictKey,
-    StrictTally, TAG_LOOP, x86_64::USER_SPACE_END,
+    Counter, RecordKind, STRICT_COPY_KEY, StackBuf, StrictCall, StrictKey, StrictTally, TAG_LOOP,
 };
 
 use crate::{
@@ -39,19 +38,10 @@ use crate::{
         loop_config, off, thread, user_stack_size,
     },
     python,
-    read::{kread, uread},
+    read::kread,
     record::{self, LoopFacts},
     stack,
 };
-
-/// Frames of the frame-pointer chain a site's hash follows: the nearest
-/// callers, where two call sites at the same depth differ. Each costs two
-/// user reads on every call; measured on Node's readFileSync (whose V8
-/// frames keep a chain), 16 frames cost about 0.5 us a call, none 0.
-const SITE_FRAMES: usize = 4;
-/// A frame pointer more than this above `sp` is taken to be off the
-/// thread's stack (code without frame pointers uses rbp for data).
-const STACK_WINDOW: u64 = 1 << 20;
 
 /// `sys_enter` of the current thread: syscall `nr`, user registers at
 /// `regs`. The idle wait ends an episode; a strict call is timed.
@@ -206,7 +196,7 @@ fn count_call<C: EbpfContext>(ctx: &C, call: &mut LoopFacts, regs: *const u8) {
         tid: call.tid,
         nr: call.syscall as u32,
         _pad: 0,
-        site: site(regs, buf),
+        site: stack::site_hash(regs, buf),
     };
     let Some(tally) = tally(&key) else {
         count(Counter::LostStrictSites);
@@ -234,51 +224,6 @@ fn tally(key: &StrictKey) -> Option<&'static mut StrictTally> {
     // SAFETY: map value pointer, valid for this program run; only the
     // thread itself updates its keys, and its syscalls are serialised.
     STRICT_COUNTS.get_ptr_mut(key).map(|t| unsafe { &mut *t })
-}
-
-/// The call site of the current syscall (user registers at `regs`, the
-/// CPython frames in `buf`): its `ip` and `sp`, the return addresses of
-/// the frame-pointer chain while it stays on the stack, and each CPython
-/// frame's (code, instruction). See `StrictKey`.
-#[inline(always)]
-fn site(regs: *const u8, buf: &StackBuf) -> u64 {
-    let o = off();
-    let sp: u64 = kread(regs, o.pt_regs_sp);
-    let mut h = mix(mix(0x6a09_e667_f3bc_c908, kread(regs, o.pt_regs_ip)), sp);
-    // Only frames whose pointer lies above the previous one on the stack:
-    // in code built without frame pointers rbp holds data, and following
-    // it would read values that change from call to call.
-    let mut fp: u64 = kread(regs, o.pt_regs_bp);
-    for _ in 0..SITE_FRAMES {
-        if fp <= sp || fp - sp >= STACK_WINDOW || fp & 7 != 0 {
-            break;
-        }
-        let ret: u64 = uread(fp + 8);
-        if !(0x1000..USER_SPACE_END).contains(&ret) {
-            break;
-        }
-        h = mix(h, ret);
-        let next: u64 = uread(fp);
-        if next <= fp {
-            break;
-        }
-        fp = next;
-    }
-    for i in 0..MAX_PY_FRAMES {
-        if i as u64 >= buf.py_len {
-            break;
-        }
-        let f = buf.py[i];
-        h = mix(mix(h, f.code), f.instr);
-    }
-    h
-}
-
-/// One step of the site hash (a multiply-xorshift mix).
-#[inline(always)]
-fn mix(h: u64, x: u64) -> u64 {
-    let h = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^ (h >> 29)
 }
 
 /// Sends a site's first call: the copy of the top of the user stack, then

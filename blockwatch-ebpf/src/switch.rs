@@ -124,7 +124,7 @@ fn switch_out<C: EbpfContext>(
     // Everything else blocks the loop, poll/select included: on a loop
     // thread they are a socket waited on with a timeout (CPython's sockets
     // do this), never the loop's own wait.
-    let slot = episode::wait_begins(tag, tid, prev, now);
+    let slot = episode::wait_begins(tag, tid, prev, now, !voluntary);
     tag.out_ns = now;
     tag.syscall = nr;
     tag.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
@@ -135,9 +135,11 @@ fn switch_out<C: EbpfContext>(
     } else {
         STATE_SLEEPING
     };
-    let key = stack::slot_key(tid, slot);
-    stack::capture(ctx, tag, key, prev);
-    stack::copy_user_stack(tag, tid, key, regs);
+    if let Some((st, slot)) = slot {
+        let key = stack::slot_key(tid, slot);
+        let (site, known) = stack::capture(ctx, tag, tid, key, prev, regs);
+        episode::slot_site(st, slot, site, known);
+    }
 }
 
 /// A voluntary switch-out in syscall `nr`: true when it is the thread's

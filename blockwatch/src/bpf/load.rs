@@ -10,7 +10,7 @@ use aya::{
 };
 use blockwatch_common::{
     Config, Counter, DEFAULT_USER_STACK, KernelOffsets, LoopClock, MAX_USER_STACK, PyProc,
-    StrictKey, StrictTally, ThreadTag, WatchRule,
+    SiteCheck, SiteKey, StrictKey, StrictTally, ThreadTag, WatchRule,
 };
 use log::debug;
 
@@ -56,6 +56,8 @@ pub struct Maps {
     /// Strict calls counted per (thread, syscall, call site); user space
     /// reads them and deletes a thread's entries once it is gone.
     pub strict_counts: HashMap<MapData, StrictKey, StrictTally>,
+    /// Call sites whose native stack user space has: their waits send none.
+    pub known_sites: HashMap<MapData, SiteKey, SiteCheck>,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -108,6 +110,7 @@ pub fn load_with_user_stack(
             clocks: take(&mut ebpf, "CLOCKS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             strict_counts: take(&mut ebpf, "STRICT_COUNTS")?,
+            known_sites: take(&mut ebpf, "KNOWN_SITES")?,
             config,
         },
         events: take(&mut ebpf, "EVENTS")?,

@@ -49,6 +49,10 @@ pub struct BlockRecord {
     pub waits: u32,
     /// CPU samples the kernel sent for the episode.
     pub samples: u32,
+    /// The longest wait's call site, and whether its native stack was left
+    /// out because user space has it (`ips` is then empty).
+    pub site: u64,
+    pub site_known: bool,
     /// Thread name.
     pub thread: String,
     /// User stack, innermost first.
@@ -248,6 +252,8 @@ fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
         wait_ns: ev.wait_ns,
         waits: ev.waits,
         samples: ev.samples,
+        site: ev.site,
+        site_known: ev.site_known != 0,
         thread: comm_str(&ev.comm),
         ips: user_ips(&ev.ips, ev.frames),
         py: py_frames(&ev.py, ev.py_frames),
@@ -362,8 +368,10 @@ mod tests {
         BlockEvent {
             header: RecordHeader::new(RecordKind::Block, 10, 11),
             state: STATE_SLEEPING,
-            _pad: [0; 3],
+            site_known: 0,
+            _pad: [0; 2],
             syscall: 230,
+            site: 0x5eed,
             args: [1, 0, 0x7ffd_0000],
             start_ns: 5_000,
             duration_ns: 80_000_000,

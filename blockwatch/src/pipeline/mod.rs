@@ -18,7 +18,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use log::{debug, info, warn};
 
 use blockwatch_common::x86_64::NR_FUTEX;
-use blockwatch_common::{LoopClock, PyFrameRef, PyProc, StrictKey, StrictTally};
+use blockwatch_common::{
+    LoopClock, PyFrameRef, PyProc, SiteCheck, SiteKey, StrictKey, StrictTally,
+};
 
 use crate::analyze::syscalls::{self, FdKind};
 use crate::analyze::{advice, culprit, gil};
@@ -28,6 +30,7 @@ use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
+use crate::stacks::sites::{self, Sites};
 use loops::Loops;
 use strict::{StrictCalls, StrictSites};
 
@@ -81,6 +84,7 @@ pub struct RuntimeMaps<'a> {
     pub pyprocs: &'a mut BpfHashMap<MapData, u32, PyProc>,
     pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
     pub strict: &'a mut BpfHashMap<MapData, StrictKey, StrictTally>,
+    pub sites: &'a mut BpfHashMap<MapData, SiteKey, SiteCheck>,
 }
 
 impl<'a> RuntimeMaps<'a> {
@@ -91,6 +95,7 @@ impl<'a> RuntimeMaps<'a> {
             pyprocs: &mut maps.pyprocs,
             clocks: &mut maps.clocks,
             strict: &mut maps.strict_counts,
+            sites: &mut maps.known_sites,
         }
     }
 }
@@ -127,10 +132,17 @@ pub struct Stats {
     pub inconsistent: u64,
     /// CPU-bound episodes of loops whose clock was still being looked for.
     pub unclocked: u64,
+    /// Episodes at a call site the kernel took for known and user space
+    /// had forgotten (in flight across an exec): reported without their
+    /// native frames.
+    pub unknown_sites: u64,
 }
 
 pub struct Pipeline {
     stacks: StackBuilder,
+    /// The frames of call sites seen before, whose waits the kernel sends
+    /// without stacks.
+    sites: Sites,
     /// User-stack copies waiting for the record they belong to (the kernel
     /// sends a copy just before its episode or sample), by TID.
     user_stacks: HashMap<u32, decode::UserStackRecord>,
@@ -195,6 +207,7 @@ impl Pipeline {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         Self {
             stacks: StackBuilder::new(),
+            sites: Sites::new(),
             user_stacks: HashMap::new(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
@@ -386,7 +399,7 @@ impl Pipeline {
     }
 
     /// Drains every record the kernel has written, handing each output to
-    /// `out`. Learned parks are written to `parks_map`.
+    /// `out`.
     pub fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
@@ -476,7 +489,9 @@ impl Pipeline {
             }
         };
         match record {
-            Record::Block(b) => self.block(b).map(|e| Output::Event(Box::new(e))),
+            Record::Block(b) => self
+                .block(b, maps.sites)
+                .map(|e| Output::Event(Box::new(e))),
             Record::UserStack(u) => {
                 self.user_stacks.insert(u.tid, u);
                 None
@@ -498,6 +513,7 @@ impl Pipeline {
             }
             Record::Exec { pid, comm, .. } => {
                 self.strict_last(maps.strict, 0, Some(pid));
+                self.sites.forget(pid, maps.sites);
                 self.forget(pid);
                 self.process_names.insert(pid, comm.clone());
                 Some(Output::Exec { pid, comm })
@@ -514,6 +530,7 @@ impl Pipeline {
                 // Kept until the whole process is gone so that its other
                 // threads' late events still carry its name and symbols.
                 group_dead.then(|| {
+                    self.sites.forget(pid, maps.sites);
                     self.forget(pid);
                     Output::ProcessExit { pid }
                 })
@@ -537,7 +554,7 @@ impl Pipeline {
 
     /// A reported episode, unless its only wait is a runtime park that
     /// raced the kernel map update.
-    fn block(&mut self, mut b: BlockRecord) -> Option<Event> {
+    fn block(&mut self, b: BlockRecord, known: &mut KnownSitesMap) -> Option<Event> {
         let copy = self
             .user_stacks
             .remove(&b.tid)
@@ -577,10 +594,12 @@ impl Pipeline {
         // preempts), so it counts with the CPU. Then CPU work took the
         // largest share, and the stack most samples share names it, not
         // whatever the loop last waited on; unless the loop barely ran
-        // and was mostly kept off the CPU, the host's doing, which its
-        // longest wait, a preemption, says.
+        // and was mostly kept off the CPU, the host's doing: then its
+        // longest wait names it, with the preemption in its breakdown.
+        // Preemptions carry no stacks (the kernel takes none for them),
+        // so an episode with no other wait is named by its samples.
         let waited = episode.sleeping_ns + episode.disk_ns;
-        let mostly_cpu = b.waits == 0
+        let mostly_cpu = b.wait_ns == 0
             || (episode.cpu_ns + episode.preempted_ns > waited
                 && episode.cpu_ns * 4 >= episode.preempted_ns);
         // A CPython loop whose clock is still being looked for cannot have
@@ -595,12 +614,12 @@ impl Pipeline {
             return None;
         }
         self.stats.events += 1;
-        let mut ev = if mostly_cpu && (!samples.is_empty() || b.waits == 0) {
+        let mut ev = if mostly_cpu && (!samples.is_empty() || b.wait_ns == 0) {
             self.stats.stalls += 1;
             self.cpu_bound(b, samples)
         } else {
-            b.ips = self.stacks.native(b.pid, &b.ips, copy.as_ref());
-            self.enrich(b)
+            let stack = self.wait_stack(&b, copy.as_ref(), known);
+            self.enrich(b, stack)
         };
         ev.episode = Some(episode);
         Some(ev)
@@ -637,7 +656,12 @@ impl Pipeline {
             syscall: in_call.map_or(-1, |c| c.0),
             start_ns: b.start_ns,
             duration_ns: b.duration_ns,
-            state: OffState::Running,
+            // Kept off the CPU far longer than it ran: the host's doing.
+            state: if b.off_ns[2] > b.run_ns.saturating_mul(4) {
+                OffState::Preempted
+            } else {
+                OffState::Running
+            },
         };
         self.event(origin, class, Detector::Stall, stack, culprit)
     }
@@ -666,8 +690,36 @@ impl Pipeline {
             .clone()
     }
 
-    fn enrich(&mut self, b: BlockRecord) -> Event {
-        let stack = self.stack(b.pid, &b.ips, &b.py);
+    /// The frames of an episode's longest wait: those of its call site
+    /// when the kernel left its native stack out as known, else built from
+    /// the stacks sent, and then its site's from now on.
+    fn wait_stack(
+        &mut self,
+        b: &BlockRecord,
+        copy: Option<&decode::UserStackRecord>,
+        known: &mut KnownSitesMap,
+    ) -> Vec<Frame> {
+        if b.site_known {
+            if let Some(frames) = self.sites.get(b.pid, b.site) {
+                return frames.to_vec();
+            }
+            // Forgotten here while its record was in flight: its next wait
+            // sends its stacks again.
+            self.stats.unknown_sites += 1;
+            self.sites.unlearn(b.pid, b.site, known);
+            return self.stack(b.pid, &b.ips, &b.py);
+        }
+        let ips = self.stacks.native(b.pid, &b.ips, copy);
+        let stack = self.stack(b.pid, &ips, &b.py);
+        // Only a stack that came whole is reused: without its copy it was
+        // unwound by frame pointers alone.
+        if let Some(check) = copy.and_then(|c| sites::site_check(c, &ips)) {
+            self.sites.learn(b.pid, b.site, &stack, check, known);
+        }
+        stack
+    }
+
+    fn enrich(&mut self, b: BlockRecord, stack: Vec<Frame>) -> Event {
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
@@ -730,6 +782,9 @@ impl Pipeline {
         self.stacks.frames(pid, ips, py, interp)
     }
 }
+
+/// The kernel's map of known call sites.
+type KnownSitesMap = BpfHashMap<MapData, SiteKey, SiteCheck>;
 
 /// Process `pid`'s interpreter, when it is known to run CPython.
 fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {

@@ -4,6 +4,7 @@
 
 pub mod builder;
 pub mod perfmap;
+pub mod sites;
 pub mod symbolize;
 pub mod unwind;
 

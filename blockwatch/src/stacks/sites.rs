@@ -1,0 +1,329 @@
+//! Call sites whose stack is already known: the kernel sends a wait's
+//! native stack (frame-pointer walk and 16 KiB user-stack copy) only the
+//! first time it sees its call site, and the frames built from it then are
+//! reused for every later wait there.
+//!
+//! A site is the kernel's hash of the wait's user `ip` and `sp`, its
+//! nearest frame-pointer return addresses and its CPython (code,
+//! instruction) pairs (`SiteKey`). Two different native stacks with all of
+//! these equal would share frames; at the same `sp` and `ip` that takes two
+//! callers with identical frame sizes whose own callers keep no frame
+//! pointer, and CPython frames, which tell Python callers apart, are part
+//! of the key. That trade is what lets a busy host's repeated waits cost
+//! no copy, no unwinding and no symbolization (ARCHITECTURE.md, "Known
+//! call sites").
+//!
+//! A site is learned only from a stack that came whole (its copy arrived)
+//! and named every frame: a JIT frame whose perf map was not written yet
+//! is looked up again at the next wait, not frozen unnamed. The kernel's
+//! `KNOWN_SITES` and this cache change together: a site is added to the
+//! kernel map only once its frames are here, and leaves it before it
+//! leaves here (eviction, the process's exec or exit).
+
+use std::collections::HashMap;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SiteCheck, SiteKey};
+use log::debug;
+
+use crate::event::Frame;
+use crate::ingest::decode::UserStackRecord;
+
+/// The kernel's `KNOWN_SITES` (a trait so the cache's logic is testable
+/// without a kernel).
+pub trait KnownSites {
+    fn add(&mut self, key: SiteKey, check: SiteCheck) -> Result<(), MapError>;
+    fn drop_site(&mut self, key: &SiteKey);
+}
+
+impl KnownSites for BpfHashMap<MapData, SiteKey, SiteCheck> {
+    fn add(&mut self, key: SiteKey, check: SiteCheck) -> Result<(), MapError> {
+        self.insert(key, check, 0)
+    }
+
+    fn drop_site(&mut self, key: &SiteKey) {
+        // Absent is fine: the map refused it, or never had it.
+        let _ = self.remove(key);
+    }
+}
+
+/// Sites kept, as many as the kernel's map holds.
+const MAX_SITES: usize = MAX_KNOWN_SITES as usize;
+
+struct Site {
+    frames: Vec<Frame>,
+    last_used: u64,
+}
+
+/// The frames of every known call site, by process and site.
+#[derive(Default)]
+pub struct Sites {
+    sites: HashMap<u32, HashMap<u64, Site>>,
+    len: usize,
+    /// A logical clock for least-recently-used eviction.
+    tick: u64,
+}
+
+impl Sites {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The frames of site `site` of process `pid`, if known.
+    pub fn get(&mut self, pid: u32, site: u64) -> Option<&[Frame]> {
+        self.tick += 1;
+        let tick = self.tick;
+        let s = self.sites.get_mut(&pid)?.get_mut(&site)?;
+        s.last_used = tick;
+        Some(&s.frames)
+    }
+
+    /// Remembers `frames` as the stack of site `site` of process `pid`,
+    /// and tells the kernel (`known`) to stop sending its stacks while its
+    /// callers are those `check` names, when they are worth reusing: none
+    /// missing a name. A site already known whose callers differed (the
+    /// kernel sent its stacks again) takes the new ones.
+    pub fn learn(
+        &mut self,
+        pid: u32,
+        site: u64,
+        frames: &[Frame],
+        check: SiteCheck,
+        known: &mut impl KnownSites,
+    ) {
+        if frames.is_empty() || frames.iter().any(|f| f.function.is_none()) {
+            return;
+        }
+        if let Some(old) = self.sites.get_mut(&pid).and_then(|p| p.get_mut(&site)) {
+            if known.add(key(pid, site), check).is_ok() {
+                old.frames = frames.to_vec();
+            }
+            return;
+        }
+        if self.len >= MAX_SITES
+            && let Some((old_pid, old_site)) = self.least_recently_used()
+        {
+            self.unlearn(old_pid, old_site, known);
+        }
+        // Full (another session's sites, or a race with deletes): the site
+        // keeps sending its stacks, which is only slower.
+        let key = key(pid, site);
+        if let Err(e) = known.add(key, check) {
+            debug!("call site {site:#x} of pid {pid} not handed to the kernel: {e}");
+            return;
+        }
+        self.tick += 1;
+        let site = Site {
+            frames: frames.to_vec(),
+            last_used: self.tick,
+        };
+        if self
+            .sites
+            .entry(pid)
+            .or_default()
+            .insert(key.site, site)
+            .is_none()
+        {
+            self.len += 1;
+        }
+    }
+
+    /// The site used longest ago (a scan: only when the cache is full).
+    fn least_recently_used(&self) -> Option<(u32, u64)> {
+        self.sites
+            .iter()
+            .flat_map(|(&pid, sites)| sites.iter().map(move |(&s, v)| (v.last_used, pid, s)))
+            .min()
+            .map(|(_, pid, s)| (pid, s))
+    }
+
+    /// Forgets one site, the kernel's copy first: its next wait sends its
+    /// stacks again.
+    pub fn unlearn(&mut self, pid: u32, site: u64, known: &mut impl KnownSites) {
+        known.drop_site(&key(pid, site));
+        if let Some(sites) = self.sites.get_mut(&pid)
+            && sites.remove(&site).is_some()
+        {
+            self.len -= 1;
+            if sites.is_empty() {
+                self.sites.remove(&pid);
+            }
+        }
+    }
+
+    /// Forgets every site of process `pid` (it exec'd or exited: its
+    /// addresses mean something else now, or nothing).
+    pub fn forget(&mut self, pid: u32, known: &mut impl KnownSites) {
+        let Some(sites) = self.sites.remove(&pid) else {
+            return;
+        };
+        self.len -= sites.len();
+        for site in sites.keys() {
+            known.drop_site(&key(pid, *site));
+        }
+    }
+
+    /// Sites kept.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The check of a stack whose native return addresses are `ips`
+/// (innermost first, `ips[0]` the wait's own address), unwound from
+/// `copy`: where in the copy each of the nearest callers' return addresses
+/// was. None when one of them is not in it (frames found by the
+/// frame-pointer walk beyond the copy are not checked, but the nearest
+/// must be).
+pub fn site_check(copy: &UserStackRecord, ips: &[u64]) -> Option<SiteCheck> {
+    let mut check = SiteCheck::default();
+    let mut from = 0usize;
+    for &ret in ips.iter().skip(1).take(SITE_CHECKS) {
+        let at = copy.stack[from..]
+            .chunks_exact(8)
+            .position(|w| w == ret.to_ne_bytes())?;
+        let off = from + at * 8;
+        check.offs[check.n as usize] = u32::try_from(off).ok()?;
+        check.vals[check.n as usize] = ret;
+        check.n += 1;
+        from = off + 8;
+    }
+    // A wait with callers must have at least one checked.
+    (ips.len() <= 1 || check.n > 0).then_some(check)
+}
+
+fn key(pid: u32, site: u64) -> SiteKey {
+    SiteKey {
+        tgid: pid,
+        _pad: 0,
+        site,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[derive(Default)]
+    struct Kernel(HashSet<SiteKey>);
+
+    impl KnownSites for Kernel {
+        fn add(&mut self, key: SiteKey, _: SiteCheck) -> Result<(), MapError> {
+            self.0.insert(key);
+            Ok(())
+        }
+        fn drop_site(&mut self, key: &SiteKey) {
+            self.0.remove(key);
+        }
+    }
+
+    fn frame(name: Option<&str>) -> Frame {
+        Frame {
+            address: 0x1000,
+            function: name.map(str::to_string),
+            module: Some("/bin/x".into()),
+            file: None,
+            line: None,
+            inlined: false,
+            kind: Default::default(),
+        }
+    }
+
+    fn copy(words: &[u64]) -> UserStackRecord {
+        UserStackRecord {
+            pid: 1,
+            tid: 1,
+            start_ns: 0,
+            ip: 0x10,
+            sp: 0x7000,
+            bp: 0,
+            stack: words.iter().flat_map(|w| w.to_ne_bytes()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_check_names_where_each_caller_was_found() {
+        let c = copy(&[5, 0x401000, 7, 7, 0x402000, 0x403000]);
+        let check = site_check(&c, &[0x10, 0x401000, 0x402000, 0x403000]).unwrap();
+        assert_eq!(check.n, 3);
+        assert_eq!(&check.offs[..3], &[8, 32, 40]);
+        assert_eq!(&check.vals[..3], &[0x401000, 0x402000, 0x403000]);
+    }
+
+    #[test]
+    fn a_caller_missing_from_the_copy_ends_the_check() {
+        let c = copy(&[0x401000, 0]);
+        // The second caller is not in the copy (found beyond it): only the
+        // first is checked; a first caller not found means no check.
+        assert_eq!(site_check(&c, &[0x10, 0x401000, 0x999000]), None);
+        assert_eq!(site_check(&c, &[0x10, 0x999000]), None);
+        assert_eq!(site_check(&c, &[0x10]).map(|c| c.n), Some(0));
+    }
+
+    #[test]
+    fn a_learned_site_is_known_to_both_sides() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        sites.learn(
+            7,
+            0xabc,
+            &[frame(Some("f"))],
+            SiteCheck::default(),
+            &mut kernel,
+        );
+        assert_eq!(sites.get(7, 0xabc).map(|f| f.len()), Some(1));
+        assert!(kernel.0.contains(&key(7, 0xabc)));
+        assert!(sites.get(8, 0xabc).is_none(), "sites are per process");
+    }
+
+    #[test]
+    fn a_stack_with_an_unnamed_frame_is_not_learned() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        sites.learn(
+            7,
+            1,
+            &[frame(Some("f")), frame(None)],
+            SiteCheck::default(),
+            &mut kernel,
+        );
+        sites.learn(7, 2, &[], SiteCheck::default(), &mut kernel);
+        assert!(sites.is_empty() && kernel.0.is_empty());
+    }
+
+    #[test]
+    fn a_process_takes_its_sites_with_it() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        sites.learn(7, 1, &[frame(Some("f"))], SiteCheck::default(), &mut kernel);
+        sites.learn(7, 2, &[frame(Some("g"))], SiteCheck::default(), &mut kernel);
+        sites.learn(9, 1, &[frame(Some("h"))], SiteCheck::default(), &mut kernel);
+        sites.forget(7, &mut kernel);
+        assert_eq!(sites.len(), 1);
+        assert_eq!(kernel.0.len(), 1);
+        assert!(sites.get(9, 1).is_some());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_drops_the_least_recently_used() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        for s in 0..MAX_SITES as u64 {
+            sites.learn(1, s, &[frame(Some("f"))], SiteCheck::default(), &mut kernel);
+        }
+        // Site 0 used again: site 1 is now the oldest.
+        assert!(sites.get(1, 0).is_some());
+        sites.learn(
+            2,
+            99,
+            &[frame(Some("g"))],
+            SiteCheck::default(),
+            &mut kernel,
+        );
+        assert_eq!(sites.len(), MAX_SITES);
+        assert_eq!(kernel.0.len(), MAX_SITES);
+        assert!(sites.get(1, 1).is_none() && !kernel.0.contains(&key(1, 1)));
+        assert!(sites.get(1, 0).is_some() && sites.get(2, 99).is_some());
+    }
+}
