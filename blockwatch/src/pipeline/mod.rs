@@ -49,6 +49,13 @@ const PY_INSPECT_MAX_GAP: Duration = Duration::from_secs(2);
 const EXEC_RETRY_GAP: Duration = Duration::from_millis(5);
 /// ...for this long (the interpreter's start-up, before any loop).
 const EXEC_RETRY_FOR: Duration = Duration::from_secs(2);
+/// A drain that found at least this many records was woken by a busy
+/// ring buffer: the next read waits `BUSY_PAUSE` first, so that records
+/// are read in batches, not one wake-up each (the kernel wakes its reader
+/// for the first record after the reader caught up, and a reader that
+/// always catches up is woken for every record).
+pub const BUSY_RECORDS: usize = 16;
+pub const BUSY_PAUSE: Duration = Duration::from_millis(5);
 /// A CPython loop's clock not found at its discovery is looked for again
 /// this often, this many times (a second in all).
 const CLOCK_RETRY_GAP: Duration = Duration::from_millis(20);
@@ -399,14 +406,16 @@ impl Pipeline {
     }
 
     /// Drains every record the kernel has written, handing each output to
-    /// `out`.
+    /// `out`; how many records there were.
     pub fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
         maps: &mut RuntimeMaps,
         mut out: impl FnMut(Output),
-    ) {
+    ) -> usize {
+        let mut records = 0;
         while let Some(item) = ring.next() {
+            records += 1;
             let output = self.process(&item, maps);
             // Release the ring-buffer slot before the (slow) output.
             drop(item);
@@ -417,6 +426,7 @@ impl Pipeline {
                 out(o);
             }
         }
+        records
     }
 
     /// Reads the kernel's strict counts: each call site's calls since the

@@ -20,7 +20,7 @@ use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::strict::Read as StrictRead;
-use crate::pipeline::{Output, Pipeline, RuntimeMaps};
+use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::runtimes::python;
 use crate::session::notify::{sd_notify, watchdog_interval};
@@ -415,9 +415,12 @@ impl Daemon {
                     let mut guard = guard?;
                     let (state, metrics) = (&mut self.state, &self.metrics);
                     let mut maps = RuntimeMaps::of(&mut self.session.maps);
-                    self.pipeline.drain(guard.get_inner_mut(), &mut maps, |o| state.take(o, metrics));
+                    let records = self.pipeline.drain(guard.get_inner_mut(), &mut maps, |o| state.take(o, metrics));
                     guard.clear_ready();
                     self.after_drain();
+                    if records >= BUSY_RECORDS {
+                        tokio::time::sleep(BUSY_PAUSE).await;
+                    }
                 }
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.pipeline.retry_execs(&mut self.session.maps.pyprocs);

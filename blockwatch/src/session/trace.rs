@@ -13,7 +13,7 @@ use crate::cli::TraceArgs;
 use crate::event::Detector;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::strict::Read as StrictRead;
-use crate::pipeline::{Output, Pipeline, RuntimeMaps};
+use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
@@ -295,7 +295,7 @@ async fn watch_until_stop(
             guard = session.ring.readable_mut() => {
                 let mut guard = guard?;
                 let mut maps = RuntimeMaps::of(&mut session.maps);
-                pipeline.drain(guard.get_inner_mut(), &mut maps, |o| sink.take(o));
+                let records = pipeline.drain(guard.get_inner_mut(), &mut maps, |o| sink.take(o));
                 guard.clear_ready();
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
@@ -313,6 +313,9 @@ async fn watch_until_stop(
                     if session.maps.watched.get(&pid, 0).is_ok() {
                         pipeline.inspect_at_exec(pid, &mut session.maps.pyprocs);
                     }
+                }
+                if records >= BUSY_RECORDS {
+                    tokio::time::sleep(BUSY_PAUSE).await;
                 }
             }
             _ = sleep_until(retry), if retry.is_some() => {
