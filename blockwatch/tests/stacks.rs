@@ -299,3 +299,45 @@ fn python_frames_sit_inside_the_unwound_native_stack() {
         );
     }
 }
+
+/// Waits at a call site seen before send no stack (the kernel checks where
+/// user space found the site's nearest callers): two functions that sleep
+/// from the same depth of the same task, a tokio program without frame
+/// pointers, share the syscall's address and stack pointer, and each of
+/// their sleeps is still named after its own caller, repeats (known site)
+/// and switches (other callers at a known site) alike.
+#[test]
+fn known_call_sites_keep_their_callers_apart() {
+    let _serial = common::setup();
+    let bin = tokio_blocker_without_frame_pointers();
+    let run = trace(&["--threshold", "20ms", "--", &bin, "two-callers"]);
+    run.assert_success();
+    let named: Vec<&str> = sleeps(&run)
+        .iter()
+        .map(|e| {
+            let f = e.functions();
+            if f.iter().any(|f| f.contains("sleep_a")) {
+                "a"
+            } else if f.iter().any(|f| f.contains("sleep_b")) {
+                "b"
+            } else {
+                "?"
+            }
+        })
+        .collect();
+    assert_eq!(
+        named,
+        ["a", "a", "b", "b", "a", "a"],
+        "each sleep named after its own caller\n{}\n{}",
+        run.report(),
+        run.stacks()
+    );
+    for e in sleeps(&run) {
+        assert!(
+            reaches_thread_root(e),
+            "a known site keeps the whole stack: {}\n{}",
+            e.summary(),
+            run.stacks()
+        );
+    }
+}

@@ -30,6 +30,12 @@
 //! | `cpu-hog`        | a task computes for 300 ms of CPU time (`cpu_hog`):    |
 //! |                  | a stall of its worker (stall tests)                    |
 //!
+//! And `two-callers`: a task calls `sleep_a` twice, `sleep_b` twice and
+//! `sleep_a` twice again, each a `std::thread::sleep` (60 and 65 ms) from the same
+//! depth of the same task (same syscall address, same stack pointer),
+//! awaiting `tokio::time::sleep(50ms)` between: a known call site's stack
+//! must not be taken for another caller's.
+//!
 //! And one with no warm-up, for discovery: `cold-workers` idles 300 ms (each
 //! worker parks once), then spawns three tasks that each call
 //! `std::thread::sleep(70ms)` in `sleep_on_cold_worker`: all three are
@@ -47,7 +53,13 @@ use std::time::Duration;
 
 const SCENARIOS: [&str; 5] = ["idle", "timer", "spawn-blocking", "sleep", "fsync"];
 /// Scenarios run only when named.
-const EXTRA_SCENARIOS: [&str; 4] = ["async-sleep", "exit-after-block", "cpu-hog", "cold-workers"];
+const EXTRA_SCENARIOS: [&str; 5] = [
+    "async-sleep",
+    "exit-after-block",
+    "cpu-hog",
+    "cold-workers",
+    "two-callers",
+];
 const FILE_SIZE: usize = 64 << 20;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -103,6 +115,10 @@ async fn run(name: &str) -> std::io::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        "two-callers" => {
+            warm_up().await;
+            tokio::spawn(two_callers()).await?;
+        }
         "cpu-hog" => {
             warm_up().await;
             tokio::spawn(async { cpu_hog(Duration::from_millis(300)) }).await?;
@@ -111,6 +127,33 @@ async fn run(name: &str) -> std::io::Result<()> {
         _ => unreachable!("checked in main"),
     }
     Ok(())
+}
+
+/// `sleep_a`, `sleep_a`, `sleep_b`, `sleep_b`, `sleep_a`, `sleep_a`, with
+/// the loop idle between.
+async fn two_callers() {
+    for first in [true, true, false, false, true, true] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let sleep: fn() -> std::time::Instant = if first { sleep_a } else { sleep_b };
+        std::hint::black_box(sleep());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[inline(never)]
+fn sleep_a() -> std::time::Instant {
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(60)));
+    std::hint::black_box(start)
+}
+
+/// As `sleep_a`, but for 65 ms: identical functions would be merged into
+/// one by the compiler.
+#[inline(never)]
+fn sleep_b() -> std::time::Instant {
+    let start = std::time::Instant::now();
+    std::thread::sleep(std::hint::black_box(Duration::from_millis(65)));
+    std::hint::black_box(start)
 }
 
 /// A blocking call on a worker that has parked only once so far.
