@@ -1,0 +1,427 @@
+//! The pipeline's throughput: `trace -o json --threads all --threshold 1ms
+//! -- workload block THREADS 2000 SECS`, where every 2 ms sleep of every
+//! thread is a slow event (500 a second a thread). Threads double until the
+//! first loss; each run prints what the workload offered beside what
+//! blockwatch reported and lost, and blockwatch's CPU per reported event in
+//! steady state.
+
+use std::io::Read as _;
+use std::os::fd::AsRawFd as _;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::proc::cpu_secs;
+use super::stats::{LineCounter, losses, print_table, progress, progress_done};
+use super::targets::{Figure, Goal, Unit, thousands};
+use super::tracer::strings;
+use super::{Bench, Options, bench_dir};
+use crate::run::display;
+
+/// Microseconds each workload thread sleeps: 500 events/s a thread.
+const SLEEP_US: u64 = 2000;
+/// The steady window starts this long after the first event (start-up:
+/// first stacks, cold symbol caches) and ends this long before the
+/// workload does (the final drain).
+const WARMUP: f64 = 1.0;
+const COOLDOWN: f64 = 0.25;
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// One `block` run under `trace`.
+pub(super) struct BlockRun {
+    pub threads: usize,
+    /// How long the workload ran, seconds.
+    pub secs: f64,
+    /// Sleeps the workload completed (its own count), if it said.
+    pub offered: Option<u64>,
+    /// JSON events blockwatch wrote.
+    pub events: u64,
+    /// blockwatch's `N WHAT were lost` warnings.
+    pub losses: Vec<(u64, String)>,
+    /// blockwatch's CPU over the whole run (wait4), seconds.
+    pub cpu: f64,
+    pub steady: Option<Steady>,
+}
+
+/// The run after start-up and before the final drain.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Steady {
+    pub secs: f64,
+    pub events: u64,
+    /// blockwatch's CPU over the window, seconds.
+    pub cpu: f64,
+}
+
+impl Steady {
+    pub fn cpu_per_event_us(&self) -> f64 {
+        self.cpu / self.events as f64 * 1e6
+    }
+}
+
+/// (seconds since spawn, blockwatch CPU seconds, events written so far).
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    t: f64,
+    cpu: f64,
+    events: u64,
+}
+
+impl BlockRun {
+    fn lost(&self) -> u64 {
+        self.losses.iter().map(|(n, _)| n).sum()
+    }
+
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+
+    fn offered_rate(&self) -> Option<f64> {
+        self.offered.map(|n| n as f64 / self.secs)
+    }
+
+    pub fn cpu_per_event_us(&self) -> f64 {
+        self.cpu / self.events.max(1) as f64 * 1e6
+    }
+}
+
+/// From the first sample at least [`WARMUP`] after the first event to the
+/// last one at least [`COOLDOWN`] before the workload's end (it runs
+/// `secs` from about its first event); None when that is under 0.5 s.
+fn steady_window(samples: &[Sample], secs: f64) -> Option<Steady> {
+    let first = samples.iter().find(|s| s.events > 0)?.t;
+    let start = samples.iter().find(|s| s.t >= first + WARMUP)?;
+    let end = samples
+        .iter()
+        .rev()
+        .find(|s| s.t <= first + secs - COOLDOWN)?;
+    let events = end.events.checked_sub(start.events)?;
+    (end.t - start.t >= 0.5 && events > 0).then_some(Steady {
+        secs: end.t - start.t,
+        events,
+        cpu: end.cpu - start.cpu,
+    })
+}
+
+impl Bench {
+    /// `trace -o json --threads all --threshold 1ms -- workload block
+    /// THREADS 2000 SECS`, its stdout counted as it comes and its CPU
+    /// sampled every 100 ms.
+    pub(super) fn block_run(
+        &self,
+        threads: usize,
+        secs: f64,
+        user_stack: Option<&str>,
+    ) -> anyhow::Result<BlockRun> {
+        let mut args = strings(&[
+            "trace",
+            "-o",
+            "json",
+            "--threads",
+            "all",
+            "--threshold",
+            "1ms",
+        ]);
+        if let Some(size) = user_stack {
+            args.extend(strings(&["--user-stack-size", size]));
+        }
+        args.push("--".into());
+        args.push(self.workload.display().to_string());
+        args.extend([
+            "block".into(),
+            threads.to_string(),
+            SLEEP_US.to_string(),
+            format!("{secs}"),
+        ]);
+        let err_path = bench_dir().join("pipeline.stderr");
+        let mut cmd = self.blockwatch_cmd(&args);
+        cmd.stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err_path)?)
+            .stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {}", display(&cmd)))?;
+        let stdout = child.stdout.take().context("blockwatch's stdout")?;
+        // A deeper pipe, so that blockwatch never waits on our reading.
+        // SAFETY: fcntl on a pipe we own; a failure only leaves it smaller.
+        unsafe { libc::fcntl(stdout.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        let events = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let events = Arc::clone(&events);
+            std::thread::spawn(move || count_lines(stdout, &events))
+        };
+        let sampled = sample_until_exit(&mut child, &events, secs + 60.0);
+        // The pipe closes once blockwatch and the workload are gone.
+        let counter = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("stdout reader panicked"))?;
+        let (ok, cpu, samples) = sampled?;
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        if !ok {
+            bail!("blockwatch failed:\n{stderr}");
+        }
+        Ok(BlockRun {
+            threads,
+            secs,
+            offered: counter.other.iter().rev().find_map(|l| l.parse().ok()),
+            events: counter.events,
+            losses: losses(&stderr),
+            cpu,
+            steady: steady_window(&samples, secs),
+        })
+    }
+
+    pub(super) fn pipeline(&self, opts: &Options) -> anyhow::Result<Vec<Figure>> {
+        println!(
+            "\n== pipeline: slow events per second (--threads all --threshold 1ms; threads sleeping 2 ms in a loop, 500 events/s each) =="
+        );
+        let secs = (opts.secs * 8.0).clamp(3.0, 8.0);
+        let top = 512;
+        let mut threads = if opts.quick { 16 } else { 8 };
+        let mut runs: Vec<BlockRun> = Vec::new();
+        loop {
+            progress(&format!("bench: pipeline {threads} threads, {secs:.0} s"));
+            let r = self.block_run(threads, secs, None)?;
+            let lost = r.lost() > 0;
+            let first = runs.is_empty() || runs.iter().all(|r| r.lost() > 0);
+            runs.push(r);
+            // Double until the first loss; when the first rung already
+            // loses, halve instead until one does not, so that the
+            // lossless rate is known.
+            threads = match (lost, first) {
+                (false, _) if threads < top && runs.iter().all(|r| r.lost() == 0) => threads * 2,
+                (true, true) if threads > 1 => threads / 2,
+                _ => break,
+            };
+        }
+        progress_done();
+        runs.sort_by_key(|r| r.threads);
+        print_pipeline(&runs);
+        Ok(pipeline_figures(&runs))
+    }
+}
+
+/// Counts `stdout`'s JSON lines into `events` as they come.
+fn count_lines(mut stdout: std::process::ChildStdout, events: &AtomicU64) -> LineCounter {
+    let mut counter = LineCounter::default();
+    let mut buf = vec![0u8; 1 << 18];
+    loop {
+        match stdout.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                counter.feed(&buf[..n]);
+                events.store(counter.events, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    counter.close();
+    counter
+}
+
+/// Samples blockwatch's CPU and events every 100 ms until it exits (killed
+/// after `limit` seconds): (exited 0, its CPU seconds from wait4, samples).
+fn sample_until_exit(
+    child: &mut Child,
+    events: &AtomicU64,
+    limit: f64,
+) -> anyhow::Result<(bool, f64, Vec<Sample>)> {
+    let pid = child.id();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    loop {
+        let t = started.elapsed().as_secs_f64();
+        if let Some(cpu) = cpu_secs(pid) {
+            samples.push(Sample {
+                t,
+                cpu,
+                events: events.load(Ordering::Relaxed),
+            });
+        }
+        if let Some((ok, cpu)) = try_wait4(pid)? {
+            return Ok((ok, cpu, samples));
+        }
+        if t > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("blockwatch did not exit after {limit:.0} s");
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    }
+}
+
+/// wait4(WNOHANG) on our child: None while it runs, else (exited 0, its
+/// user + system CPU seconds).
+fn try_wait4(pid: u32) -> anyhow::Result<Option<(bool, f64)>> {
+    let pid = pid as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid one for wait4 to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, with valid pointers.
+    let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+    if rc == 0 {
+        return Ok(None);
+    }
+    if rc != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok(Some((ok, secs(usage.ru_utime) + secs(usage.ru_stime))))
+}
+
+fn print_pipeline(runs: &[BlockRun]) {
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let lost = if r.losses.is_empty() {
+                "0".to_string()
+            } else {
+                r.losses
+                    .iter()
+                    .map(|(n, what)| format!("{n} {}", what.split(' ').next().unwrap_or(what)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                r.threads.to_string(),
+                format!(
+                    "{} of {}",
+                    r.offered_rate().map_or("?".into(), thousands),
+                    thousands((r.threads as u64 * 1_000_000 / SLEEP_US) as f64)
+                ),
+                thousands(r.rate()),
+                lost,
+                r.offered.map_or("?".into(), |o| {
+                    (o as i64 - r.events as i64 - r.lost() as i64).to_string()
+                }),
+                r.steady.map_or("-".into(), |s| {
+                    format!(
+                        "{:.1} µs ({}/s)",
+                        s.cpu_per_event_us(),
+                        thousands(s.events as f64 / s.secs)
+                    )
+                }),
+                format!("{:.1} µs", r.cpu_per_event_us()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "threads",
+            "offered events/s (of nominal)",
+            "reported/s",
+            "lost",
+            "offered−reported−lost",
+            "CPU/event steady (rate)",
+            "CPU/event whole run",
+        ]
+        .map(String::from),
+        &rows,
+    );
+    println!(
+        "(offered: the sleeps the workload completed, its own count; reported: JSON events on blockwatch's stdout; \
+         lost: blockwatch's loss warnings; the main thread's join wait is one more event)"
+    );
+    println!(
+        "(CPU/event steady: utime+stime of all blockwatch's threads (/proc/PID/stat, 10 ms ticks), sampled every 100 ms, \
+         from {WARMUP:.0} s after the first event to {COOLDOWN} s before the workload's end, over the events written in that window; \
+         whole run: wait4's total, start-up and final drain included, over all events)"
+    );
+    println!(
+        "(symbolization is always on: blockwatch has no switch to turn it off, and events without stacks are no use)"
+    );
+}
+
+/// Slow events/s sustained without loss (≥ 100,000) and the CPU per event
+/// in steady state at the fastest lossless run (≤ 5 µs).
+fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
+    let best = runs
+        .iter()
+        .filter(|r| r.lost() == 0)
+        .max_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let first_loss = runs.iter().find(|r| r.lost() > 0);
+    let name = "pipeline: slow events/s sustained without loss";
+    let goal = Goal::AtLeast(100_000.0);
+    let rate = match best {
+        Some(b) => {
+            let bound = match first_loss {
+                Some(l) => format!(
+                    "{} threads; loss at {} threads, {} offered",
+                    b.threads,
+                    l.threads,
+                    l.offered_rate()
+                        .map_or("?/s".into(), |v| format!("{}/s", thousands(v)))
+                ),
+                None => format!(
+                    "{} threads, no loss at any rung: bounded by what the workload offered, {}",
+                    b.threads,
+                    b.offered_rate()
+                        .map_or("?/s".into(), |v| format!("{}/s", thousands(v)))
+                ),
+            };
+            Figure::new(name, b.rate(), Unit::PerSec, goal).with_note(bound)
+        }
+        None => Figure::missing(name, "loss at every rung", Unit::PerSec, goal),
+    };
+    let name = "pipeline: blockwatch CPU per reported event (steady)";
+    let goal = Goal::AtMost(5.0);
+    let at = best.or_else(|| runs.first());
+    let cpu = match at.and_then(|r| Some((r, r.steady?))) {
+        Some((r, s)) => {
+            Figure::new(name, s.cpu_per_event_us(), Unit::Micros, goal).with_note(format!(
+                "{} threads, {}/s{}",
+                r.threads,
+                thousands(s.events as f64 / s.secs),
+                if r.lost() > 0 { ", with loss" } else { "" }
+            ))
+        }
+        None => Figure::missing(name, "no steady window", Unit::Micros, goal),
+    };
+    vec![rate, cpu]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(points: &[(f64, f64, u64)]) -> Vec<Sample> {
+        points
+            .iter()
+            .map(|&(t, cpu, events)| Sample { t, cpu, events })
+            .collect()
+    }
+
+    #[test]
+    fn the_steady_window_skips_start_up_and_the_drain() {
+        // Attach takes 0.5 s; the first event at 0.6 s; a 3 s workload.
+        let s = samples(&[
+            (0.1, 0.10, 0),
+            (0.6, 0.30, 10),
+            (1.0, 0.32, 200),
+            (1.6, 0.34, 500),
+            (2.0, 0.35, 700),
+            (3.3, 0.40, 1300),
+            (3.5, 0.41, 1400),
+            (3.8, 0.60, 1500),
+        ]);
+        let w = steady_window(&s, 3.0).expect("a window");
+        assert!((w.secs - 1.7).abs() < 1e-9);
+        assert_eq!(w.events, 800);
+        assert!((w.cpu - 0.06).abs() < 1e-9);
+        assert!((w.cpu_per_event_us() - 75.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn no_window_without_events_or_time() {
+        assert_eq!(
+            steady_window(&samples(&[(0.1, 0.1, 0), (5.0, 0.2, 0)]), 3.0),
+            None
+        );
+        let short = samples(&[(0.5, 0.1, 1), (1.5, 0.2, 100), (1.6, 0.2, 110)]);
+        assert_eq!(steady_window(&short, 1.5), None);
+    }
+}
