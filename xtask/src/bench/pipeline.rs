@@ -70,8 +70,24 @@ struct Sample {
 }
 
 impl BlockRun {
+    /// Everything blockwatch said it lost (events, stacks, user-stack
+    /// copies…): "without loss" means none of it.
     fn lost(&self) -> u64 {
         self.losses.iter().map(|(n, _)| n).sum()
+    }
+
+    /// Events neither reported nor counted as lost: the workload's sleeps
+    /// and its main thread's join wait, less the events reported and
+    /// those lost (lost stacks and user-stack copies only degrade an event
+    /// that was reported).
+    fn unaccounted(&self) -> Option<i64> {
+        let lost: u64 = self
+            .losses
+            .iter()
+            .filter(|(_, what)| what == "events")
+            .map(|(n, _)| n)
+            .sum();
+        Some(self.offered? as i64 + 1 - self.events as i64 - lost as i64)
     }
 
     fn rate(&self) -> f64 {
@@ -295,9 +311,7 @@ fn print_pipeline(runs: &[BlockRun]) {
                 ),
                 thousands(r.rate()),
                 lost,
-                r.offered.map_or("?".into(), |o| {
-                    (o as i64 - r.events as i64 - r.lost() as i64).to_string()
-                }),
+                r.unaccounted().map_or("?".into(), |n| n.to_string()),
                 r.steady.map_or("-".into(), |s| {
                     format!(
                         "{:.1} µs ({}/s)",
@@ -315,7 +329,7 @@ fn print_pipeline(runs: &[BlockRun]) {
             "offered events/s (of nominal)",
             "reported/s",
             "lost",
-            "offered−reported−lost",
+            "unaccounted",
             "CPU/event steady (rate)",
             "CPU/event whole run",
         ]
@@ -324,7 +338,8 @@ fn print_pipeline(runs: &[BlockRun]) {
     );
     println!(
         "(offered: the sleeps the workload completed, its own count; reported: JSON events on blockwatch's stdout; \
-         lost: blockwatch's loss warnings; the main thread's join wait is one more event)"
+         lost: blockwatch's loss warnings; \
+         unaccounted: offered + 1 (the main thread's join wait) − reported − lost events, which should be 0)"
     );
     println!(
         "(CPU/event steady: utime+stime of all blockwatch's threads (/proc/PID/stat, 10 ms ticks), sampled every 100 ms, \

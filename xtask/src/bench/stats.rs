@@ -144,16 +144,26 @@ pub fn print_table(header: &[String], rows: &[Vec<String>]) {
     }
 }
 
-/// A progress line, overwritten by the next one (and cleared by
-/// [`progress_done`]).
+/// A progress line on a terminal, overwritten by the next one (and
+/// cleared by [`progress_done`]); nothing when stdout is a file or a
+/// pipe, whose readers want the tables only.
 pub fn progress(what: &str) {
-    print!("\r{what:<72}");
-    let _ = std::io::stdout().flush();
+    if stdout_is_terminal() {
+        print!("\r{what:<72}");
+        let _ = std::io::stdout().flush();
+    }
 }
 
 pub fn progress_done() {
-    print!("\r{:<72}\r", "");
-    let _ = std::io::stdout().flush();
+    if stdout_is_terminal() {
+        print!("\r{:<72}\r", "");
+        let _ = std::io::stdout().flush();
+    }
+}
+
+fn stdout_is_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stdout().is_terminal()
 }
 
 #[cfg(test)]
