@@ -66,53 +66,25 @@ pub fn losses(stderr: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// Counts the JSON events (lines starting with `{`) of a stream fed in
-/// arbitrary chunks, and keeps the other lines (the workload's own
-/// output, which shares blockwatch's stdout).
+/// Counts the JSON events (lines starting with `{`) of a stream, and
+/// keeps the other lines (the workload's own output, which shares
+/// blockwatch's stdout).
 #[derive(Debug, Default)]
 pub struct LineCounter {
     pub events: u64,
     pub other: Vec<String>,
-    at_start: bool,
-    in_event: bool,
-    partial: Vec<u8>,
-    started: bool,
 }
 
 impl LineCounter {
-    pub fn feed(&mut self, chunk: &[u8]) {
-        for &b in chunk {
-            if !self.started || self.at_start {
-                self.started = true;
-                self.at_start = false;
-                self.in_event = b == b'{';
-                if self.in_event {
-                    self.events += 1;
-                }
-            }
-            if b == b'\n' {
-                self.at_start = true;
-                if !self.in_event {
-                    self.finish_other();
-                }
-            } else if !self.in_event && self.partial.len() < 4096 {
-                self.partial.push(b);
-            }
+    /// One line, its newline included or not.
+    pub fn line(&mut self, line: &[u8]) {
+        if line.first() == Some(&b'{') {
+            self.events += 1;
+            return;
         }
-    }
-
-    fn finish_other(&mut self) {
-        let line = String::from_utf8_lossy(&self.partial).trim().to_string();
-        if !line.is_empty() {
-            self.other.push(line);
-        }
-        self.partial.clear();
-    }
-
-    /// The end of the stream: a last unterminated line is kept too.
-    pub fn close(&mut self) {
-        if !self.in_event && !self.partial.is_empty() {
-            self.finish_other();
+        let text = String::from_utf8_lossy(line).trim().to_string();
+        if !text.is_empty() {
+            self.other.push(text);
         }
     }
 }
@@ -218,14 +190,19 @@ mod tests {
     }
 
     #[test]
-    fn json_lines_are_counted_across_chunks() {
+    fn json_lines_are_counted_and_the_rest_kept() {
         let mut c = LineCounter::default();
-        let stream = b"{\"a\":1}\n{\"b\":{\"c\":2}}\n12345\n{\"d\":3}\nlast";
-        for chunk in stream.chunks(3) {
-            c.feed(chunk);
+        for line in [
+            "{\"a\":1}\n",
+            "{\"b\":{\"c\":2}}\n",
+            "12345\n",
+            "\n",
+            "{\"d\":3}\n",
+            "last",
+        ] {
+            c.line(line.as_bytes());
         }
         assert_eq!(c.events, 3);
-        c.close();
         assert_eq!(c.other, ["12345", "last"]);
     }
 }
