@@ -196,20 +196,27 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
 fn http_figures(short: &str, tracers: &[Tracer], s: &Samples) -> Vec<Figure> {
     let bare_rps = median(&s.rps[&0]);
     let bare_p99 = median(&s.p99[&0]);
+    let noise = |v: &[f64]| format!("bare spread {:.0}%", spread(v) * 100.0);
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
-        figures.push(Figure::new(
-            format!("{short} under wrk, {}: requests/s vs bare", t.label()),
-            median(&s.rps[&ti]) / bare_rps,
-            Unit::Ratio,
-            Goal::AtLeast(0.99),
-        ));
-        figures.push(Figure::new(
-            format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
-            median(&s.p99[&ti]) / bare_p99,
-            Unit::Ratio,
-            Goal::AtMost(1.02),
-        ));
+        figures.push(
+            Figure::new(
+                format!("{short} under wrk, {}: requests/s vs bare", t.label()),
+                median(&s.rps[&ti]) / bare_rps,
+                Unit::Ratio,
+                Goal::AtLeast(0.99),
+            )
+            .with_note(noise(&s.rps[&0])),
+        );
+        figures.push(
+            Figure::new(
+                format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
+                median(&s.p99[&ti]) / bare_p99,
+                Unit::Ratio,
+                Goal::AtMost(1.02),
+            )
+            .with_note(noise(&s.p99[&0])),
+        );
     }
     figures
 }

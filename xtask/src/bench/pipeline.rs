@@ -199,7 +199,17 @@ impl Bench {
         let mut runs: Vec<BlockRun> = Vec::new();
         loop {
             progress(&format!("bench: pipeline {threads} threads, {secs:.0} s"));
-            let r = self.block_run(threads, secs, None)?;
+            let r = match self.block_run(threads, secs, None) {
+                Ok(r) => r,
+                Err(e) if !runs.is_empty() => {
+                    progress_done();
+                    println!(
+                        "bench: the run with {threads} threads failed, the ladder stops there: {e:#}"
+                    );
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             let lost = r.lost() > 0;
             let first = runs.is_empty() || runs.iter().all(|r| r.lost() > 0);
             runs.push(r);
