@@ -41,7 +41,7 @@ pub(super) struct BlockRun {
     pub events: u64,
     /// blockwatch's `N WHAT were lost` warnings.
     pub losses: Vec<(u64, String)>,
-    /// blockwatch's CPU over the whole run (wait4), seconds.
+    /// blockwatch's own CPU over the whole run (not the workload's), seconds.
     pub cpu: f64,
     pub steady: Option<Steady>,
 }
@@ -77,8 +77,8 @@ impl BlockRun {
     }
 
     /// Events neither reported nor counted as lost: the workload's sleeps
-    /// and its main thread's join wait, less the events reported and
-    /// those lost (lost stacks and user-stack copies only degrade an event
+    /// (its every wait over 1 ms), less the events reported and those
+    /// lost (lost stacks and user-stack copies only degrade an event
     /// that was reported).
     fn unaccounted(&self) -> Option<i64> {
         let lost: u64 = self
@@ -87,7 +87,7 @@ impl BlockRun {
             .filter(|(_, what)| what == "events")
             .map(|(n, _)| n)
             .sum();
-        Some(self.offered? as i64 + 1 - self.events as i64 - lost as i64)
+        Some(self.offered? as i64 - self.events as i64 - lost as i64)
     }
 
     fn rate(&self) -> f64 {
@@ -253,7 +253,10 @@ fn count_lines(stdout: std::process::ChildStdout, events: &AtomicU64) -> LineCou
 }
 
 /// Samples blockwatch's CPU and events every 100 ms until it exits (killed
-/// after `limit` seconds): (exited 0, its CPU seconds from wait4, samples).
+/// after `limit` seconds): (exited 0, its CPU seconds at exit, samples).
+/// The CPU is read from its own /proc/PID/stat once it has exited and
+/// before it is reaped: wait4's figure would add the workload's CPU,
+/// which blockwatch reaped.
 fn sample_until_exit(
     child: &mut Child,
     events: &AtomicU64,
@@ -264,6 +267,7 @@ fn sample_until_exit(
     let mut samples = Vec::new();
     loop {
         let t = started.elapsed().as_secs_f64();
+        let exited = has_exited(pid)?;
         if let Some(cpu) = cpu_secs(pid) {
             samples.push(Sample {
                 t,
@@ -271,8 +275,10 @@ fn sample_until_exit(
                 events: events.load(Ordering::Relaxed),
             });
         }
-        if let Some((ok, cpu)) = try_wait4(pid)? {
-            return Ok((ok, cpu, samples));
+        if exited {
+            let status = child.wait()?;
+            let cpu = samples.last().map_or(f64::NAN, |s| s.cpu);
+            return Ok((status.success(), cpu, samples));
         }
         if t > limit {
             let _ = child.kill();
@@ -283,24 +289,26 @@ fn sample_until_exit(
     }
 }
 
-/// wait4(WNOHANG) on our child: None while it runs, else (exited 0, its
-/// user + system CPU seconds).
-fn try_wait4(pid: u32) -> anyhow::Result<Option<(bool, f64)>> {
-    let pid = pid as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is a valid one for wait4 to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child, with valid pointers.
-    let rc = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-    if rc == 0 {
-        return Ok(None);
+/// Whether our child `pid` has exited, leaving it a zombie (not reaped),
+/// its /proc entry still readable.
+fn has_exited(pid: u32) -> anyhow::Result<bool> {
+    // SAFETY: a zeroed siginfo_t is a valid one for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on our own child with a valid pointer; WNOWAIT
+    // leaves it to be reaped by Child::wait.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        bail!("waitid: {}", std::io::Error::last_os_error());
     }
-    if rc != pid {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    Ok(Some((ok, secs(usage.ru_utime) + secs(usage.ru_stime))))
+    // SAFETY: waitid filled `info` (si_pid stays 0 while the child runs).
+    Ok(unsafe { info.si_pid() } != 0)
 }
 
 fn print_pipeline(runs: &[BlockRun]) {
@@ -321,7 +329,7 @@ fn print_pipeline(runs: &[BlockRun]) {
                 format!(
                     "{} of {}",
                     r.offered_rate().map_or("?".into(), thousands),
-                    thousands((r.threads as u64 * 1_000_000 / SLEEP_US) as f64)
+                    thousands(((r.threads as u64 + 1) * 1_000_000 / SLEEP_US) as f64)
                 ),
                 thousands(r.rate()),
                 lost,
@@ -351,14 +359,14 @@ fn print_pipeline(runs: &[BlockRun]) {
         &rows,
     );
     println!(
-        "(offered: the sleeps the workload completed, its own count; reported: JSON events on blockwatch's stdout; \
+        "(offered: the sleeps the workload completed, its own count, its main thread's included (nominal: 500/s a thread, +1 main); reported: JSON events on blockwatch's stdout; \
          lost: blockwatch's loss warnings; \
-         unaccounted: offered + 1 (the main thread's join wait) − reported − lost events, which should be 0)"
+         unaccounted: offered − reported − lost events, which should be 0)"
     );
     println!(
         "(CPU/event steady: utime+stime of all blockwatch's threads (/proc/PID/stat, 10 ms ticks), sampled every 100 ms, \
          from {WARMUP:.0} s after the first event to {COOLDOWN} s before the workload's end, over the events written in that window; \
-         whole run: wait4's total, start-up and final drain included, over all events)"
+         whole run: its utime+stime at exit, start-up and final drain included, over all events; the workload's CPU is not counted)"
     );
     println!(
         "(symbolization is always on: blockwatch has no switch to turn it off, and events without stacks are no use)"
