@@ -104,11 +104,11 @@ impl Bench {
         progress_done();
         let _ = server.kill();
         let _ = server.wait();
-        let (samples, reps) = result?;
-        if reps > opts.reps {
+        let (samples, reps, widened) = result?;
+        if let Some(spread) = widened {
             println!(
                 "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: {reps} repetitions)",
-                samples.bare_spread() * 100.0,
+                spread * 100.0,
                 opts.reps,
                 WIDE_SPREAD * 100.0
             );
@@ -117,23 +117,24 @@ impl Bench {
         println!(
             "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch; {reps} interleaved repetitions, medians)"
         );
-        Ok(http_figures(short, &tracers, &samples))
+        Ok(http_figures(short, &tracers, &samples, reps))
     }
 
     /// Interleaved repetitions, `opts.reps` of them, or [`WIDE_REPS`] when
-    /// the bare runs spread wide by then. Returns the samples and how many
-    /// repetitions were run.
+    /// the bare runs spread wide by then. Returns the samples, how many
+    /// repetitions were run, and the spread that called for more.
     fn http_reps(
         &self,
         tracers: &[Tracer],
         url: &str,
         secs: u64,
         opts: &Options,
-    ) -> anyhow::Result<(Samples, usize)> {
+    ) -> anyhow::Result<(Samples, usize, Option<f64>)> {
         let mut s = Samples::default();
         // Warm up the server (imports, first connections).
         wrk(url, 1)?;
         let mut reps = opts.reps;
+        let mut widened = None;
         let mut rep = 0;
         while rep < reps {
             for (ti, tracer) in tracers.iter().enumerate() {
@@ -153,10 +154,11 @@ impl Bench {
             }
             rep += 1;
             if rep == reps && reps < WIDE_REPS && s.bare_spread() > WIDE_SPREAD {
+                widened = Some(s.bare_spread());
                 reps = WIDE_REPS;
             }
         }
-        Ok((s, reps))
+        Ok((s, reps, widened))
     }
 }
 
@@ -193,10 +195,9 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
 }
 
 /// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher.
-fn http_figures(short: &str, tracers: &[Tracer], s: &Samples) -> Vec<Figure> {
+fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
     let bare_rps = median(&s.rps[&0]);
     let bare_p99 = median(&s.p99[&0]);
-    let noise = |v: &[f64]| format!("bare spread {:.0}%", spread(v) * 100.0);
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
         figures.push(
@@ -206,7 +207,8 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples) -> Vec<Figure> {
                 Unit::Ratio,
                 Goal::AtLeast(0.99),
             )
-            .with_note(noise(&s.rps[&0])),
+            .with_note(format!("{reps} reps"))
+            .with_bare_spread(spread(&s.rps[&0])),
         );
         figures.push(
             Figure::new(
@@ -215,7 +217,8 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples) -> Vec<Figure> {
                 Unit::Ratio,
                 Goal::AtMost(1.02),
             )
-            .with_note(noise(&s.p99[&0])),
+            .with_note(format!("{reps} reps"))
+            .with_bare_spread(spread(&s.p99[&0])),
         );
     }
     figures

@@ -82,7 +82,13 @@ pub struct Figure {
     pub goal: Goal,
     /// Said after the value: what bounds it, how it was taken.
     pub note: String,
+    /// For a ratio to bare runs: how far those spread ((max − min) /
+    /// median), the noise the ratio is read against.
+    pub bare_spread: Option<f64>,
 }
+
+/// Bare runs spread wider than this leave a ratio's verdict to chance.
+pub const NOISY: f64 = 0.10;
 
 impl Figure {
     pub fn new(name: impl Into<String>, measured: f64, unit: Unit, goal: Goal) -> Figure {
@@ -97,6 +103,7 @@ impl Figure {
             unit,
             goal,
             note: String::new(),
+            bare_spread: None,
         }
     }
 
@@ -113,12 +120,22 @@ impl Figure {
             unit,
             goal,
             note: String::new(),
+            bare_spread: None,
         }
     }
 
     pub fn with_note(mut self, note: impl Into<String>) -> Figure {
         self.note = note.into();
         self
+    }
+
+    pub fn with_bare_spread(mut self, spread: f64) -> Figure {
+        self.bare_spread = Some(spread);
+        self
+    }
+
+    fn noisy(&self) -> bool {
+        self.bare_spread.is_some_and(|s| s > NOISY)
     }
 
     /// "met", "NOT met", or "n/a" when nothing was measured.
@@ -135,8 +152,15 @@ impl Figure {
             Ok(v) => self.unit.format(*v),
             Err(why) => format!("not measured: {why}"),
         };
+        let mut notes: Vec<String> = Vec::new();
         if !self.note.is_empty() {
-            shown.push_str(&format!(" ({})", self.note));
+            notes.push(self.note.clone());
+        }
+        if let Some(spread) = self.bare_spread {
+            notes.push(format!("bare spread {:.0}%", spread * 100.0));
+        }
+        if !notes.is_empty() {
+            shown.push_str(&format!(" ({})", notes.join("; ")));
         }
         vec![
             self.name.clone(),
@@ -160,13 +184,21 @@ pub fn print(title: &str, figures: &[Figure]) {
     );
 }
 
-/// `N of M targets met` (figures not measured are counted apart).
+/// `N of M targets met` (figures not measured are counted apart, and
+/// verdicts that rest on noisy bare runs are said to).
 pub fn summary(figures: &[Figure]) -> String {
     let met = figures.iter().filter(|f| f.verdict() == "met").count();
     let missing = figures.iter().filter(|f| f.verdict() == "n/a").count();
+    let noisy = figures.iter().filter(|f| f.noisy()).count();
     let mut s = format!("{met} of {} targets met", figures.len());
     if missing > 0 {
         s.push_str(&format!(", {missing} not measured"));
+    }
+    if noisy > 0 {
+        s.push_str(&format!(
+            "; {noisy} ratios rest on bare runs that spread over {:.0}%: their verdicts are this machine's noise, rerun them on a quieter one",
+            NOISY * 100.0
+        ));
     }
     s
 }
@@ -228,5 +260,13 @@ mod tests {
             Figure::missing("c", "x", Unit::Ratio, Goal::AtMost(1.02)),
         ];
         assert_eq!(summary(&figs), "1 of 3 targets met, 1 not measured");
+        let figs = [
+            Figure::new("a", 1.0, Unit::Ratio, Goal::AtLeast(0.99)).with_bare_spread(0.02),
+            Figure::new("b", 2.0, Unit::Ratio, Goal::AtMost(1.02)).with_bare_spread(0.3),
+        ];
+        assert!(
+            summary(&figs)
+                .starts_with("1 of 2 targets met; 1 ratios rest on bare runs that spread over 10%")
+        );
     }
 }
