@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use super::Bench;
 use super::Options;
-use super::stats::{median, print_table, progress, progress_done, spread};
+use super::stats::{WIDE_REPS, WIDE_SPREAD, median, print_table, progress, progress_done, spread};
 use super::targets::{Figure, Goal, Unit};
 use super::tracer::{Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings};
 
@@ -37,25 +37,65 @@ impl Bench {
         Ok(host_figures(&tracers, &results))
     }
 
+    /// `opts.reps` interleaved repetitions of every tracer; when the bare
+    /// runs spread wide by then, more of bare, `trace` and `daemon --auto`
+    /// (the ones the verdicts read) up to [`WIDE_REPS`].
     fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<Results> {
         let mut results = Results::new();
-        for rep in 0..opts.reps {
-            for (ti, tracer) in tracers.iter().enumerate() {
+        let all: Vec<usize> = (0..tracers.len()).collect();
+        self.host_reps(tracers, &all, 0..opts.reps, opts.secs, &mut results)?;
+        let wide = WORKLOADS
+            .iter()
+            .map(|w| spread(&results[&(0, *w)]))
+            .fold(0.0, f64::max);
+        if opts.reps < WIDE_REPS && wide > WIDE_SPREAD {
+            progress_done();
+            println!(
+                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: bare, trace and daemon --auto run {WIDE_REPS})",
+                wide * 100.0,
+                opts.reps,
+                WIDE_SPREAD * 100.0
+            );
+            let read = [0, 1, 2].map(|i| i.min(tracers.len() - 1));
+            self.host_reps(
+                tracers,
+                &read,
+                opts.reps..WIDE_REPS,
+                opts.secs,
+                &mut results,
+            )?;
+        }
+        Ok(results)
+    }
+
+    /// Repetitions `reps` of the tracers `which`, interleaved, each loop
+    /// run for `secs`.
+    fn host_reps(
+        &self,
+        tracers: &[Tracer],
+        which: &[usize],
+        reps: std::ops::Range<usize>,
+        secs: f64,
+        results: &mut Results,
+    ) -> anyhow::Result<()> {
+        let last = reps.end;
+        for rep in reps {
+            for &ti in which {
+                let tracer = &tracers[ti];
                 progress(&format!(
-                    "bench: host rep {}/{} {}",
+                    "bench: host rep {}/{last} {}",
                     rep + 1,
-                    opts.reps,
                     tracer.label()
                 ));
                 let running = tracer.start(self)?;
                 for w in WORKLOADS {
-                    let ns = self.ns_per_op(w, opts.secs)?;
+                    let ns = self.ns_per_op(w, secs)?;
                     results.entry((ti, w)).or_default().push(ns);
                 }
                 running.stop()?;
             }
         }
-        Ok(results)
+        Ok(())
     }
 
     /// Runs the workload `mode` for `secs` and returns nanoseconds per

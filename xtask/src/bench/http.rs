@@ -10,17 +10,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use super::stats::{median, parse_wrk, print_table, progress, progress_done, spread};
+use super::stats::{
+    WIDE_REPS, WIDE_SPREAD, median, parse_wrk, print_table, progress, progress_done, spread,
+};
 use super::targets::{Figure, Goal, Unit};
 use super::tracer::{Tracer, free_listen, free_port, strings};
 use super::{Bench, Options, bench_dir};
 use crate::run::{home, root_dir};
 use crate::setup::{self, Package};
-
-/// Bare runs further apart than this (requests/s or p99) call for
-/// [`WIDE_REPS`] repetitions.
-const WIDE_SPREAD: f64 = 0.05;
-const WIDE_REPS: usize = 7;
 
 /// One value a repetition, per tracer index.
 #[derive(Default)]

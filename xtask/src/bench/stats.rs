@@ -3,6 +3,11 @@
 
 use std::io::Write as _;
 
+/// Bare runs further apart than this ([`spread`]) call for
+/// [`WIDE_REPS`] repetitions of a section.
+pub const WIDE_SPREAD: f64 = 0.05;
+pub const WIDE_REPS: usize = 7;
+
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
