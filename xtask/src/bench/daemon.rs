@@ -22,9 +22,39 @@ struct Idle {
     rss_end: Rss,
     window: f64,
     cpu: f64,
-    /// How the CPU was read: "schedstat" (exact) or "stat ticks".
+    /// How the CPU was read: schedstat (exact) or, when the daemon's
+    /// threads changed meanwhile, /proc/PID/stat's ticks.
     cpu_source: &'static str,
+    /// Processes and threads the host started during the window.
     host_pids: Option<u64>,
+}
+
+impl Idle {
+    fn print(&self) {
+        let mib = |kb: u64| kb as f64 / 1024.0;
+        println!(
+            "daemon --auto idle, {:.1} s after it was ready: RSS {:.1} MiB: {}",
+            self.settled_after,
+            mib(self.rss_start.total),
+            self.rss_start.describe()
+        );
+        println!(
+            "  {:.0} s later: RSS {:.1} MiB: {}",
+            self.window,
+            mib(self.rss_end.total),
+            self.rss_end.describe()
+        );
+        println!(
+            "  CPU {:.1} ms over {:.0} s of idle = {:.3} % of a CPU (all its threads, {}){}",
+            self.cpu * 1e3,
+            self.window,
+            self.cpu / self.window * 100.0,
+            self.cpu_source,
+            self.host_pids.map_or(String::new(), |n| format!(
+                "; the host started {n} processes and threads meanwhile (others' work on this machine, which --auto watches)"
+            ))
+        );
+    }
 }
 
 impl Bench {
@@ -32,29 +62,9 @@ impl Bench {
         println!("\n== daemon: memory and CPU ==");
         let idle_secs = if opts.quick { 10.0 } else { 15.0 };
         let idle = self.with_daemon(&strings(&["daemon", "--auto"]), |d| idle(d, idle_secs))?;
+        idle.print();
         let mib = |kb: u64| kb as f64 / 1024.0;
-        println!(
-            "daemon --auto idle, {:.1} s after it was ready: RSS {:.1} MiB: {}",
-            idle.settled_after,
-            mib(idle.rss_start.total),
-            idle.rss_start.describe()
-        );
-        println!(
-            "  {:.0} s later: RSS {:.1} MiB: {}",
-            idle.window,
-            mib(idle.rss_end.total),
-            idle.rss_end.describe()
-        );
         let pct = idle.cpu / idle.window * 100.0;
-        println!(
-            "  CPU {:.1} ms over {:.0} s of idle = {pct:.3} % of a CPU (all its threads, {}){}",
-            idle.cpu * 1e3,
-            idle.window,
-            idle.cpu_source,
-            idle.host_pids.map_or(String::new(), |n| format!(
-                "; the host started {n} processes and threads meanwhile (others' work on this machine, which --auto watches)"
-            ))
-        );
 
         let load_secs = if opts.quick { 4.0 } else { 6.0 };
         let args = strings(&[
@@ -120,7 +130,8 @@ impl Bench {
             .stdin(Stdio::null())
             .spawn()
             .context("starting the daemon")?;
-        let result = wait_for(&err_path, "watching", &mut daemon).and_then(|()| f(&mut daemon));
+        let result =
+            wait_for(&err_path, "watching", &err_path, &mut daemon).and_then(|()| f(&mut daemon));
         progress_done();
         let _ = daemon.kill();
         let _ = daemon.wait();

@@ -71,7 +71,7 @@ impl Tracer {
             .stdin(Stdio::null());
         let what = display(&cmd);
         let mut child = cmd.spawn().with_context(|| format!("cannot run {what}"))?;
-        wait_for(&bench_dir().join(ready_file), ready, &mut child)
+        wait_for(&bench_dir().join(ready_file), ready, &err, &mut child)
             .with_context(|| format!("starting {what}"))?;
         // Attached; let the start-up work (a daemon's scan) settle.
         std::thread::sleep(Duration::from_millis(500));
@@ -117,17 +117,16 @@ impl Drop for Running {
     }
 }
 
-/// Waits (up to 60 s) until `file` contains `what`, failing if `child`
-/// exits first.
-pub fn wait_for(file: &Path, what: &str, child: &mut Child) -> anyhow::Result<()> {
+/// Waits (up to 60 s) until `file` contains `what`, failing with the
+/// content of `stderr` if `child` exits first.
+pub fn wait_for(file: &Path, what: &str, stderr: &Path, child: &mut Child) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         if std::fs::read_to_string(file).is_ok_and(|s| s.contains(what)) {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
-            let err =
-                std::fs::read_to_string(bench_dir().join("tracer.stderr")).unwrap_or_default();
+            let err = std::fs::read_to_string(stderr).unwrap_or_default();
             bail!("exited ({status}) before it was ready:\n{err}");
         }
         if Instant::now() > end {
