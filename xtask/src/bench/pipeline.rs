@@ -80,8 +80,9 @@ impl BlockRun {
     }
 
     /// Events neither reported nor counted as lost: the workload's sleeps
-    /// (its every wait over 1 ms), less the events reported and those
-    /// lost (lost stacks and user-stack copies only degrade an event
+    /// (nearly its every wait over 1 ms: a thread's creation, or a wait
+    /// for a CPU on a busy machine, are episodes too), less the events
+    /// reported and those lost (lost stacks and user-stack copies only degrade an event
     /// that was reported).
     fn unaccounted(&self) -> Option<i64> {
         let lost: u64 = self
@@ -372,7 +373,8 @@ fn print_pipeline(runs: &[BlockRun]) {
     println!(
         "(offered: the sleeps the workload completed, its own count, its main thread's included (nominal: 500/s a thread, +1 main); reported: JSON events on blockwatch's stdout; \
          lost: blockwatch's loss warnings; \
-         unaccounted: offered − reported − lost events, which should be 0)"
+         unaccounted: offered − reported − lost events: above 0, events missing silently; below 0, episodes that were no sleep, \
+         such as a thread's creation (clone3) or a wait for a CPU over 1 ms on a busy machine)"
     );
     println!(
         "(CPU/event steady: utime+stime of all blockwatch's threads (/proc/PID/stat, 10 ms ticks), sampled every 100 ms, \
