@@ -204,7 +204,8 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
                         Unit::Ratio,
                         goal,
                     )
-                    .with_note(format!("bare spread {:.1}%", spread(bare) * 100.0))
+                    .with_note(format!("{} reps", bare.len()))
+                    .with_bare_spread(spread(bare))
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
             }
