@@ -6,11 +6,15 @@
  *                                    pipes: two context switches a round
  *   workload block    THREADS SLEEP_US SECONDS
  *                                    THREADS threads that each sleep
- *                                    SLEEP_US (relative nanosleep) in a loop
+ *                                    SLEEP_US (relative nanosleep) in a loop;
+ *                                    the main thread sleeps the same way
+ *                                    until they are done
  *
  * The loops run for SECONDS in ten slices and print "<operations>
  * <nanoseconds>" of the fastest slice: the least disturbed by the other
- * processes of a busy machine. block prints the number of sleeps. The
+ * processes of a busy machine. block prints the number of sleeps, the
+ * main thread's included: every wait of the process longer than a
+ * millisecond is one of them, so a tracer's count can be checked. The
  * per-operation cost is kept as low as the syscall itself: no work but the
  * call, the clock read once per 4096 calls.
  */
@@ -48,6 +52,8 @@ struct blocker {
     unsigned long long count;
 };
 
+static int blockers_done;
+
 static void *block_loop(void *arg) {
     struct blocker *b = arg;
     struct timespec ts = {b->sleep_us / 1000000, (b->sleep_us % 1000000) * 1000};
@@ -55,6 +61,7 @@ static void *block_loop(void *arg) {
         nanosleep(&ts, NULL);
         b->count++;
     }
+    __atomic_add_fetch(&blockers_done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -76,7 +83,16 @@ int main(int argc, char **argv) {
             b[i] = (struct blocker){sleep_us, until, 0};
             pthread_create(&t[i], NULL, block_loop, &b[i]);
         }
+        /* Not pthread_join, whose wait would be one more slow event
+         * (or several) outside the count: the main thread sleeps as the
+         * others do, counted, until they are all done. Joining them then
+         * waits for no more than their exit. */
+        struct timespec ts = {sleep_us / 1000000, (sleep_us % 1000000) * 1000};
         unsigned long long total = 0;
+        while (__atomic_load_n(&blockers_done, __ATOMIC_ACQUIRE) < n) {
+            nanosleep(&ts, NULL);
+            total++;
+        }
         for (int i = 0; i < n; i++) {
             pthread_join(t[i], NULL);
             total += b[i].count;

@@ -48,10 +48,12 @@ enum Command {
         targets: Vec<String>,
     },
     /// Build, then measure what blockwatch costs (host tax, an aiohttp and
-    /// a Node server under wrk, pipeline throughput, symbolization) against
-    /// bare runs and bpftrace, as root; prints tables of ratios.
+    /// a Node server under wrk, pipeline throughput, the daemon's memory
+    /// and CPU, symbolization) against bare runs and bpftrace, as root;
+    /// prints tables of ratios and each of issue 11's figures beside its
+    /// target.
     Bench {
-        /// Fewer repetitions and shorter runs (about two minutes).
+        /// Fewer repetitions and shorter runs (about four minutes).
         #[arg(long)]
         quick: bool,
         /// Repetitions of each measurement [default: 5, --quick: 3].

@@ -1,0 +1,214 @@
+//! The host tax: what processes blockwatch does not report pay for it
+//! running (a getppid loop, 1-byte reads, a pipe ping-pong), bare and under
+//! each tracer, interleaved.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use super::Bench;
+use super::Options;
+use super::stats::{WIDE_REPS, WIDE_SPREAD, median, print_table, progress, progress_done, spread};
+use super::targets::{Figure, Goal, Unit};
+use super::tracer::{Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings};
+
+const WORKLOADS: [&str; 3] = ["getppid", "read", "pingpong"];
+
+/// Measured ns/op per (tracer index, workload), one value a repetition.
+type Results = BTreeMap<(usize, &'static str), Vec<f64>>;
+
+impl Bench {
+    pub(super) fn host(&self, opts: &Options) -> anyhow::Result<Vec<Figure>> {
+        println!("\n== host tax: processes blockwatch does not report ==");
+        let bpftrace = ensure_bpftrace();
+        // The process `trace` and the peer watch: idle, never scheduled.
+        let mut idle = Command::new("sleep")
+            .arg("100000")
+            .spawn()
+            .context("sleep")?;
+        let tracers = self.host_tracers(idle.id(), bpftrace);
+        let result = self.host_runs(&tracers, opts);
+        progress_done();
+        let _ = idle.kill();
+        let _ = idle.wait();
+        let results = result?;
+        self.print_host(&tracers, &results, bpftrace);
+        Ok(host_figures(&tracers, &results))
+    }
+
+    /// `opts.reps` interleaved repetitions of every tracer; when the bare
+    /// runs spread wide by then, more of bare, `trace` and `daemon --auto`
+    /// (the ones the verdicts read) up to [`WIDE_REPS`].
+    fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<Results> {
+        let mut results = Results::new();
+        let all: Vec<usize> = (0..tracers.len()).collect();
+        self.host_reps(tracers, &all, 0..opts.reps, opts.secs, &mut results)?;
+        let wide = WORKLOADS
+            .iter()
+            .map(|w| spread(&results[&(0, *w)]))
+            .fold(0.0, f64::max);
+        if opts.reps < WIDE_REPS && wide > WIDE_SPREAD {
+            progress_done();
+            println!(
+                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: bare, trace and daemon --auto run {WIDE_REPS})",
+                wide * 100.0,
+                opts.reps,
+                WIDE_SPREAD * 100.0
+            );
+            let read = [0, 1, 2].map(|i| i.min(tracers.len() - 1));
+            self.host_reps(
+                tracers,
+                &read,
+                opts.reps..WIDE_REPS,
+                opts.secs,
+                &mut results,
+            )?;
+        }
+        Ok(results)
+    }
+
+    /// Repetitions `reps` of the tracers `which`, interleaved, each loop
+    /// run for `secs`.
+    fn host_reps(
+        &self,
+        tracers: &[Tracer],
+        which: &[usize],
+        reps: std::ops::Range<usize>,
+        secs: f64,
+        results: &mut Results,
+    ) -> anyhow::Result<()> {
+        let last = reps.end;
+        for rep in reps {
+            for &ti in which {
+                let tracer = &tracers[ti];
+                progress(&format!(
+                    "bench: host rep {}/{last} {}",
+                    rep + 1,
+                    tracer.label()
+                ));
+                let running = tracer.start(self)?;
+                for w in WORKLOADS {
+                    let ns = self.ns_per_op(w, secs)?;
+                    results.entry((ti, w)).or_default().push(ns);
+                }
+                running.stop()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the workload `mode` for `secs` and returns nanoseconds per
+    /// operation.
+    fn ns_per_op(&self, mode: &str, secs: f64) -> anyhow::Result<f64> {
+        let out = Command::new(&self.workload)
+            .args([mode, &format!("{secs}")])
+            .output()
+            .context("running the workload")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut it = text.split_whitespace().map(|s| s.parse::<f64>());
+        match (it.next(), it.next(), out.status.success()) {
+            (Some(Ok(ops)), Some(Ok(ns)), true) if ops > 0.0 => Ok(ns / ops),
+            _ => bail!("workload {mode} failed: {text:?}"),
+        }
+    }
+
+    /// Bare first (the ratios' denominator), then `trace` (the default
+    /// mode's tax, which the verdict line checks), then the rest.
+    fn host_tracers(&self, idle_pid: u32, bpftrace: bool) -> Vec<Tracer> {
+        let pid = idle_pid.to_string();
+        let mut tracers = vec![
+            Tracer::Bare,
+            Tracer::Blockwatch {
+                label: "trace",
+                args: strings(&["trace", "-o", "json", "--pid", &pid]),
+            },
+            Tracer::Blockwatch {
+                label: "daemon --auto",
+                args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
+            },
+        ];
+        if self.has_strict {
+            tracers.push(Tracer::Blockwatch {
+                label: "trace --strict",
+                args: strings(&["trace", "-o", "json", "--strict", "--pid", &pid]),
+            });
+        }
+        if bpftrace {
+            tracers.push(Tracer::Bpftrace {
+                script: bpftrace_script(idle_pid),
+            });
+        }
+        tracers
+    }
+
+    fn print_host(&self, tracers: &[Tracer], results: &Results, bpftrace: bool) {
+        let mut header = vec!["workload".to_string()];
+        header.extend(tracers.iter().map(|t| t.label().to_string()));
+        if !self.has_strict {
+            header.push("trace --strict".into());
+        }
+        if !bpftrace {
+            header.push("bpftrace".into());
+        }
+        let mut rows = Vec::new();
+        for w in WORKLOADS {
+            let bare = median(&results[&(0, w)]);
+            let mut row = vec![format!("{w} (ns/op)"), format!("{bare:.0}")];
+            for ti in 1..tracers.len() {
+                let m = median(&results[&(ti, w)]);
+                row.push(format!("{m:.0} ({:.2}×)", m / bare));
+            }
+            if !self.has_strict {
+                row.push("n/a (no --strict)".into());
+            }
+            if !bpftrace {
+                row.push("n/a (no bpftrace)".into());
+            }
+            rows.push(row);
+        }
+        print_table(&header, &rows);
+        let tax = |w: &str| median(&results[&(1, w)]) / median(&results[&(0, w)]) - 1.0;
+        let (g, r) = (tax("getppid"), tax("read"));
+        println!(
+            "default mode (trace, untagged) within 3% on the syscall loops: {} (getppid {:+.1}%, read {:+.1}%; \
+             bare runs spread over {:.1}% and {:.1}%)",
+            if g <= 0.03 && r <= 0.03 { "yes" } else { "NO" },
+            g * 100.0,
+            r * 100.0,
+            spread(&results[&(0, "getppid")]) * 100.0,
+            spread(&results[&(0, "read")]) * 100.0
+        );
+        println!(
+            "(trace watches an idle process; daemon --auto watches every process, the workload's threads included;\n \
+             --strict watches the idle process; bpftrace: raw_syscalls:sys_enter with a TID filter and sched_switch with a map lookup)"
+        );
+    }
+}
+
+/// Issue 11's host figures: each loop's ns/op under `daemon --auto` over
+/// bare, at most 1.03×.
+fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
+    let daemon = tracers.iter().position(|t| t.label() == "daemon --auto");
+    WORKLOADS
+        .iter()
+        .map(|&w| {
+            let name = format!("host tax: {w} under daemon --auto, ns/op vs bare");
+            let goal = Goal::AtMost(1.03);
+            match daemon {
+                Some(ti) => {
+                    let bare = &results[&(0, w)];
+                    Figure::new(
+                        name,
+                        median(&results[&(ti, w)]) / median(bare),
+                        Unit::Ratio,
+                        goal,
+                    )
+                    .with_note(format!("{} reps", bare.len()))
+                    .with_bare_spread(spread(bare))
+                }
+                None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,297 @@
+//! The same wrk load (`wrk -t1 -c16`) on an asyncio server (aiohttp) and a
+//! Node `http` server, each bare and watched by `trace --pid` and `daemon
+//! --auto`, interleaved: what watching a saturated loop costs in each
+//! runtime, as requests/s and p99 latency against the bare runs.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, Write as _};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail};
+
+use super::stats::{
+    WIDE_REPS, WIDE_SPREAD, median, parse_wrk, print_table, progress, progress_done, spread,
+};
+use super::targets::{Figure, Goal, Unit};
+use super::tracer::{Tracer, free_listen, free_port, strings};
+use super::{Bench, Options, bench_dir};
+use crate::run::{home, root_dir};
+use crate::setup::{self, Package};
+
+/// One value a repetition, per tracer index.
+#[derive(Default)]
+struct Samples {
+    rps: BTreeMap<usize, Vec<f64>>,
+    p99: BTreeMap<usize, Vec<f64>>,
+    reports: BTreeMap<usize, Vec<f64>>,
+}
+
+impl Samples {
+    /// The wider of the bare runs' spreads (requests/s, p99).
+    fn bare_spread(&self) -> f64 {
+        let s = |m: &BTreeMap<usize, Vec<f64>>| m.get(&0).map_or(0.0, |v| spread(v));
+        s(&self.rps).max(s(&self.p99))
+    }
+}
+
+impl Bench {
+    pub(super) fn http(&self, opts: &Options) -> anyhow::Result<Vec<Figure>> {
+        let python = aiohttp_venv()?;
+        setup::ensure_packages(&[
+            Package {
+                name: "wrk",
+                command: Some("wrk"),
+            },
+            Package {
+                name: "nodejs",
+                command: Some("node"),
+            },
+        ])?;
+        let mut aiohttp = Command::new(&python);
+        aiohttp.arg(root_dir().join("bench/http_server.py"));
+        let mut figures =
+            self.http_server("aiohttp", "asyncio HTTP server (aiohttp)", aiohttp, opts)?;
+        let mut node = Command::new("node");
+        node.arg(root_dir().join("subjects/node_http_server.js"));
+        figures.extend(self.http_server("Node", "Node http server", node, opts)?);
+        Ok(figures)
+    }
+
+    /// `server PORT` (which prints "ready" when it accepts connections)
+    /// under wrk, bare and under each tracer, interleaved.
+    fn http_server(
+        &self,
+        short: &str,
+        title: &str,
+        mut server: Command,
+        opts: &Options,
+    ) -> anyhow::Result<Vec<Figure>> {
+        println!("\n== {title} under wrk ==");
+        let port = free_port();
+        let mut server = server
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {title}"))?;
+        let ready = server.stdout.take().is_some_and(|out| {
+            let mut line = String::new();
+            std::io::BufReader::new(out).read_line(&mut line).is_ok() && line.trim() == "ready"
+        });
+        if !ready {
+            let _ = server.kill();
+            let _ = server.wait();
+            bail!("the {title} did not start");
+        }
+        let pid = server.id().to_string();
+        let tracers = [
+            Tracer::Bare,
+            Tracer::Blockwatch {
+                label: "trace --pid",
+                args: strings(&["trace", "-o", "json", "--pid", &pid]),
+            },
+            Tracer::Blockwatch {
+                label: "daemon --auto",
+                args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
+            },
+        ];
+        let url = format!("http://127.0.0.1:{port}/");
+        let secs = if opts.quick { 2 } else { 3 };
+        let result = self.http_reps(&tracers, &url, secs, opts);
+        progress_done();
+        let _ = server.kill();
+        let _ = server.wait();
+        let (samples, reps, widened) = result?;
+        if let Some(spread) = widened {
+            println!(
+                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: {reps} repetitions)",
+                spread * 100.0,
+                opts.reps,
+                WIDE_SPREAD * 100.0
+            );
+        }
+        print_http(&tracers, &samples);
+        println!(
+            "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch; {reps} interleaved repetitions, medians)"
+        );
+        Ok(http_figures(short, &tracers, &samples, reps))
+    }
+
+    /// Interleaved repetitions, `opts.reps` of them, or [`WIDE_REPS`] when
+    /// the bare runs spread wide by then. Returns the samples, how many
+    /// repetitions were run, and the spread that called for more.
+    fn http_reps(
+        &self,
+        tracers: &[Tracer],
+        url: &str,
+        secs: u64,
+        opts: &Options,
+    ) -> anyhow::Result<(Samples, usize, Option<f64>)> {
+        let mut s = Samples::default();
+        // Warm up the server (imports, first connections).
+        wrk(url, 1)?;
+        let mut reps = opts.reps;
+        let mut widened = None;
+        let mut rep = 0;
+        while rep < reps {
+            for (ti, tracer) in tracers.iter().enumerate() {
+                progress(&format!(
+                    "bench: http rep {}/{reps} {}",
+                    rep + 1,
+                    tracer.label()
+                ));
+                let running = tracer.start(self)?;
+                let (r, p) = wrk(url, secs)?;
+                running.stop()?;
+                s.rps.entry(ti).or_default().push(r);
+                s.p99.entry(ti).or_default().push(p);
+                if tracer.reports_json() {
+                    s.reports.entry(ti).or_default().push(json_lines() as f64);
+                }
+            }
+            rep += 1;
+            if rep == reps && reps < WIDE_REPS && s.bare_spread() > WIDE_SPREAD {
+                widened = Some(s.bare_spread());
+                reps = WIDE_REPS;
+            }
+        }
+        Ok((s, reps, widened))
+    }
+}
+
+/// Requests/s and p99 latency per tracer, as ratios to the bare run (index
+/// 0), and the events a `trace` reported per run (median).
+fn print_http(tracers: &[Tracer], s: &Samples) {
+    let bare_rps = median(&s.rps[&0]);
+    let bare_p99 = median(&s.p99[&0]);
+    let rows: Vec<Vec<String>> = tracers
+        .iter()
+        .enumerate()
+        .map(|(ti, t)| {
+            let r = median(&s.rps[&ti]);
+            let p = median(&s.p99[&ti]);
+            vec![
+                t.label().to_string(),
+                format!("{r:.0} ({:.2}×)", r / bare_rps),
+                format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
+                s.reports
+                    .get(&ti)
+                    .map_or("-".into(), |v| format!("{:.0}", median(v))),
+            ]
+        })
+        .collect();
+    print_table(
+        &["blockwatch", "requests/s", "p99 latency", "events reported"].map(String::from),
+        &rows,
+    );
+    println!(
+        "(bare runs spread: requests/s {:.1}%, p99 {:.1}%)",
+        spread(&s.rps[&0]) * 100.0,
+        spread(&s.p99[&0]) * 100.0
+    );
+}
+
+/// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher.
+fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
+    let bare_rps = median(&s.rps[&0]);
+    let bare_p99 = median(&s.p99[&0]);
+    let mut figures = Vec::new();
+    for (ti, t) in tracers.iter().enumerate().skip(1) {
+        figures.push(
+            Figure::new(
+                format!("{short} under wrk, {}: requests/s vs bare", t.label()),
+                median(&s.rps[&ti]) / bare_rps,
+                Unit::Ratio,
+                Goal::AtLeast(0.99),
+            )
+            .with_note(format!("{reps} reps"))
+            .with_bare_spread(spread(&s.rps[&0])),
+        );
+        figures.push(
+            Figure::new(
+                format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
+                median(&s.p99[&ti]) / bare_p99,
+                Unit::Ratio,
+                Goal::AtMost(1.02),
+            )
+            .with_note(format!("{reps} reps"))
+            .with_bare_spread(spread(&s.p99[&0])),
+        );
+    }
+    figures
+}
+
+/// Non-empty lines of the last tracer's stdout: with `-o json`, its events.
+fn json_lines() -> usize {
+    std::fs::read_to_string(bench_dir().join("tracer.stdout"))
+        .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0)
+}
+
+/// `wrk` for `secs` seconds: (requests/s, p99 latency in seconds).
+fn wrk(url: &str, secs: u64) -> anyhow::Result<(f64, f64)> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c16", &format!("-d{secs}s"), "--latency", url])
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    match (parse_wrk(&text), out.status.success()) {
+        (Some(r), true) => Ok(r),
+        _ => bail!("wrk failed or printed no result:\n{text}"),
+    }
+}
+
+/// A Python with aiohttp: a venv under ~/.cache/blockwatch, made once. The
+/// bench's HTTP server and blockwatch/tests/episodes.rs (which finds it at
+/// this path) run on it.
+pub fn aiohttp_venv() -> anyhow::Result<PathBuf> {
+    let dir = home()
+        .context("HOME is not set")?
+        .join(".cache/blockwatch/bench-venv");
+    let python = dir.join("bin/python");
+    let has_aiohttp = || {
+        Command::new(&python)
+            .args(["-c", "import aiohttp"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    print!("xtask: aiohttp in {} ... ", dir.display());
+    let _ = std::io::stdout().flush();
+    if has_aiohttp() {
+        println!("already present");
+        return Ok(python);
+    }
+    println!("installing");
+    if !python.exists() {
+        let venv = || {
+            Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !venv() {
+            // Debian's python3 has no ensurepip without python3-venv.
+            let _ = std::fs::remove_dir_all(&dir);
+            setup::ensure_packages(&[Package {
+                name: "python3-venv",
+                command: None,
+            }])?;
+            if !venv() {
+                bail!("`python3 -m venv {}` failed", dir.display());
+            }
+        }
+    }
+    crate::run::check(Command::new(dir.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "aiohttp",
+    ]))
+    .context("installing aiohttp from PyPI")?;
+    if !has_aiohttp() {
+        bail!("aiohttp was installed but does not import");
+    }
+    Ok(python)
+}

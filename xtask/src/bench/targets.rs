@@ -1,0 +1,272 @@
+//! Issue 11's targets: each measured figure beside its target and whether
+//! it was met, printed after its section and again, all together, at the
+//! end of the run.
+
+use super::stats::print_table;
+
+/// The unit a figure is measured and shown in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unit {
+    /// A ratio to the bare run (`0.98×`).
+    Ratio,
+    /// Events per second (`100,000/s`).
+    PerSec,
+    /// Microseconds (`4.2 µs`).
+    Micros,
+    /// Mebibytes (`25.0 MiB`).
+    MiB,
+    /// Percent of one CPU (`0.050 %`).
+    CpuPercent,
+}
+
+impl Unit {
+    pub fn format(self, v: f64) -> String {
+        match self {
+            Unit::Ratio => format!("{v:.2}×"),
+            Unit::PerSec => format!("{}/s", thousands(v)),
+            Unit::Micros => format!("{v:.1} µs"),
+            Unit::MiB => format!("{v:.1} MiB"),
+            Unit::CpuPercent => format!("{v:.3} %"),
+        }
+    }
+}
+
+/// `123456.7` → `123,457`.
+pub fn thousands(v: f64) -> String {
+    if !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < -0.5 {
+        out.insert(0, '-');
+    }
+    out
+}
+
+/// Which side of the target a figure must be on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Goal {
+    pub fn met(self, v: f64) -> bool {
+        match self {
+            Goal::AtLeast(t) => v >= t,
+            Goal::AtMost(t) => v <= t,
+        }
+    }
+
+    fn format(self, unit: Unit) -> String {
+        match self {
+            Goal::AtLeast(t) => format!("≥ {}", unit.format(t)),
+            Goal::AtMost(t) => format!("≤ {}", unit.format(t)),
+        }
+    }
+}
+
+/// One row of issue 11's table, measured (or not, and why).
+#[derive(Clone, Debug)]
+pub struct Figure {
+    pub name: String,
+    pub measured: Result<f64, String>,
+    pub unit: Unit,
+    pub goal: Goal,
+    /// Said after the value: what bounds it, how it was taken.
+    pub note: String,
+    /// For a ratio to bare runs: how far those spread ((max − min) /
+    /// median), the noise the ratio is read against.
+    pub bare_spread: Option<f64>,
+}
+
+/// Bare runs spread wider than this leave a ratio's verdict to chance.
+pub const NOISY: f64 = 0.10;
+
+impl Figure {
+    pub fn new(name: impl Into<String>, measured: f64, unit: Unit, goal: Goal) -> Figure {
+        let measured = if measured.is_finite() {
+            Ok(measured)
+        } else {
+            Err("no result".into())
+        };
+        Figure {
+            name: name.into(),
+            measured,
+            unit,
+            goal,
+            note: String::new(),
+            bare_spread: None,
+        }
+    }
+
+    /// A figure that could not be measured, with the reason.
+    pub fn missing(
+        name: impl Into<String>,
+        why: impl Into<String>,
+        unit: Unit,
+        goal: Goal,
+    ) -> Figure {
+        Figure {
+            name: name.into(),
+            measured: Err(why.into()),
+            unit,
+            goal,
+            note: String::new(),
+            bare_spread: None,
+        }
+    }
+
+    pub fn with_note(mut self, note: impl Into<String>) -> Figure {
+        self.note = note.into();
+        self
+    }
+
+    pub fn with_bare_spread(mut self, spread: f64) -> Figure {
+        self.bare_spread = Some(spread);
+        self
+    }
+
+    fn noisy(&self) -> bool {
+        self.bare_spread.is_some_and(|s| s > NOISY)
+    }
+
+    /// "met", "NOT met", or "n/a" when nothing was measured.
+    pub fn verdict(&self) -> &'static str {
+        match self.measured {
+            Ok(v) if self.goal.met(v) => "met",
+            Ok(_) => "NOT met",
+            Err(_) => "n/a",
+        }
+    }
+
+    fn row(&self) -> Vec<String> {
+        let mut shown = match &self.measured {
+            Ok(v) => self.unit.format(*v),
+            Err(why) => format!("not measured: {why}"),
+        };
+        let mut notes: Vec<String> = Vec::new();
+        if !self.note.is_empty() {
+            notes.push(self.note.clone());
+        }
+        if let Some(spread) = self.bare_spread {
+            notes.push(format!("bare spread {:.0}%", spread * 100.0));
+        }
+        if !notes.is_empty() {
+            shown.push_str(&format!(" ({})", notes.join("; ")));
+        }
+        vec![
+            self.name.clone(),
+            shown,
+            self.goal.format(self.unit),
+            self.verdict().to_string(),
+        ]
+    }
+}
+
+/// The figures as a table: figure | measured | target | met?
+pub fn print(title: &str, figures: &[Figure]) {
+    if figures.is_empty() {
+        return;
+    }
+    println!("{title}");
+    let rows: Vec<Vec<String>> = figures.iter().map(Figure::row).collect();
+    print_table(
+        &["figure", "measured", "target", "met?"].map(String::from),
+        &rows,
+    );
+}
+
+/// `N of M targets met` (figures not measured are counted apart, and
+/// verdicts that rest on noisy bare runs are said to).
+pub fn summary(figures: &[Figure]) -> String {
+    let met = figures.iter().filter(|f| f.verdict() == "met").count();
+    let missing = figures.iter().filter(|f| f.verdict() == "n/a").count();
+    let noisy = figures.iter().filter(|f| f.noisy()).count();
+    let mut s = format!("{met} of {} targets met", figures.len());
+    if missing > 0 {
+        s.push_str(&format!(", {missing} not measured"));
+    }
+    if noisy > 0 {
+        s.push_str(&format!(
+            "; {noisy} ratios rest on bare runs that spread over {:.0}%: their verdicts are this machine's noise, rerun them on a quieter one",
+            NOISY * 100.0
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let at_least = Figure::new("rps", 0.995, Unit::Ratio, Goal::AtLeast(0.99));
+        assert_eq!(at_least.verdict(), "met");
+        let below = Figure::new("rps", 0.98, Unit::Ratio, Goal::AtLeast(0.99));
+        assert_eq!(below.verdict(), "NOT met");
+        let edge = Figure::new("p99", 1.02, Unit::Ratio, Goal::AtMost(1.02));
+        assert_eq!(edge.verdict(), "met");
+        let nan = Figure::new("p99", f64::NAN, Unit::Ratio, Goal::AtMost(1.02));
+        assert_eq!(nan.verdict(), "n/a");
+        let gone = Figure::missing("x", "section failed", Unit::MiB, Goal::AtMost(25.0));
+        assert_eq!(gone.verdict(), "n/a");
+    }
+
+    #[test]
+    fn rows_show_value_target_and_verdict() {
+        let f = Figure::new("events/s", 7300.0, Unit::PerSec, Goal::AtLeast(100_000.0))
+            .with_note("first loss at 16 threads");
+        assert_eq!(
+            f.row(),
+            [
+                "events/s",
+                "7,300/s (first loss at 16 threads)",
+                "≥ 100,000/s",
+                "NOT met"
+            ]
+        );
+        let f = Figure::new("idle CPU", 0.0312, Unit::CpuPercent, Goal::AtMost(0.05));
+        assert_eq!(f.row()[1..], ["0.031 %", "≤ 0.050 %", "met"]);
+        let f = Figure::missing("rss", "daemon failed", Unit::MiB, Goal::AtMost(25.0));
+        assert_eq!(
+            f.row()[1..],
+            ["not measured: daemon failed", "≤ 25.0 MiB", "n/a"]
+        );
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(123_456.7), "123,457");
+        assert_eq!(thousands(-1_234_567.0), "-1,234,567");
+    }
+
+    #[test]
+    fn summary_counts() {
+        let figs = [
+            Figure::new("a", 1.0, Unit::Ratio, Goal::AtLeast(0.99)),
+            Figure::new("b", 2.0, Unit::Ratio, Goal::AtMost(1.02)),
+            Figure::missing("c", "x", Unit::Ratio, Goal::AtMost(1.02)),
+        ];
+        assert_eq!(summary(&figs), "1 of 3 targets met, 1 not measured");
+        let figs = [
+            Figure::new("a", 1.0, Unit::Ratio, Goal::AtLeast(0.99)).with_bare_spread(0.02),
+            Figure::new("b", 2.0, Unit::Ratio, Goal::AtMost(1.02)).with_bare_spread(0.3),
+        ];
+        assert!(
+            summary(&figs)
+                .starts_with("1 of 2 targets met; 1 ratios rest on bare runs that spread over 10%")
+        );
+    }
+}
