@@ -73,10 +73,16 @@ struct Sample {
 }
 
 impl BlockRun {
-    /// Everything blockwatch said it lost (events, stacks, user-stack
-    /// copies…): "without loss" means none of it.
+    /// Events blockwatch said it lost: "without loss" means none. Lost
+    /// stacks and user-stack copies only degrade an event that was
+    /// reported (its stack is the frame-pointer walk); they are shown in
+    /// the table, not counted here.
     fn lost(&self) -> u64 {
-        self.losses.iter().map(|(n, _)| n).sum()
+        self.losses
+            .iter()
+            .filter(|(_, what)| what == "events")
+            .map(|(n, _)| n)
+            .sum()
     }
 
     /// Events neither reported nor counted as lost: the workload's sleeps
@@ -85,13 +91,7 @@ impl BlockRun {
     /// reported and those lost (lost stacks and user-stack copies only degrade an event
     /// that was reported).
     fn unaccounted(&self) -> Option<i64> {
-        let lost: u64 = self
-            .losses
-            .iter()
-            .filter(|(_, what)| what == "events")
-            .map(|(n, _)| n)
-            .sum();
-        Some(self.offered? as i64 - self.events as i64 - lost as i64)
+        Some(self.offered? as i64 - self.events as i64 - self.lost() as i64)
     }
 
     fn rate(&self) -> f64 {
