@@ -131,12 +131,23 @@ pub struct BlockEvent {
     pub waits: u32,
     pub samples: u32,
     pub comm: [u8; COMM_LEN],
-    /// Number of valid entries in `ips`.
+    /// Number of valid entries in the [`BlockStacks`] `ips` that follow
+    /// (0: the record is a bare `BlockEvent`).
     pub frames: u32,
     /// Number of valid entries in `py`.
     pub py_frames: u32,
-    pub ips: [u64; MAX_FRAMES],
     pub py: [PyFrameRef; MAX_PY_FRAMES],
+}
+
+/// A [`BlockEvent`] with the frame-pointer stack of its longest wait: sent
+/// only when that wait's call site is new to user space. A wait at a known
+/// site, or an episode with no wait, is the `BlockEvent` alone, a third of
+/// the size: the ring buffer holds three times as many.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockStacks {
+    pub event: BlockEvent,
+    pub ips: [u64; MAX_FRAMES],
 }
 
 /// A futex wait of a watched thread whose meaning user space must decide
@@ -252,7 +263,8 @@ const _: () = {
     assert!(size_of::<RecordHeader>() == 12);
     assert!(offset_of!(RecordHeader, kind) == 0);
     let stacks = 8 * MAX_FRAMES + 16 * MAX_PY_FRAMES;
-    assert!(size_of::<BlockEvent>() == 152 + stacks);
+    assert!(size_of::<BlockEvent>() == 152 + 16 * MAX_PY_FRAMES);
+    assert!(size_of::<BlockStacks>() == 152 + stacks);
     assert!(size_of::<ProbeEvent>() == 48 + PROBE_STACK_BYTES);
     assert!(size_of::<TaskEvent>() == 32);
     assert!(size_of::<UserStackHead>() == 48);

@@ -11,7 +11,7 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
     Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, MAX_KNOWN_SITES,
@@ -113,6 +113,15 @@ pub(crate) const STRICT_SITES: u32 = 16384;
 #[map]
 pub(crate) static KNOWN_SITES: HashMap<SiteKey, SiteCheck> =
     HashMap::with_max_entries(MAX_KNOWN_SITES, BPF_F_NO_PREALLOC);
+/// Call sites whose stacks were just sent, and when: user space has them
+/// when it reads any later record, so until it adds the site to
+/// `KNOWN_SITES` (or `SENT_WINDOW_NS` passes) their waits send none
+/// either. Without it, a burst of new sites (a busy process attached to)
+/// fills the ring buffer with full stacks, whose 16 KiB copies then find no
+/// room, so no site is ever learned.
+#[map]
+pub(crate) static SENT_SITES: LruHashMap<SiteKey, u64> =
+    LruHashMap::with_max_entries(MAX_KNOWN_SITES, 0);
 
 /// Filled in by user space from the running kernel's BTF before load.
 #[unsafe(no_mangle)]

@@ -4,9 +4,9 @@
 
 use aya_ebpf::{EbpfContext, helpers::bpf_get_current_comm, maps::ring_buf::RingBufEntry};
 use blockwatch_common::{
-    BlockEvent, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK,
-    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf, StrictEvent,
-    TaskEvent, ThreadTag, UserStackHead,
+    BlockEvent, BlockStacks, Counter, LoopEvent, LoopState, MAX_FRAMES, MAX_PY_FRAMES,
+    MAX_USER_STACK, PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, StackBuf,
+    StrictEvent, TaskEvent, ThreadTag, UserStackHead,
 };
 
 use crate::{
@@ -27,25 +27,85 @@ fn reserve<T: 'static>(lost: Counter) -> Option<RingBufEntry<T>> {
 
 /// The episode `st` of `tid`, `wall` long, with its longest wait's stacks
 /// (slot `st.max_slot`), sent after that wait's user-stack copy; `task`
-/// is the thread's task.
+/// is the thread's task. The frame-pointer stack goes too (a
+/// [`BlockStacks`]) only when the wait's call site is new to user space.
 #[inline(always)]
 pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64, task: *const u8) {
     let key = stack::slot_key(tid, st.max_slot);
     let slot = (st.max_slot & 1) as usize;
-    let known = (st.slot_known >> slot) & 1;
-    if st.max_ns != 0 && known == 0 {
-        send_user_stack_at(key, st.max_start_ns);
-    }
-    let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
-        return;
+    let waited = st.max_ns != 0;
+    let known = waited && (st.slot_known >> slot) & 1 != 0;
+    // No wait, no stacks of one; no entry: its capture failed at
+    // switch-out, where it was counted.
+    // SAFETY: map value pointer, valid for this program run.
+    let stack = if waited {
+        STACKS.get_ptr(key).map(|s| unsafe { &*s })
+    } else {
+        None
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` points at a reserved, exclusively owned record; every
-    // field is written before submit.
+    let ips = match stack {
+        Some(s) if !known && s.len > 0 && s.len <= (MAX_FRAMES * 8) as u64 => s.len / 8,
+        _ => 0,
+    };
+    let copied = waited && !known && send_user_stack_at(key, st.max_start_ns);
+    if ips == 0 {
+        let Some(mut entry) = reserve::<BlockEvent>(Counter::LostEvents) else {
+            return;
+        };
+        // SAFETY: a reserved record, exclusively ours.
+        unsafe { fill_episode(entry.as_mut_ptr(), tag, tid, st, wall, task, known, stack) };
+        entry.submit(0);
+    } else {
+        let Some(mut entry) = reserve::<BlockStacks>(Counter::LostEvents) else {
+            return;
+        };
+        let ev = entry.as_mut_ptr();
+        // SAFETY: a reserved record, exclusively ours; `ips` was checked
+        // against the buffer's length above.
+        unsafe {
+            fill_episode(&mut (*ev).event, tag, tid, st, wall, task, known, stack);
+            if let Some(s) = stack
+                && kcopy(
+                    (*ev).ips.as_mut_ptr() as *mut u8,
+                    size_of::<[u64; MAX_FRAMES]>(),
+                    s.ips.as_ptr() as *const u8,
+                )
+            {
+                (*ev).event.frames = ips as u32;
+            }
+        }
+        entry.submit(0);
+    }
+    // User space has this site's stacks by the time it reads the next
+    // record: later waits there send none, even before it has said so.
+    if copied {
+        stack::site_sent(tag.tgid, st.slot_site[slot]);
+    }
+    count(Counter::Events);
+}
+
+/// Writes every field of the episode record but its frame-pointer stack.
+///
+/// # Safety
+/// `ev` points at a reserved record, exclusively ours.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn fill_episode(
+    ev: *mut BlockEvent,
+    tag: &ThreadTag,
+    tid: u32,
+    st: &LoopState,
+    wall: u64,
+    task: *const u8,
+    known: bool,
+    stack: Option<&StackBuf>,
+) {
+    let slot = (st.max_slot & 1) as usize;
+    // SAFETY: as the caller promised; every field is written.
     unsafe {
         (*ev).header = RecordHeader::new(RecordKind::Block, tag.tgid, tid);
         (*ev).state = st.max_state;
-        (*ev).site_known = if st.max_ns != 0 { known } else { 0 };
+        (*ev).site_known = known as u8;
         (*ev)._pad = [0; 2];
         (*ev).site = if st.max_ns != 0 {
             st.slot_site[slot]
@@ -65,37 +125,20 @@ pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64,
         (*ev).comm = kread(task, off().task_comm);
         (*ev).frames = 0;
         (*ev).py_frames = 0;
-        // No wait, no stacks of one; no entry: its capture failed at
-        // switch-out, where it was counted.
-        if st.max_ns != 0
-            && let Some(stack) = STACKS.get_ptr(key)
-        {
-            let len = (*stack).len;
-            if len > 0
-                && len <= (MAX_FRAMES * 8) as u64
-                && kcopy(
-                    (*ev).ips.as_mut_ptr() as *mut u8,
-                    size_of::<[u64; MAX_FRAMES]>(),
-                    (*stack).ips.as_ptr() as *const u8,
-                )
-            {
-                (*ev).frames = (len / 8) as u32;
-            }
-            let py = (*stack).py_len;
+        if let Some(stack) = stack {
+            let py = stack.py_len;
             if py > 0
                 && py <= MAX_PY_FRAMES as u64
                 && kcopy(
                     (*ev).py.as_mut_ptr() as *mut u8,
                     size_of::<[PyFrameRef; MAX_PY_FRAMES]>(),
-                    (*stack).py.as_ptr() as *const u8,
+                    stack.py.as_ptr() as *const u8,
                 )
             {
                 (*ev).py_frames = py as u32;
             }
         }
     }
-    entry.submit(0);
-    count(Counter::Events);
 }
 
 /// A futex wait on `uaddr` for user space to classify, with the top of the
@@ -146,27 +189,28 @@ pub(crate) fn send_task(kind: RecordKind, pid: u32, tid: u32, aux: u32) {
     entry.submit(0);
 }
 
-/// Sends the copy in `USER_STACKS[key]` if it is the one taken at `start`.
+/// Sends the copy in `USER_STACKS[key]` if it is the one taken at `start`;
+/// whether it was sent.
 #[inline(always)]
-pub(crate) fn send_user_stack_at(key: u32, start: u64) {
+pub(crate) fn send_user_stack_at(key: u32, start: u64) -> bool {
     if user_stack_size() == 0 {
-        return;
+        return false;
     }
     // No entry, or one from an earlier wait: the copy failed at
     // switch-out, where it was counted.
     let Some(value) = USER_STACKS.get_ptr(key) else {
-        return;
+        return false;
     };
     // SAFETY: map value pointer, valid for this run.
     let head = unsafe { &(*value).head };
     if head.start_ns != start {
-        return;
+        return false;
     }
     let len = head.len as usize;
     // Never true (the copy is bounded); the check bounds the slice for the
     // verifier.
     if len > MAX_USER_STACK {
-        return;
+        return false;
     }
     const HEAD: usize = core::mem::size_of::<UserStackHead>();
     // SAFETY: the head and the first `len` bytes of the value, which is
@@ -174,7 +218,9 @@ pub(crate) fn send_user_stack_at(key: u32, start: u64) {
     let bytes = unsafe { core::slice::from_raw_parts(value as *const u8, HEAD + len) };
     if EVENTS.output::<[u8]>(bytes, 0).is_err() {
         count(Counter::LostUserStacks);
+        return false;
     }
+    true
 }
 
 /// What a strict or sample record says, its stacks aside.

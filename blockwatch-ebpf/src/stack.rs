@@ -12,7 +12,11 @@
 //! the frame-pointer walk and the 16 KiB copy are skipped, and the record
 //! names the site instead.
 
-use aya_ebpf::{EbpfContext, bindings::BPF_F_USER_STACK, helpers::bpf_get_stack};
+use aya_ebpf::{
+    EbpfContext,
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_stack, bpf_ktime_get_ns},
+};
 use blockwatch_common::{
     Counter, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, SITE_CHECKS,
     SiteKey, StackBuf, ThreadTag, UserStack,
@@ -21,8 +25,8 @@ use blockwatch_common::{
 
 use crate::{
     maps::{
-        EVENTS, KNOWN_SITES, SCRATCH, STACKS, USER_STACK_ZERO, USER_STACKS, count, off, scratch,
-        user_stack_size,
+        EVENTS, KNOWN_SITES, SCRATCH, SENT_SITES, STACKS, USER_STACK_ZERO, USER_STACKS, count, off,
+        scratch, user_stack_size,
     },
     python,
     read::{kread, read_user, uread},
@@ -95,7 +99,7 @@ pub(crate) fn capture<C: EbpfContext>(
     };
     python::walk(tag, task, buf);
     let site = wait_site(regs, buf);
-    let known = site_known(tag.tgid, site, regs);
+    let known = site_known(tag.tgid, site, regs) || site_recently_sent(tag.tgid, site);
     buf.len = if known {
         0
     } else {
@@ -278,6 +282,54 @@ fn site_known(tgid: u32, site: u64, regs: *const u8) -> bool {
     }
     count(Counter::SiteHits);
     true
+}
+
+/// How long a site whose stacks were sent counts as known before user
+/// space has said so: far longer than it takes to read the record, short
+/// enough that a site user space could not use is sent again soon.
+const SENT_WINDOW_NS: u64 = 1_000_000_000;
+
+/// The stacks of a wait at `site` of process `tgid` were just sent.
+#[inline(always)]
+pub(crate) fn site_sent(tgid: u32, site: u64) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Full (an LRU map evicts) cannot fail; anything else only means the
+    // next wait there sends its stacks again.
+    let _ = SENT_SITES.insert(
+        SiteKey {
+            tgid,
+            _pad: 0,
+            site,
+        },
+        now,
+        0,
+    );
+}
+
+/// Whether the stacks of a wait at `site` of `tgid` were sent within
+/// `SENT_WINDOW_NS`. Its callers are not checked: that needs what user
+/// space learns from those stacks (`site_known`).
+#[inline(always)]
+fn site_recently_sent(tgid: u32, site: u64) -> bool {
+    // SAFETY: map value read, copied out at once.
+    let Some(sent) = (unsafe {
+        SENT_SITES.get(SiteKey {
+            tgid,
+            _pad: 0,
+            site,
+        })
+    })
+    .copied() else {
+        return false;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(sent) < SENT_WINDOW_NS {
+        count(Counter::SiteHits);
+        return true;
+    }
+    false
 }
 
 /// The call site of the current syscall (user registers at `regs`, the

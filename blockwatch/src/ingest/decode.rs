@@ -6,9 +6,10 @@
 
 use blockwatch_common::x86_64::USER_SPACE_END;
 use blockwatch_common::{
-    BlockEvent, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, PROBE_STACK_BYTES,
-    ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_RUNNING,
-    STATE_SLEEPING, StrictEvent, StrictKey, TaskEvent, UserStackHead,
+    BlockEvent, BlockStacks, COMM_LEN, LoopEvent, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK,
+    PROBE_STACK_BYTES, ProbeEvent, PyFrameRef, RecordHeader, RecordKind, STATE_DISK,
+    STATE_PREEMPTED, STATE_RUNNING, STATE_SLEEPING, StrictEvent, StrictKey, TaskEvent,
+    UserStackHead,
 };
 
 use crate::event::OffState;
@@ -231,6 +232,13 @@ fn py_frames(py: &[PyFrameRef; MAX_PY_FRAMES], n: u32) -> Vec<PyFrameRef> {
 
 fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
     let ev: BlockEvent = read(bytes, RecordKind::Block)?;
+    // A record with a frame-pointer stack is a `BlockStacks`.
+    let ips = if ev.frames == 0 {
+        Vec::new()
+    } else {
+        let full: BlockStacks = read(bytes, RecordKind::Block)?;
+        user_ips(&full.ips, ev.frames)
+    };
     let state = match ev.state {
         STATE_SLEEPING => OffState::Sleeping,
         STATE_DISK => OffState::Disk,
@@ -255,7 +263,7 @@ fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
         site: ev.site,
         site_known: ev.site_known != 0,
         thread: comm_str(&ev.comm),
-        ips: user_ips(&ev.ips, ev.frames),
+        ips,
         py: py_frames(&ev.py, ev.py_frames),
     }))
 }
@@ -359,37 +367,55 @@ mod tests {
             .to_vec()
     }
 
-    fn block() -> BlockEvent {
+    fn block() -> BlockStacks {
         let mut comm = [0u8; COMM_LEN];
         comm[..7].copy_from_slice(b"python3");
         let mut ips = [0u64; MAX_FRAMES];
         ips[0] = 0x7f00_0000_1000;
         ips[1] = 0x5500_0000_2000;
-        BlockEvent {
-            header: RecordHeader::new(RecordKind::Block, 10, 11),
-            state: STATE_SLEEPING,
-            site_known: 0,
-            _pad: [0; 2],
-            syscall: 230,
-            site: 0x5eed,
-            args: [1, 0, 0x7ffd_0000],
-            start_ns: 5_000,
-            duration_ns: 80_000_000,
-            run_ns: 1_000,
-            off_ns: [79_999_000, 0, 0],
-            wait_start_ns: 5_500,
-            wait_ns: 79_999_000,
-            waits: 1,
-            samples: 0,
-            comm,
-            frames: 2,
-            py_frames: 1,
+        BlockStacks {
+            event: BlockEvent {
+                header: RecordHeader::new(RecordKind::Block, 10, 11),
+                state: STATE_SLEEPING,
+                site_known: 0,
+                _pad: [0; 2],
+                syscall: 230,
+                site: 0x5eed,
+                args: [1, 0, 0x7ffd_0000],
+                start_ns: 5_000,
+                duration_ns: 80_000_000,
+                run_ns: 1_000,
+                off_ns: [79_999_000, 0, 0],
+                wait_start_ns: 5_500,
+                wait_ns: 79_999_000,
+                waits: 1,
+                samples: 0,
+                comm,
+                frames: 2,
+                py_frames: 1,
+                py: [PyFrameRef {
+                    code: 0x1234,
+                    instr: 0x5678,
+                }; MAX_PY_FRAMES],
+            },
             ips,
-            py: [PyFrameRef {
-                code: 0x1234,
-                instr: 0x5678,
-            }; MAX_PY_FRAMES],
         }
+    }
+
+    /// A wait at a known call site: the event alone, no native stack.
+    #[test]
+    fn block_event_of_a_known_site_has_no_native_stack() {
+        let mut full = block();
+        full.event.frames = 0;
+        full.event.site_known = 1;
+        let Record::Block(b) = decode(&bytes_of(&full.event)).unwrap() else {
+            panic!("not a block record");
+        };
+        assert!(b.ips.is_empty() && b.site_known && b.site == 0x5eed);
+        assert_eq!(b.py.len(), 1);
+        // A record that says it has frames must carry them.
+        full.event.frames = 2;
+        assert!(decode(&bytes_of(&full.event)).is_err());
     }
 
     #[test]
@@ -414,7 +440,7 @@ mod tests {
     #[test]
     fn frame_count_is_clamped_and_zero_terminated() {
         let mut ev = block();
-        ev.frames = 10_000;
+        ev.event.frames = 10_000;
         let Record::Block(b) = decode(&bytes_of(&ev)).unwrap() else {
             panic!()
         };
@@ -428,14 +454,14 @@ mod tests {
             (STATE_PREEMPTED, OffState::Preempted),
         ] {
             let mut ev = block();
-            ev.state = raw;
+            ev.event.state = raw;
             let Record::Block(b) = decode(&bytes_of(&ev)).unwrap() else {
                 panic!()
             };
             assert_eq!(b.state, want);
         }
         let mut ev = block();
-        ev.state = 9;
+        ev.event.state = 9;
         assert_eq!(decode(&bytes_of(&ev)), Err(DecodeError::UnknownState(9)));
     }
 

@@ -49,12 +49,15 @@ const PY_INSPECT_MAX_GAP: Duration = Duration::from_secs(2);
 const EXEC_RETRY_GAP: Duration = Duration::from_millis(5);
 /// ...for this long (the interpreter's start-up, before any loop).
 const EXEC_RETRY_FOR: Duration = Duration::from_secs(2);
-/// A drain that found at least this many records was woken by a busy
-/// ring buffer: the next read waits `BUSY_PAUSE` first, so that records
-/// are read in batches, not one wake-up each (the kernel wakes its reader
-/// for the first record after the reader caught up, and a reader that
-/// always catches up is woken for every record).
+/// A drain that found at least this many records, and caught up, was
+/// woken by a busy ring buffer: the next read waits `BUSY_PAUSE` first, so
+/// that records are read in batches, not one wake-up each (the kernel
+/// wakes its reader for the first record after the reader caught up, and a
+/// reader that always catches up is woken for every record). A reader
+/// still behind (a full `DRAIN_BATCH`) reads on at once.
 pub const BUSY_RECORDS: usize = 16;
+/// Records read per drain at most.
+pub const DRAIN_BATCH: usize = 4096;
 pub const BUSY_PAUSE: Duration = Duration::from_millis(5);
 /// A CPython loop's clock not found at its discovery is looked for again
 /// this often, this many times (a second in all).
@@ -405,8 +408,11 @@ impl Pipeline {
         }
     }
 
-    /// Drains every record the kernel has written, handing each output to
-    /// `out`; how many records there were.
+    /// Drains the records the kernel has written, at most `DRAIN_BATCH`,
+    /// handing each output to `out`; how many records there were. Bounded
+    /// so that a kernel writing as fast as they are read cannot keep the
+    /// caller from its signals and timers: a busy ring buffer is readable
+    /// again at once.
     pub fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
@@ -414,7 +420,9 @@ impl Pipeline {
         mut out: impl FnMut(Output),
     ) -> usize {
         let mut records = 0;
-        while let Some(item) = ring.next() {
+        while records < DRAIN_BATCH
+            && let Some(item) = ring.next()
+        {
             records += 1;
             let output = self.process(&item, maps);
             // Release the ring-buffer slot before the (slow) output.
@@ -722,8 +730,10 @@ impl Pipeline {
         let ips = self.stacks.native(b.pid, &b.ips, copy);
         let stack = self.stack(b.pid, &ips, &b.py);
         // Only a stack that came whole is reused: without its copy it was
-        // unwound by frame pointers alone.
-        if let Some(check) = copy.and_then(|c| sites::site_check(c, &ips)) {
+        // unwound by frame pointers alone (and the kernel, knowing, sends
+        // the site's next wait whole).
+        if let Some(c) = copy {
+            let check = sites::site_check(c, &ips);
             self.sites.learn(b.pid, b.site, &stack, check, known);
         }
         stack

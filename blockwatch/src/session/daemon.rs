@@ -20,7 +20,7 @@ use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::strict::Read as StrictRead;
-use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, Output, Pipeline, RuntimeMaps};
+use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, DRAIN_BATCH, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::runtimes::python;
 use crate::session::notify::{sd_notify, watchdog_interval};
@@ -416,9 +416,13 @@ impl Daemon {
                     let (state, metrics) = (&mut self.state, &self.metrics);
                     let mut maps = RuntimeMaps::of(&mut self.session.maps);
                     let records = self.pipeline.drain(guard.get_inner_mut(), &mut maps, |o| state.take(o, metrics));
-                    guard.clear_ready();
+                    // A full batch leaves records behind, and the kernel
+                    // wakes a reader only once it has caught up: still ready.
+                    if records < DRAIN_BATCH {
+                        guard.clear_ready();
+                    }
                     self.after_drain();
-                    if records >= BUSY_RECORDS {
+                    if (BUSY_RECORDS..DRAIN_BATCH).contains(&records) {
                         tokio::time::sleep(BUSY_PAUSE).await;
                     }
                 }

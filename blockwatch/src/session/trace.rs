@@ -13,7 +13,7 @@ use crate::cli::TraceArgs;
 use crate::event::Detector;
 use crate::output::report::{OutputFormat, Reporter};
 use crate::pipeline::strict::Read as StrictRead;
-use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, Output, Pipeline, RuntimeMaps};
+use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, DRAIN_BATCH, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
@@ -24,6 +24,9 @@ use crate::targets::{self, TagMaps};
 /// Strict counts are read every this many ticks (a second): a thread gone
 /// without its exit record is found, and its counts kept, that soon.
 const STRICT_READ_TICKS: u64 = 10;
+/// Drains after the stop, at most: a full 16 MiB ring buffer of the
+/// smallest episode records is about 25,000 records.
+const FINAL_BATCHES: usize = 8;
 
 /// Why the session ended.
 enum Stop {
@@ -170,7 +173,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     // once the records sent meanwhile are in, all.
     for mode in [StrictRead::Periodic, StrictRead::Final] {
         let mut maps = RuntimeMaps::of(&mut session.maps);
-        pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o));
+        // What the ring buffer holds now, not what a program that keeps
+        // blocking adds while it is read.
+        for _ in 0..FINAL_BATCHES {
+            if pipeline.drain(session.ring.get_mut(), &mut maps, |o| sink.take(o)) < DRAIN_BATCH {
+                break;
+            }
+        }
         pipeline.read_strict(&mut session.maps.strict_counts, mode, |o| sink.take(o));
     }
     sink.check()?;
@@ -296,7 +305,11 @@ async fn watch_until_stop(
                 let mut guard = guard?;
                 let mut maps = RuntimeMaps::of(&mut session.maps);
                 let records = pipeline.drain(guard.get_inner_mut(), &mut maps, |o| sink.take(o));
-                guard.clear_ready();
+                // A full batch leaves records behind, and the kernel wakes
+                // a reader only once it has caught up: still ready.
+                if records < DRAIN_BATCH {
+                    guard.clear_ready();
+                }
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
                     let mut maps = TagMaps { threads: &mut session.maps.threads, watched: &mut session.maps.watched };
@@ -314,7 +327,7 @@ async fn watch_until_stop(
                         pipeline.inspect_at_exec(pid, &mut session.maps.pyprocs);
                     }
                 }
-                if records >= BUSY_RECORDS {
+                if (BUSY_RECORDS..DRAIN_BATCH).contains(&records) {
                     tokio::time::sleep(BUSY_PAUSE).await;
                 }
             }

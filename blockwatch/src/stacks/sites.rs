@@ -13,12 +13,14 @@
 //! no copy, no unwinding and no symbolization (ARCHITECTURE.md, "Known
 //! call sites").
 //!
-//! A site is learned only from a stack that came whole (its copy arrived)
-//! and named every frame: a JIT frame whose perf map was not written yet
-//! is looked up again at the next wait, not frozen unnamed. The kernel's
-//! `KNOWN_SITES` and this cache change together: a site is added to the
-//! kernel map only once its frames are here, and leaves it before it
-//! leaves here (eviction, the process's exec or exit).
+//! Right after it sends a site's stacks, the kernel sends that site's next
+//! waits without them for up to a second (`SENT_SITES`): those records come
+//! after the full one, so the frames are here when they are read. For
+//! good, a site is known (`KNOWN_SITES`) only from a stack that came whole
+//! (its copy arrived) and named every frame: a JIT frame whose perf map
+//! was not written yet is looked up again when the kernel next sends it.
+//! A site is added to the kernel map only once its frames are here, and
+//! leaves it before it leaves here (eviction, the process's exec or exit).
 
 use std::collections::HashMap;
 
@@ -78,53 +80,58 @@ impl Sites {
         Some(&s.frames)
     }
 
-    /// Remembers `frames` as the stack of site `site` of process `pid`,
-    /// and tells the kernel (`known`) to stop sending its stacks while its
-    /// callers are those `check` names, when they are worth reusing: none
-    /// missing a name. A site already known whose callers differed (the
-    /// kernel sent its stacks again) takes the new ones.
+    /// Remembers `frames`, built from a whole stack (its copy arrived), as
+    /// the stack of site `site` of process `pid`: the kernel may already
+    /// send that site's next waits without stacks (`SENT_SITES`). When
+    /// they are worth reusing for good (every frame named) and `check`
+    /// says where its callers are, the kernel is told (`known`) to stop
+    /// sending them while those callers are there. A site seen again
+    /// (the kernel sent its stacks again: other callers, or its window
+    /// passed) takes the new frames.
     pub fn learn(
         &mut self,
         pid: u32,
         site: u64,
         frames: &[Frame],
-        check: SiteCheck,
+        check: Option<SiteCheck>,
         known: &mut impl KnownSites,
     ) {
-        if frames.is_empty() || frames.iter().any(|f| f.function.is_none()) {
+        if frames.is_empty() {
             return;
         }
-        if let Some(old) = self.sites.get_mut(&pid).and_then(|p| p.get_mut(&site)) {
-            if known.add(key(pid, site), check).is_ok() {
-                old.frames = frames.to_vec();
-            }
-            return;
-        }
-        if self.len >= MAX_SITES
+        self.tick += 1;
+        let tick = self.tick;
+        let fresh = !self.sites.get(&pid).is_some_and(|p| p.contains_key(&site));
+        if fresh
+            && self.len >= MAX_SITES
             && let Some((old_pid, old_site)) = self.least_recently_used()
         {
             self.unlearn(old_pid, old_site, known);
         }
-        // Full (another session's sites, or a race with deletes): the site
-        // keeps sending its stacks, which is only slower.
-        let key = key(pid, site);
-        if let Err(e) = known.add(key, check) {
-            debug!("call site {site:#x} of pid {pid} not handed to the kernel: {e}");
-            return;
-        }
-        self.tick += 1;
-        let site = Site {
+        let entry = Site {
             frames: frames.to_vec(),
-            last_used: self.tick,
+            last_used: tick,
         };
         if self
             .sites
             .entry(pid)
             .or_default()
-            .insert(key.site, site)
+            .insert(site, entry)
             .is_none()
         {
             self.len += 1;
+        }
+        let named = frames.iter().all(|f| f.function.is_some());
+        let Some(check) = check.filter(|_| named) else {
+            // Not for good: a JIT frame whose perf map was not written yet
+            // is looked up again when the kernel next sends the site.
+            known.drop_site(&key(pid, site));
+            return;
+        };
+        // Full (another session's sites, or a race with deletes): the site
+        // keeps sending its stacks, which is only slower.
+        if let Err(e) = known.add(key(pid, site), check) {
+            debug!("call site {site:#x} of pid {pid} not handed to the kernel: {e}");
         }
     }
 
@@ -272,7 +279,7 @@ mod tests {
             7,
             0xabc,
             &[frame(Some("f"))],
-            SiteCheck::default(),
+            Some(SiteCheck::default()),
             &mut kernel,
         );
         assert_eq!(sites.get(7, 0xabc).map(|f| f.len()), Some(1));
@@ -281,25 +288,41 @@ mod tests {
     }
 
     #[test]
-    fn a_stack_with_an_unnamed_frame_is_not_learned() {
+    fn a_stack_with_an_unnamed_frame_is_kept_but_not_known_to_the_kernel() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
-        sites.learn(
-            7,
-            1,
-            &[frame(Some("f")), frame(None)],
-            SiteCheck::default(),
-            &mut kernel,
-        );
-        sites.learn(7, 2, &[], SiteCheck::default(), &mut kernel);
-        assert!(sites.is_empty() && kernel.0.is_empty());
+        let frames = [frame(Some("f")), frame(None)];
+        sites.learn(7, 1, &frames, Some(SiteCheck::default()), &mut kernel);
+        sites.learn(7, 2, &[frame(Some("g"))], None, &mut kernel);
+        sites.learn(7, 3, &[], Some(SiteCheck::default()), &mut kernel);
+        assert_eq!(sites.len(), 2, "kept for the waits sent meanwhile");
+        assert!(kernel.0.is_empty(), "no site the kernel may skip for good");
+        assert!(sites.get(7, 3).is_none());
     }
 
     #[test]
     fn a_process_takes_its_sites_with_it() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
-        sites.learn(7, 1, &[frame(Some("f"))], SiteCheck::default(), &mut kernel);
-        sites.learn(7, 2, &[frame(Some("g"))], SiteCheck::default(), &mut kernel);
-        sites.learn(9, 1, &[frame(Some("h"))], SiteCheck::default(), &mut kernel);
+        sites.learn(
+            7,
+            1,
+            &[frame(Some("f"))],
+            Some(SiteCheck::default()),
+            &mut kernel,
+        );
+        sites.learn(
+            7,
+            2,
+            &[frame(Some("g"))],
+            Some(SiteCheck::default()),
+            &mut kernel,
+        );
+        sites.learn(
+            9,
+            1,
+            &[frame(Some("h"))],
+            Some(SiteCheck::default()),
+            &mut kernel,
+        );
         sites.forget(7, &mut kernel);
         assert_eq!(sites.len(), 1);
         assert_eq!(kernel.0.len(), 1);
@@ -310,7 +333,13 @@ mod tests {
     fn the_cache_is_bounded_and_drops_the_least_recently_used() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
         for s in 0..MAX_SITES as u64 {
-            sites.learn(1, s, &[frame(Some("f"))], SiteCheck::default(), &mut kernel);
+            sites.learn(
+                1,
+                s,
+                &[frame(Some("f"))],
+                Some(SiteCheck::default()),
+                &mut kernel,
+            );
         }
         // Site 0 used again: site 1 is now the oldest.
         assert!(sites.get(1, 0).is_some());
@@ -318,7 +347,7 @@ mod tests {
             2,
             99,
             &[frame(Some("g"))],
-            SiteCheck::default(),
+            Some(SiteCheck::default()),
             &mut kernel,
         );
         assert_eq!(sites.len(), MAX_SITES);
