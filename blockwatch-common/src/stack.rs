@@ -48,16 +48,24 @@ pub const SITE_CHECKS: usize = 8;
 /// the return addresses of its nearest `n` callers, where they were found.
 /// Code without frame pointers keeps data in `rbp`, so the frame-pointer
 /// chain cannot tell two callers at the same depth apart; these words can.
+/// A wait whose words differ sends its stacks, whatever else is known.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SiteCheck {
     pub n: u32,
-    pub _pad: u32,
+    /// `SITE_REFRESH`, or 0.
+    pub flags: u32,
     pub offs: [u32; SITE_CHECKS],
     pub vals: [u64; SITE_CHECKS],
 }
 
 pod!(SiteCheck);
+
+/// [`SiteCheck::flags`]: the site's frames are not all named yet (a JIT
+/// frame whose perf map line was not written): its waits count as known
+/// only for a while after its stacks were last sent, then send them again
+/// so user space can name them.
+pub const SITE_REFRESH: u32 = 1;
 
 /// Entries of `KNOWN_SITES`, and of user space's matching cache: one per
 /// (process, call site) at which a watched thread waited.

@@ -7,7 +7,7 @@
 //! CPU samples copy the user stack straight into the ring buffer.
 //!
 //! A wait at a call site user space already has the native stack of
-//! (`KNOWN_SITES`, keyed by [`wait_site`] and checked by `site_known`)
+//! (`KNOWN_SITES`, keyed by [`wait_site`] and checked by `site_check`)
 //! keeps only its CPython frames:
 //! the frame-pointer walk and the 16 KiB copy are skipped, and the record
 //! names the site instead.
@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use blockwatch_common::{
     Counter, MAX_FRAMES, MAX_PY_FRAMES, MAX_USER_STACK, RecordHeader, RecordKind, SITE_CHECKS,
-    SiteKey, StackBuf, ThreadTag, UserStack,
+    SITE_REFRESH, SiteKey, StackBuf, ThreadTag, UserStack,
     x86_64::{USER_SPACE_END, is_epoll_wait},
 };
 
@@ -99,7 +99,11 @@ pub(crate) fn capture<C: EbpfContext>(
     };
     python::walk(tag, task, buf);
     let site = wait_site(regs, buf);
-    let known = site_known(tag.tgid, site, regs) || site_recently_sent(tag.tgid, site);
+    let known = match site_check(tag.tgid, site, regs) {
+        Check::Match => true,
+        Check::Mismatch => false,
+        Check::Absent | Check::Refresh => site_recently_sent(tag.tgid, site),
+    };
     buf.len = if known {
         0
     } else {
@@ -238,7 +242,7 @@ pub(crate) fn send_sample_stack(tag: &ThreadTag, tid: u32, start_ns: u64, regs: 
 /// The call site of a wait (user registers at `regs`, the CPython frames
 /// in `buf`): its `ip` and `sp` and each CPython frame's (code,
 /// instruction). Which native callers led there is checked apart, against
-/// the words user space found them in (`site_known`).
+/// the words user space found them in (`site_check`).
 #[inline(always)]
 pub(crate) fn wait_site(regs: *const u8, buf: &StackBuf) -> u64 {
     let o = off();
@@ -254,17 +258,29 @@ pub(crate) fn wait_site(regs: *const u8, buf: &StackBuf) -> u64 {
     h
 }
 
-/// Whether user space has the native stack of a wait at `site` of process
-/// `tgid` (user registers at `regs`): the site is known, and its callers'
-/// return addresses are where user space found them.
+/// What `KNOWN_SITES` says of a wait.
+enum Check {
+    /// User space has the site's stack, with these callers.
+    Match,
+    /// Another caller's stack is known there: this one is not.
+    Mismatch,
+    /// These callers, but frames still to be named (`SITE_REFRESH`).
+    Refresh,
+    /// Nothing known yet.
+    Absent,
+}
+
+/// Checks a wait at `site` of process `tgid` (user registers at `regs`)
+/// against what user space knows of the site: whether its callers' return
+/// addresses are where user space found them.
 #[inline(always)]
-fn site_known(tgid: u32, site: u64, regs: *const u8) -> bool {
+fn site_check(tgid: u32, site: u64, regs: *const u8) -> Check {
     let Some(check) = KNOWN_SITES.get_ptr(SiteKey {
         tgid,
         _pad: 0,
         site,
     }) else {
-        return false;
+        return Check::Absent;
     };
     // SAFETY: map value pointer, valid for this program run; user space
     // replaces values whole, and a torn read only fails the check.
@@ -277,11 +293,14 @@ fn site_known(tgid: u32, site: u64, regs: *const u8) -> bool {
         let word: u64 = uread(sp + check.offs[i] as u64);
         if word != check.vals[i] {
             count(Counter::SiteMisses);
-            return false;
+            return Check::Mismatch;
         }
     }
+    if check.flags & SITE_REFRESH != 0 {
+        return Check::Refresh;
+    }
     count(Counter::SiteHits);
-    true
+    Check::Match
 }
 
 /// How long a site whose stacks were sent counts as known before user
@@ -308,8 +327,9 @@ pub(crate) fn site_sent(tgid: u32, site: u64) {
 }
 
 /// Whether the stacks of a wait at `site` of `tgid` were sent within
-/// `SENT_WINDOW_NS`. Its callers are not checked: that needs what user
-/// space learns from those stacks (`site_known`).
+/// `SENT_WINDOW_NS`. Its callers are checked only if user space already
+/// said where they are (`site_check`): until then a second caller at the
+/// same site would pass for the first.
 #[inline(always)]
 fn site_recently_sent(tgid: u32, site: u64) -> bool {
     // SAFETY: map value read, copied out at once.

@@ -15,17 +15,20 @@
 //!
 //! Right after it sends a site's stacks, the kernel sends that site's next
 //! waits without them for up to a second (`SENT_SITES`): those records come
-//! after the full one, so the frames are here when they are read. For
-//! good, a site is known (`KNOWN_SITES`) only from a stack that came whole
-//! (its copy arrived) and named every frame: a JIT frame whose perf map
-//! was not written yet is looked up again when the kernel next sends it.
-//! A site is added to the kernel map only once its frames are here, and
-//! leaves it before it leaves here (eviction, the process's exec or exit).
+//! after the full one, so the frames are here when they are read. Once the
+//! frames are here, the site is known (`KNOWN_SITES`) with a check of
+//! where its callers' return addresses were: a wait whose callers differ
+//! sends its stacks, window or not. Only a stack that came whole (its copy
+//! arrived) is learned; one with a frame not named yet (a JIT frame whose
+//! perf map line was not written) is known only for a while after each
+//! send (`SITE_REFRESH`), so it is looked up again. A site is added to the
+//! kernel map only once its frames are here, and leaves it before it
+//! leaves here (eviction, the process's exec or exit).
 
 use std::collections::HashMap;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SiteCheck, SiteKey};
+use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SITE_REFRESH, SiteCheck, SiteKey};
 use log::debug;
 
 use crate::event::Frame;
@@ -55,6 +58,20 @@ const MAX_SITES: usize = MAX_KNOWN_SITES as usize;
 struct Site {
     frames: Vec<Frame>,
     last_used: u64,
+    /// What the kernel checks the site's waits against, if anything.
+    check: Option<SiteCheck>,
+    /// Stacks of other callers sent since the kernel last skipped one of
+    /// this site's: enough of them in a row and the site follows them.
+    others: u8,
+}
+
+/// Other callers' stacks in a row, with none of the known one's waits
+/// between, after which a site follows the other caller.
+const SWITCH_AFTER: u8 = 4;
+
+/// Whether two checks check the same callers (flags aside).
+fn same_callers(a: &SiteCheck, b: &SiteCheck) -> bool {
+    a.n == b.n && a.offs == b.offs && a.vals == b.vals
 }
 
 /// The frames of every known call site, by process and site.
@@ -77,17 +94,24 @@ impl Sites {
         let tick = self.tick;
         let s = self.sites.get_mut(&pid)?.get_mut(&site)?;
         s.last_used = tick;
+        s.others = 0;
         Some(&s.frames)
     }
 
     /// Remembers `frames`, built from a whole stack (its copy arrived), as
     /// the stack of site `site` of process `pid`: the kernel may already
     /// send that site's next waits without stacks (`SENT_SITES`). When
-    /// they are worth reusing for good (every frame named) and `check`
-    /// says where its callers are, the kernel is told (`known`) to stop
-    /// sending them while those callers are there. A site seen again
-    /// (the kernel sent its stacks again: other callers, or its window
-    /// passed) takes the new frames.
+    /// `check` says where its callers are, the kernel is told (`known`) to
+    /// skip the stacks of waits with those callers: for good when every
+    /// frame is named, else only for a while after each send
+    /// (`SITE_REFRESH`), so a JIT frame whose perf map line was not
+    /// written yet is looked up again.
+    ///
+    /// A site already known with other callers keeps them: the kernel may
+    /// have skipped the stacks of their waits after sending these, and
+    /// those records, still in flight, must find their own frames. It
+    /// follows the new callers only once `SWITCH_AFTER` of their stacks
+    /// came with none of the old callers' waits between.
     pub fn learn(
         &mut self,
         pid: u32,
@@ -101,6 +125,16 @@ impl Sites {
         }
         self.tick += 1;
         let tick = self.tick;
+        if let Some(s) = self.sites.get_mut(&pid).and_then(|p| p.get_mut(&site))
+            && let Some(old) = s.check
+            && !check.is_some_and(|c| same_callers(&c, &old))
+        {
+            s.last_used = tick;
+            s.others = s.others.saturating_add(1);
+            if s.others < SWITCH_AFTER {
+                return;
+            }
+        }
         let fresh = !self.sites.get(&pid).is_some_and(|p| p.contains_key(&site));
         if fresh
             && self.len >= MAX_SITES
@@ -108,9 +142,16 @@ impl Sites {
         {
             self.unlearn(old_pid, old_site, known);
         }
+        let named = frames.iter().all(|f| f.function.is_some());
+        let check = check.map(|c| SiteCheck {
+            flags: if named { 0 } else { SITE_REFRESH },
+            ..c
+        });
         let entry = Site {
             frames: frames.to_vec(),
             last_used: tick,
+            check,
+            others: 0,
         };
         if self
             .sites
@@ -121,10 +162,7 @@ impl Sites {
         {
             self.len += 1;
         }
-        let named = frames.iter().all(|f| f.function.is_some());
-        let Some(check) = check.filter(|_| named) else {
-            // Not for good: a JIT frame whose perf map was not written yet
-            // is looked up again when the kernel next sends the site.
+        let Some(check) = check else {
             known.drop_site(&key(pid, site));
             return;
         };
@@ -132,6 +170,9 @@ impl Sites {
         // keeps sending its stacks, which is only slower.
         if let Err(e) = known.add(key(pid, site), check) {
             debug!("call site {site:#x} of pid {pid} not handed to the kernel: {e}");
+            if let Some(s) = self.sites.get_mut(&pid).and_then(|p| p.get_mut(&site)) {
+                s.check = None;
+            }
         }
     }
 
@@ -214,19 +255,31 @@ fn key(pid: u32, site: u64) -> SiteKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashSet;
 
     #[derive(Default)]
-    struct Kernel(HashSet<SiteKey>);
+    struct Kernel(HashMap<SiteKey, SiteCheck>);
 
     impl KnownSites for Kernel {
-        fn add(&mut self, key: SiteKey, _: SiteCheck) -> Result<(), MapError> {
-            self.0.insert(key);
+        fn add(&mut self, key: SiteKey, check: SiteCheck) -> Result<(), MapError> {
+            self.0.insert(key, check);
             Ok(())
         }
         fn drop_site(&mut self, key: &SiteKey) {
             self.0.remove(key);
         }
+    }
+
+    fn check_of(ret: u64) -> SiteCheck {
+        let mut c = SiteCheck {
+            n: 1,
+            ..Default::default()
+        };
+        c.vals[0] = ret;
+        c
+    }
+
+    fn name_at(sites: &mut Sites, pid: u32, site: u64) -> Option<String> {
+        sites.get(pid, site)?[0].function.clone()
     }
 
     fn frame(name: Option<&str>) -> Frame {
@@ -283,20 +336,58 @@ mod tests {
             &mut kernel,
         );
         assert_eq!(sites.get(7, 0xabc).map(|f| f.len()), Some(1));
-        assert!(kernel.0.contains(&key(7, 0xabc)));
+        assert_eq!(kernel.0[&key(7, 0xabc)].flags, 0);
         assert!(sites.get(8, 0xabc).is_none(), "sites are per process");
     }
 
     #[test]
-    fn a_stack_with_an_unnamed_frame_is_kept_but_not_known_to_the_kernel() {
+    fn a_stack_with_an_unnamed_frame_is_known_only_until_it_is_sent_again() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
         let frames = [frame(Some("f")), frame(None)];
         sites.learn(7, 1, &frames, Some(SiteCheck::default()), &mut kernel);
         sites.learn(7, 2, &[frame(Some("g"))], None, &mut kernel);
         sites.learn(7, 3, &[], Some(SiteCheck::default()), &mut kernel);
         assert_eq!(sites.len(), 2, "kept for the waits sent meanwhile");
-        assert!(kernel.0.is_empty(), "no site the kernel may skip for good");
+        assert_eq!(kernel.0.len(), 1, "a site without a check is not known");
+        assert_eq!(kernel.0[&key(7, 1)].flags, SITE_REFRESH);
         assert!(sites.get(7, 3).is_none());
+        // Sent again, now named: known for good.
+        let named = [frame(Some("f")), frame(Some("jit"))];
+        sites.learn(7, 1, &named, Some(SiteCheck::default()), &mut kernel);
+        assert_eq!(kernel.0[&key(7, 1)].flags, 0);
+        assert_eq!(sites.get(7, 1).unwrap()[1].function.as_deref(), Some("jit"));
+    }
+
+    #[test]
+    fn a_second_caller_does_not_take_the_site_of_a_known_one() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        sites.learn(7, 1, &[frame(Some("a"))], Some(check_of(0xa)), &mut kernel);
+        // The kernel may have skipped a's stacks after sending b's: those
+        // records still find a's frames.
+        sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("a"));
+        assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xa);
+        // A stack without a check is another caller too.
+        sites.learn(7, 1, &[frame(Some("c"))], None, &mut kernel);
+        assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_site_follows_a_caller_that_took_over() {
+        let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
+        sites.learn(7, 1, &[frame(Some("a"))], Some(check_of(0xa)), &mut kernel);
+        for _ in 1..SWITCH_AFTER {
+            sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        }
+        // One of a's waits between: b's run starts over.
+        assert!(sites.get(7, 1).is_some());
+        for _ in 1..SWITCH_AFTER {
+            sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        }
+        assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xa);
+        sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xb);
+        assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("b"));
     }
 
     #[test]
@@ -352,7 +443,7 @@ mod tests {
         );
         assert_eq!(sites.len(), MAX_SITES);
         assert_eq!(kernel.0.len(), MAX_SITES);
-        assert!(sites.get(1, 1).is_none() && !kernel.0.contains(&key(1, 1)));
+        assert!(sites.get(1, 1).is_none() && !kernel.0.contains_key(&key(1, 1)));
         assert!(sites.get(1, 0).is_some() && sites.get(2, 99).is_some());
     }
 }
