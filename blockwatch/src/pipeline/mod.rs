@@ -22,9 +22,9 @@ use blockwatch_common::{
     LoopClock, PyFrameRef, PyProc, SiteCheck, SiteKey, StrictKey, StrictTally,
 };
 
+use crate::analyze::gil;
 use crate::analyze::syscalls::{self, FdKind};
-use crate::analyze::{advice, culprit, gil};
-use crate::event::{Class, Detector, Episode, Event, Frame, OffState};
+use crate::event::{Class, Detector, Episode, Event, Frame, OffState, Stack};
 use crate::ingest::decode::{self, BlockRecord, LoopRecord, ProbeRecord, Record, StrictRecord};
 use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
@@ -653,7 +653,7 @@ impl Pipeline {
             .iter()
             .map(|s| {
                 let stack = self.stack(s.pid, &s.ips, &s.py);
-                let culprit = culprit::culprit(&stack);
+                let culprit = stack.culprit().clone();
                 (stack, culprit)
             })
             .collect();
@@ -716,10 +716,10 @@ impl Pipeline {
         b: &BlockRecord,
         copy: Option<&decode::UserStackRecord>,
         known: &mut KnownSitesMap,
-    ) -> Vec<Frame> {
+    ) -> Stack {
         if b.site_known {
-            if let Some(frames) = self.sites.get(b.pid, b.site) {
-                return frames.to_vec();
+            if let Some(stack) = self.sites.get(b.pid, b.site) {
+                return stack.clone();
             }
             // Forgotten here while its record was in flight: its next wait
             // sends its stacks again.
@@ -739,7 +739,7 @@ impl Pipeline {
         stack
     }
 
-    fn enrich(&mut self, b: BlockRecord, stack: Vec<Frame>) -> Event {
+    fn enrich(&mut self, b: BlockRecord, stack: Stack) -> Event {
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
@@ -752,7 +752,7 @@ impl Pipeline {
             b.args[0],
             runtime,
         );
-        let culprit = culprit::culprit(&stack);
+        let culprit = stack.culprit().clone();
         let origin = Origin {
             pid: b.pid,
             tid: b.tid,
@@ -770,12 +770,12 @@ impl Pipeline {
         o: Origin,
         class: Class,
         detector: Detector,
-        stack: Vec<Frame>,
+        stack: Stack,
         culprit: Option<Frame>,
     ) -> Event {
-        let offender = culprit::offender(&stack);
+        let offender = stack.offender().clone();
         let syscall = syscalls::name(o.syscall);
-        let advice = advice::advise(class, syscall, o.state, &stack, &o.thread);
+        let advice = stack.advice(class, syscall, o.state, &o.thread);
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(o.start_ns),
             pid: o.pid,
@@ -797,9 +797,9 @@ impl Pipeline {
     }
 
     /// The frames of a stack of process `pid`, for every detector's events.
-    fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Vec<Frame> {
+    fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Stack {
         let interp = python_of(&self.interps, pid);
-        self.stacks.frames(pid, ips, py, interp)
+        Stack::new(self.stacks.frames(pid, ips, py, interp))
     }
 }
 
@@ -838,7 +838,7 @@ impl Pipeline {
             .filter(|u| u.start_ns == r.start_ns);
         let ips = self.stacks.native(r.pid, &r.ips, copy.as_ref());
         let stack = self.stack(r.pid, &ips, &r.py);
-        let culprit = culprit::culprit(&stack);
+        let culprit = stack.culprit().clone();
         // Strict calls are counted on the CPU, where the descriptor is not
         // looked up: the strict set's descriptor-dependent calls (pread64
         // and friends) take their class from the name alone, which is file.
@@ -873,7 +873,7 @@ impl Pipeline {
             state: OffState::Running,
         };
         let class = syscalls::classify(syscall, &[0; 3], None);
-        self.event(origin, class, Detector::Strict, Vec::new(), None)
+        self.event(origin, class, Detector::Strict, Stack::default(), None)
     }
 }
 

@@ -28,7 +28,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SiteCheck, SiteKey};
 use log::debug;
 
-use crate::event::Frame;
+use crate::event::Stack;
 use crate::ingest::decode::UserStackRecord;
 
 /// The kernel's `KNOWN_SITES` (a trait so the cache's logic is testable
@@ -53,7 +53,7 @@ impl KnownSites for BpfHashMap<MapData, SiteKey, SiteCheck> {
 const MAX_SITES: usize = MAX_KNOWN_SITES as usize;
 
 struct Site {
-    frames: Vec<Frame>,
+    stack: Stack,
     last_used: u64,
 }
 
@@ -71,16 +71,16 @@ impl Sites {
         Self::default()
     }
 
-    /// The frames of site `site` of process `pid`, if known.
-    pub fn get(&mut self, pid: u32, site: u64) -> Option<&[Frame]> {
+    /// The stack of site `site` of process `pid`, if known.
+    pub fn get(&mut self, pid: u32, site: u64) -> Option<&Stack> {
         self.tick += 1;
         let tick = self.tick;
         let s = self.sites.get_mut(&pid)?.get_mut(&site)?;
         s.last_used = tick;
-        Some(&s.frames)
+        Some(&s.stack)
     }
 
-    /// Remembers `frames`, built from a whole stack (its copy arrived), as
+    /// Remembers `stack`, built from a whole stack (its copy arrived), as
     /// the stack of site `site` of process `pid`: the kernel may already
     /// send that site's next waits without stacks (`SENT_SITES`). When
     /// they are worth reusing for good (every frame named) and `check`
@@ -92,11 +92,11 @@ impl Sites {
         &mut self,
         pid: u32,
         site: u64,
-        frames: &[Frame],
+        stack: &Stack,
         check: Option<SiteCheck>,
         known: &mut impl KnownSites,
     ) {
-        if frames.is_empty() {
+        if stack.is_empty() {
             return;
         }
         self.tick += 1;
@@ -109,7 +109,7 @@ impl Sites {
             self.unlearn(old_pid, old_site, known);
         }
         let entry = Site {
-            frames: frames.to_vec(),
+            stack: stack.clone(),
             last_used: tick,
         };
         if self
@@ -121,7 +121,7 @@ impl Sites {
         {
             self.len += 1;
         }
-        let named = frames.iter().all(|f| f.function.is_some());
+        let named = stack.iter().all(|f| f.function.is_some());
         let Some(check) = check.filter(|_| named) else {
             // Not for good: a JIT frame whose perf map was not written yet
             // is looked up again when the kernel next sends the site.
@@ -214,6 +214,7 @@ fn key(pid: u32, site: u64) -> SiteKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Frame;
     use std::collections::HashSet;
 
     #[derive(Default)]
@@ -278,7 +279,7 @@ mod tests {
         sites.learn(
             7,
             0xabc,
-            &[frame(Some("f"))],
+            &vec![frame(Some("f"))].into(),
             Some(SiteCheck::default()),
             &mut kernel,
         );
@@ -290,10 +291,11 @@ mod tests {
     #[test]
     fn a_stack_with_an_unnamed_frame_is_kept_but_not_known_to_the_kernel() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
-        let frames = [frame(Some("f")), frame(None)];
+        let frames = vec![frame(Some("f")), frame(None)].into();
         sites.learn(7, 1, &frames, Some(SiteCheck::default()), &mut kernel);
-        sites.learn(7, 2, &[frame(Some("g"))], None, &mut kernel);
-        sites.learn(7, 3, &[], Some(SiteCheck::default()), &mut kernel);
+        sites.learn(7, 2, &vec![frame(Some("g"))].into(), None, &mut kernel);
+        let empty = Stack::default();
+        sites.learn(7, 3, &empty, Some(SiteCheck::default()), &mut kernel);
         assert_eq!(sites.len(), 2, "kept for the waits sent meanwhile");
         assert!(kernel.0.is_empty(), "no site the kernel may skip for good");
         assert!(sites.get(7, 3).is_none());
@@ -305,21 +307,21 @@ mod tests {
         sites.learn(
             7,
             1,
-            &[frame(Some("f"))],
+            &vec![frame(Some("f"))].into(),
             Some(SiteCheck::default()),
             &mut kernel,
         );
         sites.learn(
             7,
             2,
-            &[frame(Some("g"))],
+            &vec![frame(Some("g"))].into(),
             Some(SiteCheck::default()),
             &mut kernel,
         );
         sites.learn(
             9,
             1,
-            &[frame(Some("h"))],
+            &vec![frame(Some("h"))].into(),
             Some(SiteCheck::default()),
             &mut kernel,
         );
@@ -336,7 +338,7 @@ mod tests {
             sites.learn(
                 1,
                 s,
-                &[frame(Some("f"))],
+                &vec![frame(Some("f"))].into(),
                 Some(SiteCheck::default()),
                 &mut kernel,
             );
@@ -346,7 +348,7 @@ mod tests {
         sites.learn(
             2,
             99,
-            &[frame(Some("g"))],
+            &vec![frame(Some("g"))].into(),
             Some(SiteCheck::default()),
             &mut kernel,
         );
