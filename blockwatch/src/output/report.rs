@@ -14,7 +14,7 @@ use std::io::{self, Write};
 
 use crate::event::{Detector, Event};
 use crate::output::summary::Summary;
-use crate::output::{text, verdict};
+use crate::output::{json, text, verdict};
 use crate::pipeline::strict::StrictCalls;
 use crate::text::scrub as clean;
 
@@ -37,6 +37,8 @@ pub struct Reporter {
     seen: std::collections::HashSet<u64>,
     /// Which frames the text shows; JSON has them all.
     frames: text::Frames,
+    /// The JSON line being written, kept for its allocation.
+    line: Vec<u8>,
 }
 
 impl Reporter {
@@ -53,6 +55,7 @@ impl Reporter {
             summary: Summary::new(),
             seen: Default::default(),
             frames: text::Frames::Folded,
+            line: Vec::new(),
         }
     }
 
@@ -105,12 +108,19 @@ impl Reporter {
                 rendered.into_bytes()
             }
             OutputFormat::Json => {
-                let mut line = serde_json::to_vec(ev).map_err(io::Error::other)?;
+                let mut line = std::mem::take(&mut self.line);
+                line.clear();
+                json::write_event(&mut line, ev);
                 line.push(b'\n');
                 line
             }
         };
-        self.out.write_all(&bytes)?;
+        let written = self.out.write_all(&bytes);
+        // The JSON line's buffer is used again for the next one.
+        if self.format == OutputFormat::Json {
+            self.line = bytes;
+        }
+        written?;
         self.out.flush()
     }
 
@@ -177,7 +187,7 @@ mod tests {
             syscall_nr: if syscall.is_some() { 257 } else { -1 },
             duration_ns: us * 1000,
             state: OffState::Running,
-            stack: vec![f.clone()],
+            stack: vec![f.clone()].into(),
             detector,
             episode: stall.then(|| Episode {
                 cpu_ns: us * 1000,
@@ -320,7 +330,8 @@ mod tests {
                 ..frame(0x2000, Some("handler"), Some("/srv/app.py"))
             },
             frame(0x3000, Some("_PyEval_EvalFrameDefault"), Some(libpython)),
-        ];
+        ]
+        .into();
         for (all, format, shown) in [
             (false, OutputFormat::Text, false),
             (true, OutputFormat::Text, true),
@@ -349,7 +360,7 @@ mod tests {
         let (mut r, out, _) = reporter(OutputFormat::Text);
         let mut ev = read_event(20);
         ev.thread = "evil\nthread\x1b[31m".into();
-        ev.stack[0].function = Some("f\r\ng".into());
+        ev.stack.frames_mut()[0].function = Some("f\r\ng".into());
         r.event(&ev).unwrap();
         let text = out.text();
         assert_eq!(text.lines().count(), 6, "{text}");
