@@ -8,6 +8,7 @@
 //! shared by every process and stays. Strict call sites go with their
 //! thread ([`strict`]).
 
+pub mod cache;
 pub mod loops;
 pub mod strict;
 
@@ -31,6 +32,7 @@ use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
 use crate::stacks::sites::{self, Sites};
+use cache::StackCache;
 use loops::Loops;
 use strict::{StrictCalls, StrictSites};
 
@@ -153,6 +155,8 @@ pub struct Pipeline {
     /// The frames of call sites seen before, whose waits the kernel sends
     /// without stacks.
     sites: Sites,
+    /// Stacks built before, by what they were built from.
+    cache: StackCache,
     /// User-stack copies waiting for the record they belong to (the kernel
     /// sends a copy just before its episode or sample), by TID.
     user_stacks: HashMap<u32, decode::UserStackRecord>,
@@ -218,6 +222,7 @@ impl Pipeline {
         Self {
             stacks: StackBuilder::new(),
             sites: Sites::new(),
+            cache: StackCache::new(),
             user_stacks: HashMap::new(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
@@ -799,7 +804,29 @@ impl Pipeline {
     /// The frames of a stack of process `pid`, for every detector's events.
     fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Stack {
         let interp = python_of(&self.interps, pid);
-        Stack::new(self.stacks.frames(pid, ips, py, interp))
+        let generation = self.stacks.maps_generation(pid);
+        let key = generation.map(|generation| cache::Key {
+            pid,
+            python: interp.is_some(),
+            generation,
+            ips,
+            py,
+        });
+        if let Some(stack) = key.as_ref().and_then(|k| self.cache.get(k)) {
+            self.stacks.skip_copy();
+            return stack;
+        }
+        let (frames, reusable) = self.stacks.frames(pid, ips, py, interp);
+        let stack = Stack::new(frames);
+        // The snapshot the frames came from: symbolizing may have taken a
+        // new one (a library mapped since), and then they belong to that.
+        let generation = self.stacks.maps_generation(pid);
+        if let (Some(key), true) = (key, reusable)
+            && Some(key.generation) == generation
+        {
+            self.cache.insert(&key, &stack);
+        }
+        stack
     }
 }
 
