@@ -666,8 +666,7 @@ impl Pipeline {
         let class = match in_call {
             Some((nr, args)) => {
                 let fd_kind = syscalls::fd_arg(nr, &args)
-                    .and_then(|fd| procfs::fd_target(b.pid, fd))
-                    .map(|l| FdKind::from_link(&l));
+                    .and_then(|fd| procfs::with_fd_target(b.pid, fd, FdKind::from_link_bytes));
                 syscalls::refine_by_stack(syscalls::classify(nr, &args, fd_kind), &stack)
             }
             None => Class::Stall,
@@ -748,8 +747,7 @@ impl Pipeline {
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
-            .and_then(|fd| procfs::fd_target(b.pid, fd))
-            .map(|l| FdKind::from_link(&l));
+            .and_then(|fd| procfs::with_fd_target(b.pid, fd, FdKind::from_link_bytes));
         let runtime = python_of(&self.interps, b.pid).and_then(PyProcess::runtime);
         let class = gil::refine(
             syscalls::refine_by_stack(syscalls::classify(b.syscall, &b.args, fd_kind), &stack),
