@@ -4,9 +4,13 @@
 //! is the documented schema of `--output json` (see README), so field
 //! names here are a public contract.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
+
+use crate::analyze::{advice, culprit};
 
 /// What kind of wait blocked the loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -140,6 +144,173 @@ fn hex<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{v:#x}"))
 }
 
+/// A stack's frames, innermost first, shared by every event of one call
+/// site rather than copied into each (a site's waits come by the
+/// thousand a second), with what is worked out from the frames alone
+/// kept beside them, so that it is worked out once a stack, not once an
+/// event.
+#[derive(Clone, Default)]
+pub struct Stack(Arc<Shared>);
+
+#[derive(Default)]
+struct Shared {
+    frames: Vec<Frame>,
+    culprit: OnceLock<Option<Frame>>,
+    offender: OnceLock<Option<Frame>>,
+    /// The advice depends on the wait too: a few (wait, advice) pairs.
+    advice: Mutex<Vec<(AdviceKey, String)>>,
+    identity: OnceLock<u64>,
+    json: OnceLock<Box<[u8]>>,
+    /// The text lines, folded and whole (`--all-frames`).
+    text: [OnceLock<Box<str>>; 2],
+}
+
+/// What the advice for a stack depends on beyond its frames.
+type AdviceKey = (Class, Option<&'static str>, OffState, String);
+
+/// Waits whose advice a stack keeps; those of a stack blocking in more
+/// ways (rare) are worked out each time.
+const ADVICE_KEPT: usize = 8;
+
+impl Stack {
+    pub fn new(frames: Vec<Frame>) -> Self {
+        Stack(Arc::new(Shared {
+            frames,
+            ..Shared::default()
+        }))
+    }
+
+    pub fn frames(&self) -> &[Frame] {
+        &self.0.frames
+    }
+
+    /// The frames, to change: this stack's own copy, without what was
+    /// worked out from the old ones.
+    pub fn frames_mut(&mut self) -> &mut Vec<Frame> {
+        let frames = match Arc::get_mut(&mut self.0) {
+            Some(shared) => std::mem::take(&mut shared.frames),
+            None => self.0.frames.clone(),
+        };
+        *self = Stack::new(frames);
+        &mut Arc::get_mut(&mut self.0)
+            .expect("a stack just made is not shared")
+            .frames
+    }
+
+    /// [`culprit::culprit`] of the frames.
+    pub fn culprit(&self) -> &Option<Frame> {
+        self.0
+            .culprit
+            .get_or_init(|| culprit::culprit(&self.0.frames))
+    }
+
+    /// [`culprit::offender`] of the frames.
+    pub fn offender(&self) -> &Option<Frame> {
+        self.0
+            .offender
+            .get_or_init(|| culprit::offender(&self.0.frames))
+    }
+
+    /// [`advice::advise`] for a wait with these frames.
+    pub fn advice(
+        &self,
+        class: Class,
+        syscall: Option<&'static str>,
+        state: OffState,
+        thread: &str,
+    ) -> String {
+        let mut kept = self.0.advice.lock().unwrap_or_else(|e| e.into_inner());
+        let found = kept
+            .iter()
+            .find(|((c, s, st, t), _)| (*c, *s, *st) == (class, syscall, state) && t == thread);
+        if let Some((_, advice)) = found {
+            return advice.clone();
+        }
+        let advice = advice::advise(class, syscall, state, &self.0.frames, thread);
+        if kept.len() < ADVICE_KEPT {
+            kept.push(((class, syscall, state, thread.to_string()), advice.clone()));
+        }
+        advice
+    }
+
+    /// A hash of what a reader tells stacks apart by: each frame's
+    /// function, module and line (not its address, which ASLR moves).
+    pub fn identity(&self) -> u64 {
+        *self.0.identity.get_or_init(|| {
+            let mut h = DefaultHasher::new();
+            for f in &self.0.frames {
+                (&f.function, &f.module, f.line).hash(&mut h);
+            }
+            h.finish()
+        })
+    }
+
+    /// The frames as a JSON array ([`crate::output::json::write_frames`]).
+    pub fn json(&self) -> &[u8] {
+        self.0.json.get_or_init(|| {
+            let mut out = Vec::new();
+            crate::output::json::write_frames(&mut out, &self.0.frames);
+            out.into_boxed_slice()
+        })
+    }
+
+    /// The frames as text lines ([`crate::output::text::stack`]).
+    pub fn text(&self, frames: crate::output::text::Frames) -> &str {
+        let all = frames == crate::output::text::Frames::All;
+        self.0.text[usize::from(all)]
+            .get_or_init(|| crate::output::text::stack(&self.0.frames, frames).into())
+    }
+}
+
+impl std::ops::Deref for Stack {
+    type Target = [Frame];
+
+    fn deref(&self) -> &[Frame] {
+        &self.0.frames
+    }
+}
+
+impl<'a> IntoIterator for &'a Stack {
+    type Item = &'a Frame;
+    type IntoIter = std::slice::Iter<'a, Frame>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.frames.iter()
+    }
+}
+
+impl FromIterator<Frame> for Stack {
+    fn from_iter<I: IntoIterator<Item = Frame>>(frames: I) -> Self {
+        Stack::new(frames.into_iter().collect())
+    }
+}
+
+impl From<Vec<Frame>> for Stack {
+    fn from(frames: Vec<Frame>) -> Self {
+        Stack::new(frames)
+    }
+}
+
+impl PartialEq for Stack {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.frames == other.0.frames
+    }
+}
+
+impl Eq for Stack {}
+
+impl std::fmt::Debug for Stack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.frames.fmt(f)
+    }
+}
+
+impl Serialize for Stack {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.frames.serialize(s)
+    }
+}
+
 /// A loop episode at or over the threshold (what blocked a tagged
 /// event-loop thread), or a strict call.
 #[derive(Clone, Debug, Serialize)]
@@ -165,7 +336,7 @@ pub struct Event {
     /// How the longest wait was off the CPU; `running` for an episode that
     /// never left it, and for strict calls.
     pub state: OffState,
-    pub stack: Vec<Frame>,
+    pub stack: Stack,
     /// The innermost frame that belongs to the application, or null.
     pub culprit: Option<Frame>,
     /// The innermost frame of the user's own code, outside installed
@@ -218,6 +389,12 @@ fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
 
 /// `2026-11-25T06:12:00.123456Z`.
 pub fn format_rfc3339(t: SystemTime) -> String {
+    rfc3339_display(t).to_string()
+}
+
+/// [`format_rfc3339`] without its `String`, to write in place.
+pub fn rfc3339_display(t: SystemTime) -> humantime::Rfc3339Timestamp {
+    // A time before the epoch (a clock stepped back) is shown as the epoch.
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    humantime::format_rfc3339_micros(UNIX_EPOCH + d).to_string()
+    humantime::format_rfc3339_micros(UNIX_EPOCH + d)
 }

@@ -21,6 +21,8 @@
 //!   writes (xattr sets, `utimensat`, `file_setattr`) are `file`, like
 //!   `chmod`.
 
+use std::sync::OnceLock;
+
 use crate::event::{Class, Frame};
 
 /// Syscalls 0..=336, in order (`syscall_64.tbl`). Numbers 337..=423 are
@@ -450,15 +452,21 @@ impl FdKind {
     /// Classifies a `readlink(/proc/PID/fd/N)` target such as
     /// `socket:[123]`, `pipe:[456]`, `anon_inode:[eventfd]` or a path.
     pub fn from_link(target: &str) -> FdKind {
-        if target.starts_with("socket:") {
+        Self::from_link_bytes(target.as_bytes())
+    }
+
+    /// [`FdKind::from_link`] of a target as read (see
+    /// [`crate::procfs::with_fd_target`]).
+    pub fn from_link_bytes(target: &[u8]) -> FdKind {
+        if target.starts_with(b"socket:") {
             FdKind::Socket
-        } else if target.starts_with("pipe:") {
+        } else if target.starts_with(b"pipe:") {
             FdKind::Pipe
-        } else if target.starts_with("/dev/") && !target.starts_with("/dev/shm/") {
+        } else if target.starts_with(b"/dev/") && !target.starts_with(b"/dev/shm/") {
             // A read of /dev/tty or /dev/pts/N waits for a person, not
             // for a disk; /dev/shm holds ordinary (tmpfs) files.
             FdKind::Other
-        } else if target.starts_with('/') {
+        } else if target.starts_with(b"/") {
             FdKind::File
         } else {
             FdKind::Other
@@ -536,9 +544,9 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
         Some(FdKind::Pipe | FdKind::Other) => Class::Other,
         None => unknown,
     };
-    let Some(name) = name(nr) else {
+    if name(nr).is_none() {
         return Class::Other;
-    };
+    }
     match nr {
         // An unresolved descriptor (closed or reused by the time it was
         // looked up) is most often a file: sockets and pipes on a loop
@@ -552,8 +560,21 @@ pub fn classify(nr: i64, args: &[u64; 3], fd: Option<FdKind>) -> Class {
         // (The counts are C ints: only the low 32 bits count.)
         sys::SELECT | sys::PSELECT6 if args[0] as u32 == 0 => Class::Sleep,
         sys::POLL | sys::PPOLL if args[1] as u32 == 0 => Class::Sleep,
-        _ => by_name(name).map_or(Class::Other, |g| g.class),
+        _ => by_number(nr).unwrap_or(Class::Other),
     }
+}
+
+/// The class of syscall `nr` by its name's group, from a table made at
+/// first use: every event is classified, and the groups' names would
+/// otherwise be compared one by one.
+fn by_number(nr: i64) -> Option<Class> {
+    static TABLE: OnceLock<Vec<Option<Class>>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..(HIGH_BASE + HIGH.len()) as i64)
+            .map(|nr| name(nr).and_then(by_name).map(|g| g.class))
+            .collect()
+    });
+    *table.get(usize::try_from(nr).ok()?)?
 }
 
 /// The class of a wait given the stack it was waited from, when the stack
@@ -691,6 +712,14 @@ mod tests {
     use super::*;
 
     const NO_ARGS: [u64; 3] = [0; 3];
+
+    #[test]
+    fn the_class_table_is_the_groups() {
+        for nr in -2..(HIGH_BASE + HIGH.len() + 2) as i64 {
+            let by_group = name(nr).and_then(by_name).map(|g| g.class);
+            assert_eq!(by_number(nr), by_group, "{nr}");
+        }
+    }
 
     #[test]
     fn well_known_numbers() {

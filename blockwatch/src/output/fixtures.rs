@@ -94,7 +94,8 @@ pub fn event(
                 )
             },
             app_frame(),
-        ],
+        ]
+        .into(),
         offender: culprit.clone(),
         culprit,
         detector: Default::default(),
@@ -113,7 +114,7 @@ pub fn stack_event(stack: Vec<Frame>, culprit: Option<usize>, ms: u64) -> Event 
         tid: 1,
         comm: "svc".into(),
         thread: "svc".into(),
-        stack,
+        stack: stack.into(),
         ..event(culprit, Some("read"), 0, Class::File, ms)
     }
 }

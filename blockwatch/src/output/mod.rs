@@ -11,6 +11,7 @@ pub mod culprits;
 pub(crate) mod fixtures;
 pub mod flamegraph;
 pub mod http;
+pub mod json;
 pub mod labels;
 pub mod metrics;
 pub mod page;

@@ -234,10 +234,18 @@ pub fn event(ev: &Event, frames: Frames) -> String {
         s.push_str(&note);
         s.push('\n');
     }
-    if ev.stack.is_empty() {
-        s.push_str("    (no stack)\n");
+    // Kept with the stack: a call site's every event shows the same lines.
+    s.push_str(ev.stack.text(frames));
+    s
+}
+
+/// The lines of a stack's frames, for [`event`].
+pub fn stack(frames: &[Frame], which: Frames) -> String {
+    if frames.is_empty() {
+        return "    (no stack)\n".to_string();
     }
-    for line in stack_lines(&ev.stack, frames) {
+    let mut s = String::new();
+    for line in stack_lines(frames, which) {
         s.push_str(&match line {
             StackLine::Frame(i, f) => frame_line(i, f),
             StackLine::Folded(run) => folded_line(run),
@@ -292,7 +300,7 @@ mod tests {
     fn unknown_culprit_and_syscall() {
         let mut ev = fixtures::event(None, None, -1, Class::Other, 15);
         ev.state = OffState::Preempted;
-        ev.stack.clear();
+        ev.stack = Default::default();
         let text = event(&ev, Frames::Folded);
         let mut lines = text.lines();
         let head = lines.next().unwrap();

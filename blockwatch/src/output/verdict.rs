@@ -14,9 +14,8 @@ use crate::text::{basename, scrub};
 pub fn stack_key(ev: &Event) -> u64 {
     let mut h = DefaultHasher::new();
     (&ev.comm, ev.class, ev.syscall_nr, ev.detector).hash(&mut h);
-    for f in &ev.stack {
-        (&f.function, &f.module, f.line).hash(&mut h);
-    }
+    // The frames' part is kept with the stack, hashed once.
+    ev.stack.identity().hash(&mut h);
     h.finish()
 }
 

@@ -106,7 +106,7 @@ fn culprit_name(culprit: Option<&Frame>) -> Option<String> {
 /// Of the symbolized samples of a stall (stack, culprit), the one to
 /// report: a sample of the culprit most samples share (ties: the one seen
 /// first), preferring samples that have a culprit at all.
-pub fn pick_stall_stack(samples: Vec<(Vec<Frame>, Option<Frame>)>) -> (Vec<Frame>, Option<Frame>) {
+pub fn pick_stall_stack<S: Default>(samples: Vec<(S, Option<Frame>)>) -> (S, Option<Frame>) {
     let mut counts: Vec<(Option<String>, usize, usize)> = Vec::new();
     for (i, (_, c)) in samples.iter().enumerate() {
         let name = culprit_name(c.as_ref());
@@ -125,7 +125,7 @@ pub fn pick_stall_stack(samples: Vec<(Vec<Frame>, Option<Frame>)>) -> (Vec<Frame
         })
         .map(|(_, _, first)| *first);
     best.and_then(|i| samples.into_iter().nth(i))
-        .unwrap_or((Vec::new(), None))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -201,7 +201,7 @@ mod tests {
         // Only culprit-less samples: still a stack.
         let (stack, c) = pick_stall_stack(vec![s(None, "only")]);
         assert!(c.is_none() && stack.len() == 1);
-        assert_eq!(pick_stall_stack(vec![]), (vec![], None));
+        assert_eq!(pick_stall_stack::<Vec<Frame>>(vec![]), (vec![], None));
     }
 
     #[test]

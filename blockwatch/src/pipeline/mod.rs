@@ -8,6 +8,7 @@
 //! shared by every process and stays. Strict call sites go with their
 //! thread ([`strict`]).
 
+pub mod cache;
 pub mod loops;
 pub mod strict;
 
@@ -22,15 +23,16 @@ use blockwatch_common::{
     LoopClock, PyFrameRef, PyProc, SiteCheck, SiteKey, StrictKey, StrictTally,
 };
 
+use crate::analyze::gil;
 use crate::analyze::syscalls::{self, FdKind};
-use crate::analyze::{advice, culprit, gil};
-use crate::event::{Class, Detector, Episode, Event, Frame, OffState};
+use crate::event::{Class, Detector, Episode, Event, Frame, OffState, Stack};
 use crate::ingest::decode::{self, BlockRecord, LoopRecord, ProbeRecord, Record, StrictRecord};
 use crate::procfs;
 use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
 use crate::stacks::sites::{self, Sites};
+use cache::StackCache;
 use loops::Loops;
 use strict::{StrictCalls, StrictSites};
 
@@ -153,6 +155,8 @@ pub struct Pipeline {
     /// The frames of call sites seen before, whose waits the kernel sends
     /// without stacks.
     sites: Sites,
+    /// Stacks built before, by what they were built from.
+    cache: StackCache,
     /// User-stack copies waiting for the record they belong to (the kernel
     /// sends a copy just before its episode or sample), by TID.
     user_stacks: HashMap<u32, decode::UserStackRecord>,
@@ -218,6 +222,7 @@ impl Pipeline {
         Self {
             stacks: StackBuilder::new(),
             sites: Sites::new(),
+            cache: StackCache::new(),
             user_stacks: HashMap::new(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
             process_names: HashMap::new(),
@@ -653,7 +658,7 @@ impl Pipeline {
             .iter()
             .map(|s| {
                 let stack = self.stack(s.pid, &s.ips, &s.py);
-                let culprit = culprit::culprit(&stack);
+                let culprit = stack.culprit().clone();
                 (stack, culprit)
             })
             .collect();
@@ -661,8 +666,7 @@ impl Pipeline {
         let class = match in_call {
             Some((nr, args)) => {
                 let fd_kind = syscalls::fd_arg(nr, &args)
-                    .and_then(|fd| procfs::fd_target(b.pid, fd))
-                    .map(|l| FdKind::from_link(&l));
+                    .and_then(|fd| procfs::with_fd_target(b.pid, fd, FdKind::from_link_bytes));
                 syscalls::refine_by_stack(syscalls::classify(nr, &args, fd_kind), &stack)
             }
             None => Class::Stall,
@@ -716,10 +720,10 @@ impl Pipeline {
         b: &BlockRecord,
         copy: Option<&decode::UserStackRecord>,
         known: &mut KnownSitesMap,
-    ) -> Vec<Frame> {
+    ) -> Stack {
         if b.site_known {
-            if let Some(frames) = self.sites.get(b.pid, b.site) {
-                return frames.to_vec();
+            if let Some(stack) = self.sites.get(b.pid, b.site) {
+                return stack.clone();
             }
             // Forgotten here while its record was in flight: its next wait
             // sends its stacks again.
@@ -739,12 +743,11 @@ impl Pipeline {
         stack
     }
 
-    fn enrich(&mut self, b: BlockRecord, stack: Vec<Frame>) -> Event {
+    fn enrich(&mut self, b: BlockRecord, stack: Stack) -> Event {
         // Only read/write-style calls need the fd's kind (a socket read is
         // network, a file read is disk); they are few, as events are.
         let fd_kind = syscalls::fd_arg(b.syscall, &b.args)
-            .and_then(|fd| procfs::fd_target(b.pid, fd))
-            .map(|l| FdKind::from_link(&l));
+            .and_then(|fd| procfs::with_fd_target(b.pid, fd, FdKind::from_link_bytes));
         let runtime = python_of(&self.interps, b.pid).and_then(PyProcess::runtime);
         let class = gil::refine(
             syscalls::refine_by_stack(syscalls::classify(b.syscall, &b.args, fd_kind), &stack),
@@ -752,7 +755,7 @@ impl Pipeline {
             b.args[0],
             runtime,
         );
-        let culprit = culprit::culprit(&stack);
+        let culprit = stack.culprit().clone();
         let origin = Origin {
             pid: b.pid,
             tid: b.tid,
@@ -770,12 +773,12 @@ impl Pipeline {
         o: Origin,
         class: Class,
         detector: Detector,
-        stack: Vec<Frame>,
+        stack: Stack,
         culprit: Option<Frame>,
     ) -> Event {
-        let offender = culprit::offender(&stack);
+        let offender = stack.offender().clone();
         let syscall = syscalls::name(o.syscall);
-        let advice = advice::advise(class, syscall, o.state, &stack, &o.thread);
+        let advice = stack.advice(class, syscall, o.state, &o.thread);
         Event {
             ts: SystemTime::UNIX_EPOCH + self.wall_offset + Duration::from_nanos(o.start_ns),
             pid: o.pid,
@@ -797,9 +800,31 @@ impl Pipeline {
     }
 
     /// The frames of a stack of process `pid`, for every detector's events.
-    fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Vec<Frame> {
+    fn stack(&mut self, pid: u32, ips: &[u64], py: &[PyFrameRef]) -> Stack {
         let interp = python_of(&self.interps, pid);
-        self.stacks.frames(pid, ips, py, interp)
+        let generation = self.stacks.maps_generation(pid);
+        let key = generation.map(|generation| cache::Key {
+            pid,
+            python: interp.is_some(),
+            generation,
+            ips,
+            py,
+        });
+        if let Some(stack) = key.as_ref().and_then(|k| self.cache.get(k)) {
+            self.stacks.skip_copy();
+            return stack;
+        }
+        let (frames, reusable) = self.stacks.frames(pid, ips, py, interp);
+        let stack = Stack::new(frames);
+        // The snapshot the frames came from: symbolizing may have taken a
+        // new one (a library mapped since), and then they belong to that.
+        let generation = self.stacks.maps_generation(pid);
+        if let (Some(key), true) = (key, reusable)
+            && Some(key.generation) == generation
+        {
+            self.cache.insert(&key, &stack);
+        }
+        stack
     }
 }
 
@@ -838,7 +863,7 @@ impl Pipeline {
             .filter(|u| u.start_ns == r.start_ns);
         let ips = self.stacks.native(r.pid, &r.ips, copy.as_ref());
         let stack = self.stack(r.pid, &ips, &r.py);
-        let culprit = culprit::culprit(&stack);
+        let culprit = stack.culprit().clone();
         // Strict calls are counted on the CPU, where the descriptor is not
         // looked up: the strict set's descriptor-dependent calls (pread64
         // and friends) take their class from the name alone, which is file.
@@ -873,7 +898,7 @@ impl Pipeline {
             state: OffState::Running,
         };
         let class = syscalls::classify(syscall, &[0; 3], None);
-        self.event(origin, class, Detector::Strict, Vec::new(), None)
+        self.event(origin, class, Detector::Strict, Stack::default(), None)
     }
 }
 

@@ -133,6 +133,29 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
         .map(|l| l.to_string_lossy().into_owned())
 }
 
+/// [`fd_target`] handed to `f` as bytes, without an allocation: it is
+/// looked up for every event of a read or a write. A target longer than
+/// 256 bytes is cut there; what it is (a socket, a pipe, a path) is in
+/// its first bytes.
+pub fn with_fd_target<T>(pid: u32, fd: i32, f: impl FnOnce(&[u8]) -> T) -> Option<T> {
+    use std::io::Write as _;
+    let mut path = [0u8; 48];
+    let mut w = &mut path[..];
+    write!(w, "/proc/{pid}/fd/{fd}\0").ok()?;
+    let mut target = [0u8; 256];
+    // SAFETY: `path` holds a NUL-terminated string and `target` is valid
+    // for writes of its length; readlink writes no NUL and keeps neither.
+    let n = unsafe {
+        libc::readlink(
+            path.as_ptr().cast(),
+            target.as_mut_ptr().cast(),
+            target.len(),
+        )
+    };
+    let n = usize::try_from(n).ok()?;
+    Some(f(&target[..n]))
+}
+
 /// `path` as process `pid` sees it: through its root, so that a path in a
 /// container's mount namespace names the container's file.
 pub fn in_root(pid: u32, path: &str) -> PathBuf {
@@ -183,5 +206,18 @@ mod tests {
         assert_eq!(comm(gone), None);
         assert_eq!(cmdline(gone), None);
         assert_eq!(fd_target(gone, 0), None);
+        assert_eq!(with_fd_target(gone, 0, <[u8]>::to_vec), None);
+    }
+
+    #[test]
+    fn fd_targets_read_without_allocating_match() {
+        use std::os::fd::AsRawFd as _;
+        let me = std::process::id();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        let bytes = with_fd_target(me, fd, <[u8]>::to_vec).unwrap();
+        assert_eq!(bytes, b"/dev/null");
+        assert_eq!(fd_target(me, fd).unwrap().as_bytes(), bytes);
+        assert_eq!(with_fd_target(me, -1, <[u8]>::to_vec), None);
     }
 }

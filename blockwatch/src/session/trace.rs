@@ -108,7 +108,15 @@ impl Sink {
         }
     }
 
+    /// Writes the events taken so far (see [`Reporter::flush`]) and ends
+    /// the session on the first output error. Called once the ring buffer
+    /// has been drained (a batch of events, a write), before any wait.
     fn check(&mut self) -> anyhow::Result<()> {
+        if self.error.is_none()
+            && let Err(e) = self.reporter.flush()
+        {
+            self.error = Some(e);
+        }
         match self.error.take() {
             Some(e) => Err(e).context("writing an event"),
             None => Ok(()),

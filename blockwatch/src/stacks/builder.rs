@@ -83,17 +83,39 @@ impl StackBuilder {
         self.unwinder.stack(&mut self.sym, pid, fp, copy)
     }
 
+    /// The generation of `pid`'s maps snapshot (see
+    /// [`Symbolizer::generation`]): frames built from the same addresses
+    /// in the same generation are the same.
+    pub fn maps_generation(&self, pid: u32) -> Option<u64> {
+        self.sym.generation(pid)
+    }
+
+    /// Drops the stack copy [`Self::native`] kept, for an event whose
+    /// frames were found already built.
+    pub fn skip_copy(&mut self) {
+        self.copy = None;
+    }
+
     /// Native frames (ELF symbols, perf maps for JIT code) with the
     /// CPython frames `py` in place when `interp` says the process runs
-    /// CPython.
+    /// CPython; and whether they may be reused for the same addresses
+    /// and maps: every native frame was named by its ELF symbol (none by
+    /// V8 or a perf map, whose names come later or change) and every
+    /// CPython frame by its code object.
     pub fn frames(
         &mut self,
         pid: u32,
         ips: &[u64],
         py: &[PyFrameRef],
         interp: Option<&PyProcess>,
-    ) -> Vec<Frame> {
+    ) -> (Vec<Frame>, bool) {
         let mut stack = self.sym.symbolize(pid, ips);
+        // V8 renames its builtins' frames; perf maps name unnamed ones.
+        let mut reusable = stack.iter().all(|f| {
+            f.function
+                .as_deref()
+                .is_some_and(|n| !n.starts_with("Builtins_"))
+        });
         let copy = self
             .copy
             .take()
@@ -113,7 +135,7 @@ impl StackBuilder {
             }
         }
         let Some(interp) = interp else {
-            return stack;
+            return (stack, reusable);
         };
         // The interpreter frames are the Python code that called into the
         // native frames above: they go where the interpreter's evaluation
@@ -132,8 +154,9 @@ impl StackBuilder {
             .filter(|r| r.code != 0)
             .map(|r| self.python_frame(pid, interp, r))
             .collect();
+        reusable &= python.iter().all(|f| f.function.is_some());
         stack.splice(at..at, python);
-        stack
+        (stack, reusable)
     }
 
     /// A CPU sample of thread `tid` just arrived (`ips` unwound): when it

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Seek as _, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,11 @@ use crate::procfs;
 /// (a map rewritten at the same size): events must not cost a file read
 /// each. A map that grew is read at once, from where it was left.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// A process without a perf map is looked at again this often at most:
+/// most processes have none, and their unnamed frames (a stripped
+/// binary) would otherwise cost an open and a /proc read each, every
+/// event. A JIT that starts writing one is seen that soon.
+const ABSENT_RETRY: Duration = Duration::from_millis(100);
 /// A perf map larger than this is not read (a runaway JIT).
 const MAX_MAP_BYTES: u64 = 256 << 20;
 
@@ -81,9 +86,34 @@ struct Map {
     len: u64,
 }
 
+/// What is known of one process's perf map.
+struct Entry {
+    /// Where it is (the process's PID in its namespace is read once).
+    path: PathBuf,
+    /// None: absent or unreadable when last looked for, at `tried`.
+    map: Option<Map>,
+    tried: Instant,
+}
+
+impl Entry {
+    fn new(pid: u32) -> Self {
+        let path = map_path(pid);
+        Entry {
+            map: load(&path),
+            path,
+            tried: Instant::now(),
+        }
+    }
+
+    fn reload(&mut self) {
+        self.map = load(&self.path);
+        self.tried = Instant::now();
+    }
+}
+
 #[derive(Default)]
 pub struct PerfMaps {
-    maps: HashMap<u32, Option<Map>>,
+    maps: HashMap<u32, Entry>,
 }
 
 /// Parses perf map text, in file order; malformed lines are skipped.
@@ -106,9 +136,8 @@ fn map_path(pid: u32) -> PathBuf {
 }
 
 /// The whole lines of the map from byte `from` on, and where they end.
-fn read_from(pid: u32, from: u64) -> Option<(String, u64)> {
-    let path = map_path(pid);
-    let mut file = std::fs::File::open(&path).ok()?;
+fn read_from(path: &Path, from: u64) -> Option<(String, u64)> {
+    let mut file = std::fs::File::open(path).ok()?;
     let size = file.metadata().ok()?.len();
     if size > MAX_MAP_BYTES {
         log::warn!("{} is over {MAX_MAP_BYTES} bytes: not read", path.display());
@@ -126,8 +155,8 @@ fn read_from(pid: u32, from: u64) -> Option<(String, u64)> {
     ))
 }
 
-fn load(pid: u32) -> Option<Map> {
-    let (text, len) = read_from(pid, 0)?;
+fn load(path: &Path) -> Option<Map> {
+    let (text, len) = read_from(path, 0)?;
     let mut regions = Regions::default();
     regions.add(&text);
     Some(Map {
@@ -154,16 +183,19 @@ impl PerfMaps {
     /// compiled, or recompiled over old code, just before it blocked); a
     /// map that shrank was rewritten and is read whole.
     fn refresh(&mut self, pid: u32) {
-        let Some(Some(map)) = self.maps.get_mut(&pid) else {
+        let Some(entry) = self.maps.get_mut(&pid) else {
             return;
         };
-        let Ok(size) = std::fs::metadata(map_path(pid)).map(|m| m.len()) else {
+        let Some(map) = &mut entry.map else {
+            return;
+        };
+        let Ok(size) = std::fs::metadata(&entry.path).map(|m| m.len()) else {
             return;
         };
         if size < map.len {
-            self.maps.insert(pid, load(pid));
+            entry.reload();
         } else if size > map.len
-            && let Some((text, len)) = read_from(pid, map.len)
+            && let Some((text, len)) = read_from(&entry.path, map.len)
         {
             map.regions.add(&text);
             map.len = len;
@@ -173,16 +205,18 @@ impl PerfMaps {
     /// The JIT function at `addr`; a miss reads a map not read yet, or
     /// read whole longer than [`RELOAD_INTERVAL`] ago.
     fn lookup(&mut self, pid: u32, addr: u64) -> Option<String> {
-        let slot = self.maps.entry(pid).or_insert_with(|| load(pid));
-        if let Some(name) = slot.as_ref().and_then(|m| m.regions.find(addr)) {
+        let entry = self.maps.entry(pid).or_insert_with(|| Entry::new(pid));
+        if let Some(name) = entry.map.as_ref().and_then(|m| m.regions.find(addr)) {
             return Some(name.to_string());
         }
-        if slot
-            .as_ref()
-            .is_none_or(|m| m.loaded.elapsed() >= RELOAD_INTERVAL)
-        {
-            *slot = load(pid);
-            return slot
+        let stale = match &entry.map {
+            Some(m) => m.loaded.elapsed() >= RELOAD_INTERVAL,
+            None => entry.tried.elapsed() >= ABSENT_RETRY,
+        };
+        if stale {
+            entry.reload();
+            return entry
+                .map
                 .as_ref()
                 .and_then(|m| m.regions.find(addr))
                 .map(str::to_string);
@@ -311,7 +345,7 @@ mod tests {
         );
         std::io::Write::write_all(&mut f, b"y\n").unwrap();
         assert_eq!(one(&mut maps, 0x1000).as_deref(), Some("partly"));
-        let loaded = |maps: &PerfMaps| maps.maps[&me].as_ref().unwrap().loaded;
+        let loaded = |maps: &PerfMaps| maps.maps[&me].map.as_ref().unwrap().loaded;
         let before = loaded(&maps);
         // Unchanged: a miss does not read it again before the interval.
         assert_eq!(one(&mut maps, 0x3010), None);
@@ -323,10 +357,16 @@ mod tests {
         // Rewritten at the same size: seen once the interval has passed.
         std::fs::write(&path, "4000 100 forth\n").unwrap();
         assert_eq!(one(&mut maps, 0x4010), None);
-        maps.maps.get_mut(&me).unwrap().as_mut().unwrap().loaded -= RELOAD_INTERVAL;
+        maps.maps.get_mut(&me).unwrap().map.as_mut().unwrap().loaded -= RELOAD_INTERVAL;
         assert_eq!(one(&mut maps, 0x4010).as_deref(), Some("forth"));
         std::fs::remove_file(&path).unwrap();
         maps.forget(me);
         assert_eq!(one(&mut maps, 0x4010), None);
+        // Absent: not looked for again at every event, but soon.
+        std::fs::write(&path, "4000 100 forth\n").unwrap();
+        assert_eq!(one(&mut maps, 0x4010), None, "no file read per event");
+        maps.maps.get_mut(&me).unwrap().tried -= ABSENT_RETRY;
+        assert_eq!(one(&mut maps, 0x4010).as_deref(), Some("forth"));
+        std::fs::remove_file(&path).unwrap();
     }
 }

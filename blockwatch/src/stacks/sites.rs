@@ -31,7 +31,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SITE_REFRESH, SiteCheck, SiteKey};
 use log::debug;
 
-use crate::event::Frame;
+use crate::event::Stack;
 use crate::ingest::decode::UserStackRecord;
 
 /// The kernel's `KNOWN_SITES` (a trait so the cache's logic is testable
@@ -56,7 +56,7 @@ impl KnownSites for BpfHashMap<MapData, SiteKey, SiteCheck> {
 const MAX_SITES: usize = MAX_KNOWN_SITES as usize;
 
 struct Site {
-    frames: Vec<Frame>,
+    stack: Stack,
     last_used: u64,
     /// What the kernel checks the site's waits against, if anything.
     check: Option<SiteCheck>,
@@ -88,17 +88,17 @@ impl Sites {
         Self::default()
     }
 
-    /// The frames of site `site` of process `pid`, if known.
-    pub fn get(&mut self, pid: u32, site: u64) -> Option<&[Frame]> {
+    /// The stack of site `site` of process `pid`, if known.
+    pub fn get(&mut self, pid: u32, site: u64) -> Option<&Stack> {
         self.tick += 1;
         let tick = self.tick;
         let s = self.sites.get_mut(&pid)?.get_mut(&site)?;
         s.last_used = tick;
         s.others = 0;
-        Some(&s.frames)
+        Some(&s.stack)
     }
 
-    /// Remembers `frames`, built from a whole stack (its copy arrived), as
+    /// Remembers `stack`, built from a whole stack (its copy arrived), as
     /// the stack of site `site` of process `pid`: the kernel may already
     /// send that site's next waits without stacks (`SENT_SITES`). When
     /// `check` says where its callers are, the kernel is told (`known`) to
@@ -116,11 +116,11 @@ impl Sites {
         &mut self,
         pid: u32,
         site: u64,
-        frames: &[Frame],
+        stack: &Stack,
         check: Option<SiteCheck>,
         known: &mut impl KnownSites,
     ) {
-        if frames.is_empty() {
+        if stack.is_empty() {
             return;
         }
         self.tick += 1;
@@ -142,13 +142,13 @@ impl Sites {
         {
             self.unlearn(old_pid, old_site, known);
         }
-        let named = frames.iter().all(|f| f.function.is_some());
+        let named = stack.iter().all(|f| f.function.is_some());
         let check = check.map(|c| SiteCheck {
             flags: if named { 0 } else { SITE_REFRESH },
             ..c
         });
         let entry = Site {
-            frames: frames.to_vec(),
+            stack: stack.clone(),
             last_used: tick,
             check,
             others: 0,
@@ -255,6 +255,7 @@ fn key(pid: u32, site: u64) -> SiteKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Frame;
 
     #[derive(Default)]
     struct Kernel(HashMap<SiteKey, SiteCheck>);
@@ -280,6 +281,10 @@ mod tests {
 
     fn name_at(sites: &mut Sites, pid: u32, site: u64) -> Option<String> {
         sites.get(pid, site)?[0].function.clone()
+    }
+
+    fn st(frames: &[Frame]) -> Stack {
+        frames.to_vec().into()
     }
 
     fn frame(name: Option<&str>) -> Frame {
@@ -331,7 +336,7 @@ mod tests {
         sites.learn(
             7,
             0xabc,
-            &[frame(Some("f"))],
+            &st(&[frame(Some("f"))]),
             Some(SiteCheck::default()),
             &mut kernel,
         );
@@ -344,16 +349,22 @@ mod tests {
     fn a_stack_with_an_unnamed_frame_is_known_only_until_it_is_sent_again() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
         let frames = [frame(Some("f")), frame(None)];
-        sites.learn(7, 1, &frames, Some(SiteCheck::default()), &mut kernel);
-        sites.learn(7, 2, &[frame(Some("g"))], None, &mut kernel);
-        sites.learn(7, 3, &[], Some(SiteCheck::default()), &mut kernel);
+        sites.learn(7, 1, &st(&frames), Some(SiteCheck::default()), &mut kernel);
+        sites.learn(7, 2, &st(&[frame(Some("g"))]), None, &mut kernel);
+        sites.learn(
+            7,
+            3,
+            &Stack::default(),
+            Some(SiteCheck::default()),
+            &mut kernel,
+        );
         assert_eq!(sites.len(), 2, "kept for the waits sent meanwhile");
         assert_eq!(kernel.0.len(), 1, "a site without a check is not known");
         assert_eq!(kernel.0[&key(7, 1)].flags, SITE_REFRESH);
         assert!(sites.get(7, 3).is_none());
         // Sent again, now named: known for good.
         let named = [frame(Some("f")), frame(Some("jit"))];
-        sites.learn(7, 1, &named, Some(SiteCheck::default()), &mut kernel);
+        sites.learn(7, 1, &st(&named), Some(SiteCheck::default()), &mut kernel);
         assert_eq!(kernel.0[&key(7, 1)].flags, 0);
         assert_eq!(sites.get(7, 1).unwrap()[1].function.as_deref(), Some("jit"));
     }
@@ -361,31 +372,67 @@ mod tests {
     #[test]
     fn a_second_caller_does_not_take_the_site_of_a_known_one() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
-        sites.learn(7, 1, &[frame(Some("a"))], Some(check_of(0xa)), &mut kernel);
+        sites.learn(
+            7,
+            1,
+            &st(&[frame(Some("a"))]),
+            Some(check_of(0xa)),
+            &mut kernel,
+        );
         // The kernel may have skipped a's stacks after sending b's: those
         // records still find a's frames.
-        sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        sites.learn(
+            7,
+            1,
+            &st(&[frame(Some("b"))]),
+            Some(check_of(0xb)),
+            &mut kernel,
+        );
         assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("a"));
         assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xa);
         // A stack without a check is another caller too.
-        sites.learn(7, 1, &[frame(Some("c"))], None, &mut kernel);
+        sites.learn(7, 1, &st(&[frame(Some("c"))]), None, &mut kernel);
         assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("a"));
     }
 
     #[test]
     fn a_site_follows_a_caller_that_took_over() {
         let (mut sites, mut kernel) = (Sites::new(), Kernel::default());
-        sites.learn(7, 1, &[frame(Some("a"))], Some(check_of(0xa)), &mut kernel);
+        sites.learn(
+            7,
+            1,
+            &st(&[frame(Some("a"))]),
+            Some(check_of(0xa)),
+            &mut kernel,
+        );
         for _ in 1..SWITCH_AFTER {
-            sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+            sites.learn(
+                7,
+                1,
+                &st(&[frame(Some("b"))]),
+                Some(check_of(0xb)),
+                &mut kernel,
+            );
         }
         // One of a's waits between: b's run starts over.
         assert!(sites.get(7, 1).is_some());
         for _ in 1..SWITCH_AFTER {
-            sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+            sites.learn(
+                7,
+                1,
+                &st(&[frame(Some("b"))]),
+                Some(check_of(0xb)),
+                &mut kernel,
+            );
         }
         assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xa);
-        sites.learn(7, 1, &[frame(Some("b"))], Some(check_of(0xb)), &mut kernel);
+        sites.learn(
+            7,
+            1,
+            &st(&[frame(Some("b"))]),
+            Some(check_of(0xb)),
+            &mut kernel,
+        );
         assert_eq!(kernel.0[&key(7, 1)].vals[0], 0xb);
         assert_eq!(name_at(&mut sites, 7, 1).as_deref(), Some("b"));
     }
@@ -396,21 +443,21 @@ mod tests {
         sites.learn(
             7,
             1,
-            &[frame(Some("f"))],
+            &st(&[frame(Some("f"))]),
             Some(SiteCheck::default()),
             &mut kernel,
         );
         sites.learn(
             7,
             2,
-            &[frame(Some("g"))],
+            &st(&[frame(Some("g"))]),
             Some(SiteCheck::default()),
             &mut kernel,
         );
         sites.learn(
             9,
             1,
-            &[frame(Some("h"))],
+            &st(&[frame(Some("h"))]),
             Some(SiteCheck::default()),
             &mut kernel,
         );
@@ -427,7 +474,7 @@ mod tests {
             sites.learn(
                 1,
                 s,
-                &[frame(Some("f"))],
+                &st(&[frame(Some("f"))]),
                 Some(SiteCheck::default()),
                 &mut kernel,
             );
@@ -437,7 +484,7 @@ mod tests {
         sites.learn(
             2,
             99,
-            &[frame(Some("g"))],
+            &st(&[frame(Some("g"))]),
             Some(SiteCheck::default()),
             &mut kernel,
         );

@@ -332,6 +332,12 @@ impl Symbolizer {
         Some((s.generation, code))
     }
 
+    /// The generation of the snapshot of `pid`'s maps, if one was taken:
+    /// it changes whenever the snapshot does.
+    pub fn generation(&self, pid: u32) -> Option<u64> {
+        self.procs.get(&pid).map(|s| s.generation)
+    }
+
     /// Makes sure the snapshot of `pid` covers `addr` if the process can
     /// tell (re-reading its maps on a miss, rate-limited).
     pub fn touch(&mut self, pid: u32, addr: u64) {

@@ -419,7 +419,7 @@ mod tests {
             comm: comm.into(),
             thread: comm.into(),
             state: OffState::Sleeping,
-            stack: vec![f.clone()],
+            stack: vec![f.clone()].into(),
             ..event(Some(f), Some("clock_nanosleep"), 230, Class::Sleep, ms)
         }
     }
