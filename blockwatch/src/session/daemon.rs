@@ -23,6 +23,7 @@ use crate::pipeline::strict::Read as StrictRead;
 use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, DRAIN_BATCH, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::runtimes::python;
+use crate::session::memory::Trimmer;
 use crate::session::notify::{sd_notify, watchdog_interval};
 use crate::session::rate_limit::RateLimit;
 use crate::session::trace::sleep_until;
@@ -337,6 +338,7 @@ struct Daemon {
     state: State,
     metrics: Arc<Mutex<Metrics>>,
     pipeline: Pipeline,
+    trimmer: Trimmer,
     /// The kernel programs and maps; dropped last, which detaches them.
     session: Session,
 }
@@ -377,6 +379,7 @@ impl Daemon {
             state,
             metrics,
             pipeline: Pipeline::new(),
+            trimmer: Trimmer::new(),
             session,
         })
     }
@@ -395,6 +398,9 @@ impl Daemon {
             "READY=1\nSTATUS=watching {} processes",
             self.state.watched.len()
         ));
+        // Start-up's garbage (BTF, the programs' object, the /proc scan)
+        // goes back once the first refresh has run too.
+        self.trimmer.worked(Instant::now());
     }
 
     /// Runs until SIGTERM or SIGINT.
@@ -410,6 +416,7 @@ impl Daemon {
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
             let retry = self.pipeline.exec_retry_due();
+            let trim = self.trimmer.due();
             tokio::select! {
                 guard = self.session.ring.readable_mut() => {
                     let mut guard = guard?;
@@ -422,10 +429,14 @@ impl Daemon {
                         guard.clear_ready();
                     }
                     self.after_drain();
+                    if records > 0 {
+                        self.trimmer.worked(Instant::now());
+                    }
                     if (BUSY_RECORDS..DRAIN_BATCH).contains(&records) {
                         tokio::time::sleep(BUSY_PAUSE).await;
                     }
                 }
+                _ = sleep_until(trim), if trim.is_some() => self.trimmer.trim(),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.pipeline.retry_execs(&mut self.session.maps.pyprocs);
                 }

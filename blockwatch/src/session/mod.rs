@@ -4,6 +4,7 @@
 //! forwards the kernel log, and hands back the ring buffer and the maps.
 
 pub mod daemon;
+mod memory;
 mod notify;
 mod pictures;
 mod rate_limit;
