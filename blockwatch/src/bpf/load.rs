@@ -135,13 +135,45 @@ fn load_programs(
     pid_ns: u32,
 ) -> Result<Ebpf, LoadError> {
     let user_stack_size = user_stack_size.min(MAX_USER_STACK as u32);
-    EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
         .override_global("USER_STACK_SIZE", &user_stack_size, true)
         .override_global("PID_NS_INUM", &pid_ns, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(PROGRAMS)
-        .map_err(|e| LoadError::Load(e.to_string()))
+        .map_err(|e| LoadError::Load(e.to_string()));
+    release_pages(PROGRAMS);
+    ebpf
+}
+
+/// Drops `bytes`' pages from our resident set. The object is read once,
+/// at load, yet its 3 MiB in the executable would stay resident for the
+/// life of a daemon; the pages are clean and file-backed, so a second load
+/// (the raw-tracepoint fallback, tests) reads them back from the file.
+fn release_pages(bytes: &'static [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let Ok(page) = usize::try_from(page) else {
+        return;
+    };
+    if page == 0 {
+        return;
+    }
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end <= start {
+        return;
+    }
+    // SAFETY: the range lies inside a read-only static, which nothing
+    // writes; MADV_DONTNEED on a private file mapping only unmaps clean
+    // pages, and the next read faults them in from the file unchanged.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    if r != 0 {
+        debug!(
+            "cannot release the programs' pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Takes map `name` out of `ebpf`, typed.
