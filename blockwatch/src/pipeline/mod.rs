@@ -146,6 +146,8 @@ pub struct Stats {
     /// had forgotten (in flight across an exec): reported without their
     /// native frames.
     pub unknown_sites: u64,
+    /// Loops the kernel reported found.
+    pub loops_found: u64,
 }
 
 pub struct Pipeline {
@@ -519,6 +521,7 @@ impl Pipeline {
                 None
             }
             Record::LoopFound { pid, tid, epfd } => {
+                self.stats.loops_found += 1;
                 debug!("tid {tid} of pid {pid} runs an event loop");
                 self.inspect_now(pid, maps.pyprocs);
                 self.find_clock(pid, tid, epfd, maps.clocks);

@@ -35,8 +35,14 @@ use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
 /// New-stack keys remembered; past this the set restarts (a stack then
 /// logged twice is harmless, unbounded memory is not).
 const MAX_SEEN_STACKS: usize = 100_000;
-/// How often gauges (tagged threads) and expiry are refreshed.
+/// How often gauges and expiry are refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
+/// How often the tag map is read for `blockwatch_tagged_threads` when no
+/// loop was reported found, exec'd or gone. Reading it costs two system
+/// calls per tagged thread, and under `--auto` every thread of the host
+/// is tagged; a loop that ends sends no record, so the gauge may lag this
+/// long.
+const TAGS_RESCAN: Duration = Duration::from_secs(30);
 /// The daemon's ring buffer. Every byte of it is resident, twice (aya
 /// maps the data pages twice so that a record can wrap), written or not,
 /// so `trace`'s 16 MiB would be two thirds of an idle daemon. 4 MiB holds
@@ -83,14 +89,25 @@ impl Rules {
 
     /// The rule for a process of this name, if it is to be watched.
     fn rule_for(&self, pid: u32, comm: &str) -> Option<WatchRule> {
+        // Kernel threads have no command line and no event loop.
+        self.rule_of(pid, comm, || !is_kernel_thread(pid))
+    }
+
+    /// As [`Rules::rule_for`], for a process that just exec'd: no kernel
+    /// thread, whatever its command line says (an exec with no arguments
+    /// leaves it empty).
+    fn rule_at_exec(&self, pid: u32, comm: &str) -> Option<WatchRule> {
+        self.rule_of(pid, comm, || true)
+    }
+
+    fn rule_of(&self, pid: u32, comm: &str, user: impl FnOnce() -> bool) -> Option<WatchRule> {
         if self.exclude.matches(comm) || targets::is_blockwatch(pid) {
             return None;
         }
         if self.select.selects(pid, comm) {
             return Some(self.rule);
         }
-        // Kernel threads have no command line and no event loop.
-        (self.auto && !is_kernel_thread(pid)).then_some(self.auto_rule)
+        (self.auto && user()).then_some(self.auto_rule)
     }
 }
 
@@ -134,7 +151,8 @@ struct State {
     /// children): the ones to unwatch when a reload drops their rule.
     watched: HashSet<u32>,
     explicit: HashSet<u32>,
-    to_watch: Vec<u32>,
+    /// Processes that exec'd into something the rules select.
+    to_watch: Vec<(u32, WatchRule)>,
     exited: Vec<u32>,
     seen: HashSet<(String, &'static str, String, String)>,
     limit: RateLimit,
@@ -143,8 +161,10 @@ struct State {
     /// watch time, so a process that blocks and exits keeps its labels).
     containers: Option<HashMap<u32, Option<Container>>>,
     /// Processes with at least one event-loop thread (as of the last
-    /// refresh).
+    /// read of the tag map).
     loop_pids: HashSet<u32>,
+    /// One of `loop_pids` exec'd or exited since that read.
+    loops_changed: bool,
 }
 
 impl State {
@@ -194,11 +214,15 @@ impl State {
             }
             Output::Exec { pid, comm } => {
                 self.runtimes.remove(&pid);
-                if self.rules.rule_for(pid, &comm).is_some() {
-                    self.to_watch.push(pid);
+                self.loops_changed |= self.loop_pids.contains(&pid);
+                if let Some(rule) = self.rules.rule_at_exec(pid, &comm) {
+                    self.to_watch.push((pid, rule));
                 }
             }
-            Output::ProcessExit { pid } => self.exited.push(pid),
+            Output::ProcessExit { pid } => {
+                self.loops_changed |= self.loop_pids.contains(&pid);
+                self.exited.push(pid);
+            }
         }
     }
 }
@@ -345,6 +369,8 @@ struct Daemon {
     metrics: Arc<Mutex<Metrics>>,
     pipeline: Pipeline,
     trimmer: Trimmer,
+    /// When the tag map was last read, and `Stats::loops_found` then.
+    tags_read: Option<(Instant, u64)>,
     /// The kernel programs and maps; dropped last, which detaches them.
     session: Session,
 }
@@ -377,6 +403,7 @@ impl Daemon {
             runtimes: HashMap::new(),
             containers: current.container_labels.then(HashMap::new),
             loop_pids: HashSet::new(),
+            loops_changed: false,
         };
         Ok(Self {
             current,
@@ -386,6 +413,7 @@ impl Daemon {
             metrics,
             pipeline: Pipeline::new(),
             trimmer: Trimmer::new(),
+            tags_read: None,
             session,
         })
     }
@@ -479,14 +507,17 @@ impl Daemon {
         let state = &mut self.state;
         let mut maps = Tags::of(&mut self.session.maps);
         let mut execd = Vec::new();
-        for pid in std::mem::take(&mut state.to_watch) {
-            let Some(comm) = procfs::comm(pid) else {
-                continue;
-            };
-            if let Some(rule) = state.rules.rule_for(pid, &comm) {
+        for (pid, rule) in std::mem::take(&mut state.to_watch) {
+            // The kernel keeps a process watched across its exec and tags
+            // its one thread: under --auto, nearly every exec is of a
+            // process watched as a child, and needs no /proc walk.
+            if maps.watched.get(&pid, 0).is_ok_and(|r| r == rule) {
+                state.watched.insert(pid);
+                state.container(pid);
+            } else {
                 maps.watch(state, pid, rule);
-                execd.push(pid);
             }
+            execd.push(pid);
         }
         for pid in execd {
             self.pipeline
@@ -582,7 +613,21 @@ impl Daemon {
         // Interpreter frames for the CPython processes among them
         // (each process is inspected a bounded number of times).
         let now = Instant::now();
-        let tagged = Tags::of(&mut self.session.maps).tagged(state);
+        let found = self.pipeline.stats.loops_found;
+        let tagged = match self.tags_read {
+            Some((at, seen))
+                if !state.loops_changed
+                    && seen == found
+                    && now.duration_since(at) < TAGS_RESCAN =>
+            {
+                None
+            }
+            _ => {
+                self.tags_read = Some((now, found));
+                state.loops_changed = false;
+                Some(Tags::of(&mut self.session.maps).tagged(state))
+            }
+        };
         // With --auto every process is watched, and nearly none is
         // Python: only those with a loop thread are worth reading
         // /proc/PID/maps for (an event needs a loop thread anyway).
@@ -603,7 +648,9 @@ impl Daemon {
         }
         let counts = Counters::read(&self.session.maps.counters);
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        m.set_tagged(&tagged);
+        if let Some(tagged) = &tagged {
+            m.set_tagged(tagged);
+        }
         m.set_lost(counts.events_lost());
         for c in KERNEL_DROPS {
             m.set_drops(c.label(), counts[c]);
