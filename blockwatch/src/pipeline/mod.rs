@@ -242,6 +242,10 @@ impl Pipeline {
         self.stacks.symbol_failures()
     }
 
+    pub fn symbolizer(&mut self) -> &mut crate::stacks::symbolize::Symbolizer {
+        self.stacks.symbolizer()
+    }
+
     /// Finds which of the watched processes `pids` run CPython and hands
     /// the kernel what it needs to walk their frames, and snapshots their
     /// memory maps (so that a process that exits right after blocking is

@@ -647,10 +647,14 @@ impl Daemon {
             );
         }
         let counts = Counters::read(&self.session.maps.counters);
+        let symbolizer = self.pipeline.symbolizer();
+        symbolizer.release_idle(now);
+        let evictions = symbolizer.evictions();
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tagged) = &tagged {
             m.set_tagged(tagged);
         }
+        m.set_symbolizer_evictions(evictions);
         m.set_lost(counts.events_lost());
         for c in KERNEL_DROPS {
             m.set_drops(c.label(), counts[c]);
