@@ -648,8 +648,13 @@ impl Daemon {
         }
         let counts = Counters::read(&self.session.maps.counters);
         let symbolizer = self.pipeline.symbolizer();
+        let before = symbolizer.evictions();
         symbolizer.release_idle(now);
         let evictions = symbolizer.evictions();
+        // What blazesym held is freed now, long after the burst's trim.
+        if evictions > before {
+            self.trimmer.worked(now);
+        }
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tagged) = &tagged {
             m.set_tagged(tagged);

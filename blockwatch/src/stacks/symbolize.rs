@@ -278,18 +278,21 @@ fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
     }
 }
 
+fn blazesym() -> bz::Symbolizer {
+    bz::Symbolizer::builder()
+        // Paths we hand over are pinned to one file (see `path_owner`),
+        // so the per-lookup stat() that auto-reload costs buys nothing.
+        .enable_auto_reload(false)
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .build()
+}
+
 impl Symbolizer {
     pub fn new() -> Self {
-        let blaze = bz::Symbolizer::builder()
-            // Paths we hand over are pinned to one file (see `path_owner`),
-            // so the per-lookup stat() that auto-reload costs buys nothing.
-            .enable_auto_reload(false)
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            .enable_demangling(true)
-            .build();
         Self {
-            blaze,
+            blaze: blazesym(),
             procs: HashMap::new(),
             bins: HashMap::new(),
             path_owner: HashMap::new(),
@@ -530,8 +533,17 @@ impl Symbolizer {
             })
             .map(|(&id, _)| id)
             .collect();
+        let released = !idle.is_empty();
         for id in idle {
             self.release(id);
+        }
+        // The debug-link files blazesym opened for the binaries (a
+        // libc6-dbg file is megabytes) are cached under their own paths,
+        // which only blazesym knows: with nothing parsed left, a new
+        // blazesym drops them too.
+        if released && self.parsed() == 0 {
+            self.blaze = blazesym();
+            self.vdso = Vdso::Unknown;
         }
     }
 
