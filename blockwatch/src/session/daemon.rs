@@ -43,11 +43,6 @@ const REFRESH: Duration = Duration::from_secs(2);
 /// is tagged; a loop that ends sends no record, so the gauge may lag this
 /// long.
 const TAGS_RESCAN: Duration = Duration::from_secs(30);
-/// The daemon's ring buffer. Every byte of it is resident, twice (aya
-/// maps the data pages twice so that a record can wrap), written or not,
-/// so `trace`'s 16 MiB would be two thirds of an idle daemon. 4 MiB holds
-/// about 6,000 episodes, 200 ms at the 32,000 a second of the bench's load.
-const RING_BYTES: u32 = 4 << 20;
 /// How often the kernel's strict counts are read into the metrics (so a
 /// scrape sees the calls of at most this long ago).
 const STRICT_READ: Duration = Duration::from_secs(1);
@@ -334,13 +329,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // The port first: a taken port is the likeliest start failure and
     // needs no kernel work to report.
     let listener = crate::output::http::bind(current.listen).await?;
-    // Strict mode and the user-stack size are read at
-    // start: a reload that changes them says so and takes effect at
+    // Strict mode, the user-stack size and the ring buffer's are read
+    // at start: a reload that changes them says so and takes effect at
     // restart.
     let session = Session::start(&StartOptions {
         threshold: current.threshold,
         user_stack_size: current.user_stack_size,
-        ring_bytes: RING_BYTES,
+        ring_bytes: current.ring_buffer_size,
         loops: LoopOptions {
             strict: current.strict,
         },
@@ -701,8 +696,14 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
             current.listen, new.listen
         );
     }
-    if (new.strict, new.user_stack_size) != (current.strict, current.user_stack_size) {
-        warn!("strict and user_stack_size changes take effect at restart");
+    if (new.strict, new.user_stack_size, new.ring_buffer_size)
+        != (
+            current.strict,
+            current.user_stack_size,
+            current.ring_buffer_size,
+        )
+    {
+        warn!("strict, user_stack_size and ring_buffer_size changes take effect at restart");
     }
     if new.container_labels != current.container_labels {
         // The label names of every series would change under Prometheus.
@@ -719,6 +720,7 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
         listen: current.listen,
         strict: current.strict,
         user_stack_size: current.user_stack_size,
+        ring_buffer_size: current.ring_buffer_size,
         container_labels: current.container_labels,
         ..new
     })
