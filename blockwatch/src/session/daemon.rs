@@ -540,6 +540,8 @@ impl Daemon {
             Ok(new) => match Rules::new(&new) {
                 Ok(rules) => {
                     self.apply_reload(&new, rules);
+                    // The file, the new rules' /proc scan.
+                    self.trimmer.worked(Instant::now());
                     self.current = new;
                     eprintln!(
                         "blockwatch: configuration reloaded; {}",
