@@ -20,6 +20,11 @@ use crate::bpf::{LoadError, btf, preflight};
 /// The kernel programs, built from `blockwatch-ebpf` by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
 
+/// Bytes of the `EVENTS` ring buffer as the kernel programs declare it
+/// (blockwatch-ebpf's `maps.rs`): about 250 ms of records at 100,000
+/// episodes a second, what `trace` is sized for.
+pub const RING_BYTES: u32 = 16 << 20;
+
 /// Set to force the raw-tracepoint programs (as on kernels without tp_btf).
 pub const FORCE_RAW_ENV: &str = "BLOCKWATCH_FORCE_RAW_TRACEPOINTS";
 
@@ -64,23 +69,25 @@ pub struct Maps {
 /// `force_raw` uses the raw-tracepoint twins even where tp_btf works.
 /// Blocked threads' user stacks are copied with the default size.
 pub fn load(threshold_ns: u64, force_raw: bool) -> Result<Loaded, LoadError> {
-    load_with_user_stack(threshold_ns, force_raw, DEFAULT_USER_STACK)
+    load_with_user_stack(threshold_ns, force_raw, DEFAULT_USER_STACK, RING_BYTES)
 }
 
 /// As [`load`], copying `user_stack_size` bytes (at most
 /// `MAX_USER_STACK`) of each blocked thread's user stack for DWARF
-/// unwinding; 0 keeps frame pointers only.
+/// unwinding (0 keeps frame pointers only), into a ring buffer of
+/// `ring_bytes` (a power of two, at least a page).
 pub fn load_with_user_stack(
     threshold_ns: u64,
     force_raw: bool,
     user_stack_size: u32,
+    ring_bytes: u32,
 ) -> Result<Loaded, LoadError> {
     preflight::check_privileges()?;
     let offsets: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
     debug!("kernel offsets: {offsets:?}");
     preflight::prepare_system();
     let pid_ns = preflight::pid_namespace()?;
-    let mut ebpf = load_programs(&offsets, user_stack_size, pid_ns)?;
+    let mut ebpf = load_programs(&offsets, user_stack_size, ring_bytes, pid_ns)?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -124,15 +131,49 @@ pub fn load_with_user_stack(
 fn load_programs(
     offsets: &KernelOffsets,
     user_stack_size: u32,
+    ring_bytes: u32,
     pid_ns: u32,
 ) -> Result<Ebpf, LoadError> {
     let user_stack_size = user_stack_size.min(MAX_USER_STACK as u32);
-    EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .override_global("OFFSETS", offsets, true)
         .override_global("USER_STACK_SIZE", &user_stack_size, true)
         .override_global("PID_NS_INUM", &pid_ns, true)
+        .map_max_entries("EVENTS", ring_bytes)
         .load(PROGRAMS)
-        .map_err(|e| LoadError::Load(e.to_string()))
+        .map_err(|e| LoadError::Load(e.to_string()));
+    release_pages(PROGRAMS);
+    ebpf
+}
+
+/// Drops `bytes`' pages from our resident set. The object is read once,
+/// at load, yet its 3 MiB in the executable would stay resident for the
+/// life of a daemon; the pages are clean and file-backed, so a second load
+/// (the raw-tracepoint fallback, tests) reads them back from the file.
+fn release_pages(bytes: &'static [u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let Ok(page) = usize::try_from(page) else {
+        return;
+    };
+    if page == 0 {
+        return;
+    }
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end <= start {
+        return;
+    }
+    // SAFETY: the range lies inside a read-only static, which nothing
+    // writes; MADV_DONTNEED on a private file mapping only unmaps clean
+    // pages, and the next read faults them in from the file unchanged.
+    let r = unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    if r != 0 {
+        debug!(
+            "cannot release the programs' pages: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Takes map `name` out of `ebpf`, typed.

@@ -19,7 +19,9 @@ pub mod load;
 pub mod preflight;
 
 pub use attach::{AttachMode, LoopDetectors, LoopOptions, SAMPLE_HZ, enable_loop_detectors};
-pub use load::{FORCE_RAW_ENV, Loaded, Maps, force_raw_from_env, load, load_with_user_stack};
+pub use load::{
+    FORCE_RAW_ENV, Loaded, Maps, RING_BYTES, force_raw_from_env, load, load_with_user_stack,
+};
 pub use preflight::check_privileges;
 
 use crate::bpf::btf::BtfError;

@@ -148,6 +148,8 @@ pub struct Stats {
     /// had forgotten (in flight across an exec): reported without their
     /// native frames.
     pub unknown_sites: u64,
+    /// Loops the kernel reported found.
+    pub loops_found: u64,
 }
 
 pub struct Pipeline {
@@ -243,6 +245,10 @@ impl Pipeline {
     /// Symbolization failures so far.
     pub fn symbol_failures(&self) -> u64 {
         self.stacks.symbol_failures()
+    }
+
+    pub fn symbolizer(&mut self) -> &mut crate::stacks::symbolize::Symbolizer {
+        self.stacks.symbolizer()
     }
 
     /// Finds which of the watched processes `pids` run CPython and hands
@@ -524,6 +530,7 @@ impl Pipeline {
                 None
             }
             Record::LoopFound { pid, tid, epfd } => {
+                self.stats.loops_found += 1;
                 debug!("tid {tid} of pid {pid} runs an event loop");
                 self.inspect_now(pid, maps.pyprocs);
                 self.find_clock(pid, tid, epfd, maps.clocks);

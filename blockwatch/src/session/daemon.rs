@@ -23,6 +23,7 @@ use crate::pipeline::strict::Read as StrictRead;
 use crate::pipeline::{BUSY_PAUSE, BUSY_RECORDS, DRAIN_BATCH, Output, Pipeline, RuntimeMaps};
 use crate::procfs;
 use crate::runtimes::python;
+use crate::session::memory::Trimmer;
 use crate::session::notify::{sd_notify, watchdog_interval};
 use crate::session::rate_limit::RateLimit;
 use crate::session::trace::sleep_until;
@@ -34,8 +35,14 @@ use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
 /// New-stack keys remembered; past this the set restarts (a stack then
 /// logged twice is harmless, unbounded memory is not).
 const MAX_SEEN_STACKS: usize = 100_000;
-/// How often gauges (tagged threads) and expiry are refreshed.
+/// How often gauges and expiry are refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
+/// How often the tag map is read for `blockwatch_tagged_threads` when no
+/// loop was reported found, exec'd or gone. Reading it costs two system
+/// calls per tagged thread, and under `--auto` every thread of the host
+/// is tagged; a loop that ends sends no record, so the gauge may lag this
+/// long.
+const TAGS_RESCAN: Duration = Duration::from_secs(30);
 /// How often the kernel's strict counts are read into the metrics (so a
 /// scrape sees the calls of at most this long ago).
 const STRICT_READ: Duration = Duration::from_secs(1);
@@ -77,14 +84,25 @@ impl Rules {
 
     /// The rule for a process of this name, if it is to be watched.
     fn rule_for(&self, pid: u32, comm: &str) -> Option<WatchRule> {
+        // Kernel threads have no command line and no event loop.
+        self.rule_of(pid, comm, || !is_kernel_thread(pid))
+    }
+
+    /// As [`Rules::rule_for`], for a process that just exec'd: no kernel
+    /// thread, whatever its command line says (an exec with no arguments
+    /// leaves it empty).
+    fn rule_at_exec(&self, pid: u32, comm: &str) -> Option<WatchRule> {
+        self.rule_of(pid, comm, || true)
+    }
+
+    fn rule_of(&self, pid: u32, comm: &str, user: impl FnOnce() -> bool) -> Option<WatchRule> {
         if self.exclude.matches(comm) || targets::is_blockwatch(pid) {
             return None;
         }
         if self.select.selects(pid, comm) {
             return Some(self.rule);
         }
-        // Kernel threads have no command line and no event loop.
-        (self.auto && !is_kernel_thread(pid)).then_some(self.auto_rule)
+        (self.auto && user()).then_some(self.auto_rule)
     }
 }
 
@@ -128,7 +146,8 @@ struct State {
     /// children): the ones to unwatch when a reload drops their rule.
     watched: HashSet<u32>,
     explicit: HashSet<u32>,
-    to_watch: Vec<u32>,
+    /// Processes that exec'd into something the rules select.
+    to_watch: Vec<(u32, WatchRule)>,
     exited: Vec<u32>,
     seen: HashSet<(String, &'static str, String, String)>,
     limit: RateLimit,
@@ -137,8 +156,10 @@ struct State {
     /// watch time, so a process that blocks and exits keeps its labels).
     containers: Option<HashMap<u32, Option<Container>>>,
     /// Processes with at least one event-loop thread (as of the last
-    /// refresh).
+    /// read of the tag map).
     loop_pids: HashSet<u32>,
+    /// One of `loop_pids` exec'd or exited since that read.
+    loops_changed: bool,
 }
 
 impl State {
@@ -188,11 +209,15 @@ impl State {
             }
             Output::Exec { pid, comm } => {
                 self.runtimes.remove(&pid);
-                if self.rules.rule_for(pid, &comm).is_some() {
-                    self.to_watch.push(pid);
+                self.loops_changed |= self.loop_pids.contains(&pid);
+                if let Some(rule) = self.rules.rule_at_exec(pid, &comm) {
+                    self.to_watch.push((pid, rule));
                 }
             }
-            Output::ProcessExit { pid } => self.exited.push(pid),
+            Output::ProcessExit { pid } => {
+                self.loops_changed |= self.loop_pids.contains(&pid);
+                self.exited.push(pid);
+            }
         }
     }
 }
@@ -304,12 +329,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
     // The port first: a taken port is the likeliest start failure and
     // needs no kernel work to report.
     let listener = crate::output::http::bind(current.listen).await?;
-    // Strict mode and the user-stack size are read at
-    // start: a reload that changes them says so and takes effect at
+    // Strict mode, the user-stack size and the ring buffer's are read
+    // at start: a reload that changes them says so and takes effect at
     // restart.
     let session = Session::start(&StartOptions {
         threshold: current.threshold,
         user_stack_size: current.user_stack_size,
+        ring_bytes: current.ring_buffer_size,
         loops: LoopOptions {
             strict: current.strict,
         },
@@ -337,6 +363,9 @@ struct Daemon {
     state: State,
     metrics: Arc<Mutex<Metrics>>,
     pipeline: Pipeline,
+    trimmer: Trimmer,
+    /// When the tag map was last read, and `Stats::loops_found` then.
+    tags_read: Option<(Instant, u64)>,
     /// The kernel programs and maps; dropped last, which detaches them.
     session: Session,
 }
@@ -369,6 +398,7 @@ impl Daemon {
             runtimes: HashMap::new(),
             containers: current.container_labels.then(HashMap::new),
             loop_pids: HashSet::new(),
+            loops_changed: false,
         };
         Ok(Self {
             current,
@@ -377,6 +407,8 @@ impl Daemon {
             state,
             metrics,
             pipeline: Pipeline::new(),
+            trimmer: Trimmer::new(),
+            tags_read: None,
             session,
         })
     }
@@ -395,6 +427,9 @@ impl Daemon {
             "READY=1\nSTATUS=watching {} processes",
             self.state.watched.len()
         ));
+        // Start-up's garbage (BTF, the programs' object, the /proc scan)
+        // goes back once the first refresh has run too.
+        self.trimmer.worked(Instant::now());
     }
 
     /// Runs until SIGTERM or SIGINT.
@@ -410,6 +445,7 @@ impl Daemon {
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         loop {
             let retry = self.pipeline.exec_retry_due();
+            let trim = self.trimmer.due();
             tokio::select! {
                 guard = self.session.ring.readable_mut() => {
                     let mut guard = guard?;
@@ -422,10 +458,14 @@ impl Daemon {
                         guard.clear_ready();
                     }
                     self.after_drain();
+                    if records > 0 {
+                        self.trimmer.worked(Instant::now());
+                    }
                     if (BUSY_RECORDS..DRAIN_BATCH).contains(&records) {
                         tokio::time::sleep(BUSY_PAUSE).await;
                     }
                 }
+                _ = sleep_until(trim), if trim.is_some() => self.trimmer.trim(),
                 _ = sleep_until(retry), if retry.is_some() => {
                     self.pipeline.retry_execs(&mut self.session.maps.pyprocs);
                 }
@@ -462,14 +502,17 @@ impl Daemon {
         let state = &mut self.state;
         let mut maps = Tags::of(&mut self.session.maps);
         let mut execd = Vec::new();
-        for pid in std::mem::take(&mut state.to_watch) {
-            let Some(comm) = procfs::comm(pid) else {
-                continue;
-            };
-            if let Some(rule) = state.rules.rule_for(pid, &comm) {
+        for (pid, rule) in std::mem::take(&mut state.to_watch) {
+            // The kernel keeps a process watched across its exec and tags
+            // its one thread: under --auto, nearly every exec is of a
+            // process watched as a child, and needs no /proc walk.
+            if maps.watched.get(&pid, 0).is_ok_and(|r| r == rule) {
+                state.watched.insert(pid);
+                state.container(pid);
+            } else {
                 maps.watch(state, pid, rule);
-                execd.push(pid);
             }
+            execd.push(pid);
         }
         for pid in execd {
             self.pipeline
@@ -497,6 +540,8 @@ impl Daemon {
             Ok(new) => match Rules::new(&new) {
                 Ok(rules) => {
                     self.apply_reload(&new, rules);
+                    // The file, the new rules' /proc scan.
+                    self.trimmer.worked(Instant::now());
                     self.current = new;
                     eprintln!(
                         "blockwatch: configuration reloaded; {}",
@@ -565,7 +610,21 @@ impl Daemon {
         // Interpreter frames for the CPython processes among them
         // (each process is inspected a bounded number of times).
         let now = Instant::now();
-        let tagged = Tags::of(&mut self.session.maps).tagged(state);
+        let found = self.pipeline.stats.loops_found;
+        let tagged = match self.tags_read {
+            Some((at, seen))
+                if !state.loops_changed
+                    && seen == found
+                    && now.duration_since(at) < TAGS_RESCAN =>
+            {
+                None
+            }
+            _ => {
+                self.tags_read = Some((now, found));
+                state.loops_changed = false;
+                Some(Tags::of(&mut self.session.maps).tagged(state))
+            }
+        };
         // With --auto every process is watched, and nearly none is
         // Python: only those with a loop thread are worth reading
         // /proc/PID/maps for (an event needs a loop thread anyway).
@@ -585,8 +644,19 @@ impl Daemon {
             );
         }
         let counts = Counters::read(&self.session.maps.counters);
+        let symbolizer = self.pipeline.symbolizer();
+        let before = symbolizer.evictions();
+        symbolizer.release_idle(now);
+        let evictions = symbolizer.evictions();
+        // What blazesym held is freed now, long after the burst's trim.
+        if evictions > before {
+            self.trimmer.worked(now);
+        }
         let mut m = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
-        m.set_tagged(&tagged);
+        if let Some(tagged) = &tagged {
+            m.set_tagged(tagged);
+        }
+        m.set_symbolizer_evictions(evictions);
         m.set_lost(counts.events_lost());
         for c in KERNEL_DROPS {
             m.set_drops(c.label(), counts[c]);
@@ -628,8 +698,14 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
             current.listen, new.listen
         );
     }
-    if (new.strict, new.user_stack_size) != (current.strict, current.user_stack_size) {
-        warn!("strict and user_stack_size changes take effect at restart");
+    if (new.strict, new.user_stack_size, new.ring_buffer_size)
+        != (
+            current.strict,
+            current.user_stack_size,
+            current.ring_buffer_size,
+        )
+    {
+        warn!("strict, user_stack_size and ring_buffer_size changes take effect at restart");
     }
     if new.container_labels != current.container_labels {
         // The label names of every series would change under Prometheus.
@@ -646,6 +722,7 @@ fn reload(file: Option<&Path>, o: &Overrides, current: &Settings) -> anyhow::Res
         listen: current.listen,
         strict: current.strict,
         user_stack_size: current.user_stack_size,
+        ring_buffer_size: current.ring_buffer_size,
         container_labels: current.container_labels,
         ..new
     })

@@ -4,6 +4,7 @@
 //! forwards the kernel log, and hands back the ring buffer and the maps.
 
 pub mod daemon;
+mod memory;
 mod notify;
 mod pictures;
 mod rate_limit;
@@ -27,6 +28,8 @@ pub struct StartOptions {
     /// Bytes of a blocked thread's user stack copied (0: frame pointers
     /// only).
     pub user_stack_size: u32,
+    /// Bytes of the ring buffer (see [`bpf::RING_BYTES`]).
+    pub ring_bytes: u32,
     /// The strict and stall detectors.
     pub loops: LoopOptions,
 }
@@ -54,6 +57,7 @@ impl Session {
             threshold_ns(options.threshold),
             bpf::force_raw_from_env(),
             options.user_stack_size,
+            options.ring_bytes,
         )?;
         let detectors = bpf::enable_loop_detectors(
             &mut loaded.ebpf,

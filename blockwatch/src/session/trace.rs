@@ -166,6 +166,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let mut session = Session::start(&StartOptions {
         threshold: args.threshold,
         user_stack_size: args.user_stack_size,
+        ring_bytes: crate::bpf::RING_BYTES,
         loops: args.detectors.options(),
     })?;
     let mut command = watch_targets(&args, &selector, &mut session).await?;

@@ -63,6 +63,16 @@ const YOUNG_MAPS_REFRESH: Duration = Duration::from_millis(50);
 /// through its process if that is still alive).
 const MAX_PINNED: usize = 256;
 
+/// Binaries blazesym keeps parsed (symbol tables, DWARF, the file mapped):
+/// megabytes each for a libpython or a node. Past this the least recently
+/// looked-up one is released; its frames already resolved stay cached.
+pub const MAX_PARSED: usize = 32;
+
+/// A binary no lookup needed for this long is released
+/// ([`Symbolizer::release_idle`]): after a burst of events, a daemon
+/// should not keep what the burst parsed for the rest of its life.
+pub const PARSED_IDLE: Duration = Duration::from_secs(60);
+
 /// An executable mapping of a file in a process, for the unwinder.
 #[derive(Clone, Debug)]
 pub struct CodeMapping {
@@ -106,6 +116,9 @@ struct BinState {
     /// never looks at the path again (auto-reload is off).
     path: Option<PathBuf>,
     failed_at: Option<Instant>,
+    /// The last lookup blazesym answered for it (frame-cache hits do not
+    /// count: they need no parsed binary).
+    used_at: Option<Instant>,
 }
 
 /// Resolved frames of a (binary, offset): functions, files and lines, with
@@ -187,6 +200,8 @@ pub struct Symbolizer {
     pins: HashMap<FileId, Pin>,
     /// Source of `ProcMaps::generation`.
     generations: u64,
+    /// Parsed binaries released (over [`MAX_PARSED`], or idle).
+    evictions: u64,
 }
 
 /// A binary held open.
@@ -263,18 +278,21 @@ fn read_maps(pid: u32) -> Option<Vec<Mapping>> {
     }
 }
 
+fn blazesym() -> bz::Symbolizer {
+    bz::Symbolizer::builder()
+        // Paths we hand over are pinned to one file (see `path_owner`),
+        // so the per-lookup stat() that auto-reload costs buys nothing.
+        .enable_auto_reload(false)
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        .build()
+}
+
 impl Symbolizer {
     pub fn new() -> Self {
-        let blaze = bz::Symbolizer::builder()
-            // Paths we hand over are pinned to one file (see `path_owner`),
-            // so the per-lookup stat() that auto-reload costs buys nothing.
-            .enable_auto_reload(false)
-            .enable_code_info(true)
-            .enable_inlined_fns(true)
-            .enable_demangling(true)
-            .build();
         Self {
-            blaze,
+            blaze: blazesym(),
             procs: HashMap::new(),
             bins: HashMap::new(),
             path_owner: HashMap::new(),
@@ -287,6 +305,7 @@ impl Symbolizer {
             failures: 0,
             pins: HashMap::new(),
             generations: 0,
+            evictions: 0,
         }
     }
 
@@ -501,6 +520,81 @@ impl Symbolizer {
         self.failures
     }
 
+    /// Parsed binaries released so far, for being over [`MAX_PARSED`] or
+    /// idle for [`PARSED_IDLE`].
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    /// Releases the binaries no lookup needed for [`PARSED_IDLE`]. Cheap:
+    /// one pass over the binaries known.
+    pub fn release_idle(&mut self, now: Instant) {
+        let idle: Vec<FileId> = self
+            .bins
+            .iter()
+            .filter(|(_, b)| {
+                b.path.is_some()
+                    && b.used_at
+                        .is_none_or(|t| now.saturating_duration_since(t) >= PARSED_IDLE)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        let released = !idle.is_empty();
+        for id in idle {
+            self.release(id);
+        }
+        // The debug-link files blazesym opened for the binaries (a
+        // libc6-dbg file is megabytes) are cached under their own paths,
+        // which only blazesym knows: with nothing parsed left, a new
+        // blazesym drops them too.
+        if released && self.parsed() == 0 {
+            self.blaze = blazesym();
+            self.vdso = Vdso::Unknown;
+        }
+    }
+
+    /// Parsed binaries held now.
+    fn parsed(&self) -> usize {
+        self.bins.values().filter(|b| b.path.is_some()).count()
+    }
+
+    /// Drops what blazesym parsed of binary `id`; the next lookup that
+    /// misses the frame cache opens it again.
+    fn release(&mut self, id: FileId) {
+        let Some(path) = self.bins.get_mut(&id).and_then(|b| b.path.take()) else {
+            return;
+        };
+        self.evictions += 1;
+        if let Err(e) = self
+            .blaze
+            .evict(&bz::evict::Evict::Elf(bz::evict::Elf::new(&path)))
+        {
+            debug!("cannot evict {}: {e}", path.display());
+        }
+        self.path_owner.remove(&path);
+        // A pinned file keeps its inode, so its resolved frames stay true;
+        // an unpinned one's inode may go to another file once closed.
+        if !self.pins.contains_key(&id) {
+            self.frames.forget(Binary::File(id));
+        }
+    }
+
+    /// Makes room for one more parsed binary.
+    fn make_parsed_room(&mut self) {
+        if self.parsed() < MAX_PARSED {
+            return;
+        }
+        let lru = self
+            .bins
+            .iter()
+            .filter(|(_, b)| b.path.is_some())
+            .min_by_key(|(_, b)| b.used_at)
+            .map(|(&id, _)| id);
+        if let Some(id) = lru {
+            self.release(id);
+        }
+    }
+
     /// The mapping `addr` lies in, from the snapshot; the snapshot is taken
     /// at first sight of `pid` and refreshed, rate-limited, on a miss.
     fn mapping(&mut self, pid: u32, addr: u64) -> Option<Mapping> {
@@ -605,8 +699,10 @@ impl Symbolizer {
         deleted: bool,
         offset: u64,
     ) -> Option<Resolved> {
+        let now = Instant::now();
         let state = self.bins.entry(id).or_default();
         if let Some(known) = state.path.clone() {
+            state.used_at = Some(now);
             if let Some(r) = self.lookup(&known, offset) {
                 return Some(r);
             }
@@ -616,6 +712,7 @@ impl Symbolizer {
         if state.failed_at.is_some_and(|t| t.elapsed() < OPEN_RETRY) {
             return None;
         }
+        self.make_parsed_room();
         // The file is opened through /proc/PID/map_files/<range>: that is
         // the very file the process mapped, reached through the process, so
         // it works for processes in other mount namespaces (containers) and
@@ -652,6 +749,7 @@ impl Symbolizer {
                     let state = self.bins.entry(id).or_default();
                     state.path = Some(candidate);
                     state.failed_at = None;
+                    state.used_at = Some(now);
                     return Some(r);
                 }
                 Err(e) => {
@@ -856,6 +954,26 @@ mod tests {
         assert_eq!(f.function.as_deref(), Some(MARKER), "{frames:?}");
         assert_eq!(f.module.as_deref(), Some(exe().as_str()));
         assert_eq!(f.address, marker_addr());
+        assert_eq!(s.failures(), 0);
+    }
+
+    /// An idle binary is released, its frames stay (it is pinned), and
+    /// an address not resolved yet parses it again.
+    #[test]
+    fn idle_binaries_are_released_and_parsed_again() {
+        let mut s = Symbolizer::new();
+        let first = s.symbolize(me(), &[marker_addr()]);
+        assert_eq!(s.parsed(), 1);
+        s.release_idle(Instant::now());
+        assert_eq!((s.parsed(), s.evictions()), (1, 0), "used just now");
+        s.release_idle(Instant::now() + PARSED_IDLE);
+        assert_eq!((s.parsed(), s.evictions()), (0, 1));
+        assert_eq!(s.symbolize(me(), &[marker_addr()]), first, "from the cache");
+        assert_eq!(s.parsed(), 0);
+        let f: fn() -> String = exe;
+        let other = s.symbolize(me(), &[f as usize as u64]);
+        assert!(other[0].function.is_some(), "{other:?}");
+        assert_eq!(s.parsed(), 1);
         assert_eq!(s.failures(), 0);
     }
 

@@ -79,9 +79,12 @@ pub fn is_blockwatch(pid: u32) -> bool {
         return true;
     }
     let identity = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    // Asked for every process at start and at every exec under --auto:
+    // our own executable does not change while we run.
+    static OURS: std::sync::OnceLock<Option<(u64, u64)>> = std::sync::OnceLock::new();
     if let (Some(theirs), Some(ours)) = (
         identity(&format!("/proc/{pid}/exe")),
-        identity("/proc/self/exe"),
+        *OURS.get_or_init(|| identity("/proc/self/exe")),
     ) && theirs == ours
     {
         return true;

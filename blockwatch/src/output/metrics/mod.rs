@@ -183,6 +183,8 @@ pub struct Metrics {
     drops_seen: HashMap<&'static str, u64>,
     lost_seen: u64,
     sym_seen: u64,
+    sym_evictions: IntCounter,
+    evictions_seen: u64,
     /// Per-process series also carry `container` and `pod`.
     containers: bool,
     pub agg: Aggregator,
@@ -251,6 +253,15 @@ impl Metrics {
             durations: register(&registry, durations)?,
             tagged: register(&registry, tagged)?,
             losses: Losses::new(&registry)?,
+            sym_evictions: register(
+                &registry,
+                IntCounter::new(
+                    "blockwatch_symbolizer_evictions_total",
+                    "Parsed binaries the symbolizer released, for being over its bound or unused \
+                     for a minute (parsed again at their next unresolved address).",
+                )?,
+            )?,
+            evictions_seen: 0,
             loops: LoopMetrics::new(&registry, &with)?,
             registry,
             drops_seen: HashMap::new(),
@@ -393,6 +404,14 @@ impl Metrics {
         if total > self.sym_seen {
             self.losses.sym_failures.inc_by(total - self.sym_seen);
             self.sym_seen = total;
+        }
+    }
+
+    /// Takes the symbolizer's running total of parsed binaries released.
+    pub fn set_symbolizer_evictions(&mut self, total: u64) {
+        if total > self.evictions_seen {
+            self.sym_evictions.inc_by(total - self.evictions_seen);
+            self.evictions_seen = total;
         }
     }
 
