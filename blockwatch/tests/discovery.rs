@@ -213,6 +213,47 @@ fn first_blocking_call_is_named_under_daemon_auto() {
     }
 }
 
+/// Under `--auto` a process is sampled only once its loop is found (a
+/// sampler event per found loop thread, not per CPU): a CPU-bound
+/// coroutine is still named by its samples.
+#[test]
+fn a_cpu_bound_coroutine_is_named_under_daemon_auto() {
+    let _serial = common::setup();
+    let script = subject("asyncio_strict.py");
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::auto();
+    let python = common::interpreters()[0];
+    let exe = alias(dir.path(), python, "bwdautocpu");
+    // Idle 2.5 s first: the daemon finds the interpreter within 2 s.
+    let ok = Command::new(&exe)
+        .args([script.as_str(), "2.5"])
+        .current_dir(repo_root())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "the subject ran");
+    let stall = [("process", "bwdautocpu"), ("class", "stall")];
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut m = d.metrics();
+    while events(&m, &stall) < 1.0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        m = d.metrics();
+    }
+    // The samples' most common stack ends in cpu_hog() or the generator
+    // expression inside it.
+    let named = m.lines().any(|l| {
+        l.starts_with("blockwatch_blocking_events_total{")
+            && l.contains("class=\"stall\"")
+            && l.contains("culprit=\"cpu_hog")
+            && l.contains("process=\"bwdautocpu\"")
+    });
+    assert_eq!(
+        (events(&m, &stall), named),
+        (1.0, true),
+        "the 300 ms of cpu_hog(): one CPU-bound episode named by its samples\n{m}\n{}",
+        d.stderr()
+    );
+}
+
 /// A tokio worker is a known loop from its first park: with two workers
 /// that parked once (300 ms idle) and then three tasks that each
 /// `std::thread::sleep(70ms)`, every sleep is reported. A worker that runs

@@ -1,6 +1,7 @@
 //! Attaches the loaded programs: the scheduler and task-lifecycle
 //! tracepoints (tp_btf, or their raw-tracepoint twins), the episode
-//! sampler (a cpu-clock perf event per CPU) and, for strict mode, the raw
+//! sampler (loaded here, its per-thread events opened by
+//! [`Sampler`](crate::bpf::sampler::Sampler)) and, for strict mode, the raw
 //! syscall tracepoints.
 
 use std::fmt::Display;
@@ -14,8 +15,9 @@ use blockwatch_common::LoopConfig;
 use log::{debug, info, warn};
 
 use crate::bpf::LoadError;
+use crate::bpf::sampler::Sampler;
 
-/// Sampling frequency of loop threads, per CPU: how often a loop that
+/// Sampling frequency of loop threads, per thread's CPU time: how often a loop that
 /// never sleeps has its iteration clock read (an episode's end is known to
 /// within this period) and a long episode its stack sampled. Not a
 /// multiple of the kernel's timer rates, so it does not beat with them.
@@ -143,8 +145,17 @@ pub struct LoopDetectors {
     pub sampler: bool,
 }
 
-/// Configures strict mode and attaches what the loop detectors need: a
-/// cpu-clock perf event per CPU for the episode sampler, and the syscall
+/// What [`enable_loop_detectors`] hands back.
+pub struct Enabled {
+    pub detectors: LoopDetectors,
+    /// The sampler's events (none open yet; off if perf events were
+    /// refused).
+    pub sampler: Sampler,
+}
+
+/// Configures strict mode and attaches what the loop detectors need: the
+/// episode sampler's program (its events are per thread, see
+/// [`Sampler`]), and the syscall
 /// tracepoints for `strict` (every syscall on the host pays for them).
 /// `strict_syscalls` are the syscall numbers strict mode reports. Call
 /// after [`load`](crate::bpf::load()), before taking `ebpf` apart.
@@ -152,7 +163,7 @@ pub fn enable_loop_detectors(
     ebpf: &mut Ebpf,
     options: LoopOptions,
     strict_syscalls: &[i64],
-) -> Result<LoopDetectors, LoadError> {
+) -> Result<Enabled, LoadError> {
     let cfg = loop_config(options, strict_syscalls);
     // The configuration first: the programs read it from their first run.
     let mut config: Array<&mut MapData, LoopConfig> = Array::try_from(
@@ -170,20 +181,26 @@ pub fn enable_loop_detectors(
     // Episodes are still measured without the sampler: a host that refuses
     // perf events loses the stacks of CPU-bound episodes and the iteration
     // ends of loops that never sleep, not the session.
-    let sampler = match attach_sampler(ebpf) {
-        Ok(()) => {
-            info!("episode sampler: loop threads sampled at {SAMPLE_HZ} Hz");
-            true
+    let sampler = match load_sampler(ebpf) {
+        Ok(s) => {
+            info!("episode sampler: loop threads sampled at {SAMPLE_HZ} Hz of their CPU time");
+            s
         }
         Err(e) => {
             warn!(
                 "loop threads are not sampled ({e}): CPU-bound episodes have no stack, \
                  and a loop that never sleeps looks like one long episode"
             );
-            false
+            Sampler::default()
         }
     };
-    Ok(LoopDetectors { options, sampler })
+    Ok(Enabled {
+        detectors: LoopDetectors {
+            options,
+            sampler: sampler.is_on(),
+        },
+        sampler,
+    })
 }
 
 /// Strict mode's kernel configuration.
@@ -201,26 +218,17 @@ fn loop_config(options: LoopOptions, strict_syscalls: &[i64]) -> LoopConfig {
     cfg
 }
 
-/// A cpu-clock perf event per online CPU, running `episode_sample`.
-fn attach_sampler(ebpf: &mut Ebpf) -> Result<(), LoadError> {
-    use aya::programs::perf_event::{
-        PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent,
-    };
+/// Loads `episode_sample` and checks that a thread may be sampled.
+fn load_sampler(ebpf: &mut Ebpf) -> Result<Sampler, LoadError> {
+    use aya::programs::PerfEvent;
     const WHAT: &str = "perf event cpu-clock";
     let prog: &mut PerfEvent = program(ebpf, "episode_sample", WHAT)?;
     prog.load().map_err(|e| load_error("episode_sample", e))?;
-    let cpus =
-        aya::util::online_cpus().map_err(|(what, e)| attach_error(WHAT, format!("{what}: {e}")))?;
-    for cpu in cpus {
-        prog.attach(
-            PerfEventConfig::Software(SoftwareEvent::CpuClock),
-            PerfEventScope::AllProcessesOneCpu { cpu },
-            SamplePolicy::Frequency(SAMPLE_HZ),
-            false,
-        )
-        .map_err(|e| attach_error(&format!("{WHAT} on CPU {cpu}"), e))?;
-    }
-    Ok(())
+    let fd = prog
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
+        .map_err(|e| attach_error(WHAT, e))?;
+    Sampler::new(fd).map_err(|e| attach_error(WHAT, e))
 }
 
 #[cfg(test)]
@@ -233,13 +241,14 @@ mod tests {
     #[test]
     fn strict_and_sampler_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");
-        let detectors = enable_loop_detectors(
+        let enabled = enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions { strict: true },
             &strict_numbers(),
         )
         .expect("strict and sampler programs");
-        assert!(detectors.sampler, "the episode sampler attached");
+        assert!(enabled.detectors.sampler, "the episode sampler loaded");
+        assert!(enabled.sampler.is_on());
         assert_eq!(
             loaded.counter(blockwatch_common::Counter::LostLoopRecords),
             0

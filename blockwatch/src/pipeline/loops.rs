@@ -263,12 +263,13 @@ asyncio.run(main())
     #[test]
     fn strict_calls_cpu_episodes_and_samples_from_the_kernel() {
         let mut loaded = bpf::load(100_000_000, false).expect("load (run as root)");
-        bpf::enable_loop_detectors(
+        loaded.maps.sampler = bpf::enable_loop_detectors(
             &mut loaded.ebpf,
             LoopOptions { strict: true },
             &crate::analyze::syscalls::strict_numbers(),
         )
-        .expect("strict and sampler programs");
+        .expect("strict and sampler programs")
+        .sampler;
         let mut child = Command::new("python3")
             .args(["-c", SUBJECT])
             .stdin(Stdio::null())
@@ -278,6 +279,7 @@ asyncio.run(main())
         TagMaps {
             threads: &mut loaded.maps.threads,
             watched: &mut loaded.maps.watched,
+            sampler: Some(&mut loaded.maps.sampler),
         }
         .watch_process(pid, ThreadsMode::Loop.rule(false))
         .expect("watch");

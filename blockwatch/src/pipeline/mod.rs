@@ -25,6 +25,7 @@ use blockwatch_common::{
 
 use crate::analyze::gil;
 use crate::analyze::syscalls::{self, FdKind};
+use crate::bpf::Sampler;
 use crate::event::{Class, Detector, Episode, Event, Frame, OffState, Stack};
 use crate::ingest::decode::{self, BlockRecord, LoopRecord, ProbeRecord, Record, StrictRecord};
 use crate::procfs;
@@ -97,6 +98,7 @@ pub struct RuntimeMaps<'a> {
     pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
     pub strict: &'a mut BpfHashMap<MapData, StrictKey, StrictTally>,
     pub sites: &'a mut BpfHashMap<MapData, SiteKey, SiteCheck>,
+    pub sampler: &'a mut Sampler,
 }
 
 impl<'a> RuntimeMaps<'a> {
@@ -108,6 +110,7 @@ impl<'a> RuntimeMaps<'a> {
             clocks: &mut maps.clocks,
             strict: &mut maps.strict_counts,
             sites: &mut maps.known_sites,
+            sampler: &mut maps.sampler,
         }
     }
 }
@@ -532,6 +535,7 @@ impl Pipeline {
             Record::LoopFound { pid, tid, epfd } => {
                 self.stats.loops_found += 1;
                 debug!("tid {tid} of pid {pid} runs an event loop");
+                maps.sampler.watch_thread(pid, tid);
                 self.inspect_now(pid, maps.pyprocs);
                 self.find_clock(pid, tid, epfd, maps.clocks);
                 None
@@ -557,6 +561,10 @@ impl Pipeline {
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);
                 self.strict_last(maps.strict, tid, None);
+                maps.sampler.forget_thread(tid);
+                if group_dead {
+                    maps.sampler.forget_process(pid);
+                }
                 // Kept until the whole process is gone so that its other
                 // threads' late events still carry its name and symbols.
                 group_dead.then(|| {

@@ -1,6 +1,6 @@
 //! The two ways to run blockwatch, a one-shot [`trace`] and the
 //! [`daemon`], and the start-up they share: [`Session::start`] loads and
-//! attaches the kernel programs, enables the strict and stall detectors,
+//! attaches the kernel programs, enables strict mode and the sampler,
 //! forwards the kernel log, and hands back the ring buffer and the maps.
 
 pub mod daemon;
@@ -30,7 +30,7 @@ pub struct StartOptions {
     pub user_stack_size: u32,
     /// Bytes of the ring buffer (see [`bpf::RING_BYTES`]).
     pub ring_bytes: u32,
-    /// The strict and stall detectors.
+    /// Strict mode.
     pub loops: LoopOptions,
 }
 
@@ -59,11 +59,12 @@ impl Session {
             options.user_stack_size,
             options.ring_bytes,
         )?;
-        let detectors = bpf::enable_loop_detectors(
+        let enabled = bpf::enable_loop_detectors(
             &mut loaded.ebpf,
             options.loops,
             &crate::analyze::syscalls::strict_numbers(),
         )?;
+        loaded.maps.sampler = enabled.sampler;
         debug!("attach mode: {:?}", loaded.mode);
         if let Some(logger) = loaded.logger.take() {
             forward_kernel_log(logger)?;
@@ -74,7 +75,7 @@ impl Session {
         Ok(Self {
             ring,
             maps: loaded.maps,
-            detectors,
+            detectors: enabled.detectors,
             ebpf: loaded.ebpf,
         })
     }
