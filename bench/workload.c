@@ -3,7 +3,11 @@
  *   workload getppid  SECONDS        getppid(2) in a loop
  *   workload read     SECONDS        1-byte read(2)s from /dev/zero
  *   workload pingpong SECONDS        two threads passing a byte over two
- *                                    pipes: two context switches a round
+ *                                    pipes: two context switches a round,
+ *                                    both threads on the last CPU (where the
+ *                                    scheduler puts them apart, a round
+ *                                    costs up to twice as much, from run to
+ *                                    run: a wake-up across CPUs)
  *   workload block    THREADS SLEEP_US SECONDS
  *                                    THREADS threads that each sleep
  *                                    SLEEP_US (relative nanosleep) in a loop;
@@ -21,6 +25,7 @@
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,6 +113,12 @@ int main(int argc, char **argv) {
         if (fd < 0)
             return 1;
     } else if (strcmp(mode, "pingpong") == 0) {
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(sysconf(_SC_NPROCESSORS_ONLN) - 1, &one);
+        /* Before the second thread exists: it inherits the mask. */
+        if (sched_setaffinity(0, sizeof(one), &one))
+            return 1;
         if (pipe(ping) || pipe(pong) || pthread_create(&thread, NULL, ponger, NULL))
             return 1;
     } else if (strcmp(mode, "getppid") != 0) {
