@@ -14,7 +14,7 @@ use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, parse_wrk, print_table, progress, progress_done, spread,
 };
 use super::targets::{Figure, Goal, Unit};
-use super::tracer::{Tracer, free_listen, free_port, strings};
+use super::tracer::{Tracer, ensure_bpftrace, free_listen, free_port, strings};
 use super::{Bench, Options, bench_dir};
 use crate::run::{home, root_dir};
 use crate::setup::{self, Package};
@@ -94,7 +94,29 @@ impl Bench {
                 label: "daemon --auto",
                 args: strings(&["daemon", "--auto", "--listen", &free_listen()]),
             },
+            // wrk runs an epoll loop too: --auto watches it as well, and on
+            // these 2 CPUs wrk's own cost shows in the server's figures.
+            Tracer::Blockwatch {
+                label: "daemon --auto, wrk excluded",
+                args: strings(&[
+                    "daemon",
+                    "--auto",
+                    "--config",
+                    &exclude_wrk_config()?,
+                    "--listen",
+                    &free_listen(),
+                ]),
+            },
         ];
+        // The floor: what any program on sched_switch costs here, an
+        // empty one (blockwatch's kernel side runs there on every context
+        // switch of the host). Shown beside the figures, not one itself.
+        let mut tracers = tracers.into_iter().collect::<Vec<_>>();
+        if ensure_bpftrace() {
+            tracers.push(Tracer::Bpftrace {
+                script: FLOOR_SCRIPT.into(),
+            });
+        }
         let url = format!("http://127.0.0.1:{port}/");
         let secs = if opts.quick { 2 } else { 3 };
         let result = self.http_reps(&tracers, &url, secs, opts);
@@ -112,7 +134,7 @@ impl Bench {
         }
         print_http(&tracers, &samples);
         println!(
-            "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch; {reps} interleaved repetitions, medians)"
+            "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch, after a 1 s wrk under the same tracer (what attaching does once: the loop found, symbols parsed); {reps} interleaved repetitions, medians; the floor is what any program on sched_switch costs here)"
         );
         Ok(http_figures(short, &tracers, &samples, reps))
     }
@@ -141,6 +163,10 @@ impl Bench {
                     tracer.label()
                 ));
                 let running = tracer.start(self)?;
+                // What watching costs, not what attaching does once: the
+                // loop found, its interpreter read, the binaries' symbols
+                // parsed for its first event (tens of ms of one CPU).
+                wrk(url, 1)?;
                 let (r, p) = wrk(url, secs)?;
                 running.stop()?;
                 s.rps.entry(ti).or_default().push(r);
@@ -171,7 +197,7 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
             let r = median(&s.rps[&ti]);
             let p = median(&s.p99[&ti]);
             vec![
-                t.label().to_string(),
+                http_label(t).to_string(),
                 format!("{r:.0} ({:.2}×)", r / bare_rps),
                 format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
                 s.reports
@@ -191,12 +217,37 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
     );
 }
 
-/// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher.
+/// A tracer's name in the HTTP tables.
+fn http_label(t: &Tracer) -> &'static str {
+    match t {
+        Tracer::Bpftrace { .. } => "floor: empty sched_switch program (bpftrace)",
+        t => t.label(),
+    }
+}
+
+/// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher, each
+/// beside the floor (an empty sched_switch program) when it was measured.
 fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
     let bare_rps = median(&s.rps[&0]);
     let bare_p99 = median(&s.p99[&0]);
+    let floor = tracers
+        .iter()
+        .position(|t| matches!(t, Tracer::Bpftrace { .. }))
+        .map(|fi| {
+            (
+                median(&s.rps[&fi]) / bare_rps,
+                median(&s.p99[&fi]) / bare_p99,
+            )
+        });
+    let note = |floor: Option<f64>| match floor {
+        Some(f) => format!("{reps} reps; floor {f:.2}×"),
+        None => format!("{reps} reps"),
+    };
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
+        if matches!(t, Tracer::Bpftrace { .. }) {
+            continue;
+        }
         figures.push(
             Figure::new(
                 format!("{short} under wrk, {}: requests/s vs bare", t.label()),
@@ -204,7 +255,7 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
                 Unit::Ratio,
                 Goal::AtLeast(0.99),
             )
-            .with_note(format!("{reps} reps"))
+            .with_note(note(floor.map(|f| f.0)))
             .with_bare_spread(spread(&s.rps[&0])),
         );
         figures.push(
@@ -214,18 +265,28 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
                 Unit::Ratio,
                 Goal::AtMost(1.02),
             )
-            .with_note(format!("{reps} reps"))
+            .with_note(note(floor.map(|f| f.1)))
             .with_bare_spread(spread(&s.p99[&0])),
         );
     }
     figures
 }
 
-/// Non-empty lines of the last tracer's stdout: with `-o json`, its events.
+/// Lines (events) a `trace -o json` wrote to its stdout.
 fn json_lines() -> usize {
     std::fs::read_to_string(bench_dir().join("tracer.stdout"))
         .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
         .unwrap_or(0)
+}
+
+/// An empty program on the tracepoint blockwatch's detector runs on.
+const FLOOR_SCRIPT: &str = "tracepoint:sched:sched_switch {}";
+
+/// A daemon configuration that leaves wrk unwatched; its path.
+fn exclude_wrk_config() -> anyhow::Result<String> {
+    let path = bench_dir().join("exclude-wrk.toml");
+    std::fs::write(&path, "[targets]\nexclude_comms = [\"wrk\"]\n")?;
+    Ok(path.display().to_string())
 }
 
 /// `wrk` for `secs` seconds: (requests/s, p99 latency in seconds).
