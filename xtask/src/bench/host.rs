@@ -11,7 +11,9 @@ use super::Bench;
 use super::Options;
 use super::stats::{WIDE_REPS, WIDE_SPREAD, median, print_table, progress, progress_done, spread};
 use super::targets::{Figure, Goal, Unit};
-use super::tracer::{Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings};
+use super::tracer::{
+    FLOOR_LABEL, FLOOR_SCRIPT, Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings,
+};
 
 const WORKLOADS: [&str; 3] = ["getppid", "read", "pingpong"];
 
@@ -136,7 +138,12 @@ impl Bench {
         }
         if bpftrace {
             tracers.push(Tracer::Bpftrace {
+                label: "bpftrace",
                 script: bpftrace_script(idle_pid),
+            });
+            tracers.push(Tracer::Bpftrace {
+                label: FLOOR_LABEL,
+                script: FLOOR_SCRIPT.into(),
             });
         }
         tracers
@@ -150,6 +157,7 @@ impl Bench {
         }
         if !bpftrace {
             header.push("bpftrace".into());
+            header.push(FLOOR_LABEL.into());
         }
         let mut rows = Vec::new();
         for w in WORKLOADS {
@@ -163,6 +171,7 @@ impl Bench {
                 row.push("n/a (no --strict)".into());
             }
             if !bpftrace {
+                row.push("n/a (no bpftrace)".into());
                 row.push("n/a (no bpftrace)".into());
             }
             rows.push(row);
@@ -181,7 +190,8 @@ impl Bench {
         );
         println!(
             "(trace watches an idle process; daemon --auto watches every process, the workload's threads included;\n \
-             --strict watches the idle process; bpftrace: raw_syscalls:sys_enter with a TID filter and sched_switch with a map lookup)"
+             --strict watches the idle process; bpftrace: raw_syscalls:sys_enter with a TID filter and sched_switch with a map lookup;\n \
+             the floor: an empty program on sched_switch, what any program there costs a context switch)"
         );
     }
 }
@@ -190,6 +200,7 @@ impl Bench {
 /// bare, at most 1.03×.
 fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
     let daemon = tracers.iter().position(|t| t.label() == "daemon --auto");
+    let floor = tracers.iter().position(Tracer::is_floor);
     WORKLOADS
         .iter()
         .map(|&w| {
@@ -204,7 +215,14 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
                         Unit::Ratio,
                         goal,
                     )
-                    .with_note(format!("{} reps", bare.len()))
+                    .with_note(match floor {
+                        Some(fi) => format!(
+                            "{} reps; floor {:.2}×",
+                            bare.len(),
+                            median(&results[&(fi, w)]) / median(bare)
+                        ),
+                        None => format!("{} reps", bare.len()),
+                    })
                     .with_bare_spread(spread(bare))
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),

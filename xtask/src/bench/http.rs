@@ -14,7 +14,9 @@ use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, parse_wrk, print_table, progress, progress_done, spread,
 };
 use super::targets::{Figure, Goal, Unit};
-use super::tracer::{Tracer, ensure_bpftrace, free_listen, free_port, strings};
+use super::tracer::{
+    FLOOR_LABEL, FLOOR_SCRIPT, Tracer, ensure_bpftrace, free_listen, free_port, strings,
+};
 use super::{Bench, Options, bench_dir};
 use crate::run::{home, root_dir};
 use crate::setup::{self, Package};
@@ -114,6 +116,7 @@ impl Bench {
         let mut tracers = tracers.into_iter().collect::<Vec<_>>();
         if ensure_bpftrace() {
             tracers.push(Tracer::Bpftrace {
+                label: FLOOR_LABEL,
                 script: FLOOR_SCRIPT.into(),
             });
         }
@@ -197,7 +200,7 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
             let r = median(&s.rps[&ti]);
             let p = median(&s.p99[&ti]);
             vec![
-                http_label(t).to_string(),
+                t.label().to_string(),
                 format!("{r:.0} ({:.2}×)", r / bare_rps),
                 format!("{:.2} ms ({:.2}×)", p * 1e3, p / bare_p99),
                 s.reports
@@ -217,35 +220,24 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
     );
 }
 
-/// A tracer's name in the HTTP tables.
-fn http_label(t: &Tracer) -> &'static str {
-    match t {
-        Tracer::Bpftrace { .. } => "floor: empty sched_switch program (bpftrace)",
-        t => t.label(),
-    }
-}
-
 /// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher, each
 /// beside the floor (an empty sched_switch program) when it was measured.
 fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
     let bare_rps = median(&s.rps[&0]);
     let bare_p99 = median(&s.p99[&0]);
-    let floor = tracers
-        .iter()
-        .position(|t| matches!(t, Tracer::Bpftrace { .. }))
-        .map(|fi| {
-            (
-                median(&s.rps[&fi]) / bare_rps,
-                median(&s.p99[&fi]) / bare_p99,
-            )
-        });
+    let floor = tracers.iter().position(Tracer::is_floor).map(|fi| {
+        (
+            median(&s.rps[&fi]) / bare_rps,
+            median(&s.p99[&fi]) / bare_p99,
+        )
+    });
     let note = |floor: Option<f64>| match floor {
         Some(f) => format!("{reps} reps; floor {f:.2}×"),
         None => format!("{reps} reps"),
     };
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
-        if matches!(t, Tracer::Bpftrace { .. }) {
+        if t.is_floor() {
             continue;
         }
         figures.push(
@@ -278,9 +270,6 @@ fn json_lines() -> usize {
         .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
         .unwrap_or(0)
 }
-
-/// An empty program on the tracepoint blockwatch's detector runs on.
-const FLOOR_SCRIPT: &str = "tracepoint:sched:sched_switch {}";
 
 /// A daemon configuration that leaves wrk unwatched; its path.
 fn exclude_wrk_config() -> anyhow::Result<String> {

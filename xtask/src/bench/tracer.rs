@@ -20,9 +20,16 @@ pub enum Tracer {
         args: Vec<String>,
     },
     Bpftrace {
+        label: &'static str,
         script: String,
     },
 }
+
+/// An empty program on the tracepoint blockwatch's detector runs on: what
+/// any program there costs each context switch, the floor of a tax paid
+/// per switch.
+pub const FLOOR_SCRIPT: &str = "tracepoint:sched:sched_switch {}";
+pub const FLOOR_LABEL: &str = "floor: empty sched_switch (bpftrace)";
 
 pub struct Running {
     child: Option<Child>,
@@ -31,6 +38,11 @@ pub struct Running {
 }
 
 impl Tracer {
+    /// The empty sched_switch program, measured beside the others.
+    pub fn is_floor(&self) -> bool {
+        matches!(self, Tracer::Bpftrace { script, .. } if script == FLOOR_SCRIPT)
+    }
+
     /// A blockwatch `trace -o json`: its stdout is its events.
     pub fn reports_json(&self) -> bool {
         matches!(self, Tracer::Blockwatch { args, .. }
@@ -41,7 +53,7 @@ impl Tracer {
         match self {
             Tracer::Bare => "bare",
             Tracer::Blockwatch { label, .. } => label,
-            Tracer::Bpftrace { .. } => "bpftrace",
+            Tracer::Bpftrace { label, .. } => label,
         }
     }
 
@@ -58,7 +70,7 @@ impl Tracer {
             Tracer::Blockwatch { args, .. } => {
                 (b.blockwatch_cmd(args), "tracer.stderr", "watching")
             }
-            Tracer::Bpftrace { script } => {
+            Tracer::Bpftrace { script, .. } => {
                 let mut cmd = Command::new("bpftrace");
                 cmd.args(["-e", script]);
                 (cmd, "tracer.stdout", "Attaching")
