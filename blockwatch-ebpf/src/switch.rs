@@ -39,17 +39,19 @@ pub(crate) fn on_switch<C: EbpfContext>(
     // releases its TID before its last switches: a new thread may already
     // hold the TID, and that thread's tag (its pending wait) is not the
     // exiting thread's to touch, switching out or in.
+    // The map lookup first: most switches are of untagged threads, and the
+    // flags read is a helper call they need not pay.
     if prev_tid != 0
-        && !exiting(prev)
         && let Some(tag) = thread(prev_tid)
+        && !exiting(prev)
     {
         let preempted = preempt & 1 != 0;
         switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
     }
     let next_tid = ids::tid_of(next);
     if next_tid != 0
-        && !exiting(next)
         && let Some(tag) = thread(next_tid)
+        && !exiting(next)
     {
         if tag.tag == TAG_CANDIDATE && tag.probe_budget < PROBE_BUDGET && park_learned(next_tid) {
             // It last slept in a futex wait that was probed, and user space
