@@ -53,7 +53,7 @@ enum Command {
     /// prints tables of ratios and each of issue 11's figures beside its
     /// target.
     Bench {
-        /// Fewer repetitions and shorter runs (about four minutes).
+        /// Fewer repetitions and shorter runs (under six minutes, against about ten).
         #[arg(long)]
         quick: bool,
         /// Repetitions of each measurement [default: 5, --quick: 3].
