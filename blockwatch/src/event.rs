@@ -184,19 +184,6 @@ impl Stack {
         &self.0.frames
     }
 
-    /// The frames, to change: this stack's own copy, without what was
-    /// worked out from the old ones.
-    pub fn frames_mut(&mut self) -> &mut Vec<Frame> {
-        let frames = match Arc::get_mut(&mut self.0) {
-            Some(shared) => std::mem::take(&mut shared.frames),
-            None => self.0.frames.clone(),
-        };
-        *self = Stack::new(frames);
-        &mut Arc::get_mut(&mut self.0)
-            .expect("a stack just made is not shared")
-            .frames
-    }
-
     /// [`culprit::culprit`] of the frames.
     pub fn culprit(&self) -> &Option<Frame> {
         self.0

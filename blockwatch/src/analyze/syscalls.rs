@@ -451,12 +451,7 @@ pub enum FdKind {
 impl FdKind {
     /// Classifies a `readlink(/proc/PID/fd/N)` target such as
     /// `socket:[123]`, `pipe:[456]`, `anon_inode:[eventfd]` or a path.
-    pub fn from_link(target: &str) -> FdKind {
-        Self::from_link_bytes(target.as_bytes())
-    }
-
-    /// [`FdKind::from_link`] of a target as read (see
-    /// [`crate::procfs::with_fd_target`]).
+    /// (As read by [`crate::procfs::with_fd_target`].)
     pub fn from_link_bytes(target: &[u8]) -> FdKind {
         if target.starts_with(b"socket:") {
             FdKind::Socket
@@ -895,7 +890,7 @@ mod tests {
             // A file whose name looks like a socket link is still a file.
             ("/tmp/socket:[1]", FdKind::File),
         ] {
-            assert_eq!(FdKind::from_link(link), kind, "{link:?}");
+            assert_eq!(FdKind::from_link_bytes(link.as_bytes()), kind, "{link:?}");
         }
     }
 

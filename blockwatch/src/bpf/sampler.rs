@@ -148,15 +148,6 @@ impl Sampler {
         self.prog.is_some()
     }
 
-    /// Events open now.
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// Samples loop thread `tid` of process `pid`, unless it already is.
     pub fn watch_thread(&mut self, pid: u32, tid: u32) {
         if self.whole.contains(&pid) {
@@ -259,6 +250,6 @@ mod tests {
         s.watch_process(1, [1]);
         s.watch_thread(1, 1);
         assert!(!s.is_on());
-        assert!(s.is_empty());
+        assert!(s.threads.is_empty());
     }
 }

@@ -97,20 +97,19 @@ fn frame(out: &mut Vec<u8>, f: &Frame) {
 }
 
 fn episode(out: &mut Vec<u8>, e: &Episode) {
-    out.extend_from_slice(b"{\"cpu_ns\":");
-    int(out, e.cpu_ns);
-    out.extend_from_slice(b",\"sleeping_ns\":");
-    int(out, e.sleeping_ns);
-    out.extend_from_slice(b",\"disk_ns\":");
-    int(out, e.disk_ns);
-    out.extend_from_slice(b",\"preempted_ns\":");
-    int(out, e.preempted_ns);
-    out.extend_from_slice(b",\"waits\":");
-    int(out, e.waits);
-    out.extend_from_slice(b",\"longest_wait_ns\":");
-    int(out, e.longest_wait_ns);
-    out.extend_from_slice(b",\"samples\":");
-    int(out, e.samples);
+    let fields: [(&[u8], u64); 7] = [
+        (b"{\"cpu_ns\":", e.cpu_ns),
+        (b",\"sleeping_ns\":", e.sleeping_ns),
+        (b",\"disk_ns\":", e.disk_ns),
+        (b",\"preempted_ns\":", e.preempted_ns),
+        (b",\"waits\":", e.waits.into()),
+        (b",\"longest_wait_ns\":", e.longest_wait_ns),
+        (b",\"samples\":", e.samples.into()),
+    ];
+    for (key, value) in fields {
+        out.extend_from_slice(key);
+        int(out, value);
+    }
     out.push(b'}');
 }
 

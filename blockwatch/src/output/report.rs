@@ -382,7 +382,9 @@ mod tests {
         let (mut r, out, _) = reporter(OutputFormat::Text);
         let mut ev = read_event(20);
         ev.thread = "evil\nthread\x1b[31m".into();
-        ev.stack.frames_mut()[0].function = Some("f\r\ng".into());
+        let mut frames = ev.stack.to_vec();
+        frames[0].function = Some("f\r\ng".into());
+        ev.stack = frames.into();
         r.event(&ev).unwrap();
         r.flush().unwrap();
         let text = out.text();

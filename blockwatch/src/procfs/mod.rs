@@ -126,14 +126,7 @@ pub fn cgroup(pid: u32) -> Option<String> {
 }
 
 /// The target of the process's file descriptor `fd` (`socket:[123]`,
-/// `/var/log/x`, ...).
-pub fn fd_target(pid: u32, fd: i32) -> Option<String> {
-    std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-        .ok()
-        .map(|l| l.to_string_lossy().into_owned())
-}
-
-/// [`fd_target`] handed to `f` as bytes, without an allocation: it is
+/// `/var/log/x`, ...) handed to `f` as bytes, without an allocation: it is
 /// looked up for every event of a read or a write. A target longer than
 /// 256 bytes is cut there; what it is (a socket, a pipe, a path) is in
 /// its first bytes.
@@ -205,19 +198,17 @@ mod tests {
         assert!(threads(gone).is_empty());
         assert_eq!(comm(gone), None);
         assert_eq!(cmdline(gone), None);
-        assert_eq!(fd_target(gone, 0), None);
         assert_eq!(with_fd_target(gone, 0, <[u8]>::to_vec), None);
     }
 
     #[test]
-    fn fd_targets_read_without_allocating_match() {
+    fn fd_targets_are_read_as_bytes() {
         use std::os::fd::AsRawFd as _;
         let me = std::process::id();
         let null = std::fs::File::open("/dev/null").unwrap();
         let fd = null.as_raw_fd();
         let bytes = with_fd_target(me, fd, <[u8]>::to_vec).unwrap();
         assert_eq!(bytes, b"/dev/null");
-        assert_eq!(fd_target(me, fd).unwrap().as_bytes(), bytes);
         assert_eq!(with_fd_target(me, -1, <[u8]>::to_vec), None);
     }
 }
