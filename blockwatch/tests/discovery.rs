@@ -175,6 +175,28 @@ fn events(metrics: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Runs a Python subject (through its alias `exe`) to its end.
+fn run_subject(exe: &Path, script: &str, arg: &str) {
+    let ok = Command::new(exe)
+        .args([script, arg])
+        .current_dir(repo_root())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{}: the subject ran", exe.display());
+}
+
+/// The daemon's metrics once they count `n` events with these labels, or
+/// when `within` has passed.
+fn metrics_once(d: &Daemon, want: &[(&str, &str)], n: f64, within: Duration) -> String {
+    let end = Instant::now() + within;
+    let mut m = d.metrics();
+    while events(&m, want) < n && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+        m = d.metrics();
+    }
+    m
+}
+
 #[test]
 fn first_blocking_call_is_named_under_daemon_auto() {
     let _serial = common::setup();
@@ -185,20 +207,10 @@ fn first_blocking_call_is_named_under_daemon_auto() {
         let name = format!("bwdiscovauto{i}");
         let exe = alias(dir.path(), python, &name);
         for _ in 0..RUNS {
-            let ok = Command::new(&exe)
-                .args([script.as_str(), "0.02"])
-                .current_dir(repo_root())
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "{python}: the subject ran");
+            run_subject(&exe, &script, "0.02");
         }
         let process = [("process", name.as_str()), ("class", "sleep")];
-        let end = Instant::now() + Duration::from_secs(15);
-        let mut m = d.metrics();
-        while events(&m, &process) < RUNS as f64 && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(200));
-            m = d.metrics();
-        }
+        let m = metrics_once(&d, &process, RUNS as f64, Duration::from_secs(15));
         let named = [
             ("process", name.as_str()),
             ("class", "sleep"),
@@ -225,19 +237,9 @@ fn a_cpu_bound_coroutine_is_named_under_daemon_auto() {
     let python = common::interpreters()[0];
     let exe = alias(dir.path(), python, "bwdautocpu");
     // Idle 2.5 s first: the daemon finds the interpreter within 2 s.
-    let ok = Command::new(&exe)
-        .args([script.as_str(), "2.5"])
-        .current_dir(repo_root())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "the subject ran");
+    run_subject(&exe, &script, "2.5");
     let stall = [("process", "bwdautocpu"), ("class", "stall")];
-    let end = Instant::now() + Duration::from_secs(10);
-    let mut m = d.metrics();
-    while events(&m, &stall) < 1.0 && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(200));
-        m = d.metrics();
-    }
+    let m = metrics_once(&d, &stall, 1.0, Duration::from_secs(10));
     // The samples' most common stack ends in cpu_hog() or the generator
     // expression inside it.
     let named = m.lines().any(|l| {

@@ -325,7 +325,6 @@ mod tests {
         r.event(&read_event(80)).unwrap();
         r.flush().unwrap();
         assert_eq!(out.unflushed(), 0, "event not flushed");
-        r.flush().unwrap();
         let text = out.text();
         let all: Vec<&str> = text.lines().collect();
         assert_eq!(all.len(), 6, "{text}");
