@@ -1,7 +1,7 @@
 """A small asyncio service with three bugs that block its event loop.
 
 `cargo xtask demo` runs it under `blockwatch trace`. It serves a burst of
-fake requests for about 3 seconds and exits. Three handlers block the loop:
+fake requests for about 5 seconds and exits. Three handlers block the loop:
   - rate_limited_lookup: time.sleep(0.15) instead of await asyncio.sleep
   - save_report: os.fsync() of a freshly written 64 MB file
   - make_thumbnail: subprocess.run(["sleep", "0.1"]) instead of
@@ -42,6 +42,10 @@ async def make_thumbnail(uid: int) -> None:
 
 
 async def handle(i: int) -> None:
+    # Requests arrive 200 ms apart, longer than any bug blocks: each
+    # blocking call falls in its own iteration of the loop, one event each
+    # (calls that blocked the same iteration would be one loop episode).
+    await asyncio.sleep(0.2 * (i % 4))
     user = await fetch_user(i)
     if i % 4 == 1:
         await rate_limited_lookup(i)

@@ -293,7 +293,8 @@ fn tokio_workers_that_parked_once_report_every_blocking_call() {
 }
 
 /// `cargo xtask demo`'s first event (the first `time.sleep(0.15)` of
-/// examples/asyncio-demo.py) names its Python culprit.
+/// examples/asyncio-demo.py) names its Python culprit, and each of its
+/// bugs is an event of its own.
 #[test]
 fn the_demos_first_event_names_its_culprit() {
     let _serial = common::setup();
@@ -309,6 +310,19 @@ fn the_demos_first_event_names_its_culprit() {
             "run {n}: the first event\n{}",
             run.report()
         );
+        // Its requests come 200 ms apart, so each bug blocks an iteration
+        // of its own and is named, not merged into another's episode.
+        for bug in ["rate_limited_lookup", "make_thumbnail"] {
+            let named = run.events_where(|e| {
+                e.culprit.as_ref().and_then(|c| c.function.as_deref()) == Some(bug)
+            });
+            assert_eq!(
+                named.len(),
+                4,
+                "run {n}: {bug} in each burst\n{}",
+                run.report()
+            );
+        }
     }
 }
 

@@ -151,7 +151,7 @@ fn require_root(task: &str, why: &str) -> anyhow::Result<()> {
 
 const DEMO_INTRO: &str = "\
 You are about to see blockwatch trace examples/asyncio-demo.py, a small asyncio
-service that runs for about 3 seconds. Three of its handlers block the event
+service that runs for about 5 seconds. Three of its handlers block the event
 loop by mistake: a time.sleep(0.15) in a rate limiter, an os.fsync() of a
 freshly written report, and a subprocess.run([\"sleep\", \"0.1\"]). Each shows up
 as an event with the process, thread, syscall, how long the loop was blocked
