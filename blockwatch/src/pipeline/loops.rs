@@ -103,28 +103,46 @@ fn culprit_name(culprit: Option<&Frame>) -> Option<String> {
     f.function.clone().or_else(|| f.module.clone())
 }
 
-/// Of the symbolized samples of a stall (stack, culprit), the one to
-/// report: a sample of the culprit most samples share (ties: the one seen
-/// first), preferring samples that have a culprit at all.
-pub fn pick_stall_stack<S: Default>(samples: Vec<(S, Option<Frame>)>) -> (S, Option<Frame>) {
-    let mut counts: Vec<(Option<String>, usize, usize)> = Vec::new();
-    for (i, (_, c)) in samples.iter().enumerate() {
-        let name = culprit_name(c.as_ref());
-        match counts.iter_mut().find(|(n, _, _)| *n == name) {
+/// Equal keys counted, in the order first seen: (key, count, first index).
+fn tally<K: PartialEq>(keys: impl Iterator<Item = (usize, K)>) -> Vec<(K, usize, usize)> {
+    let mut counts: Vec<(K, usize, usize)> = Vec::new();
+    for (i, key) in keys {
+        match counts.iter_mut().find(|(k, _, _)| *k == key) {
             Some(entry) => entry.1 += 1,
-            None => counts.push((name, 1, i)),
+            None => counts.push((key, 1, i)),
         }
     }
-    let best = counts
+    counts
+}
+
+/// Of the symbolized samples of a stall (stack, culprit), the one to
+/// report: of the culprit most samples share (preferring samples that have
+/// a culprit at all), a sample at its most sampled line. That is the hot
+/// spot, where the first sample may have caught the function on its way in
+/// (its `with open(...)` line rather than the read). Ties: the first seen.
+pub fn pick_stall_stack<S: Default>(samples: Vec<(S, Option<Frame>)>) -> (S, Option<Frame>) {
+    let name = |c: &Option<Frame>| culprit_name(c.as_ref());
+    let names = tally(samples.iter().enumerate().map(|(i, (_, c))| (i, name(c))));
+    // max_by keeps the last of equals: the index breaks ties to the first.
+    let Some((winner, _, _)) = names
         .iter()
-        .max_by(|a, b| {
-            (a.0.is_some(), a.1)
-                .cmp(&(b.0.is_some(), b.1))
-                // The earlier of equals wins: max_by keeps the last maximum.
-                .then(b.2.cmp(&a.2))
-        })
+        .max_by(|a, b| (a.0.is_some(), a.1, b.2).cmp(&(b.0.is_some(), b.1, a.2)))
+    else {
+        return Default::default();
+    };
+    let lines = tally(
+        samples
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, c))| name(c) == *winner)
+            .map(|(i, (_, c))| (i, c.as_ref().and_then(|f| f.line))),
+    );
+    let chosen = lines
+        .iter()
+        .max_by(|a, b| (a.1, b.2).cmp(&(b.1, a.2)))
         .map(|(_, _, first)| *first);
-    best.and_then(|i| samples.into_iter().nth(i))
+    chosen
+        .and_then(|i| samples.into_iter().nth(i))
         .unwrap_or_default()
 }
 
@@ -202,6 +220,33 @@ mod tests {
         let (stack, c) = pick_stall_stack(vec![s(None, "only")]);
         assert!(c.is_none() && stack.len() == 1);
         assert_eq!(pick_stall_stack::<Vec<Frame>>(vec![]), (vec![], None));
+    }
+
+    #[test]
+    fn the_culprits_most_sampled_line_is_reported() {
+        let at = |line: u32, tag: &str| {
+            let culprit = Frame {
+                line: Some(line),
+                ..frame("read_large_file")
+            };
+            (vec![frame(tag)], Some(culprit))
+        };
+        let (stack, culprit) = pick_stall_stack(vec![
+            at(47, "open"),
+            at(48, "read1"),
+            (vec![frame("x")], Some(frame("elsewhere"))),
+            at(48, "read2"),
+        ]);
+        assert_eq!(
+            culprit.unwrap().line,
+            Some(48),
+            "the hot line, not the first"
+        );
+        assert_eq!(
+            stack[0].function.as_deref(),
+            Some("read1"),
+            "first at that line"
+        );
     }
 
     #[test]

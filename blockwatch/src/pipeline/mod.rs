@@ -669,8 +669,10 @@ impl Pipeline {
     /// from the page cache, is that call's).
     fn cpu_bound(&mut self, b: BlockRecord, samples: Vec<LoopRecord>) -> Event {
         let in_call = sampled_syscall(&samples);
+        // Named by a call: its stack is one of the samples in that call.
         let symbolized: Vec<_> = samples
             .iter()
+            .filter(|s| in_call.is_none_or(|(nr, _)| s.syscall == nr))
             .map(|s| {
                 let stack = self.stack(s.pid, &s.ips, &s.py);
                 let culprit = stack.culprit().clone();
