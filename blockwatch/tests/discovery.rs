@@ -159,7 +159,8 @@ impl Drop for Daemon {
     }
 }
 
-/// Sum of the `blockwatch_blocking_events_total` series with these labels.
+/// Sum of the `blockwatch_blocking_events_total` series with these labels;
+/// a value ending in `*` matches the labels that start with the rest.
 fn events(metrics: &str, want: &[(&str, &str)]) -> f64 {
     metrics
         .lines()
@@ -169,7 +170,10 @@ fn events(metrics: &str, want: &[(&str, &str)]) -> f64 {
                 .strip_prefix('{')?;
             let (labels, value) = rest.rsplit_once("} ")?;
             want.iter()
-                .all(|(k, v)| labels.contains(&format!("{k}=\"{v}\"")))
+                .all(|(k, v)| match v.strip_suffix('*') {
+                    Some(prefix) => labels.contains(&format!("{k}=\"{prefix}")),
+                    None => labels.contains(&format!("{k}=\"{v}\"")),
+                })
                 .then(|| value.trim().parse::<f64>().ok())?
         })
         .sum()
@@ -238,19 +242,18 @@ fn a_cpu_bound_coroutine_is_named_under_daemon_auto() {
     let exe = alias(dir.path(), python, "bwdautocpu");
     // Idle 2.5 s first: the daemon finds the interpreter within 2 s.
     run_subject(&exe, &script, "2.5");
-    let stall = [("process", "bwdautocpu"), ("class", "stall")];
-    let m = metrics_once(&d, &stall, 1.0, Duration::from_secs(10));
     // The samples' most common stack ends in cpu_hog() or the generator
-    // expression inside it.
-    let named = m.lines().any(|l| {
-        l.starts_with("blockwatch_blocking_events_total{")
-            && l.contains("class=\"stall\"")
-            && l.contains("culprit=\"cpu_hog")
-            && l.contains("process=\"bwdautocpu\"")
-    });
+    // expression inside it. Other short stalls may come too on a loaded
+    // machine (starting the executor's thread once took 24 ms in CI).
+    let hog = [
+        ("process", "bwdautocpu"),
+        ("class", "stall"),
+        ("culprit", "cpu_hog*"),
+    ];
+    let m = metrics_once(&d, &hog, 1.0, Duration::from_secs(10));
     assert_eq!(
-        (events(&m, &stall), named),
-        (1.0, true),
+        events(&m, &hog),
+        1.0,
         "the 300 ms of cpu_hog(): one CPU-bound episode named by its samples\n{m}\n{}",
         d.stderr()
     );
