@@ -114,7 +114,10 @@ fn plain_node_cpu_bound_handler_is_a_stall_named_by_its_function() {
     let _serial = common::setup();
     let run = trace(&["--", "node", &subject("node_stall.js")]);
     run.assert_success();
-    let stalls = run.events_where(|e| e.class == "stall");
+    // On a loaded machine node's own start-up or a GC may cross the 10 ms
+    // threshold too (an unnamed 10.1 ms stall failed this once in a full run): the
+    // hog is the one long stall.
+    let stalls = run.events_where(|e| e.class == "stall" && e.ms() >= 100.0);
     assert_eq!(stalls.len(), 1, "exactly the cpuHog(300)\n{}", run.report());
     let e = stalls[0];
     assert!(
