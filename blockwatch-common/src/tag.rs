@@ -149,7 +149,16 @@ pub struct LoopState {
     pub _pad: [u8; 3],
     /// Each slot's call site (see `SiteKey`).
     pub slot_site: [u64; 2],
+    /// When the thread was last sampled (`SAMPLE_GAP_NS`).
+    pub sampled_ns: u64,
 }
+
+/// The shortest time between two samples of a loop thread. Samples come
+/// from timer interrupts the thread already takes, the scheduler tick
+/// first (every 4 ms at the common `HZ=250`, 1 ms at `HZ=1000`): this
+/// keeps them at 250–333 a second whatever the kernel's `HZ`, 100 at
+/// `HZ=100`.
+pub const SAMPLE_GAP_NS: u64 = 3_000_000;
 
 /// The pending strict syscall of a loop thread (`STRICT_CALLS`, key: TID),
 /// kept only by the kernel.
@@ -221,7 +230,7 @@ pod!(
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
     assert!(core::mem::size_of::<ThreadTag>() == 80);
-    assert!(core::mem::size_of::<LoopState>() == 160);
+    assert!(core::mem::size_of::<LoopState>() == 168);
     assert!(core::mem::size_of::<StrictCall>() == 48);
     assert!(core::mem::size_of::<StrictKey>() == 24);
     assert!(core::mem::size_of::<StrictTally>() == 32);

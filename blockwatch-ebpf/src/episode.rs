@@ -31,8 +31,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
 };
 use blockwatch_common::{
-    CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, STATE_PREEMPTED, STATE_RUNNING,
-    TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, SAMPLE_GAP_NS, STATE_PREEMPTED,
+    STATE_RUNNING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
     x86_64::{is_epoll_wait, is_futex_wait},
 };
 
@@ -444,9 +444,17 @@ fn parked(tag: &ThreadTag, tid: u32) -> bool {
     matches!(unsafe { PARKS.get(tid) }, Some(park) if *park == tag.args[0])
 }
 
-/// The cpu-clock perf event: on a loop thread in an episode, reads its
-/// iteration clock, and samples its stacks once the episode is old enough
-/// to be reported.
+/// A timer interrupt (`hrtimer_expire_entry`) stopped `current`: on a loop
+/// thread in an episode, reads its iteration clock, and samples its stacks
+/// once the episode is old enough to be reported; at most every
+/// `SAMPLE_GAP_NS`.
+///
+/// No timer of blockwatch's own: the tick interrupts a running thread
+/// anyway. A perf event per CPU adds an interrupt 199 times a second on
+/// every CPU, and one per thread starts and stops a timer at each of its
+/// context switches; on a VM both exit to the hypervisor, and each cost a
+/// busy server measurably (ARCHITECTURE.md, "Why the sampler rides the
+/// tick").
 #[inline(always)]
 pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let tid = crate::ids::current_tid();
@@ -470,6 +478,10 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
         return;
     }
     let now = now();
+    if now.saturating_sub(st.sampled_ns) < SAMPLE_GAP_NS {
+        return;
+    }
+    st.sampled_ns = now;
     // SAFETY: no preconditions; the task is only read through
     // bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() } as *const u8;

@@ -5,7 +5,7 @@
 //!   timed (idle.rs tells a loop's idle wait from a blocking one; stack.rs
 //!   and python.rs capture the stacks).
 //! - episode.rs: a loop thread's episode, its iteration clock, and the
-//!   cpu-clock sampler.
+//!   sampler, run by the timer interrupts that already come (the tick).
 //! - task.rs: `task_newtask`, `sched_process_exec`, `sched_process_exit`
 //!   keep the thread tags right.
 //! - strict.rs: `sys_enter`/`sys_exit` for `--strict`.
@@ -19,8 +19,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    macros::{btf_tracepoint, perf_event, raw_tracepoint},
-    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 
 use read::Regs;
@@ -111,9 +111,19 @@ pub fn strict_exit(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// cpu-clock, per CPU: loop threads' iteration clocks and CPU stacks.
-#[perf_event]
-pub fn episode_sample(ctx: PerfEventContext) -> u32 {
+// hrtimer_expire_entry(struct hrtimer *timer, ktime_t *now): every
+// hrtimer expiry, the scheduler tick's among them, in the interrupt that
+// stopped whatever ran on the CPU. When that was a loop thread, it is
+// sampled: its iteration clock, and its stacks once its episode is long.
+
+#[btf_tracepoint(function = "hrtimer_expire_entry")]
+pub fn episode_tick(ctx: BtfTracePointContext) -> i32 {
+    episode::on_sample(&ctx);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "hrtimer_expire_entry")]
+pub fn episode_tick_raw(ctx: RawTracePointContext) -> i32 {
     episode::on_sample(&ctx);
     0
 }

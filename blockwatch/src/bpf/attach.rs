@@ -1,8 +1,7 @@
 //! Attaches the loaded programs: the scheduler and task-lifecycle
 //! tracepoints (tp_btf, or their raw-tracepoint twins), the episode
-//! sampler (loaded here, its per-thread events opened by
-//! [`Sampler`](crate::bpf::sampler::Sampler)) and, for strict mode, the raw
-//! syscall tracepoints.
+//! sampler (on `hrtimer_expire_entry`, the same way) and, for strict mode,
+//! the raw syscall tracepoints.
 
 use std::fmt::Display;
 
@@ -11,17 +10,14 @@ use aya::{
     maps::{Array, MapData},
     programs::{BtfTracePoint, Program, ProgramError, RawTracePoint},
 };
-use blockwatch_common::LoopConfig;
+use blockwatch_common::{LoopConfig, SAMPLE_GAP_NS};
 use log::{debug, info, warn};
 
 use crate::bpf::LoadError;
-use crate::bpf::sampler::Sampler;
 
-/// Sampling frequency of loop threads, per thread's CPU time: how often a loop that
-/// never sleeps has its iteration clock read (an episode's end is known to
-/// within this period) and a long episode its stack sampled. Not a
-/// multiple of the kernel's timer rates, so it does not beat with them.
-pub const SAMPLE_HZ: u64 = 199;
+/// Where the episode sampler runs: at every hrtimer expiry, the scheduler
+/// tick's included (blockwatch-ebpf/src/episode.rs, `on_sample`).
+const SAMPLER_TRACEPOINT: &str = "hrtimer_expire_entry";
 
 /// (tp_btf program, raw_tracepoint twin, tracepoint name)
 const ATTACHMENTS: &[(&str, &str, &str)] = &[
@@ -141,29 +137,21 @@ pub struct LoopOptions {
 /// `Maps::counters` with the others).
 pub struct LoopDetectors {
     pub options: LoopOptions,
-    /// Whether the episode sampler runs (perf events may be refused).
+    /// Whether the episode sampler runs (its tracepoint may be refused).
     pub sampler: bool,
 }
 
-/// What [`enable_loop_detectors`] hands back.
-pub struct Enabled {
-    pub detectors: LoopDetectors,
-    /// The sampler's events (none open yet; off if perf events were
-    /// refused).
-    pub sampler: Sampler,
-}
-
 /// Configures strict mode and attaches what the loop detectors need: the
-/// episode sampler's program (its events are per thread, see
-/// [`Sampler`]), and the syscall
+/// episode sampler, as the other tracepoints were (`mode`), and the syscall
 /// tracepoints for `strict` (every syscall on the host pays for them).
 /// `strict_syscalls` are the syscall numbers strict mode reports. Call
 /// after [`load`](crate::bpf::load()), before taking `ebpf` apart.
 pub fn enable_loop_detectors(
     ebpf: &mut Ebpf,
+    mode: AttachMode,
     options: LoopOptions,
     strict_syscalls: &[i64],
-) -> Result<Enabled, LoadError> {
+) -> Result<LoopDetectors, LoadError> {
     let cfg = loop_config(options, strict_syscalls);
     // The configuration first: the programs read it from their first run.
     let mut config: Array<&mut MapData, LoopConfig> = Array::try_from(
@@ -178,29 +166,27 @@ pub fn enable_loop_detectors(
         }
         info!("strict mode: attached raw_syscalls sys_enter/sys_exit");
     }
-    // Episodes are still measured without the sampler: a host that refuses
-    // perf events loses the stacks of CPU-bound episodes and the iteration
+    // Episodes are still measured without the sampler: a kernel that
+    // refuses it loses the stacks of CPU-bound episodes and the iteration
     // ends of loops that never sleep, not the session.
-    let sampler = match load_sampler(ebpf) {
-        Ok(s) => {
-            info!("episode sampler: loop threads sampled at {SAMPLE_HZ} Hz of their CPU time");
-            s
+    let sampler = match attach_sampler(ebpf, mode) {
+        Ok(()) => {
+            info!(
+                "episode sampler: running loop threads sampled at each timer interrupt, \
+                 at most every {} ms",
+                SAMPLE_GAP_NS / 1_000_000
+            );
+            true
         }
         Err(e) => {
             warn!(
                 "loop threads are not sampled ({e}): CPU-bound episodes have no stack, \
                  and a loop that never sleeps looks like one long episode"
             );
-            Sampler::default()
+            false
         }
     };
-    Ok(Enabled {
-        detectors: LoopDetectors {
-            options,
-            sampler: sampler.is_on(),
-        },
-        sampler,
-    })
+    Ok(LoopDetectors { options, sampler })
 }
 
 /// Strict mode's kernel configuration.
@@ -218,17 +204,16 @@ fn loop_config(options: LoopOptions, strict_syscalls: &[i64]) -> LoopConfig {
     cfg
 }
 
-/// Loads `episode_sample` and checks that a thread may be sampled.
-fn load_sampler(ebpf: &mut Ebpf) -> Result<Sampler, LoadError> {
-    use aya::programs::PerfEvent;
-    const WHAT: &str = "perf event cpu-clock";
-    let prog: &mut PerfEvent = program(ebpf, "episode_sample", WHAT)?;
-    prog.load().map_err(|e| load_error("episode_sample", e))?;
-    let fd = prog
-        .fd()
-        .and_then(|fd| fd.try_clone().map_err(ProgramError::from))
-        .map_err(|e| attach_error(WHAT, e))?;
-    Sampler::new(fd).map_err(|e| attach_error(WHAT, e))
+/// The episode sampler on [`SAMPLER_TRACEPOINT`], attached as the other
+/// tracepoints were (`mode`).
+fn attach_sampler(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), LoadError> {
+    match mode {
+        AttachMode::BtfTracepoints => {
+            let btf = Btf::from_sys_fs().map_err(|e| attach_error(SAMPLER_TRACEPOINT, e))?;
+            attach_btf(ebpf, "episode_tick", SAMPLER_TRACEPOINT, &btf)
+        }
+        AttachMode::RawTracepoints => attach_raw(ebpf, "episode_tick_raw", SAMPLER_TRACEPOINT),
+    }
 }
 
 #[cfg(test)]
@@ -241,14 +226,14 @@ mod tests {
     #[test]
     fn strict_and_sampler_programs_load_and_attach() {
         let mut loaded = load(10_000_000, false).expect("load (run as root)");
-        let enabled = enable_loop_detectors(
+        let detectors = enable_loop_detectors(
             &mut loaded.ebpf,
+            loaded.mode,
             LoopOptions { strict: true },
             &strict_numbers(),
         )
         .expect("strict and sampler programs");
-        assert!(enabled.detectors.sampler, "the episode sampler loaded");
-        assert!(enabled.sampler.is_on());
+        assert!(detectors.sampler, "the episode sampler attached");
         assert_eq!(
             loaded.counter(blockwatch_common::Counter::LostLoopRecords),
             0
@@ -256,13 +241,16 @@ mod tests {
     }
 
     #[test]
-    fn strict_programs_load_with_raw_tracepoints_too() {
+    fn strict_and_sampler_programs_load_with_raw_tracepoints_too() {
         let mut loaded = load(10_000_000, true).expect("load (run as root)");
-        enable_loop_detectors(
+        assert_eq!(loaded.mode, AttachMode::RawTracepoints);
+        let detectors = enable_loop_detectors(
             &mut loaded.ebpf,
+            loaded.mode,
             LoopOptions { strict: true },
             &strict_numbers(),
         )
         .expect("strict programs");
+        assert!(detectors.sampler, "the raw episode sampler attached");
     }
 }

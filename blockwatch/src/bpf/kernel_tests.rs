@@ -67,7 +67,6 @@ fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
     TagMaps {
         threads: &mut loaded.maps.threads,
         watched: &mut loaded.maps.watched,
-        sampler: Some(&mut loaded.maps.sampler),
     }
     .watch_process(pid, mode.rule(false))
     .expect("watch");

@@ -15,7 +15,7 @@ use blockwatch_common::{
 use log::debug;
 
 use crate::bpf::attach::{self, AttachMode};
-use crate::bpf::{LoadError, Sampler, btf, preflight};
+use crate::bpf::{LoadError, btf, preflight};
 
 /// The kernel programs, built from `blockwatch-ebpf` by build.rs.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blockwatch"));
@@ -63,10 +63,6 @@ pub struct Maps {
     pub strict_counts: HashMap<MapData, StrictKey, StrictTally>,
     /// Call sites whose native stack user space has: their waits send none.
     pub known_sites: HashMap<MapData, SiteKey, SiteCheck>,
-    /// The episode sampler's per-thread events: off until
-    /// [`enable_loop_detectors`](crate::bpf::enable_loop_detectors) hands
-    /// one over.
-    pub sampler: Sampler,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -122,7 +118,6 @@ pub fn load_with_user_stack(
             counters: take(&mut ebpf, "COUNTERS")?,
             strict_counts: take(&mut ebpf, "STRICT_COUNTS")?,
             known_sites: take(&mut ebpf, "KNOWN_SITES")?,
-            sampler: Sampler::default(),
             config,
         },
         events: take(&mut ebpf, "EVENTS")?,

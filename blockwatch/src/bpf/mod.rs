@@ -3,9 +3,8 @@
 //! how to fix what is missing; [`load`](mod@load) loads the programs with
 //! their frozen globals (kernel offsets from [`btf`], the user-stack size)
 //! and takes the maps user space talks to; [`attach`] attaches them to the
-//! scheduler tracepoints (BTF or raw), and the strict detector to the
-//! syscall tracepoints; [`sampler`] opens the episode sampler's perf event
-//! on each thread it is for.
+//! scheduler tracepoints (BTF or raw), and the strict and stall detectors
+//! to the syscall tracepoints and a perf event per CPU.
 //!
 //! [`counters`] sums the programs' per-CPU counters.
 //!
@@ -18,16 +17,12 @@ pub mod counters;
 mod kernel_tests;
 pub mod load;
 pub mod preflight;
-pub mod sampler;
 
-pub use attach::{
-    AttachMode, Enabled, LoopDetectors, LoopOptions, SAMPLE_HZ, enable_loop_detectors,
-};
+pub use attach::{AttachMode, LoopDetectors, LoopOptions, enable_loop_detectors};
 pub use load::{
     FORCE_RAW_ENV, Loaded, Maps, RING_BYTES, force_raw_from_env, load, load_with_user_stack,
 };
 pub use preflight::check_privileges;
-pub use sampler::Sampler;
 
 use crate::bpf::btf::BtfError;
 

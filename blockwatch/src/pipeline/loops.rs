@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use crate::event::Frame;
 use crate::ingest::decode::LoopRecord;
 
-/// Raw samples kept per busy period; a 99 Hz sampler fills this in about
-/// a third of a second, and the first samples of a stall name it as well
-/// as the last ones.
+/// Raw samples kept per busy period; at the sampler's 250 a second (the
+/// tick of a `HZ=250` kernel) this is its first 130 ms, and the first
+/// samples of a stall name it as well as the last ones.
 pub const MAX_SAMPLES_PER_STALL: usize = 32;
 
 /// `, 12 strict calls` for the session's last line, when strict mode ran;
@@ -308,13 +308,13 @@ asyncio.run(main())
     #[test]
     fn strict_calls_cpu_episodes_and_samples_from_the_kernel() {
         let mut loaded = bpf::load(100_000_000, false).expect("load (run as root)");
-        loaded.maps.sampler = bpf::enable_loop_detectors(
+        bpf::enable_loop_detectors(
             &mut loaded.ebpf,
+            loaded.mode,
             LoopOptions { strict: true },
             &crate::analyze::syscalls::strict_numbers(),
         )
-        .expect("strict and sampler programs")
-        .sampler;
+        .expect("strict and sampler programs");
         let mut child = Command::new("python3")
             .args(["-c", SUBJECT])
             .stdin(Stdio::null())
@@ -324,7 +324,6 @@ asyncio.run(main())
         TagMaps {
             threads: &mut loaded.maps.threads,
             watched: &mut loaded.maps.watched,
-            sampler: Some(&mut loaded.maps.sampler),
         }
         .watch_process(pid, ThreadsMode::Loop.rule(false))
         .expect("watch");

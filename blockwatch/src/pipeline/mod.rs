@@ -25,7 +25,6 @@ use blockwatch_common::{
 
 use crate::analyze::gil;
 use crate::analyze::syscalls::{self, FdKind};
-use crate::bpf::Sampler;
 use crate::event::{Class, Detector, Episode, Event, Frame, OffState, Stack};
 use crate::ingest::decode::{self, BlockRecord, LoopRecord, ProbeRecord, Record, StrictRecord};
 use crate::procfs;
@@ -98,7 +97,6 @@ pub struct RuntimeMaps<'a> {
     pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
     pub strict: &'a mut BpfHashMap<MapData, StrictKey, StrictTally>,
     pub sites: &'a mut BpfHashMap<MapData, SiteKey, SiteCheck>,
-    pub sampler: &'a mut Sampler,
 }
 
 impl<'a> RuntimeMaps<'a> {
@@ -110,7 +108,6 @@ impl<'a> RuntimeMaps<'a> {
             clocks: &mut maps.clocks,
             strict: &mut maps.strict_counts,
             sites: &mut maps.known_sites,
-            sampler: &mut maps.sampler,
         }
     }
 }
@@ -535,7 +532,6 @@ impl Pipeline {
             Record::LoopFound { pid, tid, epfd } => {
                 self.stats.loops_found += 1;
                 debug!("tid {tid} of pid {pid} runs an event loop");
-                maps.sampler.watch_thread(pid, tid);
                 self.inspect_now(pid, maps.pyprocs);
                 self.find_clock(pid, tid, epfd, maps.clocks);
                 None
@@ -561,10 +557,6 @@ impl Pipeline {
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);
                 self.strict_last(maps.strict, tid, None);
-                maps.sampler.forget_thread(tid);
-                if group_dead {
-                    maps.sampler.forget_process(pid);
-                }
                 // Kept until the whole process is gone so that its other
                 // threads' late events still carry its name and symbols.
                 group_dead.then(|| {

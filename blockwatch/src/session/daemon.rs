@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bpf::counters::{Counters, KERNEL_DROPS};
-use crate::bpf::{LoopOptions, Maps, Sampler};
+use crate::bpf::{LoopOptions, Maps};
 use crate::cli::DaemonArgs;
 use crate::output::metrics::Metrics;
 use crate::pipeline::strict::Read as StrictRead;
@@ -222,11 +222,10 @@ impl State {
     }
 }
 
-/// The kernel's tag maps and the sampler's events, as the daemon uses them.
+/// The kernel's tag maps, as the daemon uses them.
 struct Tags<'a> {
     threads: &'a mut BpfHashMap<MapData, u32, ThreadTag>,
     watched: &'a mut BpfHashMap<MapData, u32, WatchRule>,
-    sampler: &'a mut Sampler,
 }
 
 impl<'a> Tags<'a> {
@@ -234,19 +233,13 @@ impl<'a> Tags<'a> {
         Self {
             threads: &mut maps.threads,
             watched: &mut maps.watched,
-            sampler: &mut maps.sampler,
         }
     }
 
     fn watch(&mut self, state: &mut State, pid: u32, rule: WatchRule) {
-        // Chosen by PID or name: every thread is sampled, so a loop too
-        // busy to idle is found. Under --auto alone, only found loops are.
-        let chosen = state.explicit.contains(&pid)
-            || procfs::comm(pid).is_some_and(|c| state.rules.select.selects(pid, &c));
         let mut tm = TagMaps {
             threads: self.threads,
             watched: self.watched,
-            sampler: chosen.then_some(&mut *self.sampler),
         };
         match tm.watch_process(pid, rule) {
             Ok(_) => {
@@ -262,7 +255,6 @@ impl<'a> Tags<'a> {
     }
 
     fn unwatch(&mut self, pid: u32) {
-        self.sampler.forget_process(pid);
         let _ = self.watched.remove(&pid);
         for tid in procfs::threads(pid) {
             let _ = self.threads.remove(&tid);
@@ -601,13 +593,13 @@ impl Daemon {
             maps.unwatch(pid);
             state.watched.remove(&pid);
         }
-        state.explicit = explicit;
         for &pid in &new.pids {
             if !self.current.pids.contains(&pid) && targets::validate_pid(pid).is_ok() {
                 let rule = state.rules.rule;
                 maps.watch(state, pid, rule);
             }
         }
+        state.explicit = explicit;
         maps.scan(state);
     }
 
@@ -630,9 +622,6 @@ impl Daemon {
             _ => {
                 self.tags_read = Some((now, found));
                 state.loops_changed = false;
-                // Exit records can be lost: a gone thread's event is
-                // closed here at the latest.
-                self.session.maps.sampler.prune(procfs::exists);
                 Some(Tags::of(&mut self.session.maps).tagged(state))
             }
         };

@@ -1,6 +1,6 @@
 //! The two ways to run blockwatch, a one-shot [`trace`] and the
 //! [`daemon`], and the start-up they share: [`Session::start`] loads and
-//! attaches the kernel programs, enables strict mode and the sampler,
+//! attaches the kernel programs, enables the strict and stall detectors,
 //! forwards the kernel log, and hands back the ring buffer and the maps.
 
 pub mod daemon;
@@ -30,7 +30,7 @@ pub struct StartOptions {
     pub user_stack_size: u32,
     /// Bytes of the ring buffer (see [`bpf::RING_BYTES`]).
     pub ring_bytes: u32,
-    /// Strict mode.
+    /// The strict and stall detectors.
     pub loops: LoopOptions,
 }
 
@@ -59,12 +59,12 @@ impl Session {
             options.user_stack_size,
             options.ring_bytes,
         )?;
-        let enabled = bpf::enable_loop_detectors(
+        let detectors = bpf::enable_loop_detectors(
             &mut loaded.ebpf,
+            loaded.mode,
             options.loops,
             &crate::analyze::syscalls::strict_numbers(),
         )?;
-        loaded.maps.sampler = enabled.sampler;
         debug!("attach mode: {:?}", loaded.mode);
         if let Some(logger) = loaded.logger.take() {
             forward_kernel_log(logger)?;
@@ -75,7 +75,7 @@ impl Session {
         Ok(Self {
             ring,
             maps: loaded.maps,
-            detectors: enabled.detectors,
+            detectors,
             ebpf: loaded.ebpf,
         })
     }

@@ -243,12 +243,9 @@ async fn watch_targets(
     session: &mut Session,
 ) -> anyhow::Result<Option<targets::Command>> {
     let rule = args.threads.rule(false);
-    // Every process a trace watches is chosen by PID, name or command:
-    // all its threads are sampled.
     let mut maps = TagMaps {
         threads: &mut session.maps.threads,
         watched: &mut session.maps.watched,
-        sampler: Some(&mut session.maps.sampler),
     };
     for &pid in &args.pids {
         maps.watch_process(pid, rule)?;
@@ -324,11 +321,7 @@ async fn watch_until_stop(
                 }
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
-                    let mut maps = TagMaps {
-                        threads: &mut session.maps.threads,
-                        watched: &mut session.maps.watched,
-                        sampler: Some(&mut session.maps.sampler),
-                    };
+                    let mut maps = TagMaps { threads: &mut session.maps.threads, watched: &mut session.maps.watched };
                     if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }

@@ -17,7 +17,6 @@ use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, Threa
 use clap::ValueEnum;
 use log::debug;
 
-use crate::bpf::Sampler;
 use crate::procfs;
 
 /// bpf(2) map update flag: fail if the key exists.
@@ -132,14 +131,10 @@ impl CommRules {
     }
 }
 
-/// The kernel maps that hold the tags, and the sampler's events.
+/// The kernel maps that hold the tags.
 pub struct TagMaps<'a> {
     pub threads: &'a mut HashMap<MapData, u32, ThreadTag>,
     pub watched: &'a mut HashMap<MapData, u32, WatchRule>,
-    /// Set for processes chosen by PID, name or command: all their threads
-    /// are sampled, so a loop too busy to idle is found. None for those
-    /// `--auto` watches: only their loops are sampled, once found.
-    pub sampler: Option<&'a mut Sampler>,
 }
 
 impl TagMaps<'_> {
@@ -166,9 +161,6 @@ impl TagMaps<'_> {
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(sampler) = self.sampler.as_deref_mut() {
-            sampler.watch_process(pid, procfs::threads(pid));
-        }
         debug!("watching pid {pid}: {n} threads tagged");
         Ok(n)
     }
@@ -178,9 +170,6 @@ impl TagMaps<'_> {
         let tgid = procfs::tgid(tid).ok_or(TargetError::NoSuchTid(tid))?;
         self.threads
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
-        if let Some(sampler) = self.sampler.as_deref_mut() {
-            sampler.watch_thread(tgid, tid);
-        }
         Ok(tgid)
     }
 }
