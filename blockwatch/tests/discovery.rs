@@ -259,6 +259,30 @@ fn a_cpu_bound_coroutine_is_named_under_daemon_auto() {
     );
 }
 
+/// A Node loop that never sleeps in its idle wait (setImmediate keeps
+/// work always ready), running since before the daemon started: under
+/// `--auto` every candidate thread is sampled (the sampler rides the timer
+/// interrupts the thread takes anyway), so a sample finds the loop inside
+/// its epoll wait, and its 200 ms CPU-bound callback is reported, named.
+/// A per-thread sampler opened only for found loops never found it.
+#[test]
+fn a_loop_that_never_idles_is_found_under_daemon_auto() {
+    let _serial = common::setup();
+    let d = Daemon::auto();
+    // Started after the daemon's first look, the hog 4 s later: the
+    // loop is found by a sample or never.
+    let subject = common::Background::spawn("node", &[&subject("node_never_idle.js"), "4"]);
+    let hog = [("class", "stall"), ("culprit", "hog *")];
+    let m = metrics_once(&d, &hog, 1.0, Duration::from_secs(15));
+    assert_eq!(
+        events(&m, &hog),
+        1.0,
+        "node pid {}: its 200 ms hog(), on a loop that never idled\n{m}\n{}",
+        subject.pid(),
+        d.stderr()
+    );
+}
+
 /// A tokio worker is a known loop from its first park: with two workers
 /// that parked once (300 ms idle) and then three tasks that each
 /// `std::thread::sleep(70ms)`, every sleep is reported. A worker that runs
