@@ -4,7 +4,7 @@
 //! their frozen globals (kernel offsets from [`btf`], the user-stack size)
 //! and takes the maps user space talks to; [`attach`] attaches them to the
 //! scheduler tracepoints (BTF or raw), and the strict and stall detectors
-//! to the syscall tracepoints and a perf event per CPU.
+//! to the syscall tracepoints and to the timer interrupts (`hrtimer_expire_entry`).
 //!
 //! [`counters`] sums the programs' per-CPU counters.
 //!

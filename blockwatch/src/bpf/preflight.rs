@@ -44,8 +44,8 @@ fn effective_caps() -> Option<u64> {
 /// The limits loading relies on: RLIMIT_MEMLOCK raised on kernels that
 /// charge BPF memory to it.
 ///
-/// Nothing needs tracefs or bpffs: BTF and raw tracepoints and perf events
-/// attach through bpf() and perf_event_open() alone (only classic
+/// Nothing needs tracefs or bpffs: BTF and raw tracepoints attach through
+/// bpf() alone (only classic
 /// tracepoints look their ids up in tracefs), and nothing is pinned. So a
 /// service without CAP_SYS_ADMIN, or a container without those mounts,
 /// runs as it is.
