@@ -7,7 +7,7 @@
 
 use blockwatch_common::{
     ThreadTag,
-    x86_64::{NR_IO_URING_ENTER, is_epoll_wait, is_futex_wait},
+    x86_64::{NR_FUTEX, NR_IO_URING_ENTER, is_epoll_wait, is_futex_wait},
 };
 
 use crate::{
@@ -53,7 +53,13 @@ pub(crate) fn classify(tag: &ThreadTag, tid: u32, nr: i64, arg0: u64, regs: *con
     if nr == NR_IO_URING_ENTER {
         return Wait::Ring;
     }
-    if !is_futex_wait(nr, kread(regs, off().pt_regs_si)) {
+    // The op is read only for futex(2): most waits are not.
+    let op = if nr == NR_FUTEX {
+        kread(regs, off().pt_regs_si)
+    } else {
+        0
+    };
+    if !is_futex_wait(nr, op) {
         return Wait::Other;
     }
     // SAFETY: map value read, compared at once.

@@ -9,7 +9,8 @@ use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
 use blockwatch_common::{
     PROBE_BUDGET, RecordKind, STATE_DISK, STATE_PREEMPTED, STATE_SLEEPING, TAG_CANDIDATE, TAG_LOOP,
-    ThreadTag, x86_64::is_epoll_wait,
+    ThreadTag,
+    x86_64::{NR_FUTEX, NR_FUTEX_WAIT, is_epoll_wait},
 };
 
 use crate::{
@@ -79,6 +80,12 @@ fn switch_out<C: EbpfContext>(
     prev: *const u8,
     how: Regs,
 ) {
+    let voluntary = !preempt && prev_state & 0xff != 0;
+    // A candidate matters only when it goes to sleep (in its idle wait,
+    // it becomes a loop); its preemptions need no registers read.
+    if tag.tag == TAG_CANDIDATE && !voluntary {
+        return;
+    }
     let regs = user_regs(prev, how);
     // No registers (raw tracepoints, the task's stack unreadable): no
     // syscall to judge the switch by. It never happens to a live task,
@@ -88,12 +95,18 @@ fn switch_out<C: EbpfContext>(
     }
     let o = off();
     let nr: i64 = kread(regs, o.pt_regs_orig_ax);
-    let arg0: u64 = kread(regs, o.pt_regs_di);
-    let voluntary = !preempt && prev_state & 0xff != 0;
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // A candidate's first argument tells only an epoll or futex wait apart;
+    // a loop keeps every wait's.
+    let arg0: u64 =
+        if tag.tag == TAG_LOOP || is_epoll_wait(nr) || nr == NR_FUTEX || nr == NR_FUTEX_WAIT {
+            kread(regs, o.pt_regs_di)
+        } else {
+            0
+        };
     if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev) {
         if tag.tag == TAG_LOOP {
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
             episode::idle_reached(tag, tid, prev, now);
         }
         return;
@@ -101,6 +114,8 @@ fn switch_out<C: EbpfContext>(
     if tag.tag != TAG_LOOP {
         return;
     }
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     // A loop found by its idle wait lives as long as its epoll instance:
     // what the thread does after closing it (finalization, the rest of a
     // script) is no loop's time, and a new instance is a new loop.
