@@ -209,21 +209,18 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
             match daemon {
                 Some(ti) => {
                     let bare = &results[&(0, w)];
-                    Figure::new(
+                    let f = Figure::new(
                         name,
                         median(&results[&(ti, w)]) / median(bare),
                         Unit::Ratio,
                         goal,
                     )
-                    .with_note(match floor {
-                        Some(fi) => format!(
-                            "{} reps; floor {:.2}×",
-                            bare.len(),
-                            median(&results[&(fi, w)]) / median(bare)
-                        ),
-                        None => format!("{} reps", bare.len()),
-                    })
-                    .with_bare_spread(spread(bare))
+                    .with_note(format!("{} reps", bare.len()))
+                    .with_bare_spread(spread(bare));
+                    match floor {
+                        Some(fi) => f.with_floor(median(&results[&(fi, w)]) / median(bare)),
+                        None => f,
+                    }
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
             }

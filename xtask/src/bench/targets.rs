@@ -85,7 +85,13 @@ pub struct Figure {
     /// For a ratio to bare runs: how far those spread ((max − min) /
     /// median), the noise the ratio is read against.
     pub bare_spread: Option<f64>,
+    /// The same ratio for the floor (an empty `sched_switch` program):
+    /// what any tool that hooks the scheduler costs here.
+    pub floor: Option<f64>,
 }
+
+/// The verdict of a target not met that the floor misses as well.
+const OUT_OF_REACH: &str = "NOT met; floor misses it too";
 
 /// Bare runs spread wider than this leave a ratio's verdict to chance.
 pub const NOISY: f64 = 0.10;
@@ -104,6 +110,7 @@ impl Figure {
             goal,
             note: String::new(),
             bare_spread: None,
+            floor: None,
         }
     }
 
@@ -121,6 +128,7 @@ impl Figure {
             goal,
             note: String::new(),
             bare_spread: None,
+            floor: None,
         }
     }
 
@@ -134,14 +142,22 @@ impl Figure {
         self
     }
 
+    pub fn with_floor(mut self, floor: f64) -> Figure {
+        self.floor = floor.is_finite().then_some(floor);
+        self
+    }
+
     fn noisy(&self) -> bool {
         self.bare_spread.is_some_and(|s| s > NOISY)
     }
 
-    /// "met", "NOT met", or "n/a" when nothing was measured.
+    /// "met", "NOT met", or "n/a" when nothing was measured; a target the
+    /// floor misses too is out of reach for any tool on the scheduler here,
+    /// and says so.
     pub fn verdict(&self) -> &'static str {
         match self.measured {
             Ok(v) if self.goal.met(v) => "met",
+            Ok(_) if self.floor.is_some_and(|f| !self.goal.met(f)) => OUT_OF_REACH,
             Ok(_) => "NOT met",
             Err(_) => "n/a",
         }
@@ -155,6 +171,9 @@ impl Figure {
         let mut notes: Vec<String> = Vec::new();
         if !self.note.is_empty() {
             notes.push(self.note.clone());
+        }
+        if let Some(floor) = self.floor {
+            notes.push(format!("floor {}", self.unit.format(floor)));
         }
         if let Some(spread) = self.bare_spread {
             notes.push(format!("bare spread {:.0}%", spread * 100.0));
@@ -190,7 +209,16 @@ pub fn summary(figures: &[Figure]) -> String {
     let met = figures.iter().filter(|f| f.verdict() == "met").count();
     let missing = figures.iter().filter(|f| f.verdict() == "n/a").count();
     let noisy = figures.iter().filter(|f| f.noisy()).count();
+    let bound = figures
+        .iter()
+        .filter(|f| f.verdict() == OUT_OF_REACH)
+        .count();
     let mut s = format!("{met} of {} targets met", figures.len());
+    if bound > 0 {
+        s.push_str(&format!(
+            ", {bound} not met that an empty sched_switch program (the floor) misses too on this machine"
+        ));
+    }
     if missing > 0 {
         s.push_str(&format!(", {missing} not measured"));
     }
@@ -219,6 +247,18 @@ mod tests {
         assert_eq!(nan.verdict(), "n/a");
         let gone = Figure::missing("x", "section failed", Unit::MiB, Goal::AtMost(25.0));
         assert_eq!(gone.verdict(), "n/a");
+        // Not met, and the floor misses it too: out of reach here.
+        let bound = Figure::new("pingpong", 1.13, Unit::Ratio, Goal::AtMost(1.03)).with_floor(1.08);
+        assert_eq!(bound.verdict(), OUT_OF_REACH);
+        // Not met where the floor meets it: blockwatch's own.
+        let own = Figure::new("rps", 0.95, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.995);
+        assert_eq!(own.verdict(), "NOT met");
+        let met = Figure::new("rps", 0.99, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.97);
+        assert_eq!(met.verdict(), "met");
+        assert_eq!(
+            summary(&[bound, own, met]),
+            "1 of 3 targets met, 1 not met that an empty sched_switch program (the floor) misses too on this machine"
+        );
     }
 
     #[test]
