@@ -29,6 +29,15 @@ impl Unit {
             Unit::CpuPercent => format!("{v:.3} %"),
         }
     }
+
+    /// A measured value: a ratio to three decimals, so one just short of
+    /// its target (0.985× against ≥ 0.99×) does not read as the target.
+    pub fn measured(self, v: f64) -> String {
+        match self {
+            Unit::Ratio => format!("{v:.3}×"),
+            _ => self.format(v),
+        }
+    }
 }
 
 /// `123456.7` → `123,457`.
@@ -165,7 +174,7 @@ impl Figure {
 
     fn row(&self) -> Vec<String> {
         let mut shown = match &self.measured {
-            Ok(v) => self.unit.format(*v),
+            Ok(v) => self.unit.measured(*v),
             Err(why) => format!("not measured: {why}"),
         };
         let mut notes: Vec<String> = Vec::new();
@@ -173,7 +182,7 @@ impl Figure {
             notes.push(self.note.clone());
         }
         if let Some(floor) = self.floor {
-            notes.push(format!("floor {}", self.unit.format(floor)));
+            notes.push(format!("floor {}", self.unit.measured(floor)));
         }
         if let Some(spread) = self.bare_spread {
             notes.push(format!("bare spread {:.0}%", spread * 100.0));
@@ -273,6 +282,12 @@ mod tests {
                 "≥ 100,000/s",
                 "NOT met"
             ]
+        );
+        // Just short of its target: three decimals, so it does not read as 0.99×.
+        let f = Figure::new("rps", 0.9852, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.99);
+        assert_eq!(
+            f.row()[1..],
+            ["0.985× (floor 0.990×)", "≥ 0.99×", "NOT met"]
         );
         let f = Figure::new("idle CPU", 0.0312, Unit::CpuPercent, Goal::AtMost(0.05));
         assert_eq!(f.row()[1..], ["0.031 %", "≤ 0.050 %", "met"]);
