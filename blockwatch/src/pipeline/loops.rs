@@ -98,9 +98,9 @@ impl Loops {
 }
 
 /// The name that groups samples: the culprit's function, else its module.
-fn culprit_name(culprit: Option<&Frame>) -> Option<String> {
+fn culprit_name(culprit: Option<&Frame>) -> Option<&str> {
     let f = culprit?;
-    f.function.clone().or_else(|| f.module.clone())
+    f.function.as_deref().or(f.module.as_deref())
 }
 
 /// Equal keys counted, in the order first seen: (key, count, first index).
@@ -121,8 +121,12 @@ fn tally<K: PartialEq>(keys: impl Iterator<Item = (usize, K)>) -> Vec<(K, usize,
 /// spot, where the first sample may have caught the function on its way in
 /// (its `with open(...)` line rather than the read). Ties: the first seen.
 pub fn pick_stall_stack<S: Default>(samples: Vec<(S, Option<Frame>)>) -> (S, Option<Frame>) {
-    let name = |c: &Option<Frame>| culprit_name(c.as_ref());
-    let names = tally(samples.iter().enumerate().map(|(i, (_, c))| (i, name(c))));
+    let names = tally(
+        samples
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| (i, culprit_name(c.as_ref()))),
+    );
     // max_by keeps the last of equals: the index breaks ties to the first.
     let Some((winner, _, _)) = names
         .iter()
@@ -134,7 +138,7 @@ pub fn pick_stall_stack<S: Default>(samples: Vec<(S, Option<Frame>)>) -> (S, Opt
         samples
             .iter()
             .enumerate()
-            .filter(|(_, (_, c))| name(c) == *winner)
+            .filter(|(_, (_, c))| culprit_name(c.as_ref()) == *winner)
             .map(|(i, (_, c))| (i, c.as_ref().and_then(|f| f.line))),
     );
     let chosen = lines

@@ -209,18 +209,15 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
             match daemon {
                 Some(ti) => {
                     let bare = &results[&(0, w)];
-                    let f = Figure::new(
+                    Figure::new(
                         name,
                         median(&results[&(ti, w)]) / median(bare),
                         Unit::Ratio,
                         goal,
                     )
                     .with_note(format!("{} reps", bare.len()))
-                    .with_bare_spread(spread(bare));
-                    match floor {
-                        Some(fi) => f.with_floor(median(&results[&(fi, w)]) / median(bare)),
-                        None => f,
-                    }
+                    .with_bare_spread(spread(bare))
+                    .with_floor(floor.map(|fi| median(&results[&(fi, w)]) / median(bare)))
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
             }

@@ -231,16 +231,12 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
             median(&s.p99[&fi]) / bare_p99,
         )
     });
-    let with_floor = |f: Figure, floor: Option<f64>| match floor {
-        Some(v) => f.with_floor(v),
-        None => f,
-    };
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
         if t.is_floor() {
             continue;
         }
-        figures.push(with_floor(
+        figures.push(
             Figure::new(
                 format!("{short} under wrk, {}: requests/s vs bare", t.label()),
                 median(&s.rps[&ti]) / bare_rps,
@@ -248,10 +244,10 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
                 Goal::AtLeast(0.99),
             )
             .with_note(format!("{reps} reps"))
-            .with_bare_spread(spread(&s.rps[&0])),
-            floor.map(|f| f.0),
-        ));
-        figures.push(with_floor(
+            .with_bare_spread(spread(&s.rps[&0]))
+            .with_floor(floor.map(|f| f.0)),
+        );
+        figures.push(
             Figure::new(
                 format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
                 median(&s.p99[&ti]) / bare_p99,
@@ -259,9 +255,9 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
                 Goal::AtMost(1.02),
             )
             .with_note(format!("{reps} reps"))
-            .with_bare_spread(spread(&s.p99[&0])),
-            floor.map(|f| f.1),
-        ));
+            .with_bare_spread(spread(&s.p99[&0]))
+            .with_floor(floor.map(|f| f.1)),
+        );
     }
     figures
 }

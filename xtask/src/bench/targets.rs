@@ -151,8 +151,9 @@ impl Figure {
         self
     }
 
-    pub fn with_floor(mut self, floor: f64) -> Figure {
-        self.floor = floor.is_finite().then_some(floor);
+    /// The floor's ratio, when it was measured.
+    pub fn with_floor(mut self, floor: Option<f64>) -> Figure {
+        self.floor = floor.filter(|f| f.is_finite());
         self
     }
 
@@ -257,12 +258,14 @@ mod tests {
         let gone = Figure::missing("x", "section failed", Unit::MiB, Goal::AtMost(25.0));
         assert_eq!(gone.verdict(), "n/a");
         // Not met, and the floor misses it too: out of reach here.
-        let bound = Figure::new("pingpong", 1.13, Unit::Ratio, Goal::AtMost(1.03)).with_floor(1.08);
+        let bound =
+            Figure::new("pingpong", 1.13, Unit::Ratio, Goal::AtMost(1.03)).with_floor(Some(1.08));
         assert_eq!(bound.verdict(), OUT_OF_REACH);
         // Not met where the floor meets it: blockwatch's own.
-        let own = Figure::new("rps", 0.95, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.995);
+        let own =
+            Figure::new("rps", 0.95, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(Some(0.995));
         assert_eq!(own.verdict(), "NOT met");
-        let met = Figure::new("rps", 0.99, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.97);
+        let met = Figure::new("rps", 0.99, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(Some(0.97));
         assert_eq!(met.verdict(), "met");
         assert_eq!(
             summary(&[bound, own, met]),
@@ -284,7 +287,7 @@ mod tests {
             ]
         );
         // Just short of its target: three decimals, so it does not read as 0.99×.
-        let f = Figure::new("rps", 0.9852, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(0.99);
+        let f = Figure::new("rps", 0.9852, Unit::Ratio, Goal::AtLeast(0.99)).with_floor(Some(0.99));
         assert_eq!(
             f.row()[1..],
             ["0.985× (floor 0.990×)", "≥ 0.99×", "NOT met"]
