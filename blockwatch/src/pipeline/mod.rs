@@ -602,9 +602,23 @@ impl Pipeline {
         // trusted, and it is dropped rather than reported as CPU work.
         let parts = b.run_ns + b.off_ns.iter().sum::<u64>();
         if parts.saturating_mul(2) < b.duration_ns {
-            debug!(
-                "episode of tid {} dropped: {} ns accounted of {} ns",
-                b.tid, parts, b.duration_ns
+            let (samples, _) = self.loops.take_samples(b.tid, b.start_ns);
+            let last = samples.last().map_or(String::new(), |s| {
+                format!(
+                    "; its last sample saw {} µs on CPU of {} µs",
+                    s.duration_ns / 1000,
+                    s.busy_ns / 1000
+                )
+            });
+            warn!(
+                "episode of tid {} dropped, its parts do not add up: {} µs on CPU, \
+                 {:?} µs off (sleeping, disk, preempted) of {} µs; {} waits, {} samples{last}",
+                b.tid,
+                b.run_ns / 1000,
+                b.off_ns.map(|n| n / 1000),
+                b.duration_ns / 1000,
+                b.waits,
+                b.samples,
             );
             self.stats.inconsistent += 1;
             return None;
