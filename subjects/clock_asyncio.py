@@ -11,7 +11,9 @@ selector, waiting for stdin). Then, for each line read:
   a reader sees the loop in its callbacks as well as asleep in its select
   (prints "ticking", then "ticked");
 - "busy": one callback that computes for 300 ms (prints "busy NS" as it
-  starts, "done NS" after, NS the time.monotonic_ns() of each moment);
+  starts, "done NS" after, NS the time.monotonic_ns() of each moment), and
+  schedules a call halfway (uvloop's `loop.time()` then updates its libuv
+  loop's time: the callback is still one iteration);
 - "saturate": call_soon chains for 300 ms, so work is always ready and the
   loop never sleeps (prints "saturating", then "saturated").
 
@@ -43,9 +45,11 @@ def tick(loop, until):
         say("ticked")
 
 
-def busy():
+def busy(loop):
     say("busy %d" % time.monotonic_ns())
-    spin(0.3)
+    spin(0.15)
+    loop.call_later(1.0, lambda: None)
+    spin(0.15)
     say("done %d" % time.monotonic_ns())
 
 
@@ -61,7 +65,7 @@ def on_line(loop, line, done):
         say("ticking")
         tick(loop, loop.time() + 0.4)
     elif line == "busy":
-        loop.call_soon(busy)
+        loop.call_soon(busy, loop)
     elif line == "saturate":
         say("saturating")
         # Two chains: each iteration has more work ready.

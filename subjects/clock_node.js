@@ -7,7 +7,9 @@
 // - "tick": a timer every 1 ms for 400 ms, each computing for 0.3 ms
 //   ("ticking", then "ticked");
 // - "busy": one callback that computes for 300 ms ("busy NS" as it
-//   starts, "done NS" after, NS the CLOCK_MONOTONIC time of each moment);
+//   starts, "done NS" after, NS the CLOCK_MONOTONIC time of each moment),
+//   and sets a timer halfway (Node's timers then update the loop's time:
+//   the callback is still one iteration);
 // - "saturate": setImmediate chains for 300 ms, so the loop never sleeps
 //   ("saturating", then "saturated").
 // - "worker": starts a worker thread (which prints "ready" once its loop
@@ -46,7 +48,9 @@ function tick() {
 function busy() {
   setImmediate(() => {
     say(`busy ${process.hrtime.bigint()}`);
-    spin(300);
+    spin(150);
+    setTimeout(() => {}, 1000);
+    spin(150);
     say(`done ${process.hrtime.bigint()}`);
   });
 }

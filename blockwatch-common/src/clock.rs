@@ -9,6 +9,9 @@
 pub const CLOCK_NONE: u32 = 0;
 /// A `u64` at `addr` that the runtime rewrites at the start of every
 /// iteration: libuv's `uv_loop_t.time` (Node, uvloop), in milliseconds.
+/// Only for a libuv older than 1.45: the loop's own code rewrites it in
+/// mid-callback too (Node's timers, uvloop's `loop.time()` call
+/// `uv_update_time`), which would end an episode there.
 pub const CLOCK_WORD: u32 = 1;
 /// CPython asyncio: the `end_time` local of `BaseEventLoop._run_once`, a
 /// float computed once per iteration before its callbacks run. The kernel
@@ -17,6 +20,10 @@ pub const CLOCK_WORD: u32 = 1;
 /// from that frame (the frame object on 3.10, the `_PyInterpreterFrame`
 /// on 3.11+), then the float's bits at `value_offset` in that object.
 pub const CLOCK_PY_LOCAL: u32 = 2;
+/// libuv 1.45 and later: the loop's iteration count (`uv_metrics_t.loop_count`,
+/// a `u64` at `addr`), which `uv_run` alone increments, once per iteration;
+/// `time_addr` is `uv_loop_t.time`, where the new iteration's start is read.
+pub const CLOCK_UV_COUNT: u32 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,7 +31,7 @@ pub struct LoopClock {
     /// `CLOCK_*`.
     pub kind: u32,
     pub _pad: u32,
-    /// `CLOCK_WORD`: the address of the word. `CLOCK_PY_LOCAL`: where user
+    /// `CLOCK_WORD`, `CLOCK_UV_COUNT`: the address of the word. `CLOCK_PY_LOCAL`: where user
     /// space found the `_run_once` frame (the kernel checks it, and walks
     /// the thread's frames when it no longer holds).
     pub addr: u64,
@@ -35,10 +42,13 @@ pub struct LoopClock {
     /// `CLOCK_PY_LOCAL`: byte offset of the value in the object
     /// (`PyFloatObject.ob_fval`).
     pub value_offset: u64,
+    /// `CLOCK_UV_COUNT`: the address of the loop's time (ms), the start of
+    /// its latest iteration.
+    pub time_addr: u64,
 }
 
 pod!(LoopClock);
 
 const _: () = {
-    assert!(core::mem::size_of::<LoopClock>() == 40);
+    assert!(core::mem::size_of::<LoopClock>() == 48);
 };

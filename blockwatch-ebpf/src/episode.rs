@@ -15,9 +15,9 @@
 //! of the thread. When it changed, the episode ended no earlier than the
 //! last read that still saw the old value; that lower bound is what is
 //! reported, so a loop that iterates is never reported for the sum of its
-//! iterations. The clock is also a timestamp of the new iteration's start
-//! (both runtimes take it from `CLOCK_MONOTONIC`), which is where the next
-//! episode begins.
+//! iterations. The clock also gives a timestamp of the new iteration's
+//! start (libuv's loop time, asyncio's `end_time`, both from
+//! `CLOCK_MONOTONIC`), which is where the next episode begins.
 //!
 //! A thread that has never been seen in its idle wait runs no loop yet
 //! (a thread tagged by rule, a script before its `asyncio.run`): each of
@@ -31,8 +31,8 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
 };
 use blockwatch_common::{
-    CLOCK_PY_LOCAL, CLOCK_WORD, Counter, LoopState, RecordKind, SAMPLE_GAP_NS, STATE_PREEMPTED,
-    STATE_RUNNING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    CLOCK_PY_LOCAL, CLOCK_UV_COUNT, CLOCK_WORD, Counter, LoopState, RecordKind, SAMPLE_GAP_NS,
+    STATE_PREEMPTED, STATE_RUNNING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
     x86_64::{is_epoll_wait, is_futex_wait},
 };
 
@@ -42,7 +42,7 @@ use crate::{
         BPF_NOEXIST, CLOCKS, LOOPSTATE, PARKS, SAMPLE_SCRATCH, count, off, thread, threshold_ns,
     },
     python,
-    read::{Regs, kread, uread, user_regs},
+    read::{Regs, kread, read_user, user_regs},
     record::{self, LoopFacts},
     stack,
 };
@@ -154,15 +154,14 @@ fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> 
     let c = (unsafe { CLOCKS.get(tid) }).copied()?;
     match c.kind {
         CLOCK_WORD => {
-            let ms: u64 = uread(c.addr);
-            // A plain product: checked ones need 128-bit helpers BPF
-            // lacks. A value this large is garbage, and 0 means unknown.
-            let ns = if ms < u64::MAX / 1_000_000 {
-                ms * 1_000_000
-            } else {
-                0
-            };
-            Some((ms, ns))
+            let ms: u64 = read_word(c.addr)?;
+            Some((ms, ms_to_ns(ms)))
+        }
+        CLOCK_UV_COUNT => {
+            let count: u64 = read_word(c.addr)?;
+            // Unreadable, the start is unknown (0); the count still tells.
+            let ms: u64 = read_word(c.time_addr).unwrap_or(0);
+            Some((count, ms_to_ns(ms)))
         }
         CLOCK_PY_LOCAL => {
             // The `_run_once` frame sits at the same address iteration
@@ -181,17 +180,38 @@ fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> 
             if frame == 0 {
                 return None;
             }
-            let obj: u64 = uread(frame + c.offset);
+            let obj: u64 = read_word(frame + c.offset)?;
             // NULL: the iteration is between its select and its callbacks
             // (a new `_run_once` frame): a value of its own.
             let bits: u64 = if obj == 0 {
                 0
             } else {
-                uread(obj + c.value_offset)
+                read_word(obj + c.value_offset)?
             };
             Some((bits, seconds_to_ns(bits)))
         }
         _ => None,
+    }
+}
+
+/// The `u64` at `addr` in the current task's memory; None when it cannot
+/// be read now. A failed read is no value: taken as one, it would look
+/// like a new iteration and end the episode in mid-callback.
+#[inline(always)]
+fn read_word(addr: u64) -> Option<u64> {
+    let mut v: u64 = 0;
+    read_user(&mut v as *mut u64 as *mut u8, 8, addr).then_some(v)
+}
+
+/// Nanoseconds in `ms` milliseconds; 0 (unknown) for a value so large it
+/// is garbage. A plain product: checked ones need 128-bit helpers BPF
+/// lacks.
+#[inline(always)]
+fn ms_to_ns(ms: u64) -> u64 {
+    if ms < u64::MAX / 1_000_000 {
+        ms * 1_000_000
+    } else {
+        0
     }
 }
 

@@ -4,7 +4,8 @@
 //! uvloop (installed from PyPI into a cached venv on first use). Each
 //! subject's loop is found while it idles, then driven from stdin: the
 //! clock must change while the loop ticks and while it is saturated (never
-//! sleeping), and hold still through one long callback.
+//! sleeping), and hold still through one long callback, which sets a timer
+//! halfway (which makes Node and uvloop update their loop's time).
 
 mod common;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use blockwatch::runtimes::clock;
 use blockwatch::runtimes::python::{self, PyProcess};
-use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_WORD, LoopClock};
+use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_UV_COUNT, LoopClock};
 
 /// A subject driven through its stdin, killed when dropped.
 struct Subject {
@@ -371,10 +372,11 @@ fn check_uvloop(python: &Path, thread: bool) {
     let found =
         clock::find(pid, tid, epfd, Some(&py)).unwrap_or_else(|| panic!("{label}: no clock"));
     eprintln!("{label}: {found:x?}, found in {:?}", t.elapsed());
-    assert_eq!(found.kind, CLOCK_WORD, "{label}: uvloop's own libuv loop");
-    let backend_fd =
-        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
-    assert_eq!(backend_fd, Some(epfd), "{label}");
+    assert_eq!(
+        found.kind, CLOCK_UV_COUNT,
+        "{label}: uvloop's own libuv loop (1.45 or later) counts iterations"
+    );
+    assert_eq!(backend_fd(pid, &found), Some(epfd), "{label}");
     // The next fd is libuv's io_uring, which its heap state holds where a
     // loop holds its epoll fd.
     let t = Instant::now();
@@ -390,14 +392,18 @@ fn check_uvloop(python: &Path, thread: bool) {
         clock: found,
         py: Some(py),
     };
-    l.check(libuv_time_is_now);
+    l.check(libuv_count);
 }
 
-/// libuv's time is CLOCK_MONOTONIC(_COARSE) in ms, refreshed every
-/// iteration.
-fn libuv_time_is_now(ms: u64) -> bool {
-    let now = monotonic().as_millis() as u64;
-    ms <= now + 10 && now - ms < 1000
+/// libuv's iteration count: at least the iteration the loop was found in.
+fn libuv_count(count: u64) -> bool {
+    (1..1 << 40).contains(&count)
+}
+
+/// The `backend_fd` of the loop whose clock is `clock`: at offset 64 of
+/// the `uv_loop_t`, whose time (`time_addr`) is at offset 544.
+fn backend_fd(pid: u32, clock: &LoopClock) -> Option<i32> {
+    blockwatch::procfs::mem::read_u64(pid, clock.time_addr - 544 + 64).map(|v| v as u32 as i32)
 }
 
 #[test]
@@ -423,12 +429,10 @@ fn node_default_loop_clock() {
         "{label}: epoll fd {epfd}, {found:x?}, found in {:?}",
         t.elapsed()
     );
-    assert_eq!(found.kind, CLOCK_WORD);
-    // (c) The loop found is the one polling the thread's epoll fd: its
-    // backend_fd (offset 64) sits 544 - 64 bytes before its time.
-    let backend_fd =
-        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
-    assert_eq!(backend_fd, Some(epfd), "{label}");
+    // Node 20's libuv is 1.46.
+    assert_eq!(found.kind, CLOCK_UV_COUNT);
+    // (c) The loop found is the one polling the thread's epoll fd.
+    assert_eq!(backend_fd(pid, &found), Some(epfd), "{label}");
     // Another fd, another thread: no clock.
     assert_eq!(clock::find(pid, tid, epfd + 1, None), None);
     assert_eq!(clock::find(pid, tid + 1, epfd, None), None);
@@ -439,14 +443,15 @@ fn node_default_loop_clock() {
         clock: found,
         py: None,
     };
-    // libuv's time is CLOCK_MONOTONIC(_COARSE) in ms.
-    let idle = l.read().expect("readable");
+    // Where the next iteration's start is read: libuv's time,
+    // CLOCK_MONOTONIC(_COARSE) in ms.
+    let idle = blockwatch::procfs::mem::read_u64(pid, found.time_addr).expect("readable");
     let now = monotonic().as_millis() as u64;
     assert!(
         idle <= now + 10 && now - idle < 60_000,
         "{label}: {idle} vs {now}"
     );
-    l.check(libuv_time_is_now);
+    l.check(libuv_count);
 }
 
 /// A worker thread's loop: its own `uv_loop_t`, on its stack.
@@ -485,14 +490,12 @@ fn node_worker_loop_clock() {
         "{label}: thread {tid}, epoll fd {epfd}, {found:x?}, found in {:?}",
         t.elapsed()
     );
-    assert_eq!(found.kind, CLOCK_WORD);
+    assert_eq!(found.kind, CLOCK_UV_COUNT);
     assert_ne!(
         found.addr, main_clock.addr,
         "{label}: the worker's own loop"
     );
-    let backend_fd =
-        blockwatch::procfs::mem::read_u64(pid, found.addr - 544 + 64).map(|v| v as u32 as i32);
-    assert_eq!(backend_fd, Some(epfd), "{label}");
+    assert_eq!(backend_fd(pid, &found), Some(epfd), "{label}");
     assert_eq!(
         clock::find(pid, tid, main_epfd, None),
         None,
@@ -505,5 +508,5 @@ fn node_worker_loop_clock() {
         py: None,
     };
     l.subject.label = label;
-    l.check(libuv_time_is_now);
+    l.check(libuv_count);
 }

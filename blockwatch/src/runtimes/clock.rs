@@ -6,8 +6,9 @@
 //! sleeps. It is found once per loop thread, when the kernel reports the
 //! thread as a new loop (the thread is then asleep in its idle wait).
 //!
-//! - libuv (`CLOCK_WORD`, `clock/libuv.rs`): `uv_loop_t.time` of the loop the
-//!   thread polls. Node's main thread runs the default loop (in its
+//! - libuv (`clock/libuv.rs`): the iteration count of the loop the thread
+//!   polls (`CLOCK_UV_COUNT`, libuv ≥ 1.45), else its `uv_loop_t.time`
+//!   (`CLOCK_WORD`). Node's main thread runs the default loop (in its
 //!   executable, `libnode.so` or `libuv.so`); a Node worker thread runs its
 //!   own, on its stack; uvloop `malloc`s its loops.
 //! - CPython asyncio (`CLOCK_PY_LOCAL`, see
@@ -24,7 +25,7 @@
 
 mod libuv;
 
-use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_WORD, LoopClock};
+use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_UV_COUNT, CLOCK_WORD, LoopClock};
 
 use super::python::{self, PyProcess};
 use crate::procfs::mem;
@@ -44,13 +45,14 @@ pub fn find(pid: u32, tid: u32, epfd: i32, python: Option<&PyProcess>) -> Option
 
 /// The clock's current value in thread `tid`, read from user space exactly
 /// as the kernel reads it (its twin, for tests and for checking a clock
-/// before handing it over): `CLOCK_WORD` the u64 at `addr`;
+/// before handing it over): `CLOCK_WORD` and `CLOCK_UV_COUNT` the u64 at
+/// `addr`;
 /// `CLOCK_PY_LOCAL` the float bits of the innermost `code` frame's local at
 /// `offset`, 0 while that local is unset. None when it cannot be read (the
 /// process is gone, the thread runs no such frame, or no clock).
 pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -> Option<u64> {
     match clock.kind {
-        CLOCK_WORD => mem::read_u64(pid, clock.addr),
+        CLOCK_WORD | CLOCK_UV_COUNT => mem::read_u64(pid, clock.addr),
         CLOCK_PY_LOCAL => python::clock::read(pid, tid, python?, clock),
         _ => None,
     }

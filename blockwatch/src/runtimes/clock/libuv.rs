@@ -1,7 +1,15 @@
-//! libuv's iteration clock (`CLOCK_WORD`): `uv_loop_t.time`, the loop's
-//! time in milliseconds (libuv's fast monotonic clock), which
-//! `uv__update_time` rewrites at the start of every iteration of
-//! `uv_run`, and which stays put while one callback runs.
+//! libuv's iteration clock. From libuv 1.45 on (Node 20, uvloop 0.18)
+//! `uv_run` counts its iterations (`uv_metrics_t.loop_count`, reached
+//! through `uv_loop_t.internal_fields`), and nothing else writes that
+//! count: `CLOCK_UV_COUNT`. Before, the clock is `uv_loop_t.time`, the
+//! loop's time in milliseconds (`CLOCK_WORD`), which `uv__update_time`
+//! rewrites at the start of every iteration of `uv_run`, but which the
+//! loop's own code may rewrite in mid-callback too: Node's timers read
+//! the loop's time through `uv_update_time` (a `setTimeout` in a long
+//! handler), and so does uvloop's `loop.time()` (every `call_later`). An
+//! episode is then ended early there; with the count it is not. Which
+//! libuv a process runs is told by its symbols: `uv_metrics_info` came
+//! with the count.
 //!
 //! Node's main thread runs libuv's default loop, the static
 //! `default_loop_struct`. Where libuv is linked statically (the official
@@ -29,13 +37,18 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use blockwatch_common::x86_64::USER_SPACE_END;
-use blockwatch_common::{CLOCK_WORD, LoopClock};
+use blockwatch_common::{CLOCK_UV_COUNT, CLOCK_WORD, LoopClock};
 use object::{Object, ObjectSegment, ObjectSymbol, SegmentFlags};
 
 use crate::procfs::{self, FileId, MapKind, Mapping, maps, mem};
 
 /// `offsetof(uv_loop_t, …)`, libuv 1.x, x86-64 glibc.
 pub(super) const LOOP_HANDLE_QUEUE: usize = 16;
+/// `internal_fields`: a `malloc`ed `uv__loop_internal_fields_t`, whose
+/// `uv_metrics_t` (libuv ≥ 1.45) begins with `loop_count` at +8 (after
+/// an `unsigned int flags`).
+pub(super) const LOOP_INTERNAL_FIELDS: usize = 40;
+pub(super) const INTERNAL_LOOP_COUNT: u64 = 8;
 pub(super) const LOOP_STOP_FLAG: usize = 48;
 pub(super) const LOOP_BACKEND_FD: usize = 64;
 pub(super) const LOOP_NWATCHERS: usize = 112;
@@ -52,6 +65,8 @@ pub(super) const LOOP_CHECKED: usize = LOOP_TIME + 8;
 
 /// The static default loop's symbol (`uv_default_loop` returns it).
 const DEFAULT_LOOP: &[u8] = b"default_loop_struct";
+/// A function that came with `loop_count` (libuv 1.45).
+const METRICS_INFO: &[u8] = b"uv_metrics_info";
 /// A loop's time may run ahead of ours by at most this (it is read from
 /// the coarse clock, which lags the precise one, never leads it by much).
 const TIME_SLACK_MS: u64 = 1000;
@@ -70,6 +85,8 @@ const MAX_ELF_CACHE: usize = 64;
 struct ElfInfo {
     /// `st_value` of `default_loop_struct`.
     default_loop: Option<u64>,
+    /// It defines `uv_metrics_info`: its libuv counts iterations.
+    counts_iterations: bool,
     /// PT_LOAD segments: (p_vaddr, p_offset).
     loads: Vec<(u64, u64)>,
     /// Writable PT_LOAD segments: (p_vaddr, p_memsz), `.bss` included.
@@ -89,11 +106,49 @@ pub(super) fn find(pid: u32, tid: u32, epfd: i32) -> Option<LoopClock> {
         find_on_stack(pid, tid, epfd)
     };
     let addr = addr.or_else(|| find_uvloop(pid, epfd))?;
+    let time = addr.checked_add(LOOP_TIME as u64)?;
+    if let Some(count) = loop_count(pid, addr) {
+        return Some(LoopClock {
+            kind: CLOCK_UV_COUNT,
+            addr: count,
+            time_addr: time,
+            ..LoopClock::default()
+        });
+    }
     Some(LoopClock {
         kind: CLOCK_WORD,
-        addr: addr.checked_add(LOOP_TIME as u64)?,
+        addr: time,
         ..LoopClock::default()
     })
+}
+
+/// The address of the iteration count of the loop at `addr` in `pid`,
+/// when the process's libuv keeps one (an object that may hold libuv
+/// defines `uv_metrics_info`) and it reads as one: a loop found asleep in
+/// its poll has counted that iteration already, so it is at least 1.
+fn loop_count(pid: u32, addr: u64) -> Option<u64> {
+    let maps = maps::read(pid).ok()?;
+    let exe = procfs::exe(pid);
+    let mut seen: Vec<FileId> = Vec::new();
+    let counts = maps.iter().any(|m| {
+        let MapKind::File { id, path, .. } = &m.kind else {
+            return false;
+        };
+        if seen.contains(id) || !(may_hold_libuv(path, exe.as_deref()) || is_uvloop(path)) {
+            return false;
+        }
+        seen.push(*id);
+        elf_of(pid, m, *id, path).is_some_and(|info| info.counts_iterations)
+    });
+    if !counts {
+        return None;
+    }
+    let internal = mem::read_u64(pid, addr.checked_add(LOOP_INTERNAL_FIELDS as u64)?)?;
+    if !(0x1000..USER_SPACE_END).contains(&internal) || !internal.is_multiple_of(8) {
+        return None;
+    }
+    let count = internal.checked_add(INTERNAL_LOOP_COUNT)?;
+    (mem::read_u64(pid, count)? >= 1).then_some(count)
 }
 
 /// The address of the `uv_loop_t` polling `epfd` in process `pid`: the
@@ -303,11 +358,19 @@ fn read_elf(path: &Path) -> Option<ElfInfo> {
         }
     }
     // A static symbol: only in .symtab (kept by Node's own builds).
-    info.default_loop = elf
-        .symbols()
-        .chain(elf.dynamic_symbols())
-        .find(|s| !s.is_undefined() && s.name_bytes().ok() == Some(DEFAULT_LOOP))
-        .map(|s| s.address());
+    // libuv's API is exported: `uv_metrics_info` is in .dynsym too.
+    for s in elf.symbols().chain(elf.dynamic_symbols()) {
+        if s.is_undefined() {
+            continue;
+        }
+        match s.name_bytes().ok() {
+            Some(DEFAULT_LOOP) if info.default_loop.is_none() => {
+                info.default_loop = Some(s.address())
+            }
+            Some(METRICS_INFO) => info.counts_iterations = true,
+            _ => {}
+        }
+    }
     Some(info)
 }
 
