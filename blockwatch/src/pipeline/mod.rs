@@ -182,6 +182,11 @@ pub struct Pipeline {
     /// TID -> (PID, epoll fd, tries so far); and when to look again.
     clock_retries: HashMap<u32, (u32, i32, u32)>,
     clock_retry_at: Instant,
+    /// Loop threads whose clock was handed to the kernel: TID -> (PID,
+    /// `CLOCK_MONOTONIC` ns then). Their episodes that ended before were
+    /// timed without it, from idle wait to idle wait, and may each span
+    /// many iterations of a loop that rarely slept.
+    clocked_at: HashMap<u32, (u32, u64)>,
     strict: StrictSites,
     /// Outputs of the record being handled beyond its own (strict counts
     /// read at a thread's exit), sent before it.
@@ -235,6 +240,7 @@ impl Pipeline {
             loops: Loops::new(),
             no_clock: std::env::var_os("BLOCKWATCH_NO_LOOP_CLOCK").is_some(),
             clock_retries: HashMap::new(),
+            clocked_at: HashMap::new(),
             clock_retry_at: Instant::now(),
             strict: StrictSites::new(),
             queued: Vec::new(),
@@ -414,8 +420,13 @@ impl Pipeline {
         };
         self.clock_retries.remove(&tid);
         debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
-        if let Err(e) = clocks.insert(tid, clock, 0) {
-            warn!("cannot hand the loop clock of tid {tid} to the kernel: {e}");
+        match clocks.insert(tid, clock, 0) {
+            Ok(()) => {
+                if let Some(now) = monotonic_ns() {
+                    self.clocked_at.insert(tid, (pid, now));
+                }
+            }
+            Err(e) => warn!("cannot hand the loop clock of tid {tid} to the kernel: {e}"),
         }
     }
 
@@ -556,6 +567,7 @@ impl Pipeline {
                 self.parks.remove(&tid);
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);
+                self.clocked_at.remove(&tid);
                 self.strict_last(maps.strict, tid, None);
                 // Kept until the whole process is gone so that its other
                 // threads' late events still carry its name and symbols.
@@ -579,6 +591,7 @@ impl Pipeline {
         self.parks.retain(|_, (p, _)| *p != pid);
         self.user_stacks.retain(|_, u| u.pid != pid);
         self.clock_retries.retain(|_, r| r.0 != pid);
+        self.clocked_at.retain(|_, c| c.0 != pid);
         self.loops.forget_process(pid);
     }
 
@@ -646,10 +659,16 @@ impl Pipeline {
         let mostly_cpu = b.wait_ns == 0
             || (episode.cpu_ns + episode.preempted_ns > waited
                 && episode.cpu_ns * 4 >= episode.preempted_ns);
-        // A CPython loop whose clock is still being looked for cannot have
-        // its iterations told apart: a CPU-bound "episode" may be many of
-        // them. Its waits are still reported.
-        if mostly_cpu && self.clock_retries.contains_key(&b.tid) {
+        // A loop whose clock was not read yet cannot have its iterations
+        // told apart: a CPU-bound "episode" may be many of them (a busy
+        // Node server between its discovery and its clock's, a CPython
+        // loop whose clock is still being looked for). Its waits are
+        // still reported.
+        let before_clock = self
+            .clocked_at
+            .get(&b.tid)
+            .is_some_and(|&(_, at)| b.start_ns.saturating_add(b.duration_ns) <= at);
+        if mostly_cpu && (b.unclocked || before_clock || self.clock_retries.contains_key(&b.tid)) {
             debug!(
                 "CPU-bound episode of tid {} not reported: its loop's clock is not found yet",
                 b.tid
@@ -927,6 +946,22 @@ impl Pipeline {
 
 /// The syscall (and its arguments) at least half of `samples` were taken
 /// in; None when they were mostly in user code.
+/// `CLOCK_MONOTONIC` in nanoseconds: the kernel's clock
+/// (`bpf_ktime_get_ns`), which episode times are in.
+fn monotonic_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    secs.checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(ts.tv_nsec).ok()?)
+}
+
 fn sampled_syscall(samples: &[LoopRecord]) -> Option<(i64, [u64; 3])> {
     let mut counts: HashMap<i64, (usize, [u64; 3])> = HashMap::new();
     for s in samples.iter().filter(|s| s.syscall >= 0) {

@@ -370,6 +370,9 @@ fn read_elf(path: &Path) -> Option<ElfInfo> {
             Some(METRICS_INFO) => info.counts_iterations = true,
             _ => {}
         }
+        if info.default_loop.is_some() && info.counts_iterations {
+            break;
+        }
     }
     Some(info)
 }
