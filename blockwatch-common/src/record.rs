@@ -110,10 +110,7 @@ pub struct BlockEvent {
     /// 1 when the longest wait's call site is in `KNOWN_SITES`: no user
     /// stack is sent (`frames` is 0), user space has it under `site`.
     pub site_known: u8,
-    /// 1 when the loop's iteration clock, read for the first time, ended
-    /// the episode: it was timed without one, and may span iterations.
-    pub unclocked: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 2],
     pub syscall: i64,
     pub args: [u64; 3],
     /// The longest wait's call site (see [`SiteKey`](crate::SiteKey)).

@@ -146,12 +146,7 @@ pub struct LoopState {
     /// Bit `slot` set: that slot's wait is at a site in `KNOWN_SITES`, and
     /// its user stacks were not taken.
     pub slot_known: u8,
-    /// 1 once the iteration clock was read: before, episodes end only at
-    /// idle waits, and the first read ends one that may span iterations
-    /// (its record says so).
-    pub clocked: u8,
-    pub unclocked: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
     /// Each slot's call site (see `SiteKey`).
     pub slot_site: [u64; 2],
     /// When the thread was last sampled (`SAMPLE_GAP_NS`).

@@ -113,7 +113,6 @@ fn close(st: &mut LoopState, tag: &ThreadTag, tid: u32, end: u64, task: *const u
     st.max_state = 0;
     st.waits = 0;
     st.samples = 0;
-    st.unclocked = 0;
 }
 
 /// `current` (= `task`), a loop thread, enters its idle wait at `now`:
@@ -248,17 +247,11 @@ pub(crate) fn observe_clock(
     };
     let seen = st.clock_ns;
     st.clock_ns = now;
-    // The first read: until now only idle waits ended episodes, and a
-    // loop that found work ready each time never slept in one. The episode
-    // it ends may span many iterations; user space is told.
-    let first = st.clocked == 0;
-    st.clocked = 1;
     if value == st.clock || st.start_ns == 0 {
         st.clock = value;
         return;
     }
     st.clock = value;
-    st.unclocked = first as u8;
     let end = if seen > st.start_ns {
         seen
     } else {

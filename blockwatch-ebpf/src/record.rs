@@ -106,8 +106,7 @@ unsafe fn fill_episode(
         (*ev).header = RecordHeader::new(RecordKind::Block, tag.tgid, tid);
         (*ev).state = st.max_state;
         (*ev).site_known = known as u8;
-        (*ev).unclocked = st.unclocked;
-        (*ev)._pad = 0;
+        (*ev)._pad = [0; 2];
         (*ev).site = if st.max_ns != 0 {
             st.slot_site[slot]
         } else {

@@ -54,9 +54,6 @@ pub struct BlockRecord {
     /// out because user space has it (`ips` is then empty).
     pub site: u64,
     pub site_known: bool,
-    /// Ended by the first read of the loop's iteration clock: timed
-    /// without one until then, it may span iterations.
-    pub unclocked: bool,
     /// Thread name.
     pub thread: String,
     /// User stack, innermost first.
@@ -265,7 +262,6 @@ fn decode_block(bytes: &[u8]) -> Result<Record, DecodeError> {
         samples: ev.samples,
         site: ev.site,
         site_known: ev.site_known != 0,
-        unclocked: ev.unclocked != 0,
         thread: comm_str(&ev.comm),
         ips,
         py: py_frames(&ev.py, ev.py_frames),
@@ -382,8 +378,7 @@ mod tests {
                 header: RecordHeader::new(RecordKind::Block, 10, 11),
                 state: STATE_SLEEPING,
                 site_known: 0,
-                unclocked: 0,
-                _pad: 0,
+                _pad: [0; 2],
                 syscall: 230,
                 site: 0x5eed,
                 args: [1, 0, 0x7ffd_0000],

@@ -659,16 +659,17 @@ impl Pipeline {
         let mostly_cpu = b.wait_ns == 0
             || (episode.cpu_ns + episode.preempted_ns > waited
                 && episode.cpu_ns * 4 >= episode.preempted_ns);
-        // A loop whose clock was not read yet cannot have its iterations
-        // told apart: a CPU-bound "episode" may be many of them (a busy
-        // Node server between its discovery and its clock's, a CPython
-        // loop whose clock is still being looked for). Its waits are
-        // still reported.
+        // A loop without its clock yet cannot have its iterations told
+        // apart: a CPU-bound "episode" may be many of them (a busy Node
+        // server's, ended by a sleep before its clock was handed over; a
+        // CPython loop's whose clock is still being looked for). Its waits
+        // are still reported. (The one its clock's first read ends is
+        // reported: it is where a long callback under way was cut.)
         let before_clock = self
             .clocked_at
             .get(&b.tid)
             .is_some_and(|&(_, at)| b.start_ns.saturating_add(b.duration_ns) <= at);
-        if mostly_cpu && (b.unclocked || before_clock || self.clock_retries.contains_key(&b.tid)) {
+        if mostly_cpu && (before_clock || self.clock_retries.contains_key(&b.tid)) {
             debug!(
                 "CPU-bound episode of tid {} not reported: its loop's clock is not found yet",
                 b.tid
