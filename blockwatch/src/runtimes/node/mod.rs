@@ -227,29 +227,37 @@ fn copy_word(copy: &UserStackRecord, addr: u64) -> Option<u64> {
 
 /// The frame pointer of each frame `k` that `wanted(k)`, from the stack
 /// copy: the return address into its caller, `ips[k + 1]`, is saved right
-/// above it. Return addresses are searched outwards in order, each above
-/// the last one found.
+/// above it. Return addresses are searched inwards, from the outermost,
+/// each below the last one found: every interpreted JS frame returns to
+/// the same address in V8's trampoline, and a search outwards from the
+/// bottom of a live stack read after the fact (a CPU sample's) met a stale
+/// copy of it below the live frames first, which named every frame after
+/// it by its callee and lost one (`listOnTimeout` under a hot `cpuHog`).
 pub fn frame_pointers(
     copy: &UserStackRecord,
     ips: &[u64],
     wanted: impl Fn(usize) -> bool,
 ) -> Vec<Option<u64>> {
     let mut fps = vec![None; ips.len()];
-    // Stack slots are 8-aligned.
-    let mut from = copy.sp.next_multiple_of(8);
-    let end = copy.sp + copy.stack.len() as u64;
-    for k in 0..ips.len().saturating_sub(1) {
+    // Stack slots are 8-aligned; a word must fit whole below `below`.
+    let start = copy.sp.next_multiple_of(8);
+    let mut below = copy.sp + copy.stack.len() as u64;
+    for k in (0..ips.len().saturating_sub(1)).rev() {
         let ra = ips[k + 1];
-        let Some(at) = (from..end.saturating_sub(7))
-            .step_by(8)
+        let last = below.saturating_sub(8);
+        if last < start {
+            break;
+        }
+        let Some(at) = (0..=(last - start) / 8)
+            .map(|i| start + ((last - start) / 8 - i) * 8)
             .find(|&a| copy_word(copy, a) == Some(ra))
         else {
             continue;
         };
         if wanted(k) {
-            fps[k] = Some(at - 8);
+            fps[k] = at.checked_sub(8);
         }
-        from = at + 8;
+        below = at;
     }
     fps
 }
@@ -277,8 +285,9 @@ const LIVE_STACK_BYTES: u64 = 256 << 10;
 /// The used top of process `pid`'s main-thread stack (its `[stack]`
 /// mapping), read now, as a stack copy: what a stall sample of a thread
 /// still busy is named from, since samples carry no copy of their own.
-/// Older frames below the live ones may be in it too; they were made by
-/// the same calls, so they name the same functions.
+/// Dead frames below the live ones are in it too: [`frame_pointers`]
+/// searches from the outermost frame inwards, so the live ones are met
+/// first.
 pub fn live_main_stack(pid: u32) -> Option<UserStackRecord> {
     let maps = procfs::maps::read(pid).ok()?;
     let stack = maps.iter().find(|m| m.name() == "[stack]")?;
