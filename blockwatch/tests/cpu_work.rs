@@ -101,7 +101,13 @@ fn a_cpu_bound_node_callback_is_a_stall() {
         &script,
     ]);
     run.assert_success();
-    let s = stalls(&run);
+    // On a loaded machine Node's own work (a GC's munmap of 14.8 ms, in a
+    // full run) may cross the 10 ms threshold too: the hog is the one
+    // long episode.
+    let s: Vec<_> = stalls(&run)
+        .into_iter()
+        .filter(|e| e.ms() >= 100.0)
+        .collect();
     assert_eq!(s.len(), 1, "exactly the cpuHog(300)\n{}", run.report());
     let e = s[0];
     assert!(e.is_main_thread() && e.class == "stall", "{}", e.summary());
