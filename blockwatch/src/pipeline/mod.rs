@@ -422,7 +422,7 @@ impl Pipeline {
         debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
         match clocks.insert(tid, clock, 0) {
             Ok(()) => {
-                if let Some(now) = monotonic_ns() {
+                if let Some(now) = crate::runtimes::clock::monotonic_ns() {
                     self.clocked_at.insert(tid, (pid, now));
                 }
             }
@@ -947,22 +947,6 @@ impl Pipeline {
 
 /// The syscall (and its arguments) at least half of `samples` were taken
 /// in; None when they were mostly in user code.
-/// `CLOCK_MONOTONIC` in nanoseconds: the kernel's clock
-/// (`bpf_ktime_get_ns`), which episode times are in.
-fn monotonic_ns() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return None;
-    }
-    let secs = u64::try_from(ts.tv_sec).ok()?;
-    secs.checked_mul(1_000_000_000)?
-        .checked_add(u64::try_from(ts.tv_nsec).ok()?)
-}
-
 fn sampled_syscall(samples: &[LoopRecord]) -> Option<(i64, [u64; 3])> {
     let mut counts: HashMap<i64, (usize, [u64; 3])> = HashMap::new();
     for s in samples.iter().filter(|s| s.syscall >= 0) {

@@ -58,6 +58,23 @@ pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the kernel's clock
+/// (`bpf_ktime_get_ns`), which episode times are in, and the one both
+/// libuv and asyncio read.
+pub fn monotonic_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return None;
+    }
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    secs.checked_mul(1_000_000_000)?
+        .checked_add(u64::try_from(ts.tv_nsec).ok()?)
+}
+
 /// The epoll fd thread `tid` of `pid` is asleep on now, from
 /// `/proc/PID/task/TID/syscall` (`epoll_wait`, `epoll_pwait` or
 /// `epoll_pwait2`, the fd its first argument); None when it is not asleep

@@ -329,18 +329,7 @@ fn scan_range(
 
 /// CLOCK_MONOTONIC in milliseconds (libuv's clock, in its unit).
 pub(super) fn now_ms() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `ts` is.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return None;
-    }
-    let secs = u64::try_from(ts.tv_sec).ok()?;
-    let nanos = u64::try_from(ts.tv_nsec).ok()?;
-    Some(secs.checked_mul(1000)? + nanos / 1_000_000)
+    Some(super::monotonic_ns()? / 1_000_000)
 }
 
 fn read_elf(path: &Path) -> Option<ElfInfo> {

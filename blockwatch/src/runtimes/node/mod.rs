@@ -244,12 +244,11 @@ pub fn frame_pointers(
     let mut below = copy.sp + copy.stack.len() as u64;
     for k in (0..ips.len().saturating_sub(1)).rev() {
         let ra = ips[k + 1];
-        let last = below.saturating_sub(8);
-        if last < start {
-            break;
-        }
-        let Some(at) = (0..=(last - start) / 8)
-            .map(|i| start + ((last - start) / 8 - i) * 8)
+        // The slots that hold a whole word below `below`, highest first.
+        let slots = below.saturating_sub(start) / 8;
+        let Some(at) = (0..slots)
+            .rev()
+            .map(|i| start + i * 8)
             .find(|&a| copy_word(copy, a) == Some(ra))
         else {
             continue;
