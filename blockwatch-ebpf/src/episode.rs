@@ -494,10 +494,17 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let Some(st) = existing_state(tid) else {
         return;
     };
-    if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {
+    if st.start_ns == 0 || st.looped == 0 {
         return;
     }
     let now = now();
+    if st.in_ns == 0 {
+        // The thread runs, yet its episode has it off the CPU: a switch-in
+        // was not applied (seen under Node + wrk, cause not found). It is
+        // on the CPU from now, or the rest of its time would be lost and
+        // its episode dropped as not adding up.
+        st.in_ns = now;
+    }
     if now.saturating_sub(st.sampled_ns) < SAMPLE_GAP_NS {
         return;
     }
