@@ -336,6 +336,52 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     let Some(st) = state(tid) else {
         return;
     };
+    resume(st, tag, tid, next, now);
+}
+
+/// `tid` (`current` = `task`, with `cpu_ns` of CPU time) is on the CPU at
+/// `now`, yet its state has it off: in a wait (`tag.out_ns` set) or in
+/// its idle wait (no episode under way). `sched_switch` never showed it
+/// coming back. This happens: on a 6.18 VM, a Node loop preempted by
+/// another process's thread was running again a few ms later with no
+/// switch-in seen by this program, its recursion-miss count at 0, and none
+/// in ftrace's own `sched_switch` events either. Left alone, the time it
+/// ran is lost and its episode no longer adds up.
+///
+/// The switch-in is applied where the scheduler's own CPU time places it:
+/// the thread's CPU time since its latest switch-out, counted back from
+/// `now` (never before that switch-out). At a timer interrupt that time
+/// lags by at most a tick, which goes to the wait instead.
+#[inline(always)]
+pub(crate) fn unseen_switch_in(
+    tag: &mut ThreadTag,
+    tid: u32,
+    task: *const u8,
+    cpu_ns: u64,
+    now: u64,
+) {
+    let Some(st) = existing_state(tid) else {
+        return;
+    };
+    // Strict mode ends the episode at the idle wait's entry, while the
+    // thread still runs: that is no idle wait left unseen.
+    let idle = st.looped != 0 && st.start_ns == 0 && st.in_idle == 0;
+    if tag.out_ns == 0 && !idle {
+        return;
+    }
+    let ran = cpu_ns.saturating_sub(tag.out_cpu_ns);
+    let mut at = now.saturating_sub(ran);
+    if at < tag.out_ns {
+        at = tag.out_ns;
+    }
+    resume(st, tag, tid, task, at);
+    tag.out_ns = 0;
+    count(Counter::MissedSwitchIns);
+}
+
+/// `back_on_cpu` on the thread's state `st`.
+#[inline(always)]
+fn resume(st: &mut LoopState, tag: &ThreadTag, tid: u32, next: *const u8, now: u64) {
     if tag.out_ns != 0 && st.looped != 0 && parked(tag, tid) {
         // The wait was the runtime's park after all: user space learned it
         // while the thread slept in it (its first parks are probed). Idle,
@@ -491,27 +537,23 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if tag.tag != TAG_LOOP {
         return;
     }
+    let now = now();
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    // It runs: its state must say so.
+    let cpu_ns: u64 = kread(task, off().task_sum_exec);
+    unseen_switch_in(tag, tid, task, cpu_ns, now);
     let Some(st) = existing_state(tid) else {
         return;
     };
     if st.start_ns == 0 || st.looped == 0 {
         return;
     }
-    let now = now();
-    if st.in_ns == 0 {
-        // The thread runs, yet its episode has it off the CPU: a switch-in
-        // was not applied (seen under Node + wrk, cause not found). It is
-        // on the CPU from now, or the rest of its time would be lost and
-        // its episode dropped as not adding up.
-        st.in_ns = now;
-    }
     if now.saturating_sub(st.sampled_ns) < SAMPLE_GAP_NS {
         return;
     }
     st.sampled_ns = now;
-    // SAFETY: no preconditions; the task is only read through
-    // bpf_probe_read_kernel.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
     observe_clock(st, tag, tid, task, now);
     // Samples from half the threshold on: they name an episode that will
     // be reported, and the short ones (nearly all) send none.
