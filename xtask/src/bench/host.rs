@@ -9,8 +9,11 @@ use anyhow::{Context as _, bail};
 
 use super::Bench;
 use super::Options;
-use super::stats::{WIDE_REPS, WIDE_SPREAD, median, print_table, progress, progress_done, spread};
-use super::targets::{Figure, Goal, Unit};
+use super::stats::{
+    WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, print_table, progress,
+    progress_done, spread,
+};
+use super::targets::{COVERAGE, Figure, Goal, Unit};
 use super::tracer::{
     FLOOR_LABEL, FLOOR_SCRIPT, Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings,
 };
@@ -208,16 +211,16 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
             let goal = Goal::AtMost(1.03);
             match daemon {
                 Some(ti) => {
+                    // Per-round ratios: see `paired_ratios`.
                     let bare = &results[&(0, w)];
-                    Figure::new(
-                        name,
-                        median(&results[&(ti, w)]) / median(bare),
-                        Unit::Ratio,
-                        goal,
-                    )
-                    .with_note(format!("{} reps", bare.len()))
-                    .with_bare_spread(spread(bare))
-                    .with_floor(floor.map(|fi| median(&results[&(fi, w)]) / median(bare)))
+                    let ratios = paired_ratios(&results[&(ti, w)], bare);
+                    Figure::new(name, median(&ratios), Unit::Ratio, goal)
+                        .with_note(format!("median of {} rounds' ratios", ratios.len()))
+                        .with_interval(median_interval(&ratios, COVERAGE))
+                        .with_bare_spread(spread(bare))
+                        .with_floor(
+                            floor.map(|fi| median(&paired_ratios(&results[&(fi, w)], bare))),
+                        )
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
             }

@@ -11,9 +11,10 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 use super::stats::{
-    WIDE_REPS, WIDE_SPREAD, median, parse_wrk, print_table, progress, progress_done, spread,
+    WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, parse_wrk, print_table,
+    progress, progress_done, spread,
 };
-use super::targets::{Figure, Goal, Unit};
+use super::targets::{COVERAGE, Figure, Goal, Unit};
 use super::tracer::{
     FLOOR_LABEL, FLOOR_SCRIPT, Tracer, ensure_bpftrace, free_listen, free_port, strings,
 };
@@ -222,39 +223,43 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
 
 /// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher, each
 /// beside the floor (an empty sched_switch program) when it was measured.
+/// Each figure is the median of its per-round ratios to the bare run
+/// (`paired_ratios`), with the interval that median lies in.
 fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
-    let bare_rps = median(&s.rps[&0]);
-    let bare_p99 = median(&s.p99[&0]);
-    let floor = tracers.iter().position(Tracer::is_floor).map(|fi| {
-        (
-            median(&s.rps[&fi]) / bare_rps,
-            median(&s.p99[&fi]) / bare_p99,
-        )
-    });
+    let rps = |ti: usize| paired_ratios(&s.rps[&ti], &s.rps[&0]);
+    let p99 = |ti: usize| paired_ratios(&s.p99[&ti], &s.p99[&0]);
+    let floor = tracers
+        .iter()
+        .position(Tracer::is_floor)
+        .map(|fi| (median(&rps(fi)), median(&p99(fi))));
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
         if t.is_floor() {
             continue;
         }
+        let note = format!("median of {reps} rounds' ratios");
+        let (r, p) = (rps(ti), p99(ti));
         figures.push(
             Figure::new(
                 format!("{short} under wrk, {}: requests/s vs bare", t.label()),
-                median(&s.rps[&ti]) / bare_rps,
+                median(&r),
                 Unit::Ratio,
                 Goal::AtLeast(0.99),
             )
-            .with_note(format!("{reps} reps"))
+            .with_note(note.clone())
+            .with_interval(median_interval(&r, COVERAGE))
             .with_bare_spread(spread(&s.rps[&0]))
             .with_floor(floor.map(|f| f.0)),
         );
         figures.push(
             Figure::new(
                 format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
-                median(&s.p99[&ti]) / bare_p99,
+                median(&p),
                 Unit::Ratio,
                 Goal::AtMost(1.02),
             )
-            .with_note(format!("{reps} reps"))
+            .with_note(note)
+            .with_interval(median_interval(&p, COVERAGE))
             .with_bare_spread(spread(&s.p99[&0]))
             .with_floor(floor.map(|f| f.1)),
         );

@@ -30,6 +30,64 @@ pub fn spread(v: &[f64]) -> f64 {
     (hi - lo) / median(v)
 }
 
+/// Each run over the bare run of its own round: `runs[i] / bare[i]`.
+/// A round runs every configuration once, back to back, so its runs
+/// shared the machine's state (a VM's slow spell hits them all), which a
+/// ratio of medians over the whole section does not cancel.
+pub fn paired_ratios(runs: &[f64], bare: &[f64]) -> Vec<f64> {
+    runs.iter()
+        .zip(bare)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(r, b)| r / b)
+        .collect()
+}
+
+/// Where the median of what was sampled lies, at a stated coverage.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Interval {
+    pub low: f64,
+    pub high: f64,
+    /// The chance the interval holds the true median (0..1).
+    pub coverage: f64,
+}
+
+/// A confidence interval for the median of `v` that assumes no
+/// distribution: the k-th smallest and k-th largest samples, for the
+/// largest k whose coverage (from the binomial count of samples below the
+/// median) is at least `conf`; with few samples, where even the extremes
+/// fall short, the extremes and their coverage. None under two samples.
+pub fn median_interval(v: &[f64], conf: f64) -> Option<Interval> {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    let n = v.len();
+    if n < 2 {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    // P(at most i of n samples fall below the median) = Σ C(n, j) / 2^n.
+    let mut below = 0.0;
+    let mut choose = 1.0;
+    let mut k = 1;
+    let mut coverage = 0.0;
+    for i in 0..n / 2 {
+        below += choose * 0.5f64.powi(n as i32);
+        let c = 1.0 - 2.0 * below;
+        if i == 0 {
+            coverage = c;
+        } else if c >= conf {
+            k = i + 1;
+            coverage = c;
+        } else {
+            break;
+        }
+        choose = choose * (n - i) as f64 / (i + 1) as f64;
+    }
+    Some(Interval {
+        low: v[k - 1],
+        high: v[n - k],
+        coverage,
+    })
+}
+
 /// `1.23ms`, `850.00us`, `1.02s` → seconds.
 pub fn parse_wrk_duration(s: &str) -> Option<f64> {
     let split = s.find(|c: char| c.is_ascii_alphabetic())?;
@@ -146,6 +204,35 @@ fn stdout_is_terminal() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_ratios_divide_round_by_round() {
+        assert_eq!(
+            paired_ratios(&[110.0, 90.0, 50.0], &[100.0, 100.0, 0.0]),
+            [1.1, 0.9]
+        );
+    }
+
+    #[test]
+    fn median_intervals_widen_until_they_cover() {
+        let seven = [5.0, 1.0, 7.0, 3.0, 2.0, 6.0, 4.0];
+        // Seven samples: only the extremes cover 90% (98.4%); the next
+        // pair in covers 87.5%.
+        let i = median_interval(&seven, 0.9).unwrap();
+        assert_eq!((i.low, i.high), (1.0, 7.0));
+        assert!((i.coverage - 0.984375).abs() < 1e-9);
+        let i = median_interval(&seven, 0.85).unwrap();
+        assert_eq!((i.low, i.high), (2.0, 6.0));
+        assert!((i.coverage - 0.875).abs() < 1e-9);
+        // Ten: the second smallest and largest cover 97.9%.
+        let ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        let i = median_interval(&ten, 0.9).unwrap();
+        assert_eq!((i.low, i.high), (2.0, 9.0));
+        // Too few to reach the coverage: the extremes, and what they cover.
+        let i = median_interval(&[2.0, 1.0, 3.0], 0.9).unwrap();
+        assert_eq!((i.low, i.high, i.coverage), (1.0, 3.0, 0.75));
+        assert_eq!(median_interval(&[1.0], 0.9), None);
+    }
 
     #[test]
     fn medians() {

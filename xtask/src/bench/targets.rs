@@ -2,7 +2,7 @@
 //! it was met, printed after its section and again, all together, at the
 //! end of the run.
 
-use super::stats::print_table;
+use super::stats::{Interval, print_table};
 
 /// The unit a figure is measured and shown in.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -97,10 +97,21 @@ pub struct Figure {
     /// The same ratio for the floor (an empty `sched_switch` program):
     /// what any tool that hooks the scheduler costs here.
     pub floor: Option<f64>,
+    /// For a median of per-round ratios: where that median lies, given
+    /// how the rounds varied. A target inside it cannot be told met or
+    /// missed on this machine.
+    pub interval: Option<Interval>,
 }
 
 /// The verdict of a target not met that the floor misses as well.
 const OUT_OF_REACH: &str = "NOT met; floor misses it too";
+
+/// The verdict of a target inside the figure's interval: this machine's
+/// noise is wider than the difference to be told.
+const UNRESOLVED: &str = "unresolved: noise spans it";
+
+/// The coverage asked of a figure's interval.
+pub const COVERAGE: f64 = 0.9;
 
 /// Bare runs spread wider than this leave a ratio's verdict to chance.
 pub const NOISY: f64 = 0.10;
@@ -120,6 +131,7 @@ impl Figure {
             note: String::new(),
             bare_spread: None,
             floor: None,
+            interval: None,
         }
     }
 
@@ -138,6 +150,7 @@ impl Figure {
             note: String::new(),
             bare_spread: None,
             floor: None,
+            interval: None,
         }
     }
 
@@ -157,14 +170,30 @@ impl Figure {
         self
     }
 
+    /// Where the measured median lies (see [`Interval`]).
+    pub fn with_interval(mut self, interval: Option<Interval>) -> Figure {
+        self.interval = interval.filter(|i| i.low.is_finite() && i.high.is_finite());
+        self
+    }
+
+    /// A verdict left to bare runs that spread widely, with no interval
+    /// to say how far that goes.
     fn noisy(&self) -> bool {
-        self.bare_spread.is_some_and(|s| s > NOISY)
+        self.interval.is_none() && self.bare_spread.is_some_and(|s| s > NOISY)
     }
 
     /// "met", "NOT met", or "n/a" when nothing was measured; a target the
     /// floor misses too is out of reach for any tool on the scheduler here,
-    /// and says so.
+    /// and says so. With an interval, the whole of it must meet the target
+    /// (or miss it): one that holds the target is unresolved here.
     pub fn verdict(&self) -> &'static str {
+        if let (Ok(_), Some(i)) = (&self.measured, self.interval) {
+            match (self.goal.met(i.low), self.goal.met(i.high)) {
+                (true, true) => return "met",
+                (false, false) => {}
+                _ => return UNRESOLVED,
+            }
+        }
         match self.measured {
             Ok(v) if self.goal.met(v) => "met",
             Ok(_) if self.floor.is_some_and(|f| !self.goal.met(f)) => OUT_OF_REACH,
@@ -181,6 +210,14 @@ impl Figure {
         let mut notes: Vec<String> = Vec::new();
         if !self.note.is_empty() {
             notes.push(self.note.clone());
+        }
+        if let Some(i) = self.interval {
+            notes.push(format!(
+                "{:.0}% interval {}–{}",
+                i.coverage * 100.0,
+                self.unit.format(i.low),
+                self.unit.format(i.high)
+            ));
         }
         if let Some(floor) = self.floor {
             notes.push(format!("floor {}", self.unit.measured(floor)));
@@ -223,10 +260,16 @@ pub fn summary(figures: &[Figure]) -> String {
         .iter()
         .filter(|f| f.verdict() == OUT_OF_REACH)
         .count();
+    let unresolved = figures.iter().filter(|f| f.verdict() == UNRESOLVED).count();
     let mut s = format!("{met} of {} targets met", figures.len());
     if bound > 0 {
         s.push_str(&format!(
             ", {bound} not met that an empty sched_switch program (the floor) misses too on this machine"
+        ));
+    }
+    if unresolved > 0 {
+        s.push_str(&format!(
+            ", {unresolved} unresolved: the interval of their per-round ratios holds the target, so this machine's noise is wider than what is to be told (rerun them on a quieter one)"
         ));
     }
     if missing > 0 {
@@ -298,6 +341,42 @@ mod tests {
         assert_eq!(
             f.row()[1..],
             ["not measured: daemon failed", "≤ 25.0 MiB", "n/a"]
+        );
+    }
+
+    #[test]
+    fn intervals_decide_verdicts_and_show() {
+        let iv = |low, high| {
+            Some(Interval {
+                low,
+                high,
+                coverage: 0.984,
+            })
+        };
+        let rps = |v, i| {
+            Figure::new("rps", v, Unit::Ratio, Goal::AtLeast(0.99))
+                .with_interval(i)
+                .with_bare_spread(0.3)
+        };
+        // The whole interval above the target: met, however noisy the bare runs.
+        assert_eq!(rps(1.01, iv(0.995, 1.05)).verdict(), "met");
+        // The target inside the interval: neither, whichever side the median is.
+        assert_eq!(rps(1.01, iv(0.95, 1.05)).verdict(), UNRESOLVED);
+        assert_eq!(rps(0.97, iv(0.95, 1.05)).verdict(), UNRESOLVED);
+        // All of it below: missed, and out of reach when the floor misses too.
+        assert_eq!(rps(0.95, iv(0.93, 0.98)).verdict(), "NOT met");
+        assert_eq!(
+            rps(0.95, iv(0.93, 0.98)).with_floor(Some(0.96)).verdict(),
+            OUT_OF_REACH
+        );
+        assert_eq!(
+            rps(1.01, iv(0.95, 1.05)).row()[1],
+            "1.010× (98% interval 0.95×–1.05×; bare spread 30%)"
+        );
+        // An interval replaces the bare-spread caveat in the summary.
+        assert_eq!(
+            summary(&[rps(1.01, iv(0.95, 1.05)), rps(1.01, iv(0.995, 1.05))]),
+            "1 of 2 targets met, 1 unresolved: the interval of their per-round ratios holds the target, so this machine's noise is wider than what is to be told (rerun them on a quieter one)"
         );
     }
 
