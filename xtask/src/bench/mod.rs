@@ -108,7 +108,7 @@ pub fn run(blockwatch: &Path, opts: &Options) -> anyhow::Result<()> {
         }
     }
     println!(
-        "\n== targets (issue 11) ==\n(ratios are medians of interleaved runs against bare runs of the same workload)"
+        "\n== targets (issue 11) ==\n(ratios: the median of per-round ratios, each run over the bare run of its own interleaved round, with the interval that median lies in)"
     );
     targets::print("", &all);
     for name in &failed {
