@@ -340,18 +340,24 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
 }
 
 /// `tid` (`current` = `task`, with `cpu_ns` of CPU time) is on the CPU at
-/// `now`, yet its state has it off: in a wait (`tag.out_ns` set) or in
-/// its idle wait (no episode under way). `sched_switch` never showed it
-/// coming back. This happens: on a 6.18 VM, a Node loop preempted by
-/// another process's thread was running again a few ms later with no
-/// switch-in seen by this program, its recursion-miss count at 0, and none
-/// in ftrace's own `sched_switch` events either. Left alone, the time it
-/// ran is lost and its episode no longer adds up.
+/// `now`, yet a wait is still pending (`tag.out_ns` set): `sched_switch`
+/// never showed it coming back. This happens: on a 6.18 VM, a Node loop
+/// preempted by another process's thread was running again a few ms
+/// later with no switch-in seen by this program, its recursion-miss count
+/// at 0, and none in ftrace's own `sched_switch` events either. Left
+/// alone, the time it ran is lost, its episode no longer adds up, and the
+/// stale `out_ns` counts a wait twice.
 ///
 /// The switch-in is applied where the scheduler's own CPU time places it:
 /// the thread's CPU time since its latest switch-out, counted back from
 /// `now` (never before that switch-out). At a timer interrupt that time
 /// lags by at most a tick, which goes to the wait instead.
+///
+/// A switch-in from the idle wait left unseen is not repaired: the
+/// episode then begins at the thread's next wait instead. Begun where the
+/// CPU time says, a runtime without an iteration clock (tokio) that then
+/// ran for long without parking was reported for that whole span, which a
+/// saturated healthy server does (four times the reports under wrk).
 #[inline(always)]
 pub(crate) fn unseen_switch_in(
     tag: &mut ThreadTag,
@@ -360,15 +366,12 @@ pub(crate) fn unseen_switch_in(
     cpu_ns: u64,
     now: u64,
 ) {
+    if tag.out_ns == 0 {
+        return;
+    }
     let Some(st) = existing_state(tid) else {
         return;
     };
-    // Strict mode ends the episode at the idle wait's entry, while the
-    // thread still runs: that is no idle wait left unseen.
-    let idle = st.looped != 0 && st.start_ns == 0 && st.in_idle == 0;
-    if tag.out_ns == 0 && !idle {
-        return;
-    }
     let ran = cpu_ns.saturating_sub(tag.out_cpu_ns);
     let mut at = now.saturating_sub(ran);
     if at < tag.out_ns {
@@ -541,9 +544,11 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     // SAFETY: no preconditions; the task is only read through
     // bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    // It runs: its state must say so.
-    let cpu_ns: u64 = kread(task, off().task_sum_exec);
-    unseen_switch_in(tag, tid, task, cpu_ns, now);
+    if tag.out_ns != 0 {
+        // It runs, so no wait can be pending.
+        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        unseen_switch_in(tag, tid, task, cpu_ns, now);
+    }
     let Some(st) = existing_state(tid) else {
         return;
     };

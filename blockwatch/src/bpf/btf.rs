@@ -170,7 +170,7 @@ mod tests {
         assert!(o.task_comm > o.task_pid);
         // A u64 inside the embedded sched_entity: past the task's first
         // fields, and aligned.
-        assert!(o.task_sum_exec > 0 && o.task_sum_exec % 8 == 0);
+        assert!(o.task_sum_exec > 0 && o.task_sum_exec.is_multiple_of(8));
     }
 
     #[test]
