@@ -540,25 +540,27 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if tag.tag != TAG_LOOP {
         return;
     }
-    let now = now();
-    // SAFETY: no preconditions; the task is only read through
-    // bpf_probe_read_kernel.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
     if tag.out_ns != 0 {
-        // It runs, so no wait can be pending.
+        // It runs, so no wait can be pending: see `unseen_switch_in`.
+        // SAFETY: as below.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
         let cpu_ns: u64 = kread(task, off().task_sum_exec);
-        unseen_switch_in(tag, tid, task, cpu_ns, now);
+        unseen_switch_in(tag, tid, task, cpu_ns, now());
     }
     let Some(st) = existing_state(tid) else {
         return;
     };
-    if st.start_ns == 0 || st.looped == 0 {
+    if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {
         return;
     }
+    let now = now();
     if now.saturating_sub(st.sampled_ns) < SAMPLE_GAP_NS {
         return;
     }
     st.sampled_ns = now;
+    // SAFETY: no preconditions; the task is only read through
+    // bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
     observe_clock(st, tag, tid, task, now);
     // Samples from half the threshold on: they name an episode that will
     // be reported, and the short ones (nearly all) send none.
