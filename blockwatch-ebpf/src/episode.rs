@@ -39,7 +39,8 @@ use blockwatch_common::{
 use crate::{
     idle::{self, LoopFd},
     maps::{
-        BPF_NOEXIST, CLOCKS, LOOPSTATE, PARKS, SAMPLE_SCRATCH, count, off, thread, threshold_ns,
+        BPF_NOEXIST, CLOCKS, LOOPSTATE, PARKS, SAMPLE_SCRATCH, count, loop_config, off, thread,
+        threshold_ns,
     },
     python,
     read::{Regs, kread, read_user, user_regs},
@@ -359,8 +360,11 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
         st.waits += 1;
         st.wait_end_ns = now;
         // A strict call whose wait alone reaches the threshold is reported
-        // as (part of) an episode, not counted again as strict.
+        // as (part of) an episode, not counted again as strict. Without
+        // --strict there is no call to look up, and a lookup is no small
+        // part of a switch.
         if waited >= threshold_ns()
+            && loop_config().is_some_and(|c| c.strict != 0)
             && let Some(call) = crate::strict::pending_call(tid)
         {
             call.offcpu = 1;

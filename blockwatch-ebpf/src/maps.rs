@@ -26,10 +26,16 @@ pub(crate) static WATCHED: HashMap<u32, WatchRule> = HashMap::with_max_entries(1
 /// Futex addresses user space identified as a thread's runtime park (idle).
 #[map]
 pub(crate) static PARKS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
-/// The stack of each thread with a pending blocking wait, captured at
-/// switch-out and sent at switch-in.
+/// The stacks of each loop thread's waits (two slots a thread, see
+/// stack.rs), written in place at switch-out and read when the episode is
+/// sent; an entry lives as long as its thread. Copying a whole value in
+/// at every wait (1.5 KiB, mostly frames a known site does not need) cost
+/// more than the rest of the capture.
 #[map]
 pub(crate) static STACKS: HashMap<u32, StackBuf> = HashMap::with_max_entries(8192, 0);
+/// One zeroed value, never written: the source of a new `STACKS` entry.
+#[map]
+pub(crate) static STACK_ZERO: Array<StackBuf> = Array::with_max_entries(1, 0);
 /// CPython processes and their layout, from user space.
 #[map]
 pub(crate) static PYPROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
@@ -47,12 +53,9 @@ pub(crate) static COUNTERS: PerCpuArray<u64> =
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
 
-/// Frame-walk scratch of `sched_switch`. Each program that walks frames
-/// has its own: the sampling program can interrupt the others on the same
-/// CPU, and the syscall programs run apart from `sched_switch`.
-#[map]
-pub(crate) static SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
-/// Frame-walk scratch of `strict_exit`.
+/// Frame-walk scratch of `strict_exit`. Each program that walks frames
+/// outside `STACKS` has its own: the sampling program can interrupt the
+/// others on the same CPU.
 #[map]
 pub(crate) static STRICT_SCRATCH: PerCpuArray<StackBuf> = PerCpuArray::with_max_entries(1, 0);
 /// Frame-walk scratch of `episode_sample`.
@@ -175,6 +178,27 @@ pub(crate) fn notify_all_execs() -> bool {
 #[inline(always)]
 pub(crate) fn loop_config() -> Option<&'static LoopConfig> {
     LOOP_CONFIG.get(0)
+}
+
+/// The value at `key` of a map whose entries belong to one thread (its
+/// programs are serialised by the scheduler), created from `zero`'s only
+/// value on first use; None when the map is full.
+// The entry is the map's, not part of the references passed in.
+#[allow(clippy::mut_from_ref)]
+#[inline(always)]
+pub(crate) fn thread_entry<V>(
+    map: &'static HashMap<u32, V>,
+    key: u32,
+    zero: &'static Array<V>,
+) -> Option<&'static mut V> {
+    // SAFETY (both): map value pointer, valid for this run; only the
+    // owning thread's programs touch the entry, one at a time.
+    if let Some(v) = map.get_ptr_mut(key) {
+        return Some(unsafe { &mut *v });
+    }
+    let zero = zero.get(0)?;
+    map.insert(key, zero, 0).ok()?;
+    map.get_ptr_mut(key).map(|v| unsafe { &mut *v })
 }
 
 /// The thread's tag, if it has one.

@@ -25,8 +25,8 @@ use blockwatch_common::{
 
 use crate::{
     maps::{
-        EVENTS, KNOWN_SITES, SCRATCH, SENT_SITES, STACKS, USER_STACK_ZERO, USER_STACKS, count, off,
-        scratch, user_stack_size,
+        EVENTS, KNOWN_SITES, SENT_SITES, STACK_ZERO, STACKS, USER_STACK_ZERO, USER_STACKS, count,
+        off, thread_entry, user_stack_size,
     },
     python,
     read::{kread, read_user, uread},
@@ -93,13 +93,15 @@ pub(crate) fn capture<C: EbpfContext>(
     task: *const u8,
     regs: *const u8,
 ) -> (u64, bool) {
-    // Index 0 of a per-CPU array always exists: this cannot fail.
-    let Some(buf) = scratch(&SCRATCH) else {
+    let Some(buf) = thread_entry(&STACKS, key, &STACK_ZERO) else {
+        count(Counter::LostStacks);
         return (0, false);
     };
     python::walk(tag, task, buf);
     let site = wait_site(regs, buf);
-    let known = match site_check(tag.tgid, site, regs) {
+    // The frame slots are free until the stack is known to be needed: the
+    // check reads its words through them.
+    let known = match site_check(tag.tgid, site, regs, &mut buf.ips) {
         Check::Match => true,
         Check::Mismatch => false,
         Check::Absent | Check::Refresh => site_recently_sent(tag.tgid, site),
@@ -109,9 +111,6 @@ pub(crate) fn capture<C: EbpfContext>(
     } else {
         user_ips(ctx, &mut buf.ips) as u64 * 8
     };
-    if STACKS.insert(key, buf, 0).is_err() {
-        count(Counter::LostStacks);
-    }
     if !known {
         copy_user_stack(tag, tid, key, regs);
     }
@@ -122,14 +121,9 @@ pub(crate) fn capture<C: EbpfContext>(
 /// `STRICT_COPY_KEY` for its strict calls), created on first use.
 #[inline(always)]
 fn user_stack_entry(key: u32) -> Option<&'static mut UserStack> {
-    if USER_STACKS.get_ptr_mut(key).is_none() {
-        let zero = USER_STACK_ZERO.get(0)?;
-        USER_STACKS.insert(key, zero, 0).ok()?;
-    }
-    // SAFETY: map value pointer, valid for this run; only this thread's
-    // switches (and, under its other key, its syscalls) touch the entry,
-    // and they are serialised by the scheduler.
-    USER_STACKS.get_ptr_mut(key).map(|v| unsafe { &mut *v })
+    // A thread's strict calls (its other key) never run during its
+    // switches, so the entry is still one thread's at a time.
+    thread_entry(&USER_STACKS, key, &USER_STACK_ZERO)
 }
 
 /// Copies the top of the user stack and the registers DWARF unwinding
@@ -272,9 +266,9 @@ enum Check {
 
 /// Checks a wait at `site` of process `tgid` (user registers at `regs`)
 /// against what user space knows of the site: whether its callers' return
-/// addresses are where user space found them.
+/// addresses are where user space found them. `window` is scratch.
 #[inline(always)]
-fn site_check(tgid: u32, site: u64, regs: *const u8) -> Check {
+fn site_check(tgid: u32, site: u64, regs: *const u8, window: &mut [u64; MAX_FRAMES]) -> Check {
     let Some(check) = KNOWN_SITES.get_ptr(SiteKey {
         tgid,
         _pad: 0,
@@ -286,11 +280,37 @@ fn site_check(tgid: u32, site: u64, regs: *const u8) -> Check {
     // replaces values whole, and a torn read only fails the check.
     let check = unsafe { &*check };
     let sp: u64 = kread(regs, off().pt_regs_sp);
+    // The words lie in ascending order (sites.rs), mostly within a few
+    // hundred bytes: one read of the span that holds them, rather than a
+    // helper call per word, which cost ~100 ns each on a VM and made this
+    // check the dearest part of a switch. Words past the window, or all of
+    // them when the span cannot be read, are read one by one.
+    let n = check.n as usize;
+    let first = check.offs[0] as u64;
+    let last = check.offs[n.saturating_sub(1) & (SITE_CHECKS - 1)] as u64;
+    let span = (last + 8).saturating_sub(first);
+    let want = if span > WINDOW_BYTES as u64 {
+        WINDOW_BYTES as u64
+    } else {
+        span
+    };
+    let len = if n > 0 && read_user(window.as_mut_ptr() as *mut u8, want as usize, sp + first) {
+        want
+    } else {
+        0
+    };
     for i in 0..SITE_CHECKS {
-        if i as u32 >= check.n {
+        if i >= n {
             break;
         }
-        let word: u64 = uread(sp + check.offs[i] as u64);
+        let at = check.offs[i] as u64;
+        let rel = at.wrapping_sub(first);
+        let idx = (rel / 8) as usize;
+        let word: u64 = if rel + 8 <= len && idx < MAX_FRAMES {
+            window[idx]
+        } else {
+            uread(sp + at)
+        };
         if word != check.vals[i] {
             count(Counter::SiteMisses);
             return Check::Mismatch;
@@ -302,6 +322,9 @@ fn site_check(tgid: u32, site: u64, regs: *const u8) -> Check {
     count(Counter::SiteHits);
     Check::Match
 }
+
+/// Bytes of stack [`site_check`] reads in one call.
+const WINDOW_BYTES: usize = MAX_FRAMES * 8;
 
 /// How long a site whose stacks were sent counts as known before user
 /// space has said so: far longer than it takes to read the record, short
