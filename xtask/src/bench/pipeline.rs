@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use super::proc::cpu_secs;
+use super::proc::{BpfStats, bpf_prog_fds, bpf_run_ns, cpu_secs, runqueue_wait_ns};
 use super::stats::{LineCounter, losses, print_table, progress, progress_done};
 use super::targets::{Figure, Goal, Unit, thousands};
 use super::tracer::strings;
@@ -56,20 +56,45 @@ pub(super) struct Steady {
     pub events: u64,
     /// blockwatch's CPU over the window, seconds.
     pub cpu: f64,
+    /// What its kernel programs ran over the window (in the threads they
+    /// hooked, the workload's and every other on the host), seconds; None
+    /// without BPF statistics.
+    pub kernel: Option<f64>,
+    /// How long its threads waited for a CPU while runnable over the
+    /// window, seconds: a reader that falls behind for want of a CPU, not
+    /// of speed, shows here.
+    pub cpu_wait: Option<f64>,
 }
 
 impl Steady {
     pub fn cpu_per_event_us(&self) -> f64 {
         self.cpu / self.events as f64 * 1e6
     }
+
+    pub fn kernel_per_event_us(&self) -> Option<f64> {
+        Some(self.kernel? / self.events as f64 * 1e6)
+    }
+
+    /// The share of the window blockwatch's threads were runnable but
+    /// not running.
+    pub fn cpu_wait_share(&self) -> Option<f64> {
+        Some(self.cpu_wait? / self.secs)
+    }
 }
 
-/// (seconds since spawn, blockwatch CPU seconds, events written so far).
+/// One reading of a running blockwatch, every [`SAMPLE_EVERY`].
 #[derive(Clone, Copy, Debug)]
 struct Sample {
+    /// Seconds since spawn.
     t: f64,
+    /// Its CPU seconds.
     cpu: f64,
+    /// Events it wrote so far.
     events: u64,
+    /// Its kernel programs' run time so far, ns.
+    kernel_ns: Option<u64>,
+    /// Its threads' wait for a CPU so far, ns.
+    wait_ns: Option<u64>,
 }
 
 impl BlockRun {
@@ -118,10 +143,13 @@ fn steady_window(samples: &[Sample], secs: f64) -> Option<Steady> {
         .rev()
         .find(|s| s.t <= first + secs - COOLDOWN)?;
     let events = end.events.checked_sub(start.events)?;
+    let between = |a: Option<u64>, b: Option<u64>| Some(b?.checked_sub(a?)? as f64 / 1e9);
     (end.t - start.t >= 0.5 && events > 0).then_some(Steady {
         secs: end.t - start.t,
         events,
         cpu: end.cpu - start.cpu,
+        kernel: between(start.kernel_ns, end.kernel_ns),
+        cpu_wait: between(start.wait_ns, end.wait_ns),
     })
 }
 
@@ -198,6 +226,13 @@ impl Bench {
             "\n== pipeline: slow events per second (--threads all --threshold 1ms; threads sleeping 2 ms in a loop, 500 events/s each) =="
         );
         let secs = (opts.secs * 8.0).clamp(3.0, 8.0);
+        // Held for the section: the kernel times blockwatch's programs.
+        let stats = BpfStats::enable();
+        if stats.is_none() {
+            println!(
+                "(kernel.bpf_stats_enabled could not be set: the kernel programs' cost is not shown)"
+            );
+        }
         let mut threads = if opts.quick { 16 } else { 8 };
         let mut runs: Vec<BlockRun> = Vec::new();
         loop {
@@ -277,14 +312,25 @@ fn sample_until_exit(
     let pid = child.id();
     let started = Instant::now();
     let mut samples = Vec::new();
+    // Looked for until the first event, by when every program is loaded
+    // and attached.
+    let mut progs = Vec::new();
     loop {
         let t = started.elapsed().as_secs_f64();
         let exited = has_exited(pid)?;
+        let written = events.load(Ordering::Relaxed);
+        if written == 0 && !exited {
+            progs = bpf_prog_fds(pid);
+        }
         if let Some(cpu) = cpu_secs(pid) {
             samples.push(Sample {
                 t,
                 cpu,
-                events: events.load(Ordering::Relaxed),
+                events: written,
+                kernel_ns: (!progs.is_empty())
+                    .then(|| bpf_run_ns(pid, &progs))
+                    .flatten(),
+                wait_ns: runqueue_wait_ns(pid),
             });
         }
         if exited {
@@ -354,6 +400,12 @@ fn print_pipeline(runs: &[BlockRun]) {
                     )
                 }),
                 format!("{:.1} µs", r.cpu_per_event_us()),
+                r.steady
+                    .and_then(|s| s.kernel_per_event_us())
+                    .map_or("-".into(), |us| format!("{us:.1} µs")),
+                r.steady
+                    .and_then(|s| s.cpu_wait_share())
+                    .map_or("-".into(), |w| format!("{:.0}%", w * 100.0)),
             ]
         })
         .collect();
@@ -366,6 +418,8 @@ fn print_pipeline(runs: &[BlockRun]) {
             "unaccounted",
             "CPU/event steady (rate)",
             "CPU/event whole run",
+            "kernel programs/event steady",
+            "blockwatch waiting for a CPU",
         ]
         .map(String::from),
         &rows,
@@ -380,6 +434,12 @@ fn print_pipeline(runs: &[BlockRun]) {
         "(CPU/event steady: utime+stime of all blockwatch's threads (/proc/PID/stat, 10 ms ticks), sampled every 100 ms, \
          from {WARMUP:.0} s after the first event to {COOLDOWN} s before the workload's end, over the events written in that window; \
          whole run: its utime+stime at exit, start-up and final drain included, over all events; the workload's CPU is not counted)"
+    );
+    println!(
+        "(kernel programs/event: what blockwatch's BPF programs ran over the steady window (run_time_ns of each, kernel.bpf_stats_enabled), \
+         over the events: paid in the threads they hook, the workload's, not in blockwatch's CPU above; \
+         waiting for a CPU: the share of the steady window blockwatch's threads were runnable but not running (schedstat), \
+         high where the workload leaves it no CPU)"
     );
     println!(
         "(symbolization is always on: blockwatch has no switch to turn it off, and events without stacks are no use)"
@@ -400,11 +460,12 @@ fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
         Some(b) => {
             let bound = match first_loss {
                 Some(l) => format!(
-                    "{} threads; loss at {} threads, {} offered",
+                    "{} threads; loss at {} threads, {} offered{}",
                     b.threads,
                     l.threads,
                     l.offered_rate()
-                        .map_or("?/s".into(), |v| format!("{}/s", thousands(v)))
+                        .map_or("?/s".into(), |v| format!("{}/s", thousands(v))),
+                    l.steady.map_or(String::new(), |s| loss_bound(&s))
                 ),
                 None => format!(
                     "{} threads, no loss at any rung: bounded by what the workload offered, {}",
@@ -434,6 +495,21 @@ fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
     vec![rate, cpu]
 }
 
+/// What a run that lost events spent, for the reader to judge what bounds
+/// the rate: blockwatch's CPU and its programs' per event, and how long it
+/// waited for a CPU it could not have.
+fn loss_bound(s: &Steady) -> String {
+    let mut out = format!(", where blockwatch used {:.1} µs", s.cpu_per_event_us());
+    if let Some(k) = s.kernel_per_event_us() {
+        out += &format!(" and its kernel programs {k:.1} µs");
+    }
+    out += " an event";
+    if let Some(w) = s.cpu_wait_share() {
+        out += &format!(" and waited for a CPU {:.0}% of the time", w * 100.0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,7 +517,15 @@ mod tests {
     fn samples(points: &[(f64, f64, u64)]) -> Vec<Sample> {
         points
             .iter()
-            .map(|&(t, cpu, events)| Sample { t, cpu, events })
+            .map(|&(t, cpu, events)| Sample {
+                t,
+                cpu,
+                events,
+                // The kernel programs ran 2 µs an event, and blockwatch
+                // waited for a CPU a fifth of the time.
+                kernel_ns: Some(events * 2000),
+                wait_ns: Some((t * 0.2e9) as u64),
+            })
             .collect()
     }
 
@@ -463,6 +547,17 @@ mod tests {
         assert_eq!(w.events, 800);
         assert!((w.cpu - 0.06).abs() < 1e-9);
         assert!((w.cpu_per_event_us() - 75.0).abs() < 1e-6);
+        assert!((w.kernel_per_event_us().unwrap() - 2.0).abs() < 1e-6);
+        assert!((w.cpu_wait_share().unwrap() - 0.2).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_figure_missing_from_either_end_of_the_window_is_none() {
+        let mut s = samples(&[(0.6, 0.3, 10), (1.6, 0.34, 500), (3.0, 0.4, 1200)]);
+        s[1].kernel_ns = None;
+        let w = steady_window(&s, 3.0).expect("a window");
+        assert_eq!(w.kernel_per_event_us(), None);
+        assert!(w.cpu_wait_share().is_some());
     }
 
     #[test]

@@ -52,6 +52,83 @@ pub fn cpu_between(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> O
     Some(ns as f64 / 1e9)
 }
 
+/// Nanoseconds the live threads of `pid` spent waiting for a CPU while
+/// runnable (the second field of /proc/PID/task/TID/schedstat), summed.
+pub fn runqueue_wait_ns(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut sum = 0;
+    for e in dir.flatten() {
+        let s = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+        sum += s.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(sum)
+}
+
+/// The file descriptors of `pid` that are BPF programs (their fdinfo
+/// has a `prog_type`).
+pub fn bpf_prog_fds(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let fd: u32 = e.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            info.lines()
+                .any(|l| l.starts_with("prog_type:"))
+                .then_some(fd)
+        })
+        .collect()
+}
+
+/// The time the kernel ran the programs behind `fds` of `pid`, summed
+/// (`run_time_ns` in their fdinfo: counted only while
+/// `kernel.bpf_stats_enabled` is 1). None when one cannot be read.
+pub fn bpf_run_ns(pid: u32, fds: &[u32]) -> Option<u64> {
+    let mut sum = 0;
+    for fd in fds {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+        sum += fdinfo_field(&info, "run_time_ns")?;
+    }
+    Some(sum)
+}
+
+fn fdinfo_field(info: &str, key: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `kernel.bpf_stats_enabled` on for as long as this lives (the kernel
+/// then times every BPF program's runs, at the cost of two clock reads a
+/// run), restored to what it was on drop.
+pub struct BpfStats {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    /// None when the switch cannot be turned (not root, no such sysctl).
+    pub fn enable() -> Option<BpfStats> {
+        let before = std::fs::read_to_string(BPF_STATS).ok()?;
+        std::fs::write(BPF_STATS, "1").ok()?;
+        Some(BpfStats {
+            before: Some(before),
+        })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = self.before.take() {
+            let _ = std::fs::write(BPF_STATS, before.trim());
+        }
+    }
+}
+
 /// A `Key:   123 kB` field of /proc/PID/status, in KiB.
 pub fn status_kb(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -162,6 +239,14 @@ pub fn last_pid() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fdinfo_fields_are_read_by_name() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_jited:\t1\nrun_time_ns:\t1862840846\nrun_cnt:\t443873\n";
+        assert_eq!(fdinfo_field(info, "run_time_ns"), Some(1_862_840_846));
+        assert_eq!(fdinfo_field(info, "run_cnt"), Some(443_873));
+        assert_eq!(fdinfo_field(info, "verified_insns"), None);
+    }
 
     #[test]
     fn stat_fields_after_the_command_name() {
