@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
+use super::proc::{BpfStats, TracerCost, bpf_prog_fds};
 use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, parse_wrk, print_table,
     progress, progress_done, spread,
@@ -28,6 +29,11 @@ struct Samples {
     rps: BTreeMap<usize, Vec<f64>>,
     p99: BTreeMap<usize, Vec<f64>>,
     reports: BTreeMap<usize, Vec<f64>>,
+    /// The tracer's own threads' CPU over the measurement, as a share of
+    /// one CPU.
+    user: BTreeMap<usize, Vec<f64>>,
+    /// Its kernel programs' run time over the measurement, likewise.
+    kernel: BTreeMap<usize, Vec<f64>>,
 }
 
 impl Samples {
@@ -123,7 +129,11 @@ impl Bench {
         }
         let url = format!("http://127.0.0.1:{port}/");
         let secs = if opts.quick { 2 } else { 3 };
+        // The kernel times every program's runs while this is held, the
+        // floor's and blockwatch's alike.
+        let stats = BpfStats::enable();
         let result = self.http_reps(&tracers, &url, secs, opts);
+        drop(stats);
         progress_done();
         let _ = server.kill();
         let _ = server.wait();
@@ -139,6 +149,10 @@ impl Bench {
         print_http(&tracers, &samples);
         println!(
             "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch, after a 1 s wrk under the same tracer (what attaching does once: the loop found, symbols parsed); {reps} interleaved repetitions, medians; the floor is what any program on sched_switch costs here)"
+        );
+        println!(
+            "(its CPU: over each measurement, the CPU time of the tracer's threads (schedstat) and the run time of its BPF programs (fdinfo run_time_ns, kernel.bpf_stats_enabled set for the section), each as a share of one CPU, medians: \
+             what watching took from the machine's two CPUs, direct where the ratios are read through the machine's noise)"
         );
         Ok(http_figures(short, &tracers, &samples, reps))
     }
@@ -171,7 +185,16 @@ impl Bench {
                 // loop found, its interpreter read, the binaries' symbols
                 // parsed for its first event (tens of ms of one CPU).
                 wrk(url, 1)?;
+                let cost = |progs: &[u32]| running.pid().and_then(|pid| TracerCost::of(pid, progs));
+                let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
+                let (before, started) = (cost(&progs), std::time::Instant::now());
                 let (r, p) = wrk(url, secs)?;
+                let after = cost(&progs);
+                if let (Some(b), Some(a)) = (before, after) {
+                    let (user, kernel) = a.shares_since(&b, started.elapsed().as_secs_f64());
+                    s.user.entry(ti).or_default().push(user);
+                    s.kernel.entry(ti).or_default().push(kernel);
+                }
                 running.stop()?;
                 s.rps.entry(ti).or_default().push(r);
                 s.p99.entry(ti).or_default().push(p);
@@ -207,11 +230,21 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
                 s.reports
                     .get(&ti)
                     .map_or("-".into(), |v| format!("{:.0}", median(v))),
+                cost_share(s, ti).map_or("-".into(), |(user, kernel)| {
+                    format!("{:.2}% + {:.2}%", user * 100.0, kernel * 100.0)
+                }),
             ]
         })
         .collect();
     print_table(
-        &["blockwatch", "requests/s", "p99 latency", "events reported"].map(String::from),
+        &[
+            "blockwatch",
+            "requests/s",
+            "p99 latency",
+            "events reported",
+            "its CPU: own threads + kernel programs (of one CPU)",
+        ]
+        .map(String::from),
         &rows,
     );
     println!(
@@ -219,6 +252,12 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
         spread(&s.rps[&0]) * 100.0,
         spread(&s.p99[&0]) * 100.0
     );
+}
+
+/// The medians of a tracer's CPU over its measurements, as shares of one
+/// CPU: (its own threads, its kernel programs).
+fn cost_share(s: &Samples, ti: usize) -> Option<(f64, f64)> {
+    Some((median(s.user.get(&ti)?), median(s.kernel.get(&ti)?)))
 }
 
 /// Requests/s (≥ 0.99×) and p99 (≤ 1.02×) against bare, per watcher, each
@@ -237,7 +276,14 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
         if t.is_floor() {
             continue;
         }
-        let note = format!("median of {reps} rounds' ratios");
+        let note = match cost_share(s, ti) {
+            Some((user, kernel)) => format!(
+                "median of {reps} rounds' ratios; it used {:.2}% of a CPU, {:.2}% in its kernel programs",
+                (user + kernel) * 100.0,
+                kernel * 100.0
+            ),
+            None => format!("median of {reps} rounds' ratios"),
+        };
         let (r, p) = (rps(ti), p99(ti));
         figures.push(
             Figure::new(

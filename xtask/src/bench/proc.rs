@@ -52,6 +52,35 @@ pub fn cpu_between(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> O
     Some(ns as f64 / 1e9)
 }
 
+/// What a tracer had cost so far: the CPU time of its live threads and
+/// the run time of its BPF programs, nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TracerCost {
+    pub user_ns: u64,
+    pub kernel_ns: u64,
+}
+
+impl TracerCost {
+    /// Reads both for `pid`, whose programs are `progs` (see
+    /// [`bpf_prog_fds`]); None when either cannot be read.
+    pub fn of(pid: u32, progs: &[u32]) -> Option<TracerCost> {
+        Some(TracerCost {
+            user_ns: thread_cpu_ns(pid).values().sum(),
+            kernel_ns: bpf_run_ns(pid, progs)?,
+        })
+    }
+
+    /// What was spent from `before` to `self`, as shares of one CPU over
+    /// `secs`: (its own threads, its kernel programs).
+    pub fn shares_since(&self, before: &TracerCost, secs: f64) -> (f64, f64) {
+        let share = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e9 / secs;
+        (
+            share(self.user_ns, before.user_ns),
+            share(self.kernel_ns, before.kernel_ns),
+        )
+    }
+}
+
 /// Nanoseconds the live threads of `pid` spent waiting for a CPU while
 /// runnable (the second field of /proc/PID/task/TID/schedstat), summed.
 pub fn runqueue_wait_ns(pid: u32) -> Option<u64> {
@@ -239,6 +268,23 @@ pub fn last_pid() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tracers_cost_is_a_share_of_one_cpu() {
+        let before = TracerCost {
+            user_ns: 1_000_000,
+            kernel_ns: 5_000_000,
+        };
+        let after = TracerCost {
+            user_ns: 31_000_000,
+            kernel_ns: 20_000_000,
+        };
+        let (user, kernel) = after.shares_since(&before, 3.0);
+        assert!((user - 0.01).abs() < 1e-12);
+        assert!((kernel - 0.005).abs() < 1e-12);
+        // A thread gone meanwhile takes its time with it: never negative.
+        assert_eq!(before.shares_since(&after, 3.0), (0.0, 0.0));
+    }
 
     #[test]
     fn fdinfo_fields_are_read_by_name() {

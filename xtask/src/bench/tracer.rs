@@ -96,6 +96,11 @@ impl Tracer {
 }
 
 impl Running {
+    /// The tracer's process; None when bare.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn stop(mut self) -> anyhow::Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
