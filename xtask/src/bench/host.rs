@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 
 use super::Bench;
 use super::Options;
+use super::proc::{BpfStats, TracerCost, bpf_prog_fds};
 use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, print_table, progress,
     progress_done, spread,
@@ -23,6 +24,12 @@ const WORKLOADS: [&str; 3] = ["getppid", "read", "pingpong"];
 /// Measured ns/op per (tracer index, workload), one value a repetition.
 type Results = BTreeMap<(usize, &'static str), Vec<f64>>;
 
+/// One run of a loop: its fastest slice's ns/op, and all its operations.
+struct LoopRun {
+    ns_per_op: f64,
+    ops: f64,
+}
+
 impl Bench {
     pub(super) fn host(&self, opts: &Options) -> anyhow::Result<Vec<Figure>> {
         println!("\n== host tax: processes blockwatch does not report ==");
@@ -33,22 +40,32 @@ impl Bench {
             .spawn()
             .context("sleep")?;
         let tracers = self.host_tracers(idle.id(), bpftrace);
+        let stats = BpfStats::enable();
         let result = self.host_runs(&tracers, opts);
+        drop(stats);
         progress_done();
         let _ = idle.kill();
         let _ = idle.wait();
-        let results = result?;
+        let (results, programs) = result?;
         self.print_host(&tracers, &results, bpftrace);
-        Ok(host_figures(&tracers, &results))
+        print_programs(&tracers, &programs);
+        Ok(host_figures(&tracers, &results, &programs))
     }
 
     /// `opts.reps` interleaved repetitions of every tracer; when the bare
     /// runs spread wide by then, more of bare, `trace` and `daemon --auto`
     /// (the ones the verdicts read) up to [`WIDE_REPS`].
-    fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<Results> {
+    fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<(Results, Results)> {
         let mut results = Results::new();
+        let mut programs = Results::new();
         let all: Vec<usize> = (0..tracers.len()).collect();
-        self.host_reps(tracers, &all, 0..opts.reps, opts.secs, &mut results)?;
+        self.host_reps(
+            tracers,
+            &all,
+            0..opts.reps,
+            opts.secs,
+            (&mut results, &mut programs),
+        )?;
         let wide = WORKLOADS
             .iter()
             .map(|w| spread(&results[&(0, *w)]))
@@ -67,22 +84,24 @@ impl Bench {
                 &read,
                 opts.reps..WIDE_REPS,
                 opts.secs,
-                &mut results,
+                (&mut results, &mut programs),
             )?;
         }
-        Ok(results)
+        Ok((results, programs))
     }
 
     /// Repetitions `reps` of the tracers `which`, interleaved, each loop
-    /// run for `secs`.
+    /// run for `secs`: each run's ns/op into `out.0`, and what the
+    /// tracer's BPF programs ran per operation of the loop into `out.1`.
     fn host_reps(
         &self,
         tracers: &[Tracer],
         which: &[usize],
         reps: std::ops::Range<usize>,
         secs: f64,
-        results: &mut Results,
+        out: (&mut Results, &mut Results),
     ) -> anyhow::Result<()> {
+        let (results, programs) = out;
         let last = reps.end;
         for rep in reps {
             for &ti in which {
@@ -93,9 +112,16 @@ impl Bench {
                     tracer.label()
                 ));
                 let running = tracer.start(self)?;
+                let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
+                let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
                 for w in WORKLOADS {
-                    let ns = self.ns_per_op(w, secs)?;
-                    results.entry((ti, w)).or_default().push(ns);
+                    let before = cost();
+                    let run = self.loop_run(w, secs)?;
+                    if let (Some(b), Some(a)) = (before, cost()) {
+                        let ns = a.kernel_ns.saturating_sub(b.kernel_ns) as f64;
+                        programs.entry((ti, w)).or_default().push(ns / run.ops);
+                    }
+                    results.entry((ti, w)).or_default().push(run.ns_per_op);
                 }
                 running.stop()?;
             }
@@ -103,17 +129,15 @@ impl Bench {
         Ok(())
     }
 
-    /// Runs the workload `mode` for `secs` and returns nanoseconds per
-    /// operation.
-    fn ns_per_op(&self, mode: &str, secs: f64) -> anyhow::Result<f64> {
+    /// Runs the workload `mode` for `secs`.
+    fn loop_run(&self, mode: &str, secs: f64) -> anyhow::Result<LoopRun> {
         let out = Command::new(&self.workload)
             .args([mode, &format!("{secs}")])
             .output()
             .context("running the workload")?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let mut it = text.split_whitespace().map(|s| s.parse::<f64>());
-        match (it.next(), it.next(), out.status.success()) {
-            (Some(Ok(ops)), Some(Ok(ns)), true) if ops > 0.0 => Ok(ns / ops),
+        match (parse_loop_run(&text), out.status.success()) {
+            (Some(run), true) => Ok(run),
             _ => bail!("workload {mode} failed: {text:?}"),
         }
     }
@@ -199,9 +223,51 @@ impl Bench {
     }
 }
 
+/// `<fastest slice's operations> <its ns> <all operations>`, the
+/// workload's line.
+fn parse_loop_run(text: &str) -> Option<LoopRun> {
+    let mut it = text.split_whitespace().map(|s| s.parse::<f64>().ok());
+    let (ops, ns, all) = (it.next()??, it.next()??, it.next()??);
+    (ops > 0.0 && all > 0.0).then_some(LoopRun {
+        ns_per_op: ns / ops,
+        ops: all,
+    })
+}
+
+/// What each tracer's BPF programs ran per operation of each loop, over
+/// whole runs: the tax read directly, where the ns/op ratios read it
+/// through the machine's noise.
+fn print_programs(tracers: &[Tracer], programs: &Results) {
+    let shown: Vec<usize> = (1..tracers.len())
+        .filter(|ti| WORKLOADS.iter().any(|w| programs.contains_key(&(*ti, *w))))
+        .collect();
+    if shown.is_empty() {
+        return;
+    }
+    let mut header = vec!["their BPF programs, ns per op".to_string()];
+    header.extend(shown.iter().map(|&ti| tracers[ti].label().to_string()));
+    let rows: Vec<Vec<String>> = WORKLOADS
+        .iter()
+        .map(|w| {
+            let mut row = vec![w.to_string()];
+            row.extend(shown.iter().map(|ti| {
+                programs
+                    .get(&(*ti, *w))
+                    .map_or("-".into(), |v| format!("{:.0}", median(v)))
+            }));
+            row
+        })
+        .collect();
+    print_table(&header, &rows);
+    println!(
+        "(the run time of each tracer's BPF programs over a whole loop run (fdinfo run_time_ns, kernel.bpf_stats_enabled set for the section), \
+         over the loop's operations, medians: what the programs cost the loop, host-wide work of the same moment included)"
+    );
+}
+
 /// Issue 11's host figures: each loop's ns/op under `daemon --auto` over
 /// bare, at most 1.03×.
-fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
+fn host_figures(tracers: &[Tracer], results: &Results, programs: &Results) -> Vec<Figure> {
     let daemon = tracers.iter().position(|t| t.label() == "daemon --auto");
     let floor = tracers.iter().position(Tracer::is_floor);
     WORKLOADS
@@ -214,8 +280,16 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
                     // Per-round ratios: see `paired_ratios`.
                     let bare = &results[&(0, w)];
                     let ratios = paired_ratios(&results[&(ti, w)], bare);
+                    let direct = |i: usize| programs.get(&(i, w)).map(|v| median(v));
+                    let mut note = format!("median of {} rounds' ratios", ratios.len());
+                    if let Some(ns) = direct(ti) {
+                        note += &format!("; its programs ran {ns:.0} ns an op");
+                        if let Some(f) = floor.and_then(direct) {
+                            note += &format!(" (the floor's {f:.0})");
+                        }
+                    }
                     Figure::new(name, median(&ratios), Unit::Ratio, goal)
-                        .with_note(format!("median of {} rounds' ratios", ratios.len()))
+                        .with_note(note)
                         .with_interval(median_interval(&ratios, COVERAGE))
                         .with_bare_spread(spread(bare))
                         .with_floor(
@@ -226,4 +300,19 @@ fn host_figures(tracers: &[Tracer], results: &Results) -> Vec<Figure> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_run_is_its_fastest_slice_and_all_its_operations() {
+        let run = parse_loop_run("4096 819200 40960\n").expect("a run");
+        assert_eq!(run.ns_per_op, 200.0);
+        assert_eq!(run.ops, 40960.0);
+        assert!(parse_loop_run("4096 819200\n").is_none(), "an old workload");
+        assert!(parse_loop_run("0 0 0\n").is_none());
+        assert!(parse_loop_run("").is_none());
+    }
 }
