@@ -40,9 +40,12 @@ impl Bench {
             .spawn()
             .context("sleep")?;
         let tracers = self.host_tracers(idle.id(), bpftrace);
-        let stats = BpfStats::enable();
-        let result = self.host_runs(&tracers, opts);
-        drop(stats);
+        let result = self.host_runs(&tracers, opts).and_then(|results| {
+            // Apart from the runs the ratios come from: timing every
+            // program run costs each one two clock reads more.
+            let _stats = BpfStats::enable();
+            Ok((results, self.host_programs(&tracers, opts.secs)?))
+        });
         progress_done();
         let _ = idle.kill();
         let _ = idle.wait();
@@ -55,17 +58,10 @@ impl Bench {
     /// `opts.reps` interleaved repetitions of every tracer; when the bare
     /// runs spread wide by then, more of bare, `trace` and `daemon --auto`
     /// (the ones the verdicts read) up to [`WIDE_REPS`].
-    fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<(Results, Results)> {
+    fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<Results> {
         let mut results = Results::new();
-        let mut programs = Results::new();
         let all: Vec<usize> = (0..tracers.len()).collect();
-        self.host_reps(
-            tracers,
-            &all,
-            0..opts.reps,
-            opts.secs,
-            (&mut results, &mut programs),
-        )?;
+        self.host_reps(tracers, &all, 0..opts.reps, opts.secs, &mut results)?;
         let wide = WORKLOADS
             .iter()
             .map(|w| spread(&results[&(0, *w)]))
@@ -84,24 +80,45 @@ impl Bench {
                 &read,
                 opts.reps..WIDE_REPS,
                 opts.secs,
-                (&mut results, &mut programs),
+                &mut results,
             )?;
         }
-        Ok((results, programs))
+        Ok(results)
+    }
+
+    /// One more run of each loop under each tracer, with the kernel timing
+    /// BPF programs: what the tracer's programs ran per operation of the
+    /// loop, per (tracer, loop).
+    fn host_programs(&self, tracers: &[Tracer], secs: f64) -> anyhow::Result<Results> {
+        let mut programs = Results::new();
+        for (ti, tracer) in tracers.iter().enumerate().skip(1) {
+            progress(&format!("bench: host programs {}", tracer.label()));
+            let running = tracer.start(self)?;
+            let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
+            let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
+            for w in WORKLOADS {
+                let before = cost();
+                let run = self.loop_run(w, secs)?;
+                if let (Some(b), Some(a)) = (before, cost()) {
+                    let ns = a.kernel_ns.saturating_sub(b.kernel_ns) as f64;
+                    programs.entry((ti, w)).or_default().push(ns / run.ops);
+                }
+            }
+            running.stop()?;
+        }
+        Ok(programs)
     }
 
     /// Repetitions `reps` of the tracers `which`, interleaved, each loop
-    /// run for `secs`: each run's ns/op into `out.0`, and what the
-    /// tracer's BPF programs ran per operation of the loop into `out.1`.
+    /// run for `secs`.
     fn host_reps(
         &self,
         tracers: &[Tracer],
         which: &[usize],
         reps: std::ops::Range<usize>,
         secs: f64,
-        out: (&mut Results, &mut Results),
+        results: &mut Results,
     ) -> anyhow::Result<()> {
-        let (results, programs) = out;
         let last = reps.end;
         for rep in reps {
             for &ti in which {
@@ -112,15 +129,8 @@ impl Bench {
                     tracer.label()
                 ));
                 let running = tracer.start(self)?;
-                let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
-                let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
                 for w in WORKLOADS {
-                    let before = cost();
                     let run = self.loop_run(w, secs)?;
-                    if let (Some(b), Some(a)) = (before, cost()) {
-                        let ns = a.kernel_ns.saturating_sub(b.kernel_ns) as f64;
-                        programs.entry((ti, w)).or_default().push(ns / run.ops);
-                    }
                     results.entry((ti, w)).or_default().push(run.ns_per_op);
                 }
                 running.stop()?;
@@ -260,8 +270,9 @@ fn print_programs(tracers: &[Tracer], programs: &Results) {
         .collect();
     print_table(&header, &rows);
     println!(
-        "(the run time of each tracer's BPF programs over a whole loop run (fdinfo run_time_ns, kernel.bpf_stats_enabled set for the section), \
-         over the loop's operations, medians: what the programs cost the loop, host-wide work of the same moment included)"
+        "(the run time of each tracer's BPF programs over a whole loop run (fdinfo run_time_ns), over the loop's operations, \
+         from one more run of each with kernel.bpf_stats_enabled set (apart from the runs above: timing costs every program run two clock reads): \
+         what the programs cost the loop, host-wide work of the same moment included)"
     );
 }
 

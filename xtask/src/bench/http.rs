@@ -29,10 +29,10 @@ struct Samples {
     rps: BTreeMap<usize, Vec<f64>>,
     p99: BTreeMap<usize, Vec<f64>>,
     reports: BTreeMap<usize, Vec<f64>>,
-    /// The tracer's own threads' CPU over the measurement, as a share of
-    /// one CPU.
+    /// The tracer's own threads' CPU over its cost measurement
+    /// (`http_costs`), as a share of one CPU.
     user: BTreeMap<usize, Vec<f64>>,
-    /// Its kernel programs' run time over the measurement, likewise.
+    /// Its kernel programs' run time over it, likewise.
     kernel: BTreeMap<usize, Vec<f64>>,
 }
 
@@ -129,11 +129,15 @@ impl Bench {
         }
         let url = format!("http://127.0.0.1:{port}/");
         let secs = if opts.quick { 2 } else { 3 };
-        // The kernel times every program's runs while this is held, the
-        // floor's and blockwatch's alike.
-        let stats = BpfStats::enable();
-        let result = self.http_reps(&tracers, &url, secs, opts);
-        drop(stats);
+        let result =
+            self.http_reps(&tracers, &url, secs, opts)
+                .and_then(|(mut samples, reps, widened)| {
+                    // Apart from the runs the ratios come from: timing every
+                    // program run costs each one two clock reads more.
+                    let _stats = BpfStats::enable();
+                    self.http_costs(&tracers, &url, secs, &mut samples)?;
+                    Ok((samples, reps, widened))
+                });
         progress_done();
         let _ = server.kill();
         let _ = server.wait();
@@ -151,7 +155,7 @@ impl Bench {
             "(wrk -t1 -c16 -d{secs}s on the same 2 CPUs as the server and blockwatch, after a 1 s wrk under the same tracer (what attaching does once: the loop found, symbols parsed); {reps} interleaved repetitions, medians; the floor is what any program on sched_switch costs here)"
         );
         println!(
-            "(its CPU: over each measurement, the CPU time of the tracer's threads (schedstat) and the run time of its BPF programs (fdinfo run_time_ns, kernel.bpf_stats_enabled set for the section), each as a share of one CPU, medians: \
+            "(its CPU: over one more measurement under each tracer, with kernel.bpf_stats_enabled set (apart from the runs above: timing costs every program run two clock reads), the CPU time of the tracer's threads (schedstat) and the run time of its BPF programs (fdinfo run_time_ns), each as a share of one CPU: \
              what watching took from the machine's two CPUs, direct where the ratios are read through the machine's noise)"
         );
         Ok(http_figures(short, &tracers, &samples, reps))
@@ -185,16 +189,7 @@ impl Bench {
                 // loop found, its interpreter read, the binaries' symbols
                 // parsed for its first event (tens of ms of one CPU).
                 wrk(url, 1)?;
-                let cost = |progs: &[u32]| running.pid().and_then(|pid| TracerCost::of(pid, progs));
-                let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
-                let (before, started) = (cost(&progs), std::time::Instant::now());
                 let (r, p) = wrk(url, secs)?;
-                let after = cost(&progs);
-                if let (Some(b), Some(a)) = (before, after) {
-                    let (user, kernel) = a.shares_since(&b, started.elapsed().as_secs_f64());
-                    s.user.entry(ti).or_default().push(user);
-                    s.kernel.entry(ti).or_default().push(kernel);
-                }
                 running.stop()?;
                 s.rps.entry(ti).or_default().push(r);
                 s.p99.entry(ti).or_default().push(p);
@@ -209,6 +204,34 @@ impl Bench {
             }
         }
         Ok((s, reps, widened))
+    }
+
+    /// One more measurement under each tracer, with the kernel timing BPF
+    /// programs: the CPU of the tracer's threads and its programs' run
+    /// time over it, as shares of one CPU, into `s`.
+    fn http_costs(
+        &self,
+        tracers: &[Tracer],
+        url: &str,
+        secs: u64,
+        s: &mut Samples,
+    ) -> anyhow::Result<()> {
+        for (ti, tracer) in tracers.iter().enumerate().skip(1) {
+            progress(&format!("bench: http cost {}", tracer.label()));
+            let running = tracer.start(self)?;
+            wrk(url, 1)?;
+            let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
+            let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
+            let (before, started) = (cost(), std::time::Instant::now());
+            wrk(url, secs)?;
+            if let (Some(b), Some(a)) = (before, cost()) {
+                let (user, kernel) = a.shares_since(&b, started.elapsed().as_secs_f64());
+                s.user.entry(ti).or_default().push(user);
+                s.kernel.entry(ti).or_default().push(kernel);
+            }
+            running.stop()?;
+        }
+        Ok(())
     }
 }
 

@@ -82,6 +82,15 @@ impl Steady {
     }
 }
 
+/// What blockwatch's kernel programs ran per event in a run with the
+/// kernel timing them.
+pub(super) struct Programs {
+    threads: usize,
+    /// Events reported a second.
+    rate: f64,
+    per_event_us: f64,
+}
+
 /// One reading of a running blockwatch, every [`SAMPLE_EVERY`].
 #[derive(Clone, Copy, Debug)]
 struct Sample {
@@ -162,6 +171,7 @@ impl Bench {
         threads: usize,
         secs: f64,
         user_stack: Option<&str>,
+        programs: bool,
     ) -> anyhow::Result<BlockRun> {
         let mut args = strings(&[
             "trace",
@@ -200,7 +210,7 @@ impl Bench {
             let events = Arc::clone(&events);
             std::thread::spawn(move || count_lines(stdout, &events))
         };
-        let sampled = sample_until_exit(&mut child, &events, secs + 60.0);
+        let sampled = sample_until_exit(&mut child, &events, secs + 60.0, programs);
         // The pipe closes once blockwatch and the workload are gone.
         let counter = reader
             .join()
@@ -226,18 +236,11 @@ impl Bench {
             "\n== pipeline: slow events per second (--threads all --threshold 1ms; threads sleeping 2 ms in a loop, 500 events/s each) =="
         );
         let secs = (opts.secs * 8.0).clamp(3.0, 8.0);
-        // Held for the section: the kernel times blockwatch's programs.
-        let stats = BpfStats::enable();
-        if stats.is_none() {
-            println!(
-                "(kernel.bpf_stats_enabled could not be set: the kernel programs' cost is not shown)"
-            );
-        }
         let mut threads = if opts.quick { 16 } else { 8 };
         let mut runs: Vec<BlockRun> = Vec::new();
         loop {
             progress(&format!("bench: pipeline {threads} threads, {secs:.0} s"));
-            let r = match self.block_run(threads, secs, None) {
+            let r = match self.block_run(threads, secs, None, false) {
                 Ok(r) => r,
                 Err(e) if !runs.is_empty() => {
                     progress_done();
@@ -258,7 +261,42 @@ impl Bench {
         progress_done();
         runs.sort_by_key(|r| r.threads);
         print_pipeline(&runs);
-        Ok(pipeline_figures(&runs))
+        let programs = self.pipeline_programs(&runs, secs);
+        match &programs {
+            Some(p) => println!(
+                "kernel programs: {:.1} µs an event at {} threads ({}/s reported), from one more run with kernel.bpf_stats_enabled set \
+                 (apart from the ladder: timing costs every program run two clock reads); paid in the threads they hook, the workload's, \
+                 not in blockwatch's CPU above",
+                p.per_event_us,
+                p.threads,
+                thousands(p.rate)
+            ),
+            None => println!(
+                "(kernel programs: not measured, kernel.bpf_stats_enabled could not be set or the run failed)"
+            ),
+        }
+        Ok(pipeline_figures(&runs, programs.as_ref()))
+    }
+
+    /// One more run at the first rung that lost (else the top one), with
+    /// the kernel timing BPF programs: what blockwatch's programs ran per
+    /// event there.
+    fn pipeline_programs(&self, runs: &[BlockRun], secs: f64) -> Option<Programs> {
+        let rung = runs
+            .iter()
+            .find(|r| r.lost() > 0)
+            .or_else(|| runs.last())?
+            .threads;
+        let _stats = BpfStats::enable()?;
+        progress(&format!("bench: pipeline programs, {rung} threads"));
+        let run = self.block_run(rung, secs, None, true);
+        progress_done();
+        let run = run.ok()?;
+        Some(Programs {
+            threads: rung,
+            rate: run.rate(),
+            per_event_us: run.steady?.kernel_per_event_us()?,
+        })
     }
 }
 
@@ -308,6 +346,7 @@ fn sample_until_exit(
     child: &mut Child,
     events: &AtomicU64,
     limit: f64,
+    programs: bool,
 ) -> anyhow::Result<(bool, f64, Vec<Sample>)> {
     let pid = child.id();
     let started = Instant::now();
@@ -319,7 +358,7 @@ fn sample_until_exit(
         let t = started.elapsed().as_secs_f64();
         let exited = has_exited(pid)?;
         let written = events.load(Ordering::Relaxed);
-        if written == 0 && !exited {
+        if programs && written == 0 && !exited {
             progs = bpf_prog_fds(pid);
         }
         if let Some(cpu) = cpu_secs(pid) {
@@ -401,9 +440,6 @@ fn print_pipeline(runs: &[BlockRun]) {
                 }),
                 format!("{:.1} µs", r.cpu_per_event_us()),
                 r.steady
-                    .and_then(|s| s.kernel_per_event_us())
-                    .map_or("-".into(), |us| format!("{us:.1} µs")),
-                r.steady
                     .and_then(|s| s.cpu_wait_share())
                     .map_or("-".into(), |w| format!("{:.0}%", w * 100.0)),
             ]
@@ -418,7 +454,6 @@ fn print_pipeline(runs: &[BlockRun]) {
             "unaccounted",
             "CPU/event steady (rate)",
             "CPU/event whole run",
-            "kernel programs/event steady",
             "blockwatch waiting for a CPU",
         ]
         .map(String::from),
@@ -436,9 +471,7 @@ fn print_pipeline(runs: &[BlockRun]) {
          whole run: its utime+stime at exit, start-up and final drain included, over all events; the workload's CPU is not counted)"
     );
     println!(
-        "(kernel programs/event: what blockwatch's BPF programs ran over the steady window (run_time_ns of each, kernel.bpf_stats_enabled), \
-         over the events: paid in the threads they hook, the workload's, not in blockwatch's CPU above; \
-         waiting for a CPU: the share of the steady window blockwatch's threads were runnable but not running (schedstat), \
+        "(waiting for a CPU: the share of the steady window blockwatch's threads were runnable but not running (schedstat), \
          high where the workload leaves it no CPU)"
     );
     println!(
@@ -448,7 +481,7 @@ fn print_pipeline(runs: &[BlockRun]) {
 
 /// Slow events/s sustained without loss (≥ 100,000) and the CPU per event
 /// in steady state at the fastest lossless run (≤ 5 µs).
-fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
+fn pipeline_figures(runs: &[BlockRun], programs: Option<&Programs>) -> Vec<Figure> {
     let best = runs
         .iter()
         .filter(|r| r.lost() == 0)
@@ -465,7 +498,10 @@ fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
                     l.threads,
                     l.offered_rate()
                         .map_or("?/s".into(), |v| format!("{}/s", thousands(v))),
-                    l.steady.map_or(String::new(), |s| loss_bound(&s))
+                    l.steady.map_or(String::new(), |s| loss_bound(
+                        &s,
+                        programs.filter(|p| p.threads == l.threads)
+                    ))
                 ),
                 None => format!(
                     "{} threads, no loss at any rung: bounded by what the workload offered, {}",
@@ -498,10 +534,10 @@ fn pipeline_figures(runs: &[BlockRun]) -> Vec<Figure> {
 /// What a run that lost events spent, for the reader to judge what bounds
 /// the rate: blockwatch's CPU and its programs' per event, and how long it
 /// waited for a CPU it could not have.
-fn loss_bound(s: &Steady) -> String {
+fn loss_bound(s: &Steady, programs: Option<&Programs>) -> String {
     let mut out = format!(", where blockwatch used {:.1} µs", s.cpu_per_event_us());
-    if let Some(k) = s.kernel_per_event_us() {
-        out += &format!(" and its kernel programs {k:.1} µs");
+    if let Some(p) = programs {
+        out += &format!(" and its kernel programs {:.1} µs", p.per_event_us);
     }
     out += " an event";
     if let Some(w) = s.cpu_wait_share() {

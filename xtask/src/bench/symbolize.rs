@@ -104,7 +104,7 @@ impl Bench {
                     rep + 1,
                     opts.reps
                 ));
-                let r = self.block_run(16, secs, size)?;
+                let r = self.block_run(16, secs, size, false)?;
                 let cpu = r
                     .steady
                     .map_or(r.cpu_per_event_us(), |s| s.cpu_per_event_us());
