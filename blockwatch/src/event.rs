@@ -161,6 +161,9 @@ struct Shared {
     advice: Mutex<Vec<(AdviceKey, String)>>,
     identity: OnceLock<u64>,
     json: OnceLock<Box<[u8]>>,
+    /// [`Stack::culprit`] and [`Stack::offender`] as JSON.
+    culprit_json: OnceLock<Box<[u8]>>,
+    offender_json: OnceLock<Box<[u8]>>,
     /// The text lines, folded and whole (`--all-frames`).
     text: [OnceLock<Box<str>>; 2],
 }
@@ -241,12 +244,35 @@ impl Stack {
         })
     }
 
+    /// [`Stack::culprit`] as JSON (a frame object, or `null`): every
+    /// event of the stack names it, and rendering it (an address in hex,
+    /// three escaped strings) each time cost more than the rest of the
+    /// line's fields.
+    pub fn culprit_json(&self) -> &[u8] {
+        self.0
+            .culprit_json
+            .get_or_init(|| frame_json(self.culprit().as_ref()))
+    }
+
+    /// [`Stack::offender`] as JSON, likewise.
+    pub fn offender_json(&self) -> &[u8] {
+        self.0
+            .offender_json
+            .get_or_init(|| frame_json(self.offender().as_ref()))
+    }
+
     /// The frames as text lines ([`crate::output::text::stack`]).
     pub fn text(&self, frames: crate::output::text::Frames) -> &str {
         let all = frames == crate::output::text::Frames::All;
         self.0.text[usize::from(all)]
             .get_or_init(|| crate::output::text::stack(&self.0.frames, frames).into())
     }
+}
+
+fn frame_json(frame: Option<&Frame>) -> Box<[u8]> {
+    let mut out = Vec::new();
+    crate::output::json::write_frame(&mut out, frame);
+    out.into_boxed_slice()
 }
 
 impl std::ops::Deref for Stack {

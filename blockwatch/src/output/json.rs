@@ -37,10 +37,20 @@ pub fn write_event(out: &mut Vec<u8>, ev: &Event) {
     out.extend_from_slice(b"\",\"stack\":");
     // Kept with the stack: a call site's every event has the same frames.
     out.extend_from_slice(ev.stack.json());
+    // Nearly always the stack's own culprit and offender, whose JSON the
+    // stack keeps; a detector may name another (a stall's samples).
     out.extend_from_slice(b",\"culprit\":");
-    opt_frame(out, ev.culprit.as_ref());
+    if ev.culprit == *ev.stack.culprit() {
+        out.extend_from_slice(ev.stack.culprit_json());
+    } else {
+        write_frame(out, ev.culprit.as_ref());
+    }
     out.extend_from_slice(b",\"offender\":");
-    opt_frame(out, ev.offender.as_ref());
+    if ev.offender == *ev.stack.offender() {
+        out.extend_from_slice(ev.stack.offender_json());
+    } else {
+        write_frame(out, ev.offender.as_ref());
+    }
     out.extend_from_slice(b",\"advice\":");
     string(out, &ev.advice);
     out.extend_from_slice(b",\"detector\":\"");
@@ -67,7 +77,8 @@ pub fn write_frames(out: &mut Vec<u8>, frames: &[Frame]) {
     out.push(b']');
 }
 
-fn opt_frame(out: &mut Vec<u8>, f: Option<&Frame>) {
+/// A frame object, or `null`.
+pub fn write_frame(out: &mut Vec<u8>, f: Option<&Frame>) {
     match f {
         Some(f) => frame(out, f),
         None => out.extend_from_slice(b"null"),
@@ -217,6 +228,35 @@ mod tests {
         f.line = Some(u32::MAX);
         ev.stack = vec![f.clone(), frame(1, Some(""), Some(""))].into();
         ev.culprit = Some(f);
+        both(&ev);
+    }
+
+    #[test]
+    fn a_stacks_own_culprit_and_offender_are_written_from_its_cache() {
+        let mut ev = read_event(80);
+        let mut app = frame(0x5555_0000_4321, Some("serve_one"), Some("/srv/app/server"));
+        app.file = Some("src/serve.c".into());
+        app.line = Some(7);
+        ev.stack = vec![
+            frame(
+                0x7f00_0000_1000,
+                Some("__GI___libc_read"),
+                Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ),
+            app,
+        ]
+        .into();
+        ev.culprit = ev.stack.culprit().clone();
+        ev.offender = ev.stack.offender().clone();
+        assert!(ev.culprit.is_some(), "the fixture's stack has a culprit");
+        // Twice: the second line comes from the kept JSON.
+        both(&ev);
+        both(&ev);
+        // Another event of the same stack naming other frames writes those.
+        let mut other = ev.clone();
+        other.culprit = Some(frame(0x42, Some("elsewhere"), Some("/lib/x.so")));
+        other.offender = None;
+        both(&other);
         both(&ev);
     }
 }
