@@ -602,6 +602,13 @@ impl Pipeline {
             .user_stacks
             .remove(&b.tid)
             .filter(|u| b.waits != 0 && u.start_ns == b.wait_start_ns);
+        // A record that brings its wait's stacks whole is learned from
+        // before anything else, whatever becomes of its episode (dropped,
+        // or named by its CPU samples): the kernel counts the site as
+        // known from this send on (`SENT_SITES`), so its next waits come
+        // without stacks, and user space must have them.
+        let learned =
+            (!b.site_known && copy.is_some()).then(|| self.wait_stack(&b, copy.as_ref(), known));
         if b.waits == 1
             && b.syscall == NR_FUTEX
             && self.parks.get(&b.tid).map(|p| p.1) == Some(b.args[0])
@@ -682,7 +689,10 @@ impl Pipeline {
             self.stats.stalls += 1;
             self.cpu_bound(b, samples)
         } else {
-            let stack = self.wait_stack(&b, copy.as_ref(), known);
+            let stack = match learned {
+                Some(stack) => stack,
+                None => self.wait_stack(&b, copy.as_ref(), known),
+            };
             self.enrich(b, stack)
         };
         ev.episode = Some(episode);
