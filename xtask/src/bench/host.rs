@@ -9,7 +9,7 @@ use anyhow::{Context as _, bail};
 
 use super::Bench;
 use super::Options;
-use super::proc::{BpfStats, TracerCost, bpf_prog_fds};
+use super::proc::BpfStats;
 use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, print_table, progress,
     progress_done, spread,
@@ -42,9 +42,13 @@ impl Bench {
         let tracers = self.host_tracers(idle.id(), bpftrace);
         let result = self.host_runs(&tracers, opts).and_then(|results| {
             // Apart from the runs the ratios come from: timing every
-            // program run costs each one two clock reads more.
-            let _stats = BpfStats::enable();
-            Ok((results, self.host_programs(&tracers, opts.secs)?))
+            // program run costs each one two clock reads more. Without
+            // the timing there is nothing to show (run_time_ns stays 0).
+            let programs = match BpfStats::enable() {
+                Some(_stats) => self.host_programs(&tracers, opts.secs)?,
+                None => Results::new(),
+            };
+            Ok((results, programs))
         });
         progress_done();
         let _ = idle.kill();
@@ -94,12 +98,10 @@ impl Bench {
         for (ti, tracer) in tracers.iter().enumerate().skip(1) {
             progress(&format!("bench: host programs {}", tracer.label()));
             let running = tracer.start(self)?;
-            let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
-            let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
             for w in WORKLOADS {
-                let before = cost();
+                let before = running.cost();
                 let run = self.loop_run(w, secs)?;
-                if let (Some(b), Some(a)) = (before, cost()) {
+                if let (Some(b), Some(a)) = (before, running.cost()) {
                     let ns = a.kernel_ns.saturating_sub(b.kernel_ns) as f64;
                     programs.entry((ti, w)).or_default().push(ns / run.ops);
                 }
@@ -252,6 +254,9 @@ fn print_programs(tracers: &[Tracer], programs: &Results) {
         .filter(|ti| WORKLOADS.iter().any(|w| programs.contains_key(&(*ti, *w))))
         .collect();
     if shown.is_empty() {
+        println!(
+            "(BPF programs' run time: not measured, kernel.bpf_stats_enabled could not be set)"
+        );
         return;
     }
     let mut header = vec!["their BPF programs, ns per op".to_string()];

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use super::proc::{BpfStats, TracerCost, bpf_prog_fds};
+use super::proc::BpfStats;
 use super::stats::{
     WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, parse_wrk, print_table,
     progress, progress_done, spread,
@@ -134,8 +134,11 @@ impl Bench {
                 .and_then(|(mut samples, reps, widened)| {
                     // Apart from the runs the ratios come from: timing every
                     // program run costs each one two clock reads more.
-                    let _stats = BpfStats::enable();
-                    self.http_costs(&tracers, &url, secs, &mut samples)?;
+                    // Without the timing the programs' share would read 0:
+                    // the costs are left out ("-").
+                    if let Some(_stats) = BpfStats::enable() {
+                        self.http_costs(&tracers, &url, secs, &mut samples)?;
+                    }
                     Ok((samples, reps, widened))
                 });
         progress_done();
@@ -220,11 +223,9 @@ impl Bench {
             progress(&format!("bench: http cost {}", tracer.label()));
             let running = tracer.start(self)?;
             wrk(url, 1)?;
-            let progs = running.pid().map(bpf_prog_fds).unwrap_or_default();
-            let cost = || running.pid().and_then(|pid| TracerCost::of(pid, &progs));
-            let (before, started) = (cost(), std::time::Instant::now());
+            let (before, started) = (running.cost(), std::time::Instant::now());
             wrk(url, secs)?;
-            if let (Some(b), Some(a)) = (before, cost()) {
+            if let (Some(b), Some(a)) = (before, running.cost()) {
                 let (user, kernel) = a.shares_since(&b, started.elapsed().as_secs_f64());
                 s.user.entry(ti).or_default().push(user);
                 s.kernel.entry(ti).or_default().push(kernel);

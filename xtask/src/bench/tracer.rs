@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use super::proc::{TracerCost, bpf_prog_fds};
 use super::{Bench, bench_dir};
 use crate::run::display;
 use crate::setup::{self, Package};
@@ -99,6 +100,14 @@ impl Running {
     /// The tracer's process; None when bare.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// What the tracer has cost so far: its threads' CPU and its BPF
+    /// programs' run time (counted only under [`BpfStats`](super::proc::BpfStats)); None when
+    /// bare or unreadable.
+    pub fn cost(&self) -> Option<TracerCost> {
+        let pid = self.pid()?;
+        TracerCost::of(pid, &bpf_prog_fds(pid))
     }
 
     pub fn stop(mut self) -> anyhow::Result<()> {
