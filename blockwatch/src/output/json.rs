@@ -234,21 +234,38 @@ mod tests {
     #[test]
     fn a_stacks_own_culprit_and_offender_are_written_from_its_cache() {
         let mut ev = read_event(80);
-        let mut app = frame(0x5555_0000_4321, Some("serve_one"), Some("/srv/app/server"));
-        app.file = Some("src/serve.c".into());
-        app.line = Some(7);
+        // A library's frame is the culprit, the user's line that called it
+        // the offender: two frames, so that neither's kept JSON can stand
+        // in for the other's.
+        let mut user = frame(
+            0x5555_0000_4321,
+            Some("refresh"),
+            Some("/srv/app/report.py"),
+        );
+        user.file = Some("/srv/app/report.py".into());
+        user.line = Some(7);
         ev.stack = vec![
             frame(
                 0x7f00_0000_1000,
-                Some("__GI___libc_read"),
+                Some("__poll"),
                 Some("/usr/lib/x86_64-linux-gnu/libc.so.6"),
             ),
-            app,
+            frame(
+                0x7f00_0000_2000,
+                Some("send"),
+                Some("/srv/venv/lib/python3.11/site-packages/requests/adapters.py"),
+            ),
+            user,
         ]
         .into();
         ev.culprit = ev.stack.culprit().clone();
         ev.offender = ev.stack.offender().clone();
-        assert!(ev.culprit.is_some(), "the fixture's stack has a culprit");
+        assert!(
+            ev.culprit.is_some() && ev.offender.is_some() && ev.culprit != ev.offender,
+            "the stack names a culprit and another offender: {:?} {:?}",
+            ev.culprit,
+            ev.offender
+        );
         // Twice: the second line comes from the kept JSON.
         both(&ev);
         both(&ev);
