@@ -17,11 +17,11 @@
  * The loops run for SECONDS in ten slices and print "<operations>
  * <nanoseconds>" of the fastest slice, the least disturbed by the other
  * processes of a busy machine, then the operations of all ten (what a
- * tracer's own cost over the run is divided by). block prints the number of sleeps, the
- * main thread's included: every wait of the process longer than a
- * millisecond is one of them, so a tracer's count can be checked. The
- * per-operation cost is kept as low as the syscall itself: no work but the
- * call, the clock read once per 4096 calls.
+ * tracer's own cost over the run is divided by). block prints the number
+ * of sleeps, the main thread's included: every wait of the process longer
+ * than a millisecond is one of them, so a tracer's count can be checked.
+ * The per-operation cost is kept as low as the syscall itself: no work but
+ * the call, the clock read once per 4096 calls.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
