@@ -146,7 +146,11 @@ pub struct LoopState {
     /// Bit `slot` set: that slot's wait is at a site in `KNOWN_SITES`, and
     /// its user stacks were not taken.
     pub slot_known: u8,
-    pub _pad: [u8; 3],
+    /// Bit `slot` set: that slot's `STACKS` entry holds the wait's frames.
+    /// Unset for a known site with no interpreter frames, whose wait
+    /// needed none of them (and skipped the entry's lookup).
+    pub slot_kept: u8,
+    pub _pad: [u8; 2],
     /// Each slot's call site (see `SiteKey`).
     pub slot_site: [u64; 2],
     /// When the thread was last sampled (`SAMPLE_GAP_NS`).

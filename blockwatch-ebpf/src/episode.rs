@@ -316,16 +316,20 @@ pub(crate) fn wait_begins(
     Some((st, slot))
 }
 
-/// The wait in `slot` was at call site `site`, `known` to user space (its
-/// native stack was not taken).
+/// What `stack::capture` kept of the wait in `slot`.
 #[inline(always)]
-pub(crate) fn slot_site(st: &mut LoopState, slot: u8, site: u64, known: bool) {
+pub(crate) fn slot_site(st: &mut LoopState, slot: u8, kept: stack::Captured) {
     let bit = 1u8 << (slot & 1);
-    st.slot_site[(slot & 1) as usize] = site;
-    st.slot_known = if known {
+    st.slot_site[(slot & 1) as usize] = kept.site;
+    st.slot_known = if kept.known {
         st.slot_known | bit
     } else {
         st.slot_known & !bit
+    };
+    st.slot_kept = if kept.in_slot {
+        st.slot_kept | bit
+    } else {
+        st.slot_kept & !bit
     };
 }
 

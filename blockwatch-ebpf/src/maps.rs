@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, MAX_KNOWN_SITES,
+    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, MAX_FRAMES, MAX_KNOWN_SITES,
     NUM_COUNTERS, PyProc, SiteCheck, SiteKey, StackBuf, StrictCall, StrictKey, StrictTally,
     ThreadTag, UserStack, WatchRule,
 };
@@ -52,6 +52,12 @@ pub(crate) static COUNTERS: PerCpuArray<u64> =
 /// memory grows only with the pages it has read.
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// The stack words `sched_switch` checks a known call site by, in a
+/// process without interpreter frames (stack.rs, `capture_native`).
+#[map]
+pub(crate) static SWITCH_WINDOW: PerCpuArray<[u64; MAX_FRAMES]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Frame-walk scratch of `strict_exit`. Each program that walks frames
 /// outside `STACKS` has its own: the sampling program can interrupt the

@@ -17,11 +17,23 @@ const FRAME_OWNED_BY_CSTACK: u8 = 3;
 #[inline(always)]
 pub(crate) fn walk(tag: &mut ThreadTag, task: *const u8, buf: &mut StackBuf) {
     buf.py_len = 0;
-    // SAFETY: map value read, copied out at once.
-    if let Some(py) = unsafe { PYPROCS.get(tag.tgid) }.copied() {
-        let fsbase: u64 = kread(task, off().task_fsbase);
-        buf.py_len = py_walk(tag, &py, fsbase, buf) as u64;
+    if let Some(py) = process(tag) {
+        walk_in(tag, &py, task, buf);
     }
+}
+
+/// The interpreter of `tag`'s process, when it runs CPython.
+#[inline(always)]
+pub(crate) fn process(tag: &ThreadTag) -> Option<PyProc> {
+    // SAFETY: map value read, copied out at once.
+    unsafe { PYPROCS.get(tag.tgid) }.copied()
+}
+
+/// [`walk`] in a process known to run interpreter `py`.
+#[inline(always)]
+pub(crate) fn walk_in(tag: &mut ThreadTag, py: &PyProc, task: *const u8, buf: &mut StackBuf) {
+    let fsbase: u64 = kread(task, off().task_fsbase);
+    buf.py_len = py_walk(tag, py, fsbase, buf) as u64;
 }
 
 /// The CPython frames of the current thread, walked into the program's

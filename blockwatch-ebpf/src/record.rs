@@ -35,10 +35,11 @@ pub(crate) fn send_episode(tag: &ThreadTag, tid: u32, st: &LoopState, wall: u64,
     let slot = (st.max_slot & 1) as usize;
     let waited = st.max_ns != 0;
     let known = waited && (st.slot_known >> slot) & 1 != 0;
-    // No wait, no stacks of one; no entry: its capture failed at
-    // switch-out, where it was counted.
+    // No wait, no stacks of one; nothing in the slot: a known site with
+    // no interpreter frames, or a capture that failed at switch-out (where
+    // it was counted).
     // SAFETY: map value pointer, valid for this program run.
-    let stack = if waited {
+    let stack = if waited && (st.slot_kept >> slot) & 1 != 0 {
         STACKS.get_ptr(key).map(|s| unsafe { &*s })
     } else {
         None

@@ -10,7 +10,8 @@
 //! (`KNOWN_SITES`, keyed by [`wait_site`] and checked by `site_check`)
 //! keeps only its CPython frames:
 //! the frame-pointer walk and the 16 KiB copy are skipped, and the record
-//! names the site instead.
+//! names the site instead. In a process without CPython frames such a
+//! wait keeps nothing at all, and its thread's slot is not even looked up.
 
 use aya_ebpf::{
     EbpfContext,
@@ -25,8 +26,8 @@ use blockwatch_common::{
 
 use crate::{
     maps::{
-        EVENTS, KNOWN_SITES, SENT_SITES, STACK_ZERO, STACKS, USER_STACK_ZERO, USER_STACKS, count,
-        off, thread_entry, user_stack_size,
+        EVENTS, KNOWN_SITES, SENT_SITES, STACK_ZERO, STACKS, SWITCH_WINDOW, USER_STACK_ZERO,
+        USER_STACKS, count, off, thread_entry, user_stack_size,
     },
     python,
     read::{kread, read_user, uread},
@@ -82,8 +83,7 @@ pub(crate) fn user_ips<C: EbpfContext>(ctx: &C, ips: &mut [u64; MAX_FRAMES]) -> 
 /// Keeps the stacks of `task` (`current`), going off-CPU in a wait (user
 /// registers at `regs`), in slot `key`: its CPython frames always, and its
 /// frame-pointer stack and user-stack copy only when user space does not
-/// already have its call site's native stack. Returns the site and whether
-/// it was known.
+/// already have its call site's native stack.
 #[inline(always)]
 pub(crate) fn capture<C: EbpfContext>(
     ctx: &C,
@@ -92,20 +92,19 @@ pub(crate) fn capture<C: EbpfContext>(
     key: u32,
     task: *const u8,
     regs: *const u8,
-) -> (u64, bool) {
+) -> Captured {
+    let Some(py) = python::process(tag) else {
+        return capture_native(ctx, tag, tid, key, regs);
+    };
     let Some(buf) = thread_entry(&STACKS, key, &STACK_ZERO) else {
         count(Counter::LostStacks);
-        return (0, false);
+        return Captured::NONE;
     };
-    python::walk(tag, task, buf);
+    python::walk_in(tag, &py, task, buf);
     let site = wait_site(regs, buf);
     // The frame slots are free until the stack is known to be needed: the
     // check reads its words through them.
-    let known = match site_check(tag.tgid, site, regs, &mut buf.ips) {
-        Check::Match => true,
-        Check::Mismatch => false,
-        Check::Absent | Check::Refresh => site_recently_sent(tag.tgid, site),
-    };
+    let known = is_known(tag.tgid, site, regs, &mut buf.ips);
     buf.len = if known {
         0
     } else {
@@ -114,7 +113,84 @@ pub(crate) fn capture<C: EbpfContext>(
     if !known {
         copy_user_stack(tag, tid, key, regs);
     }
-    (site, known)
+    Captured {
+        site,
+        known,
+        in_slot: true,
+    }
+}
+
+/// [`capture`] in a process with no interpreter frames to keep. A wait at
+/// a known site then needs nothing of the thread's slot: the check reads
+/// through a per-CPU window, and the slot (a hash lookup, a large part of
+/// a switch) is taken only for a stack to keep.
+#[inline(always)]
+fn capture_native<C: EbpfContext>(
+    ctx: &C,
+    tag: &mut ThreadTag,
+    tid: u32,
+    key: u32,
+    regs: *const u8,
+) -> Captured {
+    let site = native_site(regs);
+    // Index 0 of a per-CPU array always exists; missing, the site is
+    // taken as unknown and its stack kept.
+    let known = match SWITCH_WINDOW.get_ptr_mut(0) {
+        // SAFETY: per-CPU value; nothing else runs on this CPU during a
+        // context switch (interrupts are off).
+        Some(w) => is_known(tag.tgid, site, regs, unsafe { &mut *w }),
+        None => false,
+    };
+    if known {
+        return Captured {
+            site,
+            known,
+            in_slot: false,
+        };
+    }
+    let Some(buf) = thread_entry(&STACKS, key, &STACK_ZERO) else {
+        count(Counter::LostStacks);
+        return Captured::NONE;
+    };
+    buf.py_len = 0;
+    buf.len = user_ips(ctx, &mut buf.ips) as u64 * 8;
+    copy_user_stack(tag, tid, key, regs);
+    Captured {
+        site,
+        known,
+        in_slot: true,
+    }
+}
+
+/// What [`capture`] kept of a wait.
+#[derive(Clone, Copy)]
+pub(crate) struct Captured {
+    /// Its call site (see [`wait_site`]); 0 when nothing was kept.
+    pub site: u64,
+    /// User space has the site's native stack: none was taken.
+    pub known: bool,
+    /// The thread's `STACKS` slot holds the wait's frames (interpreter
+    /// frames, or the native stack of an unknown site).
+    pub in_slot: bool,
+}
+
+impl Captured {
+    const NONE: Captured = Captured {
+        site: 0,
+        known: false,
+        in_slot: false,
+    };
+}
+
+/// Whether user space has the native stack of a wait at `site` of `tgid`
+/// (see [`site_check`]); `window` is scratch.
+#[inline(always)]
+fn is_known(tgid: u32, site: u64, regs: *const u8, window: &mut [u64; MAX_FRAMES]) -> bool {
+    match site_check(tgid, site, regs, window) {
+        Check::Match => true,
+        Check::Mismatch => false,
+        Check::Absent | Check::Refresh => site_recently_sent(tgid, site),
+    }
 }
 
 /// The `USER_STACKS` entry at `key` (a TID's stack slot, or a TID with
@@ -239,9 +315,7 @@ pub(crate) fn send_sample_stack(tag: &ThreadTag, tid: u32, start_ns: u64, regs: 
 /// the words user space found them in (`site_check`).
 #[inline(always)]
 pub(crate) fn wait_site(regs: *const u8, buf: &StackBuf) -> u64 {
-    let o = off();
-    let sp: u64 = kread(regs, o.pt_regs_sp);
-    let mut h = mix(mix(0x6a09_e667_f3bc_c908, kread(regs, o.pt_regs_ip)), sp);
+    let mut h = native_site(regs);
     for i in 0..MAX_PY_FRAMES {
         if i as u64 >= buf.py_len {
             break;
@@ -250,6 +324,14 @@ pub(crate) fn wait_site(regs: *const u8, buf: &StackBuf) -> u64 {
         h = mix(mix(h, f.code), f.instr);
     }
     h
+}
+
+/// [`wait_site`] of a wait with no interpreter frames: its `ip` and `sp`.
+#[inline(always)]
+fn native_site(regs: *const u8) -> u64 {
+    let o = off();
+    let sp: u64 = kread(regs, o.pt_regs_sp);
+    mix(mix(0x6a09_e667_f3bc_c908, kread(regs, o.pt_regs_ip)), sp)
 }
 
 /// What `KNOWN_SITES` says of a wait.

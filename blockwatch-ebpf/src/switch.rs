@@ -154,8 +154,8 @@ fn switch_out<C: EbpfContext>(
     };
     if let Some((st, slot)) = slot {
         let key = stack::slot_key(tid, slot);
-        let (site, known) = stack::capture(ctx, tag, tid, key, prev, regs);
-        episode::slot_site(st, slot, site, known);
+        let kept = stack::capture(ctx, tag, tid, key, prev, regs);
+        episode::slot_site(st, slot, kept);
     }
 }
 
