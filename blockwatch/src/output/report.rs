@@ -10,7 +10,7 @@
 //! sees a stray line; the summary then goes to `diag` (stderr) with the
 //! other diagnostics.
 
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 
 use crate::event::{Detector, Event};
 use crate::output::summary::Summary;
@@ -33,18 +33,20 @@ const OUT_BUFFER: usize = 256 * 1024;
 /// Writes events and, at the end, the summary.
 pub struct Reporter {
     format: OutputFormat,
-    /// Written through at [`Reporter::flush`]: one write a drain of the
-    /// ring buffer rather than one an event, a system call saved on each
-    /// of 100,000 events a second.
-    out: BufWriter<Box<dyn Write + Send>>,
+    out: Box<dyn Write + Send>,
+    /// Events not yet written to `out`: written at [`Reporter::flush`]
+    /// (one write a drain of the ring buffer rather than one an event, a
+    /// system call saved on each of 100,000 events a second), or once it
+    /// holds `OUT_BUFFER` bytes. Events are rendered straight into it:
+    /// through a line buffer first, each event's kilobyte or so was copied
+    /// once more.
+    pending: Vec<u8>,
     diag: Box<dyn Write + Send>,
     summary: Summary,
     /// Stacks already announced with a verdict line.
-    seen: std::collections::HashSet<u64>,
+    seen: crate::FastSet<u64>,
     /// Which frames the text shows; JSON has them all.
     frames: text::Frames,
-    /// The JSON line being written, kept for its allocation.
-    line: Vec<u8>,
 }
 
 impl Reporter {
@@ -56,12 +58,12 @@ impl Reporter {
     ) -> Self {
         Self {
             format,
-            out: BufWriter::with_capacity(OUT_BUFFER, out),
+            out,
+            pending: Vec::new(),
             diag,
             summary: Summary::new(),
             seen: Default::default(),
             frames: text::Frames::Folded,
-            line: Vec::new(),
         }
     }
 
@@ -103,37 +105,40 @@ impl Reporter {
         if ev.detector == Detector::Strict && !new_stack {
             return Ok(());
         }
-        // Rendered whole before writing, so an error never leaves half a
-        // line (or half a JSON object) behind.
-        let bytes = match self.format {
+        // An event is rendered whole before anything is written, so an
+        // error never leaves half a line (or half a JSON object) behind.
+        match self.format {
             OutputFormat::Text => {
-                let mut rendered = String::new();
                 if new_stack {
-                    rendered = format!("{}\n", clean(&verdict::verdict(ev)));
+                    self.pending
+                        .extend_from_slice(clean(&verdict::verdict(ev)).as_bytes());
+                    self.pending.push(b'\n');
                 }
-                rendered.push_str(&text::event(ev, self.frames));
-                rendered.into_bytes()
+                self.pending
+                    .extend_from_slice(text::event(ev, self.frames).as_bytes());
             }
             OutputFormat::Json => {
-                let mut line = std::mem::take(&mut self.line);
-                line.clear();
-                json::write_event(&mut line, ev);
-                line.push(b'\n');
-                line
+                json::write_event(&mut self.pending, ev);
+                self.pending.push(b'\n');
             }
-        };
-        let written = self.out.write_all(&bytes);
-        // The JSON line's buffer is used again for the next one.
-        if self.format == OutputFormat::Json {
-            self.line = bytes;
         }
-        written
+        if self.pending.len() >= OUT_BUFFER {
+            return self.flush();
+        }
+        Ok(())
     }
 
     /// Writes the events reported so far: people pipe them into `jq` or
     /// watch them with `tail -f`, so a session calls this whenever it has
     /// caught up with the kernel.
     pub fn flush(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            // Cleared even on an error: the session ends on it, and what
+            // could not be written is not written twice.
+            let written = self.out.write_all(&self.pending);
+            self.pending.clear();
+            written?;
+        }
         self.out.flush()
     }
 
@@ -152,14 +157,14 @@ impl Reporter {
             OutputFormat::Text => {
                 // A blank line sets the summary apart from the last stack.
                 let gap = if self.summary.is_empty() { "" } else { "\n" };
-                write!(self.out, "{gap}{header}\n{table}\n")?;
-                self.out.flush()?;
+                write!(self.pending, "{gap}{header}\n{table}\n")?;
+                self.flush()?;
                 self.diag.flush()
             }
             OutputFormat::Json => {
                 write!(self.diag, "{header}\n{table}\n")?;
                 self.diag.flush()?;
-                self.out.flush()
+                self.flush()
             }
         }
     }
