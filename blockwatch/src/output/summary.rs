@@ -3,9 +3,10 @@
 //! `stall`), and strict calls in a table of their own, each sorted by total
 //! time.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::FastMap;
 use crate::event::{Class, Detector, Event};
 use crate::output::labels;
 use crate::pipeline::strict::StrictCalls;
@@ -20,12 +21,17 @@ struct Group {
     classes: BTreeSet<Class>,
 }
 
+/// Groups by culprit, then by syscall: two levels, so that adding an
+/// event to a group that exists looks it up by the names the event
+/// already has, with no key to allocate.
+type Groups = FastMap<String, FastMap<String, Group>>;
+
 /// Events grouped by (culprit, syscall), for the end-of-trace table.
 #[derive(Clone, Debug, Default)]
 pub struct Summary {
-    groups: HashMap<(String, String), Group>,
+    groups: Groups,
     /// Strict calls, tabled apart from the episodes.
-    strict: HashMap<(String, String), Group>,
+    strict: Groups,
 }
 
 impl Summary {
@@ -42,6 +48,7 @@ impl Summary {
         [&self.groups, &self.strict]
             .iter()
             .flat_map(|g| g.values())
+            .flat_map(|by_syscall| by_syscall.values())
             .map(|g| g.count)
             .sum()
     }
@@ -81,20 +88,24 @@ impl Summary {
 
 /// Adds `count` events of `total_ns`, the longest `max_ns`, to the group
 /// of `ev`'s culprit and syscall.
-fn add_to(
-    groups: &mut HashMap<(String, String), Group>,
-    ev: &Event,
-    count: u64,
-    total_ns: u64,
-    max_ns: u64,
-) {
+fn add_to(groups: &mut Groups, ev: &Event, count: u64, total_ns: u64, max_ns: u64) {
     // The culprit column: the function, or `<unknown>` with the module
     // when only that is known.
-    let key = (
-        clean(&labels::frame_name(ev.culprit.as_ref(), &labels::SUMMARY)).into_owned(),
-        labels::syscall(ev, labels::NO_SYSCALL_TEXT).into_owned(),
-    );
-    let g = groups.entry(key).or_default();
+    let name = labels::frame_name(ev.culprit.as_ref(), &labels::SUMMARY);
+    let culprit = clean(&name);
+    let syscall = labels::syscall(ev, labels::NO_SYSCALL_TEXT);
+    if !groups.contains_key(culprit.as_ref()) {
+        groups.insert(culprit.to_string(), FastMap::default());
+    }
+    let Some(by_syscall) = groups.get_mut(culprit.as_ref()) else {
+        return;
+    };
+    if !by_syscall.contains_key(syscall.as_ref()) {
+        by_syscall.insert(syscall.to_string(), Group::default());
+    }
+    let Some(g) = by_syscall.get_mut(syscall.as_ref()) else {
+        return;
+    };
     g.count = g.count.saturating_add(count);
     g.total_ns = g.total_ns.saturating_add(total_ns);
     g.max_ns = g.max_ns.max(max_ns);
@@ -102,8 +113,15 @@ fn add_to(
 }
 
 /// One table of groups, sorted by total time, with a totals line.
-fn render_groups(groups: &HashMap<(String, String), Group>) -> String {
-    let mut groups: Vec<_> = groups.iter().collect();
+fn render_groups(groups: &Groups) -> String {
+    let mut groups: Vec<_> = groups
+        .iter()
+        .flat_map(|(culprit, by_syscall)| {
+            by_syscall
+                .iter()
+                .map(move |(syscall, g)| ((culprit, syscall), g))
+        })
+        .collect();
     groups.sort_by(|((ca, sa), a), ((cb, sb), b)| {
         b.total_ns
             .cmp(&a.total_ns)
@@ -132,9 +150,9 @@ fn render_groups(groups: &HashMap<(String, String), Group>) -> String {
             fmt(g.total_ns),
             g.count.to_string(),
             fmt(g.max_ns),
-            syscall.clone(),
+            syscall.to_string(),
             classes.join("/"),
-            culprit.clone(),
+            culprit.to_string(),
         ]);
     }
     rows.push([

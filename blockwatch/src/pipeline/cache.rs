@@ -15,11 +15,11 @@
 //! frame was named from an ELF symbol or a code object are kept: a JIT
 //! frame's name (perf maps, V8's frames) may come later or change.
 
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use blockwatch_common::PyFrameRef;
 
+use crate::FastMap;
 use crate::event::Stack;
 
 /// Stacks kept per generation (so at most twice this)...
@@ -92,8 +92,8 @@ struct Entry {
 #[derive(Default)]
 pub struct StackCache {
     /// By the key's hash; a collision keeps the newer stack.
-    current: HashMap<u64, Entry>,
-    old: HashMap<u64, Entry>,
+    current: FastMap<u64, Entry>,
+    old: FastMap<u64, Entry>,
     /// Frames of the current generation's stacks.
     frames: usize,
 }

@@ -10,8 +10,7 @@
 //!   symbolized and the stack most of them share becomes the event's;
 //!   otherwise the next episode replaces them.
 
-use std::collections::HashMap;
-
+use crate::FastMap;
 use crate::event::Frame;
 use crate::ingest::decode::LoopRecord;
 
@@ -52,7 +51,7 @@ struct Pending {
 /// The detectors' state in the pipeline.
 #[derive(Debug, Default)]
 pub struct Loops {
-    pending: HashMap<u32, Pending>,
+    pending: FastMap<u32, Pending>,
 }
 
 impl Loops {

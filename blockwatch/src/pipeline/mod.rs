@@ -23,6 +23,7 @@ use blockwatch_common::{
     LoopClock, PyFrameRef, PyProc, SiteCheck, SiteKey, StrictKey, StrictTally,
 };
 
+use crate::FastMap;
 use crate::analyze::gil;
 use crate::analyze::syscalls::{self, FdKind};
 use crate::event::{Class, Detector, Episode, Event, Frame, OffState, Stack};
@@ -161,14 +162,14 @@ pub struct Pipeline {
     cache: StackCache,
     /// User-stack copies waiting for the record they belong to (the kernel
     /// sends a copy just before its episode or sample), by TID.
-    user_stacks: HashMap<u32, decode::UserStackRecord>,
+    user_stacks: FastMap<u32, decode::UserStackRecord>,
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, to date kernel timestamps.
     wall_offset: Duration,
-    process_names: HashMap<u32, String>,
+    process_names: FastMap<u32, String>,
     /// Futex parks learned per thread (TID -> PID, futex), to drop waits
     /// that raced the kernel map update.
     parks: HashMap<u32, (u32, u64)>,
-    interps: HashMap<u32, Interp>,
+    interps: FastMap<u32, Interp>,
     /// Processes that exec'd a Python executable whose interpreter is not
     /// found yet, with when to stop looking.
     exec_retries: HashMap<u32, Instant>,
@@ -230,11 +231,11 @@ impl Pipeline {
             stacks: StackBuilder::new(),
             sites: Sites::new(),
             cache: StackCache::new(),
-            user_stacks: HashMap::new(),
+            user_stacks: FastMap::default(),
             wall_offset: Duration::from_nanos(wall.saturating_sub(mono)),
-            process_names: HashMap::new(),
+            process_names: FastMap::default(),
             parks: HashMap::new(),
-            interps: HashMap::new(),
+            interps: FastMap::default(),
             exec_retries: HashMap::new(),
             exec_retry_at: Instant::now(),
             loops: Loops::new(),
@@ -885,7 +886,7 @@ impl Pipeline {
 type KnownSitesMap = BpfHashMap<MapData, SiteKey, SiteCheck>;
 
 /// Process `pid`'s interpreter, when it is known to run CPython.
-fn python_of(interps: &HashMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
+fn python_of(interps: &FastMap<u32, Interp>, pid: u32) -> Option<&PyProcess> {
     match interps.get(&pid) {
         Some(Interp::Python(py)) => Some(py),
         _ => None,

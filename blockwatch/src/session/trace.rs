@@ -40,7 +40,7 @@ enum Stop {
 struct Sink {
     reporter: Reporter,
     watch: Watch,
-    threads_seen: HashSet<u32>,
+    threads_seen: crate::FastSet<u32>,
     pictures: Pictures,
     /// First output error (stdout closed): ends the session.
     error: Option<std::io::Error>,
@@ -78,7 +78,7 @@ impl Sink {
                 execd: Vec::new(),
                 keep_open: command.is_some() || (args.pids.is_empty() && !args.tids.is_empty()),
             },
-            threads_seen: HashSet::new(),
+            threads_seen: crate::FastSet::default(),
             pictures,
             error: None,
         }

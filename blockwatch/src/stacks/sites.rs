@@ -25,12 +25,11 @@
 //! kernel map only once its frames are here, and leaves it before it
 //! leaves here (eviction, the process's exec or exit).
 
-use std::collections::HashMap;
-
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use blockwatch_common::{MAX_KNOWN_SITES, SITE_CHECKS, SITE_REFRESH, SiteCheck, SiteKey};
 use log::debug;
 
+use crate::FastMap;
 use crate::event::Stack;
 use crate::ingest::decode::UserStackRecord;
 
@@ -77,7 +76,7 @@ fn same_callers(a: &SiteCheck, b: &SiteCheck) -> bool {
 /// The frames of every known call site, by process and site.
 #[derive(Default)]
 pub struct Sites {
-    sites: HashMap<u32, HashMap<u64, Site>>,
+    sites: FastMap<u32, FastMap<u64, Site>>,
     len: usize,
     /// A logical clock for least-recently-used eviction.
     tick: u64,
@@ -258,7 +257,7 @@ mod tests {
     use crate::event::Frame;
 
     #[derive(Default)]
-    struct Kernel(HashMap<SiteKey, SiteCheck>);
+    struct Kernel(std::collections::HashMap<SiteKey, SiteCheck>);
 
     impl KnownSites for Kernel {
         fn add(&mut self, key: SiteKey, check: SiteCheck) -> Result<(), MapError> {
