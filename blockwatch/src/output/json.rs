@@ -95,6 +95,29 @@ fn timestamp(out: &mut Vec<u8>, t: SystemTime) {
 /// 9999-12-31T23:59:59Z: later times do not fit the format's year.
 const LAST_4_DIGIT_YEAR: u64 = 253_402_300_799;
 
+/// Whether any byte of `bytes` is a control character, `"` or `\\`.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // A byte of `x` is zero: its high bit is set in `zero(x)` (bytes over
+    // 0x80 of `x` itself are masked off by `!x`).
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        // Below 0x20: subtracting 0x20 borrows into the high bit (which
+        // bytes of 0x80 and over had set already, hence `!x`).
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        if control | zero(x ^ (ONES * u64::from(b'"'))) | zero(x ^ (ONES * u64::from(b'\\'))) != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 /// `v` in exactly `width` decimal digits (`v` fits them).
 fn digits(out: &mut Vec<u8>, v: u64, width: u32) {
     let mut div = 10u64.pow(width - 1);
@@ -199,6 +222,13 @@ fn string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Names and advice nearly never need escaping: found out eight bytes
+    // at a time, they are copied whole.
+    if !needs_escape(bytes) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let short = match b {
@@ -233,6 +263,35 @@ mod tests {
     use crate::event::{Class, Detector, OffState};
     use crate::output::fixtures::{app_frame, event, frame, read_event};
     use std::time::Duration;
+
+    #[test]
+    fn escaping_is_found_at_every_position() {
+        // Each special byte, at each offset of a 17-byte string (two whole
+        // chunks and a remainder), beside bytes over 0x80 (UTF-8), which
+        // must not pass for controls.
+        for special in (0u8..0x20).chain([b'"', b'\\']) {
+            for at in 0..17 {
+                let mut b = "é-abcdefghijklmn".as_bytes().to_vec();
+                b[at] = special;
+                assert!(needs_escape(&b), "{special:#x} at {at}");
+            }
+        }
+        for ok in [
+            "",
+            "a",
+            "python3",
+            "é€𝄞 ~\x7f!#/<>",
+            "move the blocking sleep call (time.sleep) off the loop",
+        ] {
+            assert!(!needs_escape(ok.as_bytes()), "{ok}");
+        }
+        let mut out = Vec::new();
+        string(&mut out, "tab\there \"q\" \\ \u{1}é");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#""tab\there \"q\" \\ \u0001é""#
+        );
+    }
 
     #[test]
     fn timestamps_match_the_calendar_formatter() {
