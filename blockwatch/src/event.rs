@@ -4,7 +4,7 @@
 //! is the documented schema of `--output json` (see README), so field
 //! names here are a public contract.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -227,7 +227,7 @@ impl Stack {
     /// function, module and line (not its address, which ASLR moves).
     pub fn identity(&self) -> u64 {
         *self.0.identity.get_or_init(|| {
-            let mut h = DefaultHasher::new();
+            let mut h = crate::identity_hasher();
             for f in &self.0.frames {
                 (&f.function, &f.module, f.line).hash(&mut h);
             }

@@ -34,3 +34,12 @@ pub mod text;
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// The set of the per-event path (see [`FastMap`]).
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// The hasher of the 64-bit identities blockwatch keeps in memory for the
+/// life of a process (a stack's, a stack-cache key's, an announced call's):
+/// foldhash's quality variant, far cheaper than SipHash on the per-event
+/// path, and the same from run to run.
+pub fn identity_hasher() -> impl std::hash::Hasher {
+    use std::hash::BuildHasher as _;
+    foldhash::quality::FixedState::default().build_hasher()
+}

@@ -3,7 +3,7 @@
 //! python3[123] in refresh() at app/report.py:41`, followed by the fix
 //! advice (`; fix: use ... instead of ...`).
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 
 use crate::event::{Detector, Event, Frame};
 use crate::settings::duration::format_duration;
@@ -12,7 +12,7 @@ use crate::text::{basename, scrub};
 /// Identifies "the same blocking call": process, wait and stack, but not
 /// duration or time, so each is announced once.
 pub fn stack_key(ev: &Event) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = crate::identity_hasher();
     (&ev.comm, ev.class, ev.syscall_nr, ev.detector).hash(&mut h);
     // The frames' part is kept with the stack, hashed once.
     ev.stack.identity().hash(&mut h);

@@ -15,7 +15,7 @@
 //! frame was named from an ELF symbol or a code object are kept: a JIT
 //! frame's name (perf maps, V8's frames) may come later or change.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 
 use blockwatch_common::PyFrameRef;
 
@@ -40,7 +40,7 @@ pub struct Key<'a> {
 
 impl Key<'_> {
     fn hash(&self) -> u64 {
-        let mut h = DefaultHasher::new();
+        let mut h = crate::identity_hasher();
         (self.pid, self.python, self.generation, self.ips).hash(&mut h);
         for r in self.py {
             (r.code, r.instr).hash(&mut h);
