@@ -756,10 +756,29 @@ fn processes_exiting_mid_event_are_reported_sanely() {
         })
         .map(|e| u64_of(e, "pid"))
         .collect();
+    // Each event in a line, so that a missing one shows whose it was and
+    // what its process's other events were.
+    let listed: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {} {:?} {}ms culprit {}",
+                u64_of(e, "pid"),
+                str_of(e, "comm"),
+                u64_of(e, "tid"),
+                e.get("syscall").and_then(|s| s.as_str()),
+                u64_of(e, "duration_ns") / 1_000_000,
+                e.pointer("/culprit/function")
+                    .and_then(|f| f.as_str())
+                    .unwrap_or("-"),
+            )
+        })
+        .collect();
     assert_eq!(
         quick.len(),
         20,
-        "each short-lived process's 40 ms sleep, reported after it exited\n{}",
+        "each short-lived process's 40 ms sleep, reported after it exited\n{}\n{}",
+        listed.join("\n"),
         bw.report()
     );
 }
