@@ -111,6 +111,17 @@ fn switch_out<C: EbpfContext>(
         }
         return;
     }
+    if tag.tag == TAG_CANDIDATE
+        && voluntary
+        && tag.probe_budget < PROBE_BUDGET
+        && park_learned(tid)
+    {
+        // User space learned its park (from the probe of an earlier wait)
+        // only after the thread had woken from it, so the switch-in could
+        // not tell: it runs a loop, and this wait, its first blocking
+        // call, counts.
+        become_loop(tag, tid, prev);
+    }
     if tag.tag != TAG_LOOP {
         return;
     }
