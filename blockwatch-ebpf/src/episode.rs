@@ -486,7 +486,7 @@ fn parked(tag: &ThreadTag, tid: u32) -> bool {
 #[inline(always)]
 pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let tid = crate::ids::current_tid();
-    if tid == 0 {
+    if tid == 0 || crate::maps::episode_busy() {
         return;
     }
     let Some(tag) = thread(tid) else {

@@ -72,12 +72,14 @@ pub fn task_newtask_raw(ctx: RawTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     task::on_exec(ctx.arg(1));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn sched_process_exec_raw(ctx: RawTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     task::on_exec(ctx.arg(1));
     0
 }
@@ -86,12 +88,14 @@ pub fn sched_process_exec_raw(ctx: RawTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     task::on_exit(ctx.arg::<u64>(1) & 1 != 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn sched_process_exit_raw(ctx: RawTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     task::on_exit(ctx.arg::<u64>(1) & 1 != 0);
     0
 }
@@ -101,12 +105,14 @@ pub fn sched_process_exit_raw(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn strict_enter(ctx: RawTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     strict::on_enter(ctx.arg(0), ctx.arg(1));
     0
 }
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn strict_exit(ctx: RawTracePointContext) -> i32 {
+    let _busy = maps::EpisodeBusy::hold();
     strict::on_exit(&ctx);
     0
 }

@@ -89,6 +89,50 @@ pub(crate) static USER_STACKS: HashMap<u32, UserStack> =
 #[map]
 pub(crate) static USER_STACK_ZERO: Array<UserStack> = Array::with_max_entries(1, 0);
 
+/// Set while a program that runs in a thread's own context with interrupts
+/// on (the syscall hooks, the exit hook) is at work on the thread's
+/// episode. The sampler's timer interrupt can stop such a program midway
+/// on its CPU; it must then leave the episode alone, or the two
+/// read-modify-writes interleave (an episode sent twice, once with its
+/// parts and once without, was seen under `--strict`).
+#[map]
+pub(crate) static EPISODE_BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Holds `EPISODE_BUSY` for its lifetime.
+pub(crate) struct EpisodeBusy;
+
+impl EpisodeBusy {
+    #[inline(always)]
+    pub(crate) fn hold() -> Self {
+        set_episode_busy(1);
+        EpisodeBusy
+    }
+}
+
+impl Drop for EpisodeBusy {
+    #[inline(always)]
+    fn drop(&mut self) {
+        set_episode_busy(0);
+    }
+}
+
+#[inline(always)]
+fn set_episode_busy(v: u32) {
+    // Index 0 of a per-CPU array always exists.
+    if let Some(b) = EPISODE_BUSY.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; the programs that write it run in thread
+        // context and do not nest on a CPU.
+        unsafe { *b = v };
+    }
+}
+
+/// Whether the sampler interrupted a thread-context program at work on
+/// an episode (see `EPISODE_BUSY`).
+#[inline(always)]
+pub(crate) fn episode_busy() -> bool {
+    EPISODE_BUSY.get(0).is_some_and(|b| *b != 0)
+}
+
 /// Settings of the sampler and of strict mode.
 #[map]
 pub(crate) static LOOP_CONFIG: Array<LoopConfig> = Array::with_max_entries(1, 0);

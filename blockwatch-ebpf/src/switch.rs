@@ -111,10 +111,7 @@ fn switch_out<C: EbpfContext>(
         }
         return;
     }
-    if tag.tag == TAG_CANDIDATE
-        && voluntary
-        && tag.probe_budget < PROBE_BUDGET
-        && park_learned(tid)
+    if tag.tag == TAG_CANDIDATE && voluntary && tag.probe_budget < PROBE_BUDGET && park_learned(tid)
     {
         // User space learned its park (from the probe of an earlier wait)
         // only after the thread had woken from it, so the switch-in could
