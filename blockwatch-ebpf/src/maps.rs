@@ -90,7 +90,7 @@ pub(crate) static USER_STACKS: HashMap<u32, UserStack> =
 pub(crate) static USER_STACK_ZERO: Array<UserStack> = Array::with_max_entries(1, 0);
 
 /// Set while a program that runs in a thread's own context with interrupts
-/// on (the syscall hooks, the exit hook) is at work on the thread's
+/// on (the syscall hooks, exec, exit) is at work on the thread's
 /// episode. The sampler's timer interrupt can stop such a program midway
 /// on its CPU; it must then leave the episode alone, or the two
 /// read-modify-writes interleave (an episode sent twice, once with its

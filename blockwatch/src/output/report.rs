@@ -27,7 +27,8 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Bytes of events held before they are written, at most.
+/// Bytes of events at which they are written before the drain ends (the
+/// event that crosses it included).
 const OUT_BUFFER: usize = 256 * 1024;
 
 /// Writes events and, at the end, the summary.
