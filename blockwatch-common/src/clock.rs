@@ -24,6 +24,15 @@ pub const CLOCK_PY_LOCAL: u32 = 2;
 /// a `u64` at `addr`), which `uv_run` alone increments, once per iteration;
 /// `time_addr` is `uv_loop_t.time`, where the new iteration's start is read.
 pub const CLOCK_UV_COUNT: u32 = 3;
+/// tokio: the worker's `tokio::runtime::context::CONTEXT` thread-local,
+/// `offset` bytes (at most [`TLS_CLOCK_MAX`]) at `addr` from the thread
+/// pointer (`addr` is an `i64`: the executable's static TLS lies below
+/// it). Every task poll rewrites it (the current task's id, set as a poll
+/// begins and cleared as it ends); the kernel folds the bytes into one
+/// value.
+pub const CLOCK_TLS_BLOCK: u32 = 4;
+/// Bytes of a `CLOCK_TLS_BLOCK` the kernel reads at most.
+pub const TLS_CLOCK_MAX: u64 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,13 +40,16 @@ pub struct LoopClock {
     /// `CLOCK_*`.
     pub kind: u32,
     pub _pad: u32,
-    /// `CLOCK_WORD`, `CLOCK_UV_COUNT`: the address of the word. `CLOCK_PY_LOCAL`: where user
+    /// `CLOCK_WORD`, `CLOCK_UV_COUNT`: the address of the word.
+    /// `CLOCK_TLS_BLOCK`: the block's offset from the thread pointer.
+    /// `CLOCK_PY_LOCAL`: where user
     /// space found the `_run_once` frame (the kernel checks it, and walks
     /// the thread's frames when it no longer holds).
     pub addr: u64,
     /// `CLOCK_PY_LOCAL`: the `_run_once` code object.
     pub code: u64,
     /// `CLOCK_PY_LOCAL`: byte offset of the local's slot in the frame.
+    /// `CLOCK_TLS_BLOCK`: bytes to read.
     pub offset: u64,
     /// `CLOCK_PY_LOCAL`: byte offset of the value in the object
     /// (`PyFloatObject.ob_fval`).

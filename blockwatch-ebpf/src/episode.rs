@@ -31,8 +31,9 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_get_current_task},
 };
 use blockwatch_common::{
-    CLOCK_PY_LOCAL, CLOCK_UV_COUNT, CLOCK_WORD, Counter, LoopState, RecordKind, SAMPLE_GAP_NS,
-    STATE_PREEMPTED, STATE_RUNNING, TAG_CANDIDATE, TAG_LOOP, ThreadTag,
+    CLOCK_PY_LOCAL, CLOCK_TLS_BLOCK, CLOCK_UV_COUNT, CLOCK_WORD, Counter, LoopState, RecordKind,
+    SAMPLE_GAP_NS, STATE_PREEMPTED, STATE_RUNNING, TAG_CANDIDATE, TAG_LOOP, TLS_CLOCK_MAX,
+    ThreadTag,
     x86_64::{is_epoll_wait, is_futex_wait},
 };
 
@@ -190,6 +191,29 @@ fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> 
                 read_word(obj + c.value_offset)?
             };
             Some((bits, seconds_to_ns(bits)))
+        }
+        CLOCK_TLS_BLOCK => {
+            let fsbase: u64 = kread(task, off().task_fsbase);
+            if fsbase == 0 || c.offset == 0 || c.offset > TLS_CLOCK_MAX {
+                return None;
+            }
+            // Zeroed first: the words past `offset` fold in as constants.
+            let mut words = [0u64; (TLS_CLOCK_MAX / 8) as usize];
+            if !read_user(
+                words.as_mut_ptr() as *mut u8,
+                c.offset as usize,
+                fsbase.wrapping_add(c.addr),
+            ) {
+                return None;
+            }
+            // Any change is a boundary: a fold that two different blocks
+            // rarely share is enough (FNV-1a's prime, a word at a time).
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for w in words {
+                h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            // No start time: the next episode begins where this one ends.
+            Some((h, 0))
         }
         _ => None,
     }

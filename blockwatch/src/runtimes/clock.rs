@@ -15,8 +15,11 @@
 //!   `python/clock.rs`): the `end_time` local of
 //!   `BaseEventLoop._run_once`.
 //!
-//! Not found, so ended only at idle waits: loops of other runtimes, and
-//! tokio, whose workers park between polls anyway.
+//! - tokio (`clock/tokio.rs`): its `CONTEXT` thread-local, which every
+//!   task poll rewrites (`CLOCK_TLS_BLOCK`), read at its offset from the
+//!   thread pointer.
+//!
+//! Not found, so ended only at idle waits: loops of other runtimes.
 //!
 //! The kernel's reading of a `CLOCK_PY_LOCAL` clock gives 0 while the
 //! iteration is in its select (the local is not set yet) and the time of
@@ -24,6 +27,7 @@
 //! iteration boundary.
 
 mod libuv;
+mod tokio;
 
 use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_UV_COUNT, CLOCK_WORD, LoopClock};
 
@@ -40,7 +44,7 @@ pub fn find(pid: u32, tid: u32, epfd: i32, python: Option<&PyProcess>) -> Option
     {
         return Some(clock);
     }
-    libuv::find(pid, tid, epfd)
+    tokio::find(pid).or_else(|| libuv::find(pid, tid, epfd))
 }
 
 /// The clock's current value in thread `tid`, read from user space exactly
@@ -49,7 +53,8 @@ pub fn find(pid: u32, tid: u32, epfd: i32, python: Option<&PyProcess>) -> Option
 /// `addr`;
 /// `CLOCK_PY_LOCAL` the float bits of the innermost `code` frame's local at
 /// `offset`, 0 while that local is unset. None when it cannot be read (the
-/// process is gone, the thread runs no such frame, or no clock).
+/// process is gone, the thread runs no such frame, or no clock), and for
+/// `CLOCK_TLS_BLOCK`, whose thread pointer only the kernel sees.
 pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -> Option<u64> {
     match clock.kind {
         CLOCK_WORD | CLOCK_UV_COUNT => mem::read_u64(pid, clock.addr),

@@ -150,7 +150,22 @@ fn the_scan_finds_the_default_loop() {
 #[test]
 fn no_clock_without_a_loop() {
     let me = std::process::id();
-    assert_eq!(find(me, me, 3, None), None);
+    // This test binary links tokio, so it has tokio's clock: a program
+    // with no runtime has none.
+    let mut sleep = std::process::Command::new("sleep")
+        .arg("10")
+        .spawn()
+        .expect("sleep runs");
+    let other = sleep.id();
+    let found = find(other, other, 3, None);
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    assert_eq!(found, None);
+    assert_eq!(
+        find(me, me, 3, None).map(|c| c.kind),
+        Some(blockwatch_common::CLOCK_TLS_BLOCK),
+        "a tokio program's clock"
+    );
     assert_eq!(find(u32::MAX, u32::MAX, 3, None), None);
     let clock = LoopClock::default();
     assert_eq!(read(me, me, &clock, None), None, "CLOCK_NONE");
