@@ -52,6 +52,9 @@ pub struct KernelOffsets {
     pub fdtable_fd: u32,
     pub fdtable_max_fds: u32,
     pub file_f_op: u32,
+    /// `task_struct.se.sum_exec_runtime`: the thread's CPU time, kept by
+    /// the scheduler itself.
+    pub task_sum_exec: u32,
 }
 
 impl KernelOffsets {
@@ -85,6 +88,7 @@ impl KernelOffsets {
         fdtable_fd: 0,
         fdtable_max_fds: 0,
         file_f_op: 0,
+        task_sum_exec: 0,
     };
 }
 
@@ -140,7 +144,7 @@ impl LoopConfig {
 pod!(KernelOffsets, Config, LoopConfig);
 
 const _: () = {
-    assert!(core::mem::size_of::<KernelOffsets>() == 112);
+    assert!(core::mem::size_of::<KernelOffsets>() == 116);
     assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<LoopConfig>() == 8 + STRICT_MAX_NR / 8);
 };

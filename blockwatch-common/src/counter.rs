@@ -2,7 +2,7 @@
 //! per [`Counter`], summed over CPUs by user space.
 
 /// Slots of the `COUNTERS` per-CPU array.
-pub const NUM_COUNTERS: usize = 15;
+pub const NUM_COUNTERS: usize = 16;
 
 /// What the kernel counts: mostly what it could not record, and why. Its
 /// slot is its place in this list.
@@ -44,6 +44,9 @@ pub enum Counter {
     /// Waits at a known call site whose callers were not the ones user
     /// space unwound there: their stacks were taken and sent.
     SiteMisses,
+    /// Loop threads found running whose switch-in `sched_switch` never
+    /// showed; their episodes were repaired from the scheduler's CPU time.
+    MissedSwitchIns,
 }
 
 impl Counter {
@@ -64,6 +67,7 @@ impl Counter {
         Counter::LostStrictSites,
         Counter::SiteHits,
         Counter::SiteMisses,
+        Counter::MissedSwitchIns,
     ];
 
     /// Its slot in `COUNTERS`.
@@ -91,6 +95,7 @@ impl Counter {
             Counter::LostStrictSites => "strict_site",
             Counter::SiteHits => "site_hit",
             Counter::SiteMisses => "site_miss",
+            Counter::MissedSwitchIns => "missed_switch_in",
         }
     }
 
@@ -112,6 +117,7 @@ impl Counter {
             Counter::LostStrictSites => "strict calls' call sites",
             Counter::SiteHits => "waits at known call sites",
             Counter::SiteMisses => "waits at known call sites with other callers",
+            Counter::MissedSwitchIns => "switch-ins of loop threads repaired",
         }
     }
 }

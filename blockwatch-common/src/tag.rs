@@ -75,6 +75,10 @@ pub struct ThreadTag {
     /// That file's `f_op`: a different file with the same operations at the
     /// same fd is a new epoll instance, i.e. a new loop.
     pub loop_fops: u64,
+    /// The thread's CPU time (`sum_exec_runtime`) at its latest
+    /// switch-out: with it, a switch-in `sched_switch` did not show is
+    /// placed where the scheduler's own accounting says it was.
+    pub out_cpu_ns: u64,
 }
 
 impl ThreadTag {
@@ -92,6 +96,7 @@ impl ThreadTag {
             _pad: [0; 5],
             loop_file: 0,
             loop_fops: 0,
+            out_cpu_ns: 0,
         }
     }
 }
@@ -233,7 +238,7 @@ pod!(
 
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
-    assert!(core::mem::size_of::<ThreadTag>() == 80);
+    assert!(core::mem::size_of::<ThreadTag>() == 88);
     assert!(core::mem::size_of::<LoopState>() == 168);
     assert!(core::mem::size_of::<StrictCall>() == 48);
     assert!(core::mem::size_of::<StrictKey>() == 24);

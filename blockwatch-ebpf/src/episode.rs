@@ -365,6 +365,56 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
     let Some(st) = state(tid) else {
         return;
     };
+    resume(st, tag, tid, next, now);
+}
+
+/// `tid` (`current` = `task`, with `cpu_ns` of CPU time) is on the CPU at
+/// `now`, yet a wait is still pending (`tag.out_ns` set): `sched_switch`
+/// never showed it coming back. This happens: on a 6.18 VM, a Node loop
+/// preempted by another process's thread was running again a few ms
+/// later with no switch-in seen by this program, its recursion-miss count
+/// at 0, and none in ftrace's own `sched_switch` events either. Left
+/// alone, the time it ran is lost, its episode no longer adds up, and the
+/// stale `out_ns` counts a wait twice.
+///
+/// The switch-in is applied where the scheduler's own CPU time places it:
+/// the thread's CPU time since its latest switch-out, counted back from
+/// `now` (never before that switch-out). At a timer interrupt that time
+/// lags by at most a tick, which goes to the wait instead.
+///
+/// A switch-in from the idle wait left unseen is not repaired: the
+/// episode then begins at the thread's next wait instead. Begun where the
+/// CPU time says, a loop without an iteration clock (tokio in a stripped
+/// binary) that then ran for long without parking was reported for that
+/// whole span, which a saturated healthy server does (four times the
+/// reports under wrk).
+#[inline(always)]
+pub(crate) fn unseen_switch_in(
+    tag: &mut ThreadTag,
+    tid: u32,
+    task: *const u8,
+    cpu_ns: u64,
+    now: u64,
+) {
+    if tag.out_ns == 0 {
+        return;
+    }
+    let Some(st) = existing_state(tid) else {
+        return;
+    };
+    let ran = cpu_ns.saturating_sub(tag.out_cpu_ns);
+    let mut at = now.saturating_sub(ran);
+    if at < tag.out_ns {
+        at = tag.out_ns;
+    }
+    resume(st, tag, tid, task, at);
+    tag.out_ns = 0;
+    count(Counter::MissedSwitchIns);
+}
+
+/// `back_on_cpu` on the thread's state `st`.
+#[inline(always)]
+fn resume(st: &mut LoopState, tag: &ThreadTag, tid: u32, next: *const u8, now: u64) {
     if tag.out_ns != 0 && st.looped != 0 && parked(tag, tid) {
         // The wait was the runtime's park after all: user space learned it
         // while the thread slept in it (its first parks are probed). Idle,
@@ -523,20 +573,20 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if tag.tag != TAG_LOOP {
         return;
     }
+    if tag.out_ns != 0 {
+        // It runs, so no wait can be pending: see `unseen_switch_in`.
+        // SAFETY: as below.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        unseen_switch_in(tag, tid, task, cpu_ns, now());
+    }
     let Some(st) = existing_state(tid) else {
         return;
     };
-    if st.start_ns == 0 || st.looped == 0 {
+    if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {
         return;
     }
     let now = now();
-    if st.in_ns == 0 {
-        // The thread runs, yet its episode has it off the CPU: a switch-in
-        // was not applied (seen under Node + wrk, cause not found). It is
-        // on the CPU from now, or the rest of its time would be lost and
-        // its episode dropped as not adding up.
-        st.in_ns = now;
-    }
     if now.saturating_sub(st.sampled_ns) < SAMPLE_GAP_NS {
         return;
     }

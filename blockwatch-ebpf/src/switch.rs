@@ -86,6 +86,15 @@ fn switch_out<C: EbpfContext>(
     if tag.tag == TAG_CANDIDATE && !voluntary {
         return;
     }
+    // 0 until needed: a candidate's switch-outs pay for no clock read.
+    let mut now = 0;
+    if tag.tag == TAG_LOOP {
+        // SAFETY: no preconditions.
+        now = unsafe { bpf_ktime_get_ns() };
+        let cpu_ns: u64 = kread(prev, off().task_sum_exec);
+        episode::unseen_switch_in(tag, tid, prev, cpu_ns, now);
+        tag.out_cpu_ns = cpu_ns;
+    }
     let regs = user_regs(prev, how);
     // No registers (raw tracepoints, the task's stack unreadable): no
     // syscall to judge the switch by. It never happens to a live task,
@@ -105,8 +114,11 @@ fn switch_out<C: EbpfContext>(
         };
     if voluntary && idle_or_probe(ctx, tag, tid, nr, arg0, regs, prev) {
         if tag.tag == TAG_LOOP {
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
+            if now == 0 {
+                // A candidate that has just become a loop.
+                // SAFETY: no preconditions.
+                now = unsafe { bpf_ktime_get_ns() };
+            }
             episode::idle_reached(tag, tid, prev, now);
         }
         return;
@@ -122,8 +134,11 @@ fn switch_out<C: EbpfContext>(
     if tag.tag != TAG_LOOP {
         return;
     }
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    if now == 0 {
+        // A candidate that has just become a loop.
+        // SAFETY: no preconditions.
+        now = unsafe { bpf_ktime_get_ns() };
+    }
     // A loop found by its idle wait lives as long as its epoll instance:
     // what the thread does after closing it (finalization, the rest of a
     // script) is no loop's time, and a new instance is a new loop.

@@ -143,6 +143,7 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         fdtable_fd: off("fdtable", "fd")?,
         fdtable_max_fds: off("fdtable", "max_fds")?,
         file_f_op: off("file", "f_op")?,
+        task_sum_exec: off("task_struct", "se")? + off("sched_entity", "sum_exec_runtime")?,
         // x86-64's THREAD_SIZE without KASAN; only the raw-tracepoint
         // fallback uses it to find pt_regs at the top of the kernel stack.
         thread_size: 16384,
@@ -167,6 +168,9 @@ mod tests {
         assert_eq!(o.pt_regs_bp, 32);
         assert!(o.task_pid > 0 && o.task_tgid == o.task_pid + 4);
         assert!(o.task_comm > o.task_pid);
+        // A u64 inside the embedded sched_entity: past the task's first
+        // fields, and aligned.
+        assert!(o.task_sum_exec > 0 && o.task_sum_exec.is_multiple_of(8));
     }
 
     #[test]

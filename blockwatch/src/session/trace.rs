@@ -387,8 +387,14 @@ async fn wait_for(
 
 /// Warns of what the kernel or the decoder lost.
 fn report_losses(reporter: &mut Reporter, session: &Session, pipeline: &Pipeline) {
-    for warning in Counters::read(&session.maps.counters).warnings() {
+    let counters = Counters::read(&session.maps.counters);
+    for warning in counters.warnings() {
         reporter.diag(&warning);
+    }
+    // Not a loss: the episodes were repaired, and -v says how often.
+    let repaired = counters[Counter::MissedSwitchIns];
+    if repaired > 0 {
+        info!("{repaired} switch-ins of loop threads that sched_switch never showed were repaired");
     }
     if pipeline.stats.decode_errors > 0 {
         reporter.diag(&format!(
