@@ -739,12 +739,8 @@ impl Symbolizer {
             {
                 self.forget_path(&candidate);
             }
-            match self.blaze.symbolize(
-                &Source::Elf(Elf::new(&candidate)),
-                Input::FileOffset(&[offset]),
-            ) {
-                Ok(syms) => {
-                    let r = resolved(syms.first());
+            match self.symbolize_in(&candidate, offset) {
+                Ok(r) => {
                     self.path_owner.insert(candidate.clone(), id);
                     let state = self.bins.entry(id).or_default();
                     state.path = Some(candidate);
@@ -770,16 +766,48 @@ impl Symbolizer {
 
     /// Symbolizes `offset` in a binary blazesym already has open.
     fn lookup(&mut self, path: &Path, offset: u64) -> Option<Resolved> {
-        match self
-            .blaze
-            .symbolize(&Source::Elf(Elf::new(path)), Input::FileOffset(&[offset]))
-        {
-            Ok(syms) => Some(resolved(syms.first())),
+        match self.symbolize_in(path, offset) {
+            Ok(r) => Some(r),
             Err(e) => {
                 debug!("cannot symbolize in {}: {e}", path.display());
                 None
             }
         }
+    }
+
+    /// `offset` in the ELF file at `path`: its frames, innermost first.
+    fn symbolize_in(&mut self, path: &Path, offset: u64) -> Result<Resolved, blazesym::Error> {
+        let syms = self
+            .blaze
+            .symbolize(&Source::Elf(Elf::new(path)), Input::FileOffset(&[offset]))?;
+        let Some(sym) = syms.first().and_then(Symbolized::as_sym) else {
+            return Ok(Rc::from([]));
+        };
+        let mut frames = frames_of(sym);
+        // Minimal debug info (Rust's `debug = "line-tables-only"`) names a
+        // function without its path (`park_condvar`), where the symbol
+        // table has it whole: the park detector and the culprit both need
+        // the path. Inlined callees exist in the debug info only.
+        if let Some(outer) = frames.last_mut()
+            && outer.function.as_deref().is_some_and(|f| !f.contains("::"))
+            && let Some(full) = self.symtab_name(path, offset)
+        {
+            outer.function = Some(full);
+        }
+        Ok(frames.into())
+    }
+
+    /// The function at `offset` in `path` by its symbol table alone, when
+    /// that name has a path (`::`).
+    fn symtab_name(&mut self, path: &Path, offset: u64) -> Option<String> {
+        let mut elf = Elf::new(path);
+        elf.debug_syms = false;
+        let syms = self
+            .blaze
+            .symbolize(&Source::Elf(elf), Input::FileOffset(&[offset]))
+            .ok()?;
+        let name = syms.first()?.as_sym()?.name.to_string();
+        name.contains("::").then_some(name)
     }
 
     /// Drops what blazesym keeps for `path`, and the binary that path stood
@@ -1383,6 +1411,49 @@ fn main() {
                 address: work,
                 ..Frame::default()
             }]
+        );
+    }
+
+    /// Rust built with `debug = "line-tables-only"`: its debug info names
+    /// functions without their path (`work`), its symbol table with it.
+    /// The path wins, for culprits and for recognising a runtime's park.
+    #[test]
+    fn minimal_debug_info_keeps_the_symbol_tables_path() {
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+        let Some(fx) = Fixture::start(
+            &rustc,
+            &[
+                "-C",
+                "opt-level=1",
+                "-C",
+                "debuginfo=line-tables-only",
+                "--edition",
+                "2021",
+            ],
+            "fixture.rs",
+            RUST_FIXTURE,
+        ) else {
+            return;
+        };
+        let work = fx.addrs[0];
+        let mut s = Symbolizer::new();
+        let frames = s.symbolize(fx.pid(), &[work]);
+        let outer = frames.iter().rev().find(|f| !f.inlined).unwrap();
+        assert_eq!(
+            outer.function.as_deref(),
+            Some("fixture::deep::Thing::work"),
+            "{frames:?}"
+        );
+        assert!(
+            outer
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("fixture.rs")),
+            "file and line still come from the debug info: {frames:?}"
+        );
+        assert_eq!(
+            s.function_at(fx.pid(), work).as_deref(),
+            Some("fixture::deep::Thing::work")
         );
     }
 
