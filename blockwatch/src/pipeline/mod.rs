@@ -748,12 +748,15 @@ impl Pipeline {
         if !runtime::probe_is_park(self.stacks.symbolizer(), &p) {
             return;
         }
-        info!(
-            "tid {} parks on futex {:#x}: an event-loop worker",
-            p.tid, p.uaddr
-        );
-        self.stats.parks_learned += 1;
-        self.parks.insert(p.tid, (p.pid, p.uaddr));
+        // Probes sent before the kernel had the first answer say it again:
+        // told once, handed over each time (the kernel may have dropped it).
+        if self.parks.insert(p.tid, (p.pid, p.uaddr)) != Some((p.pid, p.uaddr)) {
+            info!(
+                "tid {} parks on futex {:#x}: a runtime's idle wait",
+                p.tid, p.uaddr
+            );
+            self.stats.parks_learned += 1;
+        }
         if let Err(e) = parks_map.insert(p.tid, p.uaddr, 0) {
             warn!("cannot record the park of tid {}: {e}", p.tid);
         }
