@@ -39,10 +39,10 @@ use crate::procfs::mem;
 /// process's interpreter when it runs CPython. None when none is known:
 /// the kernel then ends episodes only at idle waits.
 pub fn find(pid: u32, tid: u32, epfd: i32, python: Option<&PyProcess>) -> Option<LoopClock> {
-    if let Some(py) = python
-        && let Some(clock) = python::clock::find(pid, tid, py)
-    {
-        return Some(clock);
+    if let Some(py) = python {
+        // CPython's loops are asyncio's or uvloop's; a tokio inside an
+        // extension module has no static TLS to read.
+        return python::clock::find(pid, tid, py).or_else(|| libuv::find(pid, tid, epfd));
     }
     tokio::find(pid).or_else(|| libuv::find(pid, tid, epfd))
 }
