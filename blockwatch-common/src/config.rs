@@ -101,7 +101,9 @@ pub struct Config {
     pub threshold_ns: u64,
     /// Send `Exec` records for every exec on the host (process-name rules).
     pub notify_all_execs: u8,
-    pub _pad: [u8; 7],
+    /// Entries of `COMM_MATCHES` in use (at most `COMM_MATCH_MAX`).
+    pub comm_matches: u8,
+    pub _pad: [u8; 6],
 }
 
 /// Settings of strict mode, `LOOP_CONFIG[0]`.

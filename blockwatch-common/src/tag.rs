@@ -31,6 +31,45 @@ pub struct WatchRule {
     pub _pad: [u8; 6],
 }
 
+/// Most process-name patterns the kernel matches itself (`COMM_MATCHES`).
+pub const COMM_MATCH_MAX: u32 = 16;
+
+/// A process-name pattern the kernel matches at exec, so that a process
+/// selected by its name is watched from its first instruction rather than
+/// from whenever user space reads the exec notice: the name exactly
+/// (`exact`) or any name that begins with `name[..len]`. An `exclude`
+/// pattern that matches keeps the kernel from watching the process by
+/// name at all. User space matches every exec too (all glob forms, and
+/// the other selectors); this is its head start, never the only path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommMatch {
+    pub name: [u8; 16],
+    pub len: u8,
+    pub exact: u8,
+    pub exclude: u8,
+    pub _pad: [u8; 5],
+    pub rule: WatchRule,
+}
+
+impl CommMatch {
+    /// Whether `comm` (a task's NUL-padded name) matches.
+    #[inline(always)]
+    pub fn matches(&self, comm: &[u8; 16]) -> bool {
+        let len = self.len as usize;
+        // A constant bound the verifier can follow; `len` is at most 15.
+        for (i, (c, n)) in comm.iter().zip(self.name.iter()).enumerate() {
+            if i >= len {
+                break;
+            }
+            if c != n {
+                return false;
+            }
+        }
+        self.exact == 0 || (len < 16 && comm[len & 15] == 0)
+    }
+}
+
 /// The tag a thread of a process watched under `rule` starts with (0:
 /// none, the thread is not watched).
 #[inline(always)]
@@ -229,6 +268,7 @@ pub struct StrictTally {
 
 pod!(
     WatchRule,
+    CommMatch,
     ThreadTag,
     LoopState,
     StrictCall,
@@ -238,6 +278,7 @@ pod!(
 
 const _: () = {
     assert!(core::mem::size_of::<WatchRule>() == 8);
+    assert!(core::mem::size_of::<CommMatch>() == 32);
     assert!(core::mem::size_of::<ThreadTag>() == 88);
     assert!(core::mem::size_of::<LoopState>() == 168);
     assert!(core::mem::size_of::<StrictCall>() == 48);

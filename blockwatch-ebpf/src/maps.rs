@@ -14,9 +14,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState, MAX_FRAMES, MAX_KNOWN_SITES,
-    NUM_COUNTERS, PyProc, SiteCheck, SiteKey, StackBuf, StrictCall, StrictKey, StrictTally,
-    ThreadTag, UserStack, WatchRule,
+    COMM_MATCH_MAX, CommMatch, Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState,
+    MAX_FRAMES, MAX_KNOWN_SITES, NUM_COUNTERS, PyProc, SiteCheck, SiteKey, StackBuf, StrictCall,
+    StrictKey, StrictTally, ThreadTag, UserStack, WatchRule,
 };
 
 #[map]
@@ -41,6 +41,10 @@ pub(crate) static STACK_ZERO: Array<StackBuf> = Array::with_max_entries(1, 0);
 pub(crate) static PYPROCS: HashMap<u32, PyProc> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub(crate) static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Process-name patterns matched at exec (`CommMatch`); the first
+/// `Config::comm_matches` are in use.
+#[map]
+pub(crate) static COMM_MATCHES: Array<CommMatch> = Array::with_max_entries(COMM_MATCH_MAX, 0);
 /// One slot per [`Counter`].
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<u64> =
@@ -215,6 +219,11 @@ pub(crate) fn count(counter: Counter) {
 #[inline(always)]
 pub(crate) fn threshold_ns() -> u64 {
     CONFIG.get(0).map(|c| c.threshold_ns).unwrap_or(u64::MAX)
+}
+
+#[inline(always)]
+pub(crate) fn comm_matches() -> u32 {
+    CONFIG.get(0).map(|c| c.comm_matches as u32).unwrap_or(0)
 }
 
 #[inline(always)]

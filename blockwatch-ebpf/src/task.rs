@@ -5,11 +5,12 @@
 //! Map removals here ignore their result on purpose: a key that is absent
 //! (the common case) is already what they want.
 
-use blockwatch_common::{Counter, RecordKind, ThreadTag, WatchRule, tag_for};
+use aya_ebpf::helpers::bpf_get_current_comm;
+use blockwatch_common::{COMM_MATCH_MAX, Counter, RecordKind, ThreadTag, WatchRule, tag_for};
 
 use crate::{
     episode, ids,
-    maps::{PARKS, PYPROCS, THREADS, WATCHED, count, notify_all_execs},
+    maps::{COMM_MATCHES, PARKS, PYPROCS, THREADS, WATCHED, comm_matches, count, notify_all_execs},
     record, stack,
 };
 
@@ -96,13 +97,53 @@ pub(crate) fn on_exec(old_pid: u32) {
     crate::strict::forget(old_pid);
     let _ = PYPROCS.remove(tgid);
     // SAFETY: map value read, copied out at once.
-    let rule = unsafe { WATCHED.get(tgid) }.copied();
+    let mut rule = unsafe { WATCHED.get(tgid) }.copied();
+    if rule.is_none()
+        && let Some(by_name) = rule_by_name()
+    {
+        if WATCHED.insert(tgid, by_name, 0).is_ok() {
+            rule = Some(by_name);
+        } else {
+            count(Counter::LostTags);
+        }
+    }
     if rule.is_some() {
         retag(tgid, tgid, rule, true);
     }
     if rule.is_some() || notify_all_execs() {
         record::send_task(RecordKind::Exec, tgid, old_pid, 0);
     }
+}
+
+/// The rule a process-name pattern gives the current task's new name:
+/// the first including pattern that matches, unless an excluding one
+/// does. Matched here, a process that blocks right after exec is watched
+/// already; user space, which reads the exec notice later, would miss it.
+#[inline(always)]
+fn rule_by_name() -> Option<WatchRule> {
+    let n = comm_matches();
+    if n == 0 {
+        return None;
+    }
+    let comm = bpf_get_current_comm().ok()?;
+    let mut found = None;
+    for i in 0..COMM_MATCH_MAX {
+        if i >= n {
+            break;
+        }
+        let Some(m) = COMM_MATCHES.get(i) else {
+            break;
+        };
+        if m.matches(&comm) {
+            if m.exclude != 0 {
+                return None;
+            }
+            if found.is_none() {
+                found = Some(m.rule);
+            }
+        }
+    }
+    found
 }
 
 /// The current task exits; `group_dead` when it is the process's last.

@@ -44,6 +44,41 @@ fn comm_glob_watches_processes_started_later() {
     );
 }
 
+/// A process picked by `--comm` that blocks right after exec (coreutils
+/// `sleep`, in its nanosleep about a millisecond after exec) is watched
+/// already: the kernel matches the name at exec, user space only later
+/// reads the exec notice. `--threads all` makes each wait its own event.
+#[test]
+fn a_process_named_by_comm_is_watched_from_its_exec() {
+    let _serial = common::setup();
+    const RUNS: usize = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("bwquicksleep");
+    std::os::unix::fs::symlink("/bin/sleep", &exe).unwrap();
+    let starter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        (0..RUNS).all(|_| {
+            Command::new(&exe)
+                .arg("0.04")
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    });
+    let run = trace_with_timeout(
+        &["--comm", "bwquick*", "--threads", "all", "--duration", "4s"],
+        Duration::from_secs(30),
+    );
+    assert!(starter.join().unwrap(), "the sleeps ran");
+    run.assert_success();
+    let sleeps = run.events_where(|e| e.class == "sleep" && e.comm == "bwquicksleep");
+    assert_eq!(
+        sleeps.len(),
+        RUNS,
+        "every run's one 40 ms sleep, the first thing it does\n{}",
+        run.report()
+    );
+}
+
 /// `--unit` and `--cgroup` pick up a process that enters its cgroup and
 /// execs after blockwatch attached; a second one outside it is not watched.
 #[test]

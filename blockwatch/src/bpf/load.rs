@@ -9,8 +9,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use blockwatch_common::{
-    Config, Counter, DEFAULT_USER_STACK, KernelOffsets, LoopClock, MAX_USER_STACK, PyProc,
-    SiteCheck, SiteKey, StrictKey, StrictTally, ThreadTag, WatchRule,
+    CommMatch, Config, Counter, DEFAULT_USER_STACK, KernelOffsets, LoopClock, MAX_USER_STACK,
+    PyProc, SiteCheck, SiteKey, StrictKey, StrictTally, ThreadTag, WatchRule,
 };
 use log::debug;
 
@@ -63,6 +63,9 @@ pub struct Maps {
     pub strict_counts: HashMap<MapData, StrictKey, StrictTally>,
     /// Call sites whose native stack user space has: their waits send none.
     pub known_sites: HashMap<MapData, SiteKey, SiteCheck>,
+    /// Process-name patterns the kernel matches at exec
+    /// (`targets::names`); `Config::comm_matches` of them in use.
+    pub comm_matches: Array<MapData, CommMatch>,
 }
 
 /// Loads and attaches the programs with the given off-CPU threshold.
@@ -118,6 +121,7 @@ pub fn load_with_user_stack(
             counters: take(&mut ebpf, "COUNTERS")?,
             strict_counts: take(&mut ebpf, "STRICT_COUNTS")?,
             known_sites: take(&mut ebpf, "KNOWN_SITES")?,
+            comm_matches: take(&mut ebpf, "COMM_MATCHES")?,
             config,
         },
         events: take(&mut ebpf, "EVENTS")?,

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap as BpfHashMap, MapData};
-use blockwatch_common::{Config, TAG_LOOP, ThreadTag, WatchRule};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use blockwatch_common::{CommMatch, Config, TAG_LOOP, ThreadTag, WatchRule};
 use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -60,6 +60,8 @@ fn settings(file: Option<&Path>, o: &Overrides) -> anyhow::Result<Settings> {
 struct Rules {
     select: Selector,
     exclude: CommRules,
+    /// What of `select` and `exclude` the kernel matches at exec.
+    by_name: Vec<CommMatch>,
     auto: bool,
     rule: WatchRule,
     auto_rule: WatchRule,
@@ -67,11 +69,13 @@ struct Rules {
 
 impl Rules {
     fn new(s: &Settings) -> anyhow::Result<Self> {
+        let rule = s.threads.rule(false);
         Ok(Self {
             select: Selector::new(&s.select)?,
             exclude: CommRules::new(&s.exclude_comms)?,
+            by_name: targets::names::kernel_matches(&s.select.comms, &s.exclude_comms, rule),
             auto: s.auto,
-            rule: s.threads.rule(false),
+            rule,
             // Every process on the host: only threads seen idling in an
             // event-loop wait are reported.
             auto_rule: ThreadsMode::Loop.rule(false),
@@ -309,8 +313,23 @@ fn kernel_config(s: &Settings, rules: &Rules) -> Config {
     Config {
         threshold_ns: threshold_ns(s.threshold),
         notify_all_execs: rules.needs_execs() as u8,
+        comm_matches: rules.by_name.len() as u8,
         ..Default::default()
     }
+}
+
+/// Hands the kernel `rules`' name patterns, then its configuration (the
+/// count of those patterns in it), never a half-written list in use.
+fn configure_kernel(maps: &mut Maps, s: &Settings, rules: &Rules) -> Result<(), MapError> {
+    let mut config = kernel_config(s, rules);
+    let n = config.comm_matches;
+    if maps.config.get(&0, 0).is_ok_and(|c| c.comm_matches != 0) {
+        config.comm_matches = 0;
+        maps.config.set(0, config, 0)?;
+        config.comm_matches = n;
+    }
+    targets::names::store(&mut maps.comm_matches, &rules.by_name)?;
+    maps.config.set(0, config, 0)
 }
 
 pub async fn run(args: DaemonArgs) -> anyhow::Result<i32> {
@@ -378,10 +397,7 @@ impl Daemon {
         overrides: Overrides,
         config_path: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
-        session
-            .maps
-            .config
-            .set(0, kernel_config(&current, &rules), 0)?;
+        configure_kernel(&mut session.maps, &current, &rules)?;
         let metrics = Arc::new(Mutex::new(Metrics::with_labels(
             current.top_culprits,
             current.expire_after,
@@ -559,12 +575,7 @@ impl Daemon {
     /// Puts reloaded settings into effect: the kernel's threshold, the
     /// rules, the metrics' limits, and which processes are watched.
     fn apply_reload(&mut self, new: &Settings, rules: Rules) {
-        if let Err(e) = self
-            .session
-            .maps
-            .config
-            .set(0, kernel_config(new, &rules), 0)
-        {
+        if let Err(e) = configure_kernel(&mut self.session.maps, new, &rules) {
             warn!("cannot update the kernel configuration: {e}");
         }
         let (state, mut maps) = (&mut self.state, Tags::of(&mut self.session.maps));

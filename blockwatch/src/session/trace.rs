@@ -254,11 +254,16 @@ async fn watch_targets(
         maps.tag_thread(tid)?;
     }
     if !selector.is_empty() {
+        // The kernel watches what it can match by name at exec itself,
+        // before user space reads the notice; the count is still 0 here.
+        let by_name = targets::names::kernel_matches(&args.comms, &[], rule);
+        let comm_matches = targets::names::store(&mut session.maps.comm_matches, &by_name)?;
         session.maps.config.set(
             0,
             Config {
                 threshold_ns: threshold_ns(args.threshold),
                 notify_all_execs: 1,
+                comm_matches,
                 ..Default::default()
             },
             0,

@@ -5,6 +5,7 @@
 //! and children created later are tagged by the kernel programs before they
 //! first run.
 
+pub mod names;
 pub mod selector;
 
 use std::ffi::{CString, OsString};
