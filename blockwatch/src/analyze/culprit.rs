@@ -33,6 +33,12 @@ enum Rule {
     /// Functions of a Rust crate, and its trait impls (`<crate::Type as
     /// Trait>::f`, and v0-demangled inherent impls `<crate::Type>::f`).
     RustCrate(&'static str),
+    /// Rust's standard library inlined into the application: debug info
+    /// names such a frame by its source, which official toolchains remap
+    /// to `/rustc/<commit>/library/…` (a local one leaves its
+    /// `lib/rustlib/src/rust/library/…`), and often without a path in its
+    /// function name (`black_box<u64>`) for `RustCrate` to see.
+    RustStdSource,
     /// JavaScript of Node's own library, as perf maps name it: the source
     /// location, last, is a `node:` module (`JS:~spawnSync
     /// node:internal/child_process:1108:19`).
@@ -105,10 +111,11 @@ const RUST_RUNTIME: &[Rule] = &[
     Rule::RustCrate("parking_lot_core"),
     Rule::FunctionPrefix("__rust"),
     Rule::FunctionPrefix("rust_begin_unwind"),
+    Rule::RustStdSource,
 ];
 
 impl Rule {
-    fn matches(self, function: &str, module: Option<&str>) -> bool {
+    fn matches(self, function: &str, module: Option<&str>, file: Option<&str>) -> bool {
         match self {
             Rule::Library(stem) => module.is_some_and(|m| {
                 basename(m)
@@ -128,6 +135,10 @@ impl Rule {
                 .rsplit(' ')
                 .next()
                 .is_some_and(|at| at.starts_with("node:") && !at.starts_with("node::")),
+            Rule::RustStdSource => file.is_some_and(|f| {
+                (f.starts_with("/rustc/") && f.contains("/library/"))
+                    || f.contains("/lib/rustlib/src/rust/library/")
+            }),
             Rule::RustCrate(krate) => function
                 .strip_prefix('<')
                 .unwrap_or(function)
@@ -155,11 +166,12 @@ pub fn is_application(frame: &Frame) -> bool {
         return false;
     };
     let module = frame.module.as_deref();
+    let file = frame.file.as_deref();
     !NOT_APPLICATION
         .iter()
         .copied()
         .flatten()
-        .any(|r| r.matches(function, module))
+        .any(|r| r.matches(function, module, file))
 }
 
 /// How V8 names JavaScript functions in perf maps (`JS:~handler
@@ -200,7 +212,7 @@ pub fn is_interpreter_machinery(frame: &Frame) -> bool {
         .iter()
         .copied()
         .flatten()
-        .any(|r| r.matches(function, module))
+        .any(|r| r.matches(function, module, None))
 }
 
 /// The innermost frame (frames are innermost first) that belongs to the
@@ -266,7 +278,7 @@ pub fn is_system_library(frame: &Frame) -> bool {
     (shared && LIBRARY_DIRS.iter().any(|dir| module.starts_with(dir)))
         || SYSTEM_LIBRARIES
             .iter()
-            .any(|&stem| Rule::Library(stem).matches("", Some(module)))
+            .any(|&stem| Rule::Library(stem).matches("", Some(module), None))
 }
 
 /// The innermost frame of the user's own code: the application minus
@@ -476,6 +488,45 @@ mod tests {
 
     fn app(function: &str, module: &str) -> bool {
         is_application(&frame(Some(function), Some(module)))
+    }
+
+    /// A Rust build with line-tables-only debug info: std inlined into the
+    /// handler is named by its source alone; the handler is the culprit.
+    #[test]
+    fn rust_std_inlined_with_minimal_debug_info_is_not_the_application() {
+        let at = |function: &str, file: &str, inlined: bool| Frame {
+            function: Some(function.to_string()),
+            module: Some("/srv/bin/api".to_string()),
+            file: Some(file.to_string()),
+            inlined,
+            ..Frame::default()
+        };
+        let frames = [
+            at(
+                "black_box<u64>",
+                "/rustc/59807616e1fa2540724bfbac14d7976d7e4a3860/library/core/src/hint.rs",
+                true,
+            ),
+            at(
+                "now",
+                "/root/.rustup/toolchains/stable/lib/rustlib/src/rust/library/std/src/time.rs",
+                true,
+            ),
+            at("{async_fn#0}", "/srv/src/app.rs", true),
+            at(
+                "tokio::runtime::task::raw::poll",
+                "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/tokio-1.54.1/src/runtime/task/raw.rs",
+                false,
+            ),
+        ];
+        let c = culprit(&frames).expect("a culprit");
+        assert_eq!(c.file.as_deref(), Some("/srv/src/app.rs"));
+        // A user's file that merely mentions `library` is the user's.
+        assert!(is_application(&at(
+            "load",
+            "/srv/library/src/lib.rs",
+            false
+        )));
     }
 
     #[test]
