@@ -705,6 +705,7 @@ impl Pipeline {
     /// (CPU time the kernel spends for a call, such as a large read copying
     /// from the page cache, is that call's).
     fn cpu_bound(&mut self, b: BlockRecord, samples: Vec<LoopRecord>) -> Event {
+        let samples_taken = samples.len();
         let in_call = sampled_syscall(&samples);
         // Named by a call: its stack is one of the samples in that call.
         let symbolized: Vec<_> = samples
@@ -732,12 +733,7 @@ impl Pipeline {
             syscall: in_call.map_or(-1, |c| c.0),
             start_ns: b.start_ns,
             duration_ns: b.duration_ns,
-            // Kept off the CPU far longer than it ran: the host's doing.
-            state: if b.off_ns[2] > b.run_ns.saturating_mul(4) {
-                OffState::Preempted
-            } else {
-                OffState::Running
-            },
+            state: stall_state(b.run_ns, b.off_ns[2], samples_taken),
         };
         self.event(origin, class, Detector::Stall, stack, culprit)
     }
@@ -973,6 +969,21 @@ fn sampled_syscall(samples: &[LoopRecord]) -> Option<(i64, [u64; 3])> {
         .map(|(nr, (_, args))| (nr, args))
 }
 
+/// How a mostly-CPU episode of `run_ns` on the CPU and `preempted_ns`
+/// waiting for one, with `samples` CPU samples, kept its loop: running its
+/// own code, or preempted. Preempted when it was kept off the CPU far
+/// longer than it ran (the host's doing), and also when it waited for a
+/// CPU as long as it ran and no sample caught its code (it ran under half
+/// the threshold): nothing names code to fix then, and the wait for a CPU
+/// is what is known.
+fn stall_state(run_ns: u64, preempted_ns: u64, samples: usize) -> OffState {
+    if preempted_ns > run_ns.saturating_mul(4) || (samples == 0 && preempted_ns >= run_ns) {
+        OffState::Preempted
+    } else {
+        OffState::Running
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -991,6 +1002,19 @@ mod tests {
             bp: 0,
             stack: Vec::new(),
         }
+    }
+
+    #[test]
+    fn an_unsampled_episode_mostly_waiting_for_a_cpu_is_a_preemption() {
+        let ms = 1_000_000;
+        // 6.8 ms on the CPU, 16 ms preempted, no sample: the host's.
+        assert_eq!(stall_state(68 * ms / 10, 16 * ms, 0), OffState::Preempted);
+        // The same with samples: they name code, which ran.
+        assert_eq!(stall_state(68 * ms / 10, 16 * ms, 3), OffState::Running);
+        // Far longer off the CPU than on it, sampled or not.
+        assert_eq!(stall_state(10 * ms, 41 * ms, 5), OffState::Preempted);
+        // Mostly its own CPU work.
+        assert_eq!(stall_state(20 * ms, 5 * ms, 0), OffState::Running);
     }
 
     /// Forgetting one process (its exec or exit) keeps every other's state.
