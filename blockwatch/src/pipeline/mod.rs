@@ -420,7 +420,11 @@ impl Pipeline {
             return;
         };
         self.clock_retries.remove(&tid);
-        debug!("tid {tid} of pid {pid}: iteration clock {clock:?}");
+        info!(
+            "tid {tid} of pid {pid}: iteration clock found ({})",
+            crate::runtimes::clock::describe(&clock)
+        );
+        debug!("tid {tid}: {clock:?}");
         match clocks.insert(tid, clock, 0) {
             Ok(()) => {
                 if let Some(now) = crate::runtimes::clock::monotonic_ns() {

@@ -29,7 +29,7 @@
 mod libuv;
 mod tokio;
 
-use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_UV_COUNT, CLOCK_WORD, LoopClock};
+use blockwatch_common::{CLOCK_PY_LOCAL, CLOCK_TLS_BLOCK, CLOCK_UV_COUNT, CLOCK_WORD, LoopClock};
 
 use super::python::{self, PyProcess};
 use crate::procfs::mem;
@@ -60,6 +60,17 @@ pub fn read(pid: u32, tid: u32, clock: &LoopClock, python: Option<&PyProcess>) -
         CLOCK_WORD | CLOCK_UV_COUNT => mem::read_u64(pid, clock.addr),
         CLOCK_PY_LOCAL => python::clock::read(pid, tid, python?, clock),
         _ => None,
+    }
+}
+
+/// What the clock is, for a log line.
+pub fn describe(clock: &LoopClock) -> &'static str {
+    match clock.kind {
+        CLOCK_WORD => "libuv's loop time",
+        CLOCK_UV_COUNT => "libuv's iteration count",
+        CLOCK_PY_LOCAL => "asyncio's _run_once end_time",
+        CLOCK_TLS_BLOCK => "tokio's CONTEXT thread-local",
+        _ => "unknown",
     }
 }
 
