@@ -485,6 +485,13 @@ pub(crate) fn thread_exits(tid: u32, task: *const u8) {
     if tag.tag != TAG_LOOP {
         return;
     }
+    if tag.out_ns != 0 {
+        // It runs its exit, so its last wait is over, though no switch-in
+        // showed it: applied now, or a thread that exits right after its
+        // last wait (the wait an episode of its own) loses that wait.
+        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        unseen_switch_in(tag, tid, task, cpu_ns, now());
+    }
     let Some(st) = existing_state(tid) else {
         return;
     };
