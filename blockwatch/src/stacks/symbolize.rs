@@ -1354,6 +1354,14 @@ fn main() {
 }
 "#;
 
+    /// `RUST_FIXTURE` built by rustc at opt-level 1 with `flags`, running.
+    fn rust_fixture(flags: &[&str]) -> Option<Fixture> {
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+        let mut args = vec!["-C", "opt-level=1", "--edition", "2021"];
+        args.extend_from_slice(flags);
+        Fixture::start(&rustc, &args, "fixture.rs", RUST_FIXTURE)
+    }
+
     fn map_files_readable() -> bool {
         let maps = read_maps(me()).unwrap();
         let m = maps
@@ -1367,20 +1375,7 @@ fn main() {
     /// before it is symbolized, and which then exits.
     #[test]
     fn rust_v0_process_deleted_binary_and_exit() {
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
-        let Some(mut fx) = Fixture::start(
-            &rustc,
-            &[
-                "-C",
-                "symbol-mangling-version=v0",
-                "-C",
-                "opt-level=1",
-                "--edition",
-                "2021",
-            ],
-            "fixture.rs",
-            RUST_FIXTURE,
-        ) else {
+        let Some(mut fx) = rust_fixture(&["-C", "symbol-mangling-version=v0"]) else {
             return;
         };
         let work = fx.addrs[0];
@@ -1419,20 +1414,7 @@ fn main() {
     /// The path wins, for culprits and for recognising a runtime's park.
     #[test]
     fn minimal_debug_info_keeps_the_symbol_tables_path() {
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
-        let Some(fx) = Fixture::start(
-            &rustc,
-            &[
-                "-C",
-                "opt-level=1",
-                "-C",
-                "debuginfo=line-tables-only",
-                "--edition",
-                "2021",
-            ],
-            "fixture.rs",
-            RUST_FIXTURE,
-        ) else {
+        let Some(fx) = rust_fixture(&["-C", "debuginfo=line-tables-only"]) else {
             return;
         };
         let work = fx.addrs[0];
@@ -1462,13 +1444,7 @@ fn main() {
     /// is its unwind input: the code mappings stay known and openable.
     #[test]
     fn process_observed_before_it_exits_is_symbolized_after() {
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
-        let Some(mut fx) = Fixture::start(
-            &rustc,
-            &["-C", "opt-level=1", "--edition", "2021"],
-            "fixture.rs",
-            RUST_FIXTURE,
-        ) else {
+        let Some(mut fx) = rust_fixture(&[]) else {
             return;
         };
         let work = fx.addrs[0];
