@@ -191,7 +191,7 @@ fn metrics_count_a_python_subjects_blocking_calls() {
     );
     assert!(m.contains("blockwatch_build_info{version="), "{m}");
     assert!(m.contains("blockwatch_events_lost_total "), "{m}");
-    for what in ["stack", "user_stack", "probe", "tag"] {
+    for what in ["stack", "user_stack", "probe", "tag", "loop_state"] {
         assert!(
             m.contains(&format!("blockwatch_kernel_drops_total{{what=\"{what}\"}}")),
             "{m}"

@@ -10,13 +10,14 @@ use blockwatch_common::{Counter, NUM_COUNTERS};
 
 /// What the daemon exports as `blockwatch_kernel_drops_total{what}`, the
 /// label being each counter's [`Counter::label`].
-pub const KERNEL_DROPS: [Counter; 6] = [
+pub const KERNEL_DROPS: [Counter; 7] = [
     Counter::LostStacks,
     Counter::LostUserStacks,
     Counter::LostProbes,
     Counter::LostTags,
     Counter::LostTaskRecords,
     Counter::LostStrictSites,
+    Counter::LostLoopState,
 ];
 
 /// Every kernel counter, summed over CPUs.
@@ -59,6 +60,9 @@ impl Counters {
             Counter::LostTaskRecords => {
                 " (ring buffer full): processes that started or exited meanwhile may have been missed"
             }
+            Counter::LostLoopState => {
+                " (the per-thread episode map was full): those threads' waits went unreported; watch fewer threads (--threads loop)"
+            }
             _ => "",
         };
         [
@@ -70,6 +74,7 @@ impl Counters {
             Counter::LostLoopRecords,
             Counter::LostTaskRecords,
             Counter::LostStrictSites,
+            Counter::LostLoopState,
         ]
         .into_iter()
         .filter(|&c| self[c] > 0)
@@ -112,6 +117,7 @@ mod tests {
             (Counter::LostEvents, 3),
             (Counter::LostUserStacks, 2),
             (Counter::LostTaskRecords, 1),
+            (Counter::LostLoopState, 6),
             (Counter::Events, 9),
         ]);
         assert_eq!(
@@ -120,6 +126,7 @@ mod tests {
                 "blockwatch: warning: 3 events were lost (ring buffer full); raise --threshold to report fewer",
                 "blockwatch: warning: 2 user-stack copies (those stacks are frame pointers only) were lost",
                 "blockwatch: warning: 1 exec and exit records were lost (ring buffer full): processes that started or exited meanwhile may have been missed",
+                "blockwatch: warning: 6 episode and strict thread states were lost (the per-thread episode map was full): those threads' waits went unreported; watch fewer threads (--threads loop)",
             ]
         );
     }
@@ -140,7 +147,15 @@ mod tests {
         let labels: Vec<_> = KERNEL_DROPS.iter().map(|c| c.label()).collect();
         assert_eq!(
             labels,
-            ["stack", "user_stack", "probe", "tag", "task", "strict_site"]
+            [
+                "stack",
+                "user_stack",
+                "probe",
+                "tag",
+                "task",
+                "strict_site",
+                "loop_state"
+            ]
         );
     }
 }
