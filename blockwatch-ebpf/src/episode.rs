@@ -315,6 +315,7 @@ pub(crate) fn wait_begins(
     tid: u32,
     task: *const u8,
     now: u64,
+    ran_ns: u64,
     preempted: bool,
 ) -> Option<(&'static mut LoopState, u8)> {
     // No state: counted (LostLoopState) by `state`; the wait is then not
@@ -328,6 +329,7 @@ pub(crate) fn wait_begins(
         return Some((st, slot));
     }
     observe_clock(st, tag, tid, task, now);
+    unseen_idle_exit(st, ran_ns, now);
     begin(st, now);
     if st.in_ns != 0 {
         st.run_ns += now.saturating_sub(st.in_ns);
@@ -382,12 +384,7 @@ pub(crate) fn back_on_cpu(tag: &ThreadTag, tid: u32, next: *const u8, now: u64) 
 /// `now` (never before that switch-out). At a timer interrupt that time
 /// lags by at most a tick, which goes to the wait instead.
 ///
-/// A switch-in from the idle wait left unseen is not repaired: the
-/// episode then begins at the thread's next wait instead. Begun where the
-/// CPU time says, a loop without an iteration clock (tokio in a stripped
-/// binary) that then ran for long without parking was reported for that
-/// whole span, which a saturated healthy server does (four times the
-/// reports under wrk).
+/// A switch-in from the idle wait left unseen is `unseen_idle_exit`'s.
 #[inline(always)]
 pub(crate) fn unseen_switch_in(
     tag: &mut ThreadTag,
@@ -409,6 +406,25 @@ pub(crate) fn unseen_switch_in(
     }
     resume(st, tag, tid, task, at);
     tag.out_ns = 0;
+    count(Counter::MissedSwitchIns);
+}
+
+/// A loop thread (state `st`) is found running at `now` outside any
+/// episode, after `ran_ns` of CPU time since its latest switch-out: its
+/// way back from the idle wait went unseen (see `unseen_switch_in`), and
+/// its episode begins where that CPU time puts the switch-in. Left alone,
+/// the episode began only at its next wait, and a stall before that wait
+/// (or with none) was never reported. Not while `--strict`'s `sys_enter`
+/// has the thread in its idle wait, where it runs outside any episode.
+#[inline(always)]
+fn unseen_idle_exit(st: &mut LoopState, ran_ns: u64, now: u64) {
+    if st.looped == 0 || st.start_ns != 0 || st.in_idle != 0 {
+        return;
+    }
+    let at = now.saturating_sub(ran_ns);
+    st.start_ns = at;
+    st.run_ns = 0;
+    st.in_ns = at;
     count(Counter::MissedSwitchIns);
 }
 
@@ -590,6 +606,12 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     let Some(st) = existing_state(tid) else {
         return;
     };
+    if st.start_ns == 0 && st.looped != 0 && st.in_idle == 0 {
+        // SAFETY: as below.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        unseen_idle_exit(st, cpu_ns.saturating_sub(tag.out_cpu_ns), now());
+    }
     if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {
         return;
     }

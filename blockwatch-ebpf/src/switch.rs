@@ -88,11 +88,15 @@ fn switch_out<C: EbpfContext>(
     }
     // 0 until needed: a candidate's switch-outs pay for no clock read.
     let mut now = 0;
+    // CPU time since the latest switch-out, for an unseen way back from
+    // the idle wait (episode.rs, `unseen_idle_exit`).
+    let mut ran_ns = 0;
     if tag.tag == TAG_LOOP {
         // SAFETY: no preconditions.
         now = unsafe { bpf_ktime_get_ns() };
         let cpu_ns: u64 = kread(prev, off().task_sum_exec);
         episode::unseen_switch_in(tag, tid, prev, cpu_ns, now);
+        ran_ns = cpu_ns.saturating_sub(tag.out_cpu_ns);
         tag.out_cpu_ns = cpu_ns;
     }
     let regs = user_regs(prev, how);
@@ -164,7 +168,7 @@ fn switch_out<C: EbpfContext>(
     // Everything else blocks the loop, poll/select included: on a loop
     // thread they are a socket waited on with a timeout (CPython's sockets
     // do this), never the loop's own wait.
-    let slot = episode::wait_begins(tag, tid, prev, now, !voluntary);
+    let slot = episode::wait_begins(tag, tid, prev, now, ran_ns, !voluntary);
     tag.out_ns = now;
     tag.syscall = nr;
     tag.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
