@@ -787,8 +787,11 @@ impl Symbolizer {
         // Minimal debug info (Rust's `debug = "line-tables-only"`) names a
         // function without its path (`park_condvar`), where the symbol
         // table has it whole: the park detector and the culprit both need
-        // the path. Inlined callees exist in the debug info only.
+        // the path. Inlined callees exist in the debug info only. A name
+        // with no source location came from the symbol table already (a C
+        // library without debug info): no second lookup for it.
         if let Some(outer) = frames.last_mut()
+            && outer.file.is_some()
             && outer.function.as_deref().is_some_and(|f| !f.contains("::"))
             && let Some(full) = self.symtab_name(path, offset)
         {
