@@ -44,7 +44,7 @@ use crate::{
         threshold_ns,
     },
     python,
-    read::{Regs, kread, read_user, user_regs},
+    read::{Regs, cpu_time, kread, read_user, user_regs},
     record::{self, LoopFacts},
     stack,
 };
@@ -505,7 +505,7 @@ pub(crate) fn thread_exits(tid: u32, task: *const u8) {
         // It runs its exit, so its last wait is over, though no switch-in
         // showed it: applied now, or a thread that exits right after its
         // last wait (the wait an episode of its own) loses that wait.
-        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        let cpu_ns = cpu_time(task);
         unseen_switch_in(tag, tid, task, cpu_ns, now());
     }
     let Some(st) = existing_state(tid) else {
@@ -600,7 +600,7 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
         // It runs, so no wait can be pending: see `unseen_switch_in`.
         // SAFETY: as below.
         let task = unsafe { bpf_get_current_task() } as *const u8;
-        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        let cpu_ns = cpu_time(task);
         unseen_switch_in(tag, tid, task, cpu_ns, now());
     }
     let Some(st) = existing_state(tid) else {
@@ -609,7 +609,7 @@ pub(crate) fn on_sample<C: EbpfContext>(ctx: &C) {
     if st.start_ns == 0 && st.looped != 0 && st.in_idle == 0 {
         // SAFETY: as below.
         let task = unsafe { bpf_get_current_task() } as *const u8;
-        let cpu_ns: u64 = kread(task, off().task_sum_exec);
+        let cpu_ns = cpu_time(task);
         unseen_idle_exit(st, cpu_ns.saturating_sub(tag.out_cpu_ns), now());
     }
     if st.start_ns == 0 || st.in_ns == 0 || st.looped == 0 {

@@ -84,6 +84,13 @@ pub(crate) fn user_regs(task: *const u8, how: Regs) -> *const u8 {
     }
 }
 
+/// The task's CPU time so far (`se.sum_exec_runtime`), as the scheduler
+/// keeps it.
+#[inline(always)]
+pub(crate) fn cpu_time(task: *const u8) -> u64 {
+    kread(task, off().task_sum_exec)
+}
+
 /// The task began to exit.
 #[inline(always)]
 pub(crate) fn exiting(task: *const u8) -> bool {

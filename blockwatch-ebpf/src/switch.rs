@@ -18,7 +18,7 @@ use crate::{
     idle::{self, LoopFd, Wait},
     ids,
     maps::{PARKS, off, thread},
-    read::{Regs, exiting, kread, user_regs},
+    read::{Regs, cpu_time, exiting, kread, user_regs},
     record, stack,
 };
 
@@ -94,7 +94,7 @@ fn switch_out<C: EbpfContext>(
     if tag.tag == TAG_LOOP {
         // SAFETY: no preconditions.
         now = unsafe { bpf_ktime_get_ns() };
-        let cpu_ns: u64 = kread(prev, off().task_sum_exec);
+        let cpu_ns = cpu_time(prev);
         episode::unseen_switch_in(tag, tid, prev, cpu_ns, now);
         ran_ns = cpu_ns.saturating_sub(tag.out_cpu_ns);
         tag.out_cpu_ns = cpu_ns;
