@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, repo_root, subject, trace, trace_with_timeout};
+use common::{Run, Watch, repo_root, subject, trace};
 
 /// Runs of each case per interpreter: discovery races the program.
 const RUNS: usize = 3;
@@ -63,23 +63,18 @@ fn first_blocking_call_is_named_under_trace_comm() {
     let dir = tempfile::tempdir().unwrap();
     for python in common::interpreters() {
         let exe = alias(dir.path(), python, "bwdiscovcomm");
-        let script = script.clone();
-        let starter = std::thread::spawn(move || {
-            // Started once trace is attached; RUNS times, one after another.
-            std::thread::sleep(Duration::from_millis(1500));
-            (0..RUNS).all(|_| {
-                Command::new(&exe)
-                    .args([script.as_str(), "0.02"])
-                    .current_dir(repo_root())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-        });
-        let run = trace_with_timeout(
-            &["--comm", "bwdiscovcomm", "--duration", "6s"],
-            Duration::from_secs(30),
-        );
-        assert!(starter.join().unwrap(), "{python}: the subject ran");
+        // Each run starts once trace says it is watching, so each is new
+        // to it and found at its exec, however long the attach took.
+        let watch = Watch::start(&["--comm", "bwdiscovcomm"]);
+        for n in 0..RUNS {
+            let ran = Command::new(&exe)
+                .args([script.as_str(), "0.02"])
+                .current_dir(repo_root())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ran, "{python}: the subject ran (run {n})");
+        }
+        let run = watch.stop();
         run.assert_success();
         let sleeps = run.events_where(|e| e.class == "sleep" && e.comm == "bwdiscovcomm");
         assert_eq!(sleeps.len(), RUNS, "{python}\n{}", run.report());
