@@ -20,6 +20,22 @@ pub const THREADS_ALL: u8 = 2;
 /// How many futex probes a thread may send before the kernel stops asking.
 pub const PROBE_BUDGET: u8 = 16;
 
+/// Words of each half of the tag filter (`TAGGED_BY_KERNEL`,
+/// `TAGGED_BY_USER`): one bit per TID up to the kernel's largest PID
+/// (`PID_MAX_LIMIT`, 4,194,304 on 64-bit), 512 KiB a half.
+pub const TAG_FILTER_WORDS: u32 = 65536;
+
+/// Where `tid`'s bit is in the tag filter: (word, mask), or `None` past its
+/// end (such a TID may always be tagged).
+#[inline(always)]
+pub const fn tag_filter_bit(tid: u32) -> Option<(u32, u64)> {
+    let word = tid >> 6;
+    if word >= TAG_FILTER_WORDS {
+        return None;
+    }
+    Some((word, 1u64 << (tid & 63)))
+}
+
 /// A watched process (key: TGID in `WATCHED`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -20,7 +20,10 @@ use aya_ebpf::{
     maps::Array,
 };
 
-use crate::{maps::off, read::kread};
+use crate::{
+    maps::off,
+    read::{Regs, kread},
+};
 
 /// Inode number of blockwatch's PID namespace, or 0 for the host's; set by
 /// user space before load.
@@ -75,11 +78,12 @@ pub(crate) fn current_tid() -> u32 {
     ns_pid(task).unwrap_or(0)
 }
 
-/// `task`'s TID; 0 when it is outside the namespace.
+/// `task`'s TID (`task` one of the program's own pointers, see `Regs`); 0
+/// when it is outside the namespace.
 #[inline(always)]
-pub(crate) fn tid_of(task: *const u8) -> u32 {
+pub(crate) fn tid_of(task: *const u8, how: Regs) -> u32 {
     if ns_inum() == 0 {
-        return kread(task, off().task_pid);
+        return how.field(task, off().task_pid);
     }
     ns_pid(task).unwrap_or(0)
 }

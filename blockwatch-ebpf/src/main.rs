@@ -17,6 +17,9 @@
 //! call one body.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the bpf target's `AtomicU64` has no `fetch_add`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
@@ -58,13 +61,13 @@ pub fn sched_switch_raw(ctx: RawTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "task_newtask")]
 pub fn task_newtask(ctx: BtfTracePointContext) -> i32 {
-    task::on_newtask(ctx.arg(0), ctx.arg(1));
+    task::on_newtask(ctx.arg(0), ctx.arg(1), Regs::Btf);
     0
 }
 
 #[raw_tracepoint(tracepoint = "task_newtask")]
 pub fn task_newtask_raw(ctx: RawTracePointContext) -> i32 {
-    task::on_newtask(ctx.arg(0), ctx.arg(1));
+    task::on_newtask(ctx.arg(0), ctx.arg(1), Regs::StackTop);
     0
 }
 

@@ -59,12 +59,33 @@ pub(crate) fn read_user(dst: *mut u8, len: usize, src: u64) -> bool {
     unsafe { bpf_probe_read_user(dst as *mut _, len as u32, src as *const _) == 0 }
 }
 
-/// How to find a task's user registers: the BTF helper where the program
-/// type allows it, the top of the task's kernel stack otherwise.
+/// What the program's kernel pointers are. `Btf`: a tp_btf program's task
+/// arguments, and the registers `bpf_task_pt_regs` finds, are typed by
+/// BTF, and their fields are read by plain loads that the verifier checks
+/// against the type and makes fault-safe (a fraction of a
+/// `bpf_probe_read_kernel` call, on paths every context switch takes).
+/// `StackTop`: a raw tracepoint's are plain numbers, read through the
+/// helper, and a task's user registers are found at the top of its kernel
+/// stack.
 #[derive(Clone, Copy)]
 pub(crate) enum Regs {
     Btf,
     StackTop,
+}
+
+impl Regs {
+    /// The `T` at `base + offset`, where `base` is one of the program's
+    /// own kernel pointers (see above) and `offset` a frozen global's
+    /// (`OFFSETS`), a constant the verifier can check the load by.
+    #[inline(always)]
+    pub(crate) fn field<T: Copy + Default>(self, base: *const u8, offset: u32) -> T {
+        match self {
+            // SAFETY: the verifier admits the load only at a field of
+            // `base`'s BTF type and turns a fault into a zero.
+            Regs::Btf => unsafe { core::ptr::read_volatile(base.add(offset as usize) as *const T) },
+            Regs::StackTop => kread(base, offset),
+        }
+    }
 }
 
 /// The task's user registers (`struct pt_regs`); null when unknown.
@@ -91,8 +112,14 @@ pub(crate) fn cpu_time(task: *const u8) -> u64 {
     kread(task, off().task_sum_exec)
 }
 
-/// The task began to exit.
+/// [`cpu_time`] of one of the program's own task pointers.
 #[inline(always)]
-pub(crate) fn exiting(task: *const u8) -> bool {
-    kread::<u32>(task, off().task_flags) & PF_EXITING != 0
+pub(crate) fn cpu_time_of(task: *const u8, how: Regs) -> u64 {
+    how.field(task, off().task_sum_exec)
+}
+
+/// The task (one of the program's own pointers) began to exit.
+#[inline(always)]
+pub(crate) fn exiting(task: *const u8, how: Regs) -> bool {
+    how.field::<u32>(task, off().task_flags) & PF_EXITING != 0
 }

@@ -34,8 +34,8 @@ use crate::{
     episode::{self, begin, existing_state, state},
     idle,
     maps::{
-        BPF_NOEXIST, STRICT_CALLS, STRICT_COUNTS, STRICT_SCRATCH, THREADS, USER_STACKS, count,
-        loop_config, off, thread, user_stack_size,
+        BPF_NOEXIST, STRICT_CALLS, STRICT_COUNTS, STRICT_SCRATCH, USER_STACKS, count, loop_config,
+        off, thread, user_stack_size,
     },
     python,
     read::kread,
@@ -48,8 +48,7 @@ use crate::{
 #[inline(always)]
 pub(crate) fn on_enter(regs: *const u8, nr: i64) {
     let tid = crate::ids::current_tid();
-    // SAFETY: map value read, copied out at once.
-    let Some(mut tag) = (unsafe { THREADS.get(tid) }).copied() else {
+    let Some(mut tag) = thread(tid).map(|t| *t) else {
         return;
     };
     if tag.tag != TAG_LOOP {

@@ -2,8 +2,8 @@
 //! end. When a tagged thread enters its runtime's idle wait, its episode
 //! ends; when it leaves the CPU for anything else, the switch-out time,
 //! syscall and stacks of that wait are kept, and when it comes back the
-//! wait is added to its episode. Untagged threads pay one hash lookup per
-//! switch.
+//! wait is added to its episode. Untagged threads pay two array reads a
+//! switch (the tag filter, maps.rs).
 
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;
@@ -18,7 +18,7 @@ use crate::{
     idle::{self, LoopFd, Wait},
     ids,
     maps::{PARKS, off, thread},
-    read::{Regs, cpu_time, exiting, kread, user_regs},
+    read::{Regs, cpu_time_of, exiting, user_regs},
     record, stack,
 };
 
@@ -44,15 +44,15 @@ pub(crate) fn on_switch<C: EbpfContext>(
     // flags read is a helper call they need not pay.
     if prev_tid != 0
         && let Some(tag) = thread(prev_tid)
-        && !exiting(prev)
+        && !exiting(prev, how)
     {
         let preempted = preempt & 1 != 0;
         switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
     }
-    let next_tid = ids::tid_of(next);
+    let next_tid = ids::tid_of(next, how);
     if next_tid != 0
         && let Some(tag) = thread(next_tid)
-        && !exiting(next)
+        && !exiting(next, how)
     {
         if tag.tag == TAG_CANDIDATE && tag.probe_budget < PROBE_BUDGET && park_learned(next_tid) {
             // It last slept in a futex wait that was probed, and user space
@@ -94,7 +94,7 @@ fn switch_out<C: EbpfContext>(
     if tag.tag == TAG_LOOP {
         // SAFETY: no preconditions.
         now = unsafe { bpf_ktime_get_ns() };
-        let cpu_ns = cpu_time(prev);
+        let cpu_ns = cpu_time_of(prev, how);
         episode::unseen_switch_in(tag, tid, prev, cpu_ns, now);
         ran_ns = cpu_ns.saturating_sub(tag.out_cpu_ns);
         tag.out_cpu_ns = cpu_ns;
@@ -107,12 +107,12 @@ fn switch_out<C: EbpfContext>(
         return;
     }
     let o = off();
-    let nr: i64 = kread(regs, o.pt_regs_orig_ax);
+    let nr: i64 = how.field(regs, o.pt_regs_orig_ax);
     // A candidate's first argument tells only an epoll or futex wait apart;
     // a loop keeps every wait's.
     let arg0: u64 =
         if tag.tag == TAG_LOOP || is_epoll_wait(nr) || nr == NR_FUTEX || nr == NR_FUTEX_WAIT {
-            kread(regs, o.pt_regs_di)
+            how.field(regs, o.pt_regs_di)
         } else {
             0
         };
@@ -171,7 +171,11 @@ fn switch_out<C: EbpfContext>(
     let slot = episode::wait_begins(tag, tid, prev, now, ran_ns, !voluntary);
     tag.out_ns = now;
     tag.syscall = nr;
-    tag.args = [arg0, kread(regs, o.pt_regs_si), kread(regs, o.pt_regs_dx)];
+    tag.args = [
+        arg0,
+        how.field(regs, o.pt_regs_si),
+        how.field(regs, o.pt_regs_dx),
+    ];
     tag.off_state = if !voluntary {
         STATE_PREEMPTED
     } else if prev_state & TASK_UNINTERRUPTIBLE != 0 {

@@ -10,7 +10,8 @@ use blockwatch_common::{COMM_MATCH_MAX, Counter, RecordKind, ThreadTag, WatchRul
 
 use crate::{
     episode, ids,
-    maps::{COMM_MATCHES, PARKS, PYPROCS, THREADS, WATCHED, comm_matches, count, notify_all_execs},
+    maps::{self, COMM_MATCHES, PARKS, PYPROCS, WATCHED, comm_matches, count, notify_all_execs},
+    read::Regs,
     record, stack,
 };
 
@@ -19,12 +20,12 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 
 /// Runs in the parent, before the child `task` is first scheduled.
 #[inline(always)]
-pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
+pub(crate) fn on_newtask(task: *const u8, clone_flags: u64, how: Regs) {
     // Outside blockwatch's PID namespace, neither is watched.
     let Some((parent_tgid, _)) = ids::current() else {
         return;
     };
-    let child = ids::tid_of(task);
+    let child = ids::tid_of(task, how);
     if child == 0 {
         return;
     }
@@ -58,12 +59,12 @@ pub(crate) fn on_newtask(task: *const u8, clone_flags: u64) {
 fn retag(tid: u32, tgid: u32, rule: Option<WatchRule>, main_thread: bool) {
     match rule.map(|r| tag_for(&r, main_thread)) {
         Some(t) if t != 0 => {
-            if THREADS.insert(tid, ThreadTag::new(tgid, t), 0).is_err() {
+            if !maps::tag(tid, ThreadTag::new(tgid, t)) {
                 count(Counter::LostTags);
             }
         }
         _ => {
-            let _ = THREADS.remove(tid);
+            maps::untag(tid);
         }
     }
 }
@@ -86,7 +87,7 @@ pub(crate) fn on_exec(old_pid: u32) {
     };
     // A new program: what was learned about the old one no longer holds.
     if old_pid != tgid {
-        let _ = THREADS.remove(old_pid);
+        maps::untag(old_pid);
         stack::forget(old_pid);
     }
     stack::forget(tgid);
@@ -156,7 +157,7 @@ pub(crate) fn on_exit(group_dead: bool) {
     // bpf_probe_read_kernel.
     let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task() } as *const u8;
     episode::thread_exits(tid, task);
-    let was_tagged = THREADS.remove(tid).is_ok();
+    let was_tagged = maps::untag(tid);
     episode::forget(tid);
     crate::strict::forget(tid);
     if was_tagged {

@@ -44,29 +44,33 @@ pub enum AttachMode {
 }
 
 /// Attaches the scheduler and task-lifecycle programs: the tp_btf ones
-/// where the kernel has BTF and `force_raw` is off, else (or if the first
-/// refuses) their raw-tracepoint twins.
+/// where the kernel has BTF and `force_raw` is off, else (or if the
+/// verifier refuses any of them) their raw-tracepoint twins.
 pub fn attach_tracepoints(ebpf: &mut Ebpf, force_raw: bool) -> Result<AttachMode, LoadError> {
-    let mut btf = if force_raw {
+    let btf = if force_raw {
         None
     } else {
         Btf::from_sys_fs().ok()
     };
+    // All loaded before any is attached, so that a refusal (the tp_btf
+    // programs read task fields by plain loads, checked against this
+    // kernel's BTF) falls back wholesale, with nothing half attached.
+    let loaded = btf.is_some_and(|btf| {
+        ATTACHMENTS.iter().all(|&(name, _, tracepoint)| {
+            load_btf(ebpf, name, tracepoint, &btf)
+                .inspect_err(|e| warn!("BTF tracepoints unavailable ({e}); using raw tracepoints"))
+                .is_ok()
+        })
+    });
     for &(btf_name, raw_name, tracepoint) in ATTACHMENTS {
-        if let Some(kernel_btf) = &btf {
-            match attach_btf(ebpf, btf_name, tracepoint, kernel_btf) {
-                Ok(()) => continue,
-                Err(e) if tracepoint == ATTACHMENTS[0].2 => {
-                    // Nothing attached yet: fall back wholesale.
-                    warn!("BTF tracepoints unavailable ({e}); using raw tracepoints");
-                    btf = None;
-                }
-                Err(e) => return Err(e),
-            }
+        if loaded {
+            let prog: &mut BtfTracePoint = program(ebpf, btf_name, tracepoint)?;
+            prog.attach().map_err(|e| attach_error(tracepoint, e))?;
+        } else {
+            attach_raw(ebpf, raw_name, tracepoint)?;
         }
-        attach_raw(ebpf, raw_name, tracepoint)?;
     }
-    let mode = if btf.is_some() {
+    let mode = if loaded {
         AttachMode::BtfTracepoints
     } else {
         AttachMode::RawTracepoints
@@ -97,15 +101,24 @@ fn attach_error(what: &str, e: impl Display) -> LoadError {
     }
 }
 
-fn attach_btf(
+fn load_btf(
     ebpf: &mut Ebpf,
     name: &'static str,
     tracepoint: &str,
     btf: &Btf,
 ) -> Result<(), LoadError> {
     let prog: &mut BtfTracePoint = program(ebpf, name, tracepoint)?;
-    prog.load(tracepoint, btf)
-        .map_err(|e| load_error(name, e))?;
+    prog.load(tracepoint, btf).map_err(|e| load_error(name, e))
+}
+
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<(), LoadError> {
+    load_btf(ebpf, name, tracepoint, btf)?;
+    let prog: &mut BtfTracePoint = program(ebpf, name, tracepoint)?;
     prog.attach().map_err(|e| attach_error(tracepoint, e))?;
     Ok(())
 }

@@ -63,13 +63,22 @@ fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
         .collect()
 }
 
+/// `tid`'s bit in the kernel's half of the tag filter.
+fn kernel_filter_bit(loaded: &Loaded, tid: u32) -> bool {
+    let map = loaded
+        .ebpf
+        .map("TAGGED_BY_KERNEL")
+        .expect("TAGGED_BY_KERNEL");
+    let half: aya::maps::Array<&aya::maps::MapData, u64> =
+        aya::maps::Array::try_from(map).expect("an array");
+    let (word, bit) = blockwatch_common::tag_filter_bit(tid).expect("a TID below PID_MAX_LIMIT");
+    half.get(&word, 0).expect("a word") & bit != 0
+}
+
 fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
-    TagMaps {
-        threads: &mut loaded.maps.threads,
-        watched: &mut loaded.maps.watched,
-    }
-    .watch_process(pid, mode.rule(false))
-    .expect("watch");
+    TagMaps::of(&mut loaded.maps)
+        .watch_process(pid, mode.rule(false))
+        .expect("watch");
 }
 
 const ASYNCIO_SUBJECT: &str = r#"
@@ -175,13 +184,33 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
             .expect("every thread is tagged");
         assert_eq!(tag.tgid, pid);
         assert!(tag.tag == TAG_CANDIDATE || tag.tag == TAG_LOOP);
+        // Tagged by user space (the thread that ran before it was watched)
+        // or by the kernel (those it started after): the filter lets the
+        // kernel see each.
+        if *tid == pid {
+            assert!(
+                loaded.maps.tag_filter.is_set(pid),
+                "{pid} not in TAGGED_BY_USER"
+            );
+        } else {
+            assert!(
+                kernel_filter_bit(&loaded, *tid),
+                "{tid} not in TAGGED_BY_KERNEL"
+            );
+        }
     }
     std::thread::sleep(Duration::from_millis(600));
     let alive = crate::procfs::threads(pid);
-    for tid in tids.iter().filter(|t| !alive.contains(t)) {
+    let exited: Vec<_> = tids.iter().filter(|t| !alive.contains(t)).collect();
+    assert!(exited.len() >= 20, "threads that exited: {exited:?}");
+    for tid in exited {
         assert!(
             loaded.maps.threads.get(tid, 0).is_err(),
             "exited thread {tid} is still tagged"
+        );
+        assert!(
+            !kernel_filter_bit(&loaded, *tid),
+            "exited thread {tid} is still in the kernel's filter"
         );
     }
     writeln!(stdin).unwrap();

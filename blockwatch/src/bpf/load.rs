@@ -47,6 +47,9 @@ pub struct Loaded {
 pub struct Maps {
     /// Tagged threads, by TID.
     pub threads: HashMap<MapData, u32, ThreadTag>,
+    /// User space's half of the filter the kernel skips untagged threads
+    /// by; written with every tag user space adds or removes.
+    pub tag_filter: crate::targets::filter::TagFilter,
     /// Watched processes, by PID, and the rule their threads get.
     pub watched: HashMap<MapData, u32, WatchRule>,
     /// The futex address user space identified as a thread's runtime park
@@ -114,6 +117,7 @@ pub fn load_with_user_stack(
         mode,
         maps: Maps {
             threads: take(&mut ebpf, "THREADS")?,
+            tag_filter: crate::targets::filter::TagFilter::new(take(&mut ebpf, "TAGGED_BY_USER")?),
             watched: take(&mut ebpf, "WATCHED")?,
             parks: take(&mut ebpf, "PARKS")?,
             pyprocs: take(&mut ebpf, "PYPROCS")?,

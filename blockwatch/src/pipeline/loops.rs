@@ -324,12 +324,9 @@ asyncio.run(main())
             .spawn()
             .expect("python3");
         let pid = child.id();
-        TagMaps {
-            threads: &mut loaded.maps.threads,
-            watched: &mut loaded.maps.watched,
-        }
-        .watch_process(pid, ThreadsMode::Loop.rule(false))
-        .expect("watch");
+        TagMaps::of(&mut loaded.maps)
+            .watch_process(pid, ThreadsMode::Loop.rule(false))
+            .expect("watch");
         let start = Instant::now();
         let mut records: Vec<LoopRecord> = Vec::new();
         let mut sites: Vec<StrictRecord> = Vec::new();

@@ -98,6 +98,7 @@ pub struct RuntimeMaps<'a> {
     pub clocks: &'a mut BpfHashMap<MapData, u32, LoopClock>,
     pub strict: &'a mut BpfHashMap<MapData, StrictKey, StrictTally>,
     pub sites: &'a mut BpfHashMap<MapData, SiteKey, SiteCheck>,
+    pub tags: crate::targets::TagMaps<'a>,
 }
 
 impl<'a> RuntimeMaps<'a> {
@@ -109,6 +110,11 @@ impl<'a> RuntimeMaps<'a> {
             clocks: &mut maps.clocks,
             strict: &mut maps.strict_counts,
             sites: &mut maps.known_sites,
+            tags: crate::targets::TagMaps {
+                threads: &mut maps.threads,
+                watched: &mut maps.watched,
+                filter: &mut maps.tag_filter,
+            },
         }
     }
 }
@@ -569,6 +575,7 @@ impl Pipeline {
                 tid,
                 group_dead,
             } => {
+                maps.tags.thread_exited(tid);
                 self.parks.remove(&tid);
                 self.user_stacks.remove(&tid);
                 self.loops.thread_exit(tid);

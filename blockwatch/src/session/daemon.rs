@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use blockwatch_common::{CommMatch, Config, TAG_LOOP, ThreadTag, WatchRule};
+use aya::maps::MapError;
+use blockwatch_common::{CommMatch, Config, TAG_LOOP, WatchRule};
 use log::{debug, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -227,25 +227,15 @@ impl State {
 }
 
 /// The kernel's tag maps, as the daemon uses them.
-struct Tags<'a> {
-    threads: &'a mut BpfHashMap<MapData, u32, ThreadTag>,
-    watched: &'a mut BpfHashMap<MapData, u32, WatchRule>,
-}
+struct Tags<'a>(TagMaps<'a>);
 
 impl<'a> Tags<'a> {
     fn of(maps: &'a mut Maps) -> Self {
-        Self {
-            threads: &mut maps.threads,
-            watched: &mut maps.watched,
-        }
+        Self(TagMaps::of(maps))
     }
 
     fn watch(&mut self, state: &mut State, pid: u32, rule: WatchRule) {
-        let mut tm = TagMaps {
-            threads: self.threads,
-            watched: self.watched,
-        };
-        match tm.watch_process(pid, rule) {
+        match self.0.watch_process(pid, rule) {
             Ok(_) => {
                 state.watched.insert(pid);
                 state.container(pid);
@@ -259,9 +249,9 @@ impl<'a> Tags<'a> {
     }
 
     fn unwatch(&mut self, pid: u32) {
-        let _ = self.watched.remove(&pid);
+        let _ = self.0.watched.remove(&pid);
         for tid in procfs::threads(pid) {
-            let _ = self.threads.remove(&tid);
+            self.0.untag(tid);
         }
     }
 
@@ -285,7 +275,7 @@ impl<'a> Tags<'a> {
     fn tagged(&self, state: &mut State) -> HashMap<(String, Option<Container>, String), i64> {
         let mut counts = HashMap::new();
         state.loop_pids.clear();
-        for (_, tag) in self.threads.iter().flatten() {
+        for (_, tag) in self.0.threads.iter().flatten() {
             if tag.tag != TAG_LOOP {
                 continue;
             }
@@ -522,7 +512,7 @@ impl Daemon {
             // The kernel keeps a process watched across its exec and tags
             // its one thread: under --auto, nearly every exec is of a
             // process watched as a child, and needs no /proc walk.
-            if maps.watched.get(&pid, 0).is_ok_and(|r| r == rule) {
+            if maps.0.watched.get(&pid, 0).is_ok_and(|r| r == rule) {
                 state.watched.insert(pid);
                 state.container(pid);
             } else {

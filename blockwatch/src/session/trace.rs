@@ -243,10 +243,7 @@ async fn watch_targets(
     session: &mut Session,
 ) -> anyhow::Result<Option<targets::Command>> {
     let rule = args.threads.rule(false);
-    let mut maps = TagMaps {
-        threads: &mut session.maps.threads,
-        watched: &mut session.maps.watched,
-    };
+    let mut maps = TagMaps::of(&mut session.maps);
     for &pid in &args.pids {
         maps.watch_process(pid, rule)?;
     }
@@ -268,6 +265,7 @@ async fn watch_targets(
             },
             0,
         )?;
+        let mut maps = TagMaps::of(&mut session.maps);
         for pid in procfs::pids() {
             if procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
                 && !targets::is_blockwatch(pid)
@@ -280,6 +278,7 @@ async fn watch_targets(
         return Ok(None);
     }
     let rule = args.threads.rule(true);
+    let mut maps = TagMaps::of(&mut session.maps);
     let started =
         targets::spawn_watched(&args.command, |pid| maps.watch_process(pid, rule).map(drop))
             .await?;
@@ -326,7 +325,7 @@ async fn watch_until_stop(
                 }
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
-                    let mut maps = TagMaps { threads: &mut session.maps.threads, watched: &mut session.maps.watched };
+                    let mut maps = TagMaps::of(&mut session.maps);
                     if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
                         warn!("cannot watch new process {pid}: {e}");
                     }

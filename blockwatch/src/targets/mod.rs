@@ -5,6 +5,7 @@
 //! and children created later are tagged by the kernel programs before they
 //! first run.
 
+pub mod filter;
 pub mod names;
 pub mod selector;
 
@@ -19,6 +20,7 @@ use clap::ValueEnum;
 use log::debug;
 
 use crate::procfs;
+use filter::TagFilter;
 
 /// bpf(2) map update flag: fail if the key exists.
 const BPF_NOEXIST: u64 = 1;
@@ -136,9 +138,32 @@ impl CommRules {
 pub struct TagMaps<'a> {
     pub threads: &'a mut HashMap<MapData, u32, ThreadTag>,
     pub watched: &'a mut HashMap<MapData, u32, WatchRule>,
+    pub filter: &'a mut TagFilter,
 }
 
-impl TagMaps<'_> {
+impl<'a> TagMaps<'a> {
+    pub fn of(maps: &'a mut crate::bpf::Maps) -> Self {
+        Self {
+            threads: &mut maps.threads,
+            watched: &mut maps.watched,
+            filter: &mut maps.tag_filter,
+        }
+    }
+
+    /// Thread `tid` exited, and the kernel removed its tag: its filter bit
+    /// goes too, unless the TID is already tagged again (a new thread).
+    pub fn thread_exited(&mut self, tid: u32) {
+        if self.threads.get(&tid, 0).is_err() {
+            self.filter.clear(tid);
+        }
+    }
+
+    /// Removes `tid`'s tag, then its filter bit.
+    pub fn untag(&mut self, tid: u32) {
+        let _ = self.threads.remove(&tid);
+        self.filter.clear(tid);
+    }
+
     /// Watches process `pid` under `rule`: registers it for the kernel's
     /// new-thread tagging first, then tags the threads it already has, so a
     /// thread created in between is tagged by one side or the other.
@@ -151,6 +176,7 @@ impl TagMaps<'_> {
             if tag == 0 {
                 continue;
             }
+            self.filter.set(tid)?;
             // BPF_NOEXIST: never overwrite what the kernel already learned.
             match self
                 .threads
@@ -169,6 +195,7 @@ impl TagMaps<'_> {
     /// Tags one thread as an event loop, whatever it does (`--tid`).
     pub fn tag_thread(&mut self, tid: u32) -> Result<u32, TargetError> {
         let tgid = procfs::tgid(tid).ok_or(TargetError::NoSuchTid(tid))?;
+        self.filter.set(tid)?;
         self.threads
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
         Ok(tgid)
