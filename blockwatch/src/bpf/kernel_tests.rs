@@ -213,11 +213,23 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
             "exited thread {tid} is still in the kernel's filter"
         );
     }
+    // An exit notice of a thread still tagged (here: the live main
+    // thread) leaves its bit; once the tag is gone, the notice clears it.
+    TagMaps::of(&mut loaded.maps).thread_exited(pid);
+    assert!(
+        loaded.maps.tag_filter.is_set(pid),
+        "a tagged thread lost its bit"
+    );
     writeln!(stdin).unwrap();
     child.wait().unwrap();
     assert!(
         loaded.maps.threads.get(&pid, 0).is_err(),
         "exited process still tagged"
+    );
+    TagMaps::of(&mut loaded.maps).thread_exited(pid);
+    assert!(
+        !loaded.maps.tag_filter.is_set(pid),
+        "an exited thread kept its bit"
     );
     assert!(
         loaded.maps.watched.get(&pid, 0).is_err(),

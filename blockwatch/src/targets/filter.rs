@@ -36,6 +36,12 @@ impl TagFilter {
         Ok(())
     }
 
+    /// Whether user space set `tid`'s bit (and has not cleared it).
+    pub fn has(&self, tid: u32) -> bool {
+        tag_filter_bit(tid)
+            .is_some_and(|(word, bit)| self.words.get(&word).is_some_and(|w| w & bit != 0))
+    }
+
     /// Stops the kernel looking `tid`'s tag up: only once the tag is gone.
     pub fn clear(&mut self, tid: u32) {
         let Some((word, bit)) = tag_filter_bit(tid) else {

@@ -153,7 +153,8 @@ impl<'a> TagMaps<'a> {
     /// Thread `tid` exited, and the kernel removed its tag: its filter bit
     /// goes too, unless the TID is already tagged again (a new thread).
     pub fn thread_exited(&mut self, tid: u32) {
-        if self.threads.get(&tid, 0).is_err() {
+        // Most exits are of threads the kernel tagged: no lookup for them.
+        if self.filter.has(tid) && self.threads.get(&tid, 0).is_err() {
             self.filter.clear(tid);
         }
     }
