@@ -21,19 +21,37 @@ pub const THREADS_ALL: u8 = 2;
 pub const PROBE_BUDGET: u8 = 16;
 
 /// Words of each half of the tag filter (`TAGGED_BY_KERNEL`,
-/// `TAGGED_BY_USER`): one bit per TID up to the kernel's largest PID
-/// (`PID_MAX_LIMIT`, 4,194,304 on 64-bit), 512 KiB a half.
-pub const TAG_FILTER_WORDS: u32 = 65536;
+/// `TAGGED_BY_USER`): two bits per TID up to the kernel's largest PID
+/// (`PID_MAX_LIMIT`, 4,194,304 on 64-bit), 1 MiB a half.
+pub const TAG_FILTER_WORDS: u32 = 131072;
 
-/// Where `tid`'s bit is in the tag filter: (word, mask), or `None` past its
-/// end (such a TID may always be tagged).
+/// A TID's two bits in the tag filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TagFilterBits {
+    pub word: u32,
+    /// The thread may be tagged.
+    pub tagged: u64,
+    /// It may run a loop, or be a candidate whose park may be learned:
+    /// every switch of it needs its tag. Without this bit a tagged thread
+    /// is a plain candidate, whose tag matters only when it sleeps in an
+    /// epoll or futex wait (or the sampler finds it running).
+    pub looping: u64,
+}
+
+/// `tid`'s bits in the tag filter, or `None` past its end (such a TID may
+/// always be tagged, and may always run a loop).
 #[inline(always)]
-pub const fn tag_filter_bit(tid: u32) -> Option<(u32, u64)> {
-    let word = tid >> 6;
+pub const fn tag_filter_bits(tid: u32) -> Option<TagFilterBits> {
+    let word = tid >> 5;
     if word >= TAG_FILTER_WORDS {
         return None;
     }
-    Some((word, 1u64 << (tid & 63)))
+    let tagged = 1u64 << ((tid & 31) * 2);
+    Some(TagFilterBits {
+        word,
+        tagged,
+        looping: tagged << 1,
+    })
 }
 
 /// A watched process (key: TGID in `WATCHED`).

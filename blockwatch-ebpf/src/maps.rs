@@ -16,21 +16,25 @@ use aya_ebpf::{
 use blockwatch_common::{
     COMM_MATCH_MAX, CommMatch, Config, Counter, KernelOffsets, LoopClock, LoopConfig, LoopState,
     MAX_FRAMES, MAX_KNOWN_SITES, NUM_COUNTERS, PyProc, SiteCheck, SiteKey, StackBuf, StrictCall,
-    StrictKey, StrictTally, TAG_FILTER_WORDS, ThreadTag, UserStack, WatchRule, tag_filter_bit,
+    StrictKey, StrictTally, TAG_FILTER_WORDS, TAG_LOOP, ThreadTag, UserStack, WatchRule,
+    tag_filter_bits,
 };
 
 #[map]
 pub(crate) static THREADS: HashMap<u32, ThreadTag> = HashMap::with_max_entries(65536, 0);
-/// The tag filter: a TID whose bit is clear in both halves has no `THREADS`
-/// entry. Nearly every context switch is of untagged threads, and an array
+/// The tag filter: a TID whose bits are clear in both halves has no
+/// `THREADS` entry, and one without its `looping` bit is a plain candidate
+/// (blockwatch-common `TagFilterBits`). Nearly every context switch is of untagged threads, and an array
 /// lookup the verifier inlines costs them far less than a hash lookup that
 /// finds nothing (`sched_switch` on untagged threads: 0.7× with this
-/// filter, measured). A set bit may be stale (the lookup then finds
-/// nothing), a clear one never is: each half has one writer, as a bit
-/// lost to two writers of one word would hide a tagged thread. This half
-/// is the kernel's, changed by atomic adds only, each of one bit that no
-/// other CPU changes at that moment (a TID is tagged and untagged in its
-/// own life's order: at its creation, exec and exit).
+/// filter, measured), and a plain candidate's tag is looked up only when
+/// it sleeps in an epoll or futex wait. A set bit may be stale (the lookup
+/// then finds nothing, or a candidate pays a loop's lookups), a clear one
+/// never is: each half has one writer, as a bit lost to two writers of one
+/// word would hide a tagged thread. This half is the kernel's, changed by
+/// atomic adds only, of bits that no other CPU changes at that moment (a
+/// TID's bits change in its own life's order: at its creation, exec and
+/// exit, and in its own switches and ticks when it becomes a loop).
 #[map]
 pub(crate) static TAGGED_BY_KERNEL: Array<u64> = Array::with_max_entries(TAG_FILTER_WORDS, 0);
 /// User space's half: it sets a TID's bit before it tags the thread and
@@ -279,67 +283,117 @@ pub(crate) fn thread_entry<V>(
 /// The thread's tag, if it has one.
 #[inline(always)]
 pub(crate) fn thread(tid: u32) -> Option<&'static mut ThreadTag> {
-    if !may_be_tagged(tid) {
+    if filter(tid) == Filter::Untagged {
         return None;
     }
+    tag_of(tid)
+}
+
+/// The thread's tag, looked up whatever the filter says.
+#[inline(always)]
+pub(crate) fn tag_of(tid: u32) -> Option<&'static mut ThreadTag> {
     // SAFETY: map value pointer, valid for this program run; only the
     // thread's own switches and syscalls touch its entry, and the
     // scheduler serialises those.
     THREADS.get_ptr_mut(tid).map(|t| unsafe { &mut *t })
 }
 
-/// False when `tid` certainly has no tag (the tag filter).
+/// What the tag filter says of a TID (see `TagFilterBits`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Filter {
+    /// It has no tag.
+    Untagged,
+    /// It may be tagged, as a plain candidate at most.
+    Candidate,
+    /// It may run a loop, or be a candidate whose park may be learned.
+    Loop,
+}
+
 #[inline(always)]
-fn may_be_tagged(tid: u32) -> bool {
-    let Some((word, bit)) = tag_filter_bit(tid) else {
-        return true;
+pub(crate) fn filter(tid: u32) -> Filter {
+    let Some(b) = tag_filter_bits(tid) else {
+        return Filter::Loop;
     };
-    match (TAGGED_BY_KERNEL.get(word), TAGGED_BY_USER.get(word)) {
-        (Some(k), Some(u)) => (*k | *u) & bit != 0,
-        _ => true,
+    match (TAGGED_BY_KERNEL.get(b.word), TAGGED_BY_USER.get(b.word)) {
+        (Some(k), Some(u)) => {
+            let w = *k | *u;
+            if w & b.looping != 0 {
+                Filter::Loop
+            } else if w & b.tagged != 0 {
+                Filter::Candidate
+            } else {
+                Filter::Untagged
+            }
+        }
+        _ => Filter::Loop,
     }
 }
 
-/// Tags `tid`: its filter bit first, so no moment has the tag without it.
-/// False when `THREADS` is full.
+/// Tags `tid`: its filter bits first, so no moment has the tag without
+/// them. False when `THREADS` is full.
 #[inline(always)]
 pub(crate) fn tag(tid: u32, tag: ThreadTag) -> bool {
-    mark_tagged(tid, true);
+    mark(
+        tid,
+        Mark::Set {
+            looping: tag.tag == TAG_LOOP,
+        },
+    );
     THREADS.insert(tid, tag, 0).is_ok()
 }
 
-/// Removes `tid`'s tag, if any, then its filter bit.
+/// Removes `tid`'s tag, if any, then its filter bits.
 #[inline(always)]
 pub(crate) fn untag(tid: u32) -> bool {
     let was_tagged = THREADS.remove(tid).is_ok();
-    mark_tagged(tid, false);
+    mark(tid, Mark::Clear);
     was_tagged
 }
 
-/// Sets or clears `tid`'s bit in the kernel's half of the tag filter.
+/// Every switch of tagged thread `tid` needs its tag from now on: it runs
+/// a loop, or its park may be learned (it sent a futex probe).
 #[inline(always)]
-fn mark_tagged(tid: u32, set: bool) {
-    let Some((word, bit)) = tag_filter_bit(tid) else {
+pub(crate) fn mark_looping(tid: u32) {
+    mark(tid, Mark::Set { looping: true });
+}
+
+#[derive(Clone, Copy)]
+enum Mark {
+    Set { looping: bool },
+    Clear,
+}
+
+/// Sets or clears `tid`'s bits in the kernel's half of the tag filter.
+#[inline(always)]
+fn mark(tid: u32, how: Mark) {
+    let Some(b) = tag_filter_bits(tid) else {
         return;
     };
-    let Some(p) = TAGGED_BY_KERNEL.get_ptr_mut(word) else {
+    let Some(p) = TAGGED_BY_KERNEL.get_ptr_mut(b.word) else {
         return;
     };
     // SAFETY: a map value pointer, valid for this program run.
-    let is_set = unsafe { core::ptr::read_volatile(p) } & bit != 0;
-    if is_set != set {
-        let delta = if set { bit } else { bit.wrapping_neg() };
-        // An add (no result used: the one atomic every kernel has) of a bit
-        // that is known clear, or minus one known set, changes only it,
-        // whatever other CPUs add to the word's other bits meanwhile.
-        // SAFETY: as above; the value is 8-byte aligned. (`AtomicU64` has
-        // no read-modify-write methods on this target.)
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-                p, delta,
-            )
-        };
+    let set_now = unsafe { core::ptr::read_volatile(p) } & (b.tagged | b.looping);
+    let delta = match how {
+        Mark::Set { looping } => {
+            let wanted = b.tagged | if looping { b.looping } else { 0 };
+            wanted & !set_now
+        }
+        Mark::Clear => set_now.wrapping_neg(),
+    };
+    if delta == 0 {
+        return;
     }
+    // An add (no result used: the one atomic every kernel has) of bits that
+    // are known clear, or minus bits known set, changes only them, whatever
+    // other CPUs add to the word's other bits meanwhile.
+    // SAFETY: as above; the value is 8-byte aligned. (`AtomicU64` has no
+    // read-modify-write methods on this target.)
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            p, delta,
+        )
+    };
 }
 
 /// A per-CPU scratch buffer, exclusively this program's during its run.

@@ -17,7 +17,7 @@ use crate::{
     episode,
     idle::{self, LoopFd, Wait},
     ids,
-    maps::{PARKS, off, thread},
+    maps::{self, Filter, PARKS, off},
     read::{Regs, cpu_time_of, exiting, user_regs},
     record, stack,
 };
@@ -36,22 +36,31 @@ pub(crate) fn on_switch<C: EbpfContext>(
 ) {
     // `prev` is still `current` here, so its TID and user memory are ours.
     let prev_tid = ids::current_tid();
+    let voluntary = preempt & 1 == 0 && prev_state & 0xff != 0;
+    // The filter first: most switches are of untagged threads, and a plain
+    // candidate matters only when it sleeps in an epoll or futex wait (its
+    // loop's idle wait, or a probe of its park).
+    let prev_needed = prev_tid != 0
+        && match maps::filter(prev_tid) {
+            Filter::Untagged => false,
+            Filter::Candidate => voluntary && candidate_wait(prev, how),
+            Filter::Loop => true,
+        };
     // An exiting thread was untagged by sched_process_exit, and its exit
     // releases its TID before its last switches: a new thread may already
     // hold the TID, and that thread's tag (its pending wait) is not the
     // exiting thread's to touch, switching out or in.
-    // The map lookup first: most switches are of untagged threads, and the
-    // flags read is a helper call they need not pay.
-    if prev_tid != 0
-        && let Some(tag) = thread(prev_tid)
+    if prev_needed
+        && let Some(tag) = maps::tag_of(prev_tid)
         && !exiting(prev, how)
     {
-        let preempted = preempt & 1 != 0;
-        switch_out(ctx, tag, prev_tid, preempted, prev_state, prev, how);
+        switch_out(ctx, tag, prev_tid, preempt & 1 != 0, prev_state, prev, how);
     }
     let next_tid = ids::tid_of(next, how);
+    // A plain candidate's switch-in changes nothing.
     if next_tid != 0
-        && let Some(tag) = thread(next_tid)
+        && maps::filter(next_tid) == Filter::Loop
+        && let Some(tag) = maps::tag_of(next_tid)
         && !exiting(next, how)
     {
         if tag.tag == TAG_CANDIDATE && tag.probe_budget < PROBE_BUDGET && park_learned(next_tid) {
@@ -68,6 +77,19 @@ pub(crate) fn on_switch<C: EbpfContext>(
             tag.out_ns = 0;
         }
     }
+}
+
+/// Whether a plain candidate's voluntary switch-out is in a wait its tag
+/// needs to see: an epoll wait (its loop's, maybe) or a futex wait (its
+/// runtime's park, maybe).
+#[inline(always)]
+fn candidate_wait(task: *const u8, how: Regs) -> bool {
+    let regs = user_regs(task, how);
+    if regs.is_null() {
+        return false;
+    }
+    let nr: i64 = how.field(regs, off().pt_regs_orig_ax);
+    is_epoll_wait(nr) || nr == NR_FUTEX || nr == NR_FUTEX_WAIT
 }
 
 #[inline(always)]
@@ -227,6 +249,9 @@ fn idle_or_probe<C: EbpfContext>(
         // lock must not stop the park being learned.
         Wait::Futex if tag.probe_budget > 0 => {
             tag.probe_budget -= 1;
+            // Its switch-ins must now be seen: they tell when the park is
+            // learned.
+            maps::mark_looping(tid);
             record::send_probe(tid, tag.tgid, arg0, regs);
         }
         _ => {}
@@ -238,6 +263,7 @@ fn idle_or_probe<C: EbpfContext>(
 #[inline(always)]
 pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     tag.tag = TAG_LOOP;
+    maps::mark_looping(tid);
     // A new loop starts with no episode, whatever the thread's state
     // held: a loop that ended, or a tag user space wrote over the
     // kernel's (a process matched at exec while its thread already ran

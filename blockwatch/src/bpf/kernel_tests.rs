@@ -63,16 +63,17 @@ fn blocks(records: &[Record]) -> Vec<&BlockRecord> {
         .collect()
 }
 
-/// `tid`'s bit in the kernel's half of the tag filter.
-fn kernel_filter_bit(loaded: &Loaded, tid: u32) -> bool {
+/// `tid`'s bits in the kernel's half of the tag filter: (tagged, looping).
+fn kernel_filter_bits(loaded: &Loaded, tid: u32) -> (bool, bool) {
     let map = loaded
         .ebpf
         .map("TAGGED_BY_KERNEL")
         .expect("TAGGED_BY_KERNEL");
     let half: aya::maps::Array<&aya::maps::MapData, u64> =
         aya::maps::Array::try_from(map).expect("an array");
-    let (word, bit) = blockwatch_common::tag_filter_bit(tid).expect("a TID below PID_MAX_LIMIT");
-    half.get(&word, 0).expect("a word") & bit != 0
+    let b = blockwatch_common::tag_filter_bits(tid).expect("a TID below PID_MAX_LIMIT");
+    let w = half.get(&b.word, 0).expect("a word");
+    (w & b.tagged != 0, w & b.looping != 0)
 }
 
 fn watch(loaded: &mut Loaded, pid: u32, mode: ThreadsMode) {
@@ -189,12 +190,12 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
         // kernel see each.
         if *tid == pid {
             assert!(
-                loaded.maps.tag_filter.is_set(pid),
+                loaded.maps.tag_filter.bits(pid).0,
                 "{pid} not in TAGGED_BY_USER"
             );
         } else {
             assert!(
-                kernel_filter_bit(&loaded, *tid),
+                kernel_filter_bits(&loaded, *tid).0,
                 "{tid} not in TAGGED_BY_KERNEL"
             );
         }
@@ -209,7 +210,7 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
             "exited thread {tid} is still tagged"
         );
         assert!(
-            !kernel_filter_bit(&loaded, *tid),
+            kernel_filter_bits(&loaded, *tid) == (false, false),
             "exited thread {tid} is still in the kernel's filter"
         );
     }
@@ -217,7 +218,7 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
     // thread) leaves its bit; once the tag is gone, the notice clears it.
     TagMaps::of(&mut loaded.maps).thread_exited(pid);
     assert!(
-        loaded.maps.tag_filter.is_set(pid),
+        loaded.maps.tag_filter.bits(pid).0,
         "a tagged thread lost its bit"
     );
     writeln!(stdin).unwrap();
@@ -227,9 +228,10 @@ fn new_threads_are_tagged_and_exited_ones_forgotten() {
         "exited process still tagged"
     );
     TagMaps::of(&mut loaded.maps).thread_exited(pid);
-    assert!(
-        !loaded.maps.tag_filter.is_set(pid),
-        "an exited thread kept its bit"
+    assert_eq!(
+        loaded.maps.tag_filter.bits(pid),
+        (false, false),
+        "an exited thread kept its bits"
     );
     assert!(
         loaded.maps.watched.get(&pid, 0).is_err(),

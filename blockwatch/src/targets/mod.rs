@@ -177,7 +177,7 @@ impl<'a> TagMaps<'a> {
             if tag == 0 {
                 continue;
             }
-            self.filter.set(tid)?;
+            self.filter.set(tid, tag == TAG_LOOP)?;
             // BPF_NOEXIST: never overwrite what the kernel already learned.
             match self
                 .threads
@@ -196,7 +196,7 @@ impl<'a> TagMaps<'a> {
     /// Tags one thread as an event loop, whatever it does (`--tid`).
     pub fn tag_thread(&mut self, tid: u32) -> Result<u32, TargetError> {
         let tgid = procfs::tgid(tid).ok_or(TargetError::NoSuchTid(tid))?;
-        self.filter.set(tid)?;
+        self.filter.set(tid, true)?;
         self.threads
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
         Ok(tgid)
