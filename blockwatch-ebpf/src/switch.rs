@@ -3,7 +3,8 @@
 //! ends; when it leaves the CPU for anything else, the switch-out time,
 //! syscall and stacks of that wait are kept, and when it comes back the
 //! wait is added to its episode. Untagged threads pay two array reads a
-//! switch (the tag filter, maps.rs).
+//! switch (the tag filter, maps.rs), and so do candidates that run no
+//! loop, but for a syscall number read when they sleep.
 
 use aya_ebpf::{EbpfContext, helpers::bpf_ktime_get_ns};
 use aya_log_ebpf::info;

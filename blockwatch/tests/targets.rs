@@ -4,9 +4,17 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
 
-use common::{PYTHON, TestCgroup, repo_root, subject, trace_with_timeout};
+use common::{PYTHON, Run, TestCgroup, Watch, repo_root, subject};
+
+/// `trace --output json ARGS` while `subjects` runs, started once trace
+/// says it is watching (so each subject is new to it, however long the
+/// attach took), stopped with SIGINT once `subjects` returns.
+fn watch_while<T>(args: &[&str], subjects: impl FnOnce() -> T) -> (Run, T) {
+    let watch = Watch::start(args);
+    let result = subjects();
+    (watch.stop(), result)
+}
 
 /// `--comm` picks up a process that starts after blockwatch attached (it is
 /// matched at exec) and reports its loop like any other.
@@ -16,19 +24,14 @@ fn comm_glob_watches_processes_started_later() {
     // A uniquely named interpreter: comm comes from the exec'd file name.
     let alias = common::python_alias("bwcommtest");
     let script = subject("asyncio_blocker.py");
-    let starter = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+    let (run, status) = watch_while(&["--comm", "bwcomm*"], || {
         Command::new(&alias.path)
             .arg(script)
             .current_dir(repo_root())
             .status()
             .expect("run the subject")
     });
-    let run = trace_with_timeout(
-        &["--comm", "bwcomm*", "--duration", "6s"],
-        Duration::from_secs(30),
-    );
-    assert!(starter.join().unwrap().success());
+    assert!(status.success());
     run.assert_success();
     let sleeps = run.events_where(|e| e.class == "sleep" && e.comm == "bwcommtest");
     assert_eq!(
@@ -55,8 +58,7 @@ fn a_process_named_by_comm_is_watched_from_its_exec() {
     let dir = tempfile::tempdir().unwrap();
     let exe = dir.path().join("bwquicksleep");
     std::os::unix::fs::symlink("/bin/sleep", &exe).unwrap();
-    let starter = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(1500));
+    let (run, ran) = watch_while(&["--comm", "bwquick*", "--threads", "all"], || {
         (0..RUNS).all(|_| {
             Command::new(&exe)
                 .arg("0.04")
@@ -64,11 +66,7 @@ fn a_process_named_by_comm_is_watched_from_its_exec() {
                 .is_ok_and(|s| s.success())
         })
     });
-    let run = trace_with_timeout(
-        &["--comm", "bwquick*", "--threads", "all", "--duration", "4s"],
-        Duration::from_secs(30),
-    );
-    assert!(starter.join().unwrap(), "the sleeps ran");
+    assert!(ran, "the sleeps ran");
     run.assert_success();
     let sleeps = run.events_where(|e| e.class == "sleep" && e.comm == "bwquicksleep");
     assert_eq!(
@@ -92,8 +90,7 @@ fn unit_and_cgroup_rules_watch_processes_started_later() {
     ] {
         let script = subject("asyncio_blocker.py");
         let mut inside = cg.exec_in(&[PYTHON, &script]);
-        let starter = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
+        let (run, pid) = watch_while(&[flags[0], flags[1]], || {
             let outside = Command::new(PYTHON)
                 .arg(&script)
                 .current_dir(repo_root())
@@ -109,11 +106,6 @@ fn unit_and_cgroup_rules_watch_processes_started_later() {
             }
             pid
         });
-        let run = trace_with_timeout(
-            &[flags[0], flags[1], "--duration", "6s"],
-            Duration::from_secs(30),
-        );
-        let pid = starter.join().unwrap();
         run.assert_success();
         let sleeps = run.events_where(|e| e.class == "sleep" && e.pid == pid);
         assert_eq!(
@@ -166,8 +158,7 @@ fn cmdline_and_exe_rules_select_what_runs() {
         ),
     ];
     for (flags, selected, other) in cases {
-        let starter = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
+        let (run, (selected, other)) = watch_while(&[flags[0], flags[1]], || {
             let start = |argv: &[String]| {
                 Command::new(&argv[0])
                     .args(&argv[1..])
@@ -180,11 +171,6 @@ fn cmdline_and_exe_rules_select_what_runs() {
             assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
             pids
         });
-        let run = trace_with_timeout(
-            &[flags[0], flags[1], "--duration", "6s"],
-            Duration::from_secs(30),
-        );
-        let (selected, other) = starter.join().unwrap();
         run.assert_success();
         let sleeps = run.events_where(|e| e.class == "sleep" && e.pid == selected);
         assert_eq!(sleeps.len(), 3, "{flags:?}\n{}", run.report());
