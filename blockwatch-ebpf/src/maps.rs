@@ -24,21 +24,22 @@ use blockwatch_common::{
 pub(crate) static THREADS: HashMap<u32, ThreadTag> = HashMap::with_max_entries(65536, 0);
 /// The tag filter: a TID whose bits are clear in both halves has no
 /// `THREADS` entry, and one without its `looping` bit is a plain candidate
-/// (blockwatch-common `TagFilterBits`). Nearly every context switch is of untagged threads, and an array
-/// lookup the verifier inlines costs them far less than a hash lookup that
-/// finds nothing (`sched_switch` on untagged threads: 0.7× with this
-/// filter, measured), and a plain candidate's tag is looked up only when
-/// it sleeps in an epoll or futex wait. A set bit may be stale (the lookup
-/// then finds nothing, or a candidate pays a loop's lookups), a clear one
-/// never is: each half has one writer, as a bit lost to two writers of one
-/// word would hide a tagged thread. This half is the kernel's, changed by
-/// atomic adds only, of bits that no other CPU changes at that moment (a
-/// TID's bits change in its own life's order: at its creation, exec and
-/// exit, and in its own switches and ticks when it becomes a loop).
+/// (blockwatch-common `TagFilterBits`). Nearly every context switch is of
+/// untagged threads, and an array lookup the verifier inlines costs them
+/// far less than a hash lookup that finds nothing (`sched_switch` on
+/// untagged threads: 0.7× with this filter alone, measured); a plain
+/// candidate's tag is looked up only when it sleeps in an epoll or futex
+/// wait. A set bit may be stale (the lookup then finds nothing, or a
+/// candidate pays a loop's lookups), a clear one never is: each half has
+/// one writer, as a bit lost to two writers of one word would hide a
+/// tagged thread. This half is the kernel's, changed by atomic adds only,
+/// of bits that no other CPU changes at that moment (a TID's bits change
+/// in its own life's order: at its creation, exec and exit, and in its own
+/// switches and ticks when it becomes a loop or sends a probe).
 #[map]
 pub(crate) static TAGGED_BY_KERNEL: Array<u64> = Array::with_max_entries(TAG_FILTER_WORDS, 0);
-/// User space's half: it sets a TID's bit before it tags the thread and
-/// clears it once the tag is gone; words are written whole, by it only.
+/// User space's half: it sets a TID's bits before it tags the thread and
+/// clears them once the tag is gone; words are written whole, by it only.
 #[map]
 pub(crate) static TAGGED_BY_USER: Array<u64> = Array::with_max_entries(TAG_FILTER_WORDS, 0);
 #[map]
