@@ -140,7 +140,13 @@ pub struct ThreadTag {
     /// `STATE_*` of the pending wait.
     pub off_state: u8,
     pub probe_budget: u8,
-    pub _pad: [u8; 5],
+    /// 1: user space found this candidate asleep in an epoll wait on
+    /// `loop_epfd` when it tagged it, and did for it what a `LoopFound`
+    /// record asks: its next switch-in is its loop coming back from its
+    /// idle wait, so it runs a loop from then, and the first call that
+    /// blocks it counts (the kernel saw no wait of it to learn that from).
+    pub asleep_in_loop: u8,
+    pub _pad: [u8; 4],
     /// The `struct file` of the loop's epoll fd, kept when the thread was
     /// found to run a loop (0 for threads tagged as loops from the start):
     /// when that fd no longer holds it, the loop has ended.
@@ -166,7 +172,8 @@ impl ThreadTag {
             tag,
             off_state: 0,
             probe_budget: PROBE_BUDGET,
-            _pad: [0; 5],
+            asleep_in_loop: 0,
+            _pad: [0; 4],
             loop_file: 0,
             loop_fops: 0,
             out_cpu_ns: 0,

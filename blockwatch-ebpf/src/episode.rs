@@ -549,7 +549,7 @@ fn found_busy(tag: &mut ThreadTag, tid: u32) {
     if epfd != tag.loop_epfd {
         return;
     }
-    crate::switch::become_loop(tag, tid, task);
+    crate::switch::become_loop(tag, tid, task, true);
     let Some(st) = state(tid) else {
         return;
     };

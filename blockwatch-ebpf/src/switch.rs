@@ -64,12 +64,22 @@ pub(crate) fn on_switch<C: EbpfContext>(
         && let Some(tag) = maps::tag_of(next_tid)
         && !exiting(next, how)
     {
-        if tag.tag == TAG_CANDIDATE && tag.probe_budget < PROBE_BUDGET && park_learned(next_tid) {
-            // It last slept in a futex wait that was probed, and user space
-            // has since found that futex to be its runtime's park: it
-            // wakes from its first idle wait, and its first blocking call
-            // must count, not wait for a second park to be recognised.
-            become_loop(tag, next_tid, next);
+        // It wakes from its first idle wait, and its first blocking call
+        // must count, not wait for a second idle wait to be seen: user
+        // space found it asleep in its epoll wait when it tagged it, or
+        // it last slept in a futex wait that was probed, and user space
+        // has since found that futex to be its runtime's park.
+        if tag.tag == TAG_CANDIDATE
+            && (tag.asleep_in_loop != 0
+                || (tag.probe_budget < PROBE_BUDGET && park_learned(next_tid)))
+        {
+            let asleep = tag.asleep_in_loop != 0;
+            become_loop(tag, next_tid, next, !asleep);
+            // Seen asleep in the wait that makes it a loop, as
+            // `idle_reached` would have: its episode begins now.
+            if asleep && let Some(st) = episode::state(next_tid) {
+                st.looped = 1;
+            }
         }
         if tag.tag == TAG_LOOP {
             // SAFETY: no preconditions.
@@ -156,7 +166,7 @@ fn switch_out<C: EbpfContext>(
         // only after the thread had woken from it, so the switch-in could
         // not tell: it runs a loop, and this wait, its first blocking
         // call, counts.
-        become_loop(tag, tid, prev);
+        become_loop(tag, tid, prev, true);
     }
     if tag.tag != TAG_LOOP {
         return;
@@ -235,7 +245,7 @@ fn idle_or_probe<C: EbpfContext>(
     let wait = idle::classify(tag, tid, nr, arg0, regs);
     match wait {
         Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
-            become_loop(tag, tid, task);
+            become_loop(tag, tid, task, true);
             if wait == Wait::Epoll {
                 info!(
                     ctx,
@@ -261,9 +271,12 @@ fn idle_or_probe<C: EbpfContext>(
 }
 
 /// Candidate `tid` was seen in its runtime's idle wait: it runs a loop.
+/// `announce`: user space is told (a `LoopFound` record), unless it found
+/// the loop itself.
 #[inline(always)]
-pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
+pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8, announce: bool) {
     tag.tag = TAG_LOOP;
+    tag.asleep_in_loop = 0;
     maps::mark_looping(tid);
     // A new loop starts with no episode, whatever the thread's state
     // held: a loop that ended, or a tag user space wrote over the
@@ -280,7 +293,9 @@ pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8) {
     };
     // User space inspects the process for an interpreter at once, so the
     // loop's first blocking call has its frames.
-    record::send_task(RecordKind::LoopFound, tag.tgid, tid, tag.loop_epfd as u32);
+    if announce {
+        record::send_task(RecordKind::LoopFound, tag.tgid, tid, tag.loop_epfd as u32);
+    }
 }
 
 /// Whether user space has learned `tid`'s runtime park.

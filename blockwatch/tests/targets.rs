@@ -77,6 +77,75 @@ fn a_process_named_by_comm_is_watched_from_its_exec() {
     );
 }
 
+/// An asyncio loop asleep in its wait when it is first watched (a server
+/// idle between requests, as `trace --pid` or the daemon finds it): the
+/// first call that blocks it after the attach is reported, with its
+/// Python function, not only the calls after its next idle wait.
+#[test]
+fn a_loop_idle_when_watched_reports_its_first_blocking_call() {
+    let _serial = common::setup();
+    const SUBJECT: &str = r#"
+import asyncio, signal, time
+def first_slow_request():
+    time.sleep(0.15)
+async def main():
+    woke = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, woke.set)
+    print("idle", flush=True)
+    await woke.wait()
+    first_slow_request()
+    await asyncio.sleep(0.3)
+asyncio.run(main())
+"#;
+    let mut child = Command::new(PYTHON)
+        .args(["-c", SUBJECT])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the subject");
+    let pid = child.id();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+        &mut line,
+    )
+    .expect("the subject's first line");
+    assert_eq!(line.trim(), "idle");
+    // Asleep in epoll_wait, epoll_pwait or epoll_pwait2 (x86_64).
+    let asleep_in_epoll = || {
+        std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .is_ok_and(|s| matches!(s.split_whitespace().next(), Some("232" | "281" | "441")))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !asleep_in_epoll() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the subject never slept in its loop's wait"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid_arg = pid.to_string();
+    let (run, status) = watch_while(&["--pid", &pid_arg], || {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+        child.wait().expect("the subject exits")
+    });
+    assert!(status.success());
+    run.assert_success();
+    let first = run.events_where(|e| e.culprit_function() == "first_slow_request");
+    assert_eq!(
+        first.len(),
+        1,
+        "the one blocking call, made right after the loop woke\n{}",
+        run.report()
+    );
+    assert_eq!(first[0].class, "sleep", "{}", run.report());
+    assert!(
+        (140.0..400.0).contains(&first[0].ms()),
+        "about 150 ms: {}",
+        first[0].ms()
+    );
+}
+
 /// `--unit` and `--cgroup` pick up a process that enters its cgroup and
 /// execs after blockwatch attached; a second one outside it is not watched.
 #[test]

@@ -33,6 +33,7 @@ use crate::runtimes::python::{self, PyProcess};
 use crate::runtimes::tokio as runtime;
 use crate::stacks::builder::StackBuilder;
 use crate::stacks::sites::{self, Sites};
+use crate::targets::IdleLoop;
 use cache::StackCache;
 use loops::Loops;
 use strict::{StrictCalls, StrictSites};
@@ -300,6 +301,17 @@ impl Pipeline {
         }
     }
 
+    /// Thread `l.tid` runs an event loop on `l.epfd`: found by the kernel
+    /// at its first idle wait (`Record::LoopFound`), or asleep in that wait
+    /// by the scan that watched its process. Its interpreter and its
+    /// iteration clock are looked for now, before its first blocking call.
+    pub fn loop_found(&mut self, l: IdleLoop, maps: &mut RuntimeMaps) {
+        self.stats.loops_found += 1;
+        debug!("tid {} of pid {} runs an event loop", l.tid, l.pid);
+        self.inspect_now(l.pid, maps.pyprocs);
+        self.find_clock(l.pid, l.tid, l.epfd, maps.clocks);
+    }
+
     /// Inspects process `pid` for CPython now, whatever the timer says:
     /// when its loop is first seen (the kernel's [`Record::LoopFound`]) or
     /// when it exec'd under watch. The kernel walks interpreter frames at
@@ -552,10 +564,7 @@ impl Pipeline {
                 None
             }
             Record::LoopFound { pid, tid, epfd } => {
-                self.stats.loops_found += 1;
-                debug!("tid {tid} of pid {pid} runs an event loop");
-                self.inspect_now(pid, maps.pyprocs);
-                self.find_clock(pid, tid, epfd, maps.clocks);
+                self.loop_found(IdleLoop { pid, tid, epfd }, maps);
                 None
             }
             Record::Strict(r) => Some(Output::Event(Box::new(self.strict_site(r)))),

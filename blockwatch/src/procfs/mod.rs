@@ -94,6 +94,24 @@ pub fn thread_exists(pid: u32, tid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
 }
 
+/// The system call thread `tid` of process `pid` sleeps in, and its first
+/// argument; None when it runs, is not in one, or cannot be read (the
+/// file needs ptrace access).
+pub fn sleeping_syscall(pid: u32, tid: u32) -> Option<(i64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    parse_syscall(&text)
+}
+
+/// `/proc/PID/task/TID/syscall`: "NR ARG1 .. ARG6 SP PC", the arguments in
+/// hex; "running", or "-1 SP PC" outside a syscall.
+fn parse_syscall(text: &str) -> Option<(i64, u64)> {
+    let mut words = text.split_ascii_whitespace();
+    let nr: i64 = words.next()?.parse().ok()?;
+    let arg0 = words.next()?.strip_prefix("0x")?;
+    let arg0 = u64::from_str_radix(arg0, 16).ok()?;
+    (nr >= 0).then_some((nr, arg0))
+}
+
 /// A process's name (`comm`, at most 15 bytes), without the newline the
 /// kernel ends it with.
 pub fn comm(pid: u32) -> Option<String> {
@@ -210,5 +228,42 @@ mod tests {
         let bytes = with_fd_target(me, fd, <[u8]>::to_vec).unwrap();
         assert_eq!(bytes, b"/dev/null");
         assert_eq!(with_fd_target(me, -1, <[u8]>::to_vec), None);
+    }
+
+    #[test]
+    fn syscall_lines_give_the_number_and_first_argument() {
+        let epoll =
+            "232 0x3 0x7ffd4c2a1b20 0x400 0xffffffff 0x0 0x0 0x7ffd4c2a1af8 0x7f1c2b3e4d5e\n";
+        assert_eq!(parse_syscall(epoll), Some((232, 3)));
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall("-1 0x7ffd4c2a1af8 0x7f1c2b3e4d5e\n"), None);
+        assert_eq!(parse_syscall(""), None);
+    }
+
+    #[test]
+    fn a_thread_asleep_in_read_shows_its_fd() {
+        use std::io::{Read as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        let (mut r, mut w) = std::io::pipe().unwrap();
+        let fd = r.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let mut b = [0u8; 1];
+            r.read_exact(&mut b).unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let me = std::process::id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = None;
+        while seen.is_none() && std::time::Instant::now() < deadline {
+            seen = sleeping_syscall(me, tid);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        w.write_all(b"x").unwrap();
+        reader.join().unwrap();
+        // read(2) is 0 on x86_64.
+        assert_eq!(seen, Some((0, fd as u64)));
     }
 }

@@ -30,7 +30,7 @@ use crate::session::trace::sleep_until;
 use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::{self, Overrides, Settings};
 use crate::targets::selector::{Container, Selector, cgroup_paths, container_of};
-use crate::targets::{self, CommRules, TagMaps, ThreadsMode};
+use crate::targets::{self, CommRules, IdleLoop, TagMaps, ThreadsMode};
 
 /// New-stack keys remembered; past this the set restarts (a stack then
 /// logged twice is harmless, unbounded memory is not).
@@ -164,6 +164,9 @@ struct State {
     loop_pids: HashSet<u32>,
     /// One of `loop_pids` exec'd or exited since that read.
     loops_changed: bool,
+    /// Loops the latest watches found asleep in their wait, for the
+    /// pipeline (`Daemon::adopt_idle_loops`).
+    idle_loops: Vec<IdleLoop>,
 }
 
 impl State {
@@ -236,7 +239,8 @@ impl<'a> Tags<'a> {
 
     fn watch(&mut self, state: &mut State, pid: u32, rule: WatchRule) {
         match self.0.watch_process(pid, rule) {
-            Ok(_) => {
+            Ok(idle) => {
+                state.idle_loops.extend(idle);
                 state.watched.insert(pid);
                 state.container(pid);
             }
@@ -405,6 +409,7 @@ impl Daemon {
             containers: current.container_labels.then(HashMap::new),
             loop_pids: HashSet::new(),
             loops_changed: false,
+            idle_loops: Vec::new(),
         };
         Ok(Self {
             current,
@@ -428,6 +433,7 @@ impl Daemon {
             maps.watch(&mut self.state, pid, rule);
         }
         maps.scan(&mut self.state);
+        self.adopt_idle_loops();
         eprintln!("blockwatch: {}", self.current.describe());
         sd_notify(&format!(
             "READY=1\nSTATUS=watching {} processes",
@@ -537,6 +543,8 @@ impl Daemon {
             }
             m.agg.process_exit(pid, now);
         }
+        drop(m);
+        self.adopt_idle_loops();
     }
 
     /// SIGHUP: rereads the config file; a file that does not validate
@@ -602,6 +610,18 @@ impl Daemon {
         }
         state.explicit = explicit;
         maps.scan(state);
+        self.adopt_idle_loops();
+    }
+
+    /// Does for the loops the latest watches found asleep in their wait
+    /// what the kernel's `LoopFound` would have had done: their
+    /// interpreter and clock, looked for before their first blocking call.
+    fn adopt_idle_loops(&mut self) {
+        let idle = std::mem::take(&mut self.state.idle_loops);
+        let mut maps = RuntimeMaps::of(&mut self.session.maps);
+        for l in idle {
+            self.pipeline.loop_found(l, &mut maps);
+        }
     }
 
     /// Gauges, drop counters, interpreters, expiry and the rate limiter's

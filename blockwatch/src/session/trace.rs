@@ -19,7 +19,7 @@ use crate::session::pictures::Pictures;
 use crate::session::{Session, StartOptions, threshold_ns};
 use crate::settings::duration::format_duration;
 use crate::targets::selector::Selector;
-use crate::targets::{self, TagMaps};
+use crate::targets::{self, IdleLoop, TagMaps};
 
 /// Strict counts are read every this many ticks (a second): a thread gone
 /// without its exit record is found, and its counts kept, that soon.
@@ -169,9 +169,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         ring_bytes: crate::bpf::RING_BYTES,
         loops: args.detectors.options(),
     })?;
-    let mut command = watch_targets(&args, &selector, &mut session).await?;
+    let (mut command, idle_loops) = watch_targets(&args, &selector, &mut session).await?;
     let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
     let mut pipeline = Pipeline::new();
+    let mut maps = RuntimeMaps::of(&mut session.maps);
+    for l in idle_loops {
+        pipeline.loop_found(l, &mut maps);
+    }
     let started = Instant::now();
     let stop =
         watch_until_stop(&args, &mut session, &mut pipeline, &mut sink, &mut command).await?;
@@ -236,16 +240,18 @@ fn check_targets(args: &TraceArgs) -> anyhow::Result<Selector> {
 }
 
 /// Tags the given processes and threads and the running processes the
-/// selector matches, then starts the command, if there is one.
+/// selector matches, then starts the command, if there is one. Returns it,
+/// and the loops found asleep in their wait.
 async fn watch_targets(
     args: &TraceArgs,
     selector: &Selector,
     session: &mut Session,
-) -> anyhow::Result<Option<targets::Command>> {
+) -> anyhow::Result<(Option<targets::Command>, Vec<IdleLoop>)> {
     let rule = args.threads.rule(false);
     let mut maps = TagMaps::of(&mut session.maps);
+    let mut idle = Vec::new();
     for &pid in &args.pids {
-        maps.watch_process(pid, rule)?;
+        idle.extend(maps.watch_process(pid, rule)?);
     }
     for &tid in &args.tids {
         maps.tag_thread(tid)?;
@@ -269,20 +275,21 @@ async fn watch_targets(
         for pid in procfs::pids() {
             if procfs::comm(pid).is_some_and(|c| selector.selects(pid, &c))
                 && !targets::is_blockwatch(pid)
+                && let Ok(found) = maps.watch_process(pid, rule)
             {
-                maps.watch_process(pid, rule).ok();
+                idle.extend(found);
             }
         }
     }
     if args.command.is_empty() {
-        return Ok(None);
+        return Ok((None, idle));
     }
     let rule = args.threads.rule(true);
     let mut maps = TagMaps::of(&mut session.maps);
     let started =
         targets::spawn_watched(&args.command, |pid| maps.watch_process(pid, rule).map(drop))
             .await?;
-    Ok(Some(started))
+    Ok((Some(started), idle))
 }
 
 /// Drains the ring buffer into the sink, and watches the processes the
@@ -326,8 +333,14 @@ async fn watch_until_stop(
                 sink.check()?;
                 for pid in std::mem::take(&mut sink.watch.to_watch) {
                     let mut maps = TagMaps::of(&mut session.maps);
-                    if let Err(e) = maps.watch_process(pid, sink.watch.rule) {
-                        warn!("cannot watch new process {pid}: {e}");
+                    match maps.watch_process(pid, sink.watch.rule) {
+                        Ok(idle) => {
+                            let mut maps = RuntimeMaps::of(&mut session.maps);
+                            for l in idle {
+                                pipeline.loop_found(l, &mut maps);
+                            }
+                        }
+                        Err(e) => warn!("cannot watch new process {pid}: {e}"),
                     }
                     pipeline.inspect_at_exec(pid, &mut session.maps.pyprocs);
                 }

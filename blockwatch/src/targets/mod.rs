@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, MapData};
 pub use blockwatch_common::tag_for;
-use blockwatch_common::{TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, ThreadTag, WatchRule};
+use blockwatch_common::{
+    TAG_CANDIDATE, TAG_LOOP, THREADS_ALL, THREADS_LOOP, THREADS_MAIN, ThreadTag, WatchRule,
+    x86_64::is_epoll_wait,
+};
 use clap::ValueEnum;
 use log::debug;
 
@@ -168,29 +171,60 @@ impl<'a> TagMaps<'a> {
     /// Watches process `pid` under `rule`: registers it for the kernel's
     /// new-thread tagging first, then tags the threads it already has, so a
     /// thread created in between is tagged by one side or the other.
-    /// Returns the number of threads tagged now.
-    pub fn watch_process(&mut self, pid: u32, rule: WatchRule) -> Result<usize, TargetError> {
+    ///
+    /// A candidate asleep in an epoll wait now is taken to be a loop in its
+    /// idle wait (the kernel takes the first epoll wait it sees a thread
+    /// sleep in the same way): it is returned, so that the caller does what
+    /// the kernel's `LoopFound` record would have it do. Left to the
+    /// kernel, it is found only at its next idle wait, after the first
+    /// call that blocks it: an idle server's first slow request would go
+    /// unreported.
+    pub fn watch_process(
+        &mut self,
+        pid: u32,
+        rule: WatchRule,
+    ) -> Result<Vec<IdleLoop>, TargetError> {
         self.watched.insert(pid, rule, 0)?;
         let mut n = 0;
+        let mut idle = Vec::new();
         for tid in procfs::threads(pid) {
-            let tag = tag_for(&rule, tid == pid);
-            if tag == 0 {
+            let mut tag = ThreadTag::new(pid, tag_for(&rule, tid == pid));
+            if tag.tag == 0 {
                 continue;
             }
-            self.filter.set(tid, tag == TAG_LOOP)?;
-            // BPF_NOEXIST: never overwrite what the kernel already learned.
-            match self
-                .threads
-                .insert(tid, ThreadTag::new(pid, tag), BPF_NOEXIST)
+            if tag.tag == TAG_CANDIDATE
+                && let Some((nr, fd)) = procfs::sleeping_syscall(pid, tid)
+                && is_epoll_wait(nr)
             {
+                tag.loop_epfd = fd as i32;
+                tag.asleep_in_loop = 1;
+            }
+            // Its switch-in must be seen: the looping bit.
+            self.filter
+                .set(tid, tag.tag == TAG_LOOP || tag.asleep_in_loop != 0)?;
+            // BPF_NOEXIST: never overwrite what the kernel already learned.
+            match self.threads.insert(tid, tag, BPF_NOEXIST) {
                 Ok(()) => n += 1,
                 Err(aya::maps::MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             }
+            if tag.asleep_in_loop != 0 {
+                idle.push(IdleLoop {
+                    pid,
+                    tid,
+                    epfd: tag.loop_epfd,
+                });
+            }
         }
-        debug!("watching pid {pid}: {n} threads tagged");
-        Ok(n)
+        debug!(
+            "watching pid {pid}: {n} threads tagged, {} asleep in their loop's wait",
+            idle.len()
+        );
+        Ok(idle)
     }
 
     /// Tags one thread as an event loop, whatever it does (`--tid`).
@@ -201,6 +235,16 @@ impl<'a> TagMaps<'a> {
             .insert(tid, ThreadTag::new(tgid, TAG_LOOP), 0)?;
         Ok(tgid)
     }
+}
+
+/// A thread found asleep in its event loop's epoll wait when its process
+/// was watched (`TagMaps::watch_process`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleLoop {
+    pub pid: u32,
+    pub tid: u32,
+    /// The epoll fd it waits on: its loop's.
+    pub epfd: i32,
 }
 
 /// A command started by blockwatch.
