@@ -35,28 +35,11 @@ pub(crate) fn on_switch<C: EbpfContext>(
     next: *const u8,
     how: Regs,
 ) {
-    // `prev` is still `current` here, so its TID and user memory are ours.
-    let prev_tid = ids::current_tid();
-    let voluntary = preempt & 1 == 0 && prev_state & 0xff != 0;
-    // The filter first: most switches are of untagged threads, and a plain
-    // candidate matters only when it sleeps in an epoll or futex wait (its
-    // loop's idle wait, or a probe of its park).
-    let prev_needed = prev_tid != 0
-        && match maps::filter(prev_tid) {
-            Filter::Untagged => false,
-            Filter::Candidate => voluntary && candidate_wait(prev, how),
-            Filter::Loop => true,
-        };
-    // An exiting thread was untagged by sched_process_exit, and its exit
-    // releases its TID before its last switches: a new thread may already
-    // hold the TID, and that thread's tag (its pending wait) is not the
-    // exiting thread's to touch, switching out or in.
-    if prev_needed
-        && let Some(tag) = maps::tag_of(prev_tid)
-        && !exiting(prev, how)
-    {
-        switch_out(ctx, tag, prev_tid, preempt & 1 != 0, prev_state, prev, how);
-    }
+    // The switch-in first, though it happens after the switch-out: the two
+    // are of different threads, so the order changes nothing for them, but
+    // the verifier walks what follows once for each way the code before it
+    // can end. After the switch-out (about twenty ways) the switch-in cost
+    // it 951,000 instructions of its limit of a million; before it, 392,000.
     let next_tid = ids::tid_of(next, how);
     // A plain candidate's switch-in changes nothing.
     if next_tid != 0
@@ -87,6 +70,28 @@ pub(crate) fn on_switch<C: EbpfContext>(
             episode::back_on_cpu(tag, next_tid, next, now);
             tag.out_ns = 0;
         }
+    }
+    // `prev` is still `current` here, so its TID and user memory are ours.
+    let prev_tid = ids::current_tid();
+    let voluntary = preempt & 1 == 0 && prev_state & 0xff != 0;
+    // The filter first: most switches are of untagged threads, and a plain
+    // candidate matters only when it sleeps in an epoll or futex wait (its
+    // loop's idle wait, or a probe of its park).
+    let prev_needed = prev_tid != 0
+        && match maps::filter(prev_tid) {
+            Filter::Untagged => false,
+            Filter::Candidate => voluntary && candidate_wait(prev, how),
+            Filter::Loop => true,
+        };
+    // An exiting thread was untagged by sched_process_exit, and its exit
+    // releases its TID before its last switches: a new thread may already
+    // hold the TID, and that thread's tag (its pending wait) is not the
+    // exiting thread's to touch, switching out or in.
+    if prev_needed
+        && let Some(tag) = maps::tag_of(prev_tid)
+        && !exiting(prev, how)
+    {
+        switch_out(ctx, tag, prev_tid, preempt & 1 != 0, prev_state, prev, how);
     }
 }
 

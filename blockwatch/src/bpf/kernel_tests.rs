@@ -104,6 +104,54 @@ fn raw_tracepoints_detect_the_same() {
     asyncio_sleep_is_reported(true);
 }
 
+/// The instructions the verifier walks for one program at most
+/// (`BPF_COMPLEXITY_LIMIT_INSNS`).
+const VERIFIER_LIMIT: u32 = 1_000_000;
+
+/// Every program, in both attach modes, leaves a quarter of the verifier's
+/// budget unused. Another kernel's verifier walks the same code
+/// differently (one that prunes less needs more), and a program that takes
+/// nearly all of it here is refused there: blockwatch then cannot start.
+/// (`sched_switch` once took 951,000 here; see `switch.rs` `on_switch`.)
+#[test]
+fn programs_leave_the_verifier_room() {
+    for force_raw in [false, true] {
+        let mut loaded = bpf::load(20_000_000, force_raw).expect("load (run as root)");
+        bpf::enable_loop_detectors(
+            &mut loaded.ebpf,
+            loaded.mode,
+            bpf::LoopOptions { strict: true },
+            &crate::analyze::syscalls::strict_numbers(),
+        )
+        .expect("strict and sampler programs");
+        let mut verified = Vec::new();
+        for (name, program) in loaded.ebpf.programs() {
+            // Programs of the other mode are never loaded.
+            let Ok(info) = program.info() else {
+                continue;
+            };
+            let n = info
+                .verified_instruction_count()
+                .expect("the kernel counts verified instructions (5.16+)");
+            verified.push((name.to_string(), n));
+        }
+        assert!(
+            verified
+                .iter()
+                .any(|(name, _)| name.starts_with("sched_switch")),
+            "sched_switch was loaded ({:?}): {verified:?}",
+            loaded.mode
+        );
+        for (name, n) in &verified {
+            assert!(
+                *n < VERIFIER_LIMIT / 4 * 3,
+                "{name} ({:?}) took {n} of the verifier's {VERIFIER_LIMIT} instructions: {verified:?}",
+                loaded.mode
+            );
+        }
+    }
+}
+
 fn asyncio_sleep_is_reported(force_raw: bool) {
     let mut loaded = bpf::load(20_000_000, force_raw).expect("load (run as root)");
     let mut child = python(ASYNCIO_SUBJECT);
