@@ -47,6 +47,7 @@ use crate::{
     read::{Regs, cpu_time, kread, read_user, user_regs},
     record::{self, LoopFacts},
     stack,
+    switch::FoundBy,
 };
 
 /// The thread's state, created on first use; counted when the map is full.
@@ -78,9 +79,16 @@ pub(crate) fn existing_state(tid: u32) -> Option<&'static mut LoopState> {
 /// clock must not carry over.
 #[inline(always)]
 pub(crate) fn forget(tid: u32) {
+    forget_episode(tid);
+    let _ = CLOCKS.remove(tid);
+}
+
+/// A new loop of `tid`, whose clock user space has just found: only its
+/// episode must not carry over.
+#[inline(always)]
+pub(crate) fn forget_episode(tid: u32) {
     // Absent is fine: most threads never had any.
     let _ = LOOPSTATE.remove(tid);
-    let _ = CLOCKS.remove(tid);
 }
 
 #[inline(always)]
@@ -549,7 +557,7 @@ fn found_busy(tag: &mut ThreadTag, tid: u32) {
     if epfd != tag.loop_epfd {
         return;
     }
-    crate::switch::become_loop(tag, tid, task, true);
+    crate::switch::become_loop(tag, tid, task, FoundBy::Kernel);
     let Some(st) = state(tid) else {
         return;
     };

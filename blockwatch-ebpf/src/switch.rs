@@ -57,7 +57,12 @@ pub(crate) fn on_switch<C: EbpfContext>(
                 || (tag.probe_budget < PROBE_BUDGET && park_learned(next_tid)))
         {
             let asleep = tag.asleep_in_loop != 0;
-            become_loop(tag, next_tid, next, !asleep);
+            let found_by = if asleep {
+                FoundBy::User
+            } else {
+                FoundBy::Kernel
+            };
+            become_loop(tag, next_tid, next, found_by);
             // Seen asleep in the wait that makes it a loop, as
             // `idle_reached` would have: its episode begins now.
             if asleep && let Some(st) = episode::state(next_tid) {
@@ -171,7 +176,7 @@ fn switch_out<C: EbpfContext>(
         // only after the thread had woken from it, so the switch-in could
         // not tell: it runs a loop, and this wait, its first blocking
         // call, counts.
-        become_loop(tag, tid, prev, true);
+        become_loop(tag, tid, prev, FoundBy::Kernel);
     }
     if tag.tag != TAG_LOOP {
         return;
@@ -250,7 +255,7 @@ fn idle_or_probe<C: EbpfContext>(
     let wait = idle::classify(tag, tid, nr, arg0, regs);
     match wait {
         Wait::Epoll | Wait::Park if tag.tag == TAG_CANDIDATE => {
-            become_loop(tag, tid, task, true);
+            become_loop(tag, tid, task, FoundBy::Kernel);
             if wait == Wait::Epoll {
                 info!(
                     ctx,
@@ -275,11 +280,21 @@ fn idle_or_probe<C: EbpfContext>(
     wait.is_idle()
 }
 
+/// Who found that a thread runs a loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FoundBy {
+    /// The kernel, at an idle wait: user space is told (a `LoopFound`
+    /// record) and looks for the loop's interpreter and clock then.
+    Kernel,
+    /// User space, asleep in its wait when it tagged the thread
+    /// (`asleep_in_loop`): it has looked already, and put the loop's clock
+    /// in `CLOCKS`.
+    User,
+}
+
 /// Candidate `tid` was seen in its runtime's idle wait: it runs a loop.
-/// `announce`: user space is told (a `LoopFound` record), unless it found
-/// the loop itself.
 #[inline(always)]
-pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8, announce: bool) {
+pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8, found_by: FoundBy) {
     tag.tag = TAG_LOOP;
     tag.asleep_in_loop = 0;
     maps::mark_looping(tid);
@@ -287,8 +302,11 @@ pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8, announ
     // held: a loop that ended, or a tag user space wrote over the
     // kernel's (a process matched at exec while its thread already ran
     // its loop), would otherwise leave an episode open with none of the
-    // waits it saw.
-    episode::forget(tid);
+    // waits it saw. Its clock is the new loop's when user space found it.
+    match found_by {
+        FoundBy::Kernel => episode::forget(tid),
+        FoundBy::User => episode::forget_episode(tid),
+    }
     // Remembered so that the loop's end, or a new loop, is noticed.
     tag.loop_file = idle::fd_file(task, tag.loop_epfd);
     tag.loop_fops = if tag.loop_file != 0 {
@@ -298,7 +316,7 @@ pub(crate) fn become_loop(tag: &mut ThreadTag, tid: u32, task: *const u8, announ
     };
     // User space inspects the process for an interpreter at once, so the
     // loop's first blocking call has its frames.
-    if announce {
+    if found_by == FoundBy::Kernel {
         record::send_task(RecordKind::LoopFound, tag.tgid, tid, tag.loop_epfd as u32);
     }
 }
