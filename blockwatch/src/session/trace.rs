@@ -170,12 +170,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
         loops: args.detectors.options(),
     })?;
     let (mut command, idle_loops) = watch_targets(&args, &selector, &mut session).await?;
-    let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
     let mut pipeline = Pipeline::new();
+    // Before "watching" is said: a loop found asleep may block the moment
+    // it wakes, and its frames need its interpreter known by then.
     let mut maps = RuntimeMaps::of(&mut session.maps);
     for l in idle_loops {
         pipeline.loop_found(l, &mut maps);
     }
+    let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
     let started = Instant::now();
     let stop =
         watch_until_stop(&args, &mut session, &mut pipeline, &mut sink, &mut command).await?;
