@@ -312,6 +312,14 @@ impl Pipeline {
         self.find_clock(l.pid, l.tid, l.epfd, maps.clocks);
     }
 
+    /// [`Pipeline::loop_found`] for each of the loops a watch found
+    /// asleep in their wait.
+    pub fn loops_found(&mut self, loops: Vec<IdleLoop>, maps: &mut RuntimeMaps) {
+        for l in loops {
+            self.loop_found(l, maps);
+        }
+    }
+
     /// Inspects process `pid` for CPython now, whatever the timer says:
     /// when its loop is first seen (the kernel's [`Record::LoopFound`]) or
     /// when it exec'd under watch. The kernel walks interpreter frames at

@@ -618,10 +618,8 @@ impl Daemon {
     /// interpreter and clock, looked for before their first blocking call.
     fn adopt_idle_loops(&mut self) {
         let idle = std::mem::take(&mut self.state.idle_loops);
-        let mut maps = RuntimeMaps::of(&mut self.session.maps);
-        for l in idle {
-            self.pipeline.loop_found(l, &mut maps);
-        }
+        self.pipeline
+            .loops_found(idle, &mut RuntimeMaps::of(&mut self.session.maps));
     }
 
     /// Gauges, drop counters, interpreters, expiry and the rate limiter's

@@ -173,10 +173,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<i32> {
     let mut pipeline = Pipeline::new();
     // Before "watching" is said: a loop found asleep may block the moment
     // it wakes, and its frames need its interpreter known by then.
-    let mut maps = RuntimeMaps::of(&mut session.maps);
-    for l in idle_loops {
-        pipeline.loop_found(l, &mut maps);
-    }
+    pipeline.loops_found(idle_loops, &mut RuntimeMaps::of(&mut session.maps));
     let mut sink = Sink::new(&args, selector, pictures, command.as_ref());
     let started = Instant::now();
     let stop =
@@ -337,10 +334,7 @@ async fn watch_until_stop(
                     let mut maps = TagMaps::of(&mut session.maps);
                     match maps.watch_process(pid, sink.watch.rule) {
                         Ok(idle) => {
-                            let mut maps = RuntimeMaps::of(&mut session.maps);
-                            for l in idle {
-                                pipeline.loop_found(l, &mut maps);
-                            }
+                            pipeline.loops_found(idle, &mut RuntimeMaps::of(&mut session.maps));
                         }
                         Err(e) => warn!("cannot watch new process {pid}: {e}"),
                     }
