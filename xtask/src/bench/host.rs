@@ -11,10 +11,10 @@ use super::Bench;
 use super::Options;
 use super::proc::BpfStats;
 use super::stats::{
-    WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, print_table, progress,
-    progress_done, spread,
+    MAX_REPS, WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, print_table,
+    progress, progress_done, rounds_to_tell, spread,
 };
-use super::targets::{COVERAGE, Figure, Goal, Unit};
+use super::targets::{COVERAGE, Figure, Goal, UNRESOLVED, Unit};
 use super::tracer::{
     FLOOR_LABEL, FLOOR_SCRIPT, Tracer, bpftrace_script, ensure_bpftrace, free_listen, strings,
 };
@@ -60,32 +60,50 @@ impl Bench {
     }
 
     /// `opts.reps` interleaved repetitions of every tracer; when the bare
-    /// runs spread wide by then, more of bare, `trace` and `daemon --auto`
-    /// (the ones the verdicts read) up to [`WIDE_REPS`].
+    /// runs spread wide by then, more of the ones the verdicts read (bare,
+    /// `trace`, `daemon --auto`, the floor) up to [`WIDE_REPS`], and on
+    /// while a verdict is open that fewer than [`MAX_REPS`] rounds would
+    /// close (not with `--quick`).
     fn host_runs(&self, tracers: &[Tracer], opts: &Options) -> anyhow::Result<Results> {
         let mut results = Results::new();
         let all: Vec<usize> = (0..tracers.len()).collect();
         self.host_reps(tracers, &all, 0..opts.reps, opts.secs, &mut results)?;
+        let read: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| i <= 2 || tracers[i].is_floor())
+            .collect();
         let wide = WORKLOADS
             .iter()
             .map(|w| spread(&results[&(0, *w)]))
             .fold(0.0, f64::max);
-        if opts.reps < WIDE_REPS && wide > WIDE_SPREAD {
+        let mut reps = opts.reps;
+        if reps < WIDE_REPS && wide > WIDE_SPREAD {
             progress_done();
             println!(
-                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: bare, trace and daemon --auto run {WIDE_REPS})",
+                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: bare, trace, daemon --auto and the floor run {WIDE_REPS})",
                 wide * 100.0,
                 opts.reps,
                 WIDE_SPREAD * 100.0
             );
-            let read = [0, 1, 2].map(|i| i.min(tracers.len() - 1));
-            self.host_reps(
-                tracers,
-                &read,
-                opts.reps..WIDE_REPS,
-                opts.secs,
-                &mut results,
-            )?;
+            self.host_reps(tracers, &read, reps..WIDE_REPS, opts.secs, &mut results)?;
+            reps = WIDE_REPS;
+        }
+        let open = |results: &Results| {
+            host_figures(tracers, results, &Results::new())
+                .iter()
+                .any(|f| f.verdict() == UNRESOLVED)
+        };
+        let extended = reps;
+        while !opts.quick && reps < MAX_REPS && open(&results) {
+            self.host_reps(tracers, &read, reps..reps + 1, opts.secs, &mut results)?;
+            reps += 1;
+        }
+        if reps > extended {
+            progress_done();
+            println!(
+                "({reps} rounds of bare, trace, daemon --auto and the floor: a verdict was open after {extended} that fewer than {MAX_REPS} would close)"
+            );
         }
         Ok(results)
     }
@@ -304,13 +322,14 @@ fn host_figures(tracers: &[Tracer], results: &Results, programs: &Results) -> Ve
                             note += &format!(" (the floor's {f:.0})");
                         }
                     }
+                    let floor = floor.map(|fi| paired_ratios(&results[&(fi, w)], bare));
                     Figure::new(name, median(&ratios), Unit::Ratio, goal)
                         .with_note(note)
                         .with_interval(median_interval(&ratios, COVERAGE))
+                        .with_rounds_needed(rounds_to_tell(&ratios, goal.target()))
                         .with_bare_spread(spread(bare))
-                        .with_floor(
-                            floor.map(|fi| median(&paired_ratios(&results[&(fi, w)], bare))),
-                        )
+                        .with_floor(floor.as_deref().map(median))
+                        .with_floor_interval(floor.and_then(|f| median_interval(&f, COVERAGE)))
                 }
                 None => Figure::missing(name, "no daemon --auto run", Unit::Ratio, goal),
             }

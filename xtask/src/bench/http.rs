@@ -10,12 +10,12 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-use super::proc::BpfStats;
+use super::proc::{BpfStats, cpu_between, thread_cpu_ns};
 use super::stats::{
-    WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, parse_wrk, print_table,
-    progress, progress_done, spread,
+    MAX_REPS, WIDE_REPS, WIDE_SPREAD, median, median_interval, paired_ratios, parse_wrk,
+    print_table, progress, progress_done, rounds_to_tell, spread,
 };
-use super::targets::{COVERAGE, Figure, Goal, Unit};
+use super::targets::{COVERAGE, Figure, Goal, UNRESOLVED, Unit};
 use super::tracer::{
     FLOOR_LABEL, FLOOR_SCRIPT, Tracer, ensure_bpftrace, free_listen, free_port, strings,
 };
@@ -34,6 +34,9 @@ struct Samples {
     user: BTreeMap<usize, Vec<f64>>,
     /// Its kernel programs' run time over it, likewise.
     kernel: BTreeMap<usize, Vec<f64>>,
+    /// The bare server's CPU time per request, a value a bare run: how far
+    /// the same work's cost moves from one run to the next.
+    bare_cpu_per_request: Vec<f64>,
 }
 
 impl Samples {
@@ -129,28 +132,38 @@ impl Bench {
         }
         let url = format!("http://127.0.0.1:{port}/");
         let secs = if opts.quick { 2 } else { 3 };
-        let result =
-            self.http_reps(&tracers, &url, secs, opts)
-                .and_then(|(mut samples, reps, widened)| {
-                    // Apart from the runs the ratios come from: timing every
-                    // program run costs each one two clock reads more.
-                    // Without the timing the programs' share would read 0:
-                    // the costs are left out ("-").
-                    if let Some(_stats) = BpfStats::enable() {
-                        self.http_costs(&tracers, &url, secs, &mut samples)?;
-                    }
-                    Ok((samples, reps, widened))
-                });
+        let result = self
+            .http_reps(&tracers, server.id(), &url, secs, opts)
+            .and_then(|(mut samples, reps, widened)| {
+                // Apart from the runs the ratios come from: timing every
+                // program run costs each one two clock reads more.
+                // Without the timing the programs' share would read 0:
+                // the costs are left out ("-").
+                if let Some(_stats) = BpfStats::enable() {
+                    self.http_costs(&tracers, &url, secs, &mut samples)?;
+                }
+                Ok((samples, reps, widened))
+            });
         progress_done();
         let _ = server.kill();
         let _ = server.wait();
         let (samples, reps, widened) = result?;
         if let Some(spread) = widened {
             println!(
-                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: {reps} repetitions)",
+                "(bare runs spread over {:.1}% after {} repetitions, more than {:.0}%: {WIDE_REPS} repetitions)",
                 spread * 100.0,
                 opts.reps,
                 WIDE_SPREAD * 100.0
+            );
+        }
+        let planned = if widened.is_some() {
+            WIDE_REPS
+        } else {
+            opts.reps
+        };
+        if reps > planned {
+            println!(
+                "({reps} repetitions: a verdict was open after {planned} that fewer than {MAX_REPS} would close)"
             );
         }
         print_http(&tracers, &samples);
@@ -165,11 +178,14 @@ impl Bench {
     }
 
     /// Interleaved repetitions, `opts.reps` of them, or [`WIDE_REPS`] when
-    /// the bare runs spread wide by then. Returns the samples, how many
-    /// repetitions were run, and the spread that called for more.
+    /// the bare runs spread wide by then, and on while a verdict is open
+    /// that fewer than [`MAX_REPS`] rounds would close (not with
+    /// `--quick`). Returns the samples, how many repetitions were run, and
+    /// the spread that called for more.
     fn http_reps(
         &self,
         tracers: &[Tracer],
+        server: u32,
         url: &str,
         secs: u64,
         opts: &Options,
@@ -192,7 +208,13 @@ impl Bench {
                 // loop found, its interpreter read, the binaries' symbols
                 // parsed for its first event (tens of ms of one CPU).
                 wrk(url, 1)?;
+                let before = thread_cpu_ns(server);
                 let (r, p) = wrk(url, secs)?;
+                if ti == 0
+                    && let Some(cpu) = cpu_between(&before, &thread_cpu_ns(server))
+                {
+                    s.bare_cpu_per_request.push(cpu / (r * secs as f64));
+                }
                 running.stop()?;
                 s.rps.entry(ti).or_default().push(r);
                 s.p99.entry(ti).or_default().push(p);
@@ -204,6 +226,14 @@ impl Bench {
             if rep == reps && reps < WIDE_REPS && s.bare_spread() > WIDE_SPREAD {
                 widened = Some(s.bare_spread());
                 reps = WIDE_REPS;
+            }
+            let open = || {
+                http_figures("", tracers, &s, rep)
+                    .iter()
+                    .any(|f| f.verdict() == UNRESOLVED)
+            };
+            if rep == reps && !opts.quick && reps < MAX_REPS && open() {
+                reps += 1;
             }
         }
         Ok((s, reps, widened))
@@ -272,9 +302,11 @@ fn print_http(tracers: &[Tracer], s: &Samples) {
         &rows,
     );
     println!(
-        "(bare runs spread: requests/s {:.1}%, p99 {:.1}%)",
+        "(bare runs spread: requests/s {:.1}%, p99 {:.1}%; the bare server's CPU time per request {:.1}%, median {:.1} µs: the same requests took that much more of its CPU from one run to another, nothing watching)",
         spread(&s.rps[&0]) * 100.0,
-        spread(&s.p99[&0]) * 100.0
+        spread(&s.p99[&0]) * 100.0,
+        spread(&s.bare_cpu_per_request) * 100.0,
+        median(&s.bare_cpu_per_request) * 1e6
     );
 }
 
@@ -291,10 +323,7 @@ fn cost_share(s: &Samples, ti: usize) -> Option<(f64, f64)> {
 fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Vec<Figure> {
     let rps = |ti: usize| paired_ratios(&s.rps[&ti], &s.rps[&0]);
     let p99 = |ti: usize| paired_ratios(&s.p99[&ti], &s.p99[&0]);
-    let floor = tracers
-        .iter()
-        .position(Tracer::is_floor)
-        .map(|fi| (median(&rps(fi)), median(&p99(fi))));
+    let floor = tracers.iter().position(Tracer::is_floor);
     let mut figures = Vec::new();
     for (ti, t) in tracers.iter().enumerate().skip(1) {
         if t.is_floor() {
@@ -308,31 +337,35 @@ fn http_figures(short: &str, tracers: &[Tracer], s: &Samples, reps: usize) -> Ve
             ),
             None => format!("median of {reps} rounds' ratios"),
         };
-        let (r, p) = (rps(ti), p99(ti));
-        figures.push(
-            Figure::new(
-                format!("{short} under wrk, {}: requests/s vs bare", t.label()),
-                median(&r),
-                Unit::Ratio,
-                Goal::AtLeast(0.99),
-            )
-            .with_note(note.clone())
-            .with_interval(median_interval(&r, COVERAGE))
-            .with_bare_spread(spread(&s.rps[&0]))
-            .with_floor(floor.map(|f| f.0)),
-        );
-        figures.push(
-            Figure::new(
-                format!("{short} under wrk, {}: p99 latency vs bare", t.label()),
-                median(&p),
-                Unit::Ratio,
-                Goal::AtMost(1.02),
-            )
-            .with_note(note)
-            .with_interval(median_interval(&p, COVERAGE))
-            .with_bare_spread(spread(&s.p99[&0]))
-            .with_floor(floor.map(|f| f.1)),
-        );
+        let figure =
+            |what: &str, ratios: Vec<f64>, goal: Goal, bare: &[f64], floor: Option<Vec<f64>>| {
+                Figure::new(
+                    format!("{short} under wrk, {}: {what} vs bare", t.label()),
+                    median(&ratios),
+                    Unit::Ratio,
+                    goal,
+                )
+                .with_note(note.clone())
+                .with_interval(median_interval(&ratios, COVERAGE))
+                .with_rounds_needed(rounds_to_tell(&ratios, goal.target()))
+                .with_bare_spread(spread(bare))
+                .with_floor(floor.as_deref().map(median))
+                .with_floor_interval(floor.and_then(|f| median_interval(&f, COVERAGE)))
+            };
+        figures.push(figure(
+            "requests/s",
+            rps(ti),
+            Goal::AtLeast(0.99),
+            &s.rps[&0],
+            floor.map(rps),
+        ));
+        figures.push(figure(
+            "p99 latency",
+            p99(ti),
+            Goal::AtMost(1.02),
+            &s.p99[&0],
+            floor.map(p99),
+        ));
     }
     figures
 }

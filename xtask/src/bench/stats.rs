@@ -8,6 +8,11 @@ use std::io::Write as _;
 pub const WIDE_SPREAD: f64 = 0.05;
 pub const WIDE_REPS: usize = 7;
 
+/// The most rounds a section runs to resolve a verdict its first rounds
+/// left open ([`rounds_to_tell`]); one that needs more is beyond what this
+/// machine's noise lets a bench tell.
+pub const MAX_REPS: usize = 21;
+
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -86,6 +91,26 @@ pub fn median_interval(v: &[f64], conf: f64) -> Option<Interval> {
         high: v[n - k],
         coverage,
     })
+}
+
+/// How many rounds a median of per-round ratios spread like `v` needs for
+/// its 90% interval to leave `target` on one side: the normal
+/// approximation `(z·σ / |median − target|)²` with z = 1.645, times π/2
+/// since a median needs that many more samples than a mean for the same
+/// width. σ is read robustly, as 1.4826 × the median absolute deviation:
+/// one run that stalled (a p99 fifty times the others) would otherwise
+/// ask for millions of rounds where the median it is read against moved
+/// no more than for any other run. Infinite when the median sits on the
+/// target; NaN under two samples.
+pub fn rounds_to_tell(v: &[f64], target: f64) -> f64 {
+    const Z90: f64 = 1.644854;
+    if v.len() < 2 {
+        return f64::NAN;
+    }
+    let m = median(v);
+    let deviations: Vec<f64> = v.iter().map(|x| (x - m).abs()).collect();
+    let sigma = 1.4826 * median(&deviations);
+    std::f64::consts::FRAC_PI_2 * (Z90 * sigma / (m - target).abs()).powi(2)
 }
 
 /// `1.23ms`, `850.00us`, `1.02s` → seconds.
@@ -232,6 +257,23 @@ mod tests {
         let i = median_interval(&[2.0, 1.0, 3.0], 0.9).unwrap();
         assert_eq!((i.low, i.high, i.coverage), (1.0, 3.0, 0.75));
         assert_eq!(median_interval(&[1.0], 0.9), None);
+    }
+
+    #[test]
+    fn rounds_to_tell_grow_with_noise_and_closeness() {
+        // Median 1.00, median absolute deviation 0.01 (σ ≈ 0.0148): 0.01
+        // away takes π/2 · (1.645 · 0.0148 / 0.01)² ≈ 9.34 rounds.
+        let v = [0.98, 0.99, 1.0, 1.01, 1.02];
+        let want = std::f64::consts::FRAC_PI_2 * (1.644854 * 1.4826 * 0.01 / 0.01f64).powi(2);
+        assert!((rounds_to_tell(&v, 0.99) - want).abs() < 1e-6);
+        assert!((rounds_to_tell(&v, 0.99) - 9.34).abs() < 0.01);
+        // Twice as far: a quarter of the rounds.
+        assert!((rounds_to_tell(&v, 0.98) - want / 4.0).abs() < 1e-6);
+        // One run fifty times the others moves nothing.
+        let stalled = [0.98, 0.99, 1.0, 1.01, 50.0];
+        assert!((rounds_to_tell(&stalled, 0.99) - want).abs() < 1e-6);
+        assert!(rounds_to_tell(&v, 1.0).is_infinite());
+        assert!(rounds_to_tell(&[1.0], 0.99).is_nan());
     }
 
     #[test]

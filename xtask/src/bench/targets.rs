@@ -2,7 +2,7 @@
 //! it was met, printed after its section and again, all together, at the
 //! end of the run.
 
-use super::stats::{Interval, print_table};
+use super::stats::{Interval, MAX_REPS, print_table};
 
 /// The unit a figure is measured and shown in.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -67,6 +67,12 @@ pub enum Goal {
 }
 
 impl Goal {
+    pub fn target(self) -> f64 {
+        match self {
+            Goal::AtLeast(t) | Goal::AtMost(t) => t,
+        }
+    }
+
     pub fn met(self, v: f64) -> bool {
         match self {
             Goal::AtLeast(t) => v >= t,
@@ -101,6 +107,12 @@ pub struct Figure {
     /// how the rounds varied. A target inside it cannot be told met or
     /// missed on this machine.
     pub interval: Option<Interval>,
+    /// The floor's own interval: one wholly on the missed side puts the
+    /// target out of reach of any tool on the scheduler here.
+    pub floor_interval: Option<Interval>,
+    /// Rounds the figure's median would need to be told from its target
+    /// at this spread (`rounds_to_tell`).
+    pub rounds_needed: Option<f64>,
 }
 
 /// The verdict of a target not met that the floor misses as well.
@@ -108,9 +120,14 @@ const OUT_OF_REACH: &str = "NOT met; floor misses it too";
 
 /// The verdict of a target inside the figure's interval: this machine's
 /// noise is wider than the difference to be told.
-const UNRESOLVED: &str = "unresolved: noise spans it";
+pub const UNRESOLVED: &str = "unresolved: noise spans it";
 
-/// The coverage asked of a figure's interval.
+/// The verdict of a target inside the figure's interval that more rounds
+/// than a bench runs ([`MAX_REPS`]) would be needed to tell.
+const NOISE_BOUND: &str = "beyond this machine's noise";
+
+/// The coverage asked of a figure's interval (`rounds_to_tell` is for
+/// this one).
 pub const COVERAGE: f64 = 0.9;
 
 /// Bare runs spread wider than this leave a ratio's verdict to chance.
@@ -132,6 +149,8 @@ impl Figure {
             bare_spread: None,
             floor: None,
             interval: None,
+            floor_interval: None,
+            rounds_needed: None,
         }
     }
 
@@ -151,6 +170,8 @@ impl Figure {
             bare_spread: None,
             floor: None,
             interval: None,
+            floor_interval: None,
+            rounds_needed: None,
         }
     }
 
@@ -176,6 +197,18 @@ impl Figure {
         self
     }
 
+    /// The floor's interval (see [`Figure::floor_interval`]).
+    pub fn with_floor_interval(mut self, interval: Option<Interval>) -> Figure {
+        self.floor_interval = interval.filter(|i| i.low.is_finite() && i.high.is_finite());
+        self
+    }
+
+    /// See [`Figure::rounds_needed`].
+    pub fn with_rounds_needed(mut self, rounds: f64) -> Figure {
+        self.rounds_needed = (!rounds.is_nan()).then_some(rounds);
+        self
+    }
+
     /// A verdict left to bare runs that spread widely, with no interval
     /// to say how far that goes.
     fn noisy(&self) -> bool {
@@ -185,12 +218,23 @@ impl Figure {
     /// "met", "NOT met", or "n/a" when nothing was measured; a target the
     /// floor misses too is out of reach for any tool on the scheduler here,
     /// and says so. With an interval, the whole of it must meet the target
-    /// (or miss it): one that holds the target is unresolved here.
+    /// (or miss it): one that holds the target is out of reach when the
+    /// floor's whole interval misses it, beyond the machine's noise when it
+    /// would take more than [`MAX_REPS`] rounds to tell, else unresolved.
     pub fn verdict(&self) -> &'static str {
         if let (Ok(_), Some(i)) = (&self.measured, self.interval) {
             match (self.goal.met(i.low), self.goal.met(i.high)) {
                 (true, true) => return "met",
                 (false, false) => {}
+                _ if self
+                    .floor_interval
+                    .is_some_and(|f| !self.goal.met(f.low) && !self.goal.met(f.high)) =>
+                {
+                    return OUT_OF_REACH;
+                }
+                _ if self.rounds_needed.is_some_and(|n| n > MAX_REPS as f64) => {
+                    return NOISE_BOUND;
+                }
                 _ => return UNRESOLVED,
             }
         }
@@ -220,7 +264,24 @@ impl Figure {
             ));
         }
         if let Some(floor) = self.floor {
-            notes.push(format!("floor {}", self.unit.measured(floor)));
+            notes.push(match self.floor_interval {
+                Some(f) => format!(
+                    "floor {} ({}–{})",
+                    self.unit.measured(floor),
+                    self.unit.format(f.low),
+                    self.unit.format(f.high)
+                ),
+                None => format!("floor {}", self.unit.measured(floor)),
+            });
+        }
+        if let (Some(n), UNRESOLVED | NOISE_BOUND) = (self.rounds_needed, self.verdict()) {
+            notes.push(if n.is_infinite() {
+                "its median on the target: no number of rounds tells".into()
+            } else if n > 1000.0 {
+                "over 1,000 rounds to tell".into()
+            } else {
+                format!("~{} rounds to tell", n.ceil())
+            });
         }
         if let Some(spread) = self.bare_spread {
             notes.push(format!("bare spread {:.0}%", spread * 100.0));
@@ -261,6 +322,10 @@ pub fn summary(figures: &[Figure]) -> String {
         .filter(|f| f.verdict() == OUT_OF_REACH)
         .count();
     let unresolved = figures.iter().filter(|f| f.verdict() == UNRESOLVED).count();
+    let beyond = figures
+        .iter()
+        .filter(|f| f.verdict() == NOISE_BOUND)
+        .count();
     let mut s = format!("{met} of {} targets met", figures.len());
     if bound > 0 {
         s.push_str(&format!(
@@ -269,7 +334,12 @@ pub fn summary(figures: &[Figure]) -> String {
     }
     if unresolved > 0 {
         s.push_str(&format!(
-            ", {unresolved} unresolved: the interval of their per-round ratios holds the target, so this machine's noise is wider than what is to be told (rerun them on a quieter one)"
+            ", {unresolved} unresolved: the interval of their per-round ratios holds the target, and more rounds would tell (each row says how many)"
+        ));
+    }
+    if beyond > 0 {
+        s.push_str(&format!(
+            ", {beyond} beyond this machine's noise: their per-round ratios vary so much against their distance to the target that telling them apart would take more than {MAX_REPS} rounds (each row says how many)"
         ));
     }
     if missing > 0 {
@@ -376,8 +446,60 @@ mod tests {
         // An interval replaces the bare-spread caveat in the summary.
         assert_eq!(
             summary(&[rps(1.01, iv(0.95, 1.05)), rps(1.01, iv(0.995, 1.05))]),
-            "1 of 2 targets met, 1 unresolved: the interval of their per-round ratios holds the target, so this machine's noise is wider than what is to be told (rerun them on a quieter one)"
+            "1 of 2 targets met, 1 unresolved: the interval of their per-round ratios holds the target, and more rounds would tell (each row says how many)"
         );
+    }
+
+    #[test]
+    fn open_verdicts_say_what_keeps_them_open() {
+        let iv = |low, high| {
+            Some(Interval {
+                low,
+                high,
+                coverage: 0.9,
+            })
+        };
+        let tax = |rounds| {
+            Figure::new("pingpong", 1.06, Unit::Ratio, Goal::AtMost(1.03))
+                .with_interval(iv(1.02, 1.11))
+                .with_rounds_needed(rounds)
+        };
+        // A few more rounds would tell: unresolved, and the row says how many.
+        assert_eq!(tax(12.4).verdict(), UNRESOLVED);
+        assert_eq!(
+            tax(12.4).row()[1],
+            "1.060× (90% interval 1.02×–1.11×; ~13 rounds to tell)"
+        );
+        // More than a bench runs: beyond the machine's noise.
+        assert_eq!(tax(140.0).verdict(), NOISE_BOUND);
+        assert!(tax(1.3e6).row()[1].ends_with("; over 1,000 rounds to tell)"));
+        assert_eq!(
+            tax(f64::INFINITY).row()[1],
+            "1.060× (90% interval 1.02×–1.11×; its median on the target: no number of rounds tells)"
+        );
+        // The floor's whole interval misses the target: out of reach,
+        // however many rounds blockwatch's own would take.
+        let bound = tax(12.4)
+            .with_floor(Some(1.078))
+            .with_floor_interval(iv(1.05, 1.10));
+        assert_eq!(bound.verdict(), OUT_OF_REACH);
+        assert_eq!(
+            bound.row()[1],
+            "1.060× (90% interval 1.02×–1.11×; floor 1.078× (1.05×–1.10×))"
+        );
+        // A floor that only may miss it decides nothing.
+        let maybe = tax(12.4)
+            .with_floor(Some(1.04))
+            .with_floor_interval(iv(1.0, 1.08));
+        assert_eq!(maybe.verdict(), UNRESOLVED);
+        // Decided verdicts keep no rounds note.
+        let met = Figure::new("rps", 1.0, Unit::Ratio, Goal::AtLeast(0.99))
+            .with_interval(iv(0.995, 1.01))
+            .with_rounds_needed(3.0);
+        assert_eq!(met.row()[1], "1.000× (90% interval 0.99×–1.01×)");
+        assert!(summary(&[tax(140.0), met]).starts_with(
+            "1 of 2 targets met, 1 beyond this machine's noise: their per-round ratios vary"
+        ));
     }
 
     #[test]
