@@ -226,12 +226,7 @@ impl Figure {
             match (self.goal.met(i.low), self.goal.met(i.high)) {
                 (true, true) => return "met",
                 (false, false) => {}
-                _ if self
-                    .floor_interval
-                    .is_some_and(|f| !self.goal.met(f.low) && !self.goal.met(f.high)) =>
-                {
-                    return OUT_OF_REACH;
-                }
+                _ if self.floor_misses() => return OUT_OF_REACH,
                 _ if self.rounds_needed.is_some_and(|n| n > MAX_REPS as f64) => {
                     return NOISE_BOUND;
                 }
@@ -240,9 +235,19 @@ impl Figure {
         }
         match self.measured {
             Ok(v) if self.goal.met(v) => "met",
-            Ok(_) if self.floor.is_some_and(|f| !self.goal.met(f)) => OUT_OF_REACH,
+            Ok(_) if self.floor_misses() => OUT_OF_REACH,
             Ok(_) => "NOT met",
             Err(_) => "n/a",
+        }
+    }
+
+    /// Whether the floor misses the target: its whole interval when it
+    /// has one (a median inside the noise says nothing), else its value.
+    fn floor_misses(&self) -> bool {
+        match (self.floor_interval, self.floor) {
+            (Some(f), _) => !self.goal.met(f.low) && !self.goal.met(f.high),
+            (None, Some(f)) => !self.goal.met(f),
+            (None, None) => false,
         }
     }
 
@@ -487,6 +492,13 @@ mod tests {
             bound.row()[1],
             "1.060× (90% interval 1.02×–1.11×; floor 1.078× (1.05×–1.10×))"
         );
+        // Missed with its whole interval, beside a floor whose median
+        // misses but whose interval holds the target: blockwatch's own miss.
+        let own = Figure::new("p99", 1.217, Unit::Ratio, Goal::AtMost(1.02))
+            .with_interval(iv(1.05, 1.32))
+            .with_floor(Some(1.032))
+            .with_floor_interval(iv(0.84, 1.19));
+        assert_eq!(own.verdict(), "NOT met");
         // A floor that only may miss it decides nothing.
         let maybe = tax(12.4)
             .with_floor(Some(1.04))
