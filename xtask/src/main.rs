@@ -53,7 +53,7 @@ enum Command {
     /// prints tables of ratios and each of issue 11's figures beside its
     /// target.
     Bench {
-        /// Fewer repetitions and shorter runs (under six minutes, against about ten).
+        /// Fewer repetitions and shorter runs, and no extra rounds for open verdicts (under six minutes, against 15-20).
         #[arg(long)]
         quick: bool,
         /// Repetitions of each measurement [default: 5, --quick: 3].
