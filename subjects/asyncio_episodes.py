@@ -10,10 +10,6 @@ long enough to report alone, which together block it for long.
              in the page cache (written, fsynced and dropped with
              posix_fadvise(DONTNEED) before the loop starts): the read
              sleeps on the disk many times, a few ms or less each.
-  spin       a reader on a pipe at EOF keeps the loop from ever sleeping
-             for 1.5 s (each iteration a few µs, none blocking); 0.8 s in,
-             slow_callback_while_spinning() sleeps 150 ms: the only
-             episode to report.
 
 Each scenario idles 0.3 s in the loop first (the loop is learned), blocks,
 then idles 0.3 s again. The file goes to $BLOCKWATCH_SCRATCH_DIR, else
@@ -91,31 +87,6 @@ async def cold_read(path: str) -> None:
     await asyncio.sleep(0.3)
 
 
-def slow_callback_while_spinning() -> None:
-    # The bug, the only one: a blocking sleep in a callback.
-    time.sleep(0.15)
-
-
-async def spin() -> None:
-    await asyncio.sleep(0.3)
-    loop = asyncio.get_running_loop()
-    r, w = os.pipe()
-    os.close(w)
-    spins = 0
-
-    def at_eof() -> None:
-        nonlocal spins
-        spins += 1
-
-    loop.add_reader(r, at_eof)
-    loop.call_later(0.8, slow_callback_while_spinning)
-    await asyncio.sleep(1.5)
-    loop.remove_reader(r)
-    os.close(r)
-    print(f"spin: {spins} callbacks in 1.5 s", file=sys.stderr)
-    await asyncio.sleep(0.3)
-
-
 def main() -> int:
     scenario = sys.argv[1] if len(sys.argv) > 1 else ""
     if scenario == "sleeps":
@@ -127,10 +98,8 @@ def main() -> int:
             asyncio.run(cold_read(path))
         finally:
             os.unlink(path)
-    elif scenario == "spin":
-        asyncio.run(spin())
     else:
-        print("usage: asyncio_episodes.py sleeps|cold-read|spin", file=sys.stderr)
+        print("usage: asyncio_episodes.py sleeps|cold-read", file=sys.stderr)
         return 2
     return 0
 

@@ -155,11 +155,6 @@ pub(crate) fn begin(st: &mut LoopState, now: u64) {
     }
 }
 
-/// A clock value that equals no other read, its own included: asyncio's
-/// `end_time` not yet set (a NaN's bits, which `time.monotonic()` never
-/// returns).
-const BETWEEN_ITERATIONS: u64 = u64::MAX;
-
 /// The value of `tid`'s iteration clock, and the start of the iteration it
 /// names in `CLOCK_MONOTONIC` nanoseconds (0 when unknown); None when the
 /// thread has no clock or it cannot be read now.
@@ -197,13 +192,12 @@ fn clock(st: &mut LoopState, tag: &mut ThreadTag, tid: u32, task: *const u8) -> 
             }
             let obj: u64 = read_word(frame + c.offset)?;
             // NULL: the iteration is between its select and its callbacks
-            // (a new `_run_once` frame): a boundary at every read, since
-            // two reads there are nearly always two iterations (a loop
-            // spinning on a ready fd spends most of its time there).
-            if obj == 0 {
-                return Some((BETWEEN_ITERATIONS, 0));
-            }
-            let bits: u64 = read_word(obj + c.value_offset)?;
+            // (a new `_run_once` frame): a value of its own.
+            let bits: u64 = if obj == 0 {
+                0
+            } else {
+                read_word(obj + c.value_offset)?
+            };
             Some((bits, seconds_to_ns(bits)))
         }
         CLOCK_TLS_BLOCK => {
@@ -286,7 +280,7 @@ pub(crate) fn observe_clock(
     };
     let seen = st.clock_ns;
     st.clock_ns = now;
-    if (value == st.clock && value != BETWEEN_ITERATIONS) || st.start_ns == 0 {
+    if value == st.clock || st.start_ns == 0 {
         st.clock = value;
         return;
     }

@@ -311,55 +311,6 @@ fn twenty_short_sleeps_are_one_episode_named_by_the_coroutine() {
     }
 }
 
-/// subjects/asyncio_episodes.py spin: a reader on a pipe at EOF keeps the
-/// loop from ever reaching its idle wait for 1.5 s, hundreds of thousands
-/// of iterations of a few µs; only the 150 ms sleep of one callback among
-/// them is an episode. Iterations are told apart by asyncio's `end_time`,
-/// which is not set yet while the loop selects and queues its callbacks:
-/// reads there must end episodes too, or a spinning loop, which spends
-/// most of its time there, reads as long stalls (tens of ms each, 20–40 of
-/// them in 1.5 s, before the fix). At 30 ms: a spinning thread on these 2
-/// CPUs is preempted now and then, time the loop did lose (an episode of
-/// 11 ms was seen once in a dozen runs at the default 10 ms).
-#[test]
-fn a_loop_spinning_on_a_ready_fd_reports_only_its_slow_callback() {
-    let _serial = common::setup();
-    for python in common::interpreters() {
-        let run = trace(&[
-            "--threshold",
-            "30ms",
-            "--",
-            python,
-            &subject("asyncio_episodes.py"),
-            "spin",
-        ]);
-        run.assert_success();
-        assert!(
-            run.stderr.contains("spin: "),
-            "{python}: the subject did not spin\n{}",
-            run.report()
-        );
-        assert_eq!(
-            run.events.len(),
-            1,
-            "{python}: a spinning loop's iterations are each a few µs; one callback sleeps\n{}",
-            run.report()
-        );
-        let e = &run.events[0];
-        assert_eq!(
-            e.culprit_function(),
-            "slow_callback_while_spinning",
-            "{python}\n{}",
-            run.stacks()
-        );
-        assert!(
-            (140.0..250.0).contains(&e.ms()),
-            "{python}: the callback sleeps 150 ms: {}",
-            e.summary()
-        );
-    }
-}
-
 /// The milliseconds `prefix … in X ms` the subject printed to stderr.
 fn printed_ms(stderr: &str, prefix: &str) -> f64 {
     stderr
