@@ -10,6 +10,10 @@ long enough to report alone, which together block it for long.
              in the page cache (written, fsynced and dropped with
              posix_fadvise(DONTNEED) before the loop starts): the read
              sleeps on the disk many times, a few ms or less each.
+  signal     busy_signal_handler() computes for 150 ms, run by CPython
+             while the loop is asleep in its select (SIGALRM from a
+             timer), before its callbacks: the one episode to report,
+             though asyncio's iteration clock (`end_time`) is not set yet.
 
 Each scenario idles 0.3 s in the loop first (the loop is learned), blocks,
 then idles 0.3 s again. The file goes to $BLOCKWATCH_SCRATCH_DIR, else
@@ -19,6 +23,7 @@ Prints what it did to stderr (stdout is blockwatch's, under `trace --`).
 
 import asyncio
 import os
+import signal
 import sys
 import time
 
@@ -87,6 +92,24 @@ async def cold_read(path: str) -> None:
     await asyncio.sleep(0.3)
 
 
+def busy_signal_handler(signum, frame) -> None:
+    # The bug: CPU work in a signal handler, which runs on the loop's thread.
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.15:
+        pass
+
+
+async def signal_during_select() -> None:
+    await asyncio.sleep(0.3)
+    signal.signal(signal.SIGALRM, busy_signal_handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    start = time.perf_counter()
+    await asyncio.sleep(0.6)
+    print(f"signal: slept 0.6 s in {(time.perf_counter() - start) * 1e3:.1f} ms",
+          file=sys.stderr)
+    await asyncio.sleep(0.3)
+
+
 def main() -> int:
     scenario = sys.argv[1] if len(sys.argv) > 1 else ""
     if scenario == "sleeps":
@@ -98,8 +121,10 @@ def main() -> int:
             asyncio.run(cold_read(path))
         finally:
             os.unlink(path)
+    elif scenario == "signal":
+        asyncio.run(signal_during_select())
     else:
-        print("usage: asyncio_episodes.py sleeps|cold-read", file=sys.stderr)
+        print("usage: asyncio_episodes.py sleeps|cold-read|signal", file=sys.stderr)
         return 2
     return 0
 

@@ -311,6 +311,38 @@ fn twenty_short_sleeps_are_one_episode_named_by_the_coroutine() {
     }
 }
 
+/// subjects/asyncio_episodes.py signal: a signal handler computes for
+/// 150 ms while the loop sits in its select, before asyncio has set its
+/// iteration clock (`end_time`, NULL in the new `_run_once` frame until
+/// then). Reads that find it unset must not each end the episode (a change
+/// that made them do so, for loops spinning on a ready fd, hid this stall).
+#[test]
+fn cpu_work_before_the_iteration_clock_is_set_is_one_stall() {
+    let _serial = common::setup();
+    for python in common::interpreters() {
+        let run = trace(&["--", python, &subject("asyncio_episodes.py"), "signal"]);
+        run.assert_success();
+        assert_eq!(
+            run.events.len(),
+            1,
+            "{python}: one handler computes for 150 ms\n{}",
+            run.report()
+        );
+        let e = &run.events[0];
+        assert_eq!(
+            e.culprit_function(),
+            "busy_signal_handler",
+            "{python}\n{}",
+            run.stacks()
+        );
+        assert!(
+            (140.0..250.0).contains(&e.ms()),
+            "{python}: 150 ms of CPU: {}",
+            e.summary()
+        );
+    }
+}
+
 /// The milliseconds `prefix … in X ms` the subject printed to stderr.
 fn printed_ms(stderr: &str, prefix: &str) -> f64 {
     stderr
